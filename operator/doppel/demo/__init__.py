@@ -1,0 +1,1 @@
+"""The synthetic demo workspace shipped for `doppel local --demo` and the tests."""

@@ -1,0 +1,1 @@
+"""kopf handlers for DoppelUser; pure reconcile logic kept apart from the kopf glue."""

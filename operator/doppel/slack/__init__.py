@@ -1,0 +1,1 @@
+"""Slack Web API scraping, Slack export import, text normalisation and sample building."""

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning (transformers + peft + accelerate) and its evaluation report."""

@@ -1,0 +1,1 @@
+"""Pytest fixtures: Bolt app fixtures (bot)."""

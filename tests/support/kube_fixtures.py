@@ -1,0 +1,1 @@
+"""Pytest fixtures: kmock Kubernetes emulator and Job-controller fixtures (operator)."""

@@ -1,0 +1,1 @@
+"""Pytest fixtures: tiny model and trained adapter fixtures (training)."""

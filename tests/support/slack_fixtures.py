@@ -1,0 +1,1 @@
+"""Pytest fixtures: Slack Web API emulator fixtures (ingestion)."""

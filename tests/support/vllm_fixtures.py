@@ -1,0 +1,1 @@
+"""Pytest fixtures: real vLLM CPU server fixtures (serving)."""

@@ -1,0 +1,49 @@
+from doppel.slack.conversation import ThreadMessage, build_conversation, system_prompt
+
+ALICE = "U_ALICE"
+
+
+def msg(author_id: str, text: str, name: str | None = None) -> ThreadMessage:
+    return ThreadMessage(author_id, name or author_id.removeprefix("U_").title(), text)
+
+
+def test_sides_merge_and_prefix_only_the_user_side():
+    context = [
+        msg("U_BOB", "deploy is red"),
+        msg("U_CAROL", "again?"),
+        msg(ALICE, "on it"),
+        msg("U_BOB", "ty"),
+    ]
+    out = build_conversation("Alice", ALICE, context, reply="fixed, flaky test")
+    assert out == [
+        {"role": "system", "content": system_prompt("Alice")},
+        {"role": "user", "content": "Bob: deploy is red\nCarol: again?"},
+        {"role": "assistant", "content": "on it"},
+        {"role": "user", "content": "Bob: ty"},
+        {"role": "assistant", "content": "fixed, flaky test"},
+    ]
+
+
+def test_thread_opened_by_the_person_gets_an_opening_user_turn():
+    out = build_conversation("Alice", ALICE, [], reply="standup moved to 10", channel="general")
+    assert [m["role"] for m in out] == ["system", "user", "assistant"]
+    assert out[1]["content"] == "(a new thread in #general)"
+
+
+def test_reply_after_own_message_merges_into_one_assistant_turn():
+    out = build_conversation("Alice", ALICE, [msg("U_BOB", "q"), msg(ALICE, "first")], reply="second")
+    assert out[-1] == {"role": "assistant", "content": "first\nsecond"}
+
+
+def test_inference_ends_with_the_user_turn_to_answer():
+    out = build_conversation("Alice", ALICE, [msg("U_BOB", "what do you think?")])
+    assert out[-1] == {"role": "user", "content": "Bob: what do you think?"}
+
+
+def test_budget_drops_oldest_first_and_never_the_newest():
+    context = [msg("U_BOB", "old " * 50), msg("U_BOB", "x" * 30, name="Bo")]
+    out = build_conversation("Alice", ALICE, context, budget_chars=40)
+    assert out[-1]["content"] == "Bo: " + "x" * 30
+    clipped = build_conversation("Alice", ALICE, [msg("U_BOB", "y" * 500, name="Bo")], budget_chars=50)
+    assert clipped[-1]["content"].startswith("Bo: …") and clipped[-1]["content"].endswith("y")
+    assert len(clipped[-1]["content"]) <= 50
