@@ -92,6 +92,15 @@ def main(debug: bool) -> None:
 
 # --- operator: crd, operator -------------------------------------------------------------------------
 
+
+@main.command()
+def crd() -> None:
+    """Print the DoppelUser CustomResourceDefinition (YAML), generated from doppel.api."""
+    from doppel.api import crd_yaml
+
+    click.echo(crd_yaml(), nl=False)
+
+
 # --- bot: bot ----------------------------------------------------------------------------------------
 
 # --- local mode: local -------------------------------------------------------------------------------

@@ -1,0 +1,324 @@
+"""The DoppelUser custom resource: pydantic models of its spec and status, and the CRD generated from them.
+
+These models are the single source of truth: the operator parses objects with them, and `doppel crd`
+turns their JSON schema into the structural OpenAPI v3 schema the API server validates with. Field names
+are camelCase on the wire (Kubernetes style) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "doppel.dev"
+VERSION = "v1alpha1"
+KIND = "DoppelUser"
+PLURAL = "doppelusers"
+SINGULAR = "doppeluser"
+SHORT_NAME = "doppel"
+
+Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
+ConditionType = Literal["Scraped", "Trained", "Registered", "Ready"]
+Retention = Literal["Delete", "Keep"]
+
+# Kubernetes object names (DNS-1123 subdomain / label) and Slack IDs.
+DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SLACK_TEAM_ID = r"^[TE][A-Z0-9]{2,}$"
+SLACK_USER_ID = r"^[UW][A-Z0-9]{2,}$"
+# A path relative to the shared volume: no leading slash, no component starting with a dot (so no `..`).
+# RE2 syntax (the API server's), so no look-arounds.
+RELATIVE_PATH = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$"
+# Five cron fields (minute hour day month weekday) or a @-macro.
+CRON = r"^(@(yearly|annually|monthly|weekly|daily|hourly)|(\S+\s+){4}\S+)$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+
+class _Model(BaseModel):
+    """camelCase on the wire, unknown fields refused (the API server prunes them; we must not guess)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the DoppelUser's namespace."""
+
+    name: str = Field(pattern=DNS_NAME, max_length=253, description="Secret name.")
+    key: str = Field(default="token", min_length=1, description="Key holding the value.")
+
+
+class Target(_Model):
+    """The person to clone: give at least one of these."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    @model_validator(mode="after")
+    def _one_given(self) -> Target:
+        if not (self.user_id or self.handle or self.real_name):
+            raise ValueError("target needs userId, handle or realName")
+        return self
+
+    user_id: str | None = Field(default=None, pattern=SLACK_USER_ID, description="Slack user ID (U...).")
+    handle: str | None = Field(default=None, min_length=1, description="Display name / handle.")
+    real_name: str | None = Field(default=None, min_length=1, description="Full name as in the profile.")
+
+
+class Channels(_Model):
+    include: list[str] = Field(default_factory=list, description="Only these channels (names or IDs).")
+    exclude: list[str] = Field(default_factory=list, description="Never these channels (names or IDs).")
+
+
+class Slack(_Model):
+    """Where the messages come from: the Slack Web API, or an export ZIP on the shared volume."""
+
+    # Checked by the API server too (CEL), since JSON schema alone cannot say "one of these two".
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.tokenSecretRef) || has(self.exportPath)",
+                    "message": "set tokenSecretRef (Slack API) or exportPath (Slack export)",
+                }
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _has_source(self) -> Slack:
+        if self.token_secret_ref is None and self.export_path is None:
+            raise ValueError("set tokenSecretRef (Slack API) or exportPath (Slack export)")
+        return self
+
+    team_id: str = Field(pattern=SLACK_TEAM_ID, description="Slack workspace (team) ID.")
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Bot token Secret; required unless exportPath is set."
+    )
+    channels: Channels = Field(default_factory=Channels)
+    export_path: str | None = Field(
+        default=None, pattern=RELATIVE_PATH, description="Slack export ZIP, relative to the shared volume."
+    )
+
+
+class Data(_Model):
+    cutoff_days: int = Field(default=365, ge=1, le=3650, description="Only messages newer than this.")
+    min_length: int = Field(default=100, ge=1, le=10000, description="Shortest message kept as a target.")
+    max_samples: int = Field(default=500, ge=1, le=100000, description="Newest samples kept at most.")
+
+
+class BaseModelRef(_Model):
+    served_name: str = Field(min_length=1, description="Model name vLLM serves the base model under.")
+    path: str = Field(min_length=1, description="Weights location (path or HF ID).")
+
+
+class Training(_Model):
+    rank: int = Field(default=32, ge=1, le=256, description="LoRA rank (at most vLLM's --max-lora-rank).")
+    alpha: int = Field(default=64, ge=1, le=1024)
+    learning_rate: float = Field(default=3e-4, gt=0, le=1)
+    epochs: int = Field(default=2, ge=1, le=100)
+    max_steps: int | None = Field(default=None, ge=1, le=1000000, description="Stop after this many steps.")
+    batch_size: int = Field(default=16, ge=1, le=1024, description="Effective batch size.")
+    min_samples: int = Field(default=20, ge=1, le=100000, description="Fewer samples fail as bad input.")
+
+
+class Resources(_Model):
+    gpu: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu for the train Job.")
+    cpu: str | None = Field(default=None, pattern=QUANTITY)
+    memory: str | None = Field(default=None, pattern=QUANTITY)
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class Vllm(_Model):
+    selector: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "vllm"},
+        min_length=1,
+        description="Labels of the vLLM pods the adapter is loaded on.",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="Fallback when the pod names no port.")
+
+
+class RetentionPolicy(_Model):
+    after_training: Retention = Field(
+        default="Delete", description="Scraped data once the adapter exists (deleted by default)."
+    )
+    on_deletion: Retention = Field(default="Delete", description="Adapters and data when the object goes.")
+
+
+class DoppelUserSpec(_Model):
+    slack: Slack
+    target: Target
+    data: Data = Field(default_factory=Data)
+    base_model: BaseModelRef
+    training: Training = Field(default_factory=Training)
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    vllm: Vllm = Field(default_factory=Vllm)
+    retrain_schedule: str | None = Field(default=None, pattern=CRON, description="Cron schedule to retrain.")
+    suspend: StrictBool = Field(default=False, description="Start no new Jobs while true.")
+    retention: RetentionPolicy = Field(default_factory=RetentionPolicy)
+
+
+class Condition(_Model):
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: datetime
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class TrainingProgress(_Model):
+    step: int = Field(default=0, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    epoch: float | None = Field(default=None, ge=0)
+    loss: float | None = None
+    eval_loss: float | None = None
+    base_eval_loss: float | None = None
+
+
+class Adapter(_Model):
+    served_name: str = Field(min_length=1)
+    path: str = Field(min_length=1, description="Adapter directory as the vLLM pods see it.")
+    version: int = Field(ge=1)
+    trained_at: datetime | None = None
+
+
+class DoppelUserStatus(_Model):
+    model_config = ConfigDict(extra="ignore")
+
+    phase: Phase = "Pending"
+    reason: str | None = None
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = Field(default=None, ge=0)
+    samples: int | None = Field(default=None, ge=0)
+    training: TrainingProgress | None = None
+    adapter: Adapter | None = None
+    served_by: list[str] = Field(default_factory=list, description="vLLM pods holding the adapter.")
+    attempt: int = Field(default=1, ge=1, description="Attempt number of the current step's Job.")
+    retry_at: datetime | None = Field(default=None, description="Earliest time of the next attempt.")
+    queued_at: datetime | None = Field(default=None, description="When it joined the training queue.")
+    pending_adapter: Adapter | None = Field(
+        default=None, description="Adapter being registered; becomes `adapter` once loaded everywhere."
+    )
+    last_trained_at: datetime | None = None
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """Rewrite a pydantic JSON schema into a Kubernetes structural schema.
+
+    Inline `$ref`s, turn `Optional[X]` (anyOf X|null) into X (optional = not required), drop titles,
+    and use OpenAPI v3.0's boolean exclusiveMinimum/Maximum.
+    """
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    while "$ref" in node or "anyOf" in node:
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node.pop("$ref").rsplit("/", 1)[-1]])
+            node = {**target, **node}
+        if "anyOf" in node:
+            branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+            if len(branches) != 1:
+                raise ValueError(f"cannot express anyOf {branches} structurally")
+            node = {**branches[0], **node}
+    node.pop("title", None)
+    for bound in ("Minimum", "Maximum"):
+        if f"exclusive{bound}" in node:
+            node[bound.lower()] = node.pop(f"exclusive{bound}")
+            node[f"exclusive{bound}"] = True
+    if node.get("default") is None:
+        node.pop("default", None)
+    if node.get("format") == "date-time":
+        node["type"] = "string"
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = _structural(value, defs)
+        elif key == "additionalProperties" and value is False:
+            continue  # structural schemas forbid it; the API server prunes unknown fields instead
+        else:
+            out[key] = value
+    return out
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a model, as used in the CRD."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    schema = _structural(raw, raw.pop("$defs", {}))
+    schema.pop("$defs", None)
+    return schema
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The CustomResourceDefinition of DoppelUser, generated from the models above."""
+    spec = openapi_schema(DoppelUserSpec)
+    spec["description"] = "What to clone, from where, and how to train and serve it."
+    status = openapi_schema(DoppelUserStatus)
+    status["description"] = "Observed state, written by the operator."
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": [SHORT_NAME],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Samples", "type": "integer", "jsonPath": ".status.samples"},
+                        {"name": "Adapter", "type": "string", "jsonPath": ".status.adapter.servedName"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A colleague cloned into a Slack bot.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as YAML, exactly as committed in crds/doppelusers.yaml."""
+    import yaml
+
+    header = "# Generated by `doppel crd` from operator/doppel/api.py. Do not edit; run `make crd`.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=110)
