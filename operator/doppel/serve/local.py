@@ -1,0 +1,155 @@
+"""The in-process chat backend of the embedded mode: transformers + peft, no server.
+
+Several LoRA adapters stay loaded on one base model; a batch mixes them row by row (PEFT's `adapter_names=`,
+with `BASE_ADAPTER` for rows on the bare base model). The prompt is the base tokenizer's chat template with a
+generation prompt, which is what vLLM renders for the same messages, so a conversation built by
+`build_conversation` reads the same to both backends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextIteratorStreamer
+
+from doppel.serve.backend import BASE_ADAPTER, DEFAULT_PARAMS, GenerationParams, Messages
+from doppel.serve.errors import AdapterNotFound, BaseModelMismatch, InvalidAdapter, UnknownModel
+
+
+class LocalBackend:
+    """`ChatBackend` running the base model and its adapters in this process (CPU, float32)."""
+
+    def __init__(self, base_model: Path, adapters: Mapping[str, Path] | None = None) -> None:
+        base_model = Path(base_model)
+        if not (base_model / "config.json").is_file():
+            raise UnknownModel(f"no model at {base_model} (config.json missing)")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+        # Left padding: in a batch every row's generation starts right after its own prompt.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model: PreTrainedModel | PeftModel = AutoModelForCausalLM.from_pretrained(
+            str(base_model), dtype=torch.float32
+        )
+        self.model.eval()
+        # PEFT routes rows to adapters with per-call hooks: one generation at a time.
+        self._lock = threading.Lock()
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.model.peft_config) if isinstance(self.model, PeftModel) else []
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Load the PEFT adapter at `path` as `name` (alongside those already loaded)."""
+        path = Path(path)
+        if name == BASE_ADAPTER:
+            raise InvalidAdapter(f"{BASE_ADAPTER!r} names the base model, not an adapter")
+        if not (path / "adapter_config.json").is_file():
+            raise AdapterNotFound(f"no adapter at {path} (adapter_config.json missing)")
+        with self._lock:
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(path), adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            except RuntimeError as exc:  # torch's "size mismatch" when loading the weights
+                raise BaseModelMismatch(f"adapter {path} does not fit this base model: {exc}") from exc
+            except (ValueError, OSError) as exc:
+                raise InvalidAdapter(f"cannot load adapter {path}: {exc}") from exc
+            self.model.eval()
+
+    def remove_adapter(self, name: str) -> None:
+        self._check_adapter(name)
+        assert isinstance(self.model, PeftModel)
+        with self._lock:
+            self.model.delete_adapter(name)
+
+    def render_prompt(self, messages: Messages) -> str:
+        """The prompt text the model sees for `messages`."""
+        return str(
+            self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+            )
+        )
+
+    def prompt_token_ids(self, messages: Messages) -> list[int]:
+        # The template already holds any special tokens; adding them again would double the BOS.
+        return list(self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"])
+
+    def complete(self, adapter: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS) -> str:
+        return self.complete_batch([(adapter, messages)], params)[0]
+
+    def complete_batch(
+        self, requests: Sequence[tuple[str, Messages]], params: GenerationParams = DEFAULT_PARAMS
+    ) -> list[str]:
+        """Replies to several (adapter, messages) pairs, generated together in one batch."""
+        kwargs = self._generate_kwargs([a for a, _ in requests], [m for _, m in requests], params)
+        with self._lock, torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            output = self.model.generate(**kwargs)
+        prompt_len = kwargs["input_ids"].shape[1]
+        return self.tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
+
+    def stream(
+        self, adapter: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS
+    ) -> Iterator[str]:
+        kwargs = self._generate_kwargs([adapter], [messages], params)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    self.model.generate(**kwargs, streamer=streamer)
+            except BaseException as exc:  # surfaced in the consuming thread below
+                failure.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, name="doppel-generate", daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def _check_adapter(self, adapter: str) -> None:
+        if adapter != BASE_ADAPTER and adapter not in self.adapters:
+            known = ", ".join([BASE_ADAPTER, *self.adapters])
+            raise UnknownModel(f"the model {adapter!r} does not exist here (loaded: {known})")
+
+    def _generate_kwargs(
+        self, adapters: Sequence[str], conversations: Sequence[Messages], params: GenerationParams
+    ) -> dict[str, Any]:
+        for adapter in adapters:
+            self._check_adapter(adapter)
+        prompts = [self.render_prompt(m) for m in conversations]
+        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Like vLLM, never generate past the model's context window.
+        room = self.model.config.max_position_embeddings - inputs["input_ids"].shape[1]
+        if room <= 0:
+            raise UnknownModel(f"the prompt ({inputs['input_ids'].shape[1]} tokens) fills the whole context")
+        sampling = params.temperature > 0
+        kwargs: dict[str, Any] = {
+            **inputs,
+            "max_new_tokens": min(params.max_tokens, room),
+            "do_sample": sampling,
+            "repetition_penalty": params.repetition_penalty,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if sampling:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if isinstance(self.model, PeftModel):
+            kwargs["adapter_names"] = list(adapters)
+        return kwargs
