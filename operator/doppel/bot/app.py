@@ -1,0 +1,445 @@
+"""The Bolt app: @mentions answered in a doppel's voice, the /doppel command, consent buttons.
+
+Glue only: parsing and wording live in `doppel.bot.logic`, Kubernetes calls in `doppel.bot.kube`, the model
+behind the `Chat` callable (vLLM in production, any `doppel.serve.backend.ChatBackend` in local mode).
+Bolt acknowledges an event as soon as it is verified and runs the listener afterwards, so Slack gets its
+answer within 3 seconds whatever the model does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.context.async_context import AsyncBoltContext
+from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from doppel import api
+from doppel.bot import logic
+from doppel.bot.config import BotConfig
+from doppel.bot.kube import ANNOTATION_REQUESTER, LABEL_TEAM, AlreadyExists, Kube
+from doppel.bot.ledger import EventLedger
+from doppel.serve.backend import ChatBackend, Messages
+from doppel.serve.errors import ServeError
+from doppel.serve.vllm import AsyncVllmClient
+from doppel.slack.conversation import ThreadMessage, build_conversation
+
+LOG = logging.getLogger(__name__)
+ANNOTATION_CHANNEL = "doppel.dev/notify-channel"
+CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
+DEFAULT_ICON = ":robot_face:"
+
+# The one thing the bot needs from a model server: the reply of adapter `model` to `messages`.
+Chat = Callable[[str, Messages], Awaitable[str]]
+
+
+def vllm_chat(client: AsyncVllmClient) -> Chat:
+    async def chat(model: str, messages: Messages) -> str:
+        return await client.chat(model, messages)
+
+    return chat
+
+
+def backend_chat(backend: ChatBackend) -> Chat:
+    """A sync `ChatBackend` (e.g. `doppel local`'s in-process one) as the bot's `Chat`, off the event loop."""
+
+    async def chat(model: str, messages: Messages) -> str:
+        return await asyncio.to_thread(backend.complete, model, messages)
+
+    return chat
+
+
+@dataclass
+class Deps:
+    """What the app talks to; tests and `doppel local` build their own."""
+
+    config: BotConfig
+    kube: Kube
+    ledger: EventLedger
+    chat: Chat
+
+
+def build_app(deps: Deps, *, client: AsyncWebClient, oauth_flow: AsyncOAuthFlow | None = None) -> AsyncApp:
+    """The Bolt app; `client` carries the Slack API base URL, `oauth_flow` selects multi-workspace mode."""
+    config = deps.config
+    app = AsyncApp(
+        signing_secret=config.signing_secret,
+        token=None if oauth_flow else config.bot_token,
+        client=client,
+        oauth_flow=oauth_flow,
+        logger=LOG,
+    )
+
+    @app.event("app_mention")
+    async def on_mention(body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
+        team_id = _team(context, body)
+        event_id = body.get("event_id")
+        if event_id and not await deps.ledger.claim(team_id, str(event_id)):
+            LOG.info("event %s of team %s already handled", event_id, team_id)
+            return
+        await answer_mention(deps, context.client, team_id, context.bot_user_id, event)
+
+    @app.event("message")
+    async def on_message() -> None:
+        """Plain channel messages are not for the bot; acknowledging them keeps Bolt quiet."""
+
+    @app.command("/doppel")
+    async def on_command(ack: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
+        team_id = _team(context, command)
+        try:
+            text = await run_command(deps, context, team_id, command)
+        except logic.CommandError as exc:
+            text = f"{exc}"
+        await ack(text=text)
+
+    @app.action(CONSENT_ACTION)
+    async def on_consent(
+        ack: Any, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        await ack()
+        await answer_consent(deps, context, body, action)
+
+    return app
+
+
+def _team(context: AsyncBoltContext, body: dict[str, Any]) -> str:
+    """The workspace of a verified request: what every namespace and Secret lookup is keyed on."""
+    team = context.team_id or body.get("team_id") or (body.get("team") or {}).get("id")
+    if not team:
+        raise ValueError("request carries no team id")
+    return str(team)
+
+
+# --- mentions ---------------------------------------------------------------------------------------------
+
+
+async def answer_mention(
+    deps: Deps, client: AsyncWebClient, team_id: str, bot_user_id: str | None, event: dict[str, Any]
+) -> None:
+    channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
+
+    async def post(text: str, **extra: Any) -> None:
+        await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text, **extra)
+
+    namespace = deps.config.namespace_for(team_id)
+    text = logic.strip_bot_mention(event.get("text", ""), bot_user_id)
+    try:
+        ref, _ = logic.pick_doppel(text)
+    except logic.CommandError as exc:
+        await post(str(exc))
+        return
+    doppel = await _find_doppel(deps, namespace, ref)
+    if doppel is None:
+        wanted = f"`{ref.handle or ref.user_id}`" if ref else "active"
+        await post(f"There is no {wanted} doppel in this workspace yet: try `/doppel train @someone`.")
+        return
+    name = doppel["metadata"]["name"]
+    model = logic.served_name(doppel)
+    if model is None:
+        await post(logic.not_ready_reply(doppel))
+        return
+    target = doppel["spec"]["target"]
+    person_id = target.get("userId") or ""
+    profile = await _profile(client, person_id)
+    person = target.get("realName") or target.get("handle") or name
+    try:
+        replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
+        context = await _thread(
+            client, replies.get("messages", []), event["ts"], name, person_id, bot_user_id
+        )
+        messages = build_conversation(person, person_id, context)
+        reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
+    except (ServeError, TimeoutError) as exc:
+        LOG.warning("no reply from %s for team %s: %s", model, team_id, exc)
+        await post(
+            f"Sorry, {name}'s doppel can't answer right now (the model server is unavailable). "
+            "Please try again in a minute."
+        )
+        return
+    icon = {"icon_url": profile["image_72"]} if profile.get("image_72") else {"icon_emoji": DEFAULT_ICON}
+    for part in logic.split_reply(reply) or ["…"]:
+        await post(part, username=f"{name}-bot", **icon)
+
+
+async def _find_doppel(deps: Deps, namespace: str, ref: logic.UserRef | None) -> dict[str, Any] | None:
+    if ref is not None:
+        if ref.handle:
+            found = await deps.kube.get_doppel(namespace, logic.object_name(ref.handle))
+            if found is not None:
+                return found
+        doppels = await deps.kube.list_doppels(namespace)
+        return next(
+            (d for d in doppels if ref.user_id and d["spec"]["target"].get("userId") == ref.user_id), None
+        )
+    active = (await deps.kube.get_state(namespace)).get("active")
+    if active:
+        found = await deps.kube.get_doppel(namespace, active)
+        if found is not None:
+            return found
+    doppels = await deps.kube.list_doppels(namespace)
+    return doppels[0] if len(doppels) == 1 else None
+
+
+async def _profile(client: AsyncWebClient, user_id: str) -> dict[str, Any]:
+    if not user_id:
+        return {}
+    try:
+        return dict((await client.users_info(user=user_id))["user"].get("profile") or {})
+    except SlackApiError:
+        return {}
+
+
+async def _thread(
+    client: AsyncWebClient,
+    messages: Sequence[dict[str, Any]],
+    upto_ts: str,
+    name: str,
+    person_id: str,
+    bot_user_id: str | None,
+) -> list[ThreadMessage]:
+    """The thread up to the mention, as the person saw it: the doppel's own replies count as theirs."""
+    names: dict[str, str] = {}
+    context: list[ThreadMessage] = []
+    for message in messages:
+        if _ts(message["ts"]) > _ts(upto_ts):
+            break
+        if message.get("bot_id"):
+            if message.get("username") != f"{name}-bot":
+                continue  # the bot's own notices, other doppels, other bots
+            author_id = person_id
+        else:
+            author_id = message.get("user", "")
+        if author_id not in names:
+            names[author_id] = await _display_name(client, author_id)
+        text = logic.strip_bot_mention(message.get("text", ""), bot_user_id)
+        context.append(ThreadMessage(author_id, names[author_id], _normalise(text, bot_user_id)))
+    return context
+
+
+def _normalise(text: str, bot_user_id: str | None) -> str:
+    if bot_user_id:
+        text = text.replace(f"<@{bot_user_id}>", "@doppel")
+    return text
+
+
+async def _display_name(client: AsyncWebClient, user_id: str) -> str:
+    try:
+        user = (await client.users_info(user=user_id))["user"]
+    except SlackApiError:
+        return user_id
+    profile = user.get("profile") or {}
+    return str(profile.get("display_name") or user.get("real_name") or user.get("name") or user_id)
+
+
+def _ts(ts: str) -> tuple[int, int]:
+    seconds, _, micros = ts.partition(".")
+    return int(seconds), int(micros or 0)
+
+
+# --- /doppel ----------------------------------------------------------------------------------------------
+
+
+async def run_command(deps: Deps, context: AsyncBoltContext, team_id: str, command: dict[str, Any]) -> str:
+    parsed = logic.parse_command(command.get("text", ""))
+    namespace = deps.config.namespace_for(team_id)
+    kube = deps.kube
+    if parsed.verb == "help":
+        return logic.HELP
+    if parsed.verb == "list":
+        doppels = await kube.list_doppels(namespace)
+        if not doppels:
+            return "No doppels in this workspace yet: `/doppel train @someone`."
+        active = (await kube.get_state(namespace)).get("active")
+        lines = [
+            logic.describe(d) + (" (active)" if d["metadata"]["name"] == active else "") for d in doppels
+        ]
+        return "\n".join(lines)
+    client = context.client
+    if parsed.verb == "status" and parsed.user is None:
+        active = (await kube.get_state(namespace)).get("active")
+        doppel = await kube.get_doppel(namespace, active) if active else None
+        return logic.describe(doppel) if doppel else "No active doppel: `/doppel switch @someone`."
+    assert parsed.user is not None
+    user_id, handle = await _resolve(client, parsed.user)
+    name = logic.object_name(handle)
+    if parsed.verb == "train":
+        return await _train(deps, context, team_id, user_id, handle, command)
+    doppel = await kube.get_doppel(namespace, name)
+    if doppel is None:
+        return f"There is no doppel of {handle}: `/doppel train @{handle}`."
+    if parsed.verb == "status":
+        return logic.describe(doppel)
+    if parsed.verb == "switch":
+        await kube.set_state(namespace, {"active": name})
+        return f"{name}'s doppel now answers mentions in this workspace."
+    # forget: the person themself, or whoever asked for the doppel.
+    requester = command["user_id"]
+    allowed = {user_id, (doppel["metadata"].get("annotations") or {}).get(ANNOTATION_REQUESTER)}
+    if requester not in allowed:
+        return f"Only {handle} or whoever trained this doppel can make me forget it."
+    await kube.delete_doppel(namespace, name)
+    if (await kube.get_state(namespace)).get("active") == name:
+        await kube.set_state(namespace, {"active": ""})
+    return f"Forgot {name}'s doppel: its adapter and data are being deleted."
+
+
+async def _resolve(client: AsyncWebClient, ref: logic.UserRef) -> tuple[str, str]:
+    """(user id, handle) of a named Slack user; CommandError when there is no such user."""
+    if ref.user_id:
+        try:
+            user = (await client.users_info(user=ref.user_id))["user"]
+        except SlackApiError:
+            raise logic.CommandError(f"no Slack user <@{ref.user_id}> in this workspace") from None
+        return str(user["id"]), str(user.get("name") or ref.handle or user["id"])
+    wanted = (ref.handle or "").lower()
+    cursor = None
+    while True:
+        page = await client.users_list(limit=200, cursor=cursor)
+        for user in page.get("members", []):
+            names = {user.get("name"), (user.get("profile") or {}).get("display_name")}
+            if wanted in {n.lower() for n in names if n} and not user.get("deleted"):
+                return str(user["id"]), str(user.get("name") or wanted)
+        cursor = (page.get("response_metadata") or {}).get("next_cursor")
+        if not cursor:
+            raise logic.CommandError(f"no Slack user @{ref.handle} in this workspace")
+
+
+async def _train(
+    deps: Deps,
+    context: AsyncBoltContext,
+    team_id: str,
+    user_id: str,
+    handle: str,
+    command: dict[str, Any],
+) -> str:
+    namespace = deps.config.namespace_for(team_id)
+    name = logic.object_name(handle)
+    existing = await deps.kube.get_doppel(namespace, name)
+    if existing is not None:
+        return f"{handle} already has a doppel: {logic.describe(existing)}"
+    if await _at_limit(deps, namespace):
+        return _limit_text(deps)
+    requester, channel = command["user_id"], command["channel_id"]
+    if requester == user_id or not deps.config.require_consent:
+        return await create_doppel(deps, context, team_id, user_id, handle, requester, channel)
+    request = {
+        "team": team_id,
+        "target": user_id,
+        "handle": handle,
+        "requester": requester,
+        "channel": channel,
+    }
+    value = json.dumps(request, separators=(",", ":"))
+    await context.client.chat_postMessage(
+        channel=channel,
+        text=f"<@{user_id}>, <@{requester}> would like to train a doppel of you. Do you agree?",
+        blocks=[
+            {
+                "type": "section",
+                "text": {
+                    "type": "mrkdwn",
+                    "text": f"<@{user_id}>, <@{requester}> would like to train a doppel of you on your Slack "
+                    "messages. It will answer mentions in your voice. Do you agree?",
+                },
+            },
+            {
+                "type": "actions",
+                "elements": [
+                    {
+                        "type": "button",
+                        "style": "primary",
+                        "text": {"type": "plain_text", "text": "Approve"},
+                        "action_id": "doppel_consent_approve",
+                        "value": value,
+                    },
+                    {
+                        "type": "button",
+                        "style": "danger",
+                        "text": {"type": "plain_text", "text": "Decline"},
+                        "action_id": "doppel_consent_decline",
+                        "value": value,
+                    },
+                ],
+            },
+        ],
+    )
+    return f"Asked <@{user_id}> for their approval; I will tell you here when they answer."
+
+
+async def create_doppel(
+    deps: Deps,
+    context: AsyncBoltContext,
+    team_id: str,
+    user_id: str,
+    handle: str,
+    requester: str,
+    channel: str,
+) -> str:
+    config = deps.config
+    namespace = config.namespace_for(team_id)
+    name = logic.object_name(handle)
+    if await _at_limit(deps, namespace):  # checked again: approvals arrive later
+        return _limit_text(deps)
+    if context.bot_token:
+        # The scrape Job reads the workspace's token from its own namespace.
+        await deps.kube.put_secret(namespace, config.token_secret, {"token": context.bot_token}, team_id)
+    spec = api.DoppelUserSpec(
+        slack=api.Slack(team_id=team_id, token_secret_ref=api.SecretKeyRef(name=config.token_secret)),
+        target=api.Target(user_id=user_id, handle=handle),
+        base_model=api.BaseModelRef(served_name=config.base_model_name, path=config.base_model_path),
+    )
+    body = {
+        "apiVersion": f"{api.GROUP}/{api.VERSION}",
+        "kind": api.KIND,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {LABEL_TEAM: team_id},
+            "annotations": {ANNOTATION_REQUESTER: requester, ANNOTATION_CHANNEL: channel},
+        },
+        "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    try:
+        await deps.kube.create_doppel(namespace, body)
+    except AlreadyExists:
+        return f"{handle} already has a doppel: `/doppel status @{handle}`."
+    return f"Training a doppel of {handle}: I will post its progress here (`/doppel status @{handle}`)."
+
+
+async def _at_limit(deps: Deps, namespace: str) -> bool:
+    return len(await deps.kube.list_doppels(namespace)) >= deps.config.max_doppels_per_workspace
+
+
+def _limit_text(deps: Deps) -> str:
+    limit = deps.config.max_doppels_per_workspace
+    return f"This workspace has reached its limit of {limit} doppels: `/doppel forget` one first."
+
+
+async def answer_consent(
+    deps: Deps, context: AsyncBoltContext, body: dict[str, Any], action: dict[str, Any]
+) -> None:
+    request = json.loads(action["value"])
+    team_id, clicker = _team(context, body), body["user"]["id"]
+    channel = request["channel"]
+    client = context.client
+    # The button travels through Slack: only the named person, in the same workspace, can answer it.
+    if request["team"] != team_id or clicker != request["target"]:
+        LOG.warning("consent answer by %s of team %s refused", clicker, team_id)
+        await client.chat_postMessage(channel=channel, text=f"Only <@{request['target']}> can answer this.")
+        return
+    if CONSENT_ACTION.match(action["action_id"]).group(1) == "decline":  # type: ignore[union-attr]
+        text = f"<@{request['requester']}>: <@{clicker}> declined; no doppel of them will be trained."
+    else:
+        result = await create_doppel(
+            deps, context, team_id, clicker, request["handle"], request["requester"], channel
+        )
+        text = f"<@{request['requester']}>: <@{clicker}> approved. {result}"
+    await client.chat_postMessage(channel=channel, text=text)

@@ -1,0 +1,162 @@
+"""The bot's configuration, read from the environment (the Helm chart and `doppel bot` set it)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from doppel.errors import BadInput
+
+DEFAULT_SCOPES = (
+    "app_mentions:read",
+    "channels:history",
+    "groups:history",
+    "chat:write",
+    "chat:write.customize",
+    "commands",
+    "users:read",
+    "im:write",
+)
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    """Everything the bot needs to know; see the README's `bot` section for the variables."""
+
+    signing_secret: str
+    # Single-workspace mode: one bot token. Multi-workspace (OAuth) mode: client id and secret instead.
+    bot_token: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    app_token: str | None = None  # Socket Mode
+    slack_api_url: str | None = None  # e.g. the test emulator; None means slack.com
+    vllm_url: str = "http://127.0.0.1:8000"
+    vllm_timeout_s: float = 60.0
+    # Where each workspace's doppels live: explicit TEAM=namespace pairs, else the template.
+    team_namespaces: Mapping[str, str] = field(default_factory=dict)
+    namespace_template: str = "doppel-{team}"
+    # The bot's own namespace: installation Secrets and the seen-event ledger.
+    bot_namespace: str = "doppel"
+    require_consent: bool = True
+    max_doppels_per_workspace: int = 10
+    database_url: str | None = None  # slack_sdk's SQLAlchemy stores and the event ledger, if set
+    event_ttl_s: int = 3600
+    oauth_redirect_uri: str | None = None
+    token_rotation: bool = True
+    poll_interval_s: float = 5.0
+    # What `/doppel train` puts in a new DoppelUser: the shared base model and the token Secret's name.
+    base_model_name: str = "base"
+    base_model_path: str = "/models/base"
+    token_secret: str = "slack-bot-token"
+
+    @property
+    def oauth(self) -> bool:
+        return self.bot_token is None
+
+    def namespace_for(self, team_id: str) -> str:
+        """The namespace holding `team_id`'s doppels; the team id comes from a verified request."""
+        if team_id in self.team_namespaces:
+            return self.team_namespaces[team_id]
+        return self.namespace_template.format(team=team_id.lower())
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BotConfig:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        signing_secret = get("SLACK_SIGNING_SECRET")
+        if not signing_secret:
+            raise BadInput("SLACK_SIGNING_SECRET is not set: every request must be verified")
+        bot_token, client_id, client_secret = (
+            get("SLACK_BOT_TOKEN"),
+            get("SLACK_CLIENT_ID"),
+            get("SLACK_CLIENT_SECRET"),
+        )
+        if not bot_token and not (client_id and client_secret):
+            raise BadInput(
+                "set SLACK_BOT_TOKEN (one workspace) or SLACK_CLIENT_ID and SLACK_CLIENT_SECRET (OAuth)"
+            )
+        if bot_token and (client_id or client_secret):
+            raise BadInput("set either SLACK_BOT_TOKEN or SLACK_CLIENT_ID/SECRET, not both")
+        return cls(
+            signing_secret=signing_secret,
+            bot_token=bot_token,
+            client_id=client_id,
+            client_secret=client_secret,
+            app_token=get("SLACK_APP_TOKEN"),
+            slack_api_url=_slack_api_url(get("SLACK_API_URL")),
+            vllm_url=get("VLLM_URL") or cls.vllm_url,
+            vllm_timeout_s=_number(get("VLLM_TIMEOUT_S"), "VLLM_TIMEOUT_S", cls.vllm_timeout_s),
+            team_namespaces=_pairs(get("DOPPEL_TEAM_NAMESPACES")),
+            namespace_template=_template(get("DOPPEL_NAMESPACE_TEMPLATE") or cls.namespace_template),
+            bot_namespace=get("DOPPEL_BOT_NAMESPACE") or cls.bot_namespace,
+            require_consent=_flag(get("DOPPEL_REQUIRE_CONSENT"), "DOPPEL_REQUIRE_CONSENT", True),
+            max_doppels_per_workspace=int(
+                _number(get("DOPPEL_MAX_DOPPELS"), "DOPPEL_MAX_DOPPELS", cls.max_doppels_per_workspace)
+            ),
+            database_url=get("DOPPEL_DATABASE_URL"),
+            oauth_redirect_uri=get("SLACK_REDIRECT_URI"),
+            base_model_name=get("DOPPEL_BASE_MODEL") or cls.base_model_name,
+            base_model_path=get("DOPPEL_BASE_MODEL_PATH") or cls.base_model_path,
+            token_secret=get("DOPPEL_TOKEN_SECRET") or cls.token_secret,
+        )
+
+
+def _slack_api_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not re.match(r"^https?://", value):
+        raise BadInput(f"SLACK_API_URL must be an http(s) URL, got {value!r}")
+    return value.rstrip("/") + "/"
+
+
+def _number(value: str | None, name: str, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadInput(f"{name} must be a number, got {value!r}") from None
+    if number <= 0:
+        raise BadInput(f"{name} must be positive, got {value!r}")
+    return number
+
+
+def _flag(value: str | None, name: str, default: bool) -> bool:
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise BadInput(f"{name} must be true or false, got {value!r}")
+
+
+def _pairs(value: str | None) -> dict[str, str]:
+    """`T1=ns-a,T2=ns-b` -> {"T1": "ns-a", "T2": "ns-b"}."""
+    pairs: dict[str, str] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        team, sep, namespace = item.partition("=")
+        if not sep or not team.strip() or not _DNS_LABEL.match(namespace.strip()):
+            raise BadInput(f"DOPPEL_TEAM_NAMESPACES wants TEAM=namespace pairs, got {item.strip()!r}")
+        pairs[team.strip()] = namespace.strip()
+    return pairs
+
+
+def _template(value: str) -> str:
+    if "{team}" not in value or not _DNS_LABEL.match(value.replace("{team}", "t")):
+        raise BadInput(
+            f"DOPPEL_NAMESPACE_TEMPLATE must be a namespace name containing {{team}}, got {value!r}"
+        )
+    return value
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")

@@ -1,0 +1,163 @@
+"""Kubernetes access for the bot: DoppelUsers of a workspace's namespace, its bot state, event claims.
+
+The official `kubernetes` client is synchronous; calls run in a worker thread so the event loop (and
+Slack's 3-second acknowledgement) never waits on the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+GROUP, VERSION, PLURAL, KIND = "doppel.dev", "v1alpha1", "doppelusers", "DoppelUser"
+STATE_CONFIGMAP = "doppel-bot-state"
+LABEL_TEAM = "doppel.dev/slack-team"
+LABEL_EVENT = "doppel.dev/slack-event"
+ANNOTATION_REQUESTER = "doppel.dev/requested-by"
+ANNOTATION_NOTIFIED = "doppel.dev/notified-phase"
+ANNOTATION_EXPIRES = "doppel.dev/expires-at"
+# The API server must answer well inside Slack's 3 s; a slow one is an error, not a hang.
+REQUEST_TIMEOUT_S = 2.5
+
+T = TypeVar("T")
+
+
+class AlreadyExists(Exception):
+    """Create refused with 409: the object is there already."""
+
+
+def api_client(server: str | None = None) -> k8s.ApiClient:
+    """A client for `server` (tests: the kmock emulator), else in-cluster, else $KUBECONFIG."""
+    if server:
+        configuration = k8s.Configuration()
+        configuration.host = server
+        configuration.verify_ssl = False
+        return k8s.ApiClient(configuration)
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+    return k8s.ApiClient()
+
+
+class Kube:
+    """The few Kubernetes calls the bot makes, each bounded by a timeout."""
+
+    def __init__(self, client: k8s.ApiClient) -> None:
+        self.custom = k8s.CustomObjectsApi(client)
+        self.core = k8s.CoreV1Api(client)
+
+    async def _call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(func, *args, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
+
+    async def _maybe(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """The call's result, or None on 404."""
+        try:
+            return await self._call(func, *args, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    # --- DoppelUsers -----------------------------------------------------------------------------
+    async def list_doppels(self, namespace: str) -> list[dict[str, Any]]:
+        found = await self._maybe(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
+        )
+        items = (found or {}).get("items", [])
+        return sorted(items, key=lambda item: item["metadata"]["name"])
+
+    async def get_doppel(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._maybe(
+            self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+        )
+
+    async def create_doppel(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._call(
+                self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise AlreadyExists(body["metadata"]["name"]) from None
+            raise
+
+    async def delete_doppel(self, namespace: str, name: str) -> bool:
+        deleted = await self._maybe(
+            self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+        )
+        return deleted is not None
+
+    async def annotate_doppel(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        patch = {"metadata": {"annotations": annotations}}
+        await self._maybe(
+            self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
+        )
+
+    async def list_all_doppels(self) -> list[dict[str, Any]]:
+        found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        return list(found.get("items", []))
+
+    # --- per-workspace bot state (the active doppel) ---------------------------------------------
+    async def get_state(self, namespace: str) -> dict[str, str]:
+        found = await self._maybe(self.core.read_namespaced_config_map, STATE_CONFIGMAP, namespace)
+        return dict(found.data or {}) if found is not None else {}
+
+    async def set_state(self, namespace: str, data: dict[str, str]) -> None:
+        patched = await self._maybe(
+            self.core.patch_namespaced_config_map, STATE_CONFIGMAP, namespace, {"data": data}
+        )
+        if patched is None:
+            body = {"metadata": {"name": STATE_CONFIGMAP, "namespace": namespace}, "data": data}
+            await self._call(self.core.create_namespaced_config_map, namespace, body)
+
+    # --- the workspace's token, for its scrape Jobs ------------------------------------------------
+    async def put_secret(self, namespace: str, name: str, data: dict[str, str], team_id: str) -> None:
+        body = {
+            "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_TEAM: team_id}},
+            "type": "Opaque",
+            "stringData": data,
+        }
+        if await self._maybe(self.core.patch_namespaced_secret, name, namespace, body) is None:
+            await self._call(self.core.create_namespaced_secret, namespace, body)
+
+    # --- event claims (deduplication) ------------------------------------------------------------
+    async def claim(self, namespace: str, key: str, ttl_s: int) -> bool:
+        """Create ConfigMap `doppel-event-<key>`: True if this call created it, False if it existed.
+
+        Create is atomic on the API server, so exactly one replica wins an event, even after restarts.
+        """
+        body = {
+            "metadata": {
+                "name": f"doppel-event-{key}",
+                "namespace": namespace,
+                "labels": {LABEL_EVENT: "seen"},
+                "annotations": {ANNOTATION_EXPIRES: str(int(time.time() + ttl_s))},
+            }
+        }
+        try:
+            await self._call(self.core.create_namespaced_config_map, namespace, body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    async def expire_claims(self, namespace: str, now: float) -> int:
+        """Delete the claims past their expiry; returns how many went."""
+        found = await self._call(self.core.list_namespaced_config_map, namespace)
+        gone = 0
+        for item in found.items:
+            meta = item.metadata
+            if (meta.labels or {}).get(LABEL_EVENT) != "seen":
+                continue
+            if float((meta.annotations or {}).get(ANNOTATION_EXPIRES, "0")) < now:
+                await self._maybe(self.core.delete_namespaced_config_map, meta.name, namespace)
+                gone += 1
+        return gone

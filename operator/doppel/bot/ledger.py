@@ -1,0 +1,83 @@
+"""Which Slack events were already handled: Slack retries unacknowledged or slow events, and several bot
+replicas may receive them, so each event is answered once. The record must be shared and outlive a
+restart: Kubernetes objects (the default) or the SQL database when one is configured."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from doppel.bot.kube import Kube
+from doppel.bot.logic import event_key
+
+# Expired claims are swept at most this often, by whichever replica claims an event then.
+SWEEP_EVERY_S = 300.0
+
+
+class EventLedger(Protocol):
+    async def claim(self, team_id: str, event_id: str) -> bool:
+        """True the first time `event_id` of `team_id` is claimed, by anyone; False afterwards."""
+        ...
+
+
+class KubeEventLedger:
+    """One ConfigMap per event in the bot's namespace, named after the event; 409 means seen."""
+
+    def __init__(self, kube: Kube, namespace: str, ttl_s: int) -> None:
+        self.kube, self.namespace, self.ttl_s = kube, namespace, ttl_s
+        self._last_sweep = 0.0
+
+    async def claim(self, team_id: str, event_id: str) -> bool:
+        won = await self.kube.claim(self.namespace, event_key(team_id, event_id), self.ttl_s)
+        now = time.time()
+        if won and now - self._last_sweep > SWEEP_EVERY_S:
+            self._last_sweep = now
+            await self.kube.expire_claims(self.namespace, now)
+        return won
+
+
+class SqlEventLedger:
+    """A table with the event key as primary key: the database refuses the second insert."""
+
+    def __init__(self, url: str, ttl_s: int) -> None:
+        self.engine = sa.create_engine(url)
+        self.ttl_s = ttl_s
+        self.table = sa.Table(
+            "doppel_seen_events",
+            sa.MetaData(),
+            sa.Column("key", sa.String(40), primary_key=True),
+            sa.Column("expires_at", sa.Float, nullable=False, index=True),
+        )
+        self.table.create(self.engine, checkfirst=True)
+
+    async def claim(self, team_id: str, event_id: str) -> bool:
+        return await asyncio.to_thread(self._claim, event_key(team_id, event_id))
+
+    def _claim(self, key: str) -> bool:
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(self.table).where(self.table.c.expires_at < now))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(self.table).values(key=key, expires_at=now + self.ttl_s))
+        except IntegrityError:
+            return False
+        return True
+
+
+class MemoryEventLedger:
+    """For one process with no cluster (`doppel local`): nothing to share with, nothing survives anyway."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    async def claim(self, team_id: str, event_id: str) -> bool:
+        key = event_key(team_id, event_id)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True

@@ -1,0 +1,178 @@
+"""Pure logic of the bot: parsing commands and mentions, splitting replies, describing doppels.
+
+Nothing here talks to Slack, Kubernetes or vLLM, so it is tested directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+COMMANDS = ("train", "list", "switch", "status", "forget", "help")
+NEEDS_USER = {"train", "switch", "forget"}
+HELP = (
+    "`/doppel train <user>`: clone someone (yourself, or anyone who approves)\n"
+    "`/doppel list`: every doppel of this workspace and its state\n"
+    "`/doppel switch <user>`: make that doppel answer mentions\n"
+    "`/doppel status [user]`: phase, progress and sample count\n"
+    "`/doppel forget <user>`: delete a doppel, its data and its adapter\n"
+    "Mention the bot to talk to the active doppel, or `@doppel as <user> ...` to pick one."
+)
+# Replies longer than this many messages are cut: a runaway generation must not flood a channel.
+MAX_REPLY_MESSAGES = 5
+# The model may separate its messages with a blank line or with this marker.
+MESSAGE_SEPARATOR = "<|msg|>"
+
+
+class CommandError(ValueError):
+    """A /doppel command that cannot be understood; the message is shown to the user."""
+
+
+@dataclass(frozen=True)
+class UserRef:
+    """A person named in a command: a Slack user id (from `<@U123|alice>`) and/or a handle."""
+
+    user_id: str | None
+    handle: str | None
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    user: UserRef | None
+
+
+_MENTION = re.compile(r"^<@([A-Z0-9]+)(?:\|([^>]*))?>$")
+_HANDLE = re.compile(r"^@?([a-zA-Z0-9][a-zA-Z0-9._-]{0,79})$")
+
+
+def parse_user(text: str) -> UserRef:
+    token = text.strip()
+    mention = _MENTION.match(token)
+    if mention:
+        return UserRef(mention.group(1), mention.group(2) or None)
+    handle = _HANDLE.match(token)
+    if handle:
+        return UserRef(None, handle.group(1))
+    raise CommandError(f"`{token}` is not a Slack user: write @name")
+
+
+def parse_command(text: str) -> Command:
+    """`train <@U1|alice>` -> Command("train", UserRef("U1", "alice")); raises CommandError."""
+    words = text.split()
+    if not words:
+        return Command("help", None)
+    verb = words[0].lower()
+    if verb not in COMMANDS:
+        raise CommandError(f"unknown command `{words[0]}`; try `/doppel help`")
+    args = words[1:]
+    if len(args) > 1:
+        raise CommandError(f"`/doppel {verb}` takes one user, got {len(args)} words")
+    if verb in NEEDS_USER and not args:
+        raise CommandError(f"`/doppel {verb}` needs a user: `/doppel {verb} @name`")
+    if verb in {"list", "help"} and args:
+        raise CommandError(f"`/doppel {verb}` takes no argument")
+    return Command(verb, parse_user(args[0]) if args else None)
+
+
+_AS = re.compile(r"^\s*as\s+(<@[A-Z0-9]+(?:\|[^>]*)?>|@?[a-zA-Z0-9][a-zA-Z0-9._-]*)[\s,:]*", re.IGNORECASE)
+
+
+def strip_bot_mention(text: str, bot_user_id: str | None) -> str:
+    """The message without the leading mention of the bot that triggered it."""
+    if bot_user_id:
+        text = re.sub(rf"^\s*<@{re.escape(bot_user_id)}(\|[^>]*)?>[\s,:]*", "", text)
+    return text.strip()
+
+
+def pick_doppel(text: str) -> tuple[UserRef | None, str]:
+    """(`as <user>` target if the message starts with one, the rest of the message)."""
+    match = _AS.match(text)
+    if not match:
+        return None, text
+    return parse_user(match.group(1)), text[match.end() :]
+
+
+def split_reply(text: str) -> list[str]:
+    """The model's answer as Slack messages: split on blank lines and on the message separator."""
+    parts = re.split(rf"\n\s*\n|{re.escape(MESSAGE_SEPARATOR)}", text)
+    messages = [part.strip() for part in parts if part.strip()]
+    return messages[:MAX_REPLY_MESSAGES]
+
+
+def object_name(handle: str) -> str:
+    """A DNS-1123 name for a DoppelUser from a Slack handle (`Alice.B` -> `alice-b`)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", handle.lower()).strip("-")[:63].strip("-")
+    if not name:
+        raise CommandError(f"cannot make a doppel name from `{handle}`")
+    return name
+
+
+def event_key(team_id: str, event_id: str) -> str:
+    """A Kubernetes-safe, fixed-length key for one Slack event of one workspace."""
+    return hashlib.sha256(f"{team_id}/{event_id}".encode()).hexdigest()[:40]
+
+
+def phase(doppel: dict[str, Any]) -> str:
+    return str((doppel.get("status") or {}).get("phase") or "Pending")
+
+
+def served_name(doppel: dict[str, Any]) -> str | None:
+    """The vLLM model name of a Ready doppel's adapter, else None."""
+    status = doppel.get("status") or {}
+    adapter = status.get("adapter") or {}
+    if status.get("phase") != "Ready" or not adapter.get("servedName"):
+        return None
+    return str(adapter["servedName"])
+
+
+def describe(doppel: dict[str, Any]) -> str:
+    """`alice: Training (40%), 812 samples` — what list and status show."""
+    status = doppel.get("status") or {}
+    name = doppel["metadata"]["name"]
+    text = f"*{name}*: {phase(doppel)}"
+    progress = _progress(status.get("progress"))
+    if progress:
+        text += f" ({progress})"
+    samples = status.get("samples")
+    if isinstance(samples, dict):
+        samples = samples.get("count")
+    if samples is not None:
+        text += f", {samples} samples"
+    if status.get("phase") == "Failed" and status.get("reason"):
+        text += f": {status['reason']}"
+    return text
+
+
+def not_ready_reply(doppel: dict[str, Any]) -> str:
+    name = doppel["metadata"]["name"]
+    if phase(doppel) == "Failed":
+        return f"Sorry, {name}'s doppel failed to train: {describe(doppel)}."
+    progress = _progress((doppel.get("status") or {}).get("progress"))
+    detail = phase(doppel) + (f", {progress}" if progress else "")
+    return f"{name}'s doppel is still training ({detail}). Ask again when it is Ready."
+
+
+def progress_note(doppel: dict[str, Any]) -> str | None:
+    """The progress message sent to whoever asked for a doppel, for the phase it has reached."""
+    name = doppel["metadata"]["name"]
+    status = doppel.get("status") or {}
+    samples = status.get("samples")
+    if isinstance(samples, dict):
+        samples = samples.get("count")
+    return {
+        "Training": f"{name}'s doppel: scraped {samples if samples is not None else 'the'} samples, "
+        "training started.",
+        "Ready": f"{name}'s doppel is ready: mention me with `as {name}` to talk to it.",
+        "Failed": f"{name}'s doppel failed: {status.get('reason') or 'see `/doppel status`'}.",
+    }.get(phase(doppel))
+
+
+def _progress(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return f"{value:.0%}" if 0 <= value <= 1 else f"{value:g}%"
+    return str(value)

@@ -1,0 +1,222 @@
+"""Wiring and serving: the Bolt app over HTTP (uvicorn, ASGI) with /healthz and /readyz, or Socket Mode;
+single-workspace (bot token) or multi-workspace OAuth with installations in Kubernetes Secrets (or
+slack_sdk's SQLAlchemy store when a database is configured); the progress notifier beside them.
+
+`doppel local --socket-mode` and the tests call `create_bot(config, chat=..., kube=...)` with their own
+pieces; `doppel bot` calls it with everything from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
+from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
+from slack_sdk.oauth.installation_store import InstallationStore
+from slack_sdk.oauth.state_store import OAuthStateStore
+from slack_sdk.web.async_client import AsyncWebClient
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from doppel.bot import logic
+from doppel.bot.app import ANNOTATION_CHANNEL, Chat, Deps, build_app, vllm_chat
+from doppel.bot.config import DEFAULT_SCOPES, BotConfig
+from doppel.bot.installation_store import KubernetesSecretInstallationStore
+from doppel.bot.kube import ANNOTATION_NOTIFIED, ANNOTATION_REQUESTER, LABEL_TEAM, Kube, api_client
+from doppel.bot.ledger import EventLedger, KubeEventLedger, SqlEventLedger
+from doppel.bot.redact import install_token_redaction
+from doppel.bot.stores import AsyncInstallationStoreAdapter, AsyncStateStoreAdapter, KubernetesOAuthStateStore
+from doppel.serve.vllm import AsyncVllmClient, RetryPolicy
+
+LOG = logging.getLogger(__name__)
+INSTALL_PATH, REDIRECT_PATH, EVENTS_PATH = "/slack/install", "/slack/oauth_redirect", "/slack/events"
+
+
+@dataclass
+class Bot:
+    """A configured bot: the Bolt app, its ASGI wrapper and what they use."""
+
+    config: BotConfig
+    deps: Deps
+    app: AsyncApp
+    installation_store: AsyncInstallationStoreAdapter | None
+
+    async def token_for(self, team_id: str) -> str | None:
+        """The bot token of `team_id`: the configured one, or the installation's (OAuth)."""
+        if self.installation_store is None:
+            return self.config.bot_token
+        found = await self.installation_store.async_find_installation(enterprise_id=None, team_id=team_id)
+        return found.bot_token if found else None
+
+    def asgi(self) -> Starlette:
+        handler = AsyncSlackRequestHandler(self.app)
+
+        async def slack(request: Request) -> Response:
+            return await handler.handle(request)
+
+        async def healthz(request: Request) -> Response:
+            return JSONResponse({"ok": True})
+
+        async def readyz(request: Request) -> Response:
+            try:
+                await self.deps.kube.get_state(self.config.bot_namespace)
+            except Exception as exc:
+                return JSONResponse({"ok": False, "reason": f"Kubernetes: {type(exc).__name__}"}, 503)
+            return JSONResponse({"ok": True})
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: Starlette) -> AsyncIterator[None]:
+            async with self.notifier():
+                yield
+
+        routes = [
+            Route(EVENTS_PATH, slack, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ]
+        if self.app.oauth_flow is not None:
+            routes += [
+                Route(INSTALL_PATH, slack, methods=["GET"]),
+                Route(REDIRECT_PATH, slack, methods=["GET"]),
+            ]
+        return Starlette(routes=routes, lifespan=lifespan)
+
+    @contextlib.asynccontextmanager
+    async def notifier(self) -> AsyncIterator[None]:
+        """Run `notify_progress` in the background for as long as the block runs."""
+        task = asyncio.create_task(notify_progress(self))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def serve(self, host: str, port: int) -> None:
+        server = uvicorn.Server(uvicorn.Config(self.asgi(), host=host, port=port, log_level="info"))
+        await server.serve()
+
+    async def serve_socket_mode(self) -> None:
+        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+        if not self.config.app_token:
+            raise ValueError("Socket Mode needs SLACK_APP_TOKEN (an xapp- app-level token)")
+        handler = AsyncSocketModeHandler(self.app, self.config.app_token, web_client=self.app.client)
+        async with self.notifier():
+            await handler.start_async()
+
+
+def create_bot(
+    config: BotConfig,
+    *,
+    chat: Chat | None = None,
+    kube: Kube | None = None,
+    ledger: EventLedger | None = None,
+    installation_store: InstallationStore | None = None,
+    kube_server: str | None = None,
+) -> Bot:
+    """Build the bot from `config`; each piece left out is made from the configuration."""
+    install_token_redaction()
+    client = api_client(kube_server) if kube is None or installation_store is None else None
+    kube = kube or Kube(client)
+    if ledger is None:
+        ledger = (
+            SqlEventLedger(config.database_url, config.event_ttl_s)
+            if config.database_url
+            else KubeEventLedger(kube, config.bot_namespace, config.event_ttl_s)
+        )
+    if chat is None:
+        timeout = httpx.Timeout(connect=5.0, read=config.vllm_timeout_s, write=30.0, pool=30.0)
+        # Few retries: a person is waiting in the thread, and Slack shows nothing until we post.
+        chat = vllm_chat(AsyncVllmClient(config.vllm_url, timeout=timeout, retry=RetryPolicy(attempts=2)))
+    web = AsyncWebClient(base_url=config.slack_api_url) if config.slack_api_url else AsyncWebClient()
+    deps = Deps(config=config, kube=kube, ledger=ledger, chat=chat)
+    store: AsyncInstallationStoreAdapter | None = None
+    flow: AsyncOAuthFlow | None = None
+    if config.oauth:
+        sync_store, state_store = _oauth_stores(config, installation_store, client or api_client(kube_server))
+        store = AsyncInstallationStoreAdapter(sync_store)
+        settings = AsyncOAuthSettings(
+            client_id=config.client_id,
+            client_secret=config.client_secret,
+            scopes=list(DEFAULT_SCOPES),
+            installation_store=store,
+            state_store=AsyncStateStoreAdapter(state_store),
+            install_path=INSTALL_PATH,
+            redirect_uri_path=REDIRECT_PATH,
+            redirect_uri=config.oauth_redirect_uri,
+            # Rotating tokens are refreshed this long before they expire (slack_sdk's TokenRotator).
+            token_rotation_expiration_minutes=120,
+        )
+        flow = AsyncOAuthFlow(client=web, settings=settings)
+    app = build_app(deps, client=web, oauth_flow=flow)
+    return Bot(config=config, deps=deps, app=app, installation_store=store)
+
+
+def _oauth_stores(
+    config: BotConfig, installation_store: InstallationStore | None, client: Any
+) -> tuple[InstallationStore, OAuthStateStore]:
+    if config.database_url:
+        import sqlalchemy as sa
+        from slack_sdk.oauth.installation_store.sqlalchemy import SQLAlchemyInstallationStore
+        from slack_sdk.oauth.state_store.sqlalchemy import SQLAlchemyOAuthStateStore
+
+        engine = sa.create_engine(config.database_url)
+        sql_store = SQLAlchemyInstallationStore(client_id=config.client_id or "", engine=engine)
+        sql_store.create_tables()
+        state = SQLAlchemyOAuthStateStore(expiration_seconds=600, engine=engine)
+        state.create_tables()
+        return installation_store or sql_store, state
+    store = installation_store or KubernetesSecretInstallationStore(client, config.bot_namespace)
+    return store, KubernetesOAuthStateStore(client, config.bot_namespace)
+
+
+# --- progress messages ----------------------------------------------------------------------------------
+
+
+async def notify_progress(bot: Bot, *, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+    """Tell whoever asked for a doppel when it reaches Training, Ready or Failed, in the channel they asked
+    from. The phase told is recorded on the object, so a restart or another replica does not repeat it."""
+    while True:
+        try:
+            await notify_once(bot)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            LOG.warning("progress notifier: %s: %s", type(exc).__name__, exc)
+        await sleep(bot.config.poll_interval_s)
+
+
+async def notify_once(bot: Bot) -> int:
+    """One pass over the doppels the bot created; returns how many messages were posted."""
+    posted = 0
+    for doppel in await bot.deps.kube.list_all_doppels():
+        meta = doppel["metadata"]
+        annotations = meta.get("annotations") or {}
+        team_id = (meta.get("labels") or {}).get(LABEL_TEAM)
+        requester, channel = annotations.get(ANNOTATION_REQUESTER), annotations.get(ANNOTATION_CHANNEL)
+        phase = logic.phase(doppel)
+        note = logic.progress_note(doppel)
+        if not (team_id and requester and channel and note) or annotations.get(ANNOTATION_NOTIFIED) == phase:
+            continue
+        # Only a workspace's own namespace may speak to that workspace.
+        if meta.get("namespace") != bot.config.namespace_for(team_id):
+            continue
+        token = await bot.token_for(team_id)
+        if token is None:
+            continue
+        await bot.app.client.chat_postMessage(token=token, channel=channel, text=f"<@{requester}> {note}")
+        await bot.deps.kube.annotate_doppel(meta["namespace"], meta["name"], {ANNOTATION_NOTIFIED: phase})
+        posted += 1
+    return posted
