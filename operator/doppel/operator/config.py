@@ -1,0 +1,33 @@
+"""Operator configuration: what differs between clusters (and between a cluster and the tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    # Mount path of the shared volume, identical in worker and vLLM pods: adapter paths written into
+    # status are paths under it, and vLLM loads them from there.
+    data_root: str = "/data"
+    # PersistentVolumeClaim mounted at data_root in the Jobs; None mounts nothing (tests run Jobs locally).
+    data_claim: str | None = "doppel-data"
+    worker_image: str = "ghcr.io/doppel/worker:latest"
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str | None = None
+    # GPUs are scarce: at most this many train Jobs run at once, cluster-wide; the rest queue FIFO.
+    max_trainings: int = 1
+    # Slack Web API base URL override (an emulator, a proxy); None uses slack.com.
+    slack_api_url: str | None = None
+    namespaces: tuple[str, ...] = ()  # empty: all namespaces
+    # Transient Job failures are retried this many times in all, with exponential backoff.
+    max_attempts: int = 4
+    backoff_s: float = 10.0
+    max_backoff_s: float = 300.0
+    # How often each object re-checks its vLLM pods' /v1/models and everything else (drift repair).
+    resync_s: float = 30.0
+    # Extra CLI flags for the train Job (tests use a few steps).
+    train_args: tuple[str, ...] = field(default_factory=tuple)
+    # Kubernetes API server override (tests point it at the emulator); None logs in from the
+    # service account or kubeconfig.
+    api_server: str | None = None

@@ -1,0 +1,254 @@
+"""Kubernetes Job manifests for the pipeline steps, their deterministic names, and reading their outcome.
+
+Pure functions over plain dicts: no API calls here. A Job's outcome is the JSON summary that
+`doppel.cli.run_stage` writes to $DOPPEL_RESULT_FILE, pointed at the container's termination-message path,
+so the operator reads it from the pod's `state.terminated.message` and never scrapes logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from doppel.api import GROUP, KIND, VERSION, DoppelUserSpec
+from doppel.operator.config import OperatorConfig
+
+Step = Literal["scrape", "train", "cleanup"]
+TERMINATION_LOG = "/dev/termination-log"
+TOKEN_ENV = "SLACK_BOT_TOKEN"
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "doppel-operator"}
+L_USER = f"{GROUP}/user"
+L_UID = f"{GROUP}/uid"
+L_GENERATION = f"{GROUP}/generation"
+L_STEP = f"{GROUP}/step"
+L_ATTEMPT = f"{GROUP}/attempt"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DoppelUser a Job belongs to."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+
+
+def _short(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, with a hash suffix when cut so distinct inputs stay distinct."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:6]
+    return f"{text[: limit - 7].rstrip('-.')}-{digest}"
+
+
+def job_name(owner: Owner, step: Step, attempt: int) -> str:
+    """Deterministic per object, generation, step and attempt: a restarted operator finds its Jobs again,
+    and creating one twice fails with 409 instead of running it twice. At most 63 characters, since
+    the name also becomes the pods' `job-name` label."""
+    suffix = f"-{owner.uid[:5]}-g{owner.generation}-{step}-{attempt}"
+    return _short(owner.name, 63 - len(suffix)) + suffix
+
+
+def served_name(namespace: str, name: str, version: int) -> str:
+    """Name of an adapter in vLLM: unique per namespace, user and version (namespaces hold no dots)."""
+    return f"{namespace}.{name}.v{version}"
+
+
+def user_dir(config: OperatorConfig, namespace: str, name: str) -> str:
+    return posixpath.join(config.data_root, namespace, name)
+
+
+def dataset_dir(config: OperatorConfig, owner: Owner) -> str:
+    return posixpath.join(user_dir(config, owner.namespace, owner.name), f"g{owner.generation}")
+
+
+def adapter_dir(config: OperatorConfig, namespace: str, name: str, version: int) -> str:
+    return posixpath.join(user_dir(config, namespace, name), "adapters", f"v{version}")
+
+
+def labels(owner: Owner, step: Step, attempt: int) -> dict[str, str]:
+    return {
+        **MANAGED_BY,
+        L_USER: _short(owner.name, 63),
+        L_UID: owner.uid,
+        L_GENERATION: str(owner.generation),
+        L_STEP: step,
+        L_ATTEMPT: str(attempt),
+    }
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def scrape_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -> list[str]:
+    slack, target, data = spec.slack, spec.target, spec.data
+    command = ["doppel", "scrape", "--out", dataset_dir(config, owner)]
+    if slack.export_path:
+        command += ["--export", posixpath.join(config.data_root, slack.export_path)]
+    else:
+        command += ["--team", slack.team_id]
+        if config.slack_api_url:
+            command += ["--slack-api-url", config.slack_api_url]
+    command += ["--user", target.user_id or target.handle or target.real_name or ""]
+    for channel in slack.channels.include:
+        command += ["--channel", channel]
+    for channel in slack.channels.exclude:
+        command += ["--exclude-channel", channel]
+    command += ["--cutoff-days", str(data.cutoff_days), "--min-length", str(data.min_length)]
+    command += ["--max-samples", str(data.max_samples)]
+    return command
+
+
+def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -> list[str]:
+    t = spec.training
+    command = [
+        "doppel",
+        "train",
+        "--data",
+        posixpath.join(dataset_dir(config, owner), "samples.jsonl"),
+        "--base-model",
+        spec.base_model.path,
+        "--served-base-name",
+        spec.base_model.served_name,
+        "--out",
+        adapter_dir(config, owner.namespace, owner.name, owner.generation),
+        "--rank",
+        str(t.rank),
+        "--alpha",
+        str(t.alpha),
+        "--learning-rate",
+        str(t.learning_rate),
+        "--epochs",
+        str(t.epochs),
+        "--batch-size",
+        str(t.batch_size),
+        "--min-samples",
+        str(t.min_samples),
+        "--json-progress",
+    ]
+    if t.max_steps is not None:
+        command += ["--max-steps", str(t.max_steps)]
+    return command + list(config.train_args)
+
+
+def cleanup_command(config: OperatorConfig, paths: list[str]) -> list[str]:
+    return ["doppel", "cleanup", "--data-root", config.data_root, *paths]
+
+
+def job_manifest(
+    owner: Owner,
+    step: Step,
+    attempt: int,
+    command: list[str],
+    spec: DoppelUserSpec,
+    config: OperatorConfig,
+) -> dict[str, Any]:
+    """A one-pod Job running `command` in the worker image with the shared volume mounted.
+
+    backoffLimit 0: retries are the operator's (with its own backoff and the bad-input rule)."""
+    env: list[dict[str, Any]] = [{"name": "DOPPEL_RESULT_FILE", "value": TERMINATION_LOG}]
+    if step == "scrape" and spec.slack.token_secret_ref and not spec.slack.export_path:
+        ref = spec.slack.token_secret_ref
+        env.append({"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    container: dict[str, Any] = {
+        "name": step,
+        "image": config.worker_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": command,
+        "env": env,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+    }
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if config.data_claim:
+        container["volumeMounts"] = [{"name": "data", "mountPath": config.data_root}]
+        pod_spec["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": config.data_claim}}]
+    if config.service_account:
+        pod_spec["serviceAccountName"] = config.service_account
+    if step == "train":
+        resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
+        if spec.resources.gpu:
+            resources["limits"]["nvidia.com/gpu"] = str(spec.resources.gpu)
+        for key in ("cpu", "memory"):
+            if value := getattr(spec.resources, key):
+                resources["requests"][key] = value
+        container["resources"] = {k: v for k, v in resources.items() if v}
+        if spec.node_selector:
+            pod_spec["nodeSelector"] = dict(spec.node_selector)
+        if spec.tolerations:
+            pod_spec["tolerations"] = [
+                t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
+            ]
+    job_labels = labels(owner, step, attempt)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(owner, step, attempt),
+            "namespace": owner.namespace,
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: Literal["running", "succeeded", "failed"]
+    result: dict[str, Any]  # the termination-message JSON (empty when there is none)
+    reason: str = ""
+
+    @property
+    def bad_input(self) -> bool:
+        return self.state == "failed" and self.result.get("kind") == "bad_input"
+
+
+def _terminated(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for pod in pods:
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            if terminated := (status.get("state") or {}).get("terminated"):
+                return terminated
+    return None
+
+
+def outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
+    """What a Job came to, from its status and its pod's termination message."""
+    status = job.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    if status.get("succeeded") or "Complete" in conditions:
+        state: Literal["running", "succeeded", "failed"] = "succeeded"
+    elif status.get("failed") or "Failed" in conditions:
+        state = "failed"
+    else:
+        return Outcome("running", {})
+    terminated = _terminated(pods) or {}
+    try:
+        result = json.loads(terminated.get("message") or "{}")
+    except json.JSONDecodeError:
+        result = {}
+    if not isinstance(result, dict):
+        result = {}
+    reason = str(
+        result.get("reason")
+        or terminated.get("reason")
+        or (conditions.get("Failed") or {}).get("message")
+        or ("exit code " + str(terminated["exitCode"]) if "exitCode" in terminated else "")
+    )
+    return Outcome(state, result, reason)

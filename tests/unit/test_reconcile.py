@@ -1,0 +1,238 @@
+"""The pure reconciler: Jobs and status decided from what exists, the same way after any restart."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from doppel.api import Adapter, DoppelUserSpec, DoppelUserStatus
+from doppel.operator import jobs
+from doppel.operator.config import OperatorConfig
+from doppel.operator.jobs import Owner
+from doppel.operator.reconcile import (
+    Observed,
+    condition,
+    observe_serving,
+    promote,
+    queue_admits,
+    reconcile,
+    transitions,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+CONFIG = OperatorConfig(data_root="/data", max_attempts=3, backoff_s=10)
+SPEC = DoppelUserSpec.model_validate(
+    {
+        "slack": {"teamId": "T0001", "tokenSecretRef": {"name": "slack"}, "channels": {"include": ["gen"]}},
+        "target": {"handle": "alice"},
+        "baseModel": {"servedName": "tiny", "path": "/models/tiny"},
+        "training": {"rank": 8, "maxSteps": 3},
+        "nodeSelector": {"gpu": "yes"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+)
+
+
+def owner(generation: int = 1) -> Owner:
+    return Owner(namespace="team", name="alice", uid="0123456789abcdef", generation=generation)
+
+
+def observed(
+    jobs_: list[dict[str, Any]] = (),
+    status: DoppelUserStatus | None = None,
+    *,
+    generation: int = 1,
+    now: datetime = NOW,
+    **kwargs: Any,
+) -> Observed:
+    pods = {j["metadata"]["name"]: j.pop("_pods") for j in jobs_ if "_pods" in j}
+    return Observed(
+        owner=owner(generation),
+        spec=kwargs.pop("spec", SPEC),
+        status=status or DoppelUserStatus(),
+        jobs=list(jobs_),
+        pods=pods,
+        now=now,
+        **kwargs,
+    )
+
+
+def finished(manifest: dict[str, Any], ok: bool, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Job as the Job controller leaves it, with its pod's termination message."""
+    job = json.loads(json.dumps(manifest))
+    job["status"] = {"succeeded": 1} if ok else {"failed": 1}
+    message = json.dumps(result if result is not None else {"ok": ok})
+    job["_pods"] = [{"status": {"containerStatuses": [{"state": {"terminated": {"message": message}}}]}}]
+    return job
+
+
+def test_first_reconcile_creates_the_scrape_job_with_owner_and_secret():
+    plan = reconcile(observed(), CONFIG)
+    (job,) = plan.create
+    assert job["metadata"]["name"] == jobs.job_name(owner(), "scrape", 1)
+    assert job["metadata"]["ownerReferences"][0]["uid"] == owner().uid
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["doppel", "scrape"]
+    assert "/data/team/alice/g1" in container["command"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DOPPEL_RESULT_FILE"]["value"] == "/dev/termination-log"
+    assert env["SLACK_BOT_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "slack", "key": "token"}
+    assert plan.status.phase == "Scraping" and plan.status.observed_generation == 1
+    # Deterministic: the same observations give the same Job again (a restart re-creates nothing new).
+    assert reconcile(observed(), CONFIG).create == plan.create
+
+
+def test_running_job_is_never_duplicated():
+    scrape = jobs.job_manifest(owner(), "scrape", 1, ["doppel", "scrape"], SPEC, CONFIG)
+    plan = reconcile(observed([scrape]), CONFIG)
+    assert plan.create == [] and plan.status.phase == "Scraping"
+
+
+def test_scrape_success_starts_training_with_gpu_and_placement():
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    plan = reconcile(observed([finished(scrape, True, {"ok": True, "samples": 42})]), CONFIG)
+    (train,) = plan.create
+    assert train["metadata"]["name"] == jobs.job_name(owner(), "train", 1)
+    pod = train["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert pod["nodeSelector"] == {"gpu": "yes"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    command = pod["containers"][0]["command"]
+    assert command[:2] == ["doppel", "train"] and "--json-progress" in command
+    assert command[command.index("--rank") + 1] == "8"
+    assert plan.status.samples == 42 and condition(plan.status, "Scraped").status == "True"
+    assert plan.status.phase == "Training"
+
+
+def test_full_training_queue_keeps_the_object_pending_queued():
+    scrape = finished(
+        jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG), True, {"ok": True, "samples": 5}
+    )
+    plan = reconcile(observed([scrape], may_train=lambda: False), CONFIG)
+    assert plan.create == []
+    assert (plan.status.phase, plan.status.reason) == ("Pending", "Queued")
+    assert plan.status.queued_at == NOW
+    # Waiting keeps its place: queued_at is not moved by later reconciles.
+    scrape2 = finished(jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG), True, {"ok": True})
+    later = reconcile(
+        observed([scrape2], plan.status, now=NOW + timedelta(minutes=5), may_train=lambda: False), CONFIG
+    )
+    assert later.status.queued_at == NOW
+
+
+def test_queue_is_first_come_first_served():
+    t = [NOW + timedelta(seconds=i) for i in range(3)]
+    queued = [(t[2], "c"), (t[0], "a"), (t[1], "b")]
+    assert queue_admits("a", queued, running=0, limit=1)
+    assert not queue_admits("b", queued, running=0, limit=1)
+    assert queue_admits("b", queued, running=0, limit=2)
+    assert not queue_admits("a", queued, running=1, limit=1)
+
+
+def test_bad_input_fails_at_once_with_the_reason():
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    result = {"ok": False, "kind": "bad_input", "reason": "unknown user 'alice'; candidates: alicia"}
+    plan = reconcile(observed([finished(scrape, False, result)]), CONFIG)
+    assert plan.create == [] and plan.requeue_after is None
+    assert plan.status.phase == "Failed" and plan.status.reason == "BadInput"
+    assert "unknown user 'alice'" in plan.status.message
+    assert condition(plan.status, "Scraped").reason == "BadInput"
+
+
+def test_transient_failure_retries_after_backoff_then_gives_up():
+    scrape1 = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    failed1 = finished(scrape1, False, {"ok": False, "kind": "error", "reason": "ConnectError"})
+    plan = reconcile(observed([failed1]), CONFIG)
+    assert plan.create == [] and plan.status.reason == "Retrying"
+    assert plan.requeue_after == 10 and plan.status.retry_at == NOW + timedelta(seconds=10)
+    # Before the backoff elapses: nothing; after it: attempt 2.
+    failed1 = finished(scrape1, False, {"ok": False, "kind": "error", "reason": "ConnectError"})
+    early = reconcile(observed([failed1], plan.status, now=NOW + timedelta(seconds=5)), CONFIG)
+    assert early.create == []
+    failed1 = finished(scrape1, False, {"ok": False, "kind": "error", "reason": "ConnectError"})
+    due = reconcile(observed([failed1], plan.status, now=NOW + timedelta(seconds=11)), CONFIG)
+    assert [j["metadata"]["name"] for j in due.create] == [jobs.job_name(owner(), "scrape", 2)]
+    # The last allowed attempt failing ends in Failed (RetriesExhausted).
+    scrape3 = jobs.job_manifest(owner(), "scrape", 3, [], SPEC, CONFIG)
+    last = reconcile(
+        observed([finished(scrape3, False, {"ok": False, "kind": "error", "reason": "boom"})]), CONFIG
+    )
+    assert (last.status.phase, last.status.reason) == ("Failed", "RetriesExhausted")
+
+
+def test_failed_pod_without_message_is_transient():
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    job = json.loads(json.dumps(scrape))
+    job["status"] = {"failed": 1}
+    job["_pods"] = [{"status": {"containerStatuses": [{"state": {"terminated": {"reason": "OOMKilled"}}}]}}]
+    plan = reconcile(observed([job]), CONFIG)
+    assert plan.status.reason == "Retrying" and "OOMKilled" in plan.status.message
+
+
+def test_missing_secret_is_a_condition_not_a_job():
+    plan = reconcile(observed(secret_problem="Secret team/slack not found"), CONFIG)
+    assert plan.create == [] and plan.requeue_after
+    assert plan.status.reason == "SecretMissing"
+    assert condition(plan.status, "Scraped").message == "Secret team/slack not found"
+
+
+def test_trained_adapter_is_registered_before_it_becomes_current():
+    train = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
+    result = {"ok": True, "steps": 3, "train_loss": 2.5, "adapter_eval_loss": 2.0, "base_eval_loss": 4.0}
+    plan = reconcile(observed([finished(train, True, result)]), CONFIG)
+    assert plan.register is not None and plan.status.adapter is None
+    assert plan.register.served_name == "team.alice.v1"
+    assert plan.register.path == "/data/team/alice/adapters/v1"
+    assert plan.status.phase == "Registering" and plan.status.training.eval_loss == 2.0
+    # Raw data removed after training by default: a cleanup Job for the dataset directory.
+    (cleanup,) = plan.create
+    assert cleanup["spec"]["template"]["spec"]["containers"][0]["command"][-1] == "/data/team/alice/g1"
+    kept = SPEC.model_copy(update={"retention": SPEC.retention.model_copy(update={"after_training": "Keep"})})
+    train2 = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
+    assert reconcile(observed([finished(train2, True, result)], spec=kept), CONFIG).create == []
+
+    nowhere, old = promote(plan.status, [], {}, NOW)
+    assert nowhere.adapter is None and nowhere.reason == "NoVllmPods" and old is None
+    ready, old = promote(plan.status, ["vllm-0"], {}, NOW)
+    assert ready.phase == "Ready" and ready.adapter.version == 1 and ready.served_by == ["vllm-0"]
+    assert ready.pending_adapter is None and old is None
+
+
+def test_new_generation_retrains_while_the_old_adapter_keeps_serving():
+    v1 = Adapter(served_name="team.alice.v1", path="/data/team/alice/adapters/v1", version=1)
+    ready = DoppelUserStatus(phase="Ready", observed_generation=1, adapter=v1, served_by=["vllm-0"])
+    plan = reconcile(observed([], ready, generation=2), CONFIG)
+    assert plan.status.adapter == v1 and plan.status.observed_generation == 2
+    assert [j["metadata"]["name"] for j in plan.create] == [jobs.job_name(owner(2), "scrape", 1)]
+    # When v2 is loaded everywhere, the status switches and v1 is handed back for unloading.
+    plan.status.pending_adapter = Adapter(served_name="team.alice.v2", path="/p2", version=2)
+    partial, old = promote(plan.status, ["vllm-0"], {"vllm-1": "unreachable"}, NOW)
+    assert partial.adapter == v1 and old is None and partial.reason == "VllmUnreachable"
+    switched, old = promote(plan.status, ["vllm-0", "vllm-1"], {}, NOW)
+    assert switched.adapter.version == 2 and old == v1
+
+
+def test_suspend_starts_nothing():
+    spec = SPEC.model_copy(update={"suspend": True})
+    plan = reconcile(observed(spec=spec), CONFIG)
+    assert plan.create == [] and plan.status.reason == "Suspended"
+
+
+def test_serving_drift_and_events():
+    v1 = Adapter(served_name="team.alice.v1", path="/p", version=1)
+    ready = DoppelUserStatus(phase="Ready", observed_generation=1, adapter=v1, served_by=["vllm-0"])
+    lost = observe_serving(ready, [], {"vllm-0": "connection refused"}, NOW)
+    assert condition(lost, "Ready").status == "False" and lost.served_by == []
+    back = observe_serving(lost, ["vllm-0"], {}, NOW + timedelta(seconds=1))
+    assert condition(back, "Ready").status == "True"
+    assert ("Normal", "ReadyTrue", "Serving: answering as team.alice.v1") in transitions(lost, back)
+    failed = DoppelUserStatus(phase="Failed", reason="BadInput", message="unknown user")
+    assert transitions(DoppelUserStatus(), failed)[0][:2] == ("Warning", "BadInput")
+
+
+def test_job_names_fit_label_limits_and_stay_distinct():
+    long_a = Owner(namespace="n", name="a" * 80 + "x", uid="u" * 36, generation=12)
+    long_b = Owner(namespace="n", name="a" * 80 + "y", uid="u" * 36, generation=12)
+    name_a, name_b = jobs.job_name(long_a, "train", 10), jobs.job_name(long_b, "train", 10)
+    assert len(name_a) <= 63 and name_a != name_b and name_a.endswith("-g12-train-10")
