@@ -86,9 +86,205 @@ def main(debug: bool) -> None:
 
 # --- ingestion: scrape -------------------------------------------------------------------------------
 
+
+@main.command()
+@click.option("--user", "user", required=True, help="Whose messages: user ID, handle or real name.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output dir.")
+@click.option("--export", "export_zip", type=click.Path(path_type=Path), help="Read a Slack export ZIP.")
+@click.option("--token", envvar="SLACK_BOT_TOKEN", help="Bot token for the Web API [env: SLACK_BOT_TOKEN].")
+@click.option(
+    "--slack-api-url",
+    envvar="SLACK_API_URL",
+    default="https://slack.com/api/",
+    show_default=True,
+    help="Web API base URL (proxies, emulators) [env: SLACK_API_URL].",
+)
+@click.option("--team", help="Team ID the token must belong to (recorded in each sample).")
+@click.option("--channel", "channels", multiple=True, help="Only this channel (name or ID); repeatable.")
+@click.option("--exclude-channel", "exclude", multiple=True, help="Skip this channel; repeatable.")
+@click.option("--cutoff-days", type=click.FloatRange(min=0), default=365, show_default=True)
+@click.option("--min-length", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--budget-chars", type=click.IntRange(min=1), default=4000, show_default=True)
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--rate-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Multiply Slack's documented rate limits (for raised limits or an emulator).",
+)
+@click.option("--state", type=click.Path(dir_okay=False, path_type=Path), help="[default: OUT/state.json]")
+@run_stage
+def scrape(
+    user: str,
+    out: Path,
+    export_zip: Path | None,
+    token: str | None,
+    slack_api_url: str,
+    team: str | None,
+    channels: tuple[str, ...],
+    exclude: tuple[str, ...],
+    cutoff_days: float,
+    min_length: int,
+    max_samples: int,
+    budget_chars: int,
+    max_concurrency: int,
+    rate_scale: float,
+    state: Path | None,
+) -> dict[str, Any]:
+    """Turn a person's Slack messages into training samples (OUT/samples.jsonl, OUT/manifest.json).
+
+    From the Web API with a bot token, or from a Slack export ZIP with --export. Running it again into
+    the same OUT fetches only newer messages and adds their samples.
+    """
+    from doppel.slack.samples import ScrapeOptions
+
+    options = ScrapeOptions(
+        channels=channels,
+        exclude_channels=exclude,
+        cutoff_days=cutoff_days,
+        min_length=min_length,
+        max_samples=max_samples,
+        budget_chars=budget_chars,
+        team=team,
+    )
+    if export_zip is not None:
+        from doppel.slack.export import scrape_export
+
+        return scrape_export(export_zip, user, out, options).summary(out)
+    from doppel.slack.scrape import ApiSettings, scrape_api
+
+    settings = ApiSettings(
+        base_url=slack_api_url, max_concurrency=max_concurrency, rate_scale=rate_scale, state_path=state
+    )
+    return scrape_api(token or "", user, out, options, settings).summary(out)
+
+
 # --- training: make-tiny-model, train ------------------------------------------------------------------
 
+
+@main.command("make-tiny-model")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@run_stage
+def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
+    """Build a tiny random Llama model with a chat tokenizer in OUT (offline, seconds)."""
+    from doppel.train.tiny import make_tiny_model
+
+    return {"model": str(make_tiny_model(out, seed=seed))}
+
+
+@main.command("train")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="samples.jsonl")
+@click.option("--base-model", required=True, help="Local model directory or Hugging Face model id.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to create.")
+@click.option("--base-model-name", help="Name vLLM serves the base model under [default: --base-model].")
+@click.option("--rank", default=32, show_default=True)
+@click.option("--alpha", default=64, show_default=True)
+@click.option("--dropout", default=0.05, show_default=True)
+@click.option(
+    "--target-modules",
+    default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    show_default=True,
+    help="Comma-separated module names to adapt.",
+)
+@click.option("--lr", default=3e-4, show_default=True, help="Peak learning rate (cosine, with warm-up).")
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--max-steps-per-epoch", default=200, show_default=True)
+@click.option("--batch-size", default=4, show_default=True, help="Samples per micro-batch.")
+@click.option("--grad-accum", default=4, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-length", default=1024, show_default=True, help="Tokens per sample (context is clipped).")
+@click.option("--eval-fraction", default=0.1, show_default=True, help="Share of threads held out.")
+@click.option("--eval-steps", type=int, help="Evaluate every N steps [default: about 8 times a run].")
+@click.option("--early-stopping-patience", default=3, show_default=True, help="Evaluations without gain.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--min-samples", default=20, show_default=True)
+@click.option("--json-progress", is_flag=True, help="One JSON line per step (and evaluation) on stdout.")
+@run_stage
+def train_command(
+    data_path: Path,
+    base_model: str,
+    out: Path,
+    base_model_name: str | None,
+    target_modules: str,
+    json_progress: bool,
+    **options: Any,
+) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter on samples.jsonl; writes the adapter and metrics.json to OUT."""
+    from doppel.train.trainer import TrainConfig, train_adapter
+
+    config = TrainConfig(
+        data=data_path,
+        base_model=base_model,
+        out=out,
+        base_model_name=base_model_name,
+        target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+        progress_bar=not json_progress,
+        **options,
+    )
+    on_progress = (lambda event: click.echo(json.dumps(event))) if json_progress else None
+    metrics = train_adapter(config, on_progress)
+    return {"adapter": str(out), **metrics.summary()}
+
+
 # --- serving: chat -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path), help="LoRA adapter directory."
+)
+@click.option("--vllm-url", help="Chat through this vLLM server (it must see the adapter at the same path).")
+@click.option("--base-model", type=click.Path(path_type=Path), help="Or run this base model in-process.")
+@click.option("--person", required=True, help="Whose doppel this is (named in the system prompt).")
+@click.option("--once", "message", help="Send one message, print the reply and exit.")
+@click.option("--temperature", type=float, help="Sampling temperature (default 0.2).")
+@click.option("--max-tokens", type=int, help="Longest reply in tokens (default 1024).")
+@click.option("--seed", type=int, help="Sampling seed, for repeatable replies.")
+@run_stage
+def chat(
+    adapter_dir: Path,
+    vllm_url: str | None,
+    base_model: Path | None,
+    person: str,
+    message: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    seed: int | None,
+) -> dict[str, Any]:
+    """Chat with a doppel in the terminal; replies stream as they are generated."""
+    from doppel.serve.backend import DEFAULT_PARAMS
+    from doppel.serve.chat import ChatSession, check_adapter_dir, local_chat_backend, vllm_chat_backend
+
+    if (vllm_url is None) == (base_model is None):
+        raise BadInput("give exactly one of --vllm-url URL or --base-model PATH")
+    adapter = check_adapter_dir(adapter_dir)
+    params = DEFAULT_PARAMS.override(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    opened = vllm_chat_backend(vllm_url, adapter) if vllm_url else local_chat_backend(base_model, adapter)
+    turns = 0
+    with opened as (backend, name):
+        session = ChatSession(backend, name, person, params=params)
+        interactive = message is None
+        while True:
+            if interactive:
+                try:
+                    message = input("you> ").strip()
+                except EOFError:
+                    break
+                if message in ("/quit", "/exit"):
+                    break
+                if not message:
+                    continue
+                click.echo(f"{person}> ", nl=False)
+            for piece in session.reply(message or ""):
+                click.echo(piece, nl=False)
+            click.echo()
+            turns += 1
+            if not interactive:
+                break
+    return {"turns": turns, "adapter": str(adapter)}
+
 
 # --- operator: crd, operator -------------------------------------------------------------------------
 

@@ -1,0 +1,107 @@
+"""Import a standard Slack export ZIP (`doppel scrape --export workspace.zip`).
+
+The export holds `users.json`, `channels.json` (public channels; `groups.json` for private ones when the
+export includes them) and one folder per channel with one JSON file per day, each a list of messages.
+Replies sit in the day they were posted, linked to their thread by `thread_ts`, so threads are rebuilt by
+grouping on it; from there the same functions as the API scrape make the samples.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+from doppel.errors import BadInput
+from doppel.slack.samples import (
+    Manifest,
+    ScrapeOptions,
+    build_samples,
+    resolve_person,
+    select_channels,
+    threads_from_messages,
+    write_output,
+)
+
+_DAY_FILE = re.compile(r"^(?:.*/)?([^/]+)/(\d{4}-\d{2}-\d{2})\.json$")
+
+
+def scrape_export(zip_path: Path, user: str, out: Path, options: ScrapeOptions | None = None) -> Manifest:
+    """Samples of `user` from the export at `zip_path`, written to `out`; BadInput for a bad export."""
+    options = options or ScrapeOptions()
+    zip_path = Path(zip_path)
+    if not zip_path.is_file():
+        raise BadInput(f"{zip_path}: no such file")
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            if archive.testzip() is not None:
+                raise BadInput(f"{zip_path}: the ZIP is corrupt")
+            return _scrape(archive, zip_path, user, Path(out), options)
+    except (zipfile.BadZipFile, zlib.error) as exc:
+        raise BadInput(f"{zip_path}: not a Slack export ZIP ({exc})") from None
+
+
+def _scrape(
+    archive: zipfile.ZipFile, zip_path: Path, user: str, out: Path, options: ScrapeOptions
+) -> Manifest:
+    names = archive.namelist()
+    prefix = _root_prefix(names, zip_path)
+    users = _read_list(archive, prefix + "users.json", zip_path)
+    channels = _read_list(archive, prefix + "channels.json", zip_path)
+    if prefix + "groups.json" in names:
+        groups = _read_list(archive, prefix + "groups.json", zip_path)
+        channels += [{**g, "is_private": True} for g in groups]
+    person = resolve_person(users, user)
+    team = options.team or _team_of(users, person.id)
+    days: dict[str, list[str]] = {}
+    for name in names:
+        match = _DAY_FILE.match(name)
+        if match and name.startswith(prefix):
+            days.setdefault(match.group(1), []).append(name)
+    chosen = select_channels(channels, options)
+    channel_names = {c["id"]: c["name"] for c in channels}
+    oldest = options.cutoff_ts()
+    threads = []
+    for channel in chosen:
+        messages: list[dict[str, Any]] = []
+        for day in sorted(days.get(channel["name"], [])):
+            messages += _read_list(archive, day, zip_path)
+        threads += threads_from_messages(channel["id"], channel["name"], messages, oldest)
+    samples, manifest = build_samples(
+        threads, person, users, channel_names, options, team=team, source=f"export:{zip_path.name}"
+    )
+    for channel in chosen:
+        manifest.channels.setdefault(channel["name"], {"id": channel["id"], "messages": 0, "threads": 0})
+    return write_output(out, samples, manifest, options.max_samples)
+
+
+def _root_prefix(names: list[str], zip_path: Path) -> str:
+    """Exports are sometimes re-zipped inside a top folder; find the folder holding users.json."""
+    candidates = sorted((n for n in names if n.rsplit("/", 1)[-1] == "users.json"), key=len)
+    if not candidates:
+        raise BadInput(f"{zip_path}: not a Slack export (no users.json)")
+    return candidates[0][: -len("users.json")]
+
+
+def _read_list(archive: zipfile.ZipFile, name: str, zip_path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(archive.read(name))
+    except KeyError:
+        raise BadInput(f"{zip_path}: not a Slack export (no {name})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{zip_path}: {name} is not valid JSON ({exc})") from None
+    except zipfile.BadZipFile as exc:
+        raise BadInput(f"{zip_path}: the ZIP is corrupt ({exc})") from None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise BadInput(f"{zip_path}: {name} is not a list of objects")
+    return data
+
+
+def _team_of(users: list[dict[str, Any]], person_id: str) -> str:
+    for user in users:
+        if user.get("id") == person_id:
+            return str(user.get("team_id") or user.get("team") or "")
+    return ""

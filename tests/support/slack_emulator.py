@@ -1,0 +1,544 @@
+"""A stateful Slack Web API emulator on loopback, for the real slack_sdk clients.
+
+It serves one or more workspaces ("teams"), each loaded from the Slack *export* shape:
+
+    {"team": {"id": "T1", "name": "Acme", "domain": "acme"},
+     "users": [...users.json entries...],
+     "channels": [...channels.json entries, plus is_private / is_archived / is_ext_shared / members...],
+     "messages": {"<channel name>": [...messages, any order...]}}
+
+Each team has its own bot token (tokens map to teams) and bot user. The emulator answers like Slack does:
+HTTP 200 with `{"ok": false, "error": ...}` for API errors, cursor pagination (`limit`,
+`response_metadata.next_cursor`, `has_more`), per-method rate limits by tier with HTTP 429 and an integer
+`Retry-After`, and it records every call in `calls`. Requests may carry their arguments in the query string,
+a form-encoded body or a JSON body, and the token as `Authorization: Bearer` or a `token` argument, which is
+how slack_sdk's sync and async clients send them.
+
+Fault injection for the bad-input tests: `fail(method, count, status)` answers the next `count` calls of a
+method with an HTTP error; `vanish_channel(channel_id, after_calls)` deletes a channel after it has been
+used `after_calls` times.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+# Documented per-minute limits of each tier; chat.postMessage is "special" (about 1/s per channel), modelled
+# here as Tier 4 per method.
+TIER_PER_MINUTE = {1: 1, 2: 20, 3: 50, 4: 100}
+METHOD_TIER = {
+    "auth.test": 4,
+    "users.list": 2,
+    "users.info": 4,
+    "conversations.list": 2,
+    "conversations.info": 3,
+    "conversations.join": 3,
+    "conversations.history": 3,
+    "conversations.replies": 3,
+    "chat.postMessage": 4,
+}
+MAX_LIMIT = {"users.list": 1000, "conversations.list": 1000, "conversations.history": 999}
+
+
+class ApiError(Exception):
+    """An `ok: false` answer."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    time: float
+    status: int
+    error: str | None
+    team: str | None
+
+
+@dataclass
+class Team:
+    id: str
+    name: str
+    domain: str
+    token: str
+    bot_user_id: str
+    bot_id: str
+    users: list[dict[str, Any]]
+    channels: dict[str, dict[str, Any]]
+    messages: dict[str, list[dict[str, Any]]]  # channel id -> messages sorted by ts
+
+    def channel_by_ref(self, ref: str) -> dict[str, Any]:
+        if ref in self.channels:
+            return self.channels[ref]
+        name = ref.lstrip("#")
+        for channel in self.channels.values():
+            if channel["name"] == name:
+                return channel
+        raise ApiError("channel_not_found")
+
+    def is_member(self, channel: dict[str, Any]) -> bool:
+        return self.bot_user_id in channel.get("members", [])
+
+
+@dataclass
+class _Bucket:
+    """Token bucket: `per_minute` calls a minute on average, bursts of up to `capacity`."""
+
+    rate: float  # tokens per second
+    capacity: float
+    tokens: float
+    updated: float = field(default_factory=time.monotonic)
+
+    def take(self, now: float) -> float:
+        """Take a token; return 0, or the seconds to wait when none is left."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class SlackEmulator:
+    """The emulator; `start()` serves it on 127.0.0.1, `base_url` is what slack_sdk takes."""
+
+    def __init__(self, *, rate_scale: float = 1.0, latency: float = 0.0, burst_seconds: float = 6.0) -> None:
+        self.rate_scale = rate_scale
+        self.latency = latency  # seconds each answer takes, as a real round trip would
+        self.burst_seconds = burst_seconds
+        self.teams: dict[str, Team] = {}
+        self.calls: list[Call] = []
+        self._by_token: dict[str, Team] = {}
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._failures: dict[str, list[int]] = {}
+        self._vanish: dict[str, int] = {}
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def add_team(
+        self,
+        workspace: dict[str, Any],
+        *,
+        token: str | None = None,
+        bot_user_id: str | None = None,
+        bot_name: str = "doppel",
+    ) -> Team:
+        ws = copy.deepcopy(workspace)
+        info = ws.get("team", {})
+        team_id = info.get("id", f"T{len(self.teams) + 1:08d}")
+        bot_user_id = bot_user_id or f"UB{team_id[1:]}"
+        team = Team(
+            id=team_id,
+            name=info.get("name", team_id),
+            domain=info.get("domain", team_id.lower()),
+            token=token or f"xoxb-{team_id}-emulator",
+            bot_user_id=bot_user_id,
+            bot_id=f"B{bot_user_id[1:]}",
+            users=list(ws.get("users", [])),
+            channels={c["id"]: c for c in ws.get("channels", [])},
+            messages={},
+        )
+        if not any(u["id"] == bot_user_id for u in team.users):
+            team.users.append(
+                {
+                    "id": bot_user_id,
+                    "team_id": team_id,
+                    "name": bot_name,
+                    "real_name": bot_name,
+                    "is_bot": True,
+                    "deleted": False,
+                    "profile": {"display_name": bot_name, "real_name": bot_name, "bot_id": team.bot_id},
+                }
+            )
+        for channel in team.channels.values():
+            channel.setdefault("members", [])
+            msgs = ws.get("messages", {}).get(channel["name"], [])
+            team.messages[channel["id"]] = sorted(msgs, key=lambda m: _ts_key(m["ts"]))
+        self.teams[team_id] = team
+        self._by_token[team.token] = team
+        return team
+
+    @property
+    def team(self) -> Team:
+        """The first team, for single-workspace tests."""
+        return next(iter(self.teams.values()))
+
+    def fail(self, method: str, count: int, status: int = 503) -> None:
+        """Answer the next `count` calls of `method` with HTTP `status`."""
+        with self._lock:
+            self._failures.setdefault(method, []).extend([status] * count)
+
+    def vanish_channel(self, channel_id: str, after_calls: int = 0) -> None:
+        """Delete `channel_id` once `after_calls` more calls have named it."""
+        with self._lock:
+            self._vanish[channel_id] = after_calls
+
+    def add_member(self, channel_id: str, user_id: str, team: Team | None = None) -> None:
+        with self._lock:
+            members = (team or self.team).channels[channel_id]["members"]
+            if user_id not in members:
+                members.append(user_id)
+
+    def posted(self, channel_id: str, team: Team | None = None) -> list[dict[str, Any]]:
+        """Messages the bot posted to a channel, oldest first."""
+        team = team or self.team
+        with self._lock:
+            return [dict(m) for m in team.messages.get(channel_id, []) if m.get("bot_id") == team.bot_id]
+
+    def calls_to(self, method: str) -> list[Call]:
+        with self._lock:
+            return [c for c in self.calls if c.method == method]
+
+    # --- server ------------------------------------------------------------------------------------
+
+    def start(self) -> SlackEmulator:
+        emulator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                emulator._handle(self)
+
+            def do_POST(self) -> None:
+                emulator._handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="slack-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "start() the emulator first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/api/"
+
+    def __enter__(self) -> SlackEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        url = urlsplit(request.path)
+        method = url.path.rsplit("/", 1)[-1]
+        params: dict[str, Any] = dict(parse_qsl(url.query))
+        length = int(request.headers.get("Content-Length") or 0)
+        body = request.rfile.read(length) if length else b""
+        ctype = request.headers.get("Content-Type", "")
+        if body and ctype.startswith("application/json"):
+            params.update(json.loads(body))
+        elif body:
+            params.update(parse_qsl(body.decode()))
+        token = params.pop("token", None)
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            token = auth[len("Bearer ") :]
+        if self.latency:
+            time.sleep(self.latency)
+        status, payload, headers = self._dispatch(method, params, token)
+        data = json.dumps(payload).encode() if isinstance(payload, dict) else payload
+        request.send_response(status)
+        is_json = isinstance(payload, dict)
+        request.send_header("Content-Type", "application/json; charset=utf-8" if is_json else "text/html")
+        request.send_header("Content-Length", str(len(data)))
+        for key, value in headers.items():
+            request.send_header(key, value)
+        request.end_headers()
+        request.wfile.write(data)
+
+    def _dispatch(
+        self, method: str, params: dict[str, Any], token: str | None
+    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str]]:
+        with self._lock:
+            now = time.monotonic()
+            team = self._by_token.get(token or "")
+            record = Call(method, dict(params), time.time(), 200, None, team.id if team else None)
+            self.calls.append(record)
+            failures = self._failures.get(method)
+            if failures:
+                record.status = failures.pop(0)
+                return record.status, b"<html>upstream error</html>", {}
+            handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+            if handler is None:
+                record.error = "unknown_method"
+                return 200, {"ok": False, "error": "unknown_method"}, {}
+            if team is None:
+                record.error = "not_authed" if not token else "invalid_auth"
+                return 200, {"ok": False, "error": record.error}, {}
+            wait = self._bucket(team.id, method).take(now)
+            if wait > 0:
+                record.status, record.error = 429, "ratelimited"
+                headers = {"Retry-After": str(max(1, math.ceil(wait)))}
+                return 429, {"ok": False, "error": "ratelimited"}, headers
+            try:
+                self._maybe_vanish(team, params.get("channel"))
+                result = handler(team, params)
+            except ApiError as exc:
+                record.error = exc.error
+                return 200, {"ok": False, "error": exc.error}, {}
+            return 200, {"ok": True, **result}, {}
+
+    def _bucket(self, team_id: str, method: str) -> _Bucket:
+        key = (team_id, method)
+        if key not in self._buckets:
+            rate = TIER_PER_MINUTE[METHOD_TIER[method]] * self.rate_scale / 60
+            capacity = max(1.0, rate * self.burst_seconds)
+            self._buckets[key] = _Bucket(rate=rate, capacity=capacity, tokens=capacity)
+        return self._buckets[key]
+
+    def _maybe_vanish(self, team: Team, channel_id: str | None) -> None:
+        if channel_id not in self._vanish:
+            return
+        if self._vanish[channel_id] <= 0:
+            team.channels.pop(channel_id, None)
+            team.messages.pop(channel_id, None)
+            del self._vanish[channel_id]
+        else:
+            self._vanish[channel_id] -= 1
+
+    # --- methods -----------------------------------------------------------------------------------
+
+    def _m_auth_test(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "url": f"https://{team.domain}.slack.com/",
+            "team": team.name,
+            "user": "doppel",
+            "team_id": team.id,
+            "user_id": team.bot_user_id,
+            "bot_id": team.bot_id,
+            "is_enterprise_install": False,
+        }
+
+    def _m_users_list(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        page, cursor = _paginate(team.users, params, "users.list", default_limit=0)
+        return {"members": page, "cache_ts": int(time.time()), "response_metadata": {"next_cursor": cursor}}
+
+    def _m_users_info(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        for user in team.users:
+            if user["id"] == params.get("user"):
+                return {"user": user}
+        raise ApiError("user_not_found")
+
+    def _m_conversations_list(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        types = str(params.get("types") or "public_channel").split(",")
+        exclude_archived = _flag(params.get("exclude_archived"))
+        listed = []
+        for channel in team.channels.values():
+            private = channel.get("is_private", False)
+            if ("private_channel" if private else "public_channel") not in types:
+                continue
+            if private and not team.is_member(channel):
+                continue  # a bot sees only the private channels it was invited to
+            if exclude_archived and channel.get("is_archived"):
+                continue
+            listed.append(self._channel_view(team, channel))
+        page, cursor = _paginate(listed, params, "conversations.list", default_limit=100)
+        return {"channels": page, "response_metadata": {"next_cursor": cursor}}
+
+    def _m_conversations_info(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self._visible_channel(team, params)
+        return {"channel": self._channel_view(team, channel)}
+
+    def _m_conversations_join(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self._visible_channel(team, params)
+        if channel.get("is_private"):
+            raise ApiError("method_not_supported_for_channel_type")
+        if channel.get("is_archived"):
+            raise ApiError("is_archived")
+        result: dict[str, Any] = {}
+        if team.is_member(channel):
+            result["warning"] = "already_in_channel"
+            result["response_metadata"] = {"warnings": ["already_in_channel"]}
+        else:
+            channel["members"].append(team.bot_user_id)
+        return {"channel": self._channel_view(team, channel), **result}
+
+    def _m_conversations_history(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self._readable_channel(team, params)
+        msgs = [
+            self._message_view(team, channel["id"], m)
+            for m in team.messages[channel["id"]]
+            if m.get("thread_ts") in (None, m["ts"]) or m.get("subtype") == "thread_broadcast"
+        ]
+        msgs = _between(msgs, params)
+        msgs.reverse()  # newest first, as Slack does
+        page, cursor = _paginate(msgs, params, "conversations.history", default_limit=100)
+        return {
+            "messages": page,
+            "has_more": bool(cursor),
+            "pin_count": 0,
+            "response_metadata": {"next_cursor": cursor},
+        }
+
+    def _m_conversations_replies(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self._readable_channel(team, params)
+        ts = params.get("ts")
+        if not ts:
+            raise ApiError("invalid_arguments")
+        msgs = team.messages[channel["id"]]
+        target = next((m for m in msgs if m["ts"] == ts), None)
+        if target is None:
+            raise ApiError("thread_not_found")
+        root = target.get("thread_ts") or target["ts"]
+        thread = [self._message_view(team, channel["id"], m) for m in msgs if m["ts"] == root]
+        replies = [
+            self._message_view(team, channel["id"], m)
+            for m in msgs
+            if m.get("thread_ts") == root and m["ts"] != root
+        ]
+        thread += _between(replies, params)
+        page, cursor = _paginate(thread, params, "conversations.replies", default_limit=1000)
+        return {"messages": page, "has_more": bool(cursor), "response_metadata": {"next_cursor": cursor}}
+
+    def _m_chat_postMessage(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = team.channel_by_ref(str(params.get("channel", "")))
+        # Like a bot with chat:write.public: public channels without joining, private ones only as member.
+        if channel.get("is_private") and not team.is_member(channel):
+            raise ApiError("channel_not_found")
+        if channel.get("is_archived"):
+            raise ApiError("is_archived")
+        if not params.get("text") and not params.get("blocks"):
+            raise ApiError("no_text")
+        self._seq += 1
+        message: dict[str, Any] = {
+            "type": "message",
+            "ts": f"{int(time.time())}.{self._seq:06d}",
+            "user": team.bot_user_id,
+            "bot_id": team.bot_id,
+            "text": params.get("text", ""),
+        }
+        for key in ("thread_ts", "username", "icon_emoji", "icon_url", "blocks"):
+            if params.get(key):
+                value = params[key]
+                message[key] = json.loads(value) if key == "blocks" and isinstance(value, str) else value
+        if "username" in message:
+            message["subtype"] = "bot_message"
+        msgs = team.messages[channel["id"]]
+        msgs.append(message)
+        msgs.sort(key=lambda m: _ts_key(m["ts"]))
+        return {"channel": channel["id"], "ts": message["ts"], "message": message}
+
+    # --- views -------------------------------------------------------------------------------------
+
+    def _visible_channel(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = team.channels.get(str(params.get("channel", "")))
+        if channel is None or (channel.get("is_private") and not team.is_member(channel)):
+            raise ApiError("channel_not_found")
+        return channel
+
+    def _readable_channel(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self._visible_channel(team, params)
+        if not team.is_member(channel):
+            raise ApiError("not_in_channel")
+        return channel
+
+    def _channel_view(self, team: Team, channel: dict[str, Any]) -> dict[str, Any]:
+        private = channel.get("is_private", False)
+        return {
+            "id": channel["id"],
+            "name": channel["name"],
+            "is_channel": not private,
+            "is_group": False,
+            "is_im": False,
+            "is_private": private,
+            "is_archived": channel.get("is_archived", False),
+            "is_general": channel.get("is_general", False),
+            "is_shared": channel.get("is_shared", channel.get("is_ext_shared", False)),
+            "is_ext_shared": channel.get("is_ext_shared", False),
+            "is_org_shared": channel.get("is_org_shared", False),
+            "is_member": team.is_member(channel),
+            "created": channel.get("created", 0),
+            "creator": channel.get("creator", ""),
+            "topic": channel.get("topic", {"value": "", "creator": "", "last_set": 0}),
+            "purpose": channel.get("purpose", {"value": "", "creator": "", "last_set": 0}),
+            "num_members": len(channel["members"]),
+        }
+
+    def _message_view(self, team: Team, channel_id: str, message: dict[str, Any]) -> dict[str, Any]:
+        view = {k: v for k, v in message.items() if k not in ("replies", "reply_count", "reply_users")}
+        view.setdefault("type", "message")
+        replies = [m for m in team.messages[channel_id] if m.get("thread_ts") == message["ts"]]
+        replies = [m for m in replies if m["ts"] != message["ts"]]
+        if replies:
+            view["thread_ts"] = message["ts"]
+            view["reply_count"] = len(replies)
+            view["reply_users"] = sorted({m.get("user", "") for m in replies})
+            view["latest_reply"] = replies[-1]["ts"]
+        return view
+
+
+def _ts_key(ts: str) -> tuple[int, int]:
+    seconds, _, micros = ts.partition(".")
+    return int(seconds), int(micros or 0)
+
+
+def _flag(value: Any) -> bool:
+    return value in (True, 1, "1", "true", "True")
+
+
+def _between(messages: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Messages within `oldest`/`latest` (exclusive unless `inclusive`), oldest first."""
+    inclusive = _flag(params.get("inclusive"))
+    oldest = _ts_key(str(params["oldest"])) if params.get("oldest") else None
+    latest = _ts_key(str(params["latest"])) if params.get("latest") else None
+    kept = []
+    for message in messages:
+        key = _ts_key(message["ts"])
+        if oldest is not None and (key < oldest or (key == oldest and not inclusive)):
+            continue
+        if latest is not None and (key > latest or (key == latest and not inclusive)):
+            continue
+        kept.append(message)
+    return kept
+
+
+def _paginate(
+    items: list[dict[str, Any]], params: dict[str, Any], method: str, *, default_limit: int
+) -> tuple[list[dict[str, Any]], str]:
+    """One page of `items` and the cursor of the next ("" at the end). Slack's cursors are opaque base64."""
+    try:
+        limit = int(params.get("limit") or default_limit)
+    except ValueError:
+        raise ApiError("invalid_limit") from None
+    if limit < 0:
+        raise ApiError("invalid_limit")
+    limit = min(limit, MAX_LIMIT.get(method, 1000)) if limit else len(items)
+    start = 0
+    if params.get("cursor"):
+        try:
+            kind, _, offset = base64.b64decode(str(params["cursor"])).decode().partition(":")
+            start = int(offset)
+        except ValueError:
+            raise ApiError("invalid_cursor") from None
+        if kind != "next" or not 0 <= start <= len(items):
+            raise ApiError("invalid_cursor")
+    end = start + max(limit, 1)
+    cursor = base64.b64encode(f"next:{end}".encode()).decode() if end < len(items) else ""
+    return items[start:end], cursor
