@@ -1,0 +1,102 @@
+"""`doppel chat`: a terminal conversation with one adapter, on vLLM or in this process.
+
+The chat is one Slack-like thread: the terminal user's lines and the doppel's replies become `ThreadMessage`s,
+and every turn's prompt is built by `build_conversation`, exactly as the bot builds it from a real thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from doppel.errors import BadInput
+from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams
+from doppel.serve.errors import ServerUnavailable
+from doppel.serve.vllm import LoadOutcome, RetryPolicy, VllmBackend, VllmClient
+from doppel.slack.conversation import ThreadMessage, build_conversation
+
+PERSON_ID = "U0DOPPEL"
+USER_ID = "U0CHATTER"
+# Fail fast on a dead server: a person is waiting at the terminal.
+CHAT_RETRY = RetryPolicy(attempts=2, initial_delay=0.2)
+
+
+class ChatSession:
+    """One thread between the terminal user and the doppel; each reply is streamed and remembered."""
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        adapter: str,
+        person: str,
+        *,
+        user_name: str = "You",
+        channel: str | None = "chat",
+        params: GenerationParams = DEFAULT_PARAMS,
+    ) -> None:
+        self.backend = backend
+        self.adapter = adapter
+        self.person = person
+        self.user_name = user_name
+        self.channel = channel
+        self.params = params
+        self.thread: list[ThreadMessage] = []
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add the user's `text` to the thread and stream the doppel's answer (added once complete)."""
+        self.thread.append(ThreadMessage(USER_ID, self.user_name, text))
+        messages = build_conversation(self.person, PERSON_ID, self.thread, channel=self.channel)
+        pieces: list[str] = []
+        for piece in self.backend.stream(self.adapter, messages, self.params):
+            pieces.append(piece)
+            yield piece
+        self.thread.append(ThreadMessage(PERSON_ID, self.person, "".join(pieces).strip()))
+
+
+def check_adapter_dir(adapter: Path) -> Path:
+    if not adapter.is_dir():
+        raise BadInput(f"adapter directory {adapter} does not exist")
+    if not (adapter / "adapter_config.json").is_file():
+        raise BadInput(f"{adapter} is not a LoRA adapter (no adapter_config.json)")
+    return adapter.resolve()
+
+
+def served_name(adapter: Path) -> str:
+    """A stable served name for an adapter directory, unique per path."""
+    digest = hashlib.sha1(str(adapter).encode()).hexdigest()[:8]
+    return f"chat-{adapter.name}-{digest}"
+
+
+@contextlib.contextmanager
+def vllm_chat_backend(url: str, adapter: Path) -> Iterator[tuple[VllmBackend, str]]:
+    """Register `adapter` on the vLLM server at `url` for the chat and unregister it afterwards (unless it
+    was already being served, in which case someone else owns it). The server must see the same path."""
+    client = VllmClient(url, retry=CHAT_RETRY)
+    try:
+        if not client.health():
+            raise BadInput(f"no vLLM server answers at {url}")
+        name = served_name(adapter)
+        outcome = client.load_adapter(name, str(adapter))
+        try:
+            yield VllmBackend(client), name
+        finally:
+            if outcome is not LoadOutcome.UNCHANGED:
+                with contextlib.suppress(ServerUnavailable):
+                    client.unload_adapter(name, missing_ok=True)
+    except ServerUnavailable as exc:
+        # For a person at a terminal, a server that is gone is something to fix, not to retry.
+        raise BadInput(str(exc)) from exc
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def local_chat_backend(base_model: Path, adapter: Path) -> Iterator[tuple[ChatBackend, str]]:
+    from doppel.serve.local import LocalBackend  # torch: only for the in-process mode
+
+    if not (base_model / "config.json").is_file():
+        raise BadInput(f"base model {base_model} not found (no config.json)")
+    name = adapter.name or "adapter"
+    yield LocalBackend(base_model, {name: adapter}), name
