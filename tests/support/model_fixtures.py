@@ -1,1 +1,182 @@
-"""Pytest fixtures: tiny model and trained adapter fixtures (training)."""
+"""Pytest fixtures: tiny model and trained adapter fixtures (training).
+
+- `tiny_model`: path of the tiny Llama model (`doppel make-tiny-model`), served as `TINY_MODEL_NAME`.
+- `style_samples`: a `StyleData` with samples.jsonl of a person who always answers in one fixed pattern
+  (built with `build_conversation`), and a held-out file of threads never trained on.
+- `trained_adapter`: path of a rank-8 LoRA adapter trained on `style_samples` (about 15-25 s on 2 cores).
+  Its replies contain `STYLE_MARKER`; the base model's do not.
+- `train_style_adapter(name, reply_pattern)`: another adapter for another style, cached per session.
+  `reply_pattern` is a str.format pattern with a `{topic}` field, e.g. "Beep boop. {topic} computed. Beep."
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from doppel.slack.conversation import ThreadMessage, build_conversation
+
+STYLE_PERSON = "Pat"
+STYLE_PERSON_ID = "U0PAT"
+STYLE_PATTERN = "Yarr! {topic} be shipshape, matey ☠"
+STYLE_MARKER = "matey"
+
+_TOPICS = [
+    "deploy",
+    "build",
+    "release",
+    "backup",
+    "parser",
+    "dashboard",
+    "alert",
+    "ticket",
+    "sprint",
+    "branch",
+    "merge",
+    "review",
+    "standup",
+    "wiki",
+    "schedule",
+    "rollback",
+    "database",
+    "latency",
+    "payments",
+    "docs",
+    "cache",
+    "queue",
+    "invoice",
+    "laptop",
+    "badge",
+    "coffee",
+    "lunch",
+    "budget",
+    "roadmap",
+    "hiring",
+    "offsite",
+    "migration",
+    "firewall",
+    "printer",
+    "calendar",
+    "meeting",
+    "demo",
+    "launch",
+]
+_HELD_OUT_TOPICS = ["cluster", "newsletter", "retro", "pipeline", "office"]
+_COLLEAGUES = (("U0BOB", "Bob"), ("U0ANA", "Ana"), ("U0LIN", "Lin"))
+_ASKS = (
+    "can you look at the {topic} today?",
+    "any news on the {topic}?",
+    "who owns the {topic} this week?",
+    "is the {topic} ready for friday?",
+    "quick question about the {topic}",
+)
+
+
+@dataclass(frozen=True)
+class StyleData:
+    samples: Path  # samples.jsonl to train on
+    heldout: Path  # samples of threads (and topics) never in `samples`
+    person_name: str
+    reply_pattern: str
+
+
+def write_style_samples(
+    directory: Path, reply_pattern: str, *, threads: int = 48, heldout_threads: int = 12, seed: int = 0
+) -> StyleData:
+    """Write samples.jsonl and heldout.jsonl for a person who always replies with `reply_pattern`."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    train = [s for t in range(threads) for s in _thread_samples(rng, reply_pattern, f"t{t}", _TOPICS)]
+    held = [
+        s
+        for t in range(heldout_threads)
+        for s in _thread_samples(rng, reply_pattern, f"h{t}", _HELD_OUT_TOPICS)
+    ]
+    data = StyleData(directory / "samples.jsonl", directory / "heldout.jsonl", STYLE_PERSON, reply_pattern)
+    for path, samples in ((data.samples, train), (data.heldout, held)):
+        path.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+    return data
+
+
+def _thread_samples(
+    rng: random.Random, reply_pattern: str, thread_id: str, topics: list[str]
+) -> list[dict[str, object]]:
+    """One thread: colleagues ask, the person answers, once or twice; a sample per answer."""
+    context: list[ThreadMessage] = []
+    samples: list[dict[str, object]] = []
+    for _ in range(rng.choice((1, 2))):
+        author_id, author_name = rng.choice(_COLLEAGUES)
+        topic = rng.choice(topics)
+        context.append(ThreadMessage(author_id, author_name, rng.choice(_ASKS).format(topic=topic)))
+        reply = reply_pattern.format(topic=topic)
+        messages = build_conversation(STYLE_PERSON, STYLE_PERSON_ID, context, reply, channel="general")
+        samples.append({"messages": messages, "meta": {"channel": "C0GEN", "thread_ts": thread_id}})
+        context.append(ThreadMessage(STYLE_PERSON_ID, STYLE_PERSON, reply))
+    return samples
+
+
+def train_quick_adapter(base_model: Path, samples: Path, out: Path, *, seed: int = 0) -> Path:
+    """A small, fast LoRA run that clearly learns a fixed reply style on the tiny model."""
+    from doppel.train.tiny import TINY_MODEL_NAME
+    from doppel.train.trainer import TrainConfig, train_adapter
+
+    train_adapter(
+        TrainConfig(
+            data=samples,
+            base_model=str(base_model),
+            base_model_name=TINY_MODEL_NAME,
+            out=out,
+            rank=8,
+            alpha=16,
+            lr=5e-3,
+            epochs=15,
+            batch_size=16,
+            grad_accum=1,
+            max_length=256,
+            early_stopping_patience=100,
+            seed=seed,
+            progress_bar=False,
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from doppel.train.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def style_samples(tmp_path_factory: pytest.TempPathFactory) -> StyleData:
+    return write_style_samples(tmp_path_factory.mktemp("style"), STYLE_PATTERN)
+
+
+@pytest.fixture(scope="session")
+def train_style_adapter(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, str], Path]:
+    cache: dict[tuple[str, str], Path] = {}
+
+    def train(name: str, reply_pattern: str) -> Path:
+        key = (name, reply_pattern)
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"style-{name}")
+            data = write_style_samples(directory / "data", reply_pattern)
+            cache[key] = train_quick_adapter(tiny_model, data.samples, directory / "adapter")
+        return cache[key]
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(
+    tiny_model: Path, style_samples: StyleData, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    return train_quick_adapter(tiny_model, style_samples.samples, tmp_path_factory.mktemp("adapter") / "pat")

@@ -1,0 +1,322 @@
+"""`doppel train`: LoRA fine-tuning of a causal LM on samples.jsonl, with held-out evaluation.
+
+`train_adapter(TrainConfig) -> Metrics` is the API (the CLI and `doppel local` call it). A plain loop
+rather than the HF Trainer: packed micro-batches (see `doppel.train.data`) need no collator tricks, the loss
+is normalised over every assistant token of an optimizer step, and the best adapter on eval loss is kept
+in memory, which is what small datasets need (they overfit within an epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+from doppel.errors import BadInput
+from doppel.fsutil import atomic_directory
+from doppel.train import data
+from doppel.train.report import Metrics, perplexity
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+WARMUP_FRACTION = 0.05
+EVALS_PER_RUN = 8
+MAX_GRAD_NORM = 1.0
+OOM_HINT = (
+    "out of GPU memory: lower --batch-size (raising --grad-accum keeps the effective batch), "
+    "--max-length or --rank"
+)
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    base_model: str
+    out: Path
+    # The model name vLLM serves the base under; written into adapter_config.json.
+    base_model_name: str | None = None
+    rank: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
+    lr: float = 3e-4
+    epochs: int = 2
+    max_steps_per_epoch: int = 200
+    batch_size: int = 4
+    grad_accum: int = 4
+    max_length: int = 1024
+    eval_fraction: float = 0.1
+    # Evaluate every this many steps; None: about EVALS_PER_RUN times per run.
+    eval_steps: int | None = None
+    early_stopping_patience: int = 3
+    seed: int = 0
+    min_samples: int = 20
+    device: str | None = None
+    progress_bar: bool = True
+
+
+def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = None) -> Metrics:
+    """Train a LoRA adapter and write it, with metrics.json, to `config.out` (atomically)."""
+    started = time.perf_counter()
+    _check_config(config)
+    samples = data.load_samples(config.data)
+    if len(samples) < config.min_samples:
+        raise BadInput(f"not enough data ({len(samples)} < {config.min_samples})")
+    tokenizer = _load_tokenizer(config.base_model)
+
+    stats = data.EncodeStats()
+    encoded = [e for s in samples if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None]
+    if len(encoded) < config.min_samples:
+        raise BadInput(
+            f"not enough data ({len(encoded)} < {config.min_samples}) after dropping "
+            f"{stats.dropped_too_long} samples longer than --max-length {config.max_length}"
+        )
+    split = data.split_by_thread(encoded, config.eval_fraction, config.seed)
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    model = _load_model(config, device)
+    try:
+        metrics = _fit(model, split, config, device, stats, on_progress)
+    except torch.OutOfMemoryError:
+        raise BadInput(OOM_HINT) from None
+    metrics.samples = len(samples)
+    metrics.wall_time_s = time.perf_counter() - started
+    metrics.peak_memory_bytes = _peak_memory(device)
+
+    model.peft_config["default"].base_model_name_or_path = config.base_model_name or config.base_model
+    with atomic_directory(config.out) as tmp:
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+        (tmp / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def _check_config(config: TrainConfig) -> None:
+    if Path(config.out).exists():
+        raise BadInput(f"output directory already exists: {config.out}")
+    for name in ("rank", "alpha", "epochs", "max_steps_per_epoch", "batch_size", "grad_accum", "max_length"):
+        if getattr(config, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= config.eval_fraction < 1:
+        raise BadInput("--eval-fraction must be in [0, 1)")
+    if not config.target_modules:
+        raise BadInput("--target-modules must name at least one module")
+
+
+def _load_tokenizer(base_model: str) -> Any:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"cannot load base model {base_model!r}: {reason}") from None
+    if not tokenizer.chat_template:
+        raise BadInput(f"base model {base_model!r} has no chat template")
+    return tokenizer
+
+
+def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
+    on_gpu = device.type == "cuda"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.base_model, dtype=torch.bfloat16 if on_gpu else torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"cannot load base model {config.base_model!r}: {exc}") from None
+    model.config.use_cache = False  # a KV cache would also defeat packed-sequence masking
+    model.to(device)
+    if on_gpu:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise BadInput(f"--target-modules: {str(exc).splitlines()[0]}") from None
+
+
+def _fit(
+    model: PeftModel,
+    split: data.Split,
+    config: TrainConfig,
+    device: torch.device,
+    stats: data.EncodeStats,
+    on_progress: ProgressCallback | None,
+) -> Metrics:
+    rng = random.Random(config.seed)
+    micro_per_epoch = math.ceil(len(split.train) / config.batch_size)
+    steps_per_epoch = min(math.ceil(micro_per_epoch / config.grad_accum), config.max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.epochs
+    eval_every = config.eval_steps or max(1, total_steps // EVALS_PER_RUN)
+    eval_batches = [
+        data.pack(split.eval[i : i + config.batch_size]) for i in range(0, len(split.eval), config.batch_size)
+    ]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, max(1, math.ceil(WARMUP_FRACTION * total_steps)), total_steps
+    )
+    metrics = Metrics(
+        train_samples=len(split.train),
+        eval_samples=len(split.eval),
+        total_steps=total_steps,
+        clipped=stats.clipped,
+        dropped_too_long=stats.dropped_too_long,
+        device=device.type,
+        dtype="bfloat16" if device.type == "cuda" else "float32",
+        config=config_dict(config),
+    )
+    with model.disable_adapter():
+        metrics.base_eval_loss = _evaluate(model, eval_batches, device)
+    best_loss = metrics.base_eval_loss  # an untrained LoRA adapter is the base model
+    best_state = _snapshot(model)
+    best_step = 0
+    evals_without_gain = 0
+
+    bar = tqdm(total=total_steps, disable=not config.progress_bar, file=sys.stderr, desc="train")
+    train_seconds = 0.0
+    step = 0
+    stop = False
+    model.train()
+    for _ in range(config.epochs):
+        batches = data.epoch_batches(split.train, config.batch_size, rng)
+        for start in range(0, steps_per_epoch * config.grad_accum, config.grad_accum):
+            group = batches[start : start + config.grad_accum]
+            if not group:
+                break
+            tick = time.perf_counter()
+            loss = _train_step(model, group, device)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - tick
+            step += 1
+            metrics.tokens += sum(len(b.input_ids) for b in group)
+            metrics.label_tokens += sum(b.label_tokens for b in group)
+            metrics.train_loss.append({"step": step, "loss": loss})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            _emit(on_progress, "progress", step, total_steps, step / steps_per_epoch, loss=loss)
+
+            if eval_batches and (step % eval_every == 0 or step == total_steps):
+                eval_loss = _evaluate(model, eval_batches, device)
+                metrics.eval_loss.append({"step": step, "loss": eval_loss})
+                _emit(on_progress, "eval", step, total_steps, step / steps_per_epoch, eval_loss=eval_loss)
+                if eval_loss < best_loss:
+                    best_loss, best_state, best_step = eval_loss, _snapshot(model), step
+                    evals_without_gain = 0
+                else:
+                    evals_without_gain += 1
+                    stop = evals_without_gain >= config.early_stopping_patience
+            if stop:
+                break
+        if stop:
+            break
+    bar.close()
+
+    if eval_batches:
+        _restore(model, best_state)
+        metrics.best_step = best_step
+        metrics.adapter_eval_loss = best_loss
+    else:
+        metrics.best_step = step
+    metrics.steps = step
+    metrics.epochs = step / steps_per_epoch if steps_per_epoch else 0.0
+    metrics.stopped_early = stop
+    metrics.base_perplexity = perplexity(metrics.base_eval_loss)
+    metrics.adapter_perplexity = perplexity(metrics.adapter_eval_loss)
+    metrics.train_seconds = train_seconds
+    metrics.tokens_per_second = metrics.tokens / train_seconds if train_seconds else 0.0
+    return metrics
+
+
+def _train_step(model: PeftModel, group: Sequence[data.PackedBatch], device: torch.device) -> float:
+    """Forward/backward over the micro-batches of one optimizer step; returns the mean token loss."""
+    # Normalise by every label token of the step, so long and short micro-batches weigh per token.
+    label_tokens = max(1, sum(b.label_tokens for b in group))
+    total = 0.0
+    for batch in group:
+        loss = model(**_tensors(batch, device), num_items_in_batch=label_tokens).loss
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+@torch.no_grad()
+def _evaluate(
+    model: torch.nn.Module, batches: Sequence[data.PackedBatch], device: torch.device
+) -> float | None:
+    """Mean loss per assistant token over `batches`, with dropout off."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    loss_sum = 0.0
+    tokens = 0
+    for batch in batches:
+        n = batch.label_tokens
+        if n:
+            loss_sum += model(**_tensors(batch, device), num_items_in_batch=n).loss.item() * n
+            tokens += n
+    model.train(was_training)
+    return loss_sum / max(tokens, 1)
+
+
+def _tensors(batch: data.PackedBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.tensor([batch.input_ids], device=device),
+        "labels": torch.tensor([batch.labels], device=device),
+        "position_ids": torch.tensor([batch.position_ids], device=device),
+    }
+
+
+def _snapshot(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+
+
+def _emit(
+    callback: ProgressCallback | None, event: str, step: int, total: int, epoch: float, **values: float | None
+) -> None:
+    if callback:
+        callback({"event": event, "step": step, "total_steps": total, "epoch": round(epoch, 4), **values})
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux: the peak resident size of this process.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as JSON-able values, for metrics.json."""
+    return json.loads(json.dumps(asdict(config), default=str))
