@@ -1,0 +1,346 @@
+"""The Helm chart, checked with the real helm binary and the Kubernetes schemas.
+
+helm lints and renders charts/doppel exactly as `helm install` would; every rendered object is validated
+against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields refused), the CRD against
+the CustomResourceDefinition schema, and the example DoppelUser against the CRD's own schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from tests.support.helm import (
+    CHART_DIR,
+    REPO_ROOT,
+    HelmError,
+    find_manifest,
+    find_manifests,
+    helm,
+    render_chart,
+    template_chart,
+)
+
+from doppel import api
+
+SCALED_VALUES = CHART_DIR / "examples" / "values-scaled.yaml"
+EXAMPLE_DOPPELUSER = CHART_DIR / "examples" / "doppeluser.yaml"
+# The chart's minimum (Chart.yaml kubeVersion) and the newest version kubectl from `make tools` speaks.
+KUBE_VERSIONS = ("1.29.0", "1.35.0")
+# The scaled-out example is for several workspaces through OAuth, so it gets OAuth credentials.
+OAUTH_VALUES = {"slack": {"botToken": "", "clientId": "123.456", "clientSecret": "oauth-secret"}}
+
+
+@pytest.fixture(scope="module")
+def default_manifests() -> list[dict[str, Any]]:
+    return render_chart()
+
+
+@pytest.fixture(scope="module")
+def scaled_manifests() -> list[dict[str, Any]]:
+    return render_chart([SCALED_VALUES], OAUTH_VALUES)
+
+
+def container(deployment: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    (found,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return found
+
+
+def env_of(deployment: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(deployment, name).get("env", [])}
+
+
+def crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((REPO_ROOT / "crds" / "doppelusers.yaml").read_text(encoding="utf-8"))
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def validate_against_crd(obj: Mapping[str, Any]) -> None:
+    # A CRD schema is OpenAPI v3.0: draft-4 semantics (boolean exclusiveMinimum); x-kubernetes-* ignored.
+    jsonschema.Draft4Validator(crd_schema()).validate(obj)
+
+
+def test_helm_lint_passes_strict_with_default_and_scaled_values(tmp_path: Path) -> None:
+    slack = tmp_path / "slack.yaml"
+    slack.write_text(yaml.safe_dump({"slack": {"signingSecret": "s", "botToken": "xoxb-1"}}))
+    oauth = tmp_path / "oauth.yaml"
+    oauth.write_text(yaml.safe_dump({"slack": {"signingSecret": "s", **OAUTH_VALUES["slack"]}}))
+    out = helm("lint", "--strict", str(CHART_DIR), "-f", str(slack))
+    assert "0 chart(s) failed" in out
+    out = helm("lint", "--strict", str(CHART_DIR), "-f", str(SCALED_VALUES), "-f", str(oauth))
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("which", ["default", "scaled"])
+def test_every_rendered_manifest_is_valid_kubernetes(which: str, request: pytest.FixtureRequest) -> None:
+    manifests = request.getfixturevalue(f"{which}_manifests")
+    kinds = {m["kind"] for m in manifests}
+    assert {"CustomResourceDefinition", "Deployment", "Service", "NetworkPolicy", "Role"} <= kinds
+    for manifest in manifests:
+        for version in KUBE_VERSIONS:
+            # The CRD too: it is checked as a CustomResourceDefinition (apiextensions.k8s.io/v1).
+            kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_a_wrong_manifest_is_caught_by_the_validator(default_manifests: list[dict[str, Any]]) -> None:
+    """The validation above is not vacuous: a string replica count or an unknown field is refused."""
+    deployment = copy.deepcopy(find_manifest(default_manifests, "Deployment", "vllm"))
+    deployment["spec"]["replicas"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+    deployment = copy.deepcopy(find_manifest(default_manifests, "Deployment", "vllm"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+
+
+def test_chart_crd_is_the_generated_crd(default_manifests: list[dict[str, Any]]) -> None:
+    chart_crd = CHART_DIR / "crds" / "doppelusers.yaml"
+    assert chart_crd.read_text(encoding="utf-8") == (REPO_ROOT / "crds" / "doppelusers.yaml").read_text(
+        encoding="utf-8"
+    ), "charts/doppel/crds/doppelusers.yaml drifted: cp crds/doppelusers.yaml charts/doppel/crds/"
+    (rendered,) = find_manifests(default_manifests, "CustomResourceDefinition")
+    assert rendered == api.crd_manifest()
+
+
+def test_example_doppeluser_fits_the_crd_and_the_default_install() -> None:
+    example = yaml.safe_load(EXAMPLE_DOPPELUSER.read_text(encoding="utf-8"))
+    assert (example["apiVersion"], example["kind"]) == (f"{api.GROUP}/{api.VERSION}", api.KIND)
+    validate_against_crd(example)
+    spec = api.DoppelUserSpec.model_validate(example["spec"])  # the operator parses it the same way
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
+    served = values["model"]["servedName"] or values["model"]["name"]
+    assert spec.base_model.served_name == served, "the example must name the model vLLM serves by default"
+    assert spec.training.rank <= values["vllm"]["maxLoraRank"], "vLLM would refuse the adapter"
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("spec", "slack", "teamId"), "acme"),
+        (("spec", "training", "rank"), 0),
+        (("spec", "data", "maxSamples"), "many"),
+        (("spec", "retention", "afterTraining"), "Archive"),
+    ],
+)
+def test_wrong_doppeluser_is_refused_by_the_crd_schema(path: tuple[str, ...], value: Any) -> None:
+    example = yaml.safe_load(EXAMPLE_DOPPELUSER.read_text(encoding="utf-8"))
+    node = example
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        validate_against_crd(example)
+
+
+def test_vllm_serves_loras_from_the_volume_the_operator_writes_to(
+    default_manifests: list[dict[str, Any]],
+) -> None:
+    vllm = find_manifest(default_manifests, "Deployment", "vllm")
+    operator = find_manifest(default_manifests, "Deployment", "operator")
+    server = container(vllm, "vllm")
+    args = server["args"]
+    assert args[0] == "Qwen/Qwen2.5-1.5B-Instruct"
+    for flag in ("--enable-lora", "--max-loras=4", "--max-cpu-loras=32", "--max-lora-rank=32"):
+        assert flag in args
+    assert env_of(vllm, "vllm")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The train Job writes adapters under DOPPEL_DATA_DIR on the shared claim: vLLM reads the same path.
+    operator_env = env_of(operator, "operator")
+    (mount,) = [m for m in server["volumeMounts"] if m["name"] == "data"]
+    assert mount["mountPath"] == operator_env["DOPPEL_DATA_DIR"] == "/data"
+    (volume,) = [v for v in vllm["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert volume["persistentVolumeClaim"]["claimName"] == operator_env["DOPPEL_SHARED_CLAIM"]
+    pvc = find_manifest(default_manifests, "PersistentVolumeClaim", "data")
+    assert pvc["metadata"]["name"] == operator_env["DOPPEL_SHARED_CLAIM"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    # The operator registers on the pod's first port; it is vLLM's API port.
+    assert server["ports"][0]["containerPort"] == int(operator_env["DOPPEL_VLLM_PORT"]) == 8000
+
+
+def test_default_doppeluser_selector_finds_the_vllm_pods(default_manifests: list[dict[str, Any]]) -> None:
+    pod_labels = find_manifest(default_manifests, "Deployment", "vllm")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    selector = api.Vllm().selector
+    assert selector.items() <= pod_labels.items()
+    # ...and only them: no other pod of the release carries those labels.
+    for deployment in find_manifests(default_manifests, "Deployment"):
+        if not deployment["metadata"]["name"].endswith("-vllm"):
+            assert not selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_only_the_operator_reaches_adapter_loading(default_manifests: list[dict[str, Any]]) -> None:
+    """NetworkPolicy: the operator on vLLM's API port; the bot on the chat proxy's port, which forwards
+    inference paths only. The bot's VLLM_URL goes through the Service to that chat port."""
+    policy = find_manifest(default_manifests, "NetworkPolicy", "vllm")
+    vllm = find_manifest(default_manifests, "Deployment", "vllm")
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"].items()
+        <= vllm["spec"]["template"]["metadata"]["labels"].items()
+    )
+    labels = {
+        component: find_manifest(default_manifests, "Deployment", component)["spec"]["template"]["metadata"][
+            "labels"
+        ]
+        for component in ("operator", "bot")
+    }
+    allowed: dict[int, list[str]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            who = [
+                c for c, pod in labels.items() if peer["podSelector"]["matchLabels"].items() <= pod.items()
+            ]
+            for port in rule["ports"]:
+                allowed.setdefault(port["port"], []).extend(who)
+    assert allowed == {8000: ["operator"], 8080: ["bot"]}
+
+    service = find_manifest(default_manifests, "Service", "vllm")
+    assert service["spec"]["ports"][0]["targetPort"] == "chat"
+    proxy = container(vllm, "chat-proxy")
+    assert proxy["ports"][0] == {"name": "chat", "containerPort": 8080, "protocol": "TCP"}
+    bot_env = env_of(find_manifest(default_manifests, "Deployment", "bot"), "bot")
+    assert (
+        bot_env["VLLM_URL"] == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    )
+
+    conf = find_manifest(default_manifests, "ConfigMap", "chat-proxy")["data"]["default.conf"]
+    assert "location = /v1/chat/completions" in conf
+    assert "lora" not in conf, "the chat port must not forward adapter loading"
+    assert "location / { return 403; }" in conf
+
+
+def test_without_the_proxy_the_bot_gets_vllm_port_and_nobody_else() -> None:
+    manifests = render_chart(set_values={"vllm": {"chatProxy": {"enabled": False, "port": 8080}}})
+    policy = find_manifest(manifests, "NetworkPolicy", "vllm")
+    assert [rule["ports"] for rule in policy["spec"]["ingress"]] == [
+        [{"port": 8000, "protocol": "TCP"}],
+        [{"port": 8000, "protocol": "TCP"}],
+    ]
+    vllm = find_manifest(manifests, "Deployment", "vllm")
+    assert [c["name"] for c in vllm["spec"]["template"]["spec"]["containers"]] == ["vllm"]
+    assert find_manifest(manifests, "Service", "vllm")["spec"]["ports"][0]["targetPort"] == "http"
+    assert not find_manifests(manifests, "ConfigMap")
+
+
+def test_scaled_values_scale_out(scaled_manifests: list[dict[str, Any]]) -> None:
+    vllm = find_manifest(scaled_manifests, "Deployment", "vllm")
+    assert vllm["spec"]["replicas"] == 4
+    assert "--max-loras=16" in container(vllm, "vllm")["args"]
+    assert "--enable-prefix-caching" in container(vllm, "vllm")["args"]
+    assert "--served-model-name=qwen2.5-7b-instruct" in container(vllm, "vllm")["args"]
+    bot = find_manifest(scaled_manifests, "Deployment", "bot")
+    assert bot["spec"]["replicas"] == 3
+    bot_env = env_of(bot, "bot")
+    assert bot_env["DOPPEL_TEAM_NAMESPACES"] == "T0123ABCD=doppel,T0456EFGH=doppel,T0789IJKL=doppel"
+    assert bot_env["SLACK_REDIRECT_URI"] == "https://doppel.example.com/slack/oauth_redirect"
+    assert (
+        env_of(find_manifest(scaled_manifests, "Deployment", "operator"), "operator")[
+            "DOPPEL_MAX_CONCURRENT_TRAINING"
+        ]
+        == "4"
+    )
+    ingress = find_manifest(scaled_manifests, "Ingress", "bot")
+    assert ingress["spec"]["rules"][0]["host"] == "doppel.example.com"
+    assert ingress["spec"]["tls"][0]["secretName"] == "doppel-example-com-tls"
+    secret = find_manifest(scaled_manifests, "Secret", "slack")
+    assert set(secret["stringData"]) == {"SLACK_SIGNING_SECRET", "SLACK_CLIENT_ID", "SLACK_CLIENT_SECRET"}
+
+
+def test_existing_secret_and_claim_are_used_instead_of_created() -> None:
+    manifests = render_chart(
+        set_values={"slack": {"existingSecret": "my-slack"}, "storage": {"existingClaim": "shared-nfs"}},
+        test_secrets=False,
+    )
+    assert not find_manifests(manifests, "Secret")
+    assert not find_manifests(manifests, "PersistentVolumeClaim")
+    bot = find_manifest(manifests, "Deployment", "bot")
+    assert container(bot, "bot")["envFrom"] == [{"secretRef": {"name": "my-slack"}}]
+    vllm = find_manifest(manifests, "Deployment", "vllm")
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in vllm["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["shared-nfs"]
+    assert env_of(find_manifest(manifests, "Deployment", "operator"), "operator")["DOPPEL_SHARED_CLAIM"] == (
+        "shared-nfs"
+    )
+
+
+def test_missing_signing_secret_is_a_clear_error() -> None:
+    with pytest.raises(HelmError, match=r"slack\.signingSecret \(or slack\.existingSecret\) is required"):
+        template_chart(test_secrets=False)
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"vllm": {"maxLoraRank": 24}}, "/vllm/maxLoraRank"),
+        ({"vllm": {"replicas": "two"}}, "/vllm/replicas"),
+        ({"vllm": {"gpuMemoryUtilization": 1.5}}, "/vllm/gpuMemoryUtilization"),
+        ({"operator": {"replicas": 2}}, "/operator/replicas"),
+        ({"bot": {"mode": "rtm"}}, "/bot/mode"),
+        ({"workspaces": ["acme"]}, "/workspaces/0"),
+        ({"storage": {"accessModes": ["ReadWriteSometimes"]}}, "/storage/accessModes/0"),
+        ({"slack": {"botToken": "xoxp-user-token"}}, "/slack/botToken"),
+        ({"vllm": {"maxLora": 4}}, "maxLora"),
+        ({"images": {"vllm": {"tag": ""}}}, "/images/vllm/tag"),
+    ],
+)
+def test_wrong_values_are_rejected_by_the_schema(values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(HelmError) as caught:
+        template_chart(set_values=values)
+    message = str(caught.value)
+    assert "schema" in message
+    assert complaint in message
+
+
+def test_notes_tell_how_to_connect_slack_and_create_a_doppel() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        values = Path(tmp) / "values.yaml"
+        values.write_text(
+            yaml.safe_dump(
+                {"slack": {"signingSecret": "s", "botToken": "xoxb-1"}, "bot": {"ingress": {"enabled": True}}}
+            )
+        )
+        out = helm(
+            "install",
+            "doppel",
+            str(CHART_DIR),
+            "--dry-run=client",
+            "--namespace",
+            "team-a",
+            "-f",
+            str(values),
+        )
+    notes = out[out.index("NOTES:") :]
+    assert "https://doppel.example.com/slack/events" in notes
+    assert "servedName: Qwen/Qwen2.5-1.5B-Instruct" in notes
+    assert "kubectl -n team-a apply -f doppeluser.yaml" in notes
+    assert "kubectl -n team-a get doppel -w" in notes
+
+
+def test_paths_named_in_the_install_guide_exist() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("<!-- section: install -->") :]
+    for path in (
+        "charts/doppel",
+        "charts/doppel/examples/doppeluser.yaml",
+        "charts/doppel/examples/values-scaled.yaml",
+        "charts/doppel/examples/slack-app-manifest.yaml",
+        "images/Dockerfile",
+        "images/worker.Dockerfile",
+    ):
+        assert path in section
+        assert (REPO_ROOT / path).exists(), path
+    assert os.path.exists(REPO_ROOT / ".dockerignore")

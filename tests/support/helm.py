@@ -1,0 +1,132 @@
+"""The real helm binary, and the doppel chart rendered with it, for any test that needs the manifests.
+
+helm comes from `make tools` ($DOPPEL_TOOLS_DIR/bin/helm, default .tools/bin/helm). Tests that need it skip
+when it is missing, unless $DOPPEL_REQUIRE_TOOLS=1 (as `make test` sets), in which case they fail.
+
+    from tests.support.helm import render_chart, find_manifest
+    manifests = render_chart(set_values={"vllm": {"replicas": 3}})
+    role = find_manifest(manifests, "Role", "operator")
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO_ROOT / "charts" / "doppel"
+TOOLS_DIR_ENV = "DOPPEL_TOOLS_DIR"
+REQUIRE_TOOLS_ENV = "DOPPEL_REQUIRE_TOOLS"
+RELEASE = "doppel"
+NAMESPACE = "doppel"
+# The chart refuses to render without a signing secret (the bot cannot verify Slack requests without one).
+TEST_SLACK_VALUES: dict[str, Any] = {
+    "slack": {"signingSecret": "test-signing-secret", "botToken": "xoxb-test"}
+}
+
+
+class HelmError(RuntimeError):
+    """helm exited non-zero; the message is its stderr."""
+
+
+def tool(name: str) -> Path:
+    """Path of a binary extracted by `make tools`; skips the test, or fails it when the tools are required."""
+    tools_dir = Path(os.environ.get(TOOLS_DIR_ENV) or REPO_ROOT / ".tools")
+    path = tools_dir / "bin" / name
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    reason = f"{path} does not exist (run `make tools`)"
+    if os.environ.get(REQUIRE_TOOLS_ENV) == "1":
+        pytest.fail(f"{name} is required (${REQUIRE_TOOLS_ENV}=1) but {reason}", pytrace=False)
+    pytest.skip(f"{name} not available: {reason}")
+
+
+def helm(*args: str, timeout: float = 60.0) -> str:
+    """Run helm with `args` offline (no repositories, no cluster) and return its stdout."""
+    with tempfile.TemporaryDirectory(prefix="doppel-helm-") as home:
+        # Keep helm's caches and config out of the user's home; it needs no cluster for lint/template.
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HELM_CACHE_HOME": f"{home}/cache",
+            "HELM_CONFIG_HOME": f"{home}/config",
+            "HELM_DATA_HOME": f"{home}/data",
+            "KUBECONFIG": f"{home}/kubeconfig",
+        }
+        proc = subprocess.run(
+            [str(tool("helm")), *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+    if proc.returncode != 0:
+        raise HelmError(proc.stderr.strip() or f"helm exited {proc.returncode}")
+    return proc.stdout
+
+
+def _write_values(path: Path, values: Mapping[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(dict(values)), encoding="utf-8")
+    return str(path)
+
+
+def _values_args(
+    values_files: Iterable[Path | str], set_values: Mapping[str, Any] | None, test_secrets: bool, tmp: Path
+) -> list[str]:
+    """`-f` arguments: the test Slack secrets first, then the given files, then `set_values` as a file
+    (a values file keeps YAML types, where `--set` would turn "1.5" into a string and "123" into a number)."""
+    args: list[str] = []
+    if test_secrets:
+        args += ["-f", _write_values(tmp / "slack.yaml", TEST_SLACK_VALUES)]
+    for file in values_files:
+        args += ["-f", str(file)]
+    if set_values:
+        args += ["-f", _write_values(tmp / "set.yaml", set_values)]
+    return args
+
+
+def template_chart(
+    values_files: Iterable[Path | str] = (),
+    set_values: Mapping[str, Any] | None = None,
+    *,
+    test_secrets: bool = True,
+    extra_args: Iterable[str] = (),
+) -> str:
+    """`helm template` of charts/doppel as YAML text (CRDs included). Raises HelmError on failure."""
+    with tempfile.TemporaryDirectory(prefix="doppel-values-") as tmp:
+        args = _values_args(values_files, set_values, test_secrets, Path(tmp))
+        return helm(
+            "template",
+            RELEASE,
+            str(CHART_DIR),
+            "--namespace",
+            NAMESPACE,
+            "--include-crds",
+            *args,
+            *extra_args,
+        )
+
+
+def render_chart(
+    values_files: Iterable[Path | str] = (),
+    set_values: Mapping[str, Any] | None = None,
+    *,
+    test_secrets: bool = True,
+) -> list[dict[str, Any]]:
+    """The chart's manifests as parsed objects, CRDs first. `set_values` is a nested mapping of values."""
+    text = template_chart(values_files, set_values, test_secrets=test_secrets)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def find_manifests(manifests: Iterable[Mapping[str, Any]], kind: str) -> list[Mapping[str, Any]]:
+    return [m for m in manifests if m.get("kind") == kind]
+
+
+def find_manifest(manifests: Iterable[Mapping[str, Any]], kind: str, component: str) -> Mapping[str, Any]:
+    """The one `kind` object whose name ends with `-<component>` (e.g. ("Deployment", "vllm"))."""
+    found = [m for m in find_manifests(manifests, kind) if m["metadata"]["name"].endswith(f"-{component}")]
+    if len(found) != 1:
+        raise LookupError(f"expected one {kind} named *-{component}, found {len(found)}")
+    return found[0]
