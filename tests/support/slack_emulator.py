@@ -103,8 +103,8 @@ class _Bucket:
 
     def take(self, now: float) -> float:
         """Take a token; return 0, or the seconds to wait when none is left."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.updated) * self.rate)
+        self.updated = max(now, self.updated)
         if self.tokens >= 1:
             self.tokens -= 1
             return 0.0
@@ -195,6 +195,13 @@ class SlackEmulator:
             if user_id not in members:
                 members.append(user_id)
 
+    def add_message(self, channel_id: str, message: dict[str, Any], team: Team | None = None) -> None:
+        """A message someone wrote (not the bot), as if it had just been posted."""
+        with self._lock:
+            msgs = (team or self.team).messages[channel_id]
+            msgs.append(dict(message))
+            msgs.sort(key=lambda m: _ts_key(m["ts"]))
+
     def posted(self, channel_id: str, team: Team | None = None) -> list[dict[str, Any]]:
         """Messages the bot posted to a channel, oldest first."""
         team = team or self.team
@@ -224,7 +231,9 @@ class SlackEmulator:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="slack-emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="slack-emulator", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -1,0 +1,187 @@
+"""The emulator answers the real slack_sdk clients as Slack would."""
+
+import time
+
+import pytest
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+from tests.support.slack_emulator import SlackEmulator
+from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID
+
+
+@pytest.fixture
+def client(slack_emulator):
+    return WebClient(token=ACME_TOKEN, base_url=slack_emulator.base_url)
+
+
+def test_auth_test_and_wrong_token(slack_emulator, client):
+    auth = client.auth_test()
+    assert (auth["team_id"], auth["user_id"]) == ("T0ACME001", BOT_USER_ID)
+    with pytest.raises(SlackApiError) as err:
+        WebClient(token="xoxb-wrong", base_url=slack_emulator.base_url).auth_test()
+    assert err.value.response["error"] == "invalid_auth"
+    assert [(c.method, c.error) for c in slack_emulator.calls] == [
+        ("auth.test", None),
+        ("auth.test", "invalid_auth"),
+    ]
+
+
+def test_cursor_pagination_walks_every_user_once(client):
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = client.users_list(limit=3, cursor=cursor)
+        seen += [u["id"] for u in page["members"]]
+        pages += 1
+        cursor = page["response_metadata"]["next_cursor"]
+        if not cursor:
+            break
+    assert pages == 3 and len(seen) == len(set(seen)) == 8
+    with pytest.raises(SlackApiError, match="invalid_cursor"):
+        client.users_list(cursor="garbage")
+
+
+def test_conversations_list_types_and_archived(client):
+    names = lambda **kw: sorted(c["name"] for c in client.conversations_list(**kw)["channels"])  # noqa: E731
+    assert names() == ["design", "engineering", "general", "partners", "random"]
+    assert names(exclude_archived=True) == ["design", "engineering", "general", "partners"]
+    # The bot sees the private channel it is in.
+    assert "secret-plans" in names(types="public_channel,private_channel")
+    assert names(types="private_channel") == ["secret-plans"]
+
+
+def test_not_in_channel_until_joined(client):
+    with pytest.raises(SlackApiError, match="not_in_channel"):
+        client.conversations_history(channel="C02ENG")
+    joined = client.conversations_join(channel="C02ENG")
+    assert joined["channel"]["is_member"] is True
+    assert client.conversations_join(channel="C02ENG")["warning"] == "already_in_channel"
+    assert len(client.conversations_history(channel="C02ENG")["messages"]) == 4
+    with pytest.raises(SlackApiError, match="channel_not_found"):
+        client.conversations_history(channel="C404")
+    with pytest.raises(SlackApiError, match="is_archived"):
+        client.conversations_join(channel="C03RANDOM")
+
+
+def test_history_is_newest_first_with_oldest_latest_and_pages(client, slack_workspace):
+    general = sorted(
+        (
+            m
+            for m in slack_workspace["messages"]["general"]
+            if m.get("thread_ts") in (None, m["ts"]) or m.get("subtype") == "thread_broadcast"
+        ),
+        key=lambda m: float(m["ts"]),
+    )
+    full = client.conversations_history(channel="C01GENERAL")["messages"]
+    assert [m["ts"] for m in full] == [m["ts"] for m in reversed(general)]
+    root = max(full, key=lambda m: m.get("reply_count", 0))
+    assert root["reply_count"] == 4 and root["thread_ts"] == root["ts"]
+    first = client.conversations_history(channel="C01GENERAL", limit=2)
+    assert first["has_more"] is True and len(first["messages"]) == 2
+    rest = client.conversations_history(
+        channel="C01GENERAL", cursor=first["response_metadata"]["next_cursor"]
+    )
+    assert [m["ts"] for m in first["messages"] + rest["messages"]] == [m["ts"] for m in full]
+    mid = general[2]["ts"]
+    assert all(
+        float(m["ts"]) > float(mid)
+        for m in client.conversations_history(channel="C01GENERAL", oldest=mid)["messages"]
+    )
+    incl = client.conversations_history(channel="C01GENERAL", oldest=mid, latest=mid, inclusive=True)[
+        "messages"
+    ]
+    assert [m["ts"] for m in incl] == [mid]
+
+
+def test_replies_start_with_the_root(client):
+    history = client.conversations_history(channel="C01GENERAL")["messages"]
+    root = max(history, key=lambda m: m.get("reply_count", 0))
+    thread = client.conversations_replies(channel="C01GENERAL", ts=root["ts"])["messages"]
+    assert thread[0]["ts"] == root["ts"] and len(thread) == 5
+    assert all(m["thread_ts"] == root["ts"] for m in thread)
+    with pytest.raises(SlackApiError, match="thread_not_found"):
+        client.conversations_replies(channel="C01GENERAL", ts="1.000001")
+
+
+def test_post_message_is_stored_and_read_back(slack_emulator, client):
+    posted = client.chat_postMessage(
+        channel="C01GENERAL", text="hello there", username="Alice (doppel)", icon_emoji=":robot_face:"
+    )
+    reply = client.chat_postMessage(channel="C01GENERAL", text="in thread", thread_ts=posted["ts"])
+    assert posted["channel"] == "C01GENERAL" and float(reply["ts"]) > float(posted["ts"])
+    mine = slack_emulator.posted("C01GENERAL")
+    assert [(m["text"], m.get("thread_ts"), m.get("username")) for m in mine] == [
+        ("hello there", None, "Alice (doppel)"),
+        ("in thread", posted["ts"], None),
+    ]
+    assert mine[0]["icon_emoji"] == ":robot_face:"
+    thread = client.conversations_replies(channel="C01GENERAL", ts=posted["ts"])["messages"]
+    assert [m["text"] for m in thread] == ["hello there", "in thread"]
+    with pytest.raises(SlackApiError, match="channel_not_found"):
+        client.chat_postMessage(channel="C404", text="x")
+
+
+async def test_async_client_and_users_info(slack_emulator):
+    client = AsyncWebClient(token=ACME_TOKEN, base_url=slack_emulator.base_url)
+    info = await client.users_info(user="U02BOB")
+    assert info["user"]["profile"]["display_name"] == "bobby"
+    with pytest.raises(SlackApiError, match="user_not_found"):
+        await client.users_info(user="U404")
+    chan = await client.conversations_info(channel="C05PARTNER")
+    assert chan["channel"]["is_ext_shared"] is True
+
+
+def test_tokens_map_to_teams(slack_emulator, slack_workspace):
+    other = dict(slack_workspace, team={"id": "T0OTHER", "name": "Other", "domain": "other"})
+    slack_emulator.add_team(other, token="xoxb-other")
+    client = WebClient(token="xoxb-other", base_url=slack_emulator.base_url)
+    assert client.auth_test()["team_id"] == "T0OTHER"
+    client.chat_postMessage(channel="general", text="only in other")
+    assert slack_emulator.posted("C01GENERAL") == []
+    assert [m["text"] for m in slack_emulator.posted("C01GENERAL", team=slack_emulator.teams["T0OTHER"])] == [
+        "only in other"
+    ]
+
+
+def test_rate_limit_answers_429_with_retry_after(slack_workspace):
+    # Tier 2 at 20/min with a burst of 2: the third quick call is refused.
+    with SlackEmulator(rate_scale=1.0, burst_seconds=6) as emulator:
+        emulator.add_team(slack_workspace, token=ACME_TOKEN)
+        client = WebClient(token=ACME_TOKEN, base_url=emulator.base_url)
+        client.users_list()
+        client.users_list()
+        with pytest.raises(SlackApiError) as err:
+            client.users_list()
+        assert err.value.response.status_code == 429
+        assert int(err.value.response.headers["Retry-After"]) >= 1
+        assert [c.status for c in emulator.calls_to("users.list")] == [200, 200, 429]
+        client.auth_test()  # other methods have their own limits
+
+
+def test_sync_client_retry_handler_honours_retry_after(slack_workspace):
+    with SlackEmulator(rate_scale=30, burst_seconds=0.1) as emulator:
+        emulator.add_team(slack_workspace, token=ACME_TOKEN)
+        client = WebClient(
+            token=ACME_TOKEN,
+            base_url=emulator.base_url,
+            retry_handlers=[RateLimitErrorRetryHandler(max_retry_count=2)],
+        )
+        started = time.monotonic()
+        client.users_list()
+        client.users_list()  # 429, Retry-After: 1, then retried
+        assert time.monotonic() - started >= 1
+        assert [c.status for c in emulator.calls_to("users.list")] == [200, 429, 200]
+
+
+def test_fault_injection(slack_emulator, client):
+    slack_emulator.fail("conversations.history", 2, status=503)
+    for _ in range(2):
+        with pytest.raises(SlackApiError) as err:
+            client.conversations_history(channel="C01GENERAL")
+        assert err.value.response.status_code == 503
+    assert client.conversations_history(channel="C01GENERAL")["ok"]
+    slack_emulator.vanish_channel("C01GENERAL", after_calls=1)
+    client.conversations_history(channel="C01GENERAL")
+    with pytest.raises(SlackApiError, match="channel_not_found"):
+        client.conversations_history(channel="C01GENERAL")
