@@ -1,0 +1,170 @@
+"""The Dockerfiles under images/, checked with a Dockerfile parser (no Docker engine runs here).
+
+What a broken image would show first: an unknown instruction, a floating base tag, root at run time, a
+COPY of a file that is missing or that .dockerignore keeps out of the build context, an entry point other
+than `doppel`, or a dependency that the constraints file does not pin.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+IMAGES = REPO_ROOT / "images"
+# Dockerfile, the extras it installs, and the chart value naming the image it builds.
+DOCKERFILES = {
+    "Dockerfile": ("operator,bot,slack", "app"),
+    "worker.Dockerfile": ("slack,train", "worker"),
+}
+INSTRUCTIONS = {
+    "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
+    "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR", "COMMENT",
+}  # fmt: skip
+
+
+def parse(name: str) -> DockerfileParser:
+    parser = DockerfileParser(fileobj=io.BytesIO((IMAGES / name).read_bytes()))
+    assert parser.structure, f"{name} is empty"
+    return parser
+
+
+def final_stage(parser: DockerfileParser) -> list[dict[str, Any]]:
+    starts = [i for i, ins in enumerate(parser.structure) if ins["instruction"] == "FROM"]
+    return parser.structure[starts[-1] :]
+
+
+def _glob_match(pattern: list[str], parts: list[str]) -> bool:
+    """Docker's pattern match, segment by segment: `*`/`?` within a segment, `**` for any number of them."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    if not parts:
+        return False
+    regex = re.escape(pattern[0]).replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+    return re.fullmatch(regex, parts[0]) is not None and _glob_match(pattern[1:], parts[1:])
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` (relative to the repo) out of the build context: the last
+    matching pattern decides, and a pattern matching a directory covers everything under it."""
+    rules = []
+    for line in (REPO_ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negated = line.startswith("!")
+            rules.append((negated, line.lstrip("!").strip("/").split("/")))
+    parts = path.strip("/").split("/")
+    excluded = False
+    for negated, pattern in rules:
+        if any(_glob_match(pattern, parts[:n]) for n in range(1, len(parts) + 1)):
+            excluded = not negated
+    return excluded
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_is_well_formed(name: str) -> None:
+    parser = parse(name)
+    assert {ins["instruction"] for ins in parser.structure} <= INSTRUCTIONS
+    assert parser.structure[0]["instruction"] in {"ARG", "FROM", "COMMENT"}
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_base_images_are_pinned(name: str) -> None:
+    parser = parse(name)
+    stages = set()
+    for ins in parser.structure:
+        if ins["instruction"] == "FROM":
+            words = ins["value"].split()
+            if len(words) == 3 and words[1].upper() == "AS":
+                stages.add(words[2])
+    external = [image for image in parser.parent_images if image not in stages]
+    assert external
+    for image in external:
+        assert "$" not in image, f"{name}: base {image!r} has an ARG without a default"
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, f"{name}: base {image!r} has no tag"
+        assert tag != "latest" and re.search(r"\d+\.\d+", tag), f"{name}: base tag {tag!r} is not a version"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_runs_as_numeric_non_root_user_with_doppel_entrypoint(name: str) -> None:
+    stage = final_stage(parse(name))
+    users = [ins["value"].split(":")[0] for ins in stage if ins["instruction"] == "USER"]
+    assert users, f"{name}: final stage sets no USER, so it runs as root"
+    # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+    assert users[-1].isdigit() and int(users[-1]) != 0
+    (entrypoint,) = [ins["value"] for ins in stage if ins["instruction"] == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["doppel"]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_every_copy_source_exists_and_is_in_the_build_context(name: str) -> None:
+    copies = [ins["value"].split() for ins in parse(name).structure if ins["instruction"] in {"COPY", "ADD"}]
+    sources = [
+        src for words in copies if not any(w.startswith("--from") for w in words) for src in words[:-1]
+    ]
+    assert sources
+    for source in sources:
+        assert not source.startswith("--"), f"{name}: unexpected flag {source}"
+        assert (REPO_ROOT / source).exists(), f"{name}: COPY source {source} does not exist"
+        assert not dockerignored(source), f"{name}: COPY source {source} is excluded by .dockerignore"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_installs_its_extras_with_every_dependency_pinned(name: str) -> None:
+    extras, _ = DOCKERFILES[name]
+    runs = " ".join(ins["value"] for ins in parse(name).structure if ins["instruction"] == "RUN")
+    assert "--constraint images/constraints.txt" in runs
+    assert f'".[{extras}]"' in runs
+    pins = {}
+    for line in (IMAGES / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            requirement = Requirement(line)
+            assert str(requirement.specifier).startswith("=="), f"constraints.txt: {line} is not pinned"
+            pins[_normal(requirement.name)] = requirement
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = list(project["dependencies"])
+    for extra in extras.split(","):
+        wanted += project["optional-dependencies"][extra]
+    for spec in wanted:
+        requirement = Requirement(spec)
+        pinned = pins.get(_normal(requirement.name))
+        assert pinned is not None, f"{requirement.name} is not pinned in images/constraints.txt"
+        version = str(pinned.specifier).removeprefix("==")
+        assert requirement.specifier.contains(version), f"pin {pinned} does not satisfy {spec}"
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
+    for path in (".venv/bin/python", ".tools/bin/helm", ".git/HEAD", "doppel-data/x", "tests/conftest.py"):
+        assert dockerignored(path), path
+    assert not dockerignored("operator/doppel/cli.py")
+    assert dockerignored("operator/doppel/__pycache__/cli.cpython-311.pyc")
+
+
+def test_chart_defaults_name_the_images_built_here() -> None:
+    """The build commands in the Dockerfiles tag the repositories the chart pulls by default, and the vLLM
+    image is the version the test suite's vLLM runs (Makefile VLLM_VERSION)."""
+    values = yaml.safe_load((REPO_ROOT / "charts" / "doppel" / "values.yaml").read_text(encoding="utf-8"))
+    chart = yaml.safe_load((REPO_ROOT / "charts" / "doppel" / "Chart.yaml").read_text(encoding="utf-8"))
+    for name, (_, key) in DOCKERFILES.items():
+        text = (IMAGES / name).read_text(encoding="utf-8")
+        tag = f"{values['images'][key]['repository']}:{chart['appVersion']}"
+        assert f"docker build -f images/{name} -t {tag} ." in text
+    version = re.search(r"^VLLM_VERSION := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M)
+    assert version is not None
+    assert values["images"]["vllm"]["tag"] == f"v{version.group(1)}"
