@@ -297,6 +297,127 @@ def crd() -> None:
     click.echo(crd_yaml(), nl=False)
 
 
+@main.command("operator")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    envvar="DOPPEL_NAMESPACES",
+    help="Watch only these namespaces (repeatable; default: all).",
+)
+@click.option(
+    "--data-root",
+    envvar="DOPPEL_DATA_ROOT",
+    default="/data",
+    show_default=True,
+    help="Mount path of the shared volume, the same in worker and vLLM pods.",
+)
+@click.option(
+    "--data-claim",
+    envvar="DOPPEL_DATA_CLAIM",
+    default="doppel-data",
+    show_default=True,
+    help="PersistentVolumeClaim mounted there in the Jobs ('' for none).",
+)
+@click.option(
+    "--worker-image", envvar="DOPPEL_WORKER_IMAGE", default="ghcr.io/doppel/worker:latest", show_default=True
+)
+@click.option(
+    "--service-account",
+    envvar="DOPPEL_JOB_SERVICE_ACCOUNT",
+    default=None,
+    help="Service account of the Job pods.",
+)
+@click.option(
+    "--max-trainings",
+    envvar="DOPPEL_MAX_TRAININGS",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train Jobs running at once, cluster-wide; the rest queue FIFO.",
+)
+@click.option(
+    "--slack-api-url",
+    envvar="DOPPEL_SLACK_API_URL",
+    default=None,
+    help="Slack Web API base URL override for the scrape Jobs.",
+)
+@click.option(
+    "--resync",
+    envvar="DOPPEL_RESYNC_SECONDS",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds between drift checks of each object's vLLM pods.",
+)
+@click.option(
+    "--api-server",
+    envvar="DOPPEL_API_SERVER",
+    default=None,
+    help="Kubernetes API URL without TLS verification (development); default: in-cluster/kubeconfig.",
+)
+@run_stage
+def operator_command(
+    namespaces: tuple[str, ...],
+    data_root: str,
+    data_claim: str,
+    worker_image: str,
+    service_account: str | None,
+    max_trainings: int,
+    slack_api_url: str | None,
+    resync: float,
+    api_server: str | None,
+) -> dict[str, Any]:
+    """Run the DoppelUser operator (kopf) until interrupted."""
+    import asyncio
+
+    from doppel.operator.config import OperatorConfig
+    from doppel.operator.handlers import run
+
+    if not data_root.startswith("/"):
+        raise BadInput(f"--data-root must be an absolute path, got {data_root!r}")
+    config = OperatorConfig(
+        data_root=data_root,
+        data_claim=data_claim or None,
+        worker_image=worker_image,
+        service_account=service_account,
+        max_trainings=max_trainings,
+        slack_api_url=slack_api_url,
+        namespaces=tuple(n for ns in namespaces for n in ns.split(",") if n),
+        resync_s=resync,
+        api_server=api_server,
+    )
+    asyncio.run(run(config))
+    return {}
+
+
+@main.command()
+@click.option(
+    "--data-root",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Only paths under this directory may be removed.",
+)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@run_stage
+def cleanup(data_root: Path, paths: tuple[Path, ...]) -> dict[str, Any]:
+    """Remove datasets or adapters from the shared volume (the operator's cleanup Jobs run this)."""
+    import shutil
+
+    root = data_root.resolve()
+    targets = [path.resolve() for path in paths]
+    for path, target in zip(paths, targets, strict=True):
+        if target == root or root not in target.parents:
+            raise BadInput(f"refusing to remove {path}: not inside --data-root {data_root}")
+    removed = [str(t) for t in targets if t.exists()]
+    for target in targets:
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    return {"removed": removed}
+
+
 # --- bot: bot ----------------------------------------------------------------------------------------
 
 # --- local mode: local -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from doppel.api import GROUP, KIND, VERSION, DoppelUserSpec
 from doppel.operator.config import OperatorConfig
 
-Step = Literal["scrape", "train", "cleanup"]
+Step = Literal["scrape", "train", "cleanup", "purge"]
 TERMINATION_LOG = "/dev/termination-log"
 TOKEN_ENV = "SLACK_BOT_TOKEN"
 
