@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from slack_bolt import BoltResponse
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.async_context import AsyncBoltContext
 from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
@@ -27,7 +28,7 @@ from doppel.bot import logic
 from doppel.bot.config import BotConfig
 from doppel.bot.kube import ANNOTATION_REQUESTER, LABEL_TEAM, AlreadyExists, Kube
 from doppel.bot.ledger import EventLedger
-from doppel.serve.backend import ChatBackend, Messages
+from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient
 from doppel.slack.conversation import ThreadMessage, build_conversation
@@ -41,18 +42,18 @@ DEFAULT_ICON = ":robot_face:"
 Chat = Callable[[str, Messages], Awaitable[str]]
 
 
-def vllm_chat(client: AsyncVllmClient) -> Chat:
+def vllm_chat(client: AsyncVllmClient, params: GenerationParams = DEFAULT_PARAMS) -> Chat:
     async def chat(model: str, messages: Messages) -> str:
-        return await client.chat(model, messages)
+        return await client.chat(model, messages, params)
 
     return chat
 
 
-def backend_chat(backend: ChatBackend) -> Chat:
+def backend_chat(backend: ChatBackend, params: GenerationParams = DEFAULT_PARAMS) -> Chat:
     """A sync `ChatBackend` (e.g. `doppel local`'s in-process one) as the bot's `Chat`, off the event loop."""
 
     async def chat(model: str, messages: Messages) -> str:
-        return await asyncio.to_thread(backend.complete, model, messages)
+        return await asyncio.to_thread(backend.complete, model, messages, params)
 
     return chat
 
@@ -68,15 +69,26 @@ class Deps:
 
 
 def build_app(deps: Deps, *, client: AsyncWebClient, oauth_flow: AsyncOAuthFlow | None = None) -> AsyncApp:
-    """The Bolt app; `client` carries the Slack API base URL, `oauth_flow` selects multi-workspace mode."""
+    """The Bolt app. `client` carries the Slack API base URL and, in single-workspace mode, the bot token;
+    `oauth_flow` selects multi-workspace mode."""
     config = deps.config
     app = AsyncApp(
         signing_secret=config.signing_secret,
-        token=None if oauth_flow else config.bot_token,
         client=client,
         oauth_flow=oauth_flow,
         logger=LOG,
     )
+
+    if oauth_flow is None:
+
+        @app.middleware
+        async def same_workspace(context: AsyncBoltContext, next: Callable[[], Awaitable[Any]]) -> Any:
+            """One bot token serves one workspace: a request signed for another one is refused."""
+            owner = context.authorize_result.team_id if context.authorize_result else None
+            if context.team_id and owner and context.team_id != owner:
+                LOG.warning("request of team %s refused: this bot serves team %s", context.team_id, owner)
+                return BoltResponse(status=403, body="wrong workspace")
+            return await next()
 
     @app.event("app_mention")
     async def on_mention(body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:

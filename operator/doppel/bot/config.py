@@ -34,6 +34,7 @@ class BotConfig:
     slack_api_url: str | None = None  # e.g. the test emulator; None means slack.com
     vllm_url: str = "http://127.0.0.1:8000"
     vllm_timeout_s: float = 60.0
+    max_tokens: int = 512  # per reply; prompt + reply must fit the server's --max-model-len
     # Where each workspace's doppels live: explicit TEAM=namespace pairs, else the template.
     team_namespaces: Mapping[str, str] = field(default_factory=dict)
     namespace_template: str = "doppel-{team}"
@@ -92,6 +93,7 @@ class BotConfig:
             slack_api_url=_slack_api_url(get("SLACK_API_URL")),
             vllm_url=get("VLLM_URL") or cls.vllm_url,
             vllm_timeout_s=_number(get("VLLM_TIMEOUT_S"), "VLLM_TIMEOUT_S", cls.vllm_timeout_s),
+            max_tokens=int(_number(get("DOPPEL_MAX_TOKENS"), "DOPPEL_MAX_TOKENS", cls.max_tokens)),
             team_namespaces=_pairs(get("DOPPEL_TEAM_NAMESPACES")),
             namespace_template=_template(get("DOPPEL_NAMESPACE_TEMPLATE") or cls.namespace_template),
             bot_namespace=get("DOPPEL_BOT_NAMESPACE") or cls.bot_namespace,

@@ -37,6 +37,7 @@ from doppel.bot.kube import ANNOTATION_NOTIFIED, ANNOTATION_REQUESTER, LABEL_TEA
 from doppel.bot.ledger import EventLedger, KubeEventLedger, SqlEventLedger
 from doppel.bot.redact import install_token_redaction
 from doppel.bot.stores import AsyncInstallationStoreAdapter, AsyncStateStoreAdapter, KubernetesOAuthStateStore
+from doppel.serve.backend import DEFAULT_PARAMS
 from doppel.serve.vllm import AsyncVllmClient, RetryPolicy
 
 LOG = logging.getLogger(__name__)
@@ -139,8 +140,11 @@ def create_bot(
     if chat is None:
         timeout = httpx.Timeout(connect=5.0, read=config.vllm_timeout_s, write=30.0, pool=30.0)
         # Few retries: a person is waiting in the thread, and Slack shows nothing until we post.
-        chat = vllm_chat(AsyncVllmClient(config.vllm_url, timeout=timeout, retry=RetryPolicy(attempts=2)))
-    web = AsyncWebClient(base_url=config.slack_api_url) if config.slack_api_url else AsyncWebClient()
+        vllm = AsyncVllmClient(config.vllm_url, timeout=timeout, retry=RetryPolicy(attempts=2))
+        chat = vllm_chat(vllm, DEFAULT_PARAMS.override(max_tokens=config.max_tokens))
+    # Single-workspace mode: the client carries the one bot token (Bolt takes it from there).
+    token = None if config.oauth else config.bot_token
+    web = AsyncWebClient(base_url=config.slack_api_url or AsyncWebClient.BASE_URL, token=token)
     deps = Deps(config=config, kube=kube, ledger=ledger, chat=chat)
     store: AsyncInstallationStoreAdapter | None = None
     flow: AsyncOAuthFlow | None = None

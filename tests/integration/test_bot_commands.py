@@ -1,0 +1,229 @@
+"""The bot over HTTP on loopback: signature checks, /doppel, consent, deduplication, workspace isolation.
+
+Real Bolt app under uvicorn, requests signed as Slack signs them, Web API calls to the Slack emulator,
+DoppelUsers in the kmock Kubernetes emulator. No model is needed here: the doppels are not Ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from tests.support.bot_fixtures import (
+    BOT_NAMESPACE,
+    CHANNEL,
+    NAMESPACE,
+    SIGNING_SECRET,
+    action_form,
+    bot_config,
+    command_form,
+    doppel_body,
+    kube_for,
+    mention_payload,
+    say,
+)
+
+from doppel.bot.server import notify_once
+
+
+async def test_forged_and_stale_signatures_are_refused_without_side_effects(
+    bot_harness, bot_kube, slack_emulator
+):
+    bot = await bot_harness()
+    kube = kube_for(bot_kube[1])
+    await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training"))
+    ts = say(slack_emulator, "U02BOB", "<@U0DOPPEL> hi")
+    payload = mention_payload("<@U0DOPPEL> hi", ts, event_id="EvForged")
+
+    forged = await bot.event(payload, secret="not-the-signing-secret")
+    stale = await bot.event(payload, timestamp=int(time.time()) - 6 * 60)
+    tampered_body = json.dumps(payload)
+    from tests.support.bot_fixtures import sign
+
+    headers = {"Content-Type": "application/json", **sign(tampered_body)}
+    tampered = await bot.http.post(
+        "/slack/events", content=tampered_body.replace("hi", "HI"), headers=headers
+    )
+    train = await bot.form(command_form("train <@U02BOB|bob>", user="U02BOB"), secret="wrong")
+
+    assert [forged.status_code, stale.status_code, tampered.status_code, train.status_code] == [401] * 4
+    await asyncio.sleep(0.5)
+    assert slack_emulator.posted(CHANNEL) == []
+    assert await kube.get_doppel(NAMESPACE, "bob") is None
+    # Nothing claimed either: the same event, signed properly, is still answered.
+    assert (await bot.event(payload)).status_code == 200
+    posts = await bot.wait_posts(CHANNEL, 1)
+    assert "still training" in posts[0]["text"]
+
+
+async def test_train_self_creates_doppel_and_forget_removes_it(bot_harness, bot_kube):
+    bot = await bot_harness()
+    kube = kube_for(bot_kube[1])
+
+    started = time.monotonic()
+    response = await bot.form(command_form("train <@U02BOB|bob>", user="U02BOB"))
+    assert response.status_code == 200 and time.monotonic() - started < 3
+    assert "Training a doppel of bob" in response.text
+    created = await kube.get_doppel(NAMESPACE, "bob")
+    assert created is not None
+    assert created["spec"]["target"] == {"userId": "U02BOB", "handle": "bob"}
+    assert created["spec"]["slack"]["teamId"] == "T0ACME001"
+    assert created["metadata"]["annotations"]["doppel.dev/requested-by"] == "U02BOB"
+
+    listing = await bot.form(command_form("list", user="U03CAROL"))
+    assert "*bob*: Pending" in listing.text
+    again = await bot.form(command_form("train @bob", user="U02BOB"))
+    assert "already has a doppel" in again.text
+
+    refused = await bot.form(command_form("forget <@U02BOB|bob>", user="U03CAROL"))
+    assert "Only bob" in refused.text and await kube.get_doppel(NAMESPACE, "bob") is not None
+    forgot = await bot.form(command_form("forget <@U02BOB|bob>", user="U02BOB"))
+    assert "Forgot bob's doppel" in forgot.text
+    assert await kube.get_doppel(NAMESPACE, "bob") is None
+
+
+async def test_status_switch_help_and_bad_commands(bot_harness, bot_kube):
+    bot = await bot_harness()
+    kube = kube_for(bot_kube[1])
+    await kube.create_doppel(
+        NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training", samples=812, progress="40%")
+    )
+    status = await bot.form(command_form("status @alice", user="U02BOB"))
+    assert "*alice*: Training (40%), 812 samples" in status.text
+    switched = await bot.form(command_form("switch <@U01ALICE|alice>", user="U02BOB"))
+    assert "alice's doppel now answers" in switched.text
+    assert "(active)" in (await bot.form(command_form("list", user="U02BOB"))).text
+    assert "Training" in (await bot.form(command_form("status", user="U02BOB"))).text
+    assert "/doppel train <user>" in (await bot.form(command_form("help", user="U02BOB"))).text
+
+    for text, expected in [
+        ("dance", "unknown command `dance`"),
+        ("train", "needs a user"),
+        ("train @nobody-here", "no Slack user @nobody-here"),
+        ("status @dave", "no doppel of dave"),
+        ("list everything", "takes no argument"),
+        ("train <bad>", "is not a Slack user"),
+    ]:
+        response = await bot.form(command_form(text, user="U02BOB"))
+        assert response.status_code == 200
+        assert expected in response.text, (text, response.text)
+    assert [d["metadata"]["name"] for d in await kube.list_doppels(NAMESPACE)] == ["alice"]
+
+
+async def test_consent_flow_and_workspace_limit(bot_harness, bot_kube, slack_emulator):
+    bot = await bot_harness(bot_config(max_doppels_per_workspace=2))
+    kube = kube_for(bot_kube[1])
+
+    asked = await bot.form(command_form("train <@U01ALICE|alice>", user="U02BOB"))
+    assert "Asked <@U01ALICE> for their approval" in asked.text
+    assert await kube.get_doppel(NAMESPACE, "alice") is None
+    request = slack_emulator.posted(CHANNEL)[-1]
+    buttons = request["blocks"][1]["elements"]
+    assert [b["text"]["text"] for b in buttons] == ["Approve", "Decline"]
+
+    # Bob cannot approve on Alice's behalf, nor can a request signed for another workspace.
+    approve_value = buttons[0]["value"]
+    assert (
+        await bot.form(action_form("doppel_consent_approve", approve_value, user="U02BOB"))
+    ).status_code == 200
+    await bot.wait_posts(CHANNEL, 2)
+    assert await kube.get_doppel(NAMESPACE, "alice") is None
+
+    await bot.form(action_form("doppel_consent_approve", approve_value, user="U01ALICE"))
+    posts = await bot.wait_posts(CHANNEL, 3)
+    assert "<@U02BOB>: <@U01ALICE> approved" in posts[-1]["text"]
+    created = await kube.get_doppel(NAMESPACE, "alice")
+    assert created is not None and created["metadata"]["annotations"]["doppel.dev/requested-by"] == "U02BOB"
+
+    # Carol declines: nothing is created and Bob is told.
+    await bot.form(command_form("train <@U03CAROL|carol>", user="U02BOB"))
+    carol_request = (await bot.wait_posts(CHANNEL, 4))[-1]
+    decline_value = carol_request["blocks"][1]["elements"][1]["value"]
+    await bot.form(action_form("doppel_consent_decline", decline_value, user="U03CAROL"))
+    posts = await bot.wait_posts(CHANNEL, 5)
+    assert "<@U02BOB>: <@U03CAROL> declined" in posts[-1]["text"]
+    assert await kube.get_doppel(NAMESPACE, "carol") is None
+
+    # The limit: bob trains himself (2 of 2), then dave is refused even with his own consent.
+    await bot.form(command_form("train @bob", user="U02BOB"))
+    refused = await bot.form(command_form("train @dave", user="U04DAVE"))
+    assert "limit of 2 doppels" in refused.text
+    assert await kube.get_doppel(NAMESPACE, "dave") is None
+
+
+async def test_consent_can_be_switched_off(bot_harness, bot_kube):
+    bot = await bot_harness(bot_config(require_consent=False))
+    response = await bot.form(command_form("train <@U01ALICE|alice>", user="U02BOB"))
+    assert "Training a doppel of alice" in response.text
+    assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, "alice") is not None
+
+
+async def test_retries_of_one_event_are_answered_once_across_replicas_and_restarts(
+    bot_harness, bot_kube, slack_emulator
+):
+    first, second = await bot_harness(), await bot_harness()
+    kube = kube_for(bot_kube[1])
+    await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", phase="Scraping"))
+    ts = say(slack_emulator, "U02BOB", "<@U0DOPPEL> are you there?")
+    payload = mention_payload("<@U0DOPPEL> are you there?", ts, event_id="Ev0RETRY1")
+
+    responses = await asyncio.gather(first.event(payload), second.event(payload), first.event(payload))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    await first.wait_posts(CHANNEL, 1)
+    # A third replica started later (a restart) shares the record too.
+    third = await bot_harness()
+    assert (await third.event(payload)).status_code == 200
+    await asyncio.sleep(1.0)
+    posts = slack_emulator.posted(CHANNEL)
+    assert len(posts) == 1
+    assert posts[0]["thread_ts"] == ts
+    assert "alice's doppel is still training (Scraping)" in posts[0]["text"]
+    claims = [k for k in bot_kube[0].objects if k[1] == BOT_NAMESPACE and k[2].startswith("doppel-event-")]
+    assert len(claims) == 1
+
+
+async def test_a_workspace_reaches_only_its_own_doppels(
+    bot_harness, bot_kube, slack_emulator, slack_workspace
+):
+    other = dict(slack_workspace, team={"id": "T0OTHER01", "name": "Other", "domain": "other"})
+    other_team = slack_emulator.add_team(other, token="xoxb-other-0002-test", bot_user_id="U0DOPPEL")
+    kube = kube_for(bot_kube[1])
+    await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training"))
+
+    # One-workspace bot: a correctly signed request of another workspace is refused outright.
+    bot = await bot_harness()
+    response = await bot.form(command_form("list", user="U02BOB", team="T0OTHER01"))
+    assert response.status_code == 403 and "alice" not in response.text
+
+    # A bot serving the other workspace (its own token) sees its own, empty namespace.
+    other_bot = await bot_harness(bot_config(bot_token=other_team.token))
+    listing = await other_bot.form(command_form("list", user="U02BOB", team="T0OTHER01"))
+    assert "No doppels in this workspace" in listing.text
+    ts = say(slack_emulator, "U02BOB", "<@U0DOPPEL> as alice hi", team=other_team)
+    await other_bot.event(
+        mention_payload("<@U0DOPPEL> as alice hi", ts, event_id="EvOther", team="T0OTHER01")
+    )
+    posts = await other_bot.wait_posts(CHANNEL, 1, team=other_team)
+    assert "no `alice` doppel" in posts[0]["text"]
+    assert slack_emulator.posted(CHANNEL) == []
+
+
+async def test_progress_messages_reach_the_requester(bot_harness, bot_kube, slack_emulator):
+    bot = await bot_harness()
+    kube = kube_for(bot_kube[1])
+    await bot.form(command_form("train @bob", user="U02BOB"))
+    kmock = bot_kube[0]
+    for phase, extra in [("Training", {"samples": 57}), ("Ready", {"samples": 57})]:
+        key = next(k for k in kmock.objects if k[2] == "bob" and "doppelusers" in str(k[0]))
+        kmock.objects[key].patch({"status": {"phase": phase, **extra}})
+        posts = await bot.wait_posts(CHANNEL, 1 if phase == "Training" else 2, timeout=10)
+        assert posts[-1]["text"].startswith("<@U02BOB> bob's doppel")
+    texts = [p["text"] for p in slack_emulator.posted(CHANNEL)]
+    assert "scraped 57 samples, training started" in texts[0] and "is ready" in texts[1]
+    # Told once: another pass (another replica, a restart) finds the phase already announced.
+    assert await notify_once(bot.bot) == 0
+    assert (await kube.get_doppel(NAMESPACE, "bob"))["metadata"]["annotations"][
+        "doppel.dev/notified-phase"
+    ] == "Ready"
+    assert SIGNING_SECRET not in str(texts)
