@@ -169,6 +169,14 @@ JO_LINES = (
     "fwiw i'd keep an eye on <https://grafana.example.com/d/{slug}> while this rolls out, ty!",
 )
 
+# What `doppel local --demo` asks the demo person: new questions in the workspace's style, with the mention
+# already normalised the way ingestion renders it.
+DEMO_QUESTIONS = (
+    (SAM, "@Margaret can we ship the search latency fix this Friday or should we wait?"),
+    (DEV, "@Margaret the staging cluster: upgrade monday? :eyes:"),
+    (JO, "fwiw @Margaret who should sign off on the new status page? ty!"),
+)
+
 
 class _Writer:
     """Accumulates the messages of every channel, then lays them out as export files."""
