@@ -25,6 +25,7 @@ import base64
 import copy
 import json
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -229,8 +230,7 @@ class SlackEmulator:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="slack-emulator", daemon=True
         )
@@ -501,6 +501,15 @@ class SlackEmulator:
             view["reply_users"] = sorted({m.get("user", "") for m in replies})
             view["latest_reply"] = replies[-1]["ts"]
         return view
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up on a request (a cancelled task) is normal, not worth a traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _ts_key(ts: str) -> tuple[int, int]:

@@ -1,0 +1,244 @@
+"""`doppel scrape` against the Slack Web API emulator and from an export ZIP, driven as a user would."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+from tests.support.slack_emulator import SlackEmulator
+from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID, write_export_zip
+
+from doppel.cli import main
+from doppel.errors import BadInput
+from doppel.slack.samples import ScrapeOptions
+from doppel.slack.scrape import ApiSettings, scrape_api
+
+
+def scrape(emulator, out, *args, token=ACME_TOKEN, env=None):
+    argv = ["scrape", "--user", "alice", "--out", str(out), "--rate-scale", "1000", *args]
+    full_env = {
+        "SLACK_BOT_TOKEN": token,
+        "SLACK_API_URL": emulator.base_url if emulator else "",
+        **(env or {}),
+    }
+    return CliRunner().invoke(main, argv, env=full_env)
+
+
+def read_samples(out):
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def replies(out):
+    return [s["messages"][-1]["content"].split("\n")[-1] for s in read_samples(out)]
+
+
+def test_scrape_through_the_api(slack_emulator, tmp_path, monkeypatch):
+    result_file = tmp_path / "result.json"
+    out = tmp_path / "out"
+    result = scrape(slack_emulator, out, env={"DOPPEL_RESULT_FILE": str(result_file)})
+    assert result.exit_code == 0, result.output
+    samples = read_samples(out)
+    assert len(samples) == 8
+    assert {s["meta"]["channel"] for s in samples} == {"general", "engineering", "design"}
+    texts = "\n".join(replies(out))
+    assert "job 42 (https://ci.example.com/jobs/42) & the notes in https://wiki.example.com/deploy" in texts
+    assert "@doppel is going to learn" in texts
+    assert "archived" not in texts and "Private channel" not in texts and "Shared with another" not in texts
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 8 and manifest["person"]["id"] == "U01ALICE"
+    assert manifest["dropped"] == {"too_short": 2}
+    assert manifest["channels"]["general"]["samples"] == 4
+    summary = json.loads(result_file.read_text())
+    assert summary["ok"] is True and summary["samples"] == 8
+    assert summary["channels"] == ["design", "engineering", "general"]
+    # It joined the public channels it was not in, and only those.
+    joined = [c.params["channel"] for c in slack_emulator.calls_to("conversations.join")]
+    assert sorted(joined) == ["C02ENG", "C06DESIGN"]
+    assert all(c.status == 200 and c.error is None for c in slack_emulator.calls)
+
+
+def test_export_gives_the_same_samples_as_the_api(slack_emulator, slack_workspace, tmp_path):
+    assert scrape(slack_emulator, tmp_path / "api").exit_code == 0
+    zip_path = write_export_zip(slack_workspace, tmp_path / "workspace.zip")
+    result = scrape(None, tmp_path / "export", "--export", str(zip_path))
+    assert result.exit_code == 0, result.output
+    # The export knows nothing of the bot, so its own mention renders through its display name, "doppel".
+    assert (tmp_path / "api" / "samples.jsonl").read_bytes() == (
+        tmp_path / "export" / "samples.jsonl"
+    ).read_bytes()
+
+
+def test_channel_lists_and_cutoff(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    result = scrape(
+        slack_emulator, out, "--channel", "secret-plans", "--channel", "general", "--cutoff-days", "1000"
+    )
+    assert result.exit_code == 0, result.output
+    channels = {s["meta"]["channel"] for s in read_samples(out)}
+    assert channels == {"secret-plans", "general"}
+    assert any("year older" in r for r in replies(out))
+    other = tmp_path / "other"
+    assert scrape(slack_emulator, other, "--exclude-channel", "general").exit_code == 0
+    assert {s["meta"]["channel"] for s in read_samples(other)} == {"engineering", "design"}
+
+
+def test_second_run_fetches_only_newer_messages(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    state = json.loads((out / "state.json").read_text())
+    latest = state["channels"]["C02ENG"]["latest"]
+    newer = f"{int(float(latest)) + 60}.000100"
+    text = "A brand new message after the first scrape, long enough to be a sample: " + "x" * 40
+    slack_emulator.add_message("C02ENG", {"type": "message", "ts": newer, "user": "U01ALICE", "text": text})
+    calls_before = len(slack_emulator.calls_to("conversations.history"))
+    result = scrape(slack_emulator, out)
+    assert result.exit_code == 0, result.output
+    history = slack_emulator.calls_to("conversations.history")[calls_before:]
+    assert {c.params["channel"]: c.params["oldest"] for c in history}["C02ENG"] == latest
+    assert slack_emulator.calls_to("conversations.replies")[-1].time < history[0].time  # no thread refetched
+    samples = read_samples(out)
+    assert len(samples) == 9 and [s["meta"]["ts"] for s in samples].count(newer) == 1
+    assert len({(s["meta"]["channel_id"], s["meta"]["ts"]) for s in samples}) == 9
+    assert json.loads((out / "manifest.json").read_text())["added"] == 1
+
+
+def test_rate_limits_are_honoured_without_a_storm(slack_workspace, tmp_path):
+    # The client believes in 1000x the limits; Slack allows 6x (Tier 3: 5/s) with no burst.
+    with SlackEmulator(rate_scale=6, burst_seconds=0.2) as emulator:
+        emulator.add_team(slack_workspace, token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
+        result = scrape(emulator, tmp_path / "out", "--max-concurrency", "3")
+        assert result.exit_code == 0, result.output
+        assert len(read_samples(tmp_path / "out")) == 8
+        limited = [c for c in emulator.calls if c.status == 429]
+        assert limited, "the scrape should have met the rate limit"
+        assert len(limited) <= 6
+        for refused in limited:
+            # Retry-After was 1 s: apart from calls already on the wire, nobody calls that method sooner.
+            soon = [
+                c
+                for c in emulator.calls_to(refused.method)
+                if refused.time + 0.3 < c.time < refused.time + 0.95
+            ]
+            assert soon == []
+
+
+def test_a_burst_of_5xx_is_retried(slack_emulator, tmp_path):
+    slack_emulator.fail("conversations.history", 2, status=503)
+    slack_emulator.fail("users.list", 1, status=500)
+    result = scrape(slack_emulator, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert len(read_samples(tmp_path / "out")) == 8
+
+
+def assert_bad_input(result, out, *needles):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("doppel: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert not (out / "samples.jsonl").exists()
+    assert not (out / "manifest.json").exists()
+
+
+def test_5xx_storm_is_bad_input(slack_emulator, tmp_path):
+    # Through the Python API `doppel local` uses, with short backoffs so the test stays fast.
+    slack_emulator.fail("conversations.replies", 100, status=503)
+    out = tmp_path / "out"
+    settings = ApiSettings(base_url=slack_emulator.base_url, rate_scale=1000, retry_backoff=0.01)
+    with pytest.raises(BadInput, match=r"HTTP 503 on conversations\.replies\) after 3 retries"):
+        scrape_api(ACME_TOKEN, "alice", out, ScrapeOptions(), settings)
+    assert not out.exists() or not any(out.iterdir())
+    assert len([c for c in slack_emulator.calls if c.status == 503]) <= 4 * 4  # 4 tries, 4 channels at most
+
+
+def test_invalid_token(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert_bad_input(scrape(slack_emulator, out, token="xoxb-nope"), out, "invalid_auth")
+    assert_bad_input(scrape(slack_emulator, out, token=""), out, "SLACK_BOT_TOKEN")
+
+
+def test_channel_vanishing_mid_scrape(slack_emulator, tmp_path):
+    slack_emulator.vanish_channel("C01GENERAL", after_calls=1)  # history answers, then its threads are gone
+    out = tmp_path / "out"
+    assert_bad_input(scrape(slack_emulator, out), out, "C01GENERAL", "vanished")
+    assert not (out / "state.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("user", "needles"),
+    [("sam", ["ambiguous", "U05SAML", "U06SAMP"]), ("nobody", ["no user 'nobody'"])],
+)
+def test_unknown_or_ambiguous_user(slack_emulator, tmp_path, user, needles):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["scrape", "--user", user, "--out", str(out), "--rate-scale", "1000"],
+        env={"SLACK_BOT_TOKEN": ACME_TOKEN, "SLACK_API_URL": slack_emulator.base_url},
+    )
+    assert_bad_input(result, out, *needles)
+
+
+def test_unknown_channel(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert_bad_input(scrape(slack_emulator, out, "--channel", "nope"), out, "unknown channel", "nope")
+
+
+def test_bad_export_zips(slack_workspace, tmp_path):
+    out = tmp_path / "out"
+    text = tmp_path / "notes.zip"
+    text.write_text("this is not a zip")
+    assert_bad_input(scrape(None, out, "--export", str(text)), out, "not a Slack export ZIP")
+    assert_bad_input(scrape(None, out, "--export", str(tmp_path / "missing.zip")), out, "no such file")
+    no_users = tmp_path / "no_users.zip"
+    with zipfile.ZipFile(no_users, "w") as archive:
+        archive.writestr("channels.json", "[]")
+    assert_bad_input(scrape(None, out, "--export", str(no_users)), out, "no users.json")
+    good = write_export_zip(slack_workspace, tmp_path / "good.zip")
+    corrupt = tmp_path / "corrupt.zip"
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = b"\0" * 64
+    corrupt.write_bytes(bytes(data))
+    assert_bad_input(scrape(None, out, "--export", str(corrupt)), out, str(corrupt))
+    bad_json = tmp_path / "bad_json.zip"
+    with zipfile.ZipFile(bad_json, "w") as archive:
+        archive.writestr("users.json", "{not json")
+        archive.writestr("channels.json", "[]")
+    assert_bad_input(scrape(None, out, "--export", str(bad_json)), out, "users.json is not valid JSON")
+
+
+def test_bad_input_keeps_earlier_output(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    before = (out / "samples.jsonl").read_bytes()
+    slack_emulator.vanish_channel("C02ENG")
+    result = scrape(slack_emulator, out)
+    assert result.exit_code == 2
+    assert (out / "samples.jsonl").read_bytes() == before
+    bob = CliRunner().invoke(
+        main,
+        ["scrape", "--user", "bob", "--out", str(out), "--rate-scale", "1000"],
+        env={"SLACK_BOT_TOKEN": ACME_TOKEN, "SLACK_API_URL": slack_emulator.base_url},
+    )
+    assert bob.exit_code == 2 and "use another --state" in bob.stderr
+    assert (out / "samples.jsonl").read_bytes() == before
+
+
+def test_the_installed_command_exits_2_with_one_line(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "doppel.cli", "scrape", "--user", "alice", "--out", str(out)],
+        env={
+            "SLACK_BOT_TOKEN": "xoxb-wrong",
+            "SLACK_API_URL": slack_emulator.base_url,
+            "PATH": "/usr/bin:/bin",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "doppel: error: Slack rejected the token (invalid_auth)\n"
+    assert not out.exists() or not any(out.iterdir())
