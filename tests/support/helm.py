@@ -48,7 +48,7 @@ def tool(name: str) -> Path:
     pytest.skip(f"{name} not available: {reason}")
 
 
-def helm(*args: str, timeout: float = 60.0) -> str:
+def helm(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> str:
     """Run helm with `args` offline (no repositories, no cluster) and return its stdout."""
     with tempfile.TemporaryDirectory(prefix="doppel-helm-") as home:
         # Keep helm's caches and config out of the user's home; it needs no cluster for lint/template.
@@ -60,7 +60,13 @@ def helm(*args: str, timeout: float = 60.0) -> str:
             "KUBECONFIG": f"{home}/kubeconfig",
         }
         proc = subprocess.run(
-            [str(tool("helm")), *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+            [str(tool("helm")), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            check=False,
         )
     if proc.returncode != 0:
         raise HelmError(proc.stderr.strip() or f"helm exited {proc.returncode}")
