@@ -18,6 +18,7 @@ from typing import Any
 
 from slack_bolt import BoltResponse
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization.async_authorize import AsyncAuthorize
 from slack_bolt.context.async_context import AsyncBoltContext
 from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
 from slack_sdk.errors import SlackApiError
@@ -68,7 +69,13 @@ class Deps:
     chat: Chat
 
 
-def build_app(deps: Deps, *, client: AsyncWebClient, oauth_flow: AsyncOAuthFlow | None = None) -> AsyncApp:
+def build_app(
+    deps: Deps,
+    *,
+    client: AsyncWebClient,
+    oauth_flow: AsyncOAuthFlow | None = None,
+    authorize: AsyncAuthorize | None = None,
+) -> AsyncApp:
     """The Bolt app. `client` carries the Slack API base URL and, in single-workspace mode, the bot token;
     `oauth_flow` selects multi-workspace mode."""
     config = deps.config
@@ -76,6 +83,7 @@ def build_app(deps: Deps, *, client: AsyncWebClient, oauth_flow: AsyncOAuthFlow 
         signing_secret=config.signing_secret,
         client=client,
         oauth_flow=oauth_flow,
+        authorize=authorize,
         logger=LOG,
     )
 

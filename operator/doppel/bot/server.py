@@ -19,6 +19,7 @@ import httpx
 import uvicorn
 from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAuthorize
 from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
 from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
 from slack_sdk.oauth.installation_store import InstallationStore
@@ -148,6 +149,7 @@ def create_bot(
     deps = Deps(config=config, kube=kube, ledger=ledger, chat=chat)
     store: AsyncInstallationStoreAdapter | None = None
     flow: AsyncOAuthFlow | None = None
+    authorize: AsyncInstallationStoreAuthorize | None = None
     if config.oauth:
         sync_store, state_store = _oauth_stores(config, installation_store, client or api_client(kube_server))
         store = AsyncInstallationStoreAdapter(sync_store)
@@ -164,7 +166,16 @@ def create_bot(
             token_rotation_expiration_minutes=120,
         )
         flow = AsyncOAuthFlow(client=web, settings=settings)
-    app = build_app(deps, client=web, oauth_flow=flow)
+        # Bolt's default authorize rotates tokens through a client of its own (slack.com): use ours.
+        authorize = AsyncInstallationStoreAuthorize(
+            installation_store=store,
+            client_id=config.client_id,
+            client_secret=config.client_secret,
+            client=web,
+            token_rotation_expiration_minutes=settings.token_rotation_expiration_minutes,
+            logger=LOG,
+        )
+    app = build_app(deps, client=web, oauth_flow=flow, authorize=authorize)
     return Bot(config=config, deps=deps, app=app, installation_store=store)
 
 
