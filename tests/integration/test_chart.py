@@ -16,12 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import click
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from tests.support.helm import (
     CHART_DIR,
+    NAMESPACE,
     REPO_ROOT,
     HelmError,
     find_manifest,
@@ -33,6 +35,8 @@ from tests.support.helm import (
 )
 
 from doppel import api
+from doppel.bot.config import BotConfig
+from doppel.cli import main
 
 SCALED_VALUES = CHART_DIR / "examples" / "values-scaled.yaml"
 EXAMPLE_DOPPELUSER = CHART_DIR / "examples" / "doppeluser.yaml"
@@ -157,17 +161,20 @@ def test_vllm_serves_loras_from_the_volume_the_operator_writes_to(
     assert env_of(vllm, "vllm")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert server["readinessProbe"]["httpGet"]["path"] == "/health"
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
-    # The train Job writes adapters under DOPPEL_DATA_DIR on the shared claim: vLLM reads the same path.
+    # The train Job writes adapters under DOPPEL_DATA_ROOT on the shared claim: vLLM reads the same path.
     operator_env = env_of(operator, "operator")
     (mount,) = [m for m in server["volumeMounts"] if m["name"] == "data"]
-    assert mount["mountPath"] == operator_env["DOPPEL_DATA_DIR"] == "/data"
+    assert mount["mountPath"] == operator_env["DOPPEL_DATA_ROOT"] == "/data"
     (volume,) = [v for v in vllm["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
-    assert volume["persistentVolumeClaim"]["claimName"] == operator_env["DOPPEL_SHARED_CLAIM"]
+    assert volume["persistentVolumeClaim"]["claimName"] == operator_env["DOPPEL_DATA_CLAIM"]
     pvc = find_manifest(default_manifests, "PersistentVolumeClaim", "data")
-    assert pvc["metadata"]["name"] == operator_env["DOPPEL_SHARED_CLAIM"]
+    assert pvc["metadata"]["name"] == operator_env["DOPPEL_DATA_CLAIM"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    # The operator registers on the pod's first port; it is vLLM's API port.
-    assert server["ports"][0]["containerPort"] == int(operator_env["DOPPEL_VLLM_PORT"]) == 8000
+    # The operator registers adapters on the pod port named "http": vLLM's own API port.
+    (http,) = [
+        p for c in vllm["spec"]["template"]["spec"]["containers"] for p in c["ports"] if p["name"] == "http"
+    ]
+    assert http["containerPort"] == 8000 and http in server["ports"]
 
 
 def test_default_doppeluser_selector_finds_the_vllm_pods(default_manifests: list[dict[str, Any]]) -> None:
@@ -247,9 +254,7 @@ def test_scaled_values_scale_out(scaled_manifests: list[dict[str, Any]]) -> None
     assert bot_env["DOPPEL_TEAM_NAMESPACES"] == "T0123ABCD=doppel,T0456EFGH=doppel,T0789IJKL=doppel"
     assert bot_env["SLACK_REDIRECT_URI"] == "https://doppel.example.com/slack/oauth_redirect"
     assert (
-        env_of(find_manifest(scaled_manifests, "Deployment", "operator"), "operator")[
-            "DOPPEL_MAX_CONCURRENT_TRAINING"
-        ]
+        env_of(find_manifest(scaled_manifests, "Deployment", "operator"), "operator")["DOPPEL_MAX_TRAININGS"]
         == "4"
     )
     ingress = find_manifest(scaled_manifests, "Ingress", "bot")
@@ -275,7 +280,7 @@ def test_existing_secret_and_claim_are_used_instead_of_created() -> None:
         if "persistentVolumeClaim" in v
     ]
     assert claims == ["shared-nfs"]
-    assert env_of(find_manifest(manifests, "Deployment", "operator"), "operator")["DOPPEL_SHARED_CLAIM"] == (
+    assert env_of(find_manifest(manifests, "Deployment", "operator"), "operator")["DOPPEL_DATA_CLAIM"] == (
         "shared-nfs"
     )
 
@@ -385,3 +390,69 @@ def test_missing_helm_skips_or_fails_when_required(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DOPPEL_REQUIRE_TOOLS", "1")
     with pytest.raises(pytest.fail.Exception, match="helm is required"):
         tool("helm")
+
+
+def rendered_env(manifests: list[dict[str, Any]], component: str) -> dict[str, str]:
+    """The environment the component's container starts with: its Secret's keys (envFrom), then its env,
+    with the pod's namespace filled in where a fieldRef asks for it."""
+    spec = container(find_manifest(manifests, "Deployment", component), component)
+    env: dict[str, str] = {}
+    for source in spec.get("envFrom", []):
+        secret = find_manifest(manifests, "Secret", source["secretRef"]["name"].rsplit("-", 1)[-1])
+        env.update(secret["stringData"])
+    for name, value in env_of(find_manifest(manifests, "Deployment", component), component).items():
+        if isinstance(value, dict) and "secretKeyRef" in value:
+            ref = value["secretKeyRef"]  # a Secret the user creates; stand in for its value
+            value = f"secret {ref['name']}/{ref['key']}"
+        elif isinstance(value, dict):
+            assert value == {"fieldRef": {"fieldPath": "metadata.namespace"}}, name
+            value = NAMESPACE
+        env[name] = value
+    return env
+
+
+@pytest.mark.parametrize(
+    ("which", "worker_image", "max_trainings"),
+    [
+        ("default", "ghcr.io/doppel-dev/doppel-worker:0.1.0", 1),
+        ("scaled", "registry.example.com/doppel/doppel-worker:0.1.0", 4),
+    ],
+)
+def test_operator_reads_the_chart_environment(
+    which: str,
+    worker_image: str,
+    max_trainings: int,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`doppel operator` parses the environment the chart gives it into the intended settings."""
+    manifests = request.getfixturevalue(f"{which}_manifests")
+    env = rendered_env(manifests, "operator")
+    command = main.commands["operator"]
+    known = {opt.envvar for opt in command.params if isinstance(opt, click.Option)}
+    assert set(env) <= known, f"the operator reads no {set(env) - known}"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    params = command.make_context("operator", []).params
+    claim = find_manifest(manifests, "PersistentVolumeClaim", "data")["metadata"]["name"]
+    assert (params["namespaces"], params["data_root"], params["data_claim"]) == ((NAMESPACE,), "/data", claim)
+    assert (params["worker_image"], params["max_trainings"]) == (worker_image, max_trainings)
+    job_account = find_manifest(manifests, "ServiceAccount", "worker")
+    assert params["service_account"] == job_account["metadata"]["name"]
+    assert job_account["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("which", ["default", "scaled"])
+def test_bot_reads_the_chart_environment(which: str, request: pytest.FixtureRequest) -> None:
+    """The bot's configuration, read from the chart's environment, reaches vLLM through the chat Service
+    and keeps listed workspaces' doppels in the release namespace (next to the shared volume)."""
+    manifests = request.getfixturevalue(f"{which}_manifests")
+    config = BotConfig.from_env(rendered_env(manifests, "bot"))
+    service = find_manifest(manifests, "Service", "vllm")
+    assert config.vllm_url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert config.bot_namespace == NAMESPACE
+    assert config.oauth is (which == "scaled")
+    if which == "scaled":
+        assert config.namespace_for("T0456EFGH") == NAMESPACE
+        assert config.oauth_redirect_uri == "https://doppel.example.com/slack/oauth_redirect"
+        assert config.max_doppels_per_workspace == 50
