@@ -26,7 +26,8 @@ class OperatorConfig:
     max_backoff_s: float = 300.0
     # How often each object re-checks its vLLM pods' /v1/models and everything else (drift repair).
     resync_s: float = 30.0
-    # Extra CLI flags for the train Job (tests use a few steps).
+    # Extra CLI flags for the scrape and train Jobs (tests raise rate limits, keep training short).
+    scrape_args: tuple[str, ...] = field(default_factory=tuple)
     train_args: tuple[str, ...] = field(default_factory=tuple)
     # Kubernetes API server override (tests point it at the emulator); None logs in from the
     # service account or kubeconfig.

@@ -49,6 +49,9 @@ class State:
     api: KubeApi | None = None
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)  # uid -> wakes its loop
     reserved: dict[str, float] = field(default_factory=dict)  # uid -> when its train Job was admitted
+    # uid -> the status this process last wrote. The operator is the only writer of status, so this is
+    # the truth even before the watch delivers it back (avoids repeated patches and Events).
+    published: dict[str, DoppelUserStatus] = field(default_factory=dict)
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -309,7 +312,7 @@ async def _step(
     """One reconcile pass; returns how long to sleep at most (None: until woken)."""
     config, api = _config(memo), _api(memo)
     now = datetime.now(UTC)
-    current = DoppelUserStatus.model_validate(body.get("status") or {})
+    current = _state(memo).published.get(uid) or DoppelUserStatus.model_validate(body.get("status") or {})
     try:
         spec = DoppelUserSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
@@ -317,7 +320,7 @@ async def _step(
         new = current.model_copy(deep=True)
         new.phase, new.reason = "Failed", "InvalidSpec"
         new.message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        await _publish(api, body, namespace, name, current, new)
+        await _publish(_state(memo), body, current, new)
         return None
     owner = jobs.Owner(namespace, name, uid, int(body.get("metadata", {}).get("generation") or 1))
     owned = list(indexes["doppel_jobs"].get(uid, []))
@@ -346,7 +349,7 @@ async def _step(
         new, old = promote(new, loaded, errors, now)
         if old is not None:
             # Only now that every pod serves the new version and the status points at it.
-            await _publish(api, body, namespace, name, current, new)
+            await _publish(_state(memo), body, current, new)
             current = new
             await _unload(old, vllm, logger)
         if new.pending_adapter is not None:
@@ -355,15 +358,13 @@ async def _step(
         # Drift repair: every ready pod must hold the current adapter (restarts lose runtime-loaded ones).
         loaded, errors = await _ensure_loaded(new.adapter, vllm)
         new = observe_serving(new, loaded, errors, now)
-    await _publish(api, body, namespace, name, current, new)
+    await _publish(_state(memo), body, current, new)
     return delay
 
 
 async def _publish(
-    api: KubeApi,
+    state: State,
     body: kopf.Body,
-    namespace: str,
-    name: str,
     old: DoppelUserStatus,
     new: DoppelUserStatus,
 ) -> None:
@@ -371,7 +372,10 @@ async def _publish(
     before, after = _dump(old), _dump(new)
     if before == after:
         return
-    await api.patch_status(namespace, name, after)
+    meta = body["metadata"]
+    assert state.api is not None
+    await state.api.patch_status(meta["namespace"], meta["name"], after)
+    state.published[meta["uid"]] = new
     for kind, reason, message in transitions(old, new):
         kopf.event(body, type=kind, reason=reason, message=message[:1000])
 
@@ -414,6 +418,7 @@ async def pipeline(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout=max(timeout, 0.05))
     _state(memo).wakeups.pop(uid, None)
+    _state(memo).published.pop(uid, None)
 
 
 # --- deletion -------------------------------------------------------------------------------------------

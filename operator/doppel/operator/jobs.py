@@ -109,11 +109,13 @@ def scrape_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -
         command += ["--exclude-channel", channel]
     command += ["--cutoff-days", str(data.cutoff_days), "--min-length", str(data.min_length)]
     command += ["--max-samples", str(data.max_samples)]
-    return command
+    return command + list(config.scrape_args)
 
 
 def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -> list[str]:
     t = spec.training
+    # spec.training.batchSize is the effective batch: micro-batches of at most 4, accumulated.
+    micro = min(4, t.batch_size)
     command = [
         "doppel",
         "train",
@@ -121,7 +123,7 @@ def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) ->
         posixpath.join(dataset_dir(config, owner), "samples.jsonl"),
         "--base-model",
         spec.base_model.path,
-        "--served-base-name",
+        "--base-model-name",
         spec.base_model.served_name,
         "--out",
         adapter_dir(config, owner.namespace, owner.name, owner.generation),
@@ -129,18 +131,20 @@ def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) ->
         str(t.rank),
         "--alpha",
         str(t.alpha),
-        "--learning-rate",
+        "--lr",
         str(t.learning_rate),
         "--epochs",
         str(t.epochs),
         "--batch-size",
-        str(t.batch_size),
+        str(micro),
+        "--grad-accum",
+        str(-(-t.batch_size // micro)),
         "--min-samples",
         str(t.min_samples),
         "--json-progress",
     ]
     if t.max_steps is not None:
-        command += ["--max-steps", str(t.max_steps)]
+        command += ["--max-steps-per-epoch", str(t.max_steps)]
     return command + list(config.train_args)
 
 

@@ -1,0 +1,112 @@
+"""The operator under kopf against kmock: problems show in conditions and heal by themselves.
+
+No vLLM here: these paths stop before registration (or test the queue with Jobs held).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.support.kube_fixtures import NAMESPACE, OperatorProcess, config_with
+from tests.support.slack_fixtures import ACME_TOKEN
+
+from doppel.operator import jobs
+
+
+def doppeluser(name: str, user: str = "alice", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "doppel.dev/v1alpha1",
+        "kind": "DoppelUser",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "slack": {"teamId": "T0ACME001", "tokenSecretRef": {"name": "slack-bot"}},
+            "target": {"handle": user},
+            "data": {"minLength": 20},
+            "baseModel": {"servedName": "doppel-tiny", "path": "/nonexistent/model"},
+            "training": {"rank": 8, "alpha": 16, "maxSteps": 2, "minSamples": 3, "batchSize": 4},
+            **spec,
+        },
+    }
+
+
+def reason(obj: dict[str, Any]) -> str | None:
+    return (obj.get("status") or {}).get("reason")
+
+
+def cond(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
+
+
+async def test_missing_secret_then_unknown_user_then_fixed(kube, operator_config, slack_emulator):
+    config = config_with(
+        operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
+    )
+    operator = OperatorProcess(config)
+    await operator.start()
+    try:
+        await kube.kubectl.create(doppeluser("ghost", user="nobody-here"))
+        obj = await kube.wait_for("ghost", lambda o: reason(o) == "SecretMissing", 30, "SecretMissing")
+        assert cond(obj, "Scraped")["message"] == f"Secret {NAMESPACE}/slack-bot not found"
+        assert kube.cluster.jobs() == []
+        # The Secret appears: the object recovers by itself and scrapes; the unknown user fails at once.
+        await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
+        obj = await kube.wait_for(
+            "ghost", lambda o: o.get("status", {}).get("phase") == "Failed", 60, "Failed"
+        )
+        assert reason(obj) == "BadInput" and "nobody-here" in obj["status"]["message"]
+        assert len(kube.cluster.jobs()) == 1  # bad input is not retried
+        events = await kube.kubectl.events()
+        assert any(e["reason"] == "BadInput" and e["type"] == "Warning" for e in events)
+        # Fixing the spec (new generation) starts over.
+        await kube.kubectl.patch("DoppelUser", "ghost", {"spec": {"target": {"handle": "alice"}}})
+        obj = await kube.wait_for(
+            "ghost", lambda o: cond(o, "Scraped").get("status") == "True", 60, "scraped"
+        )
+        assert obj["status"]["observedGeneration"] == 2 and obj["status"]["samples"] >= 3
+    finally:
+        await operator.stop()
+
+
+async def test_training_queue_is_fifo_and_bounded(kube, operator_config, slack_emulator):
+    config = config_with(
+        operator_config,
+        slack_api_url=slack_emulator.base_url + "/",
+        scrape_args=("--rate-scale", "1000"),
+        max_trainings=1,
+    )
+    kube.jobs.hold("train")
+    await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
+    operator = OperatorProcess(config)
+    await operator.start()
+    try:
+        await kube.kubectl.create(doppeluser("first"))
+        await kube.wait_for(
+            "first", lambda o: o.get("status", {}).get("phase") == "Training", 60, "first trains"
+        )
+        await kube.kubectl.create(doppeluser("second"))
+        await kube.kubectl.create(doppeluser("third"))
+        await kube.wait_for("second", lambda o: reason(o) == "Queued", 60, "second queued")
+        third = await kube.wait_for("third", lambda o: reason(o) == "Queued", 60, "third queued")
+        second = await kube.kubectl.get("DoppelUser", "second")
+        assert second["status"]["phase"] == third["status"]["phase"] == "Pending"
+        assert second["status"]["queuedAt"] <= third["status"]["queuedAt"]
+        train_jobs = [j for j in kube.cluster.jobs() if j["metadata"]["labels"][jobs.L_STEP] == "train"]
+        assert [j["metadata"]["labels"][jobs.L_USER] for j in train_jobs] == ["first"]
+        # The first training ends (it fails: no such base model); the slot goes to the earliest waiter.
+        kube.jobs.release("train")
+        kube.jobs.hold("train")
+        await kube.wait_for(
+            "second", lambda o: o.get("status", {}).get("phase") == "Training", 60, "second trains"
+        )
+        third = await kube.kubectl.get("DoppelUser", "third")
+        assert reason(third) == "Queued"
+        running = [
+            j
+            for j in kube.cluster.jobs()
+            if j["metadata"]["labels"][jobs.L_STEP] == "train"
+            and not (j.get("status") or {}).get("conditions")
+        ]
+        assert len(running) == 1
+    finally:
+        kube.jobs.release("train")
+        await operator.stop()
