@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 
+from slack_sdk import WebClient
 from tests.support.bot_fixtures import (
     BOT_NAMESPACE,
     CHANNEL,
@@ -23,6 +24,7 @@ from tests.support.bot_fixtures import (
     mention_payload,
     say,
 )
+from tests.support.slack_fixtures import ACME_TOKEN
 
 from doppel.bot.server import notify_once
 
@@ -227,3 +229,42 @@ async def test_progress_messages_reach_the_requester(bot_harness, bot_kube, slac
         "doppel.dev/notified-phase"
     ] == "Ready"
     assert SIGNING_SECRET not in str(texts)
+
+
+async def test_the_thread_becomes_the_prompt_and_a_split_reply_several_posts(
+    bot_harness, bot_kube, slack_emulator
+):
+    """Through the pluggable chat backend (what `doppel local` plugs its in-process model into)."""
+    asked: list[tuple[str, list[dict[str, str]]]] = []
+
+    async def chat(model, messages):
+        asked.append((model, [dict(m) for m in messages]))
+        return "sure, 5pm\n\nsee you there"
+
+    bot = await bot_harness(chat=chat)
+    kube = kube_for(bot_kube[1])
+    await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="alice-v3"))
+    await kube.create_doppel(NAMESPACE, doppel_body("bob", "U02BOB", served_name="bob-v1"))
+    root = say(slack_emulator, "U01ALICE", "deploy is at 5pm &amp; not later")
+    # The doppel answered in this thread before (posted as the bot does, through the Web API).
+    WebClient(token=ACME_TOKEN, base_url=slack_emulator.base_url).chat_postMessage(
+        channel=CHANNEL, thread_ts=root, text="told you so", username="alice-bot"
+    )
+    ts = say(slack_emulator, "U03CAROL", "<@U0DOPPEL> as alice still on, <@U02BOB>?", thread_ts=root)
+    await bot.event(
+        mention_payload(
+            "<@U0DOPPEL> as alice still on, <@U02BOB>?", ts, event_id="EvP", thread_ts=root, user="U03CAROL"
+        )
+    )
+    posts = await bot.wait_posts(CHANNEL, 3)  # the earlier alice-bot message + two new ones
+    assert [p["text"] for p in posts[1:]] == ["sure, 5pm", "see you there"]
+    assert {p["username"] for p in posts[1:]} == {"alice-bot"} and {p["thread_ts"] for p in posts} == {root}
+    model, messages = asked[0]
+    assert model == "alice-v3"
+    assert messages[0]["role"] == "system" and "Alice" in messages[0]["content"]
+    # The doppel's earlier reply counts as Alice's own (assistant) turn; the selector is gone, mentions read.
+    assert messages[1:] == [
+        {"role": "user", "content": "(a new thread in #general)"},
+        {"role": "assistant", "content": "deploy is at 5pm & not later\ntold you so"},
+        {"role": "user", "content": "Carol Diaz: @doppel still on, @bobby?"},
+    ]

@@ -33,11 +33,13 @@ from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, 
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient
 from doppel.slack.conversation import ThreadMessage, build_conversation
+from doppel.slack.normalize import normalize_text, user_display_name
 
 LOG = logging.getLogger(__name__)
 ANNOTATION_CHANNEL = "doppel.dev/notify-channel"
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 DEFAULT_ICON = ":robot_face:"
+_MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 
 # The one thing the bot needs from a model server: the reply of adapter `model` to `messages`.
 Chat = Callable[[str, Messages], Awaitable[str]]
@@ -152,7 +154,7 @@ async def answer_mention(
     namespace = deps.config.namespace_for(team_id)
     text = logic.strip_bot_mention(event.get("text", ""), bot_user_id)
     try:
-        ref, _ = logic.pick_doppel(text)
+        ref, rest = logic.pick_doppel(text)
     except logic.CommandError as exc:
         await post(str(exc))
         return
@@ -169,13 +171,16 @@ async def answer_mention(
     target = doppel["spec"]["target"]
     person_id = target.get("userId") or ""
     profile = await _profile(client, person_id)
-    person = target.get("realName") or target.get("handle") or name
+    # Named as the training samples name the person: real name first.
+    person = profile.get("real_name") or target.get("realName") or target.get("handle") or name
     try:
         replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
-        context = await _thread(
-            client, replies.get("messages", []), event["ts"], name, person_id, bot_user_id
-        )
-        messages = build_conversation(person, person_id, context)
+        thread = replies.get("messages", [])
+        if not any(m.get("ts") == event["ts"] for m in thread):
+            thread.append(event)  # replies can lag behind the event: the question must be there
+        context = await _thread(client, thread, event, rest, name, person_id, bot_user_id)
+        channel_name = await _channel_name(client, channel)
+        messages = build_conversation(person, person_id, context, channel=channel_name)
         reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
     except (ServeError, TimeoutError) as exc:
         LOG.warning("no reply from %s for team %s: %s", model, team_id, exc)
@@ -220,16 +225,18 @@ async def _profile(client: AsyncWebClient, user_id: str) -> dict[str, Any]:
 async def _thread(
     client: AsyncWebClient,
     messages: Sequence[dict[str, Any]],
-    upto_ts: str,
+    mention: dict[str, Any],
+    text: str,
     name: str,
     person_id: str,
     bot_user_id: str | None,
 ) -> list[ThreadMessage]:
-    """The thread up to the mention, as the person saw it: the doppel's own replies count as theirs."""
-    names: dict[str, str] = {}
+    """The thread up to the mention, normalised as the training samples were: the doppel's own replies count
+    as the person's, and the mention itself is read without its `as <user>` selector."""
+    users: dict[str, str] = {}
     context: list[ThreadMessage] = []
     for message in messages:
-        if _ts(message["ts"]) > _ts(upto_ts):
+        if _ts(message["ts"]) > _ts(mention["ts"]):
             break
         if message.get("bot_id"):
             if message.get("username") != f"{name}-bot":
@@ -237,26 +244,27 @@ async def _thread(
             author_id = person_id
         else:
             author_id = message.get("user", "")
-        if author_id not in names:
-            names[author_id] = await _display_name(client, author_id)
-        text = logic.strip_bot_mention(message.get("text", ""), bot_user_id)
-        context.append(ThreadMessage(author_id, names[author_id], _normalise(text, bot_user_id)))
+        raw = f"<@{bot_user_id}> {text}" if message["ts"] == mention["ts"] else message.get("text", "")
+        for user_id in {author_id, *_MENTIONED.findall(raw)} - users.keys():
+            users[user_id] = await _display_name(client, user_id)
+        clean = normalize_text(raw, users, None, bot_user_id)
+        if clean:
+            context.append(ThreadMessage(author_id, users[author_id], clean))
     return context
-
-
-def _normalise(text: str, bot_user_id: str | None) -> str:
-    if bot_user_id:
-        text = text.replace(f"<@{bot_user_id}>", "@doppel")
-    return text
 
 
 async def _display_name(client: AsyncWebClient, user_id: str) -> str:
     try:
-        user = (await client.users_info(user=user_id))["user"]
+        return user_display_name((await client.users_info(user=user_id))["user"])
     except SlackApiError:
         return user_id
-    profile = user.get("profile") or {}
-    return str(profile.get("display_name") or user.get("real_name") or user.get("name") or user_id)
+
+
+async def _channel_name(client: AsyncWebClient, channel: str) -> str | None:
+    try:
+        return str((await client.conversations_info(channel=channel))["channel"]["name"])
+    except SlackApiError:
+        return None
 
 
 def _ts(ts: str) -> tuple[int, int]:
