@@ -456,3 +456,16 @@ def test_bot_reads_the_chart_environment(which: str, request: pytest.FixtureRequ
         assert config.namespace_for("T0456EFGH") == NAMESPACE
         assert config.oauth_redirect_uri == "https://doppel.example.com/slack/oauth_redirect"
         assert config.max_doppels_per_workspace == 50
+
+
+def test_every_value_is_documented() -> None:
+    """values.yaml explains each key: a comment on its line or on the line above."""
+    lines = (CHART_DIR / "values.yaml").read_text(encoding="utf-8").splitlines()
+    undocumented = [
+        line.strip()
+        for previous, line in zip(["#", *lines], lines, strict=False)
+        if re.match(r"^\s*[A-Za-z][\w./-]*:", line)
+        and "#" not in line
+        and not previous.strip().startswith("#")
+    ]
+    assert not undocumented
