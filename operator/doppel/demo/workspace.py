@@ -37,6 +37,8 @@ TEAM_ID = "T0DEMO0001"
 # Monday 2024-03-04 09:00 UTC: the export spans the working days after it.
 START = dt.datetime(2024, 3, 4, 9, 0, tzinfo=dt.UTC)
 WORKING_DAYS = 24
+# When the export was taken: scrapes of it measure their "last N days" cutoff from here, not from today.
+EXPORTED_AT = START + dt.timedelta(days=40)
 THREADS_PER_DAY = 3
 # Fixed ZIP entry times: the same seed always gives the same bytes.
 ZIP_DATE = (2024, 4, 1, 0, 0, 0)

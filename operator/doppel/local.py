@@ -1,0 +1,444 @@
+"""`doppel local`: the whole pipeline on one machine, no cluster, no GPU needed.
+
+Stages, each shown with its number, name and elapsed time: workspace (the demo export, or the given one)
+-> base model (the tiny model for the demo) -> scrape (incremental) -> train (skipped when nothing
+changed) -> replies (the in-process transformers+peft backend answers a few questions, adapter and base
+model side by side, in one batch).
+
+Everything goes under one work directory:
+
+    WORKDIR/demo/workspace.zip          the synthetic export (--demo)
+    WORKDIR/models/doppel-tiny/         the tiny base model (--demo)
+    WORKDIR/data/USER/                  samples.jsonl, manifest.json, the scrape's incremental state
+    WORKDIR/adapters/USER/FINGERPRINT/  the adapter (+ metrics.json, fingerprint.json); FINGERPRINT hashes
+                                        samples, base model and training settings, so a second run with
+                                        the same inputs reuses it instead of retraining
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import shutil
+import sys
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from doppel.errors import BadInput
+
+FINGERPRINT_FILE = "fingerprint.json"
+ASKER_ID = "U0LOCALASK"
+# Questions for a real workspace, where there are no demo people to ask them.
+GENERIC_QUESTIONS = (
+    "Can you take a look at the failing deploy when you have a minute?",
+    "What do you think about moving the team meeting to Thursdays?",
+    "Any tips for someone starting on the project next week?",
+)
+# The demo trains a tiny random model from scratch in a minute or two on CPU: a small rank is enough, a
+# high learning rate and small batches make the most of few steps, and no early stop cuts it short.
+DEMO_TRAINING: dict[str, Any] = {
+    "rank": 16,
+    "alpha": 32,
+    "dropout": 0.0,
+    "lr": 3e-3,
+    "batch_size": 4,
+    "grad_accum": 1,
+    "max_length": 512,
+    "eval_fraction": 0.15,
+    "early_stopping_patience": 100,
+}
+DEMO_MAX_STEPS = 150
+# Replies are short: Slack messages, and generation on CPU is not free.
+REPLY_TOKENS = 80
+
+
+@dataclass(frozen=True)
+class Question:
+    asker_id: str
+    asker_name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    question: Question
+    adapter: str
+    base: str
+
+
+@dataclass
+class Settings:
+    """What the user chose on the command line."""
+
+    workdir: Path
+    demo: bool = False
+    export: Path | None = None
+    user: str | None = None
+    base_model: str | None = None
+    slack_token: str | None = None
+    slack_api_url: str | None = None
+    max_steps: int | None = None
+
+    def check(self) -> None:
+        """Reject contradictory or missing options before anything is written."""
+        if sum([self.demo, self.export is not None, self.slack_token is not None]) != 1:
+            raise BadInput("give exactly one of --demo, --export ZIP or --slack-token TOKEN")
+        if not self.demo and not self.user:
+            raise BadInput("--user is required with --export or --slack-token")
+        if not self.demo and not self.base_model:
+            raise BadInput("--base-model is required with --export or --slack-token")
+        if self.demo and self.base_model:
+            raise BadInput(
+                "--demo trains the built-in tiny model; --base-model is for --export/--slack-token"
+            )
+        if self.export is not None and not self.export.is_file():
+            raise BadInput(f"export not found: {self.export}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise BadInput(f"--max-steps must be at least 1, got {self.max_steps}")
+
+
+@dataclass
+class Outcome:
+    """What a run produced; `summary()` is the CLI's result."""
+
+    person_id: str
+    person_name: str
+    samples: int
+    added_samples: int
+    base_model: Path
+    adapter: Path
+    trained: bool
+    metrics: dict[str, Any]
+    replies: list[Reply] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "person": self.person_id,
+            "samples": self.samples,
+            "added_samples": self.added_samples,
+            "adapter": str(self.adapter),
+            "trained": self.trained,
+            "base_eval_loss": self.metrics.get("base_eval_loss"),
+            "adapter_eval_loss": self.metrics.get("adapter_eval_loss"),
+        }
+
+
+class Progress:
+    """One line per stage on stderr: number and name when it starts, elapsed time and a note when it ends."""
+
+    def __init__(self, total: int, out: TextIO | None = None) -> None:
+        self.total = total
+        self.out = out or sys.stderr
+        self.number = 0
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, str]]:
+        """Yields a dict in which the stage may leave a `note` for its closing line."""
+        self.number += 1
+        info: dict[str, str] = {}
+        tag = f"[{self.number}/{self.total}] {name}"
+        print(f"{tag} ...", file=self.out, flush=True)
+        started = time.monotonic()
+        yield info
+        note = f": {info['note']}" if info.get("note") else ""
+        print(f"{tag} done in {time.monotonic() - started:.1f}s{note}", file=self.out, flush=True)
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def demo_export(self) -> Path:
+        return self.root / "demo" / "workspace.zip"
+
+    @property
+    def tiny_model(self) -> Path:
+        from doppel.train.tiny import TINY_MODEL_NAME
+
+        return self.root / "models" / TINY_MODEL_NAME
+
+    def data(self, user: str) -> Path:
+        return self.root / "data" / _slug(user)
+
+    def adapters(self, user: str) -> Path:
+        return self.root / "adapters" / _slug(user)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_.-]+", "-", text.strip().lstrip("@").casefold()).strip("-.") or "user"
+
+
+def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
+    """Scrape, train (unless an adapter for the same inputs exists) and answer the questions."""
+    settings.check()
+    layout = Layout(Path(settings.workdir))
+    user = settings.user or _demo_person()
+    if settings.demo:
+        _check_demo_user(user)
+    progress = progress or Progress(5 if settings.slack_token is None else 4)
+
+    if settings.slack_token is None:
+        with progress.stage("workspace") as info:
+            export = _workspace(settings, layout)
+            info["note"] = str(export)
+    with progress.stage("base model") as info:
+        base_name, base_path = _base_model(settings, layout)
+        info["note"] = base_name
+    with progress.stage("scrape") as info:
+        manifest = _scrape(settings, layout, user, export if settings.slack_token is None else None)
+        info["note"] = f"{manifest.samples} samples of {manifest.person['name']} ({manifest.added} new)"
+    with progress.stage("train") as info:
+        samples = layout.data(user) / "samples.jsonl"
+        adapter, metrics, trained = _train(settings, layout, user, samples, base_name, base_path)
+        info["note"] = ("trained " if trained else "unchanged, reused ") + str(adapter)
+    outcome = Outcome(
+        person_id=manifest.person["id"],
+        person_name=manifest.person["name"],
+        samples=manifest.samples,
+        added_samples=manifest.added,
+        base_model=base_path,
+        adapter=adapter,
+        trained=trained,
+        metrics=metrics,
+    )
+    with progress.stage("replies") as info:
+        outcome.replies = answer(outcome, questions(settings.demo))
+        info["note"] = f"{len(outcome.replies)} questions, adapter and base model"
+    return outcome
+
+
+def _demo_person() -> str:
+    from doppel.demo.workspace import DEMO_PERSON
+
+    return DEMO_PERSON
+
+
+def _check_demo_user(user: str) -> None:
+    """Fail on an unknown demo person before the demo writes anything."""
+    from doppel.demo.workspace import build_workspace
+    from doppel.slack.samples import resolve_person
+
+    resolve_person(build_workspace()["users.json"], user)
+
+
+def _workspace(settings: Settings, layout: Layout) -> Path:
+    if settings.export is not None:
+        return settings.export
+    from doppel.demo.workspace import export_bytes, write_export
+
+    # Deterministic: rewrite only when missing or different (another seed or version of the generator).
+    export = layout.demo_export
+    if not export.is_file() or export.read_bytes() != export_bytes():
+        write_export(export)
+    return export
+
+
+def _base_model(settings: Settings, layout: Layout) -> tuple[str, Path]:
+    """The base model's name (as given) and a local directory holding it."""
+    if settings.demo:
+        from doppel.train.tiny import TINY_MODEL_NAME, make_tiny_model
+
+        if not (layout.tiny_model / "config.json").is_file():
+            make_tiny_model(layout.tiny_model)
+        return TINY_MODEL_NAME, layout.tiny_model
+    assert settings.base_model is not None
+    return settings.base_model, resolve_base_model(settings.base_model)
+
+
+def resolve_base_model(name: str) -> Path:
+    """A local directory for `name`: a model directory, or a Hugging Face model id (fetched into the HF
+    cache). Anything else is bad input, found before any work is done."""
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not (path / "config.json").is_file():
+            raise BadInput(f"base model {name!r}: no model there (config.json missing)")
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # the hub client raises many kinds; all mean "cannot have this model"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadInput(f"base model {name!r} cannot be fetched: {reason}") from None
+    if not (local / "config.json").is_file():
+        raise BadInput(f"base model {name!r}: not a transformers model (no config.json)")
+    return local
+
+
+def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) -> Any:
+    from doppel.slack.samples import ScrapeOptions
+
+    out = layout.data(user)
+    if export is None:
+        from doppel.slack.scrape import ApiSettings, scrape_api
+
+        api = ApiSettings(base_url=settings.slack_api_url) if settings.slack_api_url else ApiSettings()
+        assert settings.slack_token is not None
+        return scrape_api(settings.slack_token, user, out, ScrapeOptions(), api)
+    from doppel.slack.export import scrape_export
+
+    options = ScrapeOptions()
+    if settings.demo:
+        from doppel.demo.workspace import EXPORTED_AT
+
+        options.now = EXPORTED_AT.timestamp()
+    return scrape_export(export, user, out, options)
+
+
+def training_settings(settings: Settings, n_samples: int) -> dict[str, Any]:
+    """TrainConfig fields for this run, besides data, base model and output."""
+    from doppel.train.trainer import TrainConfig
+
+    chosen: dict[str, Any] = dict(DEMO_TRAINING) if settings.demo else {}
+    steps = settings.max_steps or (DEMO_MAX_STEPS if settings.demo else None)
+    if steps is not None:
+        defaults = TrainConfig(data=Path(), base_model="", out=Path())
+        view = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)} | chosen
+        per_epoch = _steps_per_epoch_at_least(
+            n_samples, view["eval_fraction"], view["batch_size"] * view["grad_accum"]
+        )
+        chosen.update(_epochs_for(steps, per_epoch))
+    return chosen
+
+
+def _steps_per_epoch_at_least(n_samples: int, eval_fraction: float, batch: int) -> int:
+    """A safe lower bound on the optimizer steps of one epoch (the thread split holds out a bit more
+    than `eval_fraction` of the samples when threads are uneven)."""
+    return max(1, int(n_samples * (1 - eval_fraction - 0.1)) // batch)
+
+
+def _epochs_for(steps: int, per_epoch: int) -> dict[str, int]:
+    """`epochs` x `max_steps_per_epoch` == `steps` exactly, with epochs no longer than the data allows:
+    the largest divisor of `steps` that fits in one epoch."""
+    cap = next(d for d in range(min(steps, per_epoch), 0, -1) if steps % d == 0)
+    return {"epochs": steps // cap, "max_steps_per_epoch": cap}
+
+
+def fingerprint(samples: Path, base_model: Path, train: dict[str, Any]) -> str:
+    """A hash of what determines the adapter: the samples, the base model's files and the settings."""
+    digest = hashlib.sha256(Path(samples).read_bytes())
+    model_files = sorted(
+        (p.name, p.stat().st_size) for p in Path(base_model).iterdir() if p.is_file() and p.suffix != ".lock"
+    )
+    config = (Path(base_model) / "config.json").read_text(encoding="utf-8")
+    identity = {"model_files": model_files, "model_config": config, "train": train}
+    digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _train(
+    settings: Settings, layout: Layout, user: str, samples: Path, base_name: str, base_path: Path
+) -> tuple[Path, dict[str, Any], bool]:
+    n_samples = sum(1 for line in samples.read_text(encoding="utf-8").splitlines() if line.strip())
+    train = training_settings(settings, n_samples)
+    adapters = layout.adapters(user)
+    adapter = adapters / fingerprint(samples, base_path, {"base_model_name": base_name, **train})
+    metrics_file = adapter / "metrics.json"
+    # train_adapter writes the directory atomically: if it exists, it is complete.
+    if (adapter / "adapter_config.json").is_file() and metrics_file.is_file():
+        return adapter, json.loads(metrics_file.read_text(encoding="utf-8")), False
+
+    from doppel.fsutil import atomic_write_text
+    from doppel.train.trainer import TrainConfig, train_adapter
+
+    config = TrainConfig(
+        data=samples, base_model=str(base_path), base_model_name=base_name, out=adapter, **train
+    )
+    metrics = train_adapter(config).to_dict()
+    record = {"base_model": base_name, "samples_sha256": _sha256(samples), "train": train}
+    atomic_write_text(adapter / FINGERPRINT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    # Only the newest adapter of a person is served locally; older versions are just disk.
+    for old in adapters.iterdir():
+        if old.is_dir() and old != adapter and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return adapter, metrics, True
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def questions(demo: bool) -> list[Question]:
+    if demo:
+        from doppel.demo.workspace import DEMO_QUESTIONS
+
+        return [Question(p.id, p.first_name, text) for p, text in DEMO_QUESTIONS]
+    return [Question(ASKER_ID, "Alex", text) for text in GENERIC_QUESTIONS]
+
+
+def answer(outcome: Outcome, asked: Sequence[Question]) -> list[Reply]:
+    """Each question answered by the adapter and by the bare base model, all in one generation batch."""
+    from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+    from doppel.serve.local import LocalBackend
+    from doppel.slack.conversation import ThreadMessage, build_conversation
+
+    name = _slug(outcome.person_id)
+    backend = LocalBackend(outcome.base_model, {name: outcome.adapter})
+    conversations = [
+        build_conversation(
+            outcome.person_name,
+            outcome.person_id,
+            [ThreadMessage(q.asker_id, q.asker_name, q.text)],
+            channel="general",
+        )
+        for q in asked
+    ]
+    requests = [(adapter, c) for c in conversations for adapter in (name, BASE_ADAPTER)]
+    texts = backend.complete_batch(requests, GenerationParams(max_tokens=REPLY_TOKENS, seed=0))
+    return [Reply(q, texts[2 * i].strip(), texts[2 * i + 1].strip()) for i, q in enumerate(asked)]
+
+
+def report(outcome: Outcome, width: int = 100) -> str:
+    """The replies side by side (adapter left, base model right), then the evaluation figures."""
+    column = (width - 3) // 2
+    lines = [
+        f"doppel of {outcome.person_name} ({outcome.person_id}): {outcome.samples} samples, "
+        f"adapter {outcome.adapter}",
+        "",
+    ]
+    for reply in outcome.replies:
+        lines.append(f"{reply.question.asker_name}: {reply.question.text}")
+        lines.append(f"{f'adapter ({outcome.person_name})':<{column}} | base model (no adapter)")
+        lines.append(f"{'-' * column}-+-{'-' * column}")
+        for left, right in itertools.zip_longest(
+            _wrap(reply.adapter, column), _wrap(reply.base, column), fillvalue=""
+        ):
+            lines.append(f"{left:<{column}} | {right}".rstrip())
+        lines.append("")
+    lines.append(loss_line(outcome.metrics))
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    wrapped: list[str] = []
+    for paragraph in (text.strip() or "(empty reply)").splitlines():
+        wrapped += textwrap.wrap(paragraph, width) or [""]
+    return wrapped
+
+
+def loss_line(metrics: dict[str, Any]) -> str:
+    base, tuned = metrics.get("base_eval_loss"), metrics.get("adapter_eval_loss")
+    if base is None or tuned is None:
+        return "held-out loss: not measured (too few threads to hold any out)"
+    change = (tuned - base) / base * 100 if base else 0.0
+    return (
+        f"held-out loss on unseen threads ({metrics.get('eval_samples', '?')} samples): "
+        f"base model {base:.3f} -> adapter {tuned:.3f} ({change:+.0f}%), "
+        f"after {metrics.get('steps', '?')} steps"
+    )
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The settings without secrets, for logs."""
+    return {
+        k: str(v) for k, v in dataclasses.asdict(settings).items() if v is not None and k != "slack_token"
+    }
