@@ -431,5 +431,59 @@ def cleanup(data_root: Path, paths: tuple[Path, ...]) -> dict[str, Any]:
 # --- local mode: local -------------------------------------------------------------------------------
 
 
+@main.command()
+@click.option("--demo", is_flag=True, help="Fully offline: synthetic workspace, tiny model, CPU training.")
+@click.option("--export", type=click.Path(path_type=Path), help="A Slack export ZIP to learn from.")
+@click.option("--slack-token", help="Or scrape through the Slack Web API with this bot token.")
+@click.option("--slack-api-url", help="Slack Web API base URL (proxies, emulators).")
+@click.option("--user", help="Whose doppel to build: user ID, handle or real name (demo: margaret).")
+@click.option("--base-model", help="Base model: a Hugging Face model id or a local directory.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("doppel-data"),
+    show_default=True,
+    help="Where everything is written; a second run reuses what is there.",
+)
+@click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 150).")
+@click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
+@click.option("--socket-mode", is_flag=True, help="Then answer @mentions in Slack over Socket Mode.")
+@run_stage
+def local(
+    demo: bool,
+    export: Path | None,
+    slack_token: str | None,
+    slack_api_url: str | None,
+    user: str | None,
+    base_model: str | None,
+    workdir: Path,
+    max_steps: int | None,
+    open_chat: bool,
+    socket_mode: bool,
+) -> dict[str, Any]:
+    """Run the whole pipeline on this machine: scrape, train a LoRA adapter, show its replies."""
+    from doppel.local import Settings, report, run_local
+
+    if open_chat and socket_mode:
+        raise BadInput("give at most one of --chat and --socket-mode")
+    settings = Settings(
+        workdir=workdir,
+        demo=demo,
+        export=export,
+        user=user,
+        base_model=base_model,
+        slack_token=slack_token,
+        slack_api_url=slack_api_url,
+        max_steps=max_steps,
+    )
+    outcome = run_local(settings)
+    click.echo(report(outcome))
+    if open_chat:
+        click.get_current_context().invoke(
+            chat, adapter_dir=outcome.adapter, base_model=outcome.base_model, person=outcome.person_name
+        )
+    return outcome.summary()
+
+
 if __name__ == "__main__":
     main()
