@@ -461,11 +461,10 @@ def test_bot_reads_the_chart_environment(which: str, request: pytest.FixtureRequ
 def test_every_value_is_documented() -> None:
     """values.yaml explains each key: a comment on its line or on the line above."""
     lines = (CHART_DIR / "values.yaml").read_text(encoding="utf-8").splitlines()
+    key = re.compile(r"^\s*[A-Za-z][\w./-]*:")
     undocumented = [
         line.strip()
         for previous, line in zip(["#", *lines], lines, strict=False)
-        if re.match(r"^\s*[A-Za-z][\w./-]*:", line)
-        and "#" not in line
-        and not previous.strip().startswith("#")
+        if key.match(line) and "#" not in line and not previous.strip().startswith("#")
     ]
     assert not undocumented
