@@ -27,7 +27,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from doppel import api
 from doppel.bot import logic
 from doppel.bot.config import BotConfig
-from doppel.bot.kube import ANNOTATION_REQUESTER, LABEL_TEAM, AlreadyExists, Kube
+from doppel.bot.directory import Directory
+from doppel.bot.kube import ANNOTATION_REQUESTER, LABEL_TEAM, AlreadyExists
 from doppel.bot.ledger import EventLedger
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
 from doppel.serve.errors import ServeError
@@ -66,7 +67,7 @@ class Deps:
     """What the app talks to; tests and `doppel local` build their own."""
 
     config: BotConfig
-    kube: Kube
+    kube: Directory  # Kubernetes (`Kube`) or in memory (`MemoryDirectory`)
     ledger: EventLedger
     chat: Chat
 

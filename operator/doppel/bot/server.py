@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from kubernetes import client as k8s
 from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAuthorize
@@ -33,9 +34,10 @@ from starlette.routing import Route
 from doppel.bot import logic
 from doppel.bot.app import ANNOTATION_CHANNEL, Chat, Deps, build_app, vllm_chat
 from doppel.bot.config import DEFAULT_SCOPES, BotConfig
+from doppel.bot.directory import Directory
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
 from doppel.bot.kube import ANNOTATION_NOTIFIED, ANNOTATION_REQUESTER, LABEL_TEAM, Kube, api_client
-from doppel.bot.ledger import EventLedger, KubeEventLedger, SqlEventLedger
+from doppel.bot.ledger import EventLedger, KubeEventLedger, MemoryEventLedger, SqlEventLedger
 from doppel.bot.redact import install_token_redaction
 from doppel.bot.stores import AsyncInstallationStoreAdapter, AsyncStateStoreAdapter, KubernetesOAuthStateStore
 from doppel.serve.backend import DEFAULT_PARAMS
@@ -123,21 +125,32 @@ def create_bot(
     config: BotConfig,
     *,
     chat: Chat | None = None,
-    kube: Kube | None = None,
+    kube: Directory | None = None,
     ledger: EventLedger | None = None,
     installation_store: InstallationStore | None = None,
     kube_server: str | None = None,
 ) -> Bot:
-    """Build the bot from `config`; each piece left out is made from the configuration."""
+    """Build the bot from `config`; each piece left out is made from the configuration.
+
+    `doppel local` passes `kube=MemoryDirectory()` (with its doppels added) and `chat=backend_chat(...)`:
+    then nothing talks to Kubernetes, and events are deduplicated in memory (one process).
+    """
     install_token_redaction()
-    client = api_client(kube_server) if kube is None or installation_store is None else None
-    kube = kube or Kube(client)
+    clients: list[k8s.ApiClient] = []
+
+    def kube_client() -> k8s.ApiClient:
+        if not clients:
+            clients.append(api_client(kube_server))
+        return clients[0]
+
+    directory = kube if kube is not None else Kube(kube_client())
     if ledger is None:
-        ledger = (
-            SqlEventLedger(config.database_url, config.event_ttl_s)
-            if config.database_url
-            else KubeEventLedger(kube, config.bot_namespace, config.event_ttl_s)
-        )
+        if config.database_url:
+            ledger = SqlEventLedger(config.database_url, config.event_ttl_s)
+        elif isinstance(directory, Kube):
+            ledger = KubeEventLedger(directory, config.bot_namespace, config.event_ttl_s)
+        else:
+            ledger = MemoryEventLedger()
     if chat is None:
         timeout = httpx.Timeout(connect=5.0, read=config.vllm_timeout_s, write=30.0, pool=30.0)
         # Few retries: a person is waiting in the thread, and Slack shows nothing until we post.
@@ -146,12 +159,12 @@ def create_bot(
     # Single-workspace mode: the client carries the one bot token (Bolt takes it from there).
     token = None if config.oauth else config.bot_token
     web = AsyncWebClient(base_url=config.slack_api_url or AsyncWebClient.BASE_URL, token=token)
-    deps = Deps(config=config, kube=kube, ledger=ledger, chat=chat)
+    deps = Deps(config=config, kube=directory, ledger=ledger, chat=chat)
     store: AsyncInstallationStoreAdapter | None = None
     flow: AsyncOAuthFlow | None = None
     authorize: AsyncInstallationStoreAuthorize | None = None
     if config.oauth:
-        sync_store, state_store = _oauth_stores(config, installation_store, client or api_client(kube_server))
+        sync_store, state_store = _oauth_stores(config, installation_store, kube_client)
         store = AsyncInstallationStoreAdapter(sync_store)
         settings = AsyncOAuthSettings(
             client_id=config.client_id,
@@ -180,7 +193,7 @@ def create_bot(
 
 
 def _oauth_stores(
-    config: BotConfig, installation_store: InstallationStore | None, client: Any
+    config: BotConfig, installation_store: InstallationStore | None, kube_client: Callable[[], k8s.ApiClient]
 ) -> tuple[InstallationStore, OAuthStateStore]:
     if config.database_url:
         import sqlalchemy as sa
@@ -193,8 +206,8 @@ def _oauth_stores(
         state = SQLAlchemyOAuthStateStore(expiration_seconds=600, engine=engine)
         state.create_tables()
         return installation_store or sql_store, state
-    store = installation_store or KubernetesSecretInstallationStore(client, config.bot_namespace)
-    return store, KubernetesOAuthStateStore(client, config.bot_namespace)
+    store = installation_store or KubernetesSecretInstallationStore(kube_client(), config.bot_namespace)
+    return store, KubernetesOAuthStateStore(kube_client(), config.bot_namespace)
 
 
 # --- progress messages ----------------------------------------------------------------------------------
