@@ -35,7 +35,8 @@ from tests.support.helm import (
 )
 
 from doppel import api
-from doppel.bot.config import BotConfig
+from doppel.bot.config import DEFAULT_SCOPES, BotConfig
+from doppel.bot.server import EVENTS_PATH, INSTALL_PATH, REDIRECT_PATH
 from doppel.cli import main
 
 SCALED_VALUES = CHART_DIR / "examples" / "values-scaled.yaml"
@@ -468,3 +469,33 @@ def test_every_value_is_documented() -> None:
         if key.match(line) and "#" not in line and not previous.strip().startswith("#")
     ]
     assert not undocumented
+
+
+def test_slack_app_manifest_matches_the_bot() -> None:
+    """The example Slack app asks for every scope the bot requests and points Slack at the bot's routes,
+    which the chart's Ingress exposes."""
+    app = yaml.safe_load((CHART_DIR / "examples" / "slack-app-manifest.yaml").read_text(encoding="utf-8"))
+    scopes = set(app["oauth_config"]["scopes"]["bot"])
+    assert set(DEFAULT_SCOPES) <= scopes
+    assert {
+        "chat:write",
+        "chat:write.customize",
+        "app_mentions:read",
+        "channels:history",
+        "commands",
+    } <= scopes
+    assert app["settings"]["event_subscriptions"]["bot_events"] == ["app_mention"]
+    urls = [
+        app["settings"]["event_subscriptions"]["request_url"],
+        app["settings"]["interactivity"]["request_url"],
+        app["features"]["slash_commands"][0]["url"],
+    ]
+    assert {url.removeprefix("https://doppel.example.com") for url in urls} == {EVENTS_PATH}
+    assert app["features"]["slash_commands"][0]["command"] == "/doppel"
+    (redirect,) = app["oauth_config"]["redirect_urls"]
+    assert redirect == f"https://doppel.example.com{REDIRECT_PATH}"
+    ingress = find_manifest(
+        render_chart(set_values={"bot": {"ingress": {"enabled": True}}}), "Ingress", "bot"
+    )
+    (path,) = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert all(route.startswith(path["path"] + "/") for route in (EVENTS_PATH, REDIRECT_PATH, INSTALL_PATH))
