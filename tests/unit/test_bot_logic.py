@@ -1,0 +1,167 @@
+"""The bot's pure logic and configuration: commands, mentions, reply splitting, wording, env parsing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from click.testing import CliRunner
+
+from doppel.bot import logic
+from doppel.bot.config import BotConfig
+from doppel.bot.ledger import MemoryEventLedger, SqlEventLedger
+from doppel.bot.redact import install_token_redaction, redact
+from doppel.cli import main
+
+
+@pytest.mark.parametrize(
+    ("text", "verb", "user"),
+    [
+        ("", "help", None),
+        ("help", "help", None),
+        ("LIST", "list", None),
+        ("train <@U02BOB|bob>", "train", logic.UserRef("U02BOB", "bob")),
+        ("train <@U02BOB>", "train", logic.UserRef("U02BOB", None)),
+        ("switch @sam.lee", "switch", logic.UserRef(None, "sam.lee")),
+        ("status", "status", None),
+        ("status alice", "status", logic.UserRef(None, "alice")),
+        ("forget  @alice ", "forget", logic.UserRef(None, "alice")),
+    ],
+)
+def test_parse_command(text, verb, user):
+    assert logic.parse_command(text) == logic.Command(verb, user)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fly", "unknown command `fly`"),
+        ("train", "needs a user"),
+        ("forget", "needs a user"),
+        ("train alice bob", "takes one user, got 2 words"),
+        ("help me", "takes no argument"),
+        ("train <#C123|general>", "is not a Slack user"),
+        ("switch !!", "is not a Slack user"),
+    ],
+)
+def test_bad_commands_say_what_is_wrong(text, message):
+    with pytest.raises(logic.CommandError, match=message):
+        logic.parse_command(text)
+
+
+def test_mention_selector_and_bot_mention():
+    text = logic.strip_bot_mention("<@U0DOPPEL> as <@U01ALICE|alice>, when is the deploy?", "U0DOPPEL")
+    ref, rest = logic.pick_doppel(text)
+    assert ref == logic.UserRef("U01ALICE", "alice") and rest == "when is the deploy?"
+    assert logic.pick_doppel("As bob: hi") == (logic.UserRef(None, "bob"), "hi")
+    assert logic.pick_doppel("ask bob about it") == (None, "ask bob about it")
+    assert logic.strip_bot_mention("<@U0OTHER> hi", "U0DOPPEL") == "<@U0OTHER> hi"
+
+
+def test_split_reply_on_blank_lines_and_separator_with_a_cap():
+    assert logic.split_reply("one\n\ntwo<|msg|>three\nstill three") == ["one", "two", "three\nstill three"]
+    assert logic.split_reply("  \n\n ") == []
+    assert len(logic.split_reply("\n\n".join(str(i) for i in range(20)))) == logic.MAX_REPLY_MESSAGES
+
+
+def test_object_names_and_event_keys():
+    assert logic.object_name("Sam.Lee") == "sam-lee"
+    with pytest.raises(logic.CommandError):
+        logic.object_name("...")
+    assert logic.event_key("T1", "Ev1") != logic.event_key("T2", "Ev1")
+    assert len(logic.event_key("T1", "Ev1")) == 40
+
+
+def test_describe_and_not_ready_replies():
+    doppel = {"metadata": {"name": "alice"}, "status": {"phase": "Training", "progress": 0.4, "samples": 812}}
+    assert logic.describe(doppel) == "*alice*: Training (40%), 812 samples"
+    assert logic.not_ready_reply(doppel) == (
+        "alice's doppel is still training (Training, 40%). Ask again when it is Ready."
+    )
+    assert logic.served_name(doppel) is None
+    ready = {"metadata": {"name": "a"}, "status": {"phase": "Ready", "adapter": {"servedName": "ns-a-v2"}}}
+    assert logic.served_name(ready) == "ns-a-v2"
+    failed = {"metadata": {"name": "a"}, "status": {"phase": "Failed", "reason": "too few samples"}}
+    assert "failed to train" in logic.not_ready_reply(failed) and "too few samples" in logic.describe(failed)
+    assert logic.progress_note({"metadata": {"name": "a"}, "status": {"phase": "Scraping"}}) is None
+
+
+ENV = {"SLACK_SIGNING_SECRET": "s", "SLACK_BOT_TOKEN": "xoxb-1"}
+
+
+def test_config_from_env():
+    config = BotConfig.from_env(
+        {
+            **ENV,
+            "DOPPEL_TEAM_NAMESPACES": "T1=acme, T2=beta",
+            "DOPPEL_REQUIRE_CONSENT": "false",
+            "DOPPEL_MAX_DOPPELS": "3",
+            "SLACK_API_URL": "http://127.0.0.1:9/api",
+        }
+    )
+    assert config.namespace_for("T1") == "acme" and config.namespace_for("T9ZZ") == "doppel-t9zz"
+    assert not config.require_consent and config.max_doppels_per_workspace == 3
+    assert config.slack_api_url == "http://127.0.0.1:9/api/" and not config.oauth
+    oauth = BotConfig.from_env(
+        {"SLACK_SIGNING_SECRET": "s", "SLACK_CLIENT_ID": "1", "SLACK_CLIENT_SECRET": "2"}
+    )
+    assert oauth.oauth
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SLACK_BOT_TOKEN": "xoxb-1"}, "SLACK_SIGNING_SECRET is not set"),
+        ({"SLACK_SIGNING_SECRET": "s"}, "set SLACK_BOT_TOKEN"),
+        ({**ENV, "SLACK_CLIENT_ID": "1"}, "not both"),
+        ({**ENV, "DOPPEL_TEAM_NAMESPACES": "T1"}, "TEAM=namespace"),
+        ({**ENV, "DOPPEL_TEAM_NAMESPACES": "T1=Not_A_Namespace"}, "TEAM=namespace"),
+        ({**ENV, "DOPPEL_NAMESPACE_TEMPLATE": "doppel"}, "containing {team}"),
+        ({**ENV, "DOPPEL_REQUIRE_CONSENT": "maybe"}, "true or false"),
+        ({**ENV, "DOPPEL_MAX_DOPPELS": "many"}, "must be a number"),
+        ({**ENV, "VLLM_TIMEOUT_S": "-1"}, "must be positive"),
+        ({**ENV, "SLACK_API_URL": "slack.example"}, "http"),
+    ],
+)
+def test_doppel_bot_refuses_bad_configuration_with_exit_2(env, message, monkeypatch):
+    for name in [*ENV, "SLACK_CLIENT_ID", "SLACK_CLIENT_SECRET", "SLACK_APP_TOKEN"]:
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(main, ["bot"], env=env)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_socket_mode_needs_an_app_token(monkeypatch):
+    monkeypatch.delenv("SLACK_APP_TOKEN", raising=False)
+    result = CliRunner().invoke(main, ["bot", "--socket-mode"], env=ENV)
+    assert result.exit_code == 2 and "SLACK_APP_TOKEN" in result.stderr
+
+
+async def test_sql_ledger_is_shared_by_replicas_and_survives_restarts(tmp_path):
+    url = f"sqlite:///{tmp_path / 'bot.db'}"
+    first, second = SqlEventLedger(url, ttl_s=60), SqlEventLedger(url, ttl_s=60)
+    assert await first.claim("T1", "Ev1")
+    assert not await second.claim("T1", "Ev1")
+    assert await second.claim("T2", "Ev1")  # another workspace's event of the same id
+    assert not await SqlEventLedger(url, ttl_s=60).claim("T1", "Ev1")
+    expired = SqlEventLedger(f"sqlite:///{tmp_path / 'short.db'}", ttl_s=-1)
+    assert await expired.claim("T1", "Ev1") and await expired.claim("T1", "Ev1")
+    memory = MemoryEventLedger()
+    assert await memory.claim("T1", "Ev1") and not await memory.claim("T1", "Ev1")
+
+
+def test_tokens_are_redacted_from_every_log_record(caplog):
+    install_token_redaction()
+    caplog.set_level(logging.DEBUG)
+    secret = "xoxb-123-456-abcdefSECRET"
+    logging.getLogger("slack_sdk.anything").debug(
+        "body: %s", {"access_token": secret, "refresh": "xoxe-1-zz"}
+    )
+    try:
+        raise RuntimeError(f"bad token {secret}")
+    except RuntimeError:
+        logging.getLogger("x").exception("failed")
+    assert secret not in caplog.text and "xoxe-1-zz" not in caplog.text
+    assert "xoxb-[redacted]" in caplog.text
+    assert redact("client_id=1&client_secret=abc&x=1") == "client_id=1&client_secret=[redacted]&x=1"
