@@ -471,6 +471,7 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
     help="Where everything is written; a second run reuses what is there.",
 )
 @click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 150).")
+@click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
 @click.option("--socket-mode", is_flag=True, help="Then answer @mentions in Slack over Socket Mode.")
 @run_stage
@@ -483,6 +484,7 @@ def local(
     base_model: str | None,
     workdir: Path,
     max_steps: int | None,
+    cutoff_days: float | None,
     open_chat: bool,
     socket_mode: bool,
 ) -> dict[str, Any]:
@@ -500,6 +502,7 @@ def local(
         slack_token=slack_token,
         slack_api_url=slack_api_url,
         max_steps=max_steps,
+        cutoff_days=cutoff_days,
     )
     outcome = run_local(settings)
     click.echo(report(outcome))

@@ -86,6 +86,8 @@ class Settings:
     slack_token: str | None = None
     slack_api_url: str | None = None
     max_steps: int | None = None
+    # Scrape only messages this recent (None: ingestion's default); old exports need a larger one.
+    cutoff_days: float | None = None
 
     def check(self) -> None:
         """Reject contradictory or missing options before anything is written."""
@@ -103,6 +105,8 @@ class Settings:
             raise BadInput(f"export not found: {self.export}")
         if self.max_steps is not None and self.max_steps < 1:
             raise BadInput(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.cutoff_days is not None and self.cutoff_days <= 0:
+            raise BadInput(f"--cutoff-days must be positive, got {self.cutoff_days}")
 
 
 @dataclass
@@ -278,15 +282,17 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
     from doppel.slack.samples import ScrapeOptions
 
     out = layout.data(user)
+    options = ScrapeOptions()
+    if settings.cutoff_days is not None:
+        options.cutoff_days = settings.cutoff_days
     if export is None:
         from doppel.slack.scrape import ApiSettings, scrape_api
 
         api = ApiSettings(base_url=settings.slack_api_url) if settings.slack_api_url else ApiSettings()
         assert settings.slack_token is not None
-        return scrape_api(settings.slack_token, user, out, ScrapeOptions(), api)
+        return scrape_api(settings.slack_token, user, out, options, api)
     from doppel.slack.export import scrape_export
 
-    options = ScrapeOptions()
     if settings.demo:
         from doppel.demo.workspace import EXPORTED_AT
 
