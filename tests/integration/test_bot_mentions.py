@@ -14,6 +14,8 @@ import time
 from dataclasses import replace
 
 import pytest
+import sqlalchemy as sa
+from slack_sdk.oauth.installation_store.sqlalchemy import SQLAlchemyInstallationStore
 from tests.support.bot_fixtures import (
     BOT_NAMESPACE,
     CHANNEL,
@@ -111,9 +113,9 @@ async def test_slow_vllm_gets_an_apology(bot_harness, bot_kube, slack_emulator):
         server.close()
 
 
-@pytest.mark.parametrize("rotating", [False, True])
+@pytest.mark.parametrize(("rotating", "store"), [(False, "kube"), (True, "kube"), (True, "sql")])
 async def test_oauth_install_stores_an_installation_that_later_events_use(
-    bot_harness, bot_kube, slack_workspace, caplog, rotating
+    bot_harness, bot_kube, slack_workspace, caplog, tmp_path, rotating, store
 ):
     caplog.set_level(logging.DEBUG)
     emulator = OAuthSlackEmulator(
@@ -121,7 +123,14 @@ async def test_oauth_install_stores_an_installation_that_later_events_use(
     )
     team = emulator.add_team(slack_workspace, token="xoxb-never-given-to-the-bot", bot_user_id=BOT_USER_ID)
     with emulator:
-        config = replace(bot_config(), bot_token=None, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+        database = f"sqlite:///{tmp_path / 'bot.db'}" if store == "sql" else None
+        config = replace(
+            bot_config(),
+            bot_token=None,
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            database_url=database,
+        )
         bot = await bot_harness(config, emulator=emulator)
         kube = kube_for(bot_kube[1])
         await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training"))
@@ -134,7 +143,7 @@ async def test_oauth_install_stores_an_installation_that_later_events_use(
 
         install = await bot.http.get("/slack/install")
         assert install.status_code == 200
-        state = re.search(r"state=([0-9a-f]+)", install.text).group(1)
+        state = re.search(r"state=([^&\"'\s]+)", install.text).group(1)
         cookie = {"Cookie": f"slack-app-oauth-state={state}"}
 
         forged = await bot.http.get(
@@ -156,13 +165,17 @@ async def test_oauth_install_stores_an_installation_that_later_events_use(
         )
         assert reused.status_code == 401 and len(emulator.issued) == 1  # a state is good once
 
-        store = KubernetesSecretInstallationStore(api_client(bot_kube[1]), BOT_NAMESPACE)
-        saved = await asyncio.to_thread(lambda: store.find_installation(enterprise_id=None, team_id=TEAM_ID))
+        if store == "sql":
+            installations = SQLAlchemyInstallationStore(CLIENT_ID, sa.create_engine(database))
+        else:
+            installations = KubernetesSecretInstallationStore(api_client(bot_kube[1]), BOT_NAMESPACE)
+
+        def find(team_id):
+            return installations.find_installation(enterprise_id=None, team_id=team_id)
+
+        saved = await asyncio.to_thread(find, TEAM_ID)
         assert saved is not None and saved.bot_token == emulator.issued[0]
-        assert (
-            await asyncio.to_thread(lambda: store.find_installation(enterprise_id=None, team_id="T0OTHER01"))
-            is None
-        )
+        assert await asyncio.to_thread(find, "T0OTHER01") is None
 
         ts = say(emulator, "U02BOB", f"<@{BOT_USER_ID}> hi again")
         assert (await bot.event(mention_payload("hi again", ts, event_id="EvAfter"))).status_code == 200
@@ -171,9 +184,7 @@ async def test_oauth_install_stores_an_installation_that_later_events_use(
         if rotating:
             # The token was about to expire: Bolt refreshed it through oauth.v2.access and stored the new one.
             assert len(emulator.issued) == 2
-            saved = await asyncio.to_thread(
-                lambda: store.find_installation(enterprise_id=None, team_id=TEAM_ID)
-            )
+            saved = await asyncio.to_thread(find, TEAM_ID)
             assert saved.bot_token == emulator.issued[1]
 
     for secret in [*emulator.issued, CLIENT_SECRET, *emulator.refresh_tokens]:
