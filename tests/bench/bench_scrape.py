@@ -1,0 +1,101 @@
+"""Benchmark: scraping 20 channels x 100 threads through the Slack Web API emulator.
+
+Slack's Tier-3 limit (50 calls/min per method) is scaled up so the concurrent scrape takes well under a
+minute; the emulator answers each call after a simulated round trip, as Slack does. Prints:
+- conversations.replies calls/minute achieved, as a fraction of the (scaled) Tier-3 ceiling (target >= 0.8);
+- the speed-up over a one-channel-at-a-time scrape (max_concurrency=1) of the same workspace.
+
+Run: .venv/bin/python tests/bench/bench_scrape.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.support.slack_emulator import SlackEmulator
+
+from doppel.slack.samples import ScrapeOptions
+from doppel.slack.scrape import PER_MINUTE, ApiSettings, scrape_api
+
+CHANNELS = 20
+THREADS = 100
+REPLIES = 2
+RATE_SCALE = 90.0  # Tier 3: 50/min -> 75 calls/s
+LATENCY = 0.05  # seconds per answer, a typical round trip to Slack
+CONCURRENCY = 8
+TOKEN = "xoxb-bench"
+
+
+def synthetic_workspace(now: float) -> dict[str, Any]:
+    users = [
+        {"id": f"U{i:03d}", "team_id": "TBENCH", "name": f"user{i}", "profile": {"display_name": f"user{i}"}}
+        for i in range(5)
+    ]
+    channels, messages = [], {}
+    start = int(now) - 30 * 86400
+    for c in range(CHANNELS):
+        name = f"channel-{c:02d}"
+        channels.append({"id": f"C{c:03d}", "name": name, "members": []})
+        msgs = []
+        for t in range(THREADS):
+            root = f"{start + c * 10_000 + t * 60}.000100"
+            msgs.append({"type": "message", "ts": root, "user": "U001", "text": f"question {t} in {name}?"})
+            for r in range(REPLIES):
+                msgs.append(
+                    {
+                        "type": "message",
+                        "ts": f"{start + c * 10_000 + t * 60 + r + 1}.000200",
+                        "thread_ts": root,
+                        "user": "U000" if r == 0 else "U002",
+                        "text": f"An answer to question {t} in <#C{c:03d}|{name}>, " + "long enough " * 10,
+                    }
+                )
+        messages[name] = msgs
+    return {
+        "team": {"id": "TBENCH", "name": "Bench"},
+        "users": users,
+        "channels": channels,
+        "messages": messages,
+    }
+
+
+def run(concurrency: int, workspace: dict[str, Any]) -> tuple[float, SlackEmulator, int]:
+    with SlackEmulator(rate_scale=RATE_SCALE, latency=LATENCY) as emulator:
+        emulator.add_team(workspace, token=TOKEN)
+        out = Path(tempfile.mkdtemp(prefix="bench-scrape-"))
+        settings = ApiSettings(base_url=emulator.base_url, max_concurrency=concurrency, rate_scale=RATE_SCALE)
+        options = ScrapeOptions(max_samples=10_000)
+        started = time.monotonic()
+        manifest = scrape_api(TOKEN, "user0", out, options, settings)
+        return time.monotonic() - started, emulator, manifest.samples
+
+
+def main() -> None:
+    workspace = synthetic_workspace(time.time())
+    ceiling = PER_MINUTE["conversations.replies"] * RATE_SCALE
+    concurrent_s, emulator, samples = run(CONCURRENCY, workspace)
+    replies = [c.time for c in emulator.calls_to("conversations.replies")]
+    limited = sum(1 for c in emulator.calls if c.status == 429)
+    per_minute = (len(replies) - 1) / (replies[-1] - replies[0]) * 60
+    print(
+        f"workspace: {CHANNELS} channels x {THREADS} threads, {len(emulator.calls)} calls, {samples} samples"
+    )
+    print(f"concurrent scrape (max_concurrency={CONCURRENCY}): {concurrent_s:.1f} s, {limited} answered 429")
+    print(
+        f"conversations.replies: {per_minute:.0f} calls/min of a {ceiling:.0f}/min ceiling "
+        f"= {per_minute / ceiling:.2f} of the rate limit (target >= 0.8)"
+    )
+    sequential_s, _, sequential_samples = run(1, workspace)
+    assert sequential_samples == samples
+    print(f"one channel at a time: {sequential_s:.1f} s")
+    print(f"speed-up of the concurrent scrape: {sequential_s / concurrent_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
