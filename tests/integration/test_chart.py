@@ -8,6 +8,7 @@ the CustomResourceDefinition schema, and the example DoppelUser against the CRD'
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 import subprocess
@@ -33,6 +34,7 @@ from tests.support.helm import (
     template_chart,
     tool,
 )
+from tests.support.vllm_fixtures import vllm_python
 
 from doppel import api
 from doppel.bot.config import DEFAULT_SCOPES, BotConfig
@@ -291,6 +293,11 @@ def test_missing_signing_secret_is_a_clear_error() -> None:
         template_chart(test_secrets=False)
 
 
+def test_fewer_cpu_than_gpu_adapters_is_a_clear_error() -> None:
+    with pytest.raises(HelmError, match=r"vllm\.maxCpuLoras must be at least vllm\.maxLoras"):
+        template_chart(set_values={"vllm": {"maxLoras": 8, "maxCpuLoras": 4}})
+
+
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [
@@ -499,3 +506,57 @@ def test_slack_app_manifest_matches_the_bot() -> None:
     )
     (path,) = ingress["spec"]["rules"][0]["http"]["paths"]
     assert all(route.startswith(path["path"] + "/") for route in (EVENTS_PATH, REDIRECT_PATH, INSTALL_PATH))
+
+
+# Runs in vLLM's own virtualenv: parse each argument list exactly as `vllm serve` does, then build the
+# LoRA config from it (which checks the rank and the CPU/GPU adapter counts).
+VLLM_PARSE = """
+import json, sys
+from vllm.config.lora import LoRAConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+root = FlexibleArgumentParser()
+ServeSubcommand().subparser_init(root.add_subparsers(dest="subcommand"))
+out = []
+for argv in json.load(sys.stdin):
+    args = root.parse_args(argv)
+    engine = AsyncEngineArgs.from_cli_args(args)
+    LoRAConfig(
+        max_lora_rank=engine.max_lora_rank, max_loras=engine.max_loras, max_cpu_loras=engine.max_cpu_loras
+    )
+    out.append({"model": args.model_tag, "served": engine.served_model_name, "lora": engine.enable_lora,
+                "rank": engine.max_lora_rank, "port": args.port})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.vllm
+def test_vllm_accepts_the_rendered_arguments(
+    default_manifests: list[dict[str, Any]], scaled_manifests: list[dict[str, Any]]
+) -> None:
+    """The real vLLM (the version the chart's image pins) parses the chart's `vllm serve` command line."""
+    argvs = []
+    for manifests in (default_manifests, scaled_manifests):
+        server = container(find_manifest(manifests, "Deployment", "vllm"), "vllm")
+        assert server["command"] == ["vllm", "serve"]
+        argvs.append(["serve", *server["args"]])
+    proc = subprocess.run(
+        [vllm_python(), "-c", VLLM_PARSE],
+        input=json.dumps(argvs),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    default, scaled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert default == {
+        "model": "Qwen/Qwen2.5-1.5B-Instruct",
+        "served": ["Qwen/Qwen2.5-1.5B-Instruct"],
+        "lora": True,
+        "rank": 32,
+        "port": 8000,
+    }
+    assert (scaled["served"], scaled["rank"]) == (["qwen2.5-7b-instruct"], 64)
