@@ -153,6 +153,20 @@ def test_5xx_storm_is_bad_input(slack_emulator, tmp_path):
     assert len([c for c in slack_emulator.calls if c.status == 503]) <= 4 * 4  # 4 tries, 4 channels at most
 
 
+def test_unreachable_slack_is_bad_input(tmp_path):
+    out = tmp_path / "out"
+    settings = ApiSettings(base_url="http://127.0.0.1:9/api/", retry_backoff=0.01)
+    with pytest.raises(BadInput, match=r"cannot reach Slack at http://127\.0\.0\.1:9/api/"):
+        scrape_api(ACME_TOKEN, "alice", out, ScrapeOptions(), settings)
+    assert not out.exists()
+
+
+def test_token_of_another_team(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    result = scrape(slack_emulator, out, "--team", "T0OTHER")
+    assert_bad_input(result, out, "belongs to team T0ACME001, not T0OTHER")
+
+
 def test_invalid_token(slack_emulator, tmp_path):
     out = tmp_path / "out"
     assert_bad_input(scrape(slack_emulator, out, token="xoxb-nope"), out, "invalid_auth")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,7 @@ class _Scraper:
         team = str(auth["team_id"])
         if options.team and options.team != team:
             raise BadInput(f"the token belongs to team {team}, not {options.team}")
-        options.bot_user_id = options.bot_user_id or auth.get("user_id")
+        options = replace(options, bot_user_id=options.bot_user_id or auth.get("user_id"))
         users = await self.pages("users.list", "members")
         person = resolve_person(users, user)
         types = "public_channel,private_channel" if options.channels else "public_channel"
