@@ -456,6 +456,10 @@ def test_bot_reads_the_chart_environment(which: str, request: pytest.FixtureRequ
     and keeps listed workspaces' doppels in the release namespace (next to the shared volume)."""
     manifests = request.getfixturevalue(f"{which}_manifests")
     config = BotConfig.from_env(rendered_env(manifests, "bot"))
+    args = container(find_manifest(manifests, "Deployment", "bot"), "bot")["args"]
+    assert args[0] == "bot"
+    params = main.commands["bot"].make_context("bot", args[1:]).params
+    assert (params["host"], params["port"], params["socket_mode"]) == ("0.0.0.0", 3000, False)
     service = find_manifest(manifests, "Service", "vllm")
     assert config.vllm_url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
     assert config.bot_namespace == NAMESPACE
@@ -560,3 +564,19 @@ def test_vllm_accepts_the_rendered_arguments(
         "port": 8000,
     }
     assert (scaled["served"], scaled["rank"]) == (["qwen2.5-7b-instruct"], 64)
+
+
+def test_socket_mode_bot_needs_an_app_token_and_no_service() -> None:
+    with pytest.raises(HelmError, match=r"bot\.mode=socket needs slack\.appToken"):
+        template_chart(set_values={"bot": {"mode": "socket"}})
+    manifests = render_chart(
+        set_values={"bot": {"mode": "socket", "ingress": {"enabled": True}}, "slack": {"appToken": "xapp-1"}}
+    )
+    bot = container(find_manifest(manifests, "Deployment", "bot"), "bot")
+    params = main.commands["bot"].make_context("bot", bot["args"][1:]).params
+    assert params["socket_mode"] is True
+    assert BotConfig.from_env(rendered_env(manifests, "bot")).app_token == "xapp-1"
+    # It connects out: no port, no HTTP probes that would fail, nothing for Slack to reach.
+    assert "ports" not in bot and "readinessProbe" not in bot
+    assert [s["metadata"]["name"] for s in find_manifests(manifests, "Service")] == ["doppel-vllm"]
+    assert not find_manifests(manifests, "Ingress")
