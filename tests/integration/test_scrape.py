@@ -240,6 +240,14 @@ def test_bad_input_keeps_earlier_output(slack_emulator, tmp_path):
     assert (out / "samples.jsonl").read_bytes() == before
 
 
+def test_corrupt_state_file(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    state = tmp_path / "state.json"
+    state.write_text("{half a state")
+    assert_bad_input(scrape(slack_emulator, out, "--state", str(state)), out, "not a scrape state file")
+    assert state.read_text() == "{half a state"
+
+
 def test_the_installed_command_exits_2_with_one_line(slack_emulator, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
