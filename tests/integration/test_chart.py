@@ -30,6 +30,7 @@ from tests.support.helm import (
     find_manifest,
     find_manifests,
     helm,
+    parse_manifests,
     render_chart,
     template_chart,
     tool,
@@ -98,6 +99,12 @@ def test_every_rendered_manifest_is_valid_kubernetes(which: str, request: pytest
         for version in KUBE_VERSIONS:
             # The CRD too: it is checked as a CustomResourceDefinition (apiextensions.k8s.io/v1).
             kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_a_key_given_twice_is_caught() -> None:
+    """What the chart once did with labels: the API server's strict decoding refuses it, and so do we."""
+    with pytest.raises(yaml.YAMLError, match="duplicate keys"):
+        parse_manifests("metadata:\n  labels:\n    app: a\n    app: a\n")
 
 
 def test_a_wrong_manifest_is_caught_by_the_validator(default_manifests: list[dict[str, Any]]) -> None:

@@ -115,6 +115,27 @@ def template_chart(
         )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping, as the API server's strict decoding
+    does (PyYAML alone would silently keep the last one)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    keys = [loader.construct_object(key, deep=True) for key, _ in node.value]
+    duplicates = sorted({str(key) for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {duplicates}", node.start_mark)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def parse_manifests(text: str) -> list[dict[str, Any]]:
+    """Parse multi-document YAML strictly (duplicate keys are an error); empty documents dropped."""
+    return [doc for doc in yaml.load_all(text, Loader=_StrictLoader) if doc]
+
+
 def render_chart(
     values_files: Iterable[Path | str] = (),
     set_values: Mapping[str, Any] | None = None,
@@ -122,8 +143,7 @@ def render_chart(
     test_secrets: bool = True,
 ) -> list[dict[str, Any]]:
     """The chart's manifests as parsed objects, CRDs first. `set_values` is a nested mapping of values."""
-    text = template_chart(values_files, set_values, test_secrets=test_secrets)
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    return parse_manifests(template_chart(values_files, set_values, test_secrets=test_secrets))
 
 
 def find_manifests(manifests: Iterable[Mapping[str, Any]], kind: str) -> list[Mapping[str, Any]]:

@@ -14,13 +14,24 @@
 {{- printf "%s-%s" (include "doppel.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Labels on every object. */}}
-{{- define "doppel.labels" -}}
+{{/* Labels on every object; "doppel.labels" adds the instance, which component objects get from their
+selector labels instead (a key twice in one mapping is invalid YAML). */}}
+{{- define "doppel.commonLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: doppel
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{- define "doppel.labels" -}}
+{{ include "doppel.commonLabels" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of a component's Deployment and pods: (dict "root" . "component" "vllm"). */}}
+{{- define "doppel.componentLabels" -}}
+{{ include "doppel.commonLabels" .root }}
+{{ include "doppel.selectorLabels" . }}
 {{- end -}}
 
 {{/* Selector labels of one component. `vllm` uses the name the DoppelUser's default vLLM selector matches. */}}
