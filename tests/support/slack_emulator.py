@@ -96,7 +96,7 @@ class Team:
 
 @dataclass
 class _Bucket:
-    """Token bucket: `per_minute` calls a minute on average, bursts of up to `capacity`."""
+    """Token bucket: `rate` calls a second on average, bursts of up to `capacity`."""
 
     rate: float  # tokens per second
     capacity: float
@@ -114,7 +114,11 @@ class _Bucket:
 
 
 class SlackEmulator:
-    """The emulator; `start()` serves it on 127.0.0.1, `base_url` is what slack_sdk takes."""
+    """The emulator; `start()` serves it on 127.0.0.1, `base_url` is what slack_sdk takes.
+
+    `rate_scale` multiplies every tier's limit (tests run fast), `burst_seconds` is how many seconds' worth
+    of calls a method takes at once before 429s start, `latency` delays every answer.
+    """
 
     def __init__(self, *, rate_scale: float = 1.0, latency: float = 0.0, burst_seconds: float = 6.0) -> None:
         self.rate_scale = rate_scale
