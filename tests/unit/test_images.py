@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,35 @@ DOCKERFILES = {
     "Dockerfile": ("operator,bot,slack", "app"),
     "worker.Dockerfile": ("slack,train", "worker"),
 }
+# The doppel packages each image's commands run (operator+bot: `doppel operator`, `doppel bot`; worker:
+# `doppel scrape`, `doppel train`, `doppel cleanup`).
+IMAGE_PACKAGES = {
+    "Dockerfile": ("doppel.cli", "doppel.operator", "doppel.bot"),
+    "worker.Dockerfile": ("doppel.cli", "doppel.slack", "doppel.train"),
+}
+# Distribution names whose import name differs.
+IMPORT_NAMES = {"pyyaml": "yaml"}
+# Imports every module of the given packages with the given top-level modules made unimportable, as in
+# an image where they are not installed; prints the modules that fail.
+IMPORT_WITHOUT = """
+import importlib, pkgutil, sys
+blocked = set(sys.argv[1].split(","))
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError(f"No module named {name!r} (not installed in this image)")
+
+sys.meta_path.insert(0, NotInstalled())
+for package in sys.argv[2].split(","):
+    module = importlib.import_module(package)
+    path = getattr(module, "__path__", None)
+    for name in [package, *(m.name for m in pkgutil.walk_packages(path, package + ".") if path)]:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            print(f"{name}: {exc}")
+"""
 INSTRUCTIONS = {
     "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
     "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR", "COMMENT",
@@ -168,3 +199,32 @@ def test_chart_defaults_name_the_images_built_here() -> None:
     version = re.search(r"^VLLM_VERSION := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M)
     assert version is not None
     assert values["images"]["vllm"]["tag"] == f"v{version.group(1)}"
+
+
+def _import_names(extras: list[str]) -> set[str]:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    specs = list(project["dependencies"])
+    for extra in extras:
+        specs += [s for s in project["optional-dependencies"][extra] if not s.startswith("doppel[")]
+    names = {_normal(Requirement(spec).name) for spec in specs}
+    return {IMPORT_NAMES.get(name, name.replace("-", "_")) for name in names}
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_image_commands_import_without_the_other_extras(name: str) -> None:
+    """The slim image has no torch, the worker no kopf or Bolt: every module their commands run must
+    import without them (heavy imports stay inside the functions that need them)."""
+    extras = DOCKERFILES[name][0].split(",")
+    others = [e for e in ("slack", "train", "operator", "bot") if e not in extras]
+    missing = _import_names(others) - _import_names(extras)
+    assert missing
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_WITHOUT, ",".join(sorted(missing)), ",".join(IMAGE_PACKAGES[name])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "", f"{name}: these modules need packages the image lacks:\n{proc.stdout}"
