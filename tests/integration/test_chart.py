@@ -300,6 +300,25 @@ def test_missing_signing_secret_is_a_clear_error() -> None:
         template_chart(test_secrets=False)
 
 
+def test_values_schema_is_a_valid_schema_that_the_shipped_values_meet() -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text(encoding="utf-8"))
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    for path in (CHART_DIR / "values.yaml", SCALED_VALUES):
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # The scaled example is an overlay: check it merged onto the defaults, as helm does.
+        if path == SCALED_VALUES:
+            values = _merged(yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8")), values)
+        assert not list(validator.iter_errors(values)), path.name
+
+
+def _merged(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _merged(out[key], value) if isinstance(value, Mapping) and key in out else value
+    return out
+
+
 def test_fewer_cpu_than_gpu_adapters_is_a_clear_error() -> None:
     with pytest.raises(HelmError, match=r"vllm\.maxCpuLoras must be at least vllm\.maxLoras"):
         template_chart(set_values={"vllm": {"maxLoras": 8, "maxCpuLoras": 4}})
