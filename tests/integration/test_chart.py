@@ -80,10 +80,11 @@ def validate_against_crd(obj: Mapping[str, Any]) -> None:
 
 
 def test_helm_lint_passes_strict_with_default_and_scaled_values(tmp_path: Path) -> None:
+    team = {"workspaces": ["T0123ABCD"]}
     slack = tmp_path / "slack.yaml"
-    slack.write_text(yaml.safe_dump({"slack": {"signingSecret": "s", "botToken": "xoxb-1"}}))
+    slack.write_text(yaml.safe_dump({"slack": {"signingSecret": "s", "botToken": "xoxb-1"}, **team}))
     oauth = tmp_path / "oauth.yaml"
-    oauth.write_text(yaml.safe_dump({"slack": {"signingSecret": "s", **OAUTH_VALUES["slack"]}}))
+    oauth.write_text(yaml.safe_dump({"slack": {"signingSecret": "s", **OAUTH_VALUES["slack"]}, **team}))
     out = helm("lint", "--strict", str(CHART_DIR), "-f", str(slack))
     assert "0 chart(s) failed" in out
     out = helm("lint", "--strict", str(CHART_DIR), "-f", str(SCALED_VALUES), "-f", str(oauth))
@@ -276,8 +277,12 @@ def test_scaled_values_scale_out(scaled_manifests: list[dict[str, Any]]) -> None
 
 def test_existing_secret_and_claim_are_used_instead_of_created() -> None:
     manifests = render_chart(
-        set_values={"slack": {"existingSecret": "my-slack"}, "storage": {"existingClaim": "shared-nfs"}},
-        test_secrets=False,
+        set_values={
+            "slack": {"existingSecret": "my-slack"},
+            "storage": {"existingClaim": "shared-nfs"},
+            "workspaces": ["T0123ABCD"],
+        },
+        required_values=False,
     )
     assert not find_manifests(manifests, "Secret")
     assert not find_manifests(manifests, "PersistentVolumeClaim")
@@ -295,9 +300,13 @@ def test_existing_secret_and_claim_are_used_instead_of_created() -> None:
     )
 
 
-def test_missing_signing_secret_is_a_clear_error() -> None:
+def test_missing_signing_secret_or_workspaces_is_a_clear_error() -> None:
     with pytest.raises(HelmError, match=r"slack\.signingSecret \(or slack\.existingSecret\) is required"):
-        template_chart(test_secrets=False)
+        template_chart(set_values={"workspaces": ["T0123ABCD"]}, required_values=False)
+    with pytest.raises(HelmError, match=r"workspaces: list your Slack team IDs"):
+        template_chart(
+            set_values={"slack": {"signingSecret": "s", "botToken": "xoxb-1"}}, required_values=False
+        )
 
 
 def test_values_schema_is_a_valid_schema_that_the_shipped_values_meet() -> None:
@@ -352,7 +361,11 @@ def test_notes_tell_how_to_connect_slack_and_create_a_doppel() -> None:
         values = Path(tmp) / "values.yaml"
         values.write_text(
             yaml.safe_dump(
-                {"slack": {"signingSecret": "s", "botToken": "xoxb-1"}, "bot": {"ingress": {"enabled": True}}}
+                {
+                    "slack": {"signingSecret": "s", "botToken": "xoxb-1"},
+                    "workspaces": ["T0123ABCD"],
+                    "bot": {"ingress": {"enabled": True}},
+                }
             )
         )
         out = helm(

@@ -26,14 +26,16 @@ TOOLS_DIR_ENV = "DOPPEL_TOOLS_DIR"
 REQUIRE_TOOLS_ENV = "DOPPEL_REQUIRE_TOOLS"
 RELEASE = "doppel"
 NAMESPACE = "doppel"
-# The chart refuses to render without a signing secret (the bot cannot verify Slack requests without one).
-TEST_SLACK_VALUES: dict[str, Any] = {
-    "slack": {"signingSecret": "test-signing-secret", "botToken": "xoxb-test"}
+# The values the chart refuses to render without: a signing secret (the bot verifies every Slack request)
+# and the workspaces it serves.
+REQUIRED_TEST_VALUES: dict[str, Any] = {
+    "slack": {"signingSecret": "test-signing-secret", "botToken": "xoxb-test"},
+    "workspaces": ["T0TEST"],
 }
 
 
 class HelmError(RuntimeError):
-    """helm exited non-zero; the message is its stderr."""
+    """helm exited non-zero; the message is its stderr, then its stdout."""
 
 
 def tool(name: str) -> Path:
@@ -69,7 +71,8 @@ def helm(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> str:
             check=False,
         )
     if proc.returncode != 0:
-        raise HelmError(proc.stderr.strip() or f"helm exited {proc.returncode}")
+        # helm lint reports its findings on stdout and only the verdict on stderr.
+        raise HelmError("\n".join(filter(None, (proc.stderr.strip(), proc.stdout.strip()))) or "helm failed")
     return proc.stdout
 
 
@@ -79,13 +82,13 @@ def _write_values(path: Path, values: Mapping[str, Any]) -> str:
 
 
 def _values_args(
-    values_files: Iterable[Path | str], set_values: Mapping[str, Any] | None, test_secrets: bool, tmp: Path
+    values_files: Iterable[Path | str], set_values: Mapping[str, Any] | None, required_values: bool, tmp: Path
 ) -> list[str]:
-    """`-f` arguments: the test Slack secrets first, then the given files, then `set_values` as a file
+    """`-f` arguments: the required test values first, then the given files, then `set_values` as a file
     (a values file keeps YAML types, where `--set` would turn "1.5" into a string and "123" into a number)."""
     args: list[str] = []
-    if test_secrets:
-        args += ["-f", _write_values(tmp / "slack.yaml", TEST_SLACK_VALUES)]
+    if required_values:
+        args += ["-f", _write_values(tmp / "required.yaml", REQUIRED_TEST_VALUES)]
     for file in values_files:
         args += ["-f", str(file)]
     if set_values:
@@ -97,12 +100,12 @@ def template_chart(
     values_files: Iterable[Path | str] = (),
     set_values: Mapping[str, Any] | None = None,
     *,
-    test_secrets: bool = True,
+    required_values: bool = True,
     extra_args: Iterable[str] = (),
 ) -> str:
     """`helm template` of charts/doppel as YAML text (CRDs included). Raises HelmError on failure."""
     with tempfile.TemporaryDirectory(prefix="doppel-values-") as tmp:
-        args = _values_args(values_files, set_values, test_secrets, Path(tmp))
+        args = _values_args(values_files, set_values, required_values, Path(tmp))
         return helm(
             "template",
             RELEASE,
@@ -140,10 +143,10 @@ def render_chart(
     values_files: Iterable[Path | str] = (),
     set_values: Mapping[str, Any] | None = None,
     *,
-    test_secrets: bool = True,
+    required_values: bool = True,
 ) -> list[dict[str, Any]]:
     """The chart's manifests as parsed objects, CRDs first. `set_values` is a nested mapping of values."""
-    return parse_manifests(template_chart(values_files, set_values, test_secrets=test_secrets))
+    return parse_manifests(template_chart(values_files, set_values, required_values=required_values))
 
 
 def find_manifests(manifests: Iterable[Mapping[str, Any]], kind: str) -> list[Mapping[str, Any]]:
