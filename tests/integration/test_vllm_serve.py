@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from peft import LoraConfig, get_peft_model
 from tests.support.model_fixtures import STYLE_MARKER
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tests.support.vllm_fixtures import ROBOT_MARKER
 
 from doppel.serve import errors
 from doppel.serve.backend import BASE_ADAPTER, GenerationParams
@@ -19,53 +16,7 @@ from doppel.serve.vllm import AsyncVllmClient, LoadOutcome, RetryPolicy, VllmBac
 
 pytestmark = pytest.mark.vllm
 
-ROBOT_PATTERN = "Beep boop. {topic} computed. Beep."
-ROBOT_MARKER = "Beep boop"
 GREEDY = GenerationParams(temperature=0.0, max_tokens=40)
-
-
-@pytest.fixture(scope="module")
-def robot_adapter(train_style_adapter) -> Path:
-    return train_style_adapter("robot", ROBOT_PATTERN)
-
-
-@pytest.fixture(scope="module")
-def heldout_messages(style_samples) -> list[dict[str, str]]:
-    """A thread never trained on, as `build_conversation` formats it, up to the person's reply."""
-    first = json.loads(style_samples.heldout.read_text(encoding="utf-8").splitlines()[0])
-    return first["messages"][:-1]
-
-
-def _save_lora(model, rank: int, out: Path) -> Path:
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def rank64_adapter(tiny_model, tmp_path_factory) -> Path:
-    """A valid adapter of the tiny model whose rank (64) exceeds the server's --max-lora-rank 32."""
-    return _save_lora(
-        AutoModelForCausalLM.from_pretrained(tiny_model), 64, tmp_path_factory.mktemp("r64") / "a"
-    )
-
-
-@pytest.fixture(scope="module")
-def foreign_adapter(tiny_model, tmp_path_factory) -> Path:
-    """A valid adapter of another (wider) Llama model: its matrices do not fit the tiny model."""
-    ours = json.loads((tiny_model / "config.json").read_text())
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=ours["vocab_size"],
-            hidden_size=2 * ours["hidden_size"],
-            intermediate_size=128,
-            num_hidden_layers=ours["num_hidden_layers"],
-            num_attention_heads=2 * ours["num_attention_heads"],
-            num_key_value_heads=2 * ours["num_attention_heads"],
-            head_dim=64,
-        )
-    )
-    return _save_lora(other, 8, tmp_path_factory.mktemp("foreign") / "a")
 
 
 @pytest.fixture

@@ -11,14 +11,16 @@ which case a missing server is a failure, not a silent skip.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 import pytest
@@ -223,7 +225,9 @@ class VllmServer:
 def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     """The real vLLM server serving the tiny model as `doppel-tiny`, one per test session.
 
-    Tests that load adapters should unload them (or use unique names): the server is shared.
+    The server is shared: tests use their own adapter names and unload them. One test kills and restarts
+    it (as a pod restart would), which drops every adapter: load what a test needs in that test
+    (`load_adapter` is idempotent and cheap when the adapter is already there).
     """
     python = vllm_python()
     log_dir = tmp_path_factory.mktemp("vllm")
@@ -233,3 +237,60 @@ def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield server
     finally:
         server.stop()
+
+
+# --- adapters to serve, and adapters the server must refuse ---------------------------------------------
+
+# The second style, beside model_fixtures' STYLE_PATTERN ("Yarr! ... matey").
+ROBOT_PATTERN = "Beep boop. {topic} computed. Beep."
+ROBOT_MARKER = "Beep boop"
+
+
+@pytest.fixture(scope="session")
+def robot_adapter(train_style_adapter: Callable[[str, str], Path]) -> Path:
+    """An adapter of the tiny model trained to answer in ROBOT_PATTERN."""
+    return train_style_adapter("robot", ROBOT_PATTERN)
+
+
+@pytest.fixture(scope="session")
+def heldout_messages(style_samples: Any) -> list[dict[str, str]]:
+    """A thread never trained on, as `build_conversation` formats it, up to the person's reply."""
+    first = json.loads(style_samples.heldout.read_text(encoding="utf-8").splitlines()[0])
+    return first["messages"][:-1]
+
+
+def _save_lora(model, rank: int, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def rank64_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid adapter of the tiny model whose rank (64) exceeds the server's --max-lora-rank 32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    return _save_lora(model, 64, tmp_path_factory.mktemp("r64") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def foreign_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid adapter of another (wider) Llama model: its matrices do not fit the tiny model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours = json.loads((tiny_model / "config.json").read_text())
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=ours["vocab_size"],
+            hidden_size=2 * ours["hidden_size"],
+            intermediate_size=128,
+            num_hidden_layers=ours["num_hidden_layers"],
+            num_attention_heads=2 * ours["num_attention_heads"],
+            num_key_value_heads=2 * ours["num_attention_heads"],
+            head_dim=64,
+        )
+    )
+    return _save_lora(other, 8, tmp_path_factory.mktemp("foreign") / "adapter")

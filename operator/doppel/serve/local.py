@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextIteratorStreamer
 
 from doppel.serve.backend import BASE_ADAPTER, DEFAULT_PARAMS, GenerationParams, Messages
@@ -54,14 +55,17 @@ class LocalBackend:
         if not (path / "adapter_config.json").is_file():
             raise AdapterNotFound(f"no adapter at {path} (adapter_config.json missing)")
         with self._lock:
+            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+            # Check before PEFT touches the model: a failed load can leave layers injected into it.
+            _check_fits(base, path)
             try:
                 if isinstance(self.model, PeftModel):
                     self.model.load_adapter(str(path), adapter_name=name)
                 else:
                     self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
-            except RuntimeError as exc:  # torch's "size mismatch" when loading the weights
-                raise BaseModelMismatch(f"adapter {path} does not fit this base model: {exc}") from exc
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, RuntimeError) as exc:
+                if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+                    self.model.delete_adapter(name)
                 raise InvalidAdapter(f"cannot load adapter {path}: {exc}") from exc
             self.model.eval()
 
@@ -153,3 +157,29 @@ class LocalBackend:
         if isinstance(self.model, PeftModel):
             kwargs["adapter_names"] = list(adapters)
         return kwargs
+
+
+def _check_fits(base: torch.nn.Module, path: Path) -> None:
+    """Raise `BaseModelMismatch` unless every LoRA matrix in the adapter at `path` fits a base module."""
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AdapterNotFound(f"no adapter weights at {weights}")
+    with safe_open(str(weights), framework="pt") as tensors:
+        shapes = {key: tensors.get_slice(key).get_shape() for key in tensors.keys()}  # noqa: SIM118
+    for key, shape in shapes.items():
+        # PEFT saves "base_model.model.<module path>.lora_A.weight" with lora_A [r, in] and lora_B [out, r].
+        module_path, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        try:
+            module = base.get_submodule(module_path)
+        except AttributeError:
+            raise BaseModelMismatch(
+                f"adapter {path} targets {module_path}, absent from this base model"
+            ) from None
+        is_a = kind.startswith("A")
+        expected = getattr(module, "in_features" if is_a else "out_features", None)
+        actual = shape[1] if is_a else shape[0]
+        if expected is not None and actual != expected:
+            raise BaseModelMismatch(
+                f"adapter {path} does not fit this base model: {module_path} has {expected} features, "
+                f"the adapter {actual}"
+            )

@@ -1,0 +1,65 @@
+"""The in-process backend: transformers + peft with several adapters of the tiny model in one batch."""
+
+from __future__ import annotations
+
+import pytest
+from tests.support.model_fixtures import STYLE_MARKER
+from tests.support.vllm_fixtures import ROBOT_MARKER
+
+from doppel.serve import errors
+from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+from doppel.serve.local import LocalBackend
+
+GREEDY = GenerationParams(temperature=0.0, max_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model, trained_adapter, robot_adapter) -> LocalBackend:
+    return LocalBackend(tiny_model, {"pat": trained_adapter, "robot": robot_adapter})
+
+
+def test_one_batch_mixes_adapters_and_the_base(backend, heldout_messages):
+    assert backend.adapters == ["pat", "robot"]
+    pat, robot, base = backend.complete_batch(
+        [("pat", heldout_messages), ("robot", heldout_messages), (BASE_ADAPTER, heldout_messages)], GREEDY
+    )
+    assert STYLE_MARKER in pat and ROBOT_MARKER not in pat
+    assert ROBOT_MARKER in robot and STYLE_MARKER not in robot
+    assert STYLE_MARKER not in base and ROBOT_MARKER not in base
+
+
+def test_streaming_yields_the_reply_piece_by_piece(backend, heldout_messages):
+    pieces = list(backend.stream("robot", heldout_messages, GREEDY))
+    assert len(pieces) > 1
+    assert "".join(pieces) == backend.complete("robot", heldout_messages, GREEDY)
+
+
+def test_sampling_with_a_seed_repeats(backend, heldout_messages):
+    params = GenerationParams(temperature=1.0, max_tokens=20, seed=3)
+    assert backend.complete(BASE_ADAPTER, heldout_messages, params) == backend.complete(
+        BASE_ADAPTER, heldout_messages, params
+    )
+
+
+def test_unknown_and_bad_adapters_are_refused(backend, heldout_messages, foreign_adapter, tmp_path):
+    with pytest.raises(errors.UnknownModel, match="'ana'"):
+        backend.complete("ana", heldout_messages, GREEDY)
+    with pytest.raises(errors.UnknownModel):
+        list(backend.stream("ana", heldout_messages, GREEDY))
+    with pytest.raises(errors.AdapterNotFound, match=r"adapter_config\.json"):
+        backend.add_adapter("nothing", tmp_path)
+    with pytest.raises(errors.BaseModelMismatch, match="does not fit"):
+        backend.add_adapter("foreign", foreign_adapter)
+    assert backend.adapters == ["pat", "robot"]
+
+
+def test_removed_adapter_no_longer_answers(tiny_model, trained_adapter, heldout_messages):
+    backend = LocalBackend(tiny_model, {"pat": trained_adapter})
+    backend.remove_adapter("pat")
+    with pytest.raises(errors.UnknownModel):
+        backend.complete("pat", heldout_messages, GREEDY)
+
+
+def test_missing_base_model_is_refused(tmp_path):
+    with pytest.raises(errors.UnknownModel, match=r"config\.json"):
+        LocalBackend(tmp_path / "nothing-here")
