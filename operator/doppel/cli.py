@@ -463,6 +463,7 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
 @click.option("--slack-api-url", help="Slack Web API base URL (proxies, emulators).")
 @click.option("--user", help="Whose doppel to build: user ID, handle or real name (demo: margaret).")
 @click.option("--base-model", help="Base model: a Hugging Face model id or a local directory.")
+@click.option("--slack-rate-scale", type=float, default=1.0, help="Multiply Slack's rate limits (emulators).")
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
@@ -482,6 +483,7 @@ def local(
     slack_api_url: str | None,
     user: str | None,
     base_model: str | None,
+    slack_rate_scale: float,
     workdir: Path,
     max_steps: int | None,
     cutoff_days: float | None,
@@ -503,6 +505,7 @@ def local(
         slack_api_url=slack_api_url,
         max_steps=max_steps,
         cutoff_days=cutoff_days,
+        slack_rate_scale=slack_rate_scale,
     )
     outcome = run_local(settings)
     click.echo(report(outcome))

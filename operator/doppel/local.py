@@ -85,6 +85,8 @@ class Settings:
     base_model: str | None = None
     slack_token: str | None = None
     slack_api_url: str | None = None
+    # Multiplies Slack's documented rate limits (raised limits, an emulator).
+    slack_rate_scale: float = 1.0
     max_steps: int | None = None
     # Scrape only messages this recent (None: ingestion's default); old exports need a larger one.
     cutoff_days: float | None = None
@@ -103,8 +105,12 @@ class Settings:
             )
         if self.export is not None and not self.export.is_file():
             raise BadInput(f"export not found: {self.export}")
+        if self.base_model and _looks_like_path(self.base_model):
+            _model_dir(self.base_model)
         if self.max_steps is not None and self.max_steps < 1:
             raise BadInput(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.slack_rate_scale <= 0:
+            raise BadInput(f"--slack-rate-scale must be positive, got {self.slack_rate_scale}")
         if self.cutoff_days is not None and self.cutoff_days <= 0:
             raise BadInput(f"--cutoff-days must be positive, got {self.cutoff_days}")
 
@@ -261,11 +267,8 @@ def _base_model(settings: Settings, layout: Layout) -> tuple[str, Path]:
 def resolve_base_model(name: str) -> Path:
     """A local directory for `name`: a model directory, or a Hugging Face model id (fetched into the HF
     cache). Anything else is bad input, found before any work is done."""
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        if not (path / "config.json").is_file():
-            raise BadInput(f"base model {name!r}: no model there (config.json missing)")
-        return path.resolve()
+    if _looks_like_path(name):
+        return _model_dir(name)
     try:
         from huggingface_hub import snapshot_download
 
@@ -278,6 +281,18 @@ def resolve_base_model(name: str) -> Path:
     return local
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local directory rather than a Hugging Face id ("org/name")."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _model_dir(name: str) -> Path:
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise BadInput(f"base model {name!r}: no model there (config.json missing)")
+    return path.resolve()
+
+
 def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) -> Any:
     from doppel.slack.samples import ScrapeOptions
 
@@ -288,7 +303,9 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
     if export is None:
         from doppel.slack.scrape import ApiSettings, scrape_api
 
-        api = ApiSettings(base_url=settings.slack_api_url) if settings.slack_api_url else ApiSettings()
+        api = ApiSettings(rate_scale=settings.slack_rate_scale)
+        if settings.slack_api_url:
+            api.base_url = settings.slack_api_url
         assert settings.slack_token is not None
         return scrape_api(settings.slack_token, user, out, options, api)
     from doppel.slack.export import scrape_export

@@ -1,0 +1,174 @@
+"""`doppel local` on a "real" workspace (export ZIP or the Slack Web API emulator) and on bad input.
+
+Bad input must end with exit code 2, one line on stderr, and nothing half-written under --workdir.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from tests.support.slack_emulator import SlackEmulator
+from tests.support.slack_fixtures import FAST_RATE_SCALE
+
+from doppel.cli import main
+from doppel.demo.workspace import MARGARET, SIGN_OFF, TEAM_ID, build_workspace, write_export
+
+TOKEN = "xoxb-demo-local-0001"
+# The demo workspace dates from 2024: reach back far enough for it.
+ALL_OF_IT = "100000"
+
+
+@pytest.fixture
+def export(tmp_path):
+    return write_export(tmp_path / "workspace.zip")
+
+
+def local(workdir: Path, *args: str):
+    return CliRunner().invoke(main, ["local", *args, "--workdir", str(workdir)])
+
+
+def assert_bad_input(result, reason: str, *, after_stages: bool = False) -> None:
+    """Exit 2 and the reason on one line; checks made before any stage starts leave stderr at that one
+    line, later ones follow the progress lines of the stages that ran."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) > 1 if after_stages else len(lines) == 1, result.stderr
+    assert all(not line.startswith("doppel:") for line in lines[:-1]), result.stderr
+    assert lines[-1].startswith("doppel: error: ") and reason in lines[-1], lines[-1]
+
+
+def test_unknown_demo_person_writes_nothing(tmp_path):
+    workdir = tmp_path / "data"
+    result = local(workdir, "--demo", "--user", "nobody")
+    assert_bad_input(result, "no user 'nobody'")
+    assert not workdir.exists()
+
+
+def test_missing_export(tmp_path):
+    workdir = tmp_path / "data"
+    result = local(workdir, "--export", str(tmp_path / "nope.zip"), "--user", "alice", "--base-model", "x")
+    assert_bad_input(result, "export not found")
+    assert not workdir.exists()
+
+
+def test_bad_base_model_path(tmp_path, export):
+    workdir = tmp_path / "data"
+    (tmp_path / "empty-model").mkdir()
+    for model in (str(tmp_path / "missing-model"), str(tmp_path / "empty-model")):
+        result = local(workdir, "--export", str(export), "--user", "margaret", "--base-model", model)
+        assert_bad_input(result, "no model there")
+    assert not workdir.exists()
+
+
+def test_unknown_hub_model_offline(tmp_path, export, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    workdir = tmp_path / "data"
+    hub_id = "no-such-org/no-such-model"
+    result = local(workdir, "--export", str(export), "--user", "margaret", "--base-model", hub_id)
+    assert_bad_input(result, "base model 'no-such-org/no-such-model' cannot be fetched", after_stages=True)
+    assert not workdir.exists()
+
+
+def test_unknown_user_in_export(tmp_path, export, tiny_model):
+    workdir = tmp_path / "data"
+    result = local(workdir, "--export", str(export), "--user", "nobody", "--base-model", str(tiny_model))
+    assert_bad_input(result, "no user 'nobody' in this workspace", after_stages=True)
+    assert not (workdir / "data").exists()
+
+
+def test_not_an_export(tmp_path, tiny_model):
+    bogus = tmp_path / "bogus.zip"
+    bogus.write_text("not a zip at all")
+    workdir = tmp_path / "data"
+    result = local(workdir, "--export", str(bogus), "--user", "margaret", "--base-model", str(tiny_model))
+    assert_bad_input(result, "not a Slack export ZIP", after_stages=True)
+    assert not (workdir / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--demo", "--export", "x.zip"], "give exactly one of --demo, --export ZIP or --slack-token"),
+        ([], "give exactly one of --demo, --export ZIP or --slack-token"),
+        (["--slack-token", "xoxb-1", "--base-model", "m"], "--user is required"),
+        (["--demo", "--max-steps", "0"], "--max-steps must be at least 1"),
+        (["--demo", "--cutoff-days", "0"], "--cutoff-days must be positive"),
+        (["--demo", "--base-model", "gpt2"], "--base-model is for --export/--slack-token"),
+        (["--demo", "--chat", "--socket-mode"], "at most one of --chat and --socket-mode"),
+    ],
+)
+def test_contradictory_options(tmp_path, args, reason):
+    workdir = tmp_path / "data"
+    assert_bad_input(local(workdir, *args), reason)
+    assert not workdir.exists()
+
+
+def test_old_export_with_default_cutoff_trains_nothing(tmp_path, export, tiny_model):
+    """The demo export is from 2024: within the default 365 days there is nothing to learn from."""
+    workdir = tmp_path / "data"
+    result = local(workdir, "--export", str(export), "--user", "margaret", "--base-model", str(tiny_model))
+    assert_bad_input(result, "not enough data (0 < 20)", after_stages=True)
+    assert not (workdir / "adapters" / "margaret").exists() or not any(
+        (workdir / "adapters" / "margaret").iterdir()
+    )
+
+
+def emulated_demo_workspace() -> dict:
+    """The demo export as the Slack emulator serves it."""
+    files = build_workspace()
+    messages: dict[str, list] = {}
+    for name, content in files.items():
+        if "/" in name:
+            messages.setdefault(name.split("/")[0], []).extend(content)
+    return {
+        "team": {"id": TEAM_ID, "name": "Demo"},
+        "users": files["users.json"],
+        "channels": files["channels.json"],
+        "messages": messages,
+    }
+
+
+def test_through_the_slack_api_then_incrementally(tmp_path, tiny_model):
+    workdir = tmp_path / "data"
+    result_file = tmp_path / "result.json"
+    with SlackEmulator(rate_scale=FAST_RATE_SCALE) as emulator:
+        team = emulator.add_team(emulated_demo_workspace(), token=TOKEN)
+        args = [
+            "--slack-token", TOKEN, "--slack-api-url", emulator.base_url,
+            "--slack-rate-scale", str(FAST_RATE_SCALE), "--user", "margaret",
+            "--base-model", str(tiny_model), "--max-steps", "4", "--cutoff-days", ALL_OF_IT,
+            "--workdir", str(workdir),
+        ]  # fmt: skip
+        first = CliRunner(env={"DOPPEL_RESULT_FILE": str(result_file)}).invoke(main, ["local", *args])
+        assert first.exit_code == 0, (first.stderr, first.exception)
+        summary = json.loads(result_file.read_text())
+        assert emulator.calls_to("conversations.history") and emulator.calls_to("conversations.replies")
+        assert summary["samples"] > 20 and summary["trained"] is True
+        assert "held-out loss on unseen threads" in first.stdout
+        assert "Alex: Can you take a look at the failing deploy" in first.stdout
+        old_adapter = Path(summary["adapter"])
+
+        # Margaret says something new: the next run fetches only that, and trains a new adapter.
+        general = next(c for c in team.channels.values() if c["name"] == "general")
+        newest = max(float(m["ts"]) for m in team.messages[general["id"]])
+        text = (
+            "Thank you all for a productive quarter. I would recommend that we document the lessons "
+            f"from the billing migration before the holidays.\n{SIGN_OFF}"
+        )
+        emulator.add_message(
+            general["id"], {"type": "message", "user": MARGARET.id, "text": text, "ts": f"{newest + 60:.6f}"}
+        )
+        history_calls = len(emulator.calls_to("conversations.history"))
+        second = CliRunner(env={"DOPPEL_RESULT_FILE": str(result_file)}).invoke(main, ["local", *args])
+        assert second.exit_code == 0, (second.stderr, second.exception)
+        again = json.loads(result_file.read_text())
+        assert again["added_samples"] == 1 and again["samples"] == summary["samples"] + 1
+        assert again["trained"] is True and again["adapter"] != summary["adapter"]
+        # Incremental: each channel's history is asked only from the last message seen (2024), not
+        # from the cutoff (decades back).
+        later = emulator.calls_to("conversations.history")[history_calls:]
+        assert later and all(float(call.params["oldest"]) > 1.7e9 for call in later)
+    assert not old_adapter.exists()
+    assert Path(again["adapter"]).is_dir()
