@@ -245,7 +245,7 @@ def train_command(
 )
 @click.option("--vllm-url", help="Chat through this vLLM server (it must see the adapter at the same path).")
 @click.option("--base-model", type=click.Path(path_type=Path), help="Or run this base model in-process.")
-@click.option("--person", required=True, help="Whose doppel this is (named in the system prompt).")
+@click.option("--person", help="Whose doppel this is (named in the system prompt).  [required]")
 @click.option("--once", "message", help="Send one message, print the reply and exit.")
 @click.option("--temperature", type=float, help="Sampling temperature (default 0.2).")
 @click.option("--max-tokens", type=int, help="Longest reply in tokens (default 1024).")
@@ -255,7 +255,7 @@ def chat(
     adapter_dir: Path,
     vllm_url: str | None,
     base_model: Path | None,
-    person: str,
+    person: str | None,
     message: str | None,
     temperature: float | None,
     max_tokens: int | None,
@@ -267,6 +267,8 @@ def chat(
 
     if (vllm_url is None) == (base_model is None):
         raise BadInput("give exactly one of --vllm-url URL or --base-model PATH")
+    if not person:
+        raise BadInput("--person NAME is required: whose doppel this is (the system prompt names them)")
     adapter = check_adapter_dir(adapter_dir)
     params = DEFAULT_PARAMS.override(temperature=temperature, max_tokens=max_tokens, seed=seed)
     opened = vllm_chat_backend(vllm_url, adapter) if vllm_url else local_chat_backend(base_model, adapter)

@@ -1,0 +1,116 @@
+"""`doppel chat` driven as a person would: a subprocess with arguments and standard input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from tests.support.model_fixtures import STYLE_MARKER, STYLE_PERSON
+from tests.support.vllm_fixtures import free_port
+
+from doppel.cli import main
+
+QUESTION = "Bob: any news on the newsletter?"
+
+
+def doppel(*args: str, stdin: str | None = None, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "doppel.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def _greedy(adapter, person: str, *backend: str) -> list[str]:
+    sampling = ["--temperature", "0", "--max-tokens", "40"]
+    return ["--adapter", str(adapter), *backend, "--person", person, *sampling]
+
+
+@pytest.mark.vllm
+def test_once_through_vllm_replies_in_style_and_leaves_the_server_as_found(vllm_server, trained_adapter):
+    result = doppel(
+        "chat",
+        *_greedy(trained_adapter, STYLE_PERSON, "--vllm-url", vllm_server.base_url),
+        "--once",
+        QUESTION,
+    )
+    assert result.returncode == 0, result.stderr
+    assert STYLE_MARKER in result.stdout
+    served = httpx.get(f"{vllm_server.base_url}/v1/models").json()["data"]
+    assert [m["id"] for m in served if m["parent"]] == []
+
+
+@pytest.mark.vllm
+def test_rank_too_large_through_the_cli_is_a_one_line_bad_input(vllm_server, rank64_adapter, tmp_path):
+    result_file = tmp_path / "result.json"
+    env = {**os.environ, "DOPPEL_RESULT_FILE": str(result_file)}
+    result = doppel(
+        "chat",
+        "--adapter",
+        str(rank64_adapter),
+        "--vllm-url",
+        vllm_server.base_url,
+        "--person",
+        "Pat",
+        "--once",
+        "hi",
+        env=env,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "greater than max_lora_rank" in result.stderr
+    assert json.loads(result_file.read_text()) == {
+        "ok": False,
+        "kind": "bad_input",
+        "reason": result.stderr.strip().removeprefix("doppel: error: "),
+    }
+
+
+def test_interactive_chat_in_process_keeps_the_thread(tiny_model, trained_adapter):
+    result = doppel(
+        "chat",
+        *_greedy(trained_adapter, STYLE_PERSON, "--base-model", str(tiny_model)),
+        stdin=f"{QUESTION}\n\nBob: and the retro?\n/quit\nnot sent\n",
+    )
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stdout.splitlines() if f"{STYLE_PERSON}> " in line]
+    assert len(replies) == 2
+    assert all(STYLE_MARKER in line for line in replies)
+    assert "not sent" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--adapter", "{missing}", "--base-model", "{model}"], "does not exist"),
+        (["--adapter", "{empty}", "--base-model", "{model}"], "no adapter_config.json"),
+        (["--adapter", "{adapter}"], "exactly one of --vllm-url URL or --base-model PATH"),
+        (["--adapter", "{adapter}", "--base-model", "{model}", "--vllm-url", "{url}"], "exactly one"),
+        (["--adapter", "{adapter}", "--base-model", "{empty}"], "base model"),
+        (["--adapter", "{adapter}", "--vllm-url", "{url}"], "no vLLM server answers"),
+        (["--adapter", "{adapter}", "--base-model", "{model}"], "--person"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, reason, tmp_path, tiny_model, trained_adapter):
+    (tmp_path / "empty").mkdir()
+    values = {
+        "missing": str(tmp_path / "missing"),
+        "empty": str(tmp_path / "empty"),
+        "model": str(tiny_model),
+        "adapter": str(trained_adapter),
+        "url": f"http://127.0.0.1:{free_port()}",
+    }
+    person = [] if reason == "--person" else ["--person", "Pat"]
+    argv = ["chat", *[a.format(**values) for a in args], *person, "--once", "hi"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2, result.output
+    assert reason in result.output
+    assert "Traceback" not in result.output
