@@ -12,8 +12,9 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slack_bolt import BoltResponse
@@ -30,6 +31,8 @@ from doppel.bot.config import BotConfig
 from doppel.bot.directory import Directory
 from doppel.bot.kube import ANNOTATION_REQUESTER, LABEL_TEAM, AlreadyExists
 from doppel.bot.ledger import EventLedger
+from doppel.bot.snapshot import Snapshots
+from doppel.bot.worker import Worker
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient
@@ -62,6 +65,39 @@ def backend_chat(backend: ChatBackend, params: GenerationParams = DEFAULT_PARAMS
     return chat
 
 
+class Lookups:
+    """users.info and conversations.info answers, kept a few minutes per workspace: names and channels
+    rarely change, and a burst of mentions would otherwise ask the same questions for every event."""
+
+    def __init__(self, ttl_s: float = 300.0) -> None:
+        self.ttl_s = ttl_s
+        self._cache: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+
+    async def user(self, client: AsyncWebClient, team_id: str, user_id: str) -> dict[str, Any]:
+        """The user object, or {} when Slack does not know it."""
+        return await self._get(("user", team_id, user_id), lambda: client.users_info(user=user_id), "user")
+
+    async def channel(self, client: AsyncWebClient, team_id: str, channel_id: str) -> dict[str, Any]:
+        fetch = lambda: client.conversations_info(channel=channel_id)  # noqa: E731
+        return await self._get(("channel", team_id, channel_id), fetch, "channel")
+
+    async def _get(
+        self, key: tuple[str, str, str], fetch: Callable[[], Awaitable[Any]], field_name: str
+    ) -> dict[str, Any]:
+        if not key[2]:
+            return {}
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached and now - cached[0] < self.ttl_s:
+            return cached[1]
+        try:
+            value = dict((await fetch())[field_name])
+        except SlackApiError:
+            return {}
+        self._cache[key] = (now, value)
+        return value
+
+
 @dataclass
 class Deps:
     """What the app talks to; tests and `doppel local` build their own."""
@@ -70,6 +106,12 @@ class Deps:
     kube: Directory  # Kubernetes (`Kube`) or in memory (`MemoryDirectory`)
     ledger: EventLedger
     chat: Chat
+    worker: Worker = field(default_factory=Worker)  # where answers run, off the acknowledging loop
+    lookups: Lookups = field(default_factory=lambda: Lookups())
+    snapshots: Snapshots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.snapshots = Snapshots(self.kube)
 
 
 def build_app(
@@ -104,11 +146,15 @@ def build_app(
     @app.event("app_mention")
     async def on_mention(body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
         team_id = _team(context, body)
-        event_id = body.get("event_id")
-        if event_id and not await deps.ledger.claim(team_id, str(event_id)):
-            LOG.info("event %s of team %s already handled", event_id, team_id)
-            return
-        await answer_mention(deps, context.client, team_id, context.bot_user_id, event)
+        event_id = str(body.get("event_id") or "")
+
+        async def work() -> None:
+            if event_id and not await deps.ledger.claim(team_id, event_id):
+                LOG.info("event %s of team %s already handled", event_id, team_id)
+                return
+            await answer_mention(deps, context.client, team_id, context.bot_user_id, event)
+
+        deps.worker.submit(work(), f"mention {event_id} of team {team_id}")
 
     @app.event("message")
     async def on_message() -> None:
@@ -128,7 +174,7 @@ def build_app(
         ack: Any, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
     ) -> None:
         await ack()
-        await answer_consent(deps, context, body, action)
+        deps.worker.submit(answer_consent(deps, context, body, action), "consent answer")
 
     return app
 
@@ -159,7 +205,7 @@ async def answer_mention(
     except logic.CommandError as exc:
         await post(str(exc))
         return
-    doppel = await _find_doppel(deps, namespace, ref)
+    doppel = logic.pick(await deps.snapshots.get(namespace), ref)
     if doppel is None:
         wanted = f"`{ref.handle or ref.user_id}`" if ref else "active"
         await post(f"There is no {wanted} doppel in this workspace yet: try `/doppel train @someone`.")
@@ -171,7 +217,12 @@ async def answer_mention(
         return
     target = doppel["spec"]["target"]
     person_id = target.get("userId") or ""
-    profile = await _profile(client, person_id)
+    lookups = deps.lookups
+
+    async def user(user_id: str) -> dict[str, Any]:
+        return await lookups.user(client, team_id, user_id)
+
+    profile = (await user(person_id)).get("profile") or {}
     # Named as the training samples name the person: real name first.
     person = profile.get("real_name") or target.get("realName") or target.get("handle") or name
     try:
@@ -179,8 +230,8 @@ async def answer_mention(
         thread = replies.get("messages", [])
         if not any(m.get("ts") == event["ts"] for m in thread):
             thread.append(event)  # replies can lag behind the event: the question must be there
-        context = await _thread(client, thread, event, rest, name, person_id, bot_user_id)
-        channel_name = await _channel_name(client, channel)
+        context = await _thread(user, thread, event, rest, name, person_id, bot_user_id)
+        channel_name = (await lookups.channel(client, team_id, channel)).get("name")
         messages = build_conversation(person, person_id, context, channel=channel_name)
         reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
     except (ServeError, TimeoutError) as exc:
@@ -195,36 +246,8 @@ async def answer_mention(
         await post(part, username=f"{name}-bot", **icon)
 
 
-async def _find_doppel(deps: Deps, namespace: str, ref: logic.UserRef | None) -> dict[str, Any] | None:
-    if ref is not None:
-        if ref.handle:
-            found = await deps.kube.get_doppel(namespace, logic.object_name(ref.handle))
-            if found is not None:
-                return found
-        doppels = await deps.kube.list_doppels(namespace)
-        return next(
-            (d for d in doppels if ref.user_id and d["spec"]["target"].get("userId") == ref.user_id), None
-        )
-    active = (await deps.kube.get_state(namespace)).get("active")
-    if active:
-        found = await deps.kube.get_doppel(namespace, active)
-        if found is not None:
-            return found
-    doppels = await deps.kube.list_doppels(namespace)
-    return doppels[0] if len(doppels) == 1 else None
-
-
-async def _profile(client: AsyncWebClient, user_id: str) -> dict[str, Any]:
-    if not user_id:
-        return {}
-    try:
-        return dict((await client.users_info(user=user_id))["user"].get("profile") or {})
-    except SlackApiError:
-        return {}
-
-
 async def _thread(
-    client: AsyncWebClient,
+    lookup: Callable[[str], Awaitable[dict[str, Any]]],
     messages: Sequence[dict[str, Any]],
     mention: dict[str, Any],
     text: str,
@@ -247,25 +270,12 @@ async def _thread(
             author_id = message.get("user", "")
         raw = f"<@{bot_user_id}> {text}" if message["ts"] == mention["ts"] else message.get("text", "")
         for user_id in {author_id, *_MENTIONED.findall(raw)} - users.keys():
-            users[user_id] = await _display_name(client, user_id)
+            found = await lookup(user_id)
+            users[user_id] = user_display_name(found) if found else user_id
         clean = normalize_text(raw, users, None, bot_user_id)
         if clean:
             context.append(ThreadMessage(author_id, users[author_id], clean))
     return context
-
-
-async def _display_name(client: AsyncWebClient, user_id: str) -> str:
-    try:
-        return user_display_name((await client.users_info(user=user_id))["user"])
-    except SlackApiError:
-        return user_id
-
-
-async def _channel_name(client: AsyncWebClient, channel: str) -> str | None:
-    try:
-        return str((await client.conversations_info(channel=channel))["channel"]["name"])
-    except SlackApiError:
-        return None
 
 
 def _ts(ts: str) -> tuple[int, int]:
@@ -308,6 +318,7 @@ async def run_command(deps: Deps, context: AsyncBoltContext, team_id: str, comma
         return logic.describe(doppel)
     if parsed.verb == "switch":
         await kube.set_state(namespace, {"active": name})
+        deps.snapshots.invalidate(namespace)
         return f"{name}'s doppel now answers mentions in this workspace."
     # forget: the person themself, or whoever asked for the doppel.
     requester = command["user_id"]
@@ -315,6 +326,7 @@ async def run_command(deps: Deps, context: AsyncBoltContext, team_id: str, comma
     if requester not in allowed:
         return f"Only {handle} or whoever trained this doppel can make me forget it."
     await kube.delete_doppel(namespace, name)
+    deps.snapshots.invalidate(namespace)
     if (await kube.get_state(namespace)).get("active") == name:
         await kube.set_state(namespace, {"active": ""})
     return f"Forgot {name}'s doppel: its adapter and data are being deleted."
@@ -438,6 +450,7 @@ async def create_doppel(
     }
     try:
         await deps.kube.create_doppel(namespace, body)
+        deps.snapshots.invalidate(namespace)
     except AlreadyExists:
         return f"{handle} already has a doppel: `/doppel status @{handle}`."
     return f"Training a doppel of {handle}: I will post its progress here (`/doppel status @{handle}`)."

@@ -7,6 +7,8 @@ Slack's 3-second acknowledgement) never waits on the API server.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,29 +34,34 @@ class AlreadyExists(Exception):
     """Create refused with 409: the object is there already."""
 
 
-def api_client(server: str | None = None) -> k8s.ApiClient:
+def api_client(server: str | None = None, connections: int = 16) -> k8s.ApiClient:
     """A client for `server` (tests: the kmock emulator), else in-cluster, else $KUBECONFIG."""
     if server:
         configuration = k8s.Configuration()
         configuration.host = server
         configuration.verify_ssl = False
-        return k8s.ApiClient(configuration)
-    try:
-        k8s_config.load_incluster_config()
-    except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
-    return k8s.ApiClient()
+    else:
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config()
+        configuration = k8s.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = connections  # as many as `Kube`'s threads
+    return k8s.ApiClient(configuration)
 
 
 class Kube:
     """The few Kubernetes calls the bot makes, each bounded by a timeout."""
 
-    def __init__(self, client: k8s.ApiClient) -> None:
+    def __init__(self, client: k8s.ApiClient, threads: int = 16) -> None:
         self.custom = k8s.CustomObjectsApi(client)
         self.core = k8s.CoreV1Api(client)
+        # Its own threads: a burst of mentions must not wait on asyncio's small default pool.
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="doppel-kube")
 
     async def _call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(func, *args, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
+        call = functools.partial(func, *args, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     async def _maybe(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         """The call's result, or None on 404."""
@@ -142,7 +149,8 @@ class Kube:
             }
         }
         try:
-            await self._call(self.core.create_namespaced_config_map, namespace, body)
+            # The answer is not needed: skip deserialising it (the client's costliest step).
+            await self._call(self.core.create_namespaced_config_map, namespace, body, _preload_content=False)
         except ApiException as exc:
             if exc.status == 409:
                 return False

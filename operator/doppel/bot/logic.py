@@ -26,6 +26,14 @@ MAX_REPLY_MESSAGES = 5
 MESSAGE_SEPARATOR = "<|msg|>"
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A namespace's DoppelUsers and the name of its active doppel, as read at one moment."""
+
+    doppels: list[dict[str, Any]]
+    active: str | None
+
+
 class CommandError(ValueError):
     """A /doppel command that cannot be understood; the message is shown to the user."""
 
@@ -95,6 +103,23 @@ def pick_doppel(text: str) -> tuple[UserRef | None, str]:
     return parse_user(match.group(1)), text[match.end() :]
 
 
+def pick(snapshot: Snapshot, ref: UserRef | None) -> dict[str, Any] | None:
+    """The doppel a mention talks to: the one named (`as <user>`, by handle or user id), else the active
+    one, else the only one."""
+    by_name = {d["metadata"]["name"]: d for d in snapshot.doppels}
+    if ref is not None:
+        if ref.handle and object_name_or_none(ref.handle) in by_name:
+            return by_name[object_name_or_none(ref.handle) or ""]
+        return next((d for d in snapshot.doppels if ref.user_id and _target(d) == ref.user_id), None)
+    if snapshot.active in by_name:
+        return by_name[snapshot.active or ""]
+    return snapshot.doppels[0] if len(snapshot.doppels) == 1 else None
+
+
+def _target(doppel: dict[str, Any]) -> str | None:
+    return ((doppel.get("spec") or {}).get("target") or {}).get("userId")
+
+
 def split_reply(text: str) -> list[str]:
     """The model's answer as Slack messages: split on blank lines and on the message separator."""
     parts = re.split(rf"\n\s*\n|{re.escape(MESSAGE_SEPARATOR)}", text)
@@ -108,6 +133,13 @@ def object_name(handle: str) -> str:
     if not name:
         raise CommandError(f"cannot make a doppel name from `{handle}`")
     return name
+
+
+def object_name_or_none(handle: str) -> str | None:
+    try:
+        return object_name(handle)
+    except CommandError:
+        return None
 
 
 def event_key(team_id: str, event_id: str) -> str:

@@ -83,6 +83,7 @@ class Bot:
         async def lifespan(_: Starlette) -> AsyncIterator[None]:
             async with self.notifier():
                 yield
+            await asyncio.to_thread(self.deps.worker.close)
 
         routes = [
             Route(EVENTS_PATH, slack, methods=["POST"]),
@@ -108,7 +109,9 @@ class Bot:
                 await task
 
     async def serve(self, host: str, port: int) -> None:
-        server = uvicorn.Server(uvicorn.Config(self.asgi(), host=host, port=port, log_level="info"))
+        server = uvicorn.Server(
+            uvicorn.Config(self.asgi(), host=host, port=port, log_level="info", access_log=False)
+        )
         await server.serve()
 
     async def serve_socket_mode(self) -> None:
@@ -117,8 +120,11 @@ class Bot:
         if not self.config.app_token:
             raise ValueError("Socket Mode needs SLACK_APP_TOKEN (an xapp- app-level token)")
         handler = AsyncSocketModeHandler(self.app, self.config.app_token, web_client=self.app.client)
-        async with self.notifier():
-            await handler.start_async()
+        try:
+            async with self.notifier():
+                await handler.start_async()
+        finally:
+            await asyncio.to_thread(self.deps.worker.close)
 
 
 def create_bot(

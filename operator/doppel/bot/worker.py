@@ -1,0 +1,72 @@
+"""The work after the acknowledgement runs on its own thread and event loop.
+
+Slack wants every request acknowledged within 3 seconds. If answers (Slack and Kubernetes round trips,
+prompt building, the model call) shared the acknowledging event loop, a burst of mentions would queue each
+new acknowledgement behind the earlier answers' work. On a loop of their own they only share the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+
+
+class Worker:
+    """Runs submitted coroutines on a background event loop, at most `concurrency` at a time."""
+
+    def __init__(self, concurrency: int = 64) -> None:
+        self.concurrency = concurrency
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    self._slots = asyncio.Semaphore(self.concurrency)
+                    ready.set()
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=run, name="doppel-bot-worker", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def submit(self, work: Coroutine[Any, Any, Any], what: str) -> concurrent.futures.Future[Any]:
+        """Schedule `work`; failures are logged with `what`, never raised to the caller."""
+        future = asyncio.run_coroutine_threadsafe(self._guarded(work, what), self._start())
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future
+
+    async def _guarded(self, work: Coroutine[Any, Any, Any], what: str) -> None:
+        assert self._slots is not None
+        async with self._slots:
+            try:
+                await work
+            except Exception:
+                LOG.exception("%s failed", what)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let running work finish (up to `timeout`), then stop the loop."""
+        if self._loop is None:
+            return
+        concurrent.futures.wait(list(self._pending), timeout=timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._loop = None

@@ -1,0 +1,262 @@
+"""Benchmark: a burst of 200 signed @mention events sent at once to the bot (`doppel bot`, its own process).
+
+The bot runs as in production (uvicorn, Bolt, Kubernetes-backed event ledger and DoppelUsers) against the
+Slack Web API emulator and the kmock Kubernetes emulator. The model server is a loopback HTTP endpoint that
+records when each chat request arrives and answers at once: this measures the bot's own overhead, not
+generation. Prints:
+- acknowledgement latency p50/p99 of the 200 events (Slack's limit is 3 s; the aim is under 100 ms), and its
+  ratio to a baseline measured in the same run: a burst of 200 GET /healthz on the same server (the bare
+  HTTP stack, no signature check, no Bolt);
+- the bot's overhead from sending an event to the model request it causes (read the thread, find the
+  doppel, build the prompt), p50/p99, and its ratio to the ack p50;
+- that every event was answered exactly once.
+
+Run: .venv/bin/python tests/bench/bench_bot.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import httpx
+import kmock
+from aiohttp import web
+from tests.support.bot_fixtures import (
+    BOT_NAMESPACE,
+    CHANNEL,
+    NAMESPACE,
+    SIGNING_SECRET,
+    TEAM_ID,
+    doppel_body,
+    mention_payload,
+    say,
+    sign,
+)
+from tests.support.slack_emulator import SlackEmulator
+from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID, load_workspace
+from tests.support.vllm_fixtures import free_port
+
+from doppel.bot.kube import Kube, api_client
+
+EVENTS = 200
+SEQUENTIAL = 10
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class ModelStandIn:
+    """POST /v1/chat/completions: note when the request for event `q<i>` arrived, answer at once."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, float] = {}
+        self.port = free_port()
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        last = body["messages"][-1]["content"]
+        index = int(last.rsplit("q", 1)[1].split()[0])
+        self.arrived.setdefault(index, time.time())
+        reply = {"choices": [{"message": {"role": "assistant", "content": f"answer {index}"}}]}
+        return web.json_response(reply)
+
+    async def models(self, request: web.Request) -> web.Response:
+        base = {"id": "base", "root": "/models/base", "parent": None, "max_model_len": 4096}
+        return web.json_response({"data": [base, {"id": "alice-v1", "root": "/a", "parent": "base"}]})
+
+    def start(self) -> None:
+        """Serve on a thread of its own, so arrival times are not delayed by the sending loop."""
+        started = threading.Event()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self.chat)
+            app.router.add_get("/v1/models", self.models)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            started.set()
+            await asyncio.Event().wait()
+
+        threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
+        started.wait()
+
+
+async def serve_kube(port: int) -> None:
+    """The kmock Kubernetes emulator, run in a process of its own (`--kube PORT`)."""
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=port):
+        verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
+        k8s.resources["doppel.dev/v1alpha1/doppelusers"] = kmock.ResourceInfo(
+            kind="DoppelUser", namespaced=True, verbs=verbs
+        )
+        for plural, kind in (("configmaps", "ConfigMap"), ("secrets", "Secret")):
+            k8s.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=verbs)
+        await asyncio.Event().wait()
+
+
+async def burst(client: httpx.AsyncClient, requests: list[tuple[str, Any]]) -> list[tuple[float, float, int]]:
+    """Send every request at once; (sent at, latency, status) of each."""
+
+    async def one(method: str, kwargs: Any) -> tuple[float, float, int]:
+        sent = time.time()
+        started = time.perf_counter()
+        response = await client.request(method, **kwargs)
+        return sent, time.perf_counter() - started, response.status_code
+
+    return await asyncio.gather(*(one(method, kwargs) for method, kwargs in requests))
+
+
+async def main() -> None:
+    emulator = SlackEmulator(rate_scale=10_000.0).start()
+    team = emulator.add_team(load_workspace(), token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
+    model = ModelStandIn()
+    model.start()
+    kube_port = free_port()
+    kube_url = f"http://127.0.0.1:{kube_port}"
+    kube_server = subprocess.Popen([sys.executable, __file__, "--kube", str(kube_port)])
+    try:
+        for _ in range(100):
+            try:
+                await Kube(api_client(kube_url)).create_doppel(
+                    NAMESPACE, doppel_body("alice", "U01ALICE", served_name="alice-v1")
+                )
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        else:
+            raise SystemExit("kmock did not start")
+        port = free_port()
+        env = {
+            **os.environ,
+            "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+            "SLACK_BOT_TOKEN": ACME_TOKEN,
+            "SLACK_API_URL": emulator.base_url,
+            "VLLM_URL": f"http://127.0.0.1:{model.port}",
+            "DOPPEL_BOT_NAMESPACE": BOT_NAMESPACE,
+            "DOPPEL_TEAM_NAMESPACES": f"{TEAM_ID}={NAMESPACE}",
+        }
+        log_path = Path(tempfile.mkdtemp(prefix="bench-bot-")) / "bot.log"
+        log = log_path.open("w")  # closed with the process below
+        bot = subprocess.Popen(
+            [str(ROOT / ".venv/bin/doppel"), "bot", "--port", str(port), "--kube-server", kube_url],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            limits = httpx.Limits(max_connections=EVENTS, max_keepalive_connections=EVENTS)
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30
+            ) as client:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        if (await client.get("/readyz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline or bot.poll() is not None:
+                        raise SystemExit(f"the bot did not start; see {log_path}")
+                    await asyncio.sleep(0.2)
+                # One at a time first: the per-event overhead with nothing queued (also the warm-up:
+                # the first event pays for auth.test and connection set-up, and is left out).
+                single: list[float] = []
+                for i in range(EVENTS, EVENTS + SEQUENTIAL + 1):
+                    text = f"<@{BOT_USER_ID}> as alice question q{i}"
+                    ts = say(emulator, "U02BOB", text)
+                    body = json.dumps(mention_payload(text, ts, event_id=f"EvSeq{i:04d}"))
+                    sent = time.time()
+                    headers = {"Content-Type": "application/json", **sign(body)}
+                    await client.post("/slack/events", content=body, headers=headers)
+                    while i not in model.arrived:
+                        await asyncio.sleep(0.005)
+                    single.append(model.arrived[i] - sent)
+                single = single[1:]
+
+                health = await burst(client, [("GET", {"url": "/healthz"})] * EVENTS)
+                # What the Kubernetes emulator alone takes for one claim per event (the dedup record each
+                # mention writes), sent at once from here: the floor under the burst's overhead.
+                ledger = Kube(api_client(kube_url))
+                started = time.perf_counter()
+                await asyncio.gather(
+                    *(ledger.claim(BOT_NAMESPACE, f"baseline{i}", 60) for i in range(EVENTS))
+                )
+                kube_burst = time.perf_counter() - started
+
+                requests = []
+                for i in range(EVENTS):
+                    text = f"<@{BOT_USER_ID}> as alice question q{i}"
+                    ts = say(emulator, "U02BOB", text)
+                    body = json.dumps(mention_payload(text, ts, event_id=f"EvBench{i:04d}"))
+                    headers = {"Content-Type": "application/json", **sign(body)}
+                    requests.append(("POST", {"url": "/slack/events", "content": body, "headers": headers}))
+                events = await burst(client, requests)
+                deadline = time.monotonic() + 120
+                total = EVENTS + SEQUENTIAL + 1
+                while len(model.arrived) < total or len(emulator.posted(CHANNEL, team)) < total:
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.0)  # any duplicate answer would arrive now
+        finally:
+            bot.terminate()
+            bot.wait(10)
+            log.close()
+    finally:
+        kube_server.terminate()
+        kube_server.wait(10)
+    emulator.stop()
+
+    acks = [latency for _, latency, _ in events]
+    statuses = {status for _, _, status in events}
+    base = [latency for _, latency, _ in health]
+    overhead = [model.arrived[i] - events[i][0] for i in range(EVENTS) if i in model.arrived]
+    posts = [p for p in emulator.posted(CHANNEL, team) if p.get("username") == "alice-bot"]
+    answers = sorted(p["text"] for p in posts)
+    ms = 1000.0
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"events: {EVENTS} sent at once, HTTP statuses {sorted(statuses)}; load average {load}")
+    for label, values in (("ack latency:", acks), ("baseline /healthz:", base)):
+        p50, p99 = percentile(values, 0.5) * ms, percentile(values, 0.99) * ms
+        print(f"{label:20s}p50 {p50:7.1f} ms   p99 {p99:7.1f} ms")
+    print(
+        f"ack / baseline:     p50 {percentile(acks, 0.5) / percentile(base, 0.5):7.2f}x  "
+        f"p99 {percentile(acks, 0.99) / percentile(base, 0.99):7.2f}x"
+    )
+    print(f"ack p99 / Slack's 3 s limit: {percentile(acks, 0.99) / 3.0:.3f}")
+    seq50 = percentile(single, 0.5)
+    print(f"event -> model request, one event at a time: p50 {seq50 * ms:7.1f} ms")
+    if overhead:
+        p50, p99 = percentile(overhead, 0.5), percentile(overhead, 0.99)
+        print(f"event -> model request, in the burst:        p50 {p50 * ms:7.1f} ms   p99 {p99 * ms:7.1f} ms")
+        print(f"burst / one at a time: p50 {p50 / seq50:.1f}x   p99 {p99 / seq50:.1f}x")
+        print(
+            f"baseline: {EVENTS} claims straight to the Kubernetes emulator take {kube_burst * ms:.0f} ms; "
+            f"burst p99 / that = {p99 / kube_burst:.2f}x"
+        )
+    answered = len(posts) - SEQUENTIAL - 1
+    print(
+        f"model requests: {len(overhead)}/{EVENTS}; burst replies posted: {answered} "
+        f"(unique: {len(set(answers)) - SEQUENTIAL - 1}) for {EVENTS} events"
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--kube"]:
+        asyncio.run(serve_kube(int(sys.argv[2])))
+    else:
+        asyncio.run(main())
