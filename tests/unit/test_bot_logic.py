@@ -9,8 +9,10 @@ from click.testing import CliRunner
 
 from doppel.bot import logic
 from doppel.bot.config import BotConfig
+from doppel.bot.directory import MemoryDirectory
 from doppel.bot.ledger import MemoryEventLedger, SqlEventLedger
 from doppel.bot.redact import install_token_redaction, redact
+from doppel.bot.snapshot import Snapshots
 from doppel.cli import main
 
 
@@ -165,3 +167,31 @@ def test_tokens_are_redacted_from_every_log_record(caplog):
     assert secret not in caplog.text and "xoxe-1-zz" not in caplog.text
     assert "xoxb-[redacted]" in caplog.text
     assert redact("client_id=1&client_secret=abc&x=1") == "client_id=1&client_secret=[redacted]&x=1"
+
+
+def _doppel(name, user_id):
+    return {"metadata": {"name": name, "namespace": "ns"}, "spec": {"target": {"userId": user_id}}}
+
+
+def test_pick_the_named_then_the_active_then_the_only_doppel():
+    alice, bob = _doppel("alice", "U1"), _doppel("bob", "U2")
+    both = logic.Snapshot([alice, bob], active="bob")
+    assert logic.pick(both, logic.UserRef(None, "Alice")) is alice
+    assert logic.pick(both, logic.UserRef("U1", "someone-else")) is alice
+    assert logic.pick(both, logic.UserRef(None, "carol")) is None
+    assert logic.pick(both, None) is bob
+    assert logic.pick(logic.Snapshot([alice, bob], active=None), None) is None
+    assert logic.pick(logic.Snapshot([alice], active="gone"), None) is alice
+
+
+async def test_snapshots_are_reread_after_their_ttl_or_an_invalidation():
+    directory = MemoryDirectory()
+    directory.add(_doppel("alice", "U1"))
+    snapshots = Snapshots(directory, ttl_s=60)
+    first = await snapshots.get("ns")
+    directory.add(_doppel("bob", "U2"))
+    assert await snapshots.get("ns") is first  # cached
+    snapshots.invalidate("ns")
+    assert [d["metadata"]["name"] for d in (await snapshots.get("ns")).doppels] == ["alice", "bob"]
+    await directory.set_state("ns", {"active": "bob"})
+    assert (await Snapshots(directory, ttl_s=0).get("ns")).active == "bob"
