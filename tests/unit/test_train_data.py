@@ -1,8 +1,9 @@
-"""Training data rules: validation, assistant-only labels, left clipping, thread split, packing."""
+"""Training data rules: validation, assistant-only labels, left clipping, thread split, batching."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -103,26 +104,37 @@ def test_thread_key_comes_from_slack_metadata(tmp_path):
     assert threads[2] == "opening:hi"
 
 
-def test_packed_row_gives_the_same_logits_as_separate_samples(tiny_model: Path):
-    """Position ids restart per sample and attention stops at sample boundaries."""
+def test_padded_batch_gives_the_same_logits_as_separate_samples(tiny_model: Path):
+    """Padding is invisible: attention and loss ignore it."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    model.config.use_cache = False
     items = [data.Encoded(list(range(5, 5 + n)), list(range(5, 5 + n)), "t") for n in (7, 3, 11)]
-    batch = data.pack(items)
-    assert batch.position_ids == [*range(7), *range(3), *range(11)]
-    # The first token of each sample is never a target (it would be "predicted" from the previous sample).
-    assert [batch.labels[i] for i in (0, 7, 10)] == [data.IGNORE_INDEX] * 3
+    batch = data.collate(items)
+    assert [len(row) for row in batch.input_ids] == [11, 11, 11]
+    assert (batch.tokens, batch.padding, batch.label_tokens) == (21, 12, 21)
+    assert batch.labels[1][3:] == [data.IGNORE_INDEX] * 8
     with torch.no_grad():
-        packed = model(
-            input_ids=torch.tensor([batch.input_ids]), position_ids=torch.tensor([batch.position_ids])
-        ).logits[0]
-        start = 0
-        for item in items:
+        logits = model(
+            input_ids=torch.tensor(batch.input_ids), attention_mask=torch.tensor(batch.attention_mask)
+        ).logits
+        for row, item in enumerate(items):
             alone = model(input_ids=torch.tensor([item.input_ids])).logits[0]
-            torch.testing.assert_close(
-                packed[start : start + len(item.input_ids)], alone, atol=1e-4, rtol=1e-4
-            )
-            start += len(item.input_ids)
+            torch.testing.assert_close(logits[row, : len(item.input_ids)], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_length_grouping_wastes_little_on_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 400) for _ in range(512)]
+    items = [data.Encoded([1] * n, [1] * n, f"t{i}") for i, n in enumerate(lengths)]
+    grouped = data.epoch_batches(items, 8, random.Random(1))
+    naive = [data.collate(items[i : i + 8]) for i in range(0, len(items), 8)]
+    assert (
+        sum(b.tokens for b in grouped) == sum(b.tokens for b in naive) == sum(len(i.input_ids) for i in items)
+    )
+    waste = sum(b.padding for b in grouped) / sum(b.tokens for b in grouped)
+    naive_waste = sum(b.padding for b in naive) / sum(b.tokens for b in naive)
+    assert waste < 0.1 < 0.5 < naive_waste
+    assert data.epoch_batches(items, 8, random.Random(1)) == grouped  # seeded: reproducible
+    assert data.epoch_batches(items, 8, random.Random(2)) != grouped  # and still shuffled
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ class Metrics:
     # Tokens fed to the model (prompt and reply), and the assistant tokens the loss was taken on.
     tokens: int = 0
     label_tokens: int = 0
+    padding_tokens: int = 0  # pad positions computed but masked out
     steps: int = 0
     total_steps: int = 0
     epochs: float = 0.0

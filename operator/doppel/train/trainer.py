@@ -1,8 +1,8 @@
 """`doppel train`: LoRA fine-tuning of a causal LM on samples.jsonl, with held-out evaluation.
 
 `train_adapter(TrainConfig) -> Metrics` is the API (the CLI and `doppel local` call it). A plain loop
-rather than the HF Trainer: packed micro-batches (see `doppel.train.data`) need no collator tricks, the loss
-is normalised over every assistant token of an optimizer step, and the best adapter on eval loss is kept
+rather than the HF Trainer: length-grouped micro-batches (see `doppel.train.data`), the loss normalised
+over every assistant token of an optimizer step, and the best adapter on eval loss is kept
 in memory, which is what small datasets need (they overfit within an epoch).
 """
 
@@ -137,7 +137,7 @@ def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
         )
     except (OSError, ValueError) as exc:
         raise BadInput(f"cannot load base model {config.base_model!r}: {exc}") from None
-    model.config.use_cache = False  # a KV cache would also defeat packed-sequence masking
+    model.config.use_cache = False  # training never reuses a KV cache
     model.to(device)
     if on_gpu:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -172,9 +172,7 @@ def _fit(
     steps_per_epoch = min(math.ceil(micro_per_epoch / config.grad_accum), config.max_steps_per_epoch)
     total_steps = steps_per_epoch * config.epochs
     eval_every = config.eval_steps or max(1, total_steps // EVALS_PER_RUN)
-    eval_batches = [
-        data.pack(split.eval[i : i + config.batch_size]) for i in range(0, len(split.eval), config.batch_size)
-    ]
+    eval_batches = data.eval_batches(split.eval, config.batch_size)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -217,7 +215,8 @@ def _fit(
             optimizer.zero_grad(set_to_none=True)
             train_seconds += time.perf_counter() - tick
             step += 1
-            metrics.tokens += sum(len(b.input_ids) for b in group)
+            metrics.tokens += sum(b.tokens for b in group)
+            metrics.padding_tokens += sum(b.padding for b in group)
             metrics.label_tokens += sum(b.label_tokens for b in group)
             metrics.train_loss.append({"step": step, "loss": loss})
             bar.update(1)
@@ -256,7 +255,7 @@ def _fit(
     return metrics
 
 
-def _train_step(model: PeftModel, group: Sequence[data.PackedBatch], device: torch.device) -> float:
+def _train_step(model: PeftModel, group: Sequence[data.Batch], device: torch.device) -> float:
     """Forward/backward over the micro-batches of one optimizer step; returns the mean token loss."""
     # Normalise by every label token of the step, so long and short micro-batches weigh per token.
     label_tokens = max(1, sum(b.label_tokens for b in group))
@@ -269,9 +268,7 @@ def _train_step(model: PeftModel, group: Sequence[data.PackedBatch], device: tor
 
 
 @torch.no_grad()
-def _evaluate(
-    model: torch.nn.Module, batches: Sequence[data.PackedBatch], device: torch.device
-) -> float | None:
+def _evaluate(model: torch.nn.Module, batches: Sequence[data.Batch], device: torch.device) -> float | None:
     """Mean loss per assistant token over `batches`, with dropout off."""
     if not batches:
         return None
@@ -288,11 +285,11 @@ def _evaluate(
     return loss_sum / max(tokens, 1)
 
 
-def _tensors(batch: data.PackedBatch, device: torch.device) -> dict[str, torch.Tensor]:
+def _tensors(batch: data.Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return {
-        "input_ids": torch.tensor([batch.input_ids], device=device),
-        "labels": torch.tensor([batch.labels], device=device),
-        "position_ids": torch.tensor([batch.position_ids], device=device),
+        "input_ids": torch.tensor(batch.input_ids, device=device),
+        "labels": torch.tensor(batch.labels, device=device),
+        "attention_mask": torch.tensor(batch.attention_mask, device=device),
     }
 
 
