@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from urllib.parse import quote
 
+from aiohttp import web
 from slack_sdk import WebClient
 from tests.support.bot_fixtures import (
     BOT_NAMESPACE,
@@ -268,3 +270,41 @@ async def test_the_thread_becomes_the_prompt_and_a_split_reply_several_posts(
         {"role": "assistant", "content": "deploy is at 5pm & not later\ntold you so"},
         {"role": "user", "content": "Carol Diaz: @doppel still on, @bobby?"},
     ]
+
+
+async def test_a_slow_command_is_acknowledged_in_time_and_answered_later(
+    bot_harness, bot_kube, slack_emulator
+):
+    received: list[dict] = []
+
+    async def response_url(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/response", response_url)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/response"
+    try:
+        bot = await bot_harness()
+        await bot.form(command_form("help", user="U02BOB"))  # Bolt checks its token once, at the start
+        slack_emulator.latency = 2.5  # every Slack API answer takes 2.5 s today
+        form = command_form("train @bob", user="U02BOB").replace(
+            "response_url=http%3A%2F%2F127.0.0.1%3A9%2Funused", f"response_url={quote(url, safe='')}"
+        )
+        started = time.monotonic()
+        response = await bot.form(form)
+        assert time.monotonic() - started < 3.0
+        assert response.status_code == 200 and "Working on it" in response.text
+        for _ in range(200):
+            if received:
+                break
+            await asyncio.sleep(0.05)
+        assert "Training a doppel of bob" in received[0]["text"]
+        assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, "bob") is not None
+    finally:
+        slack_emulator.latency = 0.0
+        await runner.cleanup()

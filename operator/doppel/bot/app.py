@@ -43,6 +43,8 @@ LOG = logging.getLogger(__name__)
 ANNOTATION_CHANNEL = "doppel.dev/notify-channel"
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 DEFAULT_ICON = ":robot_face:"
+# A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
+COMMAND_ACK_S = 2.0
 _MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 
 # The one thing the bot needs from a model server: the reply of adapter `model` to `messages`.
@@ -161,13 +163,23 @@ def build_app(
         """Plain channel messages are not for the bot; acknowledging them keeps Bolt quiet."""
 
     @app.command("/doppel")
-    async def on_command(ack: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
+    async def on_command(ack: Any, respond: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
         team_id = _team(context, command)
-        try:
-            text = await run_command(deps, context, team_id, command)
-        except logic.CommandError as exc:
-            text = f"{exc}"
-        await ack(text=text)
+
+        async def result() -> str:
+            try:
+                return await run_command(deps, context, team_id, command)
+            except logic.CommandError as exc:
+                return str(exc)
+
+        task = asyncio.ensure_future(result())
+        done, _ = await asyncio.wait({task}, timeout=COMMAND_ACK_S)
+        if task in done:
+            await ack(text=task.result())
+            return
+        # Kubernetes or Slack is slow today: acknowledge now, answer through the command's response_url.
+        await ack(text="Working on it…")
+        await respond(text=await task, response_type="ephemeral")
 
     @app.action(CONSENT_ACTION)
     async def on_consent(

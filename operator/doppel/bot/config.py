@@ -17,7 +17,8 @@ DEFAULT_SCOPES = (
     "chat:write.customize",
     "commands",
     "users:read",
-    "im:write",
+    "channels:read",
+    "groups:read",
 )
 
 
