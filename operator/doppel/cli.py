@@ -475,6 +475,7 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
 )
 @click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 150).")
 @click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
+@click.option("--max-tokens", type=int, default=80, show_default=True, help="Longest demo reply (tokens).")
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
 @click.option("--socket-mode", is_flag=True, help="Then answer @mentions in Slack over Socket Mode.")
 @run_stage
@@ -489,6 +490,7 @@ def local(
     workdir: Path,
     max_steps: int | None,
     cutoff_days: float | None,
+    max_tokens: int,
     open_chat: bool,
     socket_mode: bool,
 ) -> dict[str, Any]:
@@ -507,7 +509,7 @@ def local(
         slack_api_url=slack_api_url,
         max_steps=max_steps,
         cutoff_days=cutoff_days,
-        slack_rate_scale=slack_rate_scale,
+        reply_tokens=max_tokens,
     )
     outcome = run_local(settings)
     click.echo(report(outcome))

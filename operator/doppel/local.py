@@ -57,7 +57,7 @@ DEMO_TRAINING: dict[str, Any] = {
 }
 DEMO_MAX_STEPS = 150
 # Replies are short: Slack messages, and generation on CPU is not free.
-REPLY_TOKENS = 80
+DEFAULT_REPLY_TOKENS = 80
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class Settings:
     max_steps: int | None = None
     # Scrape only messages this recent (None: ingestion's default); old exports need a larger one.
     cutoff_days: float | None = None
+    reply_tokens: int = DEFAULT_REPLY_TOKENS
 
     def check(self) -> None:
         """Reject contradictory or missing options before anything is written."""
@@ -109,6 +110,8 @@ class Settings:
             _model_dir(self.base_model)
         if self.max_steps is not None and self.max_steps < 1:
             raise BadInput(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.reply_tokens < 1:
+            raise BadInput(f"--max-tokens must be at least 1, got {self.reply_tokens}")
         if self.slack_rate_scale <= 0:
             raise BadInput(f"--slack-rate-scale must be positive, got {self.slack_rate_scale}")
         if self.cutoff_days is not None and self.cutoff_days <= 0:
@@ -221,7 +224,7 @@ def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
         metrics=metrics,
     )
     with progress.stage("replies") as info:
-        outcome.replies = answer(outcome, questions(settings.demo))
+        outcome.replies = answer(outcome, questions(settings.demo), settings.reply_tokens)
         info["note"] = f"{len(outcome.replies)} questions, adapter and base model"
     return outcome
 
@@ -398,7 +401,9 @@ def questions(demo: bool) -> list[Question]:
     return [Question(ASKER_ID, "Alex", text) for text in GENERIC_QUESTIONS]
 
 
-def answer(outcome: Outcome, asked: Sequence[Question]) -> list[Reply]:
+def answer(
+    outcome: Outcome, asked: Sequence[Question], max_tokens: int = DEFAULT_REPLY_TOKENS
+) -> list[Reply]:
     """Each question answered by the adapter and by the bare base model, all in one generation batch."""
     from doppel.serve.backend import BASE_ADAPTER, GenerationParams
     from doppel.serve.local import LocalBackend
@@ -416,7 +421,7 @@ def answer(outcome: Outcome, asked: Sequence[Question]) -> list[Reply]:
         for q in asked
     ]
     requests = [(adapter, c) for c in conversations for adapter in (name, BASE_ADAPTER)]
-    texts = backend.complete_batch(requests, GenerationParams(max_tokens=REPLY_TOKENS, seed=0))
+    texts = backend.complete_batch(requests, GenerationParams(max_tokens=max_tokens, seed=0))
     return [Reply(q, texts[2 * i].strip(), texts[2 * i + 1].strip()) for i, q in enumerate(asked)]
 
 

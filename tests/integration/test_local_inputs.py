@@ -95,6 +95,7 @@ def test_not_an_export(tmp_path, tiny_model):
         (["--slack-token", "xoxb-1", "--base-model", "m"], "--user is required"),
         (["--demo", "--max-steps", "0"], "--max-steps must be at least 1"),
         (["--demo", "--cutoff-days", "0"], "--cutoff-days must be positive"),
+        (["--demo", "--max-tokens", "0"], "--max-tokens must be at least 1"),
         (["--demo", "--base-model", "gpt2"], "--base-model is for --export/--slack-token"),
         (["--demo", "--chat", "--socket-mode"], "at most one of --chat and --socket-mode"),
     ],
@@ -138,7 +139,8 @@ def test_through_the_slack_api_then_incrementally(tmp_path, tiny_model):
         args = [
             "--slack-token", TOKEN, "--slack-api-url", emulator.base_url,
             "--slack-rate-scale", str(FAST_RATE_SCALE), "--user", "margaret",
-            "--base-model", str(tiny_model), "--max-steps", "4", "--cutoff-days", ALL_OF_IT,
+            "--base-model", str(tiny_model), "--max-steps", "1", "--max-tokens", "16",
+            "--cutoff-days", ALL_OF_IT,
             "--workdir", str(workdir),
         ]  # fmt: skip
         first = CliRunner(env={"DOPPEL_RESULT_FILE": str(result_file)}).invoke(main, ["local", *args])
