@@ -463,9 +463,9 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
 @click.option("--export", type=click.Path(path_type=Path), help="A Slack export ZIP to learn from.")
 @click.option("--slack-token", help="Or scrape through the Slack Web API with this bot token.")
 @click.option("--slack-api-url", help="Slack Web API base URL (proxies, emulators).")
+@click.option("--slack-rate-scale", type=float, default=1.0, help="Multiply Slack's rate limits (emulators).")
 @click.option("--user", help="Whose doppel to build: user ID, handle or real name (demo: margaret).")
 @click.option("--base-model", help="Base model: a Hugging Face model id or a local directory.")
-@click.option("--slack-rate-scale", type=float, default=1.0, help="Multiply Slack's rate limits (emulators).")
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
@@ -484,9 +484,9 @@ def local(
     export: Path | None,
     slack_token: str | None,
     slack_api_url: str | None,
+    slack_rate_scale: float,
     user: str | None,
     base_model: str | None,
-    slack_rate_scale: float,
     workdir: Path,
     max_steps: int | None,
     cutoff_days: float | None,
@@ -507,6 +507,7 @@ def local(
         base_model=base_model,
         slack_token=slack_token,
         slack_api_url=slack_api_url,
+        slack_rate_scale=slack_rate_scale,
         max_steps=max_steps,
         cutoff_days=cutoff_days,
         reply_tokens=max_tokens,
