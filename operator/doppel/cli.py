@@ -495,10 +495,11 @@ def local(
     socket_mode: bool,
 ) -> dict[str, Any]:
     """Run the whole pipeline on this machine: scrape, train a LoRA adapter, show its replies."""
-    from doppel.local import Settings, report, run_local
+    from doppel.local import Settings, local_bot, report, run_local, socket_mode_config
 
     if open_chat and socket_mode:
         raise BadInput("give at most one of --chat and --socket-mode")
+    bot_config = socket_mode_config(slack_token) if socket_mode else None
     settings = Settings(
         workdir=workdir,
         demo=demo,
@@ -518,6 +519,11 @@ def local(
         click.get_current_context().invoke(
             chat, adapter_dir=outcome.adapter, base_model=outcome.base_model, person=outcome.person_name
         )
+    if bot_config is not None:
+        import asyncio
+
+        click.echo(f"{outcome.person_name}'s doppel answers @mentions over Socket Mode; Ctrl-C stops it.")
+        asyncio.run(local_bot(outcome, bot_config).serve_socket_mode())
     return outcome.summary()
 
 

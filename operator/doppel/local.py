@@ -21,20 +21,27 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from doppel.errors import BadInput
 
+if TYPE_CHECKING:  # the bot's dependencies load only for --socket-mode
+    from doppel.bot.config import BotConfig
+    from doppel.bot.server import Bot
+
 FINGERPRINT_FILE = "fingerprint.json"
+# Where the local bot keeps its one doppel, whatever the workspace (there is no cluster to map teams).
+LOCAL_NAMESPACE = "local"
 ASKER_ID = "U0LOCALASK"
 # Questions for a real workspace, where there are no demo people to ask them.
 GENERIC_QUESTIONS = (
@@ -124,6 +131,7 @@ class Outcome:
 
     person_id: str
     person_name: str
+    handle: str  # the --user given (demo: margaret); names the doppel in Slack
     samples: int
     added_samples: int
     base_model: Path
@@ -216,6 +224,7 @@ def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
     outcome = Outcome(
         person_id=manifest.person["id"],
         person_name=manifest.person["name"],
+        handle=user,
         samples=manifest.samples,
         added_samples=manifest.added,
         base_model=base_path,
@@ -423,6 +432,53 @@ def answer(
     requests = [(adapter, c) for c in conversations for adapter in (name, BASE_ADAPTER)]
     texts = backend.complete_batch(requests, GenerationParams(max_tokens=max_tokens, seed=0))
     return [Reply(q, texts[2 * i].strip(), texts[2 * i + 1].strip()) for i, q in enumerate(asked)]
+
+
+def socket_mode_config(slack_token: str | None, env: Mapping[str, str] | None = None) -> BotConfig:
+    """The bot's settings for --socket-mode, from the environment as `doppel bot` reads them (the bot token
+    defaults to --slack-token); checked before any work is done."""
+    from doppel.bot.config import BotConfig
+
+    values = dict(os.environ if env is None else env)
+    if slack_token and not values.get("SLACK_BOT_TOKEN"):
+        values["SLACK_BOT_TOKEN"] = slack_token
+    config = BotConfig.from_env(values)
+    if config.oauth:
+        raise BadInput("--socket-mode serves one workspace: set SLACK_BOT_TOKEN (or pass --slack-token)")
+    if not config.app_token:
+        raise BadInput("--socket-mode needs SLACK_APP_TOKEN (an app-level xapp- token)")
+    # One machine, one doppel: whichever workspace the token belongs to finds it in the same place.
+    return dataclasses.replace(config, team_namespaces={}, namespace_template=LOCAL_NAMESPACE)
+
+
+def local_bot(outcome: Outcome, config: BotConfig) -> Bot:
+    """The Slack bot answering mentions with this run's adapter, in this process: no cluster, no vLLM."""
+    from doppel.bot.app import backend_chat
+    from doppel.bot.directory import MemoryDirectory
+    from doppel.bot.logic import object_name
+    from doppel.bot.server import create_bot
+    from doppel.serve.backend import DEFAULT_PARAMS
+    from doppel.serve.local import LocalBackend
+
+    served = _slug(outcome.person_id)
+    backend = LocalBackend(outcome.base_model, {served: outcome.adapter})
+    directory = MemoryDirectory()
+    # The DoppelUser the operator would have made Ready, reduced to what the bot reads.
+    directory.add(
+        {
+            "apiVersion": "doppel.dev/v1alpha1",
+            "kind": "DoppelUser",
+            "metadata": {"name": object_name(outcome.handle), "namespace": config.namespace_for("")},
+            "spec": {"target": {"userId": outcome.person_id, "realName": outcome.person_name}},
+            "status": {
+                "phase": "Ready",
+                "samples": outcome.samples,
+                "adapter": {"servedName": served, "path": str(outcome.adapter), "version": 1},
+            },
+        }
+    )
+    chat = backend_chat(backend, DEFAULT_PARAMS.override(max_tokens=config.max_tokens))
+    return create_bot(config, chat=chat, kube=directory)
 
 
 def report(outcome: Outcome, width: int = 100) -> str:

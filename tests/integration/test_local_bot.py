@@ -1,0 +1,84 @@
+"""`doppel local --socket-mode`: the bot it starts answers mentions with the local adapter, in-process.
+
+Socket Mode itself needs Slack's websocket service, which no test here can reach; the bot that
+`--socket-mode` builds (`local_bot`) is the same Bolt app whatever the transport, so it is driven here
+over signed HTTP events against the Slack emulator.
+"""
+
+import json
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+from tests.support.bot_fixtures import CHANNEL, SIGNING_SECRET, BotHarness, mention_payload, say
+from tests.support.model_fixtures import STYLE_MARKER, STYLE_PERSON, STYLE_PERSON_ID
+from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID
+
+from doppel.cli import main
+from doppel.local import LOCAL_NAMESPACE, Outcome, local_bot, socket_mode_config
+
+
+def env(**values: str) -> dict[str, str]:
+    return {"SLACK_SIGNING_SECRET": SIGNING_SECRET, **values}
+
+
+async def test_local_bot_answers_a_mention_with_the_adapter(slack_emulator, tiny_model, trained_adapter):
+    config = socket_mode_config(ACME_TOKEN, env(SLACK_APP_TOKEN="xapp-1-local", DOPPEL_MAX_TOKENS="24"))
+    outcome = Outcome(
+        person_id=STYLE_PERSON_ID,
+        person_name=STYLE_PERSON,
+        handle="pat",
+        samples=40,
+        added_samples=0,
+        base_model=tiny_model,
+        adapter=trained_adapter,
+        trained=False,
+        metrics={},
+    )
+    bot = local_bot(outcome, replace(config, slack_api_url=slack_emulator.base_url))
+    harness = await BotHarness(bot, slack_emulator).start()
+    try:
+        text = f"<@{BOT_USER_ID}> how did the deploy go?"
+        ts = say(slack_emulator, "U02BOB", text)
+        response = await harness.event(mention_payload(text, ts, event_id="EvLocal1"))
+        assert response.status_code == 200
+        posts = await harness.wait_posts(CHANNEL, 1, timeout=120)
+    finally:
+        await harness.stop()
+    assert {p["username"] for p in posts} == {"pat-bot"}
+    assert all(p["thread_ts"] == ts for p in posts)
+    # The adapter's trained style, which the bare base model never produces.
+    assert STYLE_MARKER in " ".join(p["text"] for p in posts).lower()
+
+
+def test_socket_mode_config_defaults_the_bot_token_and_maps_every_team_to_one_place():
+    config = socket_mode_config("xoxb-from-flag", env(SLACK_APP_TOKEN="xapp-1"))
+    assert config.bot_token == "xoxb-from-flag"
+    assert config.namespace_for("T0ANY") == config.namespace_for("T0OTHER") == LOCAL_NAMESPACE
+    from_env = socket_mode_config("xoxb-flag", env(SLACK_APP_TOKEN="x", SLACK_BOT_TOKEN="xoxb-env"))
+    assert from_env.bot_token == "xoxb-env"
+
+
+@pytest.mark.parametrize(
+    ("variables", "reason"),
+    [
+        ({"SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_BOT_TOKEN": "xoxb-1"}, "needs SLACK_APP_TOKEN"),
+        ({"SLACK_APP_TOKEN": "xapp-1", "SLACK_BOT_TOKEN": "xoxb-1"}, "SLACK_SIGNING_SECRET is not set"),
+        ({"SLACK_APP_TOKEN": "xapp-1", "SLACK_SIGNING_SECRET": SIGNING_SECRET}, "set SLACK_BOT_TOKEN"),
+    ],
+)
+def test_socket_mode_without_its_settings_fails_before_any_work(tmp_path, monkeypatch, variables, reason):
+    for name in ("SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_BOT_TOKEN", "SLACK_CLIENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    workdir = tmp_path / "data"
+    result_file = tmp_path / "result.json"
+    result = CliRunner(env={"DOPPEL_RESULT_FILE": str(result_file)}).invoke(
+        main, ["local", "--demo", "--socket-mode", "--workdir", str(workdir)]
+    )
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("doppel: error: ") and reason in lines[0], lines
+    assert json.loads(result_file.read_text())["kind"] == "bad_input"
+    assert not workdir.exists()
