@@ -44,7 +44,7 @@ ANNOTATION_CHANNEL = "doppel.dev/notify-channel"
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 DEFAULT_ICON = ":robot_face:"
 # A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
-COMMAND_ACK_S = 2.0
+COMMAND_ACK_S = 1.5
 _MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 
 # The one thing the bot needs from a model server: the reply of adapter `model` to `messages`.
