@@ -7,8 +7,11 @@ DoppelUsers in the kmock Kubernetes emulator. No model is needed here: the doppe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+import urllib.parse
+from dataclasses import replace
 from urllib.parse import quote
 
 from aiohttp import web
@@ -18,6 +21,7 @@ from tests.support.bot_fixtures import (
     CHANNEL,
     NAMESPACE,
     SIGNING_SECRET,
+    SocketModeSlack,
     action_form,
     bot_config,
     command_form,
@@ -28,7 +32,7 @@ from tests.support.bot_fixtures import (
 )
 from tests.support.slack_fixtures import ACME_TOKEN
 
-from doppel.bot.server import notify_once
+from doppel.bot.server import create_bot, notify_once
 
 
 async def test_forged_and_stale_signatures_are_refused_without_side_effects(
@@ -308,3 +312,35 @@ async def test_a_slow_command_is_acknowledged_in_time_and_answered_later(
     finally:
         slack_emulator.latency = 0.0
         await runner.cleanup()
+
+
+async def test_socket_mode_answers_mentions_and_commands(bot_kube, slack_emulator):
+    """No public URL: the bot connects out (apps.connections.open, then a websocket) and acknowledges each
+    envelope over it. This is what `doppel local --socket-mode` runs."""
+    app_token = "xapp-1-A0-socket"
+    slack = SocketModeSlack(slack_emulator, app_token)
+    await slack.start()
+    kube = kube_for(bot_kube[1])
+    await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training"))
+    config = replace(bot_config(app_token=app_token), slack_api_url=slack_emulator.base_url)
+    bot = create_bot(config, kube_server=bot_kube[1])
+    task = asyncio.create_task(bot.serve_socket_mode())
+    try:
+        ts = say(slack_emulator, "U02BOB", "<@U0DOPPEL> hi")
+        ack = await slack.send(
+            "events_api", mention_payload("<@U0DOPPEL> hi", ts, event_id="EvSock"), "env-1"
+        )
+        assert ack["envelope_id"] == "env-1"
+        for _ in range(200):
+            if slack_emulator.posted(CHANNEL):
+                break
+            await asyncio.sleep(0.05)
+        assert "alice's doppel is still training" in slack_emulator.posted(CHANNEL)[0]["text"]
+        command = dict(urllib.parse.parse_qsl(command_form("list", user="U02BOB")))
+        listed = await slack.send("slash_commands", command, "env-2")
+        assert "*alice*: Training" in listed["payload"]["text"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await slack.stop()

@@ -379,3 +379,69 @@ class TcpGate:
                 dst.close()
 
         await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+
+class SocketModeSlack:
+    """Slack's side of Socket Mode on loopback: `apps.connections.open` (added to a `SlackEmulator`)
+    hands out a ws:// URL served here; `send(type, payload)` delivers an envelope to the connected app and
+    returns the app's acknowledgement."""
+
+    def __init__(self, emulator: SlackEmulator, app_token: str) -> None:
+        self.emulator, self.app_token = emulator, app_token
+        self.port = free_port()
+        self.socket: Any = None
+        self.connected = asyncio.Event()
+        self.acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._runner: Any = None
+        dispatch = emulator._dispatch
+
+        def dispatch_with_socket_mode(method: str, params: dict[str, Any], token: str | None) -> Any:
+            if method != "apps.connections.open":
+                return dispatch(method, params, token)
+            if token != self.app_token:
+                return 200, {"ok": False, "error": "invalid_auth"}, {}
+            return 200, {"ok": True, "url": f"ws://127.0.0.1:{self.port}/link"}, {}
+
+        emulator._dispatch = dispatch_with_socket_mode  # type: ignore[method-assign]
+
+    async def start(self) -> None:
+        from aiohttp import WSMsgType, web
+
+        async def link(request: web.Request) -> web.WebSocketResponse:
+            socket = web.WebSocketResponse()
+            await socket.prepare(request)
+            await socket.send_json(
+                {"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0"}}
+            )
+            self.socket = socket
+            self.connected.set()
+            async for message in socket:
+                if message.type == WSMsgType.TEXT:
+                    data = json.loads(message.data)
+                    future = self.acks.get(data.get("envelope_id", ""))
+                    if future is not None and not future.done():
+                        future.set_result(data)
+            return socket
+
+        app = web.Application()
+        app.router.add_get("/link", link)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def send(self, kind: str, payload: dict[str, Any], envelope_id: str) -> dict[str, Any]:
+        await asyncio.wait_for(self.connected.wait(), 30)
+        self.acks[envelope_id] = asyncio.get_running_loop().create_future()
+        envelope = {
+            "envelope_id": envelope_id,
+            "type": kind,
+            "payload": payload,
+            "accepts_response_payload": kind != "events_api",
+            "retry_attempt": 0,
+        }
+        await self.socket.send_json(envelope)
+        return await asyncio.wait_for(self.acks[envelope_id], 10)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -124,6 +124,7 @@ class Bot:
             async with self.notifier():
                 await handler.start_async()
         finally:
+            await handler.close_async()
             await asyncio.to_thread(self.deps.worker.close)
 
 
