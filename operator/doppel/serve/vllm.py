@@ -7,7 +7,8 @@ Adapter loading is idempotent. vLLM answers 400 "already been loaded" for a know
 the name up in /v1/models: the same path is success, another path is reloaded with `load_inplace`. vLLM 0.32
 loads and validates the new weights first and swaps them under the same adapter id, so the name never
 serves nothing, and its prefix cache is keyed by (name, path), so no block computed with the old weights is
-reused for a new path.
+reused for a new path. New weights at an old path would go unnoticed: adapters are written once, to
+versioned paths, and never changed in place (see DESIGN.md).
 """
 
 from __future__ import annotations
