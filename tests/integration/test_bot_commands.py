@@ -217,17 +217,22 @@ async def test_a_workspace_reaches_only_its_own_doppels(
     assert slack_emulator.posted(CHANNEL) == []
 
 
-async def test_progress_messages_reach_the_requester(bot_harness, bot_kube, slack_emulator):
-    bot = await bot_harness()
+async def test_progress_messages_reach_the_requester_once(bot_harness, bot_kube, slack_emulator):
+    # Two replicas; their notifiers are driven by hand here (a pass each, at the same moment).
+    bot = await bot_harness(bot_config(poll_interval_s=3600))
+    other = await bot_harness(bot_config(poll_interval_s=3600))
     kube = kube_for(bot_kube[1])
     await bot.form(command_form("train @bob", user="U02BOB"))
     kmock = bot_kube[0]
-    for phase, extra in [("Training", {"samples": 57}), ("Ready", {"samples": 57})]:
+    for count, (phase, extra) in enumerate([("Training", {"samples": 57}), ("Ready", {"samples": 57})], 1):
         key = next(k for k in kmock.objects if k[2] == "bob" and "doppelusers" in str(k[0]))
         kmock.objects[key].patch({"status": {"phase": phase, **extra}})
-        posts = await bot.wait_posts(CHANNEL, 1 if phase == "Training" else 2, timeout=10)
+        assert sorted(await asyncio.gather(notify_once(bot.bot), notify_once(other.bot))) == [0, 1]
+        posts = await bot.wait_posts(CHANNEL, count, timeout=10)
         assert posts[-1]["text"].startswith("<@U02BOB> bob's doppel")
+    await asyncio.sleep(1.0)  # both replicas have polled several times since
     texts = [p["text"] for p in slack_emulator.posted(CHANNEL)]
+    assert len(texts) == 2
     assert "scraped 57 samples, training started" in texts[0] and "is ready" in texts[1]
     # Told once: another pass (another replica, a restart) finds the phase already announced.
     assert await notify_once(bot.bot) == 0

@@ -251,6 +251,11 @@ async def notify_once(bot: Bot) -> int:
         token = await bot.token_for(team_id)
         if token is None:
             continue
+        # Several replicas run this loop: the ledger's atomic claim lets exactly one of them post.
+        version = ((doppel.get("status") or {}).get("adapter") or {}).get("version")
+        key = f"progress/{meta['namespace']}/{meta['name']}/{meta.get('generation')}/{version}/{phase}"
+        if not await bot.deps.ledger.claim(team_id, key):
+            continue
         await bot.app.client.chat_postMessage(token=token, channel=channel, text=f"<@{requester}> {note}")
         await bot.deps.kube.annotate_doppel(meta["namespace"], meta["name"], {ANNOTATION_NOTIFIED: phase})
         posted += 1
