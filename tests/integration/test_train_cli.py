@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from peft import PeftModel
 from safetensors.torch import load_file
 from tests.support.model_fixtures import StyleData
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from doppel.cli import main
-from doppel.train import trainer
+from doppel.train import data, trainer
 
 QUICK = ["--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--max-length", "256"]
 
@@ -98,29 +100,38 @@ def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model, style_samples: S
 
 
 def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny_model, style_samples: StyleData):
-    # A learning rate this high makes the eval loss climb, so training stops and the best state is kept.
-    metrics = trainer.train_adapter(
-        trainer.TrainConfig(
-            data=style_samples.samples,
-            base_model=str(tiny_model),
-            out=tmp_path / "out",
-            rank=4,
-            lr=0.5,
-            epochs=4,
-            batch_size=8,
-            grad_accum=1,
-            eval_steps=1,
-            early_stopping_patience=2,
-            progress_bar=False,
-        )
+    # A learning rate this high makes the eval loss climb after a first gain: training stops early and the
+    # adapter written is the best one seen, not the last.
+    out = tmp_path / "out"
+    config = trainer.TrainConfig(
+        data=style_samples.samples,
+        base_model=str(tiny_model),
+        out=out,
+        rank=4,
+        lr=0.5,
+        epochs=4,
+        batch_size=8,
+        grad_accum=1,
+        eval_steps=1,
+        early_stopping_patience=2,
+        progress_bar=False,
     )
+    metrics = trainer.train_adapter(config)
     assert metrics.stopped_early and metrics.steps < metrics.total_steps
-    curve = {point["step"]: point["loss"] for point in metrics.eval_loss}
-    best = min([metrics.base_eval_loss, *curve.values()])
-    assert metrics.adapter_eval_loss == best
-    assert metrics.best_step == next((s for s, loss in curve.items() if loss == best), 0)
-    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert saved["adapter_eval_loss"] == best
+    points = [(0, metrics.base_eval_loss)] + [(p["step"], p["loss"]) for p in metrics.eval_loss]
+    best_step, best = min(points, key=lambda point: point[1])
+    assert (metrics.best_step, metrics.adapter_eval_loss) == (best_step, best)
+    assert 0 < best_step < metrics.steps
+    assert json.loads((out / "metrics.json").read_text())["adapter_eval_loss"] == best
+
+    # The saved adapter, loaded back with PEFT, scores exactly the best loss on the same held-out threads.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    stats = data.EncodeStats()
+    encoded = [e for s in data.load_samples(config.data) if (e := data.encode(s, tokenizer, 1024, stats))]
+    held_out = data.split_by_thread(encoded, config.eval_fraction, config.seed).eval
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).eval()
+    reloaded = trainer.evaluate(model, data.eval_batches(held_out, 8), torch.device("cpu"))
+    assert reloaded == pytest.approx(best, rel=1e-5)
 
 
 # --- bad input: exit 2, one line, nothing written ------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
@@ -176,9 +176,8 @@ def _fit(
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, max(1, math.ceil(WARMUP_FRACTION * total_steps)), total_steps
-    )
+    warmup = max(1, math.ceil(WARMUP_FRACTION * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
     metrics = Metrics(
         train_samples=len(split.train),
         eval_samples=len(split.eval),
@@ -190,7 +189,7 @@ def _fit(
         config=config_dict(config),
     )
     with model.disable_adapter():
-        metrics.base_eval_loss = _evaluate(model, eval_batches, device)
+        metrics.base_eval_loss = evaluate(model, eval_batches, device)
     best_loss = metrics.base_eval_loss  # an untrained LoRA adapter is the base model
     best_state = _snapshot(model)
     best_step = 0
@@ -224,7 +223,7 @@ def _fit(
             _emit(on_progress, "progress", step, total_steps, step / steps_per_epoch, loss=loss)
 
             if eval_batches and (step % eval_every == 0 or step == total_steps):
-                eval_loss = _evaluate(model, eval_batches, device)
+                eval_loss = evaluate(model, eval_batches, device)
                 metrics.eval_loss.append({"step": step, "loss": eval_loss})
                 _emit(on_progress, "eval", step, total_steps, step / steps_per_epoch, eval_loss=eval_loss)
                 if eval_loss < best_loss:
@@ -255,6 +254,14 @@ def _fit(
     return metrics
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay; `step` 0 is the first optimizer step, which already learns
+    (transformers' schedule gives it a learning rate of 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup + 1) / (total - warmup + 1)))
+
+
 def _train_step(model: PeftModel, group: Sequence[data.Batch], device: torch.device) -> float:
     """Forward/backward over the micro-batches of one optimizer step; returns the mean token loss."""
     # Normalise by every label token of the step, so long and short micro-batches weigh per token.
@@ -268,7 +275,7 @@ def _train_step(model: PeftModel, group: Sequence[data.Batch], device: torch.dev
 
 
 @torch.no_grad()
-def _evaluate(model: torch.nn.Module, batches: Sequence[data.Batch], device: torch.device) -> float | None:
+def evaluate(model: torch.nn.Module, batches: Sequence[data.Batch], device: torch.device) -> float | None:
     """Mean loss per assistant token over `batches`, with dropout off."""
     if not batches:
         return None
