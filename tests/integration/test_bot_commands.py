@@ -15,6 +15,7 @@ from dataclasses import replace
 from urllib.parse import quote
 
 from aiohttp import web
+from kubernetes.client import CustomObjectsApi
 from slack_sdk import WebClient
 from tests.support.bot_fixtures import (
     BOT_NAMESPACE,
@@ -32,6 +33,7 @@ from tests.support.bot_fixtures import (
 )
 from tests.support.slack_fixtures import ACME_TOKEN
 
+from doppel.bot.kube import api_client
 from doppel.bot.server import create_bot, notify_once
 
 
@@ -218,7 +220,7 @@ async def test_a_workspace_reaches_only_its_own_doppels(
 
 
 async def test_progress_messages_reach_the_requester_once(bot_harness, bot_kube, slack_emulator):
-    # Two replicas; their notifiers are driven by hand here (a pass each, at the same moment).
+    # Two replicas, each woken by its watch, plus a pass of each driven by hand at the same moment.
     bot = await bot_harness(bot_config(poll_interval_s=3600))
     other = await bot_harness(bot_config(poll_interval_s=3600))
     kube = kube_for(bot_kube[1])
@@ -227,10 +229,11 @@ async def test_progress_messages_reach_the_requester_once(bot_harness, bot_kube,
     for count, (phase, extra) in enumerate([("Training", {"samples": 57}), ("Ready", {"samples": 57})], 1):
         key = next(k for k in kmock.objects if k[2] == "bob" and "doppelusers" in str(k[0]))
         kmock.objects[key].patch({"status": {"phase": phase, **extra}})
-        assert sorted(await asyncio.gather(notify_once(bot.bot), notify_once(other.bot))) == [0, 1]
+        await asyncio.gather(notify_once(bot.bot), notify_once(other.bot))
         posts = await bot.wait_posts(CHANNEL, count, timeout=10)
         assert posts[-1]["text"].startswith("<@U02BOB> bob's doppel")
-    await asyncio.sleep(1.0)  # both replicas have polled several times since
+        await asyncio.sleep(0.5)
+        assert len(slack_emulator.posted(CHANNEL)) == count
     texts = [p["text"] for p in slack_emulator.posted(CHANNEL)]
     assert len(texts) == 2
     assert "scraped 57 samples, training started" in texts[0] and "is ready" in texts[1]
@@ -349,3 +352,23 @@ async def test_socket_mode_answers_mentions_and_commands(bot_kube, slack_emulato
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await slack.stop()
+
+
+async def test_progress_is_noticed_through_the_watch_without_waiting_for_a_poll(bot_harness, bot_kube):
+    bot = await bot_harness(bot_config(poll_interval_s=3600))
+    await bot.form(command_form("train @bob", user="U02BOB"))
+    await asyncio.sleep(0.5)  # the watch is established
+    # The operator reports a failure through the status subresource, over the API.
+    api = CustomObjectsApi(api_client(bot_kube[1]))
+    status = {"status": {"phase": "Failed", "reason": "only 3 samples"}}
+    await asyncio.to_thread(
+        api.patch_namespaced_custom_object_status,
+        "doppel.dev",
+        "v1alpha1",
+        NAMESPACE,
+        "doppelusers",
+        "bob",
+        status,
+    )
+    posts = await bot.wait_posts(CHANNEL, 1, timeout=10)
+    assert posts[0]["text"] == "<@U02BOB> bob's doppel failed: only 3 samples."

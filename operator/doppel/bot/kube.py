@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION, PLURAL, KIND = "doppel.dev", "v1alpha1", "doppelusers", "DoppelUser"
@@ -28,6 +31,7 @@ ANNOTATION_EXPIRES = "doppel.dev/expires-at"
 REQUEST_TIMEOUT_S = 2.5
 
 T = TypeVar("T")
+LOG = logging.getLogger(__name__)
 
 
 class AlreadyExists(Exception):
@@ -110,6 +114,39 @@ class Kube:
     async def list_all_doppels(self) -> list[dict[str, Any]]:
         found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
         return list(found.get("items", []))
+
+    def watch_doppels(self, on_change: Callable[[], object]) -> Callable[[], None]:
+        """Call `on_change` (from a thread of its own) on every DoppelUser event; returns the stopper."""
+        stopped = threading.Event()
+        current: list[k8s_watch.Watch] = []
+
+        def run() -> None:
+            while not stopped.is_set():
+                watch = k8s_watch.Watch()
+                current[:] = [watch]
+                try:
+                    events = watch.stream(
+                        self.custom.list_cluster_custom_object,
+                        GROUP,
+                        VERSION,
+                        PLURAL,
+                        _request_timeout=(5, 300),
+                    )
+                    for _ in events:
+                        if stopped.is_set():
+                            return
+                        on_change()
+                except Exception as exc:  # the API server went away or ended the watch: start again
+                    LOG.debug("DoppelUser watch ended: %s", exc)
+                stopped.wait(1.0)
+
+        def stop() -> None:
+            stopped.set()
+            for watch in current:
+                watch.stop()  # closes the connection, so the thread is not left blocked on a read
+
+        threading.Thread(target=run, name="doppel-bot-watch", daemon=True).start()
+        return stop
 
     # --- per-workspace bot state (the active doppel) ---------------------------------------------
     async def get_state(self, namespace: str) -> dict[str, str]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import uvicorn
@@ -220,17 +219,27 @@ def _oauth_stores(
 # --- progress messages ----------------------------------------------------------------------------------
 
 
-async def notify_progress(bot: Bot, *, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+async def notify_progress(bot: Bot) -> None:
     """Tell whoever asked for a doppel when it reaches Training, Ready or Failed, in the channel they asked
-    from. The phase told is recorded on the object, so a restart or another replica does not repeat it."""
-    while True:
-        try:
-            await notify_once(bot)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            LOG.warning("progress notifier: %s: %s", type(exc).__name__, exc)
-        await sleep(bot.config.poll_interval_s)
+    from. A pass runs whenever a DoppelUser changes (a Kubernetes watch wakes it) and every
+    `poll_interval_s` anyway; the phase told is recorded on the object, so a restart does not repeat it."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    stop_watch = None
+    if isinstance(bot.deps.kube, Kube):
+        stop_watch = bot.deps.kube.watch_doppels(lambda: loop.call_soon_threadsafe(changed.set))
+    try:
+        while True:
+            changed.clear()  # before the pass: a change during it wakes the next one
+            try:
+                await notify_once(bot)
+            except Exception as exc:
+                LOG.warning("progress notifier: %s: %s", type(exc).__name__, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), bot.config.poll_interval_s)
+    finally:
+        if stop_watch is not None:
+            stop_watch()
 
 
 async def notify_once(bot: Bot) -> int:
