@@ -473,9 +473,9 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
     show_default=True,
     help="Where everything is written; a second run reuses what is there.",
 )
-@click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 150).")
+@click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 240).")
 @click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
-@click.option("--max-tokens", type=int, default=80, show_default=True, help="Longest demo reply (tokens).")
+@click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
 @click.option("--socket-mode", is_flag=True, help="Then answer @mentions in Slack over Socket Mode.")
 @run_stage
@@ -517,7 +517,11 @@ def local(
     click.echo(report(outcome))
     if open_chat:
         click.get_current_context().invoke(
-            chat, adapter_dir=outcome.adapter, base_model=outcome.base_model, person=outcome.person_name
+            chat,
+            adapter_dir=outcome.adapter,
+            base_model=outcome.base_model,
+            person=outcome.person_name,
+            max_tokens=max_tokens,
         )
     if bot_config is not None:
         import asyncio

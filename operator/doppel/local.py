@@ -62,9 +62,9 @@ DEMO_TRAINING: dict[str, Any] = {
     "eval_fraction": 0.15,
     "early_stopping_patience": 100,
 }
-DEMO_MAX_STEPS = 150
+DEMO_MAX_STEPS = 240
 # Replies are short: Slack messages, and generation on CPU is not free.
-DEFAULT_REPLY_TOKENS = 80
+DEFAULT_REPLY_TOKENS = 120
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from doppel.demo.workspace import DEMO_QUESTIONS
 STEPS = 24
 
 
-def doppel_local(*args: str, workdir: Path, result: Path) -> subprocess.CompletedProcess:
+def doppel_local(*args: str, workdir: Path, result: Path, stdin: str = "") -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("doppel")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "doppel.cli"]
     env = {**os.environ, "DOPPEL_RESULT_FILE": str(result), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [*command, "local", *args, "--workdir", str(workdir)],
+        input=stdin,
         capture_output=True,
         text=True,
         env=env,
@@ -111,12 +112,18 @@ def test_everything_is_under_the_workdir(demo):
     assert json.loads((workdir / "data" / "margaret" / "manifest.json").read_text())["samples"] > 20
 
 
-def test_second_run_reuses_the_adapter(demo, tmp_path):
+def test_second_run_reuses_the_adapter_and_opens_the_chat(demo, tmp_path):
     workdir, _, first = demo
     adapter = Path(first["adapter"])
     stamp = (adapter / "adapter_model.safetensors").stat().st_mtime_ns
-    again = doppel_local("--demo", "--max-steps", str(STEPS), workdir=workdir, result=tmp_path / "again.json")
+    again = doppel_local(
+        "--demo", "--max-steps", str(STEPS), "--max-tokens", "24", "--chat",
+        workdir=workdir, result=tmp_path / "again.json", stdin="is the roadmap ready?\n",
+    )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
+    # `doppel chat` on the result: the prompt, then the doppel's streamed answer; end of input ends it.
+    chat = again.stdout.split("you> ", 1)[1]
+    assert chat.startswith("Margaret Okafor> ") and chat.removeprefix("Margaret Okafor> ").strip()
     second = json.loads((tmp_path / "again.json").read_text())
     assert second["trained"] is False
     assert second["adapter"] == first["adapter"]
