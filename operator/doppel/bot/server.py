@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -108,7 +109,7 @@ class Bot:
                 await task
 
     async def serve(self, host: str, port: int) -> None:
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(self.asgi(), host=host, port=port, log_level="info", access_log=False)
         )
         await server.serve()
@@ -125,6 +126,22 @@ class Bot:
         finally:
             await handler.close_async()
             await asyncio.to_thread(self.deps.worker.close)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; a pod being stopped is no failure,
+    so `doppel bot` returns normally instead (exit 0, as the CLI's exit-code contract says)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
 
 def create_bot(
