@@ -147,6 +147,7 @@ class Outcome:
             "added_samples": self.added_samples,
             "adapter": str(self.adapter),
             "trained": self.trained,
+            "steps": self.metrics.get("steps"),
             "base_eval_loss": self.metrics.get("base_eval_loss"),
             "adapter_eval_loss": self.metrics.get("adapter_eval_loss"),
         }

@@ -85,7 +85,7 @@ def test_adapter_learned_the_demo_persons_voice(demo):
     printed = re.search(r"base model (\d+\.\d+) -> adapter (\d+\.\d+)", run.stdout)
     assert printed, run.stdout[-1000:]
     assert float(printed[2]) < float(printed[1])
-    assert result["ok"] and result["trained"] is True
+    assert result["ok"] and result["trained"] is True and result["steps"] == STEPS
     assert result["adapter_eval_loss"] < result["base_eval_loss"]
     # Visibly: the adapter's replies use the person's words far more than the base model's do.
     samples = (workdir / "data" / "margaret" / "samples.jsonl").read_text().splitlines()

@@ -147,7 +147,7 @@ def test_through_the_slack_api_then_incrementally(tmp_path, tiny_model):
         assert first.exit_code == 0, (first.stderr, first.exception)
         summary = json.loads(result_file.read_text())
         assert emulator.calls_to("conversations.history") and emulator.calls_to("conversations.replies")
-        assert summary["samples"] > 20 and summary["trained"] is True
+        assert summary["samples"] > 20 and summary["trained"] is True and summary["steps"] == 1
         assert "held-out loss on unseen threads" in first.stdout
         assert "Alex: Can you take a look at the failing deploy" in first.stdout
         old_adapter = Path(summary["adapter"])
