@@ -2,8 +2,9 @@
 
 Glue only: parsing and wording live in `doppel.bot.logic`, Kubernetes calls in `doppel.bot.kube`, the model
 behind the `Chat` callable (vLLM in production, any `doppel.serve.backend.ChatBackend` in local mode).
-Bolt acknowledges an event as soon as it is verified and runs the listener afterwards, so Slack gets its
-answer within 3 seconds whatever the model does.
+Bolt acknowledges an event as soon as it is verified; the listener only hands the answer to the `Worker`
+(its own thread and event loop), so Slack gets its acknowledgement within 3 seconds whatever the model, the
+Slack API or Kubernetes do, even in a burst.
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ class BotConfig:
     database_url: str | None = None  # slack_sdk's SQLAlchemy stores and the event ledger, if set
     event_ttl_s: int = 3600
     oauth_redirect_uri: str | None = None
-    token_rotation: bool = True
     poll_interval_s: float = 60.0  # progress: a full pass this often, besides the watch's wake-ups
     # What `/doppel train` puts in a new DoppelUser: the shared base model and the token Secret's name.
     base_model_name: str = "base"

@@ -20,7 +20,8 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
-GROUP, VERSION, PLURAL, KIND = "doppel.dev", "v1alpha1", "doppelusers", "DoppelUser"
+from doppel.api import GROUP, PLURAL, VERSION
+
 STATE_CONFIGMAP = "doppel-bot-state"
 LABEL_TEAM = "doppel.dev/slack-team"
 LABEL_EVENT = "doppel.dev/slack-event"
