@@ -372,3 +372,15 @@ async def test_progress_is_noticed_through_the_watch_without_waiting_for_a_poll(
     )
     posts = await bot.wait_posts(CHANNEL, 1, timeout=10)
     assert posts[0]["text"] == "<@U02BOB> bob's doppel failed: only 3 samples."
+
+
+async def test_slack_url_verification_is_answered_only_when_signed(bot_harness):
+    bot = await bot_harness()
+    challenge = {
+        "token": "legacy",
+        "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",
+        "type": "url_verification",
+    }
+    answered = await bot.event(challenge)
+    assert answered.status_code == 200 and answered.json() == {"challenge": challenge["challenge"]}
+    assert (await bot.event(challenge, secret="forged")).status_code == 401
