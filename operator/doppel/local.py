@@ -207,6 +207,11 @@ def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
     if settings.demo:
         _check_demo_user(user)
     progress = progress or Progress(5 if settings.slack_token is None else 4)
+    # The stage lines are the progress display: transformers' per-file bars (weights loaded, shards
+    # written) would only interleave with them. The trainer's own bar is not one of those and stays.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if settings.slack_token is None:
         with progress.stage("workspace") as info:
