@@ -89,8 +89,8 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
-    model = _load_model(config, device)
     try:
+        model = _load_model(config, device)
         metrics = _fit(model, split, config, device, stats, on_progress)
     except torch.OutOfMemoryError:
         raise BadInput(OOM_HINT) from None
@@ -122,11 +122,15 @@ def _load_tokenizer(base_model: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
     except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"cannot load base model {base_model!r}: {reason}") from None
+        raise BadInput(f"cannot load base model {base_model!r}: {_first_line(exc)}") from None
     if not tokenizer.chat_template:
         raise BadInput(f"base model {base_model!r} has no chat template")
     return tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
@@ -136,7 +140,7 @@ def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
             config.base_model, dtype=torch.bfloat16 if on_gpu else torch.float32
         )
     except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot load base model {config.base_model!r}: {exc}") from None
+        raise BadInput(f"cannot load base model {config.base_model!r}: {_first_line(exc)}") from None
     model.config.use_cache = False  # training never reuses a KV cache
     model.to(device)
     if on_gpu:
@@ -156,7 +160,7 @@ def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             return get_peft_model(model, lora)
     except ValueError as exc:
-        raise BadInput(f"--target-modules: {str(exc).splitlines()[0]}") from None
+        raise BadInput(f"--target-modules: {_first_line(exc)}") from None
 
 
 def _fit(
