@@ -133,3 +133,33 @@ def test_second_run_reuses_the_adapter_and_opens_the_chat(demo, tmp_path):
     assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     assert "held-out loss on unseen threads" in again.stdout
     assert [p.name for p in adapter.parent.iterdir()] == [adapter.name]
+
+
+def test_make_demo_works_from_a_clean_clone(tmp_path):
+    """What a newcomer runs first: `make demo` in a fresh clone. The clone holds only what is committed;
+    its demo runs on the suite's virtualenv (building a new one is `make venv`'s business) with few steps."""
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "doppel"
+    subprocess.run(["git", "clone", "--quiet", str(repo), str(clone)], check=True, timeout=120)
+    recipe = subprocess.run(["make", "-n", "demo"], cwd=clone, capture_output=True, text=True, check=True)
+    assert recipe.stdout.strip().splitlines()[-1] == ".venv/bin/doppel local --demo"
+
+    env = {**os.environ, "PYTHONPATH": str(clone / "operator"), "HF_HUB_OFFLINE": "1"}
+    env.pop("DOPPEL_RESULT_FILE", None)
+    probe = [sys.executable, "-c", "import doppel; print(doppel.__file__)"]
+    where = subprocess.run(probe, env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(clone)), where.stdout
+    demo = subprocess.run(
+        [sys.executable, "-m", "doppel.cli", "local", "--demo", "--max-steps", "2", "--max-tokens", "8"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "held-out loss on unseen threads" in demo.stdout
+    # The default work directory, inside the clone.
+    assert list((clone / "doppel-data" / "adapters" / "margaret").iterdir())
