@@ -110,3 +110,32 @@ async def test_training_queue_is_fifo_and_bounded(kube, operator_config, slack_e
     finally:
         kube.jobs.release("train")
         await operator.stop()
+
+
+async def test_operator_killed_mid_training_resumes_without_a_second_job(
+    kube, operator_config, slack_emulator
+):
+    config = config_with(
+        operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
+    )
+    kube.jobs.hold("train")
+    await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
+    operator = OperatorProcess(config)
+    await operator.start()
+    try:
+        await kube.kubectl.create(doppeluser("alice"))
+        await kube.wait_for("alice", lambda o: o.get("status", {}).get("phase") == "Training", 60, "training")
+        await operator.kill()
+        operator = OperatorProcess(config)
+        await operator.start()
+        kube.jobs.release("train")
+        # The train Job (it fails: no such base model) is followed by the new operator instance.
+        obj = await kube.wait_for(
+            "alice", lambda o: o.get("status", {}).get("phase") == "Failed", 60, "failed"
+        )
+        assert "base model" in obj["status"]["message"]
+        steps = sorted(j["metadata"]["labels"][jobs.L_STEP] for j in kube.cluster.jobs())
+        assert steps == ["scrape", "train"]
+    finally:
+        kube.jobs.release("train")
+        await operator.stop()

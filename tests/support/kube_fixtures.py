@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import os
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -376,38 +377,61 @@ class JobController:
 
 
 class OperatorProcess:
-    """The operator running in this process under kopf, as `doppel operator` runs it."""
+    """The operator under kopf, as `doppel operator` runs it, in its own thread and event loop.
+
+    Its own loop because kopf, when it stops, cancels every task created in its loop after it started
+    (it cannot tell its own apart): the emulator and the Job controller must not live there."""
 
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stop: asyncio.Event | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
 
-    async def start(self) -> None:
+    def _main(self) -> None:
         from doppel.operator.handlers import run
 
-        self._stop, ready = asyncio.Event(), asyncio.Event()
-        self._task = asyncio.create_task(run(self.config, stop_flag=self._stop, ready_flag=ready))
-        await asyncio.wait_for(ready.wait(), timeout=30)
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._task = loop.create_task(run(self.config, stop_flag=self._stop, ready_flag=self._ready))
+        try:
+            loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            loop.close()
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="operator", daemon=True)
+        self._thread.start()
+        if not await asyncio.to_thread(self._ready.wait, 30):
+            raise RuntimeError(f"the operator did not start: {self.error!r}")
+
+    async def _join(self) -> None:
+        assert self._thread is not None
+        await asyncio.to_thread(self._thread.join, 60)
+        assert not self._thread.is_alive(), "the operator did not stop"
+        self._thread = None
 
     async def stop(self) -> None:
         """A graceful stop (SIGTERM-like)."""
-        if self._task is None:
+        if self._thread is None:
             return
-        assert self._stop is not None
         self._stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self._task, timeout=30)
-        self._task = None
+        await self._join()
 
     async def kill(self) -> None:
-        """An abrupt end: the task is cancelled wherever it is, nothing gets to finish its work."""
-        if self._task is None:
+        """An abrupt end: the operator is cancelled wherever it is, nothing gets to finish its work."""
+        if self._thread is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
-        self._task = None
+        assert self._loop is not None and self._task is not None
+        self._loop.call_soon_threadsafe(self._task.cancel)
+        await self._join()
 
 
 def vllm_pod(

@@ -345,6 +345,9 @@ async def _step(
     new, delay = plan.status, plan.requeue_after
     vllm = _vllm_pods(spec, namespace, indexes["ready_pods"])
     if plan.register is not None:
+        # Say Registering while the loads run (they can take a while on busy pods).
+        await _publish(_state(memo), body, current, new)
+        current = new
         loaded, errors = await _ensure_loaded(plan.register, vllm)
         new, old = promote(new, loaded, errors, now)
         if old is not None:
