@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from doppel.errors import BadInput
 
-if TYPE_CHECKING:  # the bot's dependencies load only for --socket-mode
+if TYPE_CHECKING:  # stage modules load when their stage runs (the bot's only for --socket-mode)
     from doppel.bot.config import BotConfig
     from doppel.bot.server import Bot
+    from doppel.slack.samples import Manifest
 
 FINGERPRINT_FILE = "fingerprint.json"
 # Where the local bot keeps its one doppel, whatever the workspace (there is no cluster to map teams).
@@ -213,6 +214,7 @@ def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
 
     hf_logging.disable_progress_bar()
 
+    export: Path | None = None  # None: scrape through the Web API
     if settings.slack_token is None:
         with progress.stage("workspace") as info:
             export = _workspace(settings, layout)
@@ -221,7 +223,7 @@ def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
         base_name, base_path = _base_model(settings, layout)
         info["note"] = base_name
     with progress.stage("scrape") as info:
-        manifest = _scrape(settings, layout, user, export if settings.slack_token is None else None)
+        manifest = _scrape(settings, layout, user, export)
         info["note"] = f"{manifest.samples} samples of {manifest.person['name']} ({manifest.added} new)"
     with progress.stage("train") as info:
         samples = layout.data(user) / "samples.jsonl"
@@ -311,7 +313,7 @@ def _model_dir(name: str) -> Path:
     return path.resolve()
 
 
-def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) -> Any:
+def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) -> Manifest:
     from doppel.slack.samples import ScrapeOptions
 
     out = layout.data(user)
@@ -342,8 +344,7 @@ def training_settings(settings: Settings, n_samples: int) -> dict[str, Any]:
     chosen: dict[str, Any] = dict(DEMO_TRAINING) if settings.demo else {}
     steps = settings.max_steps or (DEMO_MAX_STEPS if settings.demo else None)
     if steps is not None:
-        defaults = TrainConfig(data=Path(), base_model="", out=Path())
-        view = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)} | chosen
+        view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
         per_epoch = _steps_per_epoch_at_least(
             n_samples, view["eval_fraction"], view["batch_size"] * view["grad_accum"]
         )
@@ -525,10 +526,3 @@ def loss_line(metrics: dict[str, Any]) -> str:
         f"base model {base:.3f} -> adapter {tuned:.3f} ({change:+.0f}%), "
         f"after {metrics.get('steps', '?')} steps"
     )
-
-
-def describe(settings: Settings) -> dict[str, Any]:
-    """The settings without secrets, for logs."""
-    return {
-        k: str(v) for k, v in dataclasses.asdict(settings).items() if v is not None and k != "slack_token"
-    }
