@@ -1,0 +1,169 @@
+"""Benchmark: 300 DoppelUsers created at once against the kmock Kubernetes emulator.
+
+The operator runs as in production (`doppel operator`, its own process, kopf) against kmock served on
+loopback. Nothing runs the Jobs: this measures the operator's reaction, not scraping. Prints:
+- per object, the time from its creation to its scrape Job existing: p50 / p95 / max, and the time until
+  all 300 have theirs;
+- the operator's peak memory (VmHWM of its process);
+- both as ratios against a baseline measured in the same run: a bare kopf operator (its own process,
+  same emulator) whose only handler creates one Job per object on creation, the floor kopf sets.
+
+Run: .venv/bin/python tests/bench/bench_operator.py [--objects N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.support.kube_fixtures import NAMESPACE, KubeCluster
+
+BIN = Path(sys.executable).parent
+
+# The baseline: the least a kopf operator can do per object (one Job on creation).
+BASELINE_OPERATOR = """
+import sys, kopf, httpx
+
+URL = sys.argv[1]
+
+@kopf.on.login()
+def login(**_):
+    return kopf.ConnectionInfo(server=URL, insecure=True)
+
+@kopf.on.create("doppel.dev", "v1alpha1", "doppelusers")
+async def create(name, namespace, uid, **_):
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": f"{name}-scrape", "namespace": namespace,
+                        "labels": {"doppel.dev/uid": uid, "doppel.dev/step": "scrape"}},
+           "spec": {"template": {"spec": {"restartPolicy": "Never",
+                    "containers": [{"name": "x", "image": "x", "command": ["true"]}]}}}}
+    async with httpx.AsyncClient(base_url=URL) as http:
+        (await http.post(f"/apis/batch/v1/namespaces/{namespace}/jobs", json=job)).raise_for_status()
+
+kopf.run(clusterwide=True, standalone=True)
+"""
+
+
+def doppeluser(i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "doppel.dev/v1alpha1",
+        "kind": "DoppelUser",
+        "metadata": {"name": f"user-{i:04d}", "namespace": NAMESPACE},
+        "spec": {
+            "slack": {"teamId": "T0ACME001", "tokenSecretRef": {"name": "slack-bot"}},
+            "target": {"handle": f"user{i}"},
+            "baseModel": {"servedName": "base", "path": "/models/base"},
+        },
+    }
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def scrape_job_owners(cluster: KubeCluster) -> dict[str, float]:
+    """uid -> when its scrape Job was first seen (polled in memory: not an API request)."""
+    return {
+        job["metadata"]["labels"]["doppel.dev/uid"]: time.perf_counter()
+        for job in cluster.jobs()
+        if job["metadata"].get("labels", {}).get("doppel.dev/step") == "scrape"
+    }
+
+
+async def run_once(command: list[str], objects: int, label: str) -> dict[str, float]:
+    cluster = KubeCluster()
+    await cluster.start()
+    await cluster.kubectl.secret("slack-bot", {"token": "xoxb-bench"})
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "operator.log", "wb")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen(
+            [*command, cluster.url] if label == "baseline" else [*command, "--api-server", cluster.url],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "DOPPEL_DATA_ROOT": tmp},
+        )
+        try:
+            await asyncio.sleep(3.0)  # let it log in and start its watches
+            if proc.poll() is not None:
+                tail = (Path(tmp) / "operator.log").read_text()[-2000:]
+                raise RuntimeError(f"{label} operator exited: {tail}")
+            created: dict[str, float] = {}
+
+            async def create(i: int) -> None:
+                obj = await cluster.kubectl.create(doppeluser(i))
+                created[obj["metadata"]["uid"]] = time.perf_counter()
+
+            start = time.perf_counter()
+            await asyncio.gather(*(create(i) for i in range(objects)))
+            seen: dict[str, float] = {}
+            deadline = start + 600
+            while len(seen) < objects and time.perf_counter() < deadline:
+                for uid, when in (await scrape_job_owners(cluster)).items():
+                    seen.setdefault(uid, when)
+                await asyncio.sleep(0.05)
+            all_done = time.perf_counter() - start
+            await asyncio.sleep(1.0)
+            memory = peak_rss_mib(proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            await cluster.stop()
+    if len(seen) < objects:
+        raise RuntimeError(f"{label}: only {len(seen)}/{objects} scrape Jobs after 600 s")
+    latencies = sorted(seen[uid] - created[uid] for uid in created)
+    return {
+        "p50": statistics.median(latencies),
+        "p95": latencies[int(0.95 * (len(latencies) - 1))],
+        "max": latencies[-1],
+        "all": all_done,
+        "memory": memory,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objects", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(BASELINE_OPERATOR)
+    try:
+        baseline = asyncio.run(run_once([sys.executable, script.name], args.objects, "baseline"))
+    finally:
+        os.unlink(script.name)
+    doppel = asyncio.run(
+        run_once([str(BIN / "doppel"), "operator", "--data-claim", ""], args.objects, "doppel")
+    )
+    print(f"{args.objects} DoppelUsers created at once; time from creation to scrape Job, per object:")
+    print(f"{'':24}{'p50 s':>9}{'p95 s':>9}{'max s':>9}{'all s':>9}{'peak MiB':>10}")
+    for label, figures in (("bare kopf (baseline)", baseline), ("doppel operator", doppel)):
+        print(
+            f"{label:24}{figures['p50']:9.2f}{figures['p95']:9.2f}{figures['max']:9.2f}"
+            f"{figures['all']:9.2f}{figures['memory']:10.1f}"
+        )
+    print(
+        "ratio doppel/baseline: "
+        f"p50 {doppel['p50'] / baseline['p50']:.2f}x, p95 {doppel['p95'] / baseline['p95']:.2f}x, "
+        f"all {doppel['all'] / baseline['all']:.2f}x, "
+        f"peak memory {doppel['memory'] / baseline['memory']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The whole path under the operator: DoppelUser -> scrape Job -> train Job -> adapter answering on real vLLM.
+
+kopf runs the real operator against kmock; Jobs run as local processes (real `doppel scrape` against the
+Slack emulator, real `doppel train` on the tiny model); a real vLLM CPU server plays the vLLM pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.kube_fixtures import NAMESPACE, OperatorProcess, config_with, vllm_pod
+from tests.support.slack_fixtures import ACME_TOKEN
+from tests.support.vllm_fixtures import VllmServer, vllm_python
+
+from doppel.operator import jobs
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """One real vLLM server for this module, restarted by the tests (so not the session-wide one)."""
+    server = VllmServer(tiny_model, tmp_path_factory.mktemp("vllm-op") / "vllm.log", python=vllm_python())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def doppeluser(tiny_model: Path, **training: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "doppel.dev/v1alpha1",
+        "kind": "DoppelUser",
+        "metadata": {"name": "alice", "namespace": NAMESPACE},
+        "spec": {
+            "slack": {"teamId": "T0ACME001", "tokenSecretRef": {"name": "slack-bot", "key": "token"}},
+            "target": {"handle": "alice"},
+            "data": {"minLength": 20},
+            "baseModel": {"servedName": "doppel-tiny", "path": str(tiny_model)},
+            "training": {"rank": 8, "alpha": 16, "epochs": 1, "maxSteps": 2, "minSamples": 3, **training},
+            "resources": {"gpu": 0},
+        },
+    }
+
+
+def status(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj.get("status") or {}
+
+
+def ready_with(version: int):
+    def check(obj: dict[str, Any]) -> bool:
+        st = status(obj)
+        return st.get("phase") == "Ready" and (st.get("adapter") or {}).get("version") == version
+
+    return check
+
+
+async def served(server: VllmServer) -> set[str]:
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.get(f"{server.base_url}/v1/models")
+        response.raise_for_status()
+        return {card["id"] for card in response.json()["data"]}
+
+
+async def until_served(server: VllmServer, name: str, present: bool = True, timeout: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if (name in await served(server)) == present:
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError(
+        f"{name} {'never appeared on' if present else 'still on'} vLLM: {await served(server)}"
+    )
+
+
+async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_emulator, tiny_model, vllm):
+    config = config_with(
+        operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
+    )
+    data_root = Path(config.data_root)
+    await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
+    await kube.kubectl.create(vllm_pod("vllm-0", vllm.port))
+    operator = OperatorProcess(config)
+    await operator.start()
+    try:
+        # 1. Create -> Ready, the adapter answering on vLLM under the name in the status.
+        await kube.kubectl.create(doppeluser(tiny_model))
+        obj = await kube.wait_for("alice", ready_with(1), 300, "Ready v1")
+        adapter = status(obj)["adapter"]
+        assert adapter["servedName"] == "team.alice.v1"
+        assert status(obj)["servedBy"] == ["vllm-0"] and status(obj)["samples"] >= 3
+        conditions = {c["type"]: c["status"] for c in status(obj)["conditions"]}
+        assert conditions == {"Scraped": "True", "Trained": "True", "Registered": "True", "Ready": "True"}
+        assert (Path(adapter["path"]) / "adapter_config.json").is_file()
+        async with httpx.AsyncClient(timeout=120) as http:
+            reply = await http.post(
+                f"{vllm.base_url}/v1/chat/completions",
+                json={
+                    "model": adapter["servedName"],
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 8,
+                },
+            )
+        assert reply.status_code == 200 and reply.json()["model"] == adapter["servedName"]
+        # Raw data is deleted after training by default (a cleanup Job); the adapter stays.
+        deadline = asyncio.get_running_loop().time() + 60
+        while (
+            data_root / NAMESPACE / "alice" / "g1"
+        ).exists() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.3)
+        assert not (data_root / NAMESPACE / "alice" / "g1").exists()
+        events = {e["reason"] for e in await kube.kubectl.events()}
+        assert {"Scraping", "Training", "Registering", "Ready"} <= events
+
+        # 2. The vLLM pod restarts and loses its adapters: re-registered without touching the object.
+        await kube.kubectl.patch_status(
+            "Pod", "vllm-0", {"conditions": [{"type": "Ready", "status": "False"}]}
+        )
+        await asyncio.to_thread(vllm.restart)
+        assert "team.alice.v1" not in await served(vllm)
+        await kube.kubectl.patch_status(
+            "Pod", "vllm-0", {"conditions": [{"type": "Ready", "status": "True"}]}
+        )
+        await until_served(vllm, "team.alice.v1", timeout=30)
+        assert (await kube.kubectl.get("DoppelUser", "alice"))["metadata"]["generation"] == 1
+
+        # 3. A spec change retrains; the operator is killed mid-training and comes back.
+        kube.jobs.hold("train")
+        await kube.kubectl.patch("DoppelUser", "alice", {"spec": {"training": {"alpha": 32}}})
+        obj = await kube.wait_for("alice", lambda o: status(o).get("phase") == "Training", 120, "training v2")
+        assert status(obj)["adapter"]["version"] == 1  # the old adapter serves meanwhile
+        await operator.kill()
+        operator = OperatorProcess(config)
+        await operator.start()
+        kube.jobs.release("train")
+        obj = await kube.wait_for("alice", ready_with(2), 300, "Ready v2")
+        assert status(obj)["adapter"]["servedName"] == "team.alice.v2"
+        g2_trains = [
+            j
+            for j in kube.cluster.jobs()
+            if j["metadata"]["labels"][jobs.L_STEP] == "train"
+            and j["metadata"]["labels"][jobs.L_GENERATION] == "2"
+        ]
+        assert len(g2_trains) == 1  # the restarted operator found its Job instead of starting another
+        await until_served(vllm, "team.alice.v1", present=False, timeout=30)
+        assert "team.alice.v2" in await served(vllm)
+
+        # 4. Deletion: the finalizer unloads the adapter and removes the files, then the object goes.
+        await kube.kubectl.delete("DoppelUser", "alice")
+        deadline = asyncio.get_running_loop().time() + 90
+        while await kube.kubectl.get("DoppelUser", "alice") is not None:
+            assert asyncio.get_running_loop().time() < deadline, "finalizer never released the object"
+            await asyncio.sleep(0.3)
+        assert "team.alice.v2" not in await served(vllm)
+        assert not (data_root / NAMESPACE / "alice").exists()
+    finally:
+        kube.jobs.release("train")
+        await operator.stop()
