@@ -73,7 +73,7 @@ def write_samples(path: Path, count: int, seed: int = 0) -> None:
 
 def make_llama_1b(tiny: Path, out: Path) -> Path:
     """Random Llama-3.2-1B-sized weights (bf16) with the tiny model's tokenizer (its ids fit any vocab)."""
-    config = LlamaConfig(**LLAMA_1B, max_position_embeddings=4096, torch_dtype="bfloat16")
+    config = LlamaConfig(**LLAMA_1B, max_position_embeddings=4096, dtype="bfloat16")
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
@@ -168,6 +168,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         use_cpu=not on_gpu,
         bf16=on_gpu,
         gradient_checkpointing=on_gpu,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=0,
         disable_tqdm=True,
         remove_unused_columns=False,
