@@ -241,7 +241,7 @@ def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
         metrics=metrics,
     )
     with progress.stage("replies") as info:
-        outcome.replies = answer(outcome, questions(settings.demo), settings.reply_tokens)
+        outcome.replies = answer(outcome, questions(settings.demo, outcome.person_id), settings.reply_tokens)
         info["note"] = f"{len(outcome.replies)} questions, adapter and base model"
     return outcome
 
@@ -409,11 +409,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def questions(demo: bool) -> list[Question]:
+def questions(demo: bool, person_id: str) -> list[Question]:
     if demo:
-        from doppel.demo.workspace import DEMO_QUESTIONS
+        from doppel.demo.workspace import demo_questions
 
-        return [Question(p.id, p.first_name, text) for p, text in DEMO_QUESTIONS]
+        return [Question(p.id, p.first_name, text) for p, text in demo_questions(person_id)]
     return [Question(ASKER_ID, "Alex", text) for text in GENERIC_QUESTIONS]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from doppel.demo.workspace import DEMO_QUESTIONS
+from doppel.demo.workspace import MARGARET, demo_questions
 
 STEPS = 24
 
@@ -71,11 +71,12 @@ def test_demo_shows_each_stage_with_its_time(demo):
 
 def test_demo_answers_each_question_beside_the_base_model(demo):
     _, run, _ = demo
-    for _, question in DEMO_QUESTIONS:
-        assert question in run.stdout
-    assert run.stdout.count("adapter (Margaret Okafor)") == len(DEMO_QUESTIONS)
+    asked = demo_questions(MARGARET.id)
+    for asker, question in asked:
+        assert f"{asker.first_name}: {question}" in run.stdout
+    assert run.stdout.count("adapter (Margaret Okafor)") == len(asked) == 3
     replies = reply_columns(run.stdout)
-    assert len(replies) == len(DEMO_QUESTIONS)
+    assert len(replies) == len(asked)
     assert all(adapter and base and adapter != base for adapter, base in replies)
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from doppel.demo.workspace import DEMO_PERSON, SIGN_OFF, export_bytes, write_export
+from doppel.demo.workspace import DEMO_PERSON, PEOPLE, SIGN_OFF, demo_questions, export_bytes, write_export
 
 DAY_FILE = re.compile(r"^([a-z-]+)/(\d{4}-\d{2}-\d{2})\.json$")
 
@@ -126,3 +126,11 @@ def test_write_export_replaces_atomically(tmp_path):
     write_export(target)
     assert zipfile.is_zipfile(target)
     assert [p.name for p in tmp_path.iterdir()] == ["ws.zip"]
+
+
+def test_demo_questions_address_the_cloned_person_and_come_from_others():
+    for person in PEOPLE:
+        asked = demo_questions(person.id)
+        assert len(asked) == 3
+        assert all(asker != person and f"@{person.first_name}" in text for asker, text in asked)
+        assert len({asker for asker, _ in asked}) == 3

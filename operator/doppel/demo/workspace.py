@@ -171,13 +171,22 @@ JO_LINES = (
     "fwiw i'd keep an eye on <https://grafana.example.com/d/{slug}> while this rolls out, ty!",
 )
 
-# What `doppel local --demo` asks the demo person: new questions in the workspace's style, with the mention
-# already normalised the way ingestion renders it.
+# What `doppel local --demo` asks the cloned person: new questions in the askers' styles, `{mention}` to be
+# filled with the person's mention as ingestion normalises it (`@Margaret`). See `demo_questions`.
 DEMO_QUESTIONS = (
-    (SAM, "@Margaret can we ship the search latency fix this Friday or should we wait?"),
-    (DEV, "@Margaret the staging cluster: upgrade monday? :eyes:"),
-    (JO, "fwiw @Margaret who should sign off on the new status page? ty!"),
+    (SAM, "{mention} can we ship the search latency fix this Friday or should we wait?"),
+    (DEV, "{mention} the staging cluster: upgrade monday? :eyes:"),
+    (JO, "fwiw {mention} who should sign off on the new status page? ty!"),
+    (MARGARET, "Thank you all. {mention}, could you summarise where we are with the hiring plan?"),
 )
+QUESTIONS_ASKED = 3
+
+
+def demo_questions(person_id: str) -> list[tuple[Person, str]]:
+    """The questions put to the demo person `person_id`, none asked by that person."""
+    person = next(p for p in PEOPLE if p.id == person_id)
+    asked = [(p, text.format(mention=f"@{person.first_name}")) for p, text in DEMO_QUESTIONS if p != person]
+    return asked[:QUESTIONS_ASKED]
 
 
 class _Writer:
