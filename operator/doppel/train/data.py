@@ -1,4 +1,4 @@
-"""Training data: read and validate samples.jsonl, tokenize with the chat template, split, pack.
+"""Training data: read and validate samples.jsonl, tokenize with the chat template, split, batch.
 
 Pure logic apart from the tokenizer: no torch here, so every rule is cheap to test.
 
