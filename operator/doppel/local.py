@@ -64,6 +64,8 @@ DEMO_TRAINING: dict[str, Any] = {
     "early_stopping_patience": 100,
 }
 DEMO_MAX_STEPS = 240
+# What a base model from the Hugging Face Hub needs here: config, weights, tokenizer, chat template.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 # Replies are short: Slack messages, and generation on CPU is not free.
 DEFAULT_REPLY_TOKENS = 120
 
@@ -292,7 +294,7 @@ def resolve_base_model(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        local = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        local = Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as exc:  # the hub client raises many kinds; all mean "cannot have this model"
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BadInput(f"base model {name!r} cannot be fetched: {reason}") from None
