@@ -174,3 +174,16 @@ def test_through_the_slack_api_then_incrementally(tmp_path, tiny_model):
         assert later and all(float(call.params["oldest"]) > 1.7e9 for call in later)
     assert not old_adapter.exists()
     assert Path(again["adapter"]).is_dir()
+
+
+def test_wrong_slack_token_writes_nothing(tmp_path, tiny_model):
+    workdir = tmp_path / "data"
+    with SlackEmulator(rate_scale=FAST_RATE_SCALE) as emulator:
+        emulator.add_team(emulated_demo_workspace(), token=TOKEN)
+        result = local(
+            workdir, "--slack-token", "xoxb-wrong", "--slack-api-url", emulator.base_url,
+            "--user", "margaret", "--base-model", str(tiny_model),
+        )  # fmt: skip
+    assert_bad_input(result, "Slack rejected the token (invalid_auth)", after_stages=True)
+    assert "xoxb-wrong" not in result.stderr
+    assert not (workdir / "data").exists()
