@@ -221,6 +221,8 @@ class KubeCluster:
         for request in self.emulator:
             if request.headers.get("User-Agent", "").startswith(TEST_AGENT) or request.resource is None:
                 continue
+            if not request.resource.plural:
+                continue  # API discovery: open to every authenticated client
             action = request.action.name if request.action is not None else ""
             verb = verbs.get(action) or {"PATCH": "patch", "PUT": "update"}.get(
                 str(request.method.value).upper()

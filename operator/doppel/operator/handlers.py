@@ -95,6 +95,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.INFO
+    if _config(memo).namespaces:
+        # Fixed namespaces: no need to scan namespaces and CRDs cluster-wide (nor the permission to).
+        settings.scanning.disabled = True
 
 
 @kopf.on.login()
