@@ -118,7 +118,9 @@ class Training(_Model):
     alpha: int = Field(default=64, ge=1, le=1024)
     learning_rate: float = Field(default=3e-4, gt=0, le=1)
     epochs: int = Field(default=2, ge=1, le=100)
-    max_steps: int | None = Field(default=None, ge=1, le=1000000, description="Optimizer steps per epoch, at most.")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=1000000, description="Optimizer steps per epoch, at most."
+    )
     batch_size: int = Field(default=16, ge=1, le=1024, description="Effective batch size.")
     min_samples: int = Field(default=20, ge=1, le=100000, description="Fewer samples fail as bad input.")
 
