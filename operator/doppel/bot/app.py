@@ -155,7 +155,7 @@ def build_app(
             if event_id and not await deps.ledger.claim(team_id, event_id):
                 LOG.info("event %s of team %s already handled", event_id, team_id)
                 return
-            await answer_mention(deps, context.client, team_id, context.bot_user_id, event)
+            await answer_mention(deps, _worker_client(deps, context), team_id, context.bot_user_id, event)
 
         deps.worker.submit(work(), f"mention {event_id} of team {team_id}")
 
@@ -190,6 +190,19 @@ def build_app(
         deps.worker.submit(answer_consent(deps, context, body, action), "consent answer")
 
     return app
+
+
+def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
+    """The request's Slack client (its workspace's token), over the worker's kept-alive connections."""
+    client = context.client
+    return AsyncWebClient(
+        token=client.token,
+        base_url=client.base_url,
+        timeout=client.timeout,
+        session=deps.worker.session(),
+        retry_handlers=client.retry_handlers,
+        logger=client.logger,
+    )
 
 
 def _team(context: AsyncBoltContext, body: dict[str, Any]) -> str:

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
+import aiohttp
+
 LOG = logging.getLogger(__name__)
 
 
@@ -27,6 +29,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._session: aiohttp.ClientSession | None = None
 
     def _start(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -61,11 +64,21 @@ class Worker:
             except Exception:
                 LOG.exception("%s failed", what)
 
+    def session(self) -> aiohttp.ClientSession:
+        """One HTTP session for the answers' Slack calls (kept-alive connections); call it from the worker's
+        own loop only."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
     def close(self, timeout: float = 10.0) -> None:
         """Let running work finish (up to `timeout`), then stop the loop."""
         if self._loop is None:
             return
         concurrent.futures.wait(list(self._pending), timeout=timeout)
+        if self._session is not None:
+            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(timeout)
+            self._session = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout)
