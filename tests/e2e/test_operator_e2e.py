@@ -1,0 +1,129 @@
+"""Opt-in end-to-end test on a real cluster: the Helm chart installed, a DoppelUser trained and served.
+
+Skipped unless KUBECONFIG is set. What it needs (for example kind with a GPU node, or any cluster whose
+nodes can run the worker and vLLM images):
+
+    export KUBECONFIG=~/.kube/config
+    export DOPPEL_E2E_VALUES=my-values.yaml        # chart values: images, storage class, vLLM model...
+    export DOPPEL_E2E_SLACK_TOKEN=xoxb-...         # a bot token of a test workspace
+    export DOPPEL_E2E_TEAM_ID=T0123ABC
+    export DOPPEL_E2E_TARGET=alice                 # handle of a person with enough messages
+    export DOPPEL_E2E_BASE_MODEL=/data/models/x    # weights path in the worker image / shared volume
+    export DOPPEL_E2E_SERVED_NAME=x                # the name vLLM serves that model under
+    make tools && .venv/bin/python -m pytest tests/e2e -m e2e
+
+It installs the chart into a fresh namespace, creates the token Secret and a DoppelUser, waits until the
+DoppelUser is Ready, checks that the vLLM pods list its adapter under the served name from the status, deletes
+it (the finalizer unloads the adapter) and uninstalls the release.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pytest
+from tests.support.helm import tool
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="KUBECONFIG not set: no cluster to test on"),
+]
+
+GROUP, VERSION, PLURAL = "doppel.dev", "v1alpha1", "doppelusers"
+
+
+def helm(*args: str, timeout: float) -> None:
+    """The real helm against the cluster of $KUBECONFIG (tests.support.helm's runs offline)."""
+    subprocess.run([str(tool("helm")), *args], check=True, timeout=timeout)
+
+
+def env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.skip(f"${name} is not set")
+    return value
+
+
+@pytest.fixture
+def release() -> Any:
+    from kubernetes import client, config
+
+    config.load_kube_config()
+    namespace = f"doppel-e2e-{uuid.uuid4().hex[:6]}"
+    client.CoreV1Api().create_namespace({"metadata": {"name": namespace}})
+    values = ["-f", env("DOPPEL_E2E_VALUES")]
+    helm(
+        "install",
+        "doppel",
+        "charts/doppel",
+        "-n",
+        namespace,
+        "--wait",
+        "--timeout",
+        "10m",
+        *values,
+        timeout=700,
+    )
+    try:
+        yield namespace
+    finally:
+        helm("uninstall", "doppel", "-n", namespace, "--wait", timeout=300)
+        client.CoreV1Api().delete_namespace(namespace)
+
+
+def test_doppeluser_ready_and_served_on_a_real_cluster(release: str) -> None:
+    from kubernetes import client
+    from kubernetes.stream import stream
+
+    namespace = release
+    core, custom = client.CoreV1Api(), client.CustomObjectsApi()
+    core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "slack-bot"}, "stringData": {"token": env("DOPPEL_E2E_SLACK_TOKEN")}},
+    )
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DoppelUser",
+        "metadata": {"name": "e2e"},
+        "spec": {
+            "slack": {"teamId": env("DOPPEL_E2E_TEAM_ID"), "tokenSecretRef": {"name": "slack-bot"}},
+            "target": {"handle": env("DOPPEL_E2E_TARGET")},
+            "baseModel": {"servedName": env("DOPPEL_E2E_SERVED_NAME"), "path": env("DOPPEL_E2E_BASE_MODEL")},
+            "training": {"rank": 8, "epochs": 1},
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    deadline = time.monotonic() + 3600
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = (
+            custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "e2e").get("status") or {}
+        )
+        assert status.get("phase") != "Failed", status
+        if status.get("phase") == "Ready":
+            break
+        time.sleep(10)
+    assert status.get("phase") == "Ready", status
+    served_name = status["adapter"]["servedName"]
+    for pod_name in status["servedBy"]:
+        models = stream(
+            core.connect_get_namespaced_pod_exec,
+            pod_name,
+            namespace,
+            command=[
+                "python3",
+                "-c",
+                "import urllib.request;print(urllib.request.urlopen("
+                "'http://127.0.0.1:8000/v1/models').read().decode())",
+            ],
+            stderr=True,
+            stdout=True,
+            stdin=False,
+            tty=False,
+        )
+        assert served_name in models
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "e2e")
