@@ -97,10 +97,13 @@ async def test_status_switch_help_and_bad_commands(bot_harness, bot_kube):
     bot = await bot_harness()
     kube = kube_for(bot_kube[1])
     await kube.create_doppel(
-        NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training", samples=812, progress="40%")
+        NAMESPACE,
+        doppel_body(
+            "alice", "U01ALICE", phase="Training", samples=812, training={"step": 40, "totalSteps": 100}
+        ),
     )
     status = await bot.form(command_form("status @alice", user="U02BOB"))
-    assert "*alice*: Training (40%), 812 samples" in status.text
+    assert "*alice*: Training (40% of 100 steps), 812 samples" in status.text
     switched = await bot.form(command_form("switch <@U01ALICE|alice>", user="U02BOB"))
     assert "alice's doppel now answers" in switched.text
     assert "(active)" in (await bot.form(command_form("list", user="U02BOB"))).text

@@ -75,11 +75,18 @@ def test_object_names_and_event_keys():
 
 
 def test_describe_and_not_ready_replies():
-    doppel = {"metadata": {"name": "alice"}, "status": {"phase": "Training", "progress": 0.4, "samples": 812}}
-    assert logic.describe(doppel) == "*alice*: Training (40%), 812 samples"
+    training = {"step": 40, "totalSteps": 100}
+    doppel = {
+        "metadata": {"name": "alice"},
+        "status": {"phase": "Training", "training": training, "samples": 812},
+    }
+    assert logic.describe(doppel) == "*alice*: Training (40% of 100 steps), 812 samples"
     assert logic.not_ready_reply(doppel) == (
-        "alice's doppel is still training (Training, 40%). Ask again when it is Ready."
+        "alice's doppel is still training (Training, 40% of 100 steps). Ask again when it is Ready."
     )
+    scraping = {"metadata": {"name": "bob"}, "status": {"phase": "Scraping"}}
+    assert logic.describe(scraping) == "*bob*: Scraping"
+    assert logic.describe({"metadata": {"name": "c"}}) == "*c*: Pending"
     assert logic.served_name(doppel) is None
     ready = {"metadata": {"name": "a"}, "status": {"phase": "Ready", "adapter": {"servedName": "ns-a-v2"}}}
     assert logic.served_name(ready) == "ns-a-v2"

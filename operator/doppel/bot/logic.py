@@ -165,7 +165,7 @@ def describe(doppel: dict[str, Any]) -> str:
     status = doppel.get("status") or {}
     name = doppel["metadata"]["name"]
     text = f"*{name}*: {phase(doppel)}"
-    progress = _progress(status.get("progress"))
+    progress = _progress(status)
     if progress:
         text += f" ({progress})"
     samples = status.get("samples")
@@ -173,8 +173,9 @@ def describe(doppel: dict[str, Any]) -> str:
         samples = samples.get("count")
     if samples is not None:
         text += f", {samples} samples"
-    if status.get("phase") == "Failed" and status.get("reason"):
-        text += f": {status['reason']}"
+    why = status.get("message") or status.get("reason")  # the operator's sentence, else its reason code
+    if status.get("phase") == "Failed" and why:
+        text += f": {why}"
     return text
 
 
@@ -182,7 +183,7 @@ def not_ready_reply(doppel: dict[str, Any]) -> str:
     name = doppel["metadata"]["name"]
     if phase(doppel) == "Failed":
         return f"Sorry, {name}'s doppel failed to train: {describe(doppel)}."
-    progress = _progress((doppel.get("status") or {}).get("progress"))
+    progress = _progress(doppel.get("status") or {})
     detail = phase(doppel) + (f", {progress}" if progress else "")
     return f"{name}'s doppel is still training ({detail}). Ask again when it is Ready."
 
@@ -198,13 +199,15 @@ def progress_note(doppel: dict[str, Any]) -> str | None:
         "Training": f"{name}'s doppel: scraped {samples if samples is not None else 'the'} samples, "
         "training started.",
         "Ready": f"{name}'s doppel is ready: mention me with `as {name}` to talk to it.",
-        "Failed": f"{name}'s doppel failed: {status.get('reason') or 'see `/doppel status`'}.",
+        "Failed": f"{name}'s doppel failed: "
+        f"{status.get('message') or status.get('reason') or 'see `/doppel status`'}.",
     }.get(phase(doppel))
 
 
-def _progress(value: Any) -> str | None:
-    if value is None or value == "":
+def _progress(status: dict[str, Any]) -> str | None:
+    """How far training is, from `status.training` (steps done of the planned total)."""
+    training = status.get("training") or {}
+    step, total = training.get("step"), training.get("totalSteps")
+    if status.get("phase") != "Training" or step is None:
         return None
-    if isinstance(value, int | float):
-        return f"{value:.0%}" if 0 <= value <= 1 else f"{value:g}%"
-    return str(value)
+    return f"{step / total:.0%} of {total} steps" if total else f"step {step}"
