@@ -169,8 +169,6 @@ def describe(doppel: dict[str, Any]) -> str:
     if progress:
         text += f" ({progress})"
     samples = status.get("samples")
-    if isinstance(samples, dict):
-        samples = samples.get("count")
     if samples is not None:
         text += f", {samples} samples"
     why = status.get("message") or status.get("reason")  # the operator's sentence, else its reason code
@@ -193,8 +191,6 @@ def progress_note(doppel: dict[str, Any]) -> str | None:
     name = doppel["metadata"]["name"]
     status = doppel.get("status") or {}
     samples = status.get("samples")
-    if isinstance(samples, dict):
-        samples = samples.get("count")
     return {
         "Training": f"{name}'s doppel: scraped {samples if samples is not None else 'the'} samples, "
         "training started.",
