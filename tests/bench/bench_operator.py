@@ -8,6 +8,9 @@ loopback. Nothing runs the Jobs: this measures the operator's reaction, not scra
 - both as ratios against a baseline measured in the same run: a bare kopf operator (its own process,
   same emulator) whose only handler creates one Job per object on creation, the floor kopf sets.
 
+The emulator forgets requests once served (kmock otherwise matches each request against its whole history,
+a quadratic cost of the emulator, not of the operator).
+
 Run: .venv/bin/python tests/bench/bench_operator.py [--objects N]
 """
 
@@ -84,7 +87,7 @@ async def scrape_job_owners(cluster: KubeCluster) -> dict[str, float]:
 
 
 async def run_once(command: list[str], objects: int, label: str) -> dict[str, float]:
-    cluster = KubeCluster()
+    cluster = KubeCluster(record=False)
     await cluster.start()
     await cluster.kubectl.secret("slack-bot", {"token": "xoxb-bench"})
     with tempfile.TemporaryDirectory() as tmp:

@@ -155,21 +155,37 @@ class Kubectl:
 
 
 class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
-    """kmock's emulator, plus the one API-server duty kopf relies on: names from generateName (Events)."""
+    """kmock's emulator, plus the one API-server duty kopf relies on: names from generateName (Events).
+
+    With `record=False` it forgets requests once served: kmock matches each request against its whole
+    request history, which grows quadratic under a benchmark's thousands of requests."""
+
+    record: bool = True
+    _inflight: set[int] | None = None
 
     async def _handle(self, request: Any) -> Any:
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
-        return await super()._handle(request)
+        if self.record:
+            return await super()._handle(request)
+        if self._inflight is None:
+            self._inflight = set()
+        self._inflight.add(id(request))
+        self._requests[:] = [r for r in self._requests if id(r) in self._inflight]
+        try:
+            return await super()._handle(request)
+        finally:
+            self._inflight.discard(id(request))
 
 
 class KubeCluster:
     """kmock's Kubernetes emulator on a loopback port, with doppel's resources declared."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, record: bool = True) -> None:
         self.emulator = Emulator()
+        self.emulator.record = record
         for key, kind, namespaced, subresources in RESOURCES:
             self.emulator.resources[key] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs=VERBS, subresources=subresources
