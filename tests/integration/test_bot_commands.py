@@ -22,6 +22,7 @@ from tests.support.bot_fixtures import (
     CHANNEL,
     NAMESPACE,
     SIGNING_SECRET,
+    TEAM_ID,
     SocketModeSlack,
     action_form,
     bot_config,
@@ -34,6 +35,7 @@ from tests.support.bot_fixtures import (
 from tests.support.slack_fixtures import ACME_TOKEN
 
 from doppel.bot.kube import api_client
+from doppel.bot.ledger import KubeEventLedger
 from doppel.bot.server import create_bot, notify_once
 
 
@@ -387,3 +389,13 @@ async def test_slack_url_verification_is_answered_only_when_signed(bot_harness):
     answered = await bot.event(challenge)
     assert answered.status_code == 200 and answered.json() == {"challenge": challenge["challenge"]}
     assert (await bot.event(challenge, secret="forged")).status_code == 401
+
+
+async def test_event_claims_expire(bot_kube):
+    kube = kube_for(bot_kube[1])
+    lasting, expiring = KubeEventLedger(kube, BOT_NAMESPACE, 3600), KubeEventLedger(kube, BOT_NAMESPACE, -1)
+    assert await lasting.claim(TEAM_ID, "Ev1") and not await lasting.claim(TEAM_ID, "Ev1")
+    # A claim past its expiry is swept by the next sweep, so the id can be claimed again; others stay.
+    assert await expiring.claim(TEAM_ID, "Ev2")
+    assert await expiring.claim(TEAM_ID, "Ev2")
+    assert not await expiring.claim(TEAM_ID, "Ev1")
