@@ -36,9 +36,8 @@ from tests.support.slack_fixtures import BOT_USER_ID
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
 from doppel.bot.kube import api_client
 
-pytestmark = pytest.mark.vllm
 
-
+@pytest.mark.vllm
 async def test_mention_answered_in_thread_under_the_doppels_name(
     bot_harness, bot_kube, slack_emulator, vllm_server
 ):
@@ -67,6 +66,7 @@ async def test_mention_answered_in_thread_under_the_doppels_name(
     assert replies, "the bot read the thread"
 
 
+@pytest.mark.vllm
 async def test_vllm_down_gets_an_apology_and_the_next_mention_works(
     bot_harness, bot_kube, slack_emulator, vllm_server
 ):
