@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import urllib.parse
 from dataclasses import replace
@@ -399,3 +400,15 @@ async def test_event_claims_expire(bot_kube):
     assert await expiring.claim(TEAM_ID, "Ev2")
     assert await expiring.claim(TEAM_ID, "Ev2")
     assert not await expiring.claim(TEAM_ID, "Ev1")
+
+
+async def test_no_token_in_the_logs_of_a_mention_and_a_train(bot_harness, bot_kube, slack_emulator, caplog):
+    caplog.set_level(logging.DEBUG)
+    bot = await bot_harness()
+    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training"))
+    ts = say(slack_emulator, "U02BOB", "<@U0DOPPEL> hi")
+    await bot.event(mention_payload("<@U0DOPPEL> hi", ts, event_id="EvLogs"))
+    await bot.form(command_form("train @bob", user="U02BOB"))  # writes the token into a Secret
+    await bot.wait_posts(CHANNEL, 1)
+    assert "chat.postMessage" in caplog.text  # slack_sdk's DEBUG logs of the calls were captured
+    assert ACME_TOKEN not in caplog.text and SIGNING_SECRET not in caplog.text
