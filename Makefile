@@ -18,7 +18,7 @@ help:
 	@echo "make demo   run the offline demo (doppel local --demo)"
 	@echo "make test   lint and run the whole test suite (sets up everything it needs)"
 	@echo "make bench  run the benchmarks under tests/bench/"
-	@echo "make crd    regenerate crds/doppelusers.yaml from doppel/api.py"
+	@echo "make crd    regenerate crds/doppelusers.yaml (and the chart's copy) from doppel/api.py"
 
 # torch first, from the CPU wheel: otherwise pip resolves `torch` to the newest CUDA build (several GB).
 $(BIN)/.installed: pyproject.toml
@@ -74,6 +74,7 @@ demo: venv
 
 crd: venv
 	$(BIN)/doppel crd > crds/doppelusers.yaml
+	cp crds/doppelusers.yaml charts/doppel/crds/doppelusers.yaml
 
 clean:
 	rm -rf $(VENV) .tools doppel-data
