@@ -15,7 +15,7 @@ import httpx
 import pytest
 from tests.support.kube_fixtures import NAMESPACE, OperatorProcess, config_with, vllm_pod
 from tests.support.slack_fixtures import ACME_TOKEN
-from tests.support.vllm_fixtures import VllmServer, vllm_python
+from tests.support.vllm_fixtures import VllmServer, free_port, vllm_python
 
 from doppel.operator import jobs
 
@@ -85,13 +85,18 @@ async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_em
     )
     data_root = Path(config.data_root)
     await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
-    await kube.kubectl.create(vllm_pod("vllm-0", vllm.port))
+    # The vLLM pod first names a port nothing listens on: registration must say so, then heal.
+    await kube.kubectl.create(vllm_pod("vllm-0", free_port()))
     operator = OperatorProcess(config)
     await operator.start()
     try:
         # 1. Create -> Ready, the adapter answering on vLLM under the name in the status.
         await kube.kubectl.create(doppeluser(tiny_model))
-        obj = await kube.wait_for("alice", ready_with(1), 300, "Ready v1")
+        obj = await kube.wait_for("alice", lambda o: status(o).get("reason") == "VllmUnreachable", 300)
+        assert status(obj)["phase"] == "Registering" and "adapter" not in status(obj)
+        assert "vllm-0" in next(c for c in status(obj)["conditions"] if c["type"] == "Registered")["message"]
+        await kube.kubectl.patch("Pod", "vllm-0", {"spec": vllm_pod("vllm-0", vllm.port)["spec"]})
+        obj = await kube.wait_for("alice", ready_with(1), 60, "Ready v1")
         adapter = status(obj)["adapter"]
         assert adapter["servedName"] == "team.alice.v1"
         assert status(obj)["servedBy"] == ["vllm-0"] and status(obj)["samples"] >= 3
