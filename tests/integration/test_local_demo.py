@@ -144,7 +144,11 @@ def test_make_demo_works_from_a_clean_clone(tmp_path):
         pytest.skip("not a git checkout")
     clone = tmp_path / "doppel"
     subprocess.run(["git", "clone", "--quiet", str(repo), str(clone)], check=True, timeout=120)
-    recipe = subprocess.run(["make", "-n", "demo"], cwd=clone, capture_output=True, text=True, check=True)
+    # A clean environment: under `make test` the outer make's variables would add directory messages.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    recipe = subprocess.run(
+        ["make", "-n", "demo"], cwd=clone, capture_output=True, text=True, check=True, env=env
+    )
     assert recipe.stdout.strip().splitlines()[-1] == ".venv/bin/doppel local --demo"
 
     env = {**os.environ, "PYTHONPATH": str(clone / "operator"), "HF_HUB_OFFLINE": "1"}
