@@ -166,6 +166,9 @@ class DoppelUserSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list)
     vllm: Vllm = Field(default_factory=Vllm)
     retrain_schedule: str | None = Field(default=None, pattern=CRON, description="Cron schedule to retrain.")
+    retrain_requested_at: datetime | None = Field(
+        default=None, description="Change it to retrain now (the operator does when the schedule is due)."
+    )
     suspend: StrictBool = Field(default=False, description="Start no new Jobs while true.")
     retention: RetentionPolicy = Field(default_factory=RetentionPolicy)
 

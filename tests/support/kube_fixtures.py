@@ -2,8 +2,9 @@
 
 - `KubeCluster`: kmock's `KubernetesEmulator` served over HTTP on loopback, with the resources doppel uses
   declared (the DoppelUser CRD, Jobs, pods, Secrets, Events, namespaces...). `kubectl` acts like a user: it
-  fills in what a real API server would (uid, generation, creationTimestamp; generation bumps on spec
-  changes). Every request is recorded; `operator_requests()` gives the operator's own as RBAC triples.
+  fills in what a real API server would at creation (uid, generation, creationTimestamp); the emulator
+  bumps the generation on spec changes. Every request is recorded; `operator_requests()` gives the
+  operator's own as RBAC triples.
 - `JobController`: plays the Job controller and kubelet kmock lacks. Each new Job's container command runs
   as a local process with the Job's env (secretKeyRef resolved from the emulator's Secrets); a pod object
   shows it Running, then terminated with the message the process wrote to $DOPPEL_RESULT_FILE, and the
@@ -108,12 +109,6 @@ class Kubectl:
 
     async def patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str = NAMESPACE) -> None:
         api = {"DoppelUser": f"{GROUP}/{VERSION}", "Job": "batch/v1"}.get(kind, "v1")
-        if "spec" in patch:
-            # A real API server bumps metadata.generation on every spec change.
-            current = await self.get(kind, name, namespace)
-            assert current is not None
-            patch = {**patch, "metadata": {**patch.get("metadata", {})}}
-            patch["metadata"]["generation"] = int(current["metadata"].get("generation", 1)) + 1
         response = await self.http.patch(
             _path(api, PLURALS[kind], namespace, name),
             content=json.dumps(patch),
@@ -155,7 +150,8 @@ class Kubectl:
 
 
 class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
-    """kmock's emulator, plus the one API-server duty kopf relies on: names from generateName (Events).
+    """kmock's emulator, plus two API-server duties doppel relies on: names from generateName (kopf's
+    Events) and a new metadata.generation on every spec change.
 
     With `record=False` it forgets requests once served: kmock matches each request against its whole
     request history, which grows quadratic under a benchmark's thousands of requests."""
@@ -168,6 +164,12 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
+        key = (request.resource, request.namespace, request.name)
+        changes_spec = isinstance(request.data, dict) and "spec" in request.data and not request.subresource
+        if request.action == kmock.action.UPDATE and changes_spec and key in self.objects:
+            # As the API server does: every spec change is a new generation.
+            generation = int((self.objects[key].get("metadata") or {}).get("generation") or 1)
+            request.data.setdefault("metadata", {})["generation"] = generation + 1
         if self.record:
             return await super()._handle(request)
         if self._inflight is None:

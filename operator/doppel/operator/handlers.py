@@ -30,6 +30,7 @@ from doppel.operator.reconcile import (
     reconcile,
     transitions,
 )
+from doppel.operator.schedule import Cron, retrain_due
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient, RetryPolicy
 
@@ -52,6 +53,8 @@ class State:
     # uid -> the status this process last wrote. The operator is the only writer of status, so this is
     # the truth even before the watch delivers it back (avoids repeated patches and Events).
     published: dict[str, DoppelUserStatus] = field(default_factory=dict)
+    # uid -> the generation a scheduled retrain was requested from (asked once, not at every resync).
+    retrain_requested: dict[str, int] = field(default_factory=dict)
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -318,12 +321,15 @@ async def _step(
     current = _state(memo).published.get(uid) or DoppelUserStatus.model_validate(body.get("status") or {})
     try:
         spec = DoppelUserSpec.model_validate(body.get("spec") or {})
+        if spec.retrain_schedule:
+            Cron.parse(spec.retrain_schedule)
     except ValidationError as exc:
         # The CRD schema stops most of these at the API server; the rest is reported, not retried.
-        new = current.model_copy(deep=True)
-        new.phase, new.reason = "Failed", "InvalidSpec"
-        new.message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        await _publish(_state(memo), body, current, new)
+        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        await _publish(_state(memo), body, current, _invalid(current, message))
+        return None
+    except ValueError as exc:
+        await _publish(_state(memo), body, current, _invalid(current, f"retrainSchedule: {exc}"))
         return None
     owner = jobs.Owner(namespace, name, uid, int(body.get("metadata", {}).get("generation") or 1))
     owned = list(indexes["doppel_jobs"].get(uid, []))
@@ -365,7 +371,24 @@ async def _step(
         loaded, errors = await _ensure_loaded(new.adapter, vllm)
         new = observe_serving(new, loaded, errors, now)
     await _publish(_state(memo), body, current, new)
+    requested = _state(memo).retrain_requested
+    if (
+        spec.retrain_schedule
+        and new.phase == "Ready"
+        and requested.get(uid) != owner.generation
+        and retrain_due(spec.retrain_schedule, new.last_trained_at, now)
+    ):
+        # A spec change is what retrains (new generation, new adapter version), as a user's edit would.
+        logger.info(f"retrain schedule {spec.retrain_schedule!r} is due")
+        await api.patch_spec(namespace, name, {"retrainRequestedAt": now.isoformat().replace("+00:00", "Z")})
+        requested[uid] = owner.generation
     return delay
+
+
+def _invalid(status: DoppelUserStatus, message: str) -> DoppelUserStatus:
+    new = status.model_copy(deep=True)
+    new.phase, new.reason, new.message = "Failed", "InvalidSpec", message
+    return new
 
 
 async def _publish(

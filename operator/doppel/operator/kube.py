@@ -82,3 +82,12 @@ class KubeApi:
             headers={"Content-Type": "application/merge-patch+json"},
         )
         response.raise_for_status()
+
+    async def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        """Merge-patch the spec (a new generation: the API server bumps metadata.generation)."""
+        response = await self._http.patch(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+            content=json.dumps({"spec": spec}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        response.raise_for_status()
