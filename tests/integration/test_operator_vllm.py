@@ -167,3 +167,31 @@ async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_em
     finally:
         kube.jobs.release("train")
         await operator.stop()
+
+
+async def test_retrain_schedule_retrains_and_swaps_the_adapter(
+    kube, operator_config, slack_emulator, tiny_model, vllm
+):
+    config = config_with(
+        operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
+    )
+    await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
+    await kube.kubectl.create(vllm_pod("vllm-0", vllm.port))
+    operator = OperatorProcess(config)
+    await operator.start()
+    try:
+        scheduled = doppeluser(tiny_model)
+        scheduled["metadata"]["name"] = "sched"
+        scheduled["spec"]["retrainSchedule"] = "* * * * *"  # every minute
+        await kube.kubectl.create(scheduled)
+        await kube.wait_for("sched", ready_with(1), 300, "Ready v1")
+        # At the next minute the operator asks for a retrain itself (a spec change, so a new generation).
+        obj = await kube.wait_for("sched", ready_with(2), 300, "Ready v2 from the schedule")
+        assert obj["spec"]["retrainRequestedAt"] and obj["metadata"]["generation"] == 2
+        assert "team.sched.v2" in await served(vllm)  # loaded before the status switched to it
+        await until_served(vllm, "team.sched.v1", present=False, timeout=30)
+    finally:
+        await operator.stop()
+        async with httpx.AsyncClient(timeout=30) as http:
+            for name in ("team.sched.v1", "team.sched.v2", "team.sched.v3"):
+                await http.post(f"{vllm.base_url}/v1/unload_lora_adapter", json={"lora_name": name})
