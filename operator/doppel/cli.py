@@ -115,6 +115,13 @@ def main(debug: bool) -> None:
     help="Multiply Slack's documented rate limits (for raised limits or an emulator).",
 )
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path), help="[default: OUT/state.json]")
+@click.option(
+    "--rescan-days",
+    type=click.FloatRange(min=0),
+    default=14,
+    show_default=True,
+    help="Re-check threads seen earlier and active this recently for late replies (0: never).",
+)
 @run_stage
 def scrape(
     user: str,
@@ -132,11 +139,13 @@ def scrape(
     max_concurrency: int,
     rate_scale: float,
     state: Path | None,
+    rescan_days: float,
 ) -> dict[str, Any]:
     """Turn a person's Slack messages into training samples (OUT/samples.jsonl, OUT/manifest.json).
 
     From the Web API with a bot token, or from a Slack export ZIP with --export. Running it again into
-    the same OUT fetches only newer messages and adds their samples.
+    the same OUT fetches only newer messages, plus late replies to recently active threads, and adds
+    their samples.
     """
     from doppel.slack.samples import ScrapeOptions
 
@@ -156,7 +165,11 @@ def scrape(
     from doppel.slack.scrape import ApiSettings, scrape_api
 
     settings = ApiSettings(
-        base_url=slack_api_url, max_concurrency=max_concurrency, rate_scale=rate_scale, state_path=state
+        base_url=slack_api_url,
+        max_concurrency=max_concurrency,
+        rate_scale=rate_scale,
+        state_path=state,
+        rescan_days=rescan_days,
     )
     return scrape_api(token or "", user, out, options, settings).summary(out)
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -97,11 +98,98 @@ def test_second_run_fetches_only_newer_messages(slack_emulator, tmp_path):
     assert result.exit_code == 0, result.output
     history = slack_emulator.calls_to("conversations.history")[calls_before:]
     assert {c.params["channel"]: c.params["oldest"] for c in history}["C02ENG"] == latest
-    assert slack_emulator.calls_to("conversations.replies")[-1].time < history[0].time  # no thread refetched
+    # Older threads were only checked for late replies (from their latest reply on), none re-fetched.
+    rechecks = [c for c in slack_emulator.calls_to("conversations.replies") if c.time > history[0].time]
+    assert len(rechecks) == 4 and all("oldest" in c.params for c in rechecks)
     samples = read_samples(out)
     assert len(samples) == 9 and [s["meta"]["ts"] for s in samples].count(newer) == 1
     assert len({(s["meta"]["channel_id"], s["meta"]["ts"]) for s in samples}) == 9
     assert json.loads((out / "manifest.json").read_text())["added"] == 1
+
+
+LATE_REPLY = "Coming back to this a few days later: the rollback plan worked, and " + "y" * 60
+
+
+def add_late_reply(emulator, channel, root, user="U01ALICE"):
+    """A reply posted a minute ago to an older thread; its ts."""
+    ts = f"{int(time.time()) - 60}.000900"
+    emulator.add_message(
+        channel, {"type": "message", "ts": ts, "thread_ts": root, "user": user, "text": LATE_REPLY}
+    )
+    return ts
+
+
+def test_late_reply_to_an_older_thread_is_picked_up(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    state = json.loads((out / "state.json").read_text())
+    threads = {cid: c["threads"] for cid, c in state["channels"].items()}
+    assert sorted(threads) == ["C01GENERAL", "C02ENG", "C06DESIGN"]
+    root, last = next(iter(threads["C02ENG"].items()))
+    assert float(root) < float(state["channels"]["C02ENG"]["latest"])  # older than the saved point
+    before = {s["meta"]["ts"] for s in read_samples(out)}
+    late = add_late_reply(slack_emulator, "C02ENG", root)
+    first_run_calls = len(slack_emulator.calls)
+
+    result = scrape(slack_emulator, out)
+    assert result.exit_code == 0, result.output
+    samples = read_samples(out)
+    assert {s["meta"]["ts"] for s in samples} - before == {late}
+    assert len(samples) == len(before) + 1 == len({s["meta"]["ts"] for s in samples})
+    new = next(s for s in samples if s["meta"]["ts"] == late)
+    assert new["meta"]["thread_ts"] == root and LATE_REPLY in new["messages"][-1]["content"]
+    # Its context is the whole thread, not only what came after the recorded latest reply.
+    context = "\n".join(m["content"] for m in new["messages"][1:])
+    assert "bobby: Should we move the build to the new runners?" in context and "Carol Diaz:" in context
+    assert json.loads((out / "manifest.json").read_text())["added"] == 1
+
+    # Bounded: one history call per channel from the saved point, one cheap check per recorded thread
+    # (from its latest reply), and one full fetch, of the thread that changed.
+    second = slack_emulator.calls[first_run_calls:]
+    history = [c for c in second if c.method == "conversations.history"]
+    assert sorted(c.params["channel"] for c in history) == ["C01GENERAL", "C02ENG", "C06DESIGN"]
+    assert all(c.params["oldest"] == state["channels"][c.params["channel"]]["latest"] for c in history)
+    replies = [c.params for c in second if c.method == "conversations.replies"]
+    checks = sorted((p["channel"], p["ts"], p["oldest"]) for p in replies if "oldest" in p)
+    recorded = sorted((cid, r, last) for cid, ts in threads.items() for r, last in ts.items())
+    assert checks == recorded
+    assert [(p["channel"], p["ts"]) for p in replies if "oldest" not in p] == [("C02ENG", root)]
+    assert json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"][root] == late
+
+    # A third run finds nothing new and fetches no thread in full.
+    third_start = len(slack_emulator.calls)
+    assert scrape(slack_emulator, out).exit_code == 0
+    third = [c for c in slack_emulator.calls[third_start:] if c.method == "conversations.replies"]
+    assert len(third) == len(recorded) and all("oldest" in c.params for c in third)
+    assert len(read_samples(out)) == len(samples)
+
+
+def test_rescan_window_bounds_the_rechecks(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    root = next(iter(json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"]))
+    add_late_reply(slack_emulator, "C02ENG", root)
+    start = len(slack_emulator.calls)
+    # The fixture's threads were last active 5 to 7 days ago: outside a 2-day window, never re-checked.
+    for args in (["--rescan-days", "2"], ["--rescan-days", "0"]):
+        result = scrape(slack_emulator, out, *args)
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "manifest.json").read_text())["added"] == 0
+    assert [c for c in slack_emulator.calls[start:] if c.method == "conversations.replies"] == []
+    result = scrape(slack_emulator, out, "--rescan-days", "30")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["added"] == 1
+
+
+def test_a_deleted_thread_is_forgotten(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    root = next(iter(json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"]))
+    slack_emulator.delete_message("C02ENG", root)
+    result = scrape(slack_emulator, out)
+    assert result.exit_code == 0, result.output
+    assert root not in json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"]
+    assert len(read_samples(out)) == 8  # the samples already taken from it stay
 
 
 def test_rate_limits_are_honoured_without_a_storm(slack_workspace, tmp_path):
@@ -246,6 +334,22 @@ def test_corrupt_state_file(slack_emulator, tmp_path):
     state.write_text("{half a state")
     assert_bad_input(scrape(slack_emulator, out, "--state", str(state)), out, "not a scrape state file")
     assert state.read_text() == "{half a state"
+    malformed = {
+        "version": 1,
+        "team": "T0ACME001",
+        "person": "U01ALICE",
+        "channels": {"C02ENG": {"name": "engineering", "latest": "1.0", "threads": ["1.0"]}},
+    }
+    state.write_text(json.dumps(malformed))
+    assert_bad_input(scrape(slack_emulator, out, "--state", str(state)), out, "malformed channels")
+    assert json.loads(state.read_text()) == malformed
+
+
+def test_negative_rescan_days(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    result = scrape(slack_emulator, out, "--rescan-days", "-1")
+    assert result.exit_code == 2 and "--rescan-days" in result.stderr
+    assert not out.exists()
 
 
 def test_the_installed_command_exits_2_with_one_line(slack_emulator, tmp_path):

@@ -208,6 +208,12 @@ class SlackEmulator:
             msgs.append(dict(message))
             msgs.sort(key=lambda m: _ts_key(m["ts"]))
 
+    def delete_message(self, channel_id: str, ts: str, team: Team | None = None) -> None:
+        """Someone deleted a message (a thread root takes its thread with it, as far as the API shows)."""
+        with self._lock:
+            msgs = (team or self.team).messages[channel_id]
+            msgs[:] = [m for m in msgs if m["ts"] != ts]
+
     def posted(self, channel_id: str, team: Team | None = None) -> list[dict[str, Any]]:
         """Messages the bot posted to a channel, oldest first."""
         team = team or self.team

@@ -6,15 +6,19 @@ shared by all tasks, spaced a little under the documented limit; a 429 still pus
 back by `Retry-After` for every task, so a rate limit never turns into a storm of retries. slack_sdk's retry
 handlers retry 429s, 5xx answers and dropped connections.
 
-Incremental: a state file records, per channel, the newest top-level message fetched. The next run asks
-only for newer ones and merges its samples into the earlier ones. (Replies added later to threads that
-started before that point are not fetched again.)
+Incremental: a state file records, per channel, the newest top-level message fetched and the threads seen
+with their latest reply (those started within the cutoff). The next run asks conversations.history only for
+newer top-level messages, which misses replies posted since to older threads: Slack has no "threads updated
+since" call. So it also re-checks each recorded thread active within `rescan_days` with
+conversations.replies from its recorded latest reply, and re-fetches in full (the new replies' context)
+only those that have new replies. Samples are merged into the earlier ones without duplicates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +41,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_write_text
 from doppel.slack.samples import (
+    SECONDS_PER_DAY,
     Manifest,
     ScrapeOptions,
     Thread,
@@ -75,6 +80,7 @@ class ApiSettings:
     retry_backoff: float = 0.5  # seconds before the first retry of a 5xx or dropped connection
     timeout: float = 30
     state_path: Path | None = None  # default OUT/state.json
+    rescan_days: float = 14  # re-check recorded threads active this recently for late replies; 0: never
 
 
 class RateSchedule:
@@ -187,6 +193,8 @@ class _Scraper:
         try:
             response = await getattr(self.client, method.replace(".", "_"))(**kwargs)
         except SlackApiError as exc:
+            if exc.response.status_code == 200 and exc.response.get("error") == "thread_not_found":
+                raise _ThreadGone from None
             raise _explain(method, kwargs, exc, self.settings) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BadInput(
@@ -223,13 +231,21 @@ class _Scraper:
         state_path = self.settings.state_path or out / "state.json"
         state = _load_state(state_path, team, person.id)
         cutoff = options.cutoff_ts()
+        now = options.now if options.now is not None else time.time()
+        # A rescan window reaching before the cutoff would only re-check threads that are ignored anyway.
+        rescan_from = max(cutoff, now - self.settings.rescan_days * SECONDS_PER_DAY)
         semaphore = asyncio.Semaphore(self.settings.max_concurrency)
-        results: dict[str, tuple[list[Thread], str | None]] = {}
+        results: dict[str, tuple[list[Thread], str | None, dict[str, str]]] = {}
 
         async def one(channel: Mapping[str, Any]) -> None:
             async with semaphore:
-                since = state.get(channel["id"], {}).get("latest")
-                results[channel["id"]] = await self.channel(channel, cutoff, since)
+                earlier = state.get(channel["id"], {})
+                recheck = (
+                    threads_to_recheck(earlier.get("threads", {}), earlier.get("latest"), rescan_from)
+                    if self.settings.rescan_days > 0
+                    else {}
+                )
+                results[channel["id"]] = await self.channel(channel, cutoff, earlier.get("latest"), recheck)
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -246,17 +262,24 @@ class _Scraper:
             manifest.channels.setdefault(channel["name"], {"id": channel["id"], "messages": 0, "threads": 0})
         manifest = write_output(out, samples, manifest, options.max_samples)
         for channel in chosen:
-            latest = results[channel["id"]][1]
+            _, latest, seen = results[channel["id"]]
             if latest:
-                state[channel["id"]] = {"name": channel["name"], "latest": latest}
+                recorded = {**state.get(channel["id"], {}).get("threads", {}), **seen}
+                state[channel["id"]] = {
+                    "name": channel["name"],
+                    "latest": latest,
+                    "threads": recorded_threads(recorded, cutoff),
+                }
         # Written last: if anything above failed, the next run fetches the same messages again.
         _save_state(state_path, team, person.id, state)
         return manifest
 
     async def channel(
-        self, channel: Mapping[str, Any], cutoff: float, since: str | None
-    ) -> tuple[list[Thread], str | None]:
-        """Threads of one channel started after the cutoff (and after `since`), and the newest ts seen."""
+        self, channel: Mapping[str, Any], cutoff: float, since: str | None, recheck: Mapping[str, str]
+    ) -> tuple[list[Thread], str | None, dict[str, str]]:
+        """Threads of one channel started after the cutoff (and after `since`) or with replies newer than
+        those recorded in `recheck` (root ts -> latest reply ts); the newest top-level ts seen; and the
+        latest reply of every thread fetched, or "" for a recorded thread that is gone."""
         if not channel.get("is_member"):
             await self.call("conversations.join", channel=channel["id"])
         oldest = f"{cutoff:.6f}"
@@ -264,13 +287,56 @@ class _Scraper:
             oldest = since
         history = await self.pages("conversations.history", "messages", channel=channel["id"], oldest=oldest)
         messages = list(history)
-        for message in history:
-            if message.get("reply_count") and message.get("thread_ts") == message.get("ts"):
-                messages += await self.pages(
-                    "conversations.replies", "messages", channel=channel["id"], ts=message["ts"]
+        seen: dict[str, str] = {}
+        roots = [m["ts"] for m in history if m.get("reply_count") and m.get("thread_ts") == m.get("ts")]
+        for root, last_seen in recheck.items():
+            try:
+                # Usually just the root comes back: cheap. Any reply means the whole thread is needed,
+                # since a sample's context is every message before it.
+                newer = await self.pages(
+                    "conversations.replies", "messages", channel=channel["id"], ts=root, oldest=last_seen
                 )
+            except _ThreadGone:
+                seen[root] = ""  # deleted since: forget it
+                continue
+            if any(m["ts"] != root and ts_key(m["ts"]) > ts_key(last_seen) for m in newer):
+                roots.append(root)
+        for root in roots:
+            try:
+                thread = await self.pages("conversations.replies", "messages", channel=channel["id"], ts=root)
+            except _ThreadGone:
+                seen[root] = ""
+                continue
+            messages += thread
+            seen[root] = max((m["ts"] for m in thread), key=ts_key, default=root)
         latest = max((m["ts"] for m in history), key=ts_key, default=since)
-        return threads_from_messages(channel["id"], channel["name"], messages, cutoff), latest
+        threads = threads_from_messages(channel["id"], channel["name"], messages, cutoff)
+        return threads, latest, seen
+
+
+class _ThreadGone(Exception):
+    """conversations.replies answered thread_not_found: the thread's root was deleted."""
+
+
+def threads_to_recheck(recorded: Mapping[str, str], since: str | None, rescan_from: float) -> dict[str, str]:
+    """Recorded threads (root ts -> latest reply ts) that may have replies the history call will miss:
+    started at or before `since` (so not in this run's history) and active after `rescan_from`."""
+    if not since:
+        return {}
+    window = ts_key(f"{rescan_from:.6f}")
+    return {
+        root: last
+        for root, last in recorded.items()
+        if ts_key(root) <= ts_key(since) and ts_key(last) > window
+    }
+
+
+def recorded_threads(threads: Mapping[str, str], cutoff: float) -> dict[str, str]:
+    """The threads worth recording: those started after the cutoff (older ones are never sampled) and
+    not gone (""), sorted by root ts so that the state file is deterministic."""
+    limit = ts_key(f"{cutoff:.6f}")
+    kept = [(root, last) for root, last in threads.items() if last and ts_key(root) > limit]
+    return dict(sorted(kept, key=lambda item: ts_key(item[0])))
 
 
 def _explain(method: str, kwargs: Mapping[str, Any], exc: SlackApiError, settings: ApiSettings) -> BadInput:
@@ -304,7 +370,7 @@ def _first_bad_input(group: BaseExceptionGroup) -> BaseException:
     return group.exceptions[0]
 
 
-def _load_state(path: Path, team: str, person: str) -> dict[str, dict[str, str]]:
+def _load_state(path: Path, team: str, person: str) -> dict[str, dict[str, Any]]:
     """Per-channel progress of earlier runs for this team and person."""
     if not path.exists():
         return {}
@@ -318,9 +384,22 @@ def _load_state(path: Path, team: str, person: str) -> dict[str, dict[str, str]]
         raise BadInput(
             f"{path} records a scrape of {data.get('person')} in {data.get('team')}; use another --state"
         )
-    return dict(data.get("channels", {}))
+    channels = data.get("channels", {})
+    if not isinstance(channels, dict) or not all(_valid_channel_state(c) for c in channels.values()):
+        raise BadInput(f"{path} is not a scrape state file (malformed channels)")
+    return dict(channels)
 
 
-def _save_state(path: Path, team: str, person: str, channels: dict[str, dict[str, str]]) -> None:
+def _valid_channel_state(entry: Any) -> bool:
+    threads = entry.get("threads", {}) if isinstance(entry, dict) else None
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("latest"), str)
+        and isinstance(threads, dict)
+        and all(isinstance(k, str) and isinstance(v, str) and v for k, v in threads.items())
+    )
+
+
+def _save_state(path: Path, team: str, person: str, channels: dict[str, dict[str, Any]]) -> None:
     data = {"version": STATE_VERSION, "team": team, "person": person, "channels": channels}
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
