@@ -189,6 +189,8 @@ class TrainingProgress(_Model):
     loss: float | None = None
     eval_loss: float | None = None
     base_eval_loss: float | None = None
+    percent: float | None = Field(default=None, ge=0, le=100, description="step / totalSteps, in percent.")
+    updated_at: datetime | None = Field(default=None, description="When these figures last changed.")
 
 
 class Adapter(_Model):

@@ -374,6 +374,14 @@ def crd() -> None:
     help="Seconds between drift checks of each object's vLLM pods.",
 )
 @click.option(
+    "--progress-interval",
+    envvar="DOPPEL_PROGRESS_SECONDS",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between reads of a running train pod's log for progress in the status.",
+)
+@click.option(
     "--api-server",
     envvar="DOPPEL_API_SERVER",
     default=None,
@@ -389,6 +397,7 @@ def operator_command(
     max_trainings: int,
     slack_api_url: str | None,
     resync: float,
+    progress_interval: float,
     api_server: str | None,
 ) -> dict[str, Any]:
     """Run the DoppelUser operator (kopf) until interrupted."""
@@ -408,6 +417,7 @@ def operator_command(
         slack_api_url=slack_api_url,
         namespaces=tuple(n for ns in namespaces for n in ns.split(",") if n),
         resync_s=resync,
+        progress_s=progress_interval,
         api_server=api_server,
     )
     asyncio.run(run(config))

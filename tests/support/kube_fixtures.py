@@ -9,6 +9,10 @@
   as a local process with the Job's env (secretKeyRef resolved from the emulator's Secrets); a pod object
   shows it Running, then terminated with the message the process wrote to $DOPPEL_RESULT_FILE, and the
   Job's status says Complete or Failed. `hold(step)` keeps a step's Jobs running until `release(step)`.
+  `pause_when(step, until)` freezes a step's process (SIGSTOP, as a slow GPU would look from outside) once
+  its output satisfies `until`, until the test resumes it. The process's stdout and stderr, as the
+  kubelet keeps them, are served on the pod's `log` subresource (`GET .../pods/NAME/log?tailLines=N
+  &container=C`), while it runs and after.
 - `OperatorProcess`: the real operator (doppel.operator.handlers under kopf) in-process, started,
   killed and restarted by tests.
 - `vllm_pod(...)`: a pod object standing for a real vLLM server on 127.0.0.1.
@@ -23,6 +27,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import sys
 import threading
 import uuid
@@ -49,7 +54,7 @@ RESOURCES: list[tuple[str, str, bool, tuple[str, ...]]] = [
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, ()),
     ("v1/namespaces", "Namespace", False, ()),
     ("v1/events", "Event", True, ()),
-    ("v1/pods", "Pod", True, ("status",)),
+    ("v1/pods", "Pod", True, ("status", "log")),
     ("v1/secrets", "Secret", True, ()),
     ("batch/v1/jobs", "Job", True, ("status",)),
 ]
@@ -194,6 +199,22 @@ class KubeCluster:
             )
         self._server: kmock.Server | None = None
         self.kubectl: Kubectl
+        # (namespace, pod) -> (container, file holding its output): what the kubelet would serve as logs.
+        self.pod_logs: dict[tuple[str, str], tuple[str, Path]] = {}
+        pods = kmock.resource("", "v1", "pods")
+        self.emulator[pods][kmock.subresource("log")] << self._serve_log
+
+    def _serve_log(self, request: Any) -> bytes:
+        """GET pods/NAME/log: the container's output so far, the last `tailLines` lines if asked."""
+        found = self.pod_logs.get((request.namespace, request.name))
+        if found is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        container, path = found
+        if request.params.get("container", container) != container:
+            raise kmock.KubernetesObjectNotFoundError()
+        lines = path.read_bytes().splitlines(keepends=True) if path.exists() else []
+        tail = request.params.get("tailLines")
+        return b"".join(lines[max(0, len(lines) - int(tail)) :] if tail is not None else lines)
 
     @property
     def url(self) -> str:
@@ -261,6 +282,18 @@ class JobRun:
 
 
 @dataclass
+class Pause:
+    """A running Job frozen mid-way: `reached` once frozen, running again after `resume()`."""
+
+    until: Callable[[str], bool]
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def resume(self) -> None:
+        self.go.set()
+
+
+@dataclass
 class JobController:
     """Runs each Job's command locally and writes the Job's and its pod's status back."""
 
@@ -269,6 +302,7 @@ class JobController:
     extra_env: dict[str, str] = field(default_factory=dict)
     runs: dict[str, JobRun] = field(default_factory=dict)
     _held: dict[str, asyncio.Event] = field(default_factory=dict)
+    _pauses: dict[str, Pause] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _loop: asyncio.Task[None] | None = None
 
@@ -280,12 +314,36 @@ class JobController:
         if event := self._held.pop(step, None):
             event.set()
 
+    def pause_when(self, step: str, until: Callable[[str], bool]) -> Pause:
+        """Freeze this step's running process once its output so far satisfies `until` (replaces the
+        step's previous pause, so a test can arm the next one before resuming the current)."""
+        pause = Pause(until)
+        self._pauses[step] = pause
+        return pause
+
+    async def _pauser(self, step: str, run: JobRun) -> None:
+        """Poll the output of `run`; SIGSTOP it when the step's current pause is due, SIGCONT on resume."""
+        assert run.process is not None and run.log is not None
+        while run.process.returncode is None:
+            pause = self._pauses.get(step)
+            if pause is not None and not pause.reached.is_set() and pause.until(run.log.read_text()):
+                run.process.send_signal(signal.SIGSTOP)
+                pause.reached.set()
+                try:
+                    await pause.go.wait()
+                finally:
+                    with contextlib.suppress(ProcessLookupError):
+                        run.process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.05)
+
     def start(self) -> None:
         self._loop = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
         for step in list(self._held):
             self.release(step)
+        for pause in self._pauses.values():
+            pause.resume()
         for task in [self._loop, *self._tasks]:
             if task is not None:
                 task.cancel()
@@ -347,6 +405,7 @@ class JobController:
         await kubectl.patch_status("Job", name, {"active": 1, "startTime": _now()}, namespace)
         run = self.runs[name]
         run.log = self.workdir / f"{name}.log"
+        self.cluster.pod_logs[namespace, pod_name] = (container["name"], run.log)
         result_file = self.workdir / f"{name}.result"
         step = labels.get(f"{GROUP}/step", "")
         if held := self._held.get(step):
@@ -361,7 +420,11 @@ class JobController:
                     stderr=asyncio.subprocess.STDOUT,
                     cwd=self.workdir,
                 )
-                run.returncode = await run.process.wait()
+                pauser = asyncio.create_task(self._pauser(step, run))
+                try:
+                    run.returncode = await run.process.wait()
+                finally:
+                    pauser.cancel()
         except LookupError as exc:
             run.returncode = 1
             result_file.write_text(json.dumps({"ok": False, "kind": "error", "reason": str(exc)}))

@@ -26,6 +26,8 @@ class OperatorConfig:
     max_backoff_s: float = 300.0
     # How often each object re-checks its vLLM pods' /v1/models and everything else (drift repair).
     resync_s: float = 30.0
+    # While a train Job runs, its pod's log is read this often for step-by-step progress in the status.
+    progress_s: float = 10.0
     # Extra CLI flags for the scrape and train Jobs (tests raise rate limits, keep training short).
     scrape_args: tuple[str, ...] = field(default_factory=tuple)
     train_args: tuple[str, ...] = field(default_factory=tuple)

@@ -65,6 +65,18 @@ class KubeApi:
         response.raise_for_status()
         return dict(response.json())
 
+    async def pod_log(self, namespace: str, pod: str, container: str, tail_lines: int) -> str | None:
+        """The last lines of a container's log; None while there is none to read (pod gone, container
+        not started yet: the API server answers 404 or 400)."""
+        response = await self._http.get(
+            f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
+            params={"container": container, "tailLines": str(tail_lines)},
+        )
+        if response.status_code in (400, 404):
+            return None
+        response.raise_for_status()
+        return response.text
+
     async def create_job(self, manifest: dict[str, Any]) -> bool:
         """Create a Job; False when it exists already (deterministic names make that the idempotent path)."""
         namespace = manifest["metadata"]["namespace"]

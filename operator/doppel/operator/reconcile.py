@@ -38,6 +38,8 @@ class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)  # Job manifests
     register: Adapter | None = None  # load this on every ready vLLM pod, then call `promote`
     requeue_after: float | None = None  # look again this soon even if nothing changes
+    # (pod, container) of the running train Job: read its log for progress (see `record_progress`).
+    progress_from: tuple[str, str] | None = None
 
 
 def set_condition(
@@ -167,6 +169,8 @@ def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, a
     plan.create.append(jobs.job_manifest(observed.owner, step, attempt, command, observed.spec, config))
     status.attempt, status.retry_at, status.queued_at = attempt, None, None
     status.phase = "Scraping" if step == "scrape" else "Training"
+    if step == "train":
+        status.training = None  # a new run: no figures from an earlier attempt
     name = jobs.job_name(observed.owner, step, attempt)
     set_condition(status, "Scraped" if step == "scrape" else "Trained", False, "Running", f"Job {name}", now)
     return plan
@@ -206,10 +210,12 @@ def _after_train(
     if result.state == "running":
         status.phase = "Training"
         set_condition(status, "Trained", False, "Running", f"Job {job['metadata']['name']} running", now)
+        plan.progress_from = _train_pod(observed, job)
+        plan.requeue_after = config.progress_s
         return plan
     if result.state == "failed":
         return _failed(observed, config, plan, "train", attempt, result)
-    status.training = _progress(result.result)
+    status.training = _progress(result.result, now)
     adapter = Adapter(
         served_name=jobs.served_name(owner.namespace, owner.name, owner.generation),
         path=jobs.adapter_dir(config, owner.namespace, owner.name, owner.generation),
@@ -227,7 +233,44 @@ def _after_train(
     return plan
 
 
-def _progress(result: dict[str, Any]) -> TrainingProgress:
+def _train_pod(observed: Observed, job: dict[str, Any]) -> tuple[str, str] | None:
+    """(pod, container) whose log shows the running train Job's progress: its newest started pod."""
+    containers = job.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or [{}]
+    container = containers[0].get("name", "train")
+    started = [
+        pod
+        for pod in observed.pods.get(job["metadata"]["name"], [])
+        if (pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")
+    ]
+    if not started:
+        return None
+    newest = max(started, key=lambda pod: (pod.get("status") or {}).get("startTime") or "")
+    return newest["metadata"]["name"], container
+
+
+def record_progress(
+    status: DoppelUserStatus, seen: TrainingProgress | None, now: datetime
+) -> DoppelUserStatus:
+    """Put the figures read from the train log into the status; unchanged (same object) when they are the
+    same, so the caller patches only on a change. A loss the log tail no longer shows stays as it was."""
+    if seen is None:
+        return status
+    before = status.training
+    if before is not None:
+        seen = seen.model_copy(
+            update={
+                "loss": seen.loss if seen.loss is not None else before.loss,
+                "eval_loss": seen.eval_loss if seen.eval_loss is not None else before.eval_loss,
+            }
+        )
+        if seen.model_dump(exclude={"updated_at"}) == before.model_dump(exclude={"updated_at"}):
+            return status
+    new = status.model_copy(deep=True)
+    new.training = seen.model_copy(update={"updated_at": now})
+    return new
+
+
+def _progress(result: dict[str, Any], now: datetime) -> TrainingProgress:
     """Final training figures from the train Job's summary (keys as `doppel train` reports them)."""
 
     def number(*keys: str) -> float | None:
@@ -245,6 +288,8 @@ def _progress(result: dict[str, Any]) -> TrainingProgress:
         loss=number("train_loss", "loss"),
         eval_loss=number("adapter_eval_loss", "eval_loss"),
         base_eval_loss=number("base_eval_loss"),
+        percent=100.0 if steps else None,
+        updated_at=now,
     )
 
 
