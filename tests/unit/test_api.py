@@ -84,7 +84,8 @@ def test_crd_shape_and_names():
     assert spec["names"]["shortNames"] == ["doppel"]
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Samples", "Adapter", "Age"]
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Progress", "Samples", "Adapter", "Age"]
 
 
 def test_schema_is_structural():
