@@ -1,9 +1,9 @@
 """RBAC: every API call the operator makes in a real run is allowed by the chart's operator (Cluster)Role.
 
 The operator runs as the chart runs it (watching its own namespace) through a run that touches every
-kind of call: a missing Secret, a scrape, a bad-input failure, a spec change, a failing train Job and
-a deletion through the finalizer. kmock records each request; the (apiGroup, resource, verb) triples
-are checked against the rules `helm template` renders.
+kind of call: a missing Secret, a scrape, a bad-input failure, a spec change, a train Job whose pod log is
+read for progress and which then fails, and a deletion through the finalizer. kmock records each request;
+the (apiGroup, resource, verb) triples are checked against the rules `helm template` renders.
 """
 
 from __future__ import annotations
@@ -44,7 +44,14 @@ async def test_operator_uses_only_what_the_chart_grants(kube, operator_config, s
         await kube.wait_for("rbac", lambda o: (o.get("status") or {}).get("reason") == "SecretMissing", 30)
         await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
         await kube.wait_for("rbac", lambda o: (o.get("status") or {}).get("phase") == "Failed", 60)
+        kube.jobs.hold("train")  # its pod runs (an empty log so far) until released
         await kube.kubectl.patch("DoppelUser", "rbac", {"spec": {"target": {"handle": "alice"}}})
+        await kube.wait_for("rbac", lambda o: (o.get("status") or {}).get("phase") == "Training", 120)
+        for _ in range(150):
+            if ("", "pods/log", "get") in kube.cluster.operator_requests():
+                break
+            await asyncio.sleep(0.2)
+        kube.jobs.release("train")
         await kube.wait_for(
             "rbac",
             lambda o: (
@@ -65,7 +72,7 @@ async def test_operator_uses_only_what_the_chart_grants(kube, operator_config, s
     used = kube.cluster.operator_requests()
     # The run exercised the whole surface (a regression in recording would make this test vacuous).
     expected = {("batch", "jobs", "create"), ("doppel.dev", "doppelusers/status", "patch")}
-    expected.add(("", "secrets", "get"))
+    expected |= {("", "secrets", "get"), ("", "pods/log", "get")}
     assert expected <= used
     denied = sorted(triple for triple in used if not allowed(rules, *triple))
     assert denied == [], f"the chart's operator Role does not grant: {denied}"
