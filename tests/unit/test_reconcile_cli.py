@@ -45,6 +45,8 @@ def test_operator_refuses_bad_settings_before_starting():
     assert "--data-root must be an absolute path" in relative.stderr
     zero = CliRunner().invoke(main, ["operator", "--max-trainings", "0"])
     assert zero.exit_code == 2 and "max-trainings" in zero.output
+    never = CliRunner().invoke(main, ["operator"], env={"DOPPEL_PROGRESS_SECONDS": "0"})
+    assert never.exit_code == 2 and "progress-interval" in never.output
 
 
 def test_crd_command_prints_the_crd():
