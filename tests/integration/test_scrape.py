@@ -93,14 +93,12 @@ def test_second_run_fetches_only_newer_messages(slack_emulator, tmp_path):
     newer = f"{int(float(latest)) + 60}.000100"
     text = "A brand new message after the first scrape, long enough to be a sample: " + "x" * 40
     slack_emulator.add_message("C02ENG", {"type": "message", "ts": newer, "user": "U01ALICE", "text": text})
-    calls_before = len(slack_emulator.calls_to("conversations.history"))
-    result = scrape(slack_emulator, out)
+    start = len(slack_emulator.calls)
+    result = scrape(slack_emulator, out, "--rescan-days", "0")
     assert result.exit_code == 0, result.output
-    history = slack_emulator.calls_to("conversations.history")[calls_before:]
+    history = [c for c in slack_emulator.calls[start:] if c.method == "conversations.history"]
     assert {c.params["channel"]: c.params["oldest"] for c in history}["C02ENG"] == latest
-    # Older threads were only checked for late replies (from their latest reply on), none re-fetched.
-    rechecks = [c for c in slack_emulator.calls_to("conversations.replies") if c.time > history[0].time]
-    assert len(rechecks) == 4 and all("oldest" in c.params for c in rechecks)
+    assert [c for c in slack_emulator.calls[start:] if c.method == "conversations.replies"] == []
     samples = read_samples(out)
     assert len(samples) == 9 and [s["meta"]["ts"] for s in samples].count(newer) == 1
     assert len({(s["meta"]["channel_id"], s["meta"]["ts"]) for s in samples}) == 9
@@ -110,13 +108,18 @@ def test_second_run_fetches_only_newer_messages(slack_emulator, tmp_path):
 LATE_REPLY = "Coming back to this a few days later: the rollback plan worked, and " + "y" * 60
 
 
-def add_late_reply(emulator, channel, root, user="U01ALICE"):
-    """A reply posted a minute ago to an older thread; its ts."""
-    ts = f"{int(time.time()) - 60}.000900"
+def add_late_reply(emulator, channel, root, seconds_ago=60):
+    """Alice's reply, posted `seconds_ago`, to the thread `root`; its ts."""
+    ts = f"{int(time.time()) - seconds_ago}.000900"
+    text = f"{LATE_REPLY} ({seconds_ago})"
     emulator.add_message(
-        channel, {"type": "message", "ts": ts, "thread_ts": root, "user": user, "text": LATE_REPLY}
+        channel, {"type": "message", "ts": ts, "thread_ts": root, "user": "U01ALICE", "text": text}
     )
     return ts
+
+
+def calls_since(emulator, start, method):
+    return [c.params for c in emulator.calls[start:] if c.method == method]
 
 
 def test_late_reply_to_an_older_thread_is_picked_up(slack_emulator, tmp_path):
@@ -124,13 +127,13 @@ def test_late_reply_to_an_older_thread_is_picked_up(slack_emulator, tmp_path):
     assert scrape(slack_emulator, out).exit_code == 0
     state = json.loads((out / "state.json").read_text())
     threads = {cid: c["threads"] for cid, c in state["channels"].items()}
-    assert sorted(threads) == ["C01GENERAL", "C02ENG", "C06DESIGN"]
-    root, last = next(iter(threads["C02ENG"].items()))
+    assert {cid: len(t) for cid, t in threads.items()} == {"C01GENERAL": 2, "C02ENG": 1, "C06DESIGN": 1}
+    root = next(iter(threads["C02ENG"]))
     assert float(root) < float(state["channels"]["C02ENG"]["latest"])  # older than the saved point
     before = {s["meta"]["ts"] for s in read_samples(out)}
-    late = add_late_reply(slack_emulator, "C02ENG", root)
-    first_run_calls = len(slack_emulator.calls)
+    late = add_late_reply(slack_emulator, "C02ENG", root, seconds_ago=120)
 
+    start = len(slack_emulator.calls)
     result = scrape(slack_emulator, out)
     assert result.exit_code == 0, result.output
     samples = read_samples(out)
@@ -142,26 +145,47 @@ def test_late_reply_to_an_older_thread_is_picked_up(slack_emulator, tmp_path):
     context = "\n".join(m["content"] for m in new["messages"][1:])
     assert "bobby: Should we move the build to the new runners?" in context and "Carol Diaz:" in context
     assert json.loads((out / "manifest.json").read_text())["added"] == 1
-
-    # Bounded: one history call per channel from the saved point, one cheap check per recorded thread
-    # (from its latest reply), and one full fetch, of the thread that changed.
-    second = slack_emulator.calls[first_run_calls:]
-    history = [c for c in second if c.method == "conversations.history"]
-    assert sorted(c.params["channel"] for c in history) == ["C01GENERAL", "C02ENG", "C06DESIGN"]
-    assert all(c.params["oldest"] == state["channels"][c.params["channel"]]["latest"] for c in history)
-    replies = [c.params for c in second if c.method == "conversations.replies"]
-    checks = sorted((p["channel"], p["ts"], p["oldest"]) for p in replies if "oldest" in p)
-    recorded = sorted((cid, r, last) for cid, ts in threads.items() for r, last in ts.items())
-    assert checks == recorded
-    assert [(p["channel"], p["ts"]) for p in replies if "oldest" not in p] == [("C02ENG", root)]
+    # Bounded: the threads all started within the 14-day window, so one history call per channel lists
+    # their parents (with latest_reply) and only the changed thread is fetched.
+    history = calls_since(slack_emulator, start, "conversations.history")
+    assert sorted(c["channel"] for c in history) == ["C01GENERAL", "C02ENG", "C06DESIGN"]
+    assert all(float(c["oldest"]) < float(root) for c in history)
+    replies = calls_since(slack_emulator, start, "conversations.replies")
+    assert [(c["channel"], c["ts"], "oldest" in c) for c in replies] == [("C02ENG", root, False)]
     assert json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"][root] == late
 
-    # A third run finds nothing new and fetches no thread in full.
-    third_start = len(slack_emulator.calls)
+    # With a 3-day window the thread's root is outside what history lists again, but its recorded
+    # activity is inside: one conversations.replies call from that reply finds the next late one.
+    later = add_late_reply(slack_emulator, "C02ENG", root, seconds_ago=60)
+    start = len(slack_emulator.calls)
+    result = scrape(slack_emulator, out, "--rescan-days", "3")
+    assert result.exit_code == 0, result.output
+    assert {s["meta"]["ts"] for s in read_samples(out)} - before == {late, later}
+    history = calls_since(slack_emulator, start, "conversations.history")
+    assert all(c["oldest"] == state["channels"][c["channel"]]["latest"] for c in history)
+    replies = calls_since(slack_emulator, start, "conversations.replies")
+    assert [(c["channel"], c["ts"], c.get("oldest")) for c in replies] == [
+        ("C02ENG", root, late),
+        ("C02ENG", root, None),
+    ]
+
+    # Nothing new: no thread is fetched again.
+    start = len(slack_emulator.calls)
     assert scrape(slack_emulator, out).exit_code == 0
-    third = [c for c in slack_emulator.calls[third_start:] if c.method == "conversations.replies"]
-    assert len(third) == len(recorded) and all("oldest" in c.params for c in third)
-    assert len(read_samples(out)) == len(samples)
+    assert calls_since(slack_emulator, start, "conversations.replies") == []
+    assert json.loads((out / "manifest.json").read_text())["added"] == 0
+
+
+def test_first_reply_to_a_message_scraped_without_replies(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    state = json.loads((out / "state.json").read_text())
+    lone = state["channels"]["C02ENG"]["latest"]  # Alice's short top-level message, no replies then
+    assert lone not in state["channels"]["C02ENG"]["threads"]
+    late = add_late_reply(slack_emulator, "C02ENG", lone)
+    assert scrape(slack_emulator, out).exit_code == 0
+    assert late in {s["meta"]["ts"] for s in read_samples(out)}
+    assert json.loads((out / "manifest.json").read_text())["added"] == 1
 
 
 def test_rescan_window_bounds_the_rechecks(slack_emulator, tmp_path):
@@ -175,7 +199,7 @@ def test_rescan_window_bounds_the_rechecks(slack_emulator, tmp_path):
         result = scrape(slack_emulator, out, *args)
         assert result.exit_code == 0, result.output
         assert json.loads((out / "manifest.json").read_text())["added"] == 0
-    assert [c for c in slack_emulator.calls[start:] if c.method == "conversations.replies"] == []
+    assert calls_since(slack_emulator, start, "conversations.replies") == []
     result = scrape(slack_emulator, out, "--rescan-days", "30")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["added"] == 1
@@ -184,12 +208,23 @@ def test_rescan_window_bounds_the_rechecks(slack_emulator, tmp_path):
 def test_a_deleted_thread_is_forgotten(slack_emulator, tmp_path):
     out = tmp_path / "out"
     assert scrape(slack_emulator, out).exit_code == 0
-    root = next(iter(json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"]))
+    threads = json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"]
+    root = next(iter(threads))
+    add_late_reply(slack_emulator, "C02ENG", root)
+    assert scrape(slack_emulator, out).exit_code == 0
+    # Deleted while outside the listed window: conversations.replies says thread_not_found.
     slack_emulator.delete_message("C02ENG", root)
+    result = scrape(slack_emulator, out, "--rescan-days", "3")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"] == {}
+    # Deleted within it: history no longer lists it.
+    general = json.loads((out / "state.json").read_text())["channels"]["C01GENERAL"]["threads"]
+    slack_emulator.delete_message("C01GENERAL", min(general, key=float))
     result = scrape(slack_emulator, out)
     assert result.exit_code == 0, result.output
-    assert root not in json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"]
-    assert len(read_samples(out)) == 8  # the samples already taken from it stay
+    left = json.loads((out / "state.json").read_text())["channels"]["C01GENERAL"]["threads"]
+    assert list(left) == [max(general, key=float)]
+    assert len(read_samples(out)) == 9  # the samples already taken stay
 
 
 def test_rate_limits_are_honoured_without_a_storm(slack_workspace, tmp_path):

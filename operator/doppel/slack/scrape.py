@@ -7,11 +7,13 @@ back by `Retry-After` for every task, so a rate limit never turns into a storm o
 handlers retry 429s, 5xx answers and dropped connections.
 
 Incremental: a state file records, per channel, the newest top-level message fetched and the threads seen
-with their latest reply (those started within the cutoff). The next run asks conversations.history only for
-newer top-level messages, which misses replies posted since to older threads: Slack has no "threads updated
-since" call. So it also re-checks each recorded thread active within `rescan_days` with
-conversations.replies from its recorded latest reply, and re-fetches in full (the new replies' context)
-only those that have new replies. Samples are merged into the earlier ones without duplicates.
+with their latest reply (those started within the cutoff). Asking conversations.history only for newer
+top-level messages would miss replies posted since to older threads, and Slack has no "threads updated
+since" call. So the next run re-lists the last `rescan_days` of top-level messages (a page holds 200
+parents, each with its `latest_reply`), re-checks each recorded thread started before that but active
+within it with conversations.replies from its recorded latest reply, and fetches in full (the context of
+the new replies) only the threads that are new or changed. Samples are merged into the earlier ones
+without duplicates.
 """
 
 from __future__ import annotations
@@ -234,18 +236,20 @@ class _Scraper:
         now = options.now if options.now is not None else time.time()
         # A rescan window reaching before the cutoff would only re-check threads that are ignored anyway.
         rescan_from = max(cutoff, now - self.settings.rescan_days * SECONDS_PER_DAY)
+        rescan = self.settings.rescan_days > 0
         semaphore = asyncio.Semaphore(self.settings.max_concurrency)
         results: dict[str, tuple[list[Thread], str | None, dict[str, str]]] = {}
 
         async def one(channel: Mapping[str, Any]) -> None:
             async with semaphore:
                 earlier = state.get(channel["id"], {})
-                recheck = (
-                    threads_to_recheck(earlier.get("threads", {}), earlier.get("latest"), rescan_from)
-                    if self.settings.rescan_days > 0
-                    else {}
+                results[channel["id"]] = await self.channel(
+                    channel,
+                    cutoff,
+                    earlier.get("latest"),
+                    earlier.get("threads", {}),
+                    rescan_from if rescan else None,
                 )
-                results[channel["id"]] = await self.channel(channel, cutoff, earlier.get("latest"), recheck)
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -275,21 +279,38 @@ class _Scraper:
         return manifest
 
     async def channel(
-        self, channel: Mapping[str, Any], cutoff: float, since: str | None, recheck: Mapping[str, str]
+        self,
+        channel: Mapping[str, Any],
+        cutoff: float,
+        since: str | None,
+        recorded: Mapping[str, str],
+        rescan_from: float | None,
     ) -> tuple[list[Thread], str | None, dict[str, str]]:
-        """Threads of one channel started after the cutoff (and after `since`) or with replies newer than
-        those recorded in `recheck` (root ts -> latest reply ts); the newest top-level ts seen; and the
-        latest reply of every thread fetched, or "" for a recorded thread that is gone."""
+        """One channel's messages newer than `since` (all after the cutoff on a first run) and the threads
+        new or changed since they were `recorded` (root ts -> latest reply ts), looking for changes in
+        threads active after `rescan_from` (None: not looking). Returns those threads, the newest
+        top-level ts, and the latest reply of each thread fetched, or "" for a recorded one now gone."""
         if not channel.get("is_member"):
             await self.call("conversations.join", channel=channel["id"])
         oldest = f"{cutoff:.6f}"
-        if since and ts_key(since) > ts_key(oldest):
-            oldest = since
+        start = since
+        if since and rescan_from is not None:
+            start = min(since, f"{rescan_from:.6f}", key=ts_key)
+        if start and ts_key(start) > ts_key(oldest):
+            oldest = start
         history = await self.pages("conversations.history", "messages", channel=channel["id"], oldest=oldest)
-        messages = list(history)
-        seen: dict[str, str] = {}
-        roots = [m["ts"] for m in history if m.get("reply_count") and m.get("thread_ts") == m.get("ts")]
-        for root, last_seen in recheck.items():
+        # Top-level messages at or before `since` were taken last time; they are listed again only to
+        # read their threads' latest_reply.
+        messages = [m for m in history if not since or ts_key(m["ts"]) > ts_key(since)]
+        parents = {
+            m["ts"]: m.get("latest_reply", "")
+            for m in history
+            if m.get("reply_count") and m.get("thread_ts") == m.get("ts")
+        }
+        roots = [root for root, last in parents.items() if recorded.get(root) != last]
+        listed = {m["ts"] for m in history}
+        seen = {root: "" for root in recorded if ts_key(root) > ts_key(oldest) and root not in listed}
+        for root, last_seen in threads_to_recheck(recorded, oldest, rescan_from).items():
             try:
                 # Usually just the root comes back: cheap. Any reply means the whole thread is needed,
                 # since a sample's context is every message before it.
@@ -309,7 +330,8 @@ class _Scraper:
                 continue
             messages += thread
             seen[root] = max((m["ts"] for m in thread), key=ts_key, default=root)
-        latest = max((m["ts"] for m in history), key=ts_key, default=since)
+        # Never backwards (the newest message may have been deleted since).
+        latest = max([m["ts"] for m in history] + ([since] if since else []), key=ts_key, default=None)
         threads = threads_from_messages(channel["id"], channel["name"], messages, cutoff)
         return threads, latest, seen
 
@@ -318,16 +340,19 @@ class _ThreadGone(Exception):
     """conversations.replies answered thread_not_found: the thread's root was deleted."""
 
 
-def threads_to_recheck(recorded: Mapping[str, str], since: str | None, rescan_from: float) -> dict[str, str]:
-    """Recorded threads (root ts -> latest reply ts) that may have replies the history call will miss:
-    started at or before `since` (so not in this run's history) and active after `rescan_from`."""
-    if not since:
+def threads_to_recheck(
+    recorded: Mapping[str, str], listed_from: str, rescan_from: float | None
+) -> dict[str, str]:
+    """Recorded threads (root ts -> latest reply ts) that may have replies the history call will not
+    show: started at or before `listed_from` (so not in this run's history) and active after
+    `rescan_from` (None: none)."""
+    if rescan_from is None:
         return {}
     window = ts_key(f"{rescan_from:.6f}")
     return {
         root: last
         for root, last in recorded.items()
-        if ts_key(root) <= ts_key(since) and ts_key(last) > window
+        if ts_key(root) <= ts_key(listed_from) and ts_key(last) > window
     }
 
 
