@@ -59,6 +59,8 @@ def test_no_progress_yet_is_none_and_odd_figures_are_not_copied():
     assert latest_progress("loading the base model...\n{not json\n") is None
     seen = latest_progress(line("progress", 3, total=0, loss=float("nan")) + "\n")
     assert seen is not None and seen.step == 3 and seen.percent is None and seen.loss is None
+    diverged = latest_progress(line("progress", 4, loss=float("inf")))
+    assert diverged is not None and diverged.step == 4 and diverged.loss is None
 
 
 def running_train(pods: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,13 +7,15 @@ be cut in the middle, so anything that is not a well-formed progress or eval eve
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from doppel.api import TrainingProgress
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:  # not NaN
+    # NaN and infinities (a diverging loss) have no JSON form the API server would take.
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
 
