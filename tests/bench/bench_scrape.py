@@ -3,7 +3,9 @@
 Slack's Tier-3 limit (50 calls/min per method) is scaled up so the concurrent scrape takes well under a
 minute; the emulator answers each call after a simulated round trip, as Slack does. Prints:
 - conversations.replies calls/minute achieved, as a fraction of the (scaled) Tier-3 ceiling (target >= 0.8);
-- the speed-up over a one-channel-at-a-time scrape (max_concurrency=1) of the same workspace.
+- the speed-up over a one-channel-at-a-time scrape (max_concurrency=1) of the same workspace;
+- the calls of a re-run looking 31 days back (the threads are 28 to 30 days old) after a few threads got
+  a late reply, against the first run's and against re-fetching every thread of that window.
 
 Run: .venv/bin/python tests/bench/bench_scrape.py
 """
@@ -76,6 +78,36 @@ def run(concurrency: int, workspace: dict[str, Any]) -> tuple[float, SlackEmulat
         return time.monotonic() - started, emulator, manifest.samples
 
 
+def incremental(workspace: dict[str, Any], late_replies: int = 5) -> None:
+    """A first run, then late replies to a few threads, then a re-run whose window covers every thread."""
+    with SlackEmulator(rate_scale=RATE_SCALE, latency=LATENCY) as emulator:
+        emulator.add_team(workspace, token=TOKEN)
+        out = Path(tempfile.mkdtemp(prefix="bench-scrape-incremental-"))
+        settings = ApiSettings(
+            base_url=emulator.base_url, max_concurrency=CONCURRENCY, rate_scale=RATE_SCALE, rescan_days=31
+        )
+        options = ScrapeOptions(max_samples=10_000)
+        scrape_api(TOKEN, "user0", out, options, settings)
+        first_calls = len(emulator.calls)
+        now = int(time.time())
+        for i in range(late_replies):
+            root = workspace["messages"][f"channel-{i:02d}"][0]["ts"]
+            reply = {"ts": f"{now - 60 + i}.000300", "thread_ts": root, "user": "U000", "text": "late " * 30}
+            emulator.add_message(f"C{i:03d}", {"type": "message", **reply})
+        started = time.monotonic()
+        manifest = scrape_api(TOKEN, "user0", out, options, settings)
+        rerun_s = time.monotonic() - started
+        calls = emulator.calls[first_calls:]
+    fetched = sum(1 for c in calls if c.method == "conversations.replies")
+    every_thread = CHANNELS * THREADS
+    print(
+        f"re-run with {late_replies} late replies, 31-day window: {len(calls)} calls in {rerun_s:.1f} s, "
+        f"{manifest.added} samples added, {fetched} threads fetched; "
+        f"{len(calls) / first_calls:.3f} of the first run's {first_calls} calls, "
+        f"{fetched / every_thread:.4f} of re-fetching all {every_thread} threads"
+    )
+
+
 def main() -> None:
     workspace = synthetic_workspace(time.time())
     ceiling = PER_MINUTE["conversations.replies"] * RATE_SCALE
@@ -95,6 +127,7 @@ def main() -> None:
     assert sequential_samples == samples
     print(f"one channel at a time: {sequential_s:.1f} s")
     print(f"speed-up of the concurrent scrape: {sequential_s / concurrent_s:.2f}x")
+    incremental(workspace)
 
 
 if __name__ == "__main__":
