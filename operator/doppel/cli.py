@@ -258,7 +258,9 @@ def train_command(
 )
 @click.option("--vllm-url", help="Chat through this vLLM server (it must see the adapter at the same path).")
 @click.option("--base-model", type=click.Path(path_type=Path), help="Or run this base model in-process.")
-@click.option("--person", help="Whose doppel this is (named in the system prompt).  [required]")
+@click.option(
+    "--person", help="Whose doppel this is (named in the system prompt); default: as recorded at training."
+)
 @click.option("--once", "message", help="Send one message, print the reply and exit.")
 @click.option("--temperature", type=float, help="Sampling temperature (default 0.2).")
 @click.option("--max-tokens", type=int, help="Longest reply in tokens (default 1024).")
@@ -276,13 +278,20 @@ def chat(
 ) -> dict[str, Any]:
     """Chat with a doppel in the terminal; replies stream as they are generated."""
     from doppel.serve.backend import DEFAULT_PARAMS
-    from doppel.serve.chat import ChatSession, check_adapter_dir, local_chat_backend, vllm_chat_backend
+    from doppel.serve.chat import (
+        ChatSession,
+        adapter_person,
+        check_adapter_dir,
+        local_chat_backend,
+        vllm_chat_backend,
+    )
 
     if (vllm_url is None) == (base_model is None):
         raise BadInput("give exactly one of --vllm-url URL or --base-model PATH")
-    if not person:
-        raise BadInput("--person NAME is required: whose doppel this is (the system prompt names them)")
     adapter = check_adapter_dir(adapter_dir)
+    person = person or adapter_person(adapter)
+    if not person:
+        raise BadInput("--person NAME is required: the adapter does not say whose doppel it is")
     params = DEFAULT_PARAMS.override(temperature=temperature, max_tokens=max_tokens, seed=seed)
     opened = vllm_chat_backend(vllm_url, adapter) if vllm_url else local_chat_backend(base_model, adapter)
     turns = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -96,12 +97,16 @@ def test_interactive_chat_in_process_keeps_the_thread(tiny_model, trained_adapte
         (["--adapter", "{adapter}", "--base-model", "{model}", "--vllm-url", "{url}"], "exactly one"),
         (["--adapter", "{adapter}", "--base-model", "{empty}"], "base model"),
         (["--adapter", "{adapter}", "--vllm-url", "{url}"], "no vLLM server answers"),
-        (["--adapter", "{adapter}", "--base-model", "{model}"], "--person"),
+        (["--adapter", "{anonymous}", "--base-model", "{model}"], "--person"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, reason, tmp_path, tiny_model, trained_adapter):
     (tmp_path / "empty").mkdir()
+    # An adapter whose metrics.json is gone does not say whose doppel it is.
+    anonymous = shutil.copytree(trained_adapter, tmp_path / "anonymous")
+    (anonymous / "metrics.json").unlink()
     values = {
+        "anonymous": str(anonymous),
         "missing": str(tmp_path / "missing"),
         "empty": str(tmp_path / "empty"),
         "model": str(tiny_model),
@@ -114,3 +119,18 @@ def test_bad_input_exits_2_with_one_line(args, reason, tmp_path, tiny_model, tra
     assert result.exit_code == 2, result.output
     assert reason in result.output
     assert "Traceback" not in result.output
+
+
+def test_person_defaults_to_the_one_recorded_at_training(tiny_model, trained_adapter):
+    result = doppel(
+        "chat",
+        "--adapter",
+        str(trained_adapter),
+        "--base-model",
+        str(tiny_model),
+        "--max-tokens",
+        "8",
+        stdin="hi\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{STYLE_PERSON}> " in result.stdout

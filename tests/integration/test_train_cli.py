@@ -71,6 +71,7 @@ def test_train_cli_writes_a_servable_adapter_with_progress(tmp_path, tiny_model,
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == sum(1 for _ in style_samples.samples.open())
+    assert metrics["person"] == style_samples.person_name
     assert metrics["train_samples"] + metrics["eval_samples"] == metrics["samples"]
     assert metrics["steps"] == len(steps) and len(metrics["train_loss"]) == len(steps)
     assert metrics["tokens"] > metrics["label_tokens"] > 0

@@ -115,7 +115,12 @@ def _thread_samples(
         context.append(ThreadMessage(author_id, author_name, rng.choice(_ASKS).format(topic=topic)))
         reply = reply_pattern.format(topic=topic)
         messages = build_conversation(STYLE_PERSON, STYLE_PERSON_ID, context, reply, channel="general")
-        samples.append({"messages": messages, "meta": {"channel": "C0GEN", "thread_ts": thread_id}})
+        samples.append(
+            {
+                "messages": messages,
+                "meta": {"channel": "C0GEN", "thread_ts": thread_id, "person": STYLE_PERSON},
+            }
+        )
         context.append(ThreadMessage(STYLE_PERSON_ID, STYLE_PERSON, reply))
     return samples
 

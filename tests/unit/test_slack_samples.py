@@ -5,7 +5,7 @@ import json
 import pytest
 
 from doppel.errors import BadInput
-from doppel.slack.conversation import ThreadMessage, build_conversation
+from doppel.slack.conversation import ThreadMessage, build_conversation, system_prompt
 from doppel.slack.samples import (
     Person,
     ScrapeOptions,
@@ -99,6 +99,8 @@ def test_each_long_message_of_the_person_is_one_sample(slack_workspace):
     replies = [s["messages"][-1]["content"] for s in samples]
     assert all(s["messages"][-1]["role"] == "assistant" for s in samples)
     assert all(s["meta"]["user"] == "U01ALICE" and s["meta"]["team"] == "T1" for s in samples)
+    # meta.person is the name the system prompt uses (doppel chat's default --person after training).
+    assert all(s["messages"][0]["content"] == system_prompt(s["meta"]["person"]) for s in samples)
     assert any(r.startswith("Update for everyone") for r in (x.split("\n")[-1] for x in replies))
     assert any("is heading out for lunch" in r for r in replies)  # me_message
     assert any("comparison sheet" in r for r in replies)  # file_share

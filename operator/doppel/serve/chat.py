@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def check_adapter_dir(adapter: Path) -> Path:
     if not (adapter / "adapter_config.json").is_file():
         raise BadInput(f"{adapter} is not a LoRA adapter (no adapter_config.json)")
     return adapter.resolve()
+
+
+def adapter_person(adapter: Path) -> str | None:
+    """Whose doppel `adapter` is, as `doppel train` recorded it in metrics.json (None if unknown)."""
+    try:
+        metrics = json.loads((adapter / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    person = metrics.get("person") if isinstance(metrics, dict) else None
+    return person if isinstance(person, str) and person else None
 
 
 def served_name(adapter: Path) -> str:

@@ -286,6 +286,7 @@ def _sample(
         "thread_ts": thread.ts,
         "ts": message["ts"],
         "user": person.id,
+        "person": person.name,
     }
     if message.get("subtype"):
         meta["subtype"] = message["subtype"]

@@ -38,6 +38,7 @@ ROLES = ("system", "user", "assistant")
 class Sample:
     messages: list[dict[str, str]]
     thread: str
+    person: str | None = None  # meta.person: whom the system prompt names
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def load_samples(path: Path) -> list[Sample]:
             if problem:
                 raise BadInput(f"{path}:{lineno}: {problem}")
             messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-            samples.append(Sample(messages, _thread_key(record.get("meta") or {}, messages)))
+            meta = record.get("meta") or {}
+            samples.append(Sample(messages, _thread_key(meta, messages), meta.get("person")))
     return samples
 
 

@@ -14,6 +14,7 @@ def perplexity(loss: float | None) -> float | None:
 
 @dataclass
 class Metrics:
+    person: str | None = None  # whose doppel this is, from the samples (doppel chat's default --person)
     samples: int = 0
     train_samples: int = 0
     eval_samples: int = 0

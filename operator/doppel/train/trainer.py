@@ -95,6 +95,7 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
     except torch.OutOfMemoryError:
         raise BadInput(OOM_HINT) from None
     metrics.samples = len(samples)
+    metrics.person = _person(samples)
     metrics.wall_time_s = time.perf_counter() - started
     metrics.peak_memory_bytes = _peak_memory(device)
 
@@ -104,6 +105,12 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
         (tmp / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
     return metrics
+
+
+def _person(samples: list[data.Sample]) -> str | None:
+    """The person the samples are of, when they all name the same one."""
+    names = {s.person for s in samples}
+    return names.pop() if len(names) == 1 else None
 
 
 def _check_config(config: TrainConfig) -> None:
