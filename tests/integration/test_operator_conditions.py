@@ -83,9 +83,10 @@ async def test_training_queue_is_fifo_and_bounded(kube, operator_config, slack_e
         await kube.wait_for(
             "first", lambda o: o.get("status", {}).get("phase") == "Training", 60, "first trains"
         )
+        # One after the other: scrapes running side by side may finish in either order.
         await kube.kubectl.create(doppeluser("second"))
-        await kube.kubectl.create(doppeluser("third"))
         await kube.wait_for("second", lambda o: reason(o) == "Queued", 60, "second queued")
+        await kube.kubectl.create(doppeluser("third"))
         third = await kube.wait_for("third", lambda o: reason(o) == "Queued", 60, "third queued")
         second = await kube.kubectl.get("DoppelUser", "second")
         assert second["status"]["phase"] == third["status"]["phase"] == "Pending"
