@@ -299,8 +299,6 @@ def crd_manifest() -> dict[str, Any]:
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        # Percent of the training steps done, updated while the train Job runs.
-                        {"name": "Progress", "type": "number", "jsonPath": ".status.training.percent"},
                         {"name": "Samples", "type": "integer", "jsonPath": ".status.samples"},
                         {"name": "Adapter", "type": "string", "jsonPath": ".status.adapter.servedName"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -85,7 +85,7 @@ def test_crd_shape_and_names():
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Progress", "Samples", "Adapter", "Age"]
+    assert columns == ["Phase", "Samples", "Adapter", "Age"]
 
 
 def test_schema_is_structural():
