@@ -487,9 +487,14 @@ class OperatorProcess:
         except BaseException as exc:
             self.error = exc
         finally:
+            # kopf waits for a threading.Event stop flag in an executor thread; after a kill nothing
+            # else sets it, and that thread would block the interpreter's exit forever.
+            self._stop.set()
             loop.close()
 
     async def start(self) -> None:
+        # Fresh flags: the previous run (if any) left its stop flag set.
+        self._stop, self._ready = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._main, name="operator", daemon=True)
         self._thread.start()
         if not await asyncio.to_thread(self._ready.wait, 30):
