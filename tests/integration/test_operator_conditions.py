@@ -55,8 +55,11 @@ async def test_missing_secret_then_unknown_user_then_fixed(kube, operator_config
         )
         assert reason(obj) == "BadInput" and "nobody-here" in obj["status"]["message"]
         assert len(kube.cluster.jobs()) == 1  # bad input is not retried
-        events = await kube.kubectl.events()
-        assert any(e["reason"] == "BadInput" and e["type"] == "Warning" for e in events)
+
+        def warned(events: list[dict[str, Any]]) -> bool:
+            return any(e["reason"] == "BadInput" and e["type"] == "Warning" for e in events)
+
+        assert warned(await kube.wait_for_events(warned))
         # Fixing the spec (new generation) starts over.
         await kube.kubectl.patch("DoppelUser", "ghost", {"spec": {"target": {"handle": "alice"}}})
         obj = await kube.wait_for(

@@ -120,8 +120,9 @@ async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_em
         ).exists() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.3)
         assert not (data_root / NAMESPACE / "alice" / "g1").exists()
-        events = {e["reason"] for e in await kube.kubectl.events()}
-        assert {"Scraping", "Training", "Registering", "Ready"} <= events
+        phases = {"Scraping", "Training", "Registering", "Ready"}
+        events = await kube.wait_for_events(lambda found: phases <= {e["reason"] for e in found})
+        assert phases <= {e["reason"] for e in events}
 
         # 2. The vLLM pod restarts and loses its adapters: re-registered without touching the object.
         await kube.kubectl.patch_status(

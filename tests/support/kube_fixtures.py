@@ -568,6 +568,18 @@ class Kube:
         status = json.dumps((obj or {}).get("status"), indent=1)
         raise AssertionError(f"timed out waiting for {what or name}; status: {status}; job logs: {logs}")
 
+    async def wait_for_events(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
+    ) -> list[dict[str, Any]]:
+        """Poll the namespace's Events until `predicate(events)` holds: kopf posts Events from a
+        background task, so they can land a moment after the status change they describe."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            events = await self.kubectl.events()
+            if predicate(events) or asyncio.get_running_loop().time() >= deadline:
+                return events
+            await asyncio.sleep(0.2)
+
 
 @pytest.fixture
 def operator_config(tmp_path: Path, kube: Kube) -> OperatorConfig:
