@@ -26,6 +26,7 @@ from doppel.operator.kube import KubeApi
 from doppel.operator.progress import latest_progress
 from doppel.operator.reconcile import (
     Observed,
+    backoff,
     observe_serving,
     promote,
     queue_admits,
@@ -462,7 +463,7 @@ async def pipeline(
         except Exception as exc:  # an API hiccup must not end the loop: log, back off, go on
             failures += 1
             logger.warning(f"reconcile failed ({type(exc).__name__}: {exc}); retrying")
-            delay = min(config.max_backoff_s, config.backoff_s * 2 ** min(failures, 8))
+            delay = backoff(config, failures + 1)
         timeout = config.resync_s if delay is None else min(delay, config.resync_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout=max(timeout, 0.05))

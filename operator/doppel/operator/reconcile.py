@@ -71,8 +71,9 @@ def condition(status: DoppelUserStatus, type_: ConditionType) -> Condition | Non
 
 
 def backoff(config: OperatorConfig, attempt: int) -> float:
-    """Seconds to wait after failed attempt number `attempt` (1-based): exponential, capped."""
-    return min(config.max_backoff_s, config.backoff_s * 2 ** (attempt - 1))
+    """Seconds to wait after failed attempt number `attempt` (1-based): exponential, capped. The exponent is
+    capped too, so a long outage's failure count never overflows the float."""
+    return min(config.max_backoff_s, config.backoff_s * 2 ** min(attempt - 1, 16))
 
 
 def _latest(observed: Observed, step: Step) -> tuple[int, dict[str, Any]] | None:
