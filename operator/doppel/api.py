@@ -8,10 +8,12 @@ are camelCase on the wire (Kubernetes style) and snake_case in Python.
 from __future__ import annotations
 
 import copy
+import re
 from datetime import datetime
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "doppel.dev"
@@ -32,8 +34,37 @@ SLACK_USER_ID = r"^[UW][A-Z0-9]{2,}$"
 # A path relative to the shared volume: no leading slash, no component starting with a dot (so no `..`).
 # RE2 syntax (the API server's), so no look-arounds.
 RELATIVE_PATH = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$"
-# Five cron fields (minute hour day month weekday) or a @-macro.
+# Five cron fields (minute hour day month weekday) or a @-macro: the shape, in the schema's pattern...
 CRON = r"^(@(yearly|annually|monthly|weekly|daily|hourly)|(\S+\s+){4}\S+)$"
+
+
+def _cron_field(value: str, names: bool = False, any_day: bool = False) -> str:
+    """One cron field in RE2 without backslashes (it goes into a CEL string): comma-separated values or
+    ranges of `value`, or `*`, each with an optional step."""
+    item = f"({value}|[A-Za-z]{{3}})" if names else f"({value})"
+    one = rf"([*{'?' if any_day else ''}]|{item}(-{item})?)(/[0-9]{{1,2}})?"
+    return f"{one}(,{one})*"
+
+
+# ...and each field's values and ranges, in a CEL rule the API server runs with a readable message.
+CRON_FIELDS = (
+    r"^(@(yearly|annually|monthly|weekly|daily|hourly)|"
+    + " +".join(
+        (
+            _cron_field("[0-5]?[0-9]"),
+            _cron_field("[01]?[0-9]|2[0-3]"),
+            _cron_field("0?[1-9]|[12][0-9]|3[01]", any_day=True),
+            _cron_field("0?[1-9]|1[0-2]", names=True),
+            _cron_field("[0-7]", names=True, any_day=True),
+        )
+    )
+    + r")$"
+)
+CRON_MESSAGE = (
+    "must be a cron schedule as CronJob takes it: five fields (minute 0-59, hour 0-23, day of month 1-31, "
+    "month 1-12, day of week 0-7) or @hourly, @daily, @weekly, @monthly, @yearly; e.g. '0 3 * * 1'"
+)
+TIME_ZONE = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 
 
@@ -165,12 +196,53 @@ class DoppelUserSpec(_Model):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     vllm: Vllm = Field(default_factory=Vllm)
-    retrain_schedule: str | None = Field(default=None, pattern=CRON, description="Cron schedule to retrain.")
+    retrain_schedule: str | None = Field(
+        default=None,
+        max_length=100,  # bounds the CEL rule's cost, as the API server requires
+        description="Cron schedule to retrain, as a CronJob's spec.schedule (times in timeZone).",
+        json_schema_extra={
+            # The pattern for the schema only: the model's validator below says what is wrong.
+            "pattern": CRON,
+            "x-kubernetes-validations": [{"rule": f"self.matches('{CRON_FIELDS}')", "message": CRON_MESSAGE}]
+        },
+    )
+    time_zone: str | None = Field(
+        default=None,
+        pattern=TIME_ZONE,
+        max_length=64,
+        description="IANA time zone of retrainSchedule, as a CronJob's spec.timeZone (default UTC).",
+    )
     retrain_requested_at: datetime | None = Field(
         default=None, description="Change it to retrain now (the operator does when the schedule is due)."
     )
     suspend: StrictBool = Field(default=False, description="Start no new Jobs while true.")
     retention: RetentionPolicy = Field(default_factory=RetentionPolicy)
+
+    @field_validator("retrain_schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not re.match(CRON_FIELDS, value):
+                raise ValueError(CRON_MESSAGE)
+            from croniter import croniter
+
+            try:
+                croniter(value)  # what the regular expression cannot see, such as a step of 0
+            except ValueError as exc:
+                raise ValueError(f"{CRON_MESSAGE} ({exc})") from None
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(
+                    f"unknown time zone {value!r} (want an IANA name such as Europe/Paris)"
+                ) from None
+        return value
 
 
 class Condition(_Model):
@@ -219,6 +291,9 @@ class DoppelUserStatus(_Model):
         default=None, description="Adapter being registered; becomes `adapter` once loaded everywhere."
     )
     last_trained_at: datetime | None = None
+    next_schedule_time: datetime | None = Field(
+        default=None, description="When retrainSchedule next retrains (as a CronJob's next run would start)."
+    )
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:

@@ -34,7 +34,7 @@ from doppel.operator.reconcile import (
     record_progress,
     transitions,
 )
-from doppel.operator.schedule import Cron, retrain_due
+from doppel.operator.schedule import retrain_due, with_next_time
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient, RetryPolicy
 
@@ -327,15 +327,10 @@ async def _step(
     current = _state(memo).published.get(uid) or DoppelUserStatus.model_validate(body.get("status") or {})
     try:
         spec = DoppelUserSpec.model_validate(body.get("spec") or {})
-        if spec.retrain_schedule:
-            Cron.parse(spec.retrain_schedule)
     except ValidationError as exc:
         # The CRD schema stops most of these at the API server; the rest is reported, not retried.
         message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         await _publish(_state(memo), body, current, _invalid(current, message))
-        return None
-    except ValueError as exc:
-        await _publish(_state(memo), body, current, _invalid(current, f"retrainSchedule: {exc}"))
         return None
     owner = jobs.Owner(namespace, name, uid, int(body.get("metadata", {}).get("generation") or 1))
     owned = list(indexes["doppel_jobs"].get(uid, []))
@@ -378,13 +373,14 @@ async def _step(
         # Drift repair: every ready pod must hold the current adapter (restarts lose runtime-loaded ones).
         loaded, errors = await _ensure_loaded(new.adapter, vllm)
         new = observe_serving(new, loaded, errors, now)
+    new = with_next_time(new, spec, now)
     await _publish(_state(memo), body, current, new)
     requested = _state(memo).retrain_requested
     if (
         spec.retrain_schedule
         and new.phase == "Ready"
         and requested.get(uid) != owner.generation
-        and retrain_due(spec.retrain_schedule, new.last_trained_at, now)
+        and retrain_due(spec.retrain_schedule, new.last_trained_at, now, spec.time_zone)
     ):
         # A spec change is what retrains (new generation, new adapter version), as a user's edit would.
         logger.info(f"retrain schedule {spec.retrain_schedule!r} is due")
