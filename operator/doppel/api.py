@@ -203,7 +203,7 @@ class DoppelUserSpec(_Model):
         json_schema_extra={
             # The pattern for the schema only: the model's validator below says what is wrong.
             "pattern": CRON,
-            "x-kubernetes-validations": [{"rule": f"self.matches('{CRON_FIELDS}')", "message": CRON_MESSAGE}]
+            "x-kubernetes-validations": [{"rule": f"self.matches('{CRON_FIELDS}')", "message": CRON_MESSAGE}],
         },
     )
     time_zone: str | None = Field(

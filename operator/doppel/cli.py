@@ -396,6 +396,20 @@ def crd() -> None:
     default=None,
     help="Kubernetes API URL without TLS verification (development); default: in-cluster/kubeconfig.",
 )
+@click.option(
+    "--metrics-port",
+    envvar="DOPPEL_METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=9090,
+    show_default=True,
+    help="Serve Prometheus /metrics on this port (0: metrics off).",
+)
+@click.option(
+    "--peering",
+    envvar="DOPPEL_PEERING",
+    default="",
+    help="kopf peering object shared with other replicas (only one acts); '' runs standalone.",
+)
 @run_stage
 def operator_command(
     namespaces: tuple[str, ...],
@@ -408,6 +422,8 @@ def operator_command(
     resync: float,
     progress_interval: float,
     api_server: str | None,
+    metrics_port: int,
+    peering: str,
 ) -> dict[str, Any]:
     """Run the DoppelUser operator (kopf) until interrupted."""
     import asyncio
@@ -428,6 +444,8 @@ def operator_command(
         resync_s=resync,
         progress_s=progress_interval,
         api_server=api_server,
+        metrics_port=metrics_port,
+        peering=peering or None,
     )
     asyncio.run(run(config))
     return {}

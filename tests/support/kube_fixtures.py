@@ -57,6 +57,9 @@ RESOURCES: list[tuple[str, str, bool, tuple[str, ...]]] = [
     ("v1/pods", "Pod", True, ("status", "log")),
     ("v1/secrets", "Secret", True, ()),
     ("batch/v1/jobs", "Job", True, ("status",)),
+    # kopf's peering objects: replicas record themselves there and only the highest priority acts.
+    ("kopf.dev/v1/kopfpeerings", "KopfPeering", True, ()),
+    ("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False, ()),
 ]
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
 
@@ -73,7 +76,21 @@ def _path(api_version: str, plural: str, namespace: str | None, name: str | None
     return f"{base}/{name}" if name else base
 
 
-PLURALS = {"DoppelUser": PLURAL, "Job": "jobs", "Pod": "pods", "Secret": "secrets", "Namespace": "namespaces"}
+PLURALS = {
+    "DoppelUser": PLURAL,
+    "Job": "jobs",
+    "Pod": "pods",
+    "Secret": "secrets",
+    "Namespace": "namespaces",
+    "KopfPeering": "kopfpeerings",
+    "ClusterKopfPeering": "clusterkopfpeerings",
+}
+API_VERSIONS = {
+    "DoppelUser": f"{GROUP}/{VERSION}",
+    "Job": "batch/v1",
+    "KopfPeering": "kopf.dev/v1",
+    "ClusterKopfPeering": "kopf.dev/v1",
+}
 
 
 class Kubectl:
@@ -99,7 +116,7 @@ class Kubectl:
         return dict(response.json())
 
     async def get(self, kind: str, name: str, namespace: str | None = NAMESPACE) -> dict[str, Any] | None:
-        api = {"DoppelUser": f"{GROUP}/{VERSION}", "Job": "batch/v1"}.get(kind, "v1")
+        api = API_VERSIONS.get(kind, "v1")
         response = await self.http.get(_path(api, PLURALS[kind], namespace, name))
         if response.status_code == 404:
             return None
@@ -107,13 +124,13 @@ class Kubectl:
         return dict(response.json())
 
     async def list(self, kind: str, namespace: str | None = NAMESPACE) -> list[dict[str, Any]]:
-        api = {"DoppelUser": f"{GROUP}/{VERSION}", "Job": "batch/v1"}.get(kind, "v1")
+        api = API_VERSIONS.get(kind, "v1")
         response = await self.http.get(_path(api, PLURALS[kind], namespace))
         response.raise_for_status()
         return list(response.json()["items"])
 
     async def patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str = NAMESPACE) -> None:
-        api = {"DoppelUser": f"{GROUP}/{VERSION}", "Job": "batch/v1"}.get(kind, "v1")
+        api = API_VERSIONS.get(kind, "v1")
         response = await self.http.patch(
             _path(api, PLURALS[kind], namespace, name),
             content=json.dumps(patch),
@@ -133,7 +150,7 @@ class Kubectl:
         response.raise_for_status()
 
     async def delete(self, kind: str, name: str, namespace: str | None = NAMESPACE) -> None:
-        api = {"DoppelUser": f"{GROUP}/{VERSION}", "Job": "batch/v1"}.get(kind, "v1")
+        api = API_VERSIONS.get(kind, "v1")
         response = await self.http.delete(_path(api, PLURALS[kind], namespace, name))
         response.raise_for_status()
 

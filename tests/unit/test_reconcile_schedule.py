@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
+from tests.unit.test_api import GOOD
 
 from doppel.api import DoppelUserSpec, DoppelUserStatus, crd_manifest
 from doppel.operator.schedule import next_time, previous_time, retrain_due, with_next_time
-from tests.unit.test_api import GOOD
 
 
 def at(text: str) -> datetime:
@@ -36,7 +36,7 @@ def test_previous_scheduled_time(schedule, now, expected):
 
 
 def test_time_zone_moves_the_schedule_like_a_cronjob_time_zone():
-    # 03:00 in Paris is 02:00 UTC in winter and 01:00 UTC in summer; in Kolkata it is 21:30 UTC the day before.
+    # 03:00 in Paris is 02:00 UTC in winter, 01:00 UTC in summer; in Kolkata 21:30 UTC the day before.
     assert previous_time("0 3 * * *", at("2026-01-07T10:00"), "Europe/Paris") == at("2026-01-07T02:00")
     assert previous_time("0 3 * * *", at("2026-07-07T10:00"), "Europe/Paris") == at("2026-07-07T01:00")
     assert next_time("0 3 * * *", at("2026-01-07T10:00"), "Asia/Kolkata") == at("2026-01-07T21:30")

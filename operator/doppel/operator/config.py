@@ -34,3 +34,9 @@ class OperatorConfig:
     # Kubernetes API server override (tests point it at the emulator); None logs in from the
     # service account or kubeconfig.
     api_server: str | None = None
+    # Prometheus /metrics on this port (0: metrics off, nothing served, no instrumentation).
+    metrics_port: int = 0
+    # kopf peering object shared by replicas ("" or None: standalone, a single operator).
+    peering: str | None = None
+    # How long a replica's peering record stays valid without a refresh: how soon a standby takes over.
+    peering_lifetime_s: int = 60

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from doppel.api import GROUP, PLURAL, VERSION, Adapter, DoppelUserSpec, DoppelUs
 from doppel.operator import jobs
 from doppel.operator.config import OperatorConfig
 from doppel.operator.kube import KubeApi
+from doppel.operator.metrics import OperatorMetrics
 from doppel.operator.progress import latest_progress
 from doppel.operator.reconcile import (
     Observed,
@@ -61,6 +63,7 @@ class State:
     published: dict[str, DoppelUserStatus] = field(default_factory=dict)
     # uid -> the generation a scheduled retrain was requested from (asked once, not at every resync).
     retrain_requested: dict[str, int] = field(default_factory=dict)
+    metrics: OperatorMetrics = field(default_factory=lambda: OperatorMetrics(enabled=False))
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -82,16 +85,30 @@ async def run(
     *,
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
+    metrics: OperatorMetrics | None = None,
 ) -> None:
-    """Run the operator until `stop_flag` is set (or a signal arrives)."""
-    await kopf.operator(
-        clusterwide=not config.namespaces,
-        namespaces=list(config.namespaces),
-        standalone=True,
-        memo=kopf.Memo(doppel=State(config)),
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )
+    """Run the operator until `stop_flag` is set (or a signal arrives).
+
+    With `config.peering` set, replicas share kopf's peering object of that name: each picks a random
+    priority at start, the highest acts and the others stand by until its record goes stale (a killed
+    replica) or is removed (a stopped one). Without it, this process assumes it is the only operator."""
+    metrics = metrics or OperatorMetrics(enabled=config.metrics_port != 0)
+    if config.metrics_port:
+        metrics.serve(config.metrics_port)
+    try:
+        await kopf.operator(
+            clusterwide=not config.namespaces,
+            namespaces=list(config.namespaces),
+            standalone=not config.peering,
+            peering_name=config.peering or None,
+            # Equal priorities would pause every replica (kopf's rule): make them differ.
+            priority=random.randint(1, 2**31 - 1),
+            memo=kopf.Memo(doppel=State(config, metrics=metrics)),
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        metrics.close()
 
 
 @kopf.on.startup()
@@ -104,6 +121,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.INFO
+    # A killed replica's peering record counts as alive this long: the standby's takeover delay.
+    settings.peering.lifetime = _config(memo).peering_lifetime_s
     if _config(memo).namespaces:
         # Fixed namespaces: no need to scan namespaces and CRDs cluster-wide (nor the permission to).
         settings.scanning.disabled = True
@@ -230,10 +249,13 @@ def _vllm_pods(spec: DoppelUserSpec, namespace: str, ready_pods: kopf.Index) -> 
     }
 
 
-async def _ensure_loaded(adapter: Adapter, pods: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """Load `adapter` on every pod that lacks it (checking /v1/models first): (pods holding it, errors)."""
+async def _ensure_loaded(
+    adapter: Adapter, pods: dict[str, str], loaded_now: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """Load `adapter` on every pod that lacks it (checking /v1/models first): (pods holding it, errors).
+    Pods it had to be loaded on are added to `loaded_now`."""
 
-    async def one(url: str) -> str | None:
+    async def one(pod: str, url: str) -> str | None:
         async with AsyncVllmClient(url, retry=VLLM_RETRY) as client:
             try:
                 if any(card.id == adapter.served_name for card in await client.list_models()):
@@ -241,9 +263,11 @@ async def _ensure_loaded(adapter: Adapter, pods: dict[str, str]) -> tuple[list[s
                 await client.load_adapter(adapter.served_name, adapter.path)
             except ServeError as exc:
                 return str(exc)
+        if loaded_now is not None:
+            loaded_now.append(pod)
         return None
 
-    results = await asyncio.gather(*(one(url) for url in pods.values()))
+    results = await asyncio.gather(*(one(pod, url) for pod, url in pods.items()))
     errors = {pod: err for pod, err in zip(pods, results, strict=True) if err}
     return [pod for pod in pods if pod not in errors], errors
 
@@ -352,6 +376,7 @@ async def _step(
     for manifest in plan.create:
         if await api.create_job(manifest):
             logger.info(f"created Job {manifest['metadata']['name']}")
+            _state(memo).metrics.job_created(manifest)
     new, delay = plan.status, plan.requeue_after
     if plan.progress_from is not None:
         new = record_progress(new, await _read_progress(api, namespace, *plan.progress_from, logger), now)
@@ -360,7 +385,9 @@ async def _step(
         # Say Registering while the loads run (they can take a while on busy pods).
         await _publish(_state(memo), body, current, new)
         current = new
+        started = time.monotonic()
         loaded, errors = await _ensure_loaded(plan.register, vllm)
+        _state(memo).metrics.registered(started, loaded, errors)
         new, old = promote(new, loaded, errors, now)
         if old is not None:
             # Only now that every pod serves the new version and the status points at it.
@@ -371,7 +398,9 @@ async def _step(
             delay = config.resync_s
     elif new.phase == "Ready" and new.adapter is not None:
         # Drift repair: every ready pod must hold the current adapter (restarts lose runtime-loaded ones).
-        loaded, errors = await _ensure_loaded(new.adapter, vllm)
+        repaired: list[str] = []
+        loaded, errors = await _ensure_loaded(new.adapter, vllm, repaired)
+        _state(memo).metrics.drift(body["metadata"], repaired, errors)
         new = observe_serving(new, loaded, errors, now)
     new = with_next_time(new, spec, now)
     await _publish(_state(memo), body, current, new)
@@ -415,6 +444,7 @@ async def _publish(
     new: DoppelUserStatus,
 ) -> None:
     """Patch the status if it changed, with an Event per transition."""
+    state.metrics.status(body["metadata"], old, new)
     before, after = _dump(old), _dump(new)
     if before == after:
         return
@@ -458,6 +488,7 @@ async def pipeline(
             failures = 0
         except Exception as exc:  # an API hiccup must not end the loop: log, back off, go on
             failures += 1
+            _state(memo).metrics.reconcile_failed()
             logger.warning(f"reconcile failed ({type(exc).__name__}: {exc}); retrying")
             delay = backoff(config, failures + 1)
         timeout = config.resync_s if delay is None else min(delay, config.resync_s)
@@ -465,6 +496,7 @@ async def pipeline(
             await asyncio.wait_for(wake.wait(), timeout=max(timeout, 0.05))
     _state(memo).wakeups.pop(uid, None)
     _state(memo).published.pop(uid, None)
+    _state(memo).metrics.forget(namespace, uid)
 
 
 # --- deletion -------------------------------------------------------------------------------------------
