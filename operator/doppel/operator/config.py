@@ -40,3 +40,5 @@ class OperatorConfig:
     peering: str | None = None
     # How long a replica's peering record stays valid without a refresh: how soon a standby takes over.
     peering_lifetime_s: int = 60
+    # This replica's name in the peering object; None: kopf's own ($POD_ID, else user@host/time/random).
+    peer_id: str | None = None

@@ -103,6 +103,7 @@ async def run(
             peering_name=config.peering or None,
             # Equal priorities would pause every replica (kopf's rule): make them differ.
             priority=random.randint(1, 2**31 - 1),
+            identity=config.peer_id,  # type: ignore[arg-type]
             memo=kopf.Memo(doppel=State(config, metrics=metrics)),
             stop_flag=stop_flag,
             ready_flag=ready_flag,
