@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -19,9 +20,9 @@ from doppel.errors import BadInput
 DEFAULT_PORT = 9090
 
 
-def port_from_env(default: int = DEFAULT_PORT) -> int:
+def port_from_env(env: Mapping[str, str] | None = None, default: int = DEFAULT_PORT) -> int:
     """The metrics port from DOPPEL_METRICS_PORT (0: metrics off)."""
-    value = os.environ.get("DOPPEL_METRICS_PORT", "").strip()
+    value = (os.environ if env is None else env).get("DOPPEL_METRICS_PORT", "").strip()
     if not value:
         return default
     if not value.isdigit() or int(value) > 65535:

@@ -32,6 +32,7 @@ from doppel.bot.config import BotConfig
 from doppel.bot.directory import Directory
 from doppel.bot.kube import ANNOTATION_REQUESTER, LABEL_TEAM, AlreadyExists
 from doppel.bot.ledger import EventLedger
+from doppel.bot.metrics import BotMetrics
 from doppel.bot.snapshot import Snapshots
 from doppel.bot.worker import Worker
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
@@ -111,10 +112,12 @@ class Deps:
     chat: Chat
     worker: Worker = field(default_factory=Worker)  # where answers run, off the acknowledging loop
     lookups: Lookups = field(default_factory=lambda: Lookups())
+    metrics: BotMetrics = field(default_factory=lambda: BotMetrics(enabled=False))
     snapshots: Snapshots = field(init=False)
 
     def __post_init__(self) -> None:
         self.snapshots = Snapshots(self.kube)
+        self.worker.on_error = self.metrics.failed
 
 
 def build_app(
@@ -150,9 +153,11 @@ def build_app(
     async def on_mention(body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
         team_id = _team(context, body)
         event_id = str(body.get("event_id") or "")
+        deps.metrics.event_received("app_mention", team_id)
 
         async def work() -> None:
             if event_id and not await deps.ledger.claim(team_id, event_id):
+                deps.metrics.event_deduplicated("app_mention")
                 LOG.info("event %s of team %s already handled", event_id, team_id)
                 return
             await answer_mention(deps, _worker_client(deps, context), team_id, context.bot_user_id, event)
@@ -166,6 +171,7 @@ def build_app(
     @app.command("/doppel")
     async def on_command(ack: Any, respond: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
         team_id = _team(context, command)
+        deps.metrics.event_received("command", team_id)
 
         async def result() -> str:
             try:
@@ -223,6 +229,7 @@ async def answer_mention(
 
     async def post(text: str, **extra: Any) -> None:
         await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text, **extra)
+        deps.metrics.reply_posted(team_id, event["ts"])
 
     namespace = deps.config.namespace_for(team_id)
     text = logic.strip_bot_mention(event.get("text", ""), bot_user_id)
@@ -262,6 +269,7 @@ async def answer_mention(
         reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
     except (ServeError, TimeoutError) as exc:
         LOG.warning("no reply from %s for team %s: %s", model, team_id, exc)
+        deps.metrics.error("vllm_unavailable")
         await post(
             f"Sorry, {name}'s doppel can't answer right now (the model server is unavailable). "
             "Please try again in a minute."

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from doppel.errors import BadInput
+from doppel.metrics import port_from_env
 
 DEFAULT_SCOPES = (
     "app_mentions:read",
@@ -51,6 +52,9 @@ class BotConfig:
     base_model_name: str = "base"
     base_model_path: str = "/models/base"
     token_secret: str = "slack-bot-token"
+    # Prometheus /metrics on this port, apart from the Slack-facing one (0: metrics off).
+    metrics_port: int = 0
+    metrics_addr: str = "0.0.0.0"
 
     @property
     def oauth(self) -> bool:
@@ -106,6 +110,7 @@ class BotConfig:
             base_model_name=get("DOPPEL_BASE_MODEL") or cls.base_model_name,
             base_model_path=get("DOPPEL_BASE_MODEL_PATH") or cls.base_model_path,
             token_secret=get("DOPPEL_TOKEN_SECRET") or cls.token_secret,
+            metrics_port=port_from_env(env),
         )
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from doppel.bot.directory import Directory
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
 from doppel.bot.kube import ANNOTATION_NOTIFIED, ANNOTATION_REQUESTER, LABEL_TEAM, Kube, api_client
 from doppel.bot.ledger import EventLedger, KubeEventLedger, MemoryEventLedger, SqlEventLedger
+from doppel.bot.metrics import BotMetrics
 from doppel.bot.redact import install_token_redaction
 from doppel.bot.stores import AsyncInstallationStoreAdapter, AsyncStateStoreAdapter, KubernetesOAuthStateStore
 from doppel.serve.backend import DEFAULT_PARAMS
@@ -69,6 +71,12 @@ class Bot:
         async def slack(request: Request) -> Response:
             return await handler.handle(request)
 
+        async def events(request: Request) -> Response:
+            started = time.perf_counter()
+            response = await handler.handle(request)
+            self.deps.metrics.acked(started)
+            return response
+
         async def healthz(request: Request) -> Response:
             return JSONResponse({"ok": True})
 
@@ -81,12 +89,14 @@ class Bot:
 
         @contextlib.asynccontextmanager
         async def lifespan(_: Starlette) -> AsyncIterator[None]:
+            self.serve_metrics()
             async with self.notifier():
                 yield
             await asyncio.to_thread(self.deps.worker.close)
+            self.deps.metrics.close()
 
         routes = [
-            Route(EVENTS_PATH, slack, methods=["POST"]),
+            Route(EVENTS_PATH, events, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ]
@@ -96,6 +106,11 @@ class Bot:
                 Route(REDIRECT_PATH, slack, methods=["GET"]),
             ]
         return Starlette(routes=routes, lifespan=lifespan)
+
+    def serve_metrics(self) -> None:
+        """/metrics on its own port (apart from the Slack-facing one), unless metrics are off."""
+        if self.config.metrics_port:
+            self.deps.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
 
     @contextlib.asynccontextmanager
     async def notifier(self) -> AsyncIterator[None]:
@@ -120,12 +135,14 @@ class Bot:
         if not self.config.app_token:
             raise ValueError("Socket Mode needs SLACK_APP_TOKEN (an xapp- app-level token)")
         handler = AsyncSocketModeHandler(self.app, self.config.app_token, web_client=self.app.client)
+        self.serve_metrics()
         try:
             async with self.notifier():
                 await handler.start_async()
         finally:
             await handler.close_async()
             await asyncio.to_thread(self.deps.worker.close)
+            self.deps.metrics.close()
 
 
 class _Server(uvicorn.Server):
@@ -182,7 +199,9 @@ def create_bot(
     # Single-workspace mode: the client carries the one bot token (Bolt takes it from there).
     token = None if config.oauth else config.bot_token
     web = AsyncWebClient(base_url=config.slack_api_url or AsyncWebClient.BASE_URL, token=token)
-    deps = Deps(config=config, kube=directory, ledger=ledger, chat=chat)
+    deps = Deps(
+        config=config, kube=directory, ledger=ledger, chat=chat, metrics=BotMetrics(config.metrics_port != 0)
+    )
     store: AsyncInstallationStoreAdapter | None = None
     flow: AsyncOAuthFlow | None = None
     authorize: AsyncInstallationStoreAuthorize | None = None

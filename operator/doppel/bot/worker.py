@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -30,6 +30,7 @@ class Worker:
         self._lock = threading.Lock()
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
+        self.on_error: Callable[[BaseException], None] | None = None  # told of each failure (metrics)
 
     def _start(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -61,8 +62,10 @@ class Worker:
         async with self._slots:
             try:
                 await work
-            except Exception:
+            except Exception as exc:
                 LOG.exception("%s failed", what)
+                if self.on_error is not None:
+                    self.on_error(exc)
 
     def session(self) -> aiohttp.ClientSession:
         """One HTTP session for the answers' Slack calls (kept-alive connections); call it from the worker's
