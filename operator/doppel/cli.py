@@ -410,6 +410,7 @@ def crd() -> None:
     default="",
     help="kopf peering object shared with other replicas (only one acts); '' runs standalone.",
 )
+@click.option("--peer-id", envvar="DOPPEL_PEER_ID", default=None, help="This replica's name in the peering.")
 @run_stage
 def operator_command(
     namespaces: tuple[str, ...],
@@ -424,6 +425,7 @@ def operator_command(
     api_server: str | None,
     metrics_port: int,
     peering: str,
+    peer_id: str | None,
 ) -> dict[str, Any]:
     """Run the DoppelUser operator (kopf) until interrupted."""
     import asyncio
@@ -446,6 +448,7 @@ def operator_command(
         api_server=api_server,
         metrics_port=metrics_port,
         peering=peering or None,
+        peer_id=peer_id or None,
     )
     asyncio.run(run(config))
     return {}
