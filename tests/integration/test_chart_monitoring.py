@@ -128,7 +128,7 @@ PROMETHEUS_RULE = {
 
 
 def exported_metrics() -> set[str]:
-    """Every series name the operator and the bot can export (counters as _total, histograms as _bucket...)."""
+    """Every series name the operator and the bot can export (counters as _total, histograms as _bucket)."""
     names: set[str] = set()
     for registry in (OperatorMetrics().registry, BotMetrics().registry):
         for family in registry.collect():
@@ -219,7 +219,7 @@ def test_metrics_off_serves_nothing_and_monitors_nothing():
     ]
     for service in find_manifests(manifests, "Service"):
         assert "metrics" not in [p["name"] for p in service["spec"]["ports"]]
-    with pytest.raises(HelmError, match="metrics.serviceMonitor needs metrics.enabled"):
+    with pytest.raises(HelmError, match=r"metrics\.serviceMonitor needs metrics\.enabled"):
         template_chart(set_values={"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}})
 
 
