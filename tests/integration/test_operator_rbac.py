@@ -31,11 +31,17 @@ async def test_operator_uses_only_what_the_chart_grants(kube, operator_config, s
     rules = [*find_manifest(manifests, "Role", "operator")["rules"]]
     rules += find_manifest(manifests, "ClusterRole", "operator")["rules"]
 
+    # With the chart's peering object: kopf's peering calls are checked too.
+    (peering,) = [m for m in manifests if m["kind"] == "KopfPeering"]
+    await kube.kubectl.create(
+        {**peering, "metadata": {"name": peering["metadata"]["name"], "namespace": NAMESPACE}}
+    )
     config = config_with(
         operator_config,
         namespaces=(NAMESPACE,),
         slack_api_url=slack_emulator.base_url + "/",
         scrape_args=("--rate-scale", "1000"),
+        peering=peering["metadata"]["name"],
     )
     operator = OperatorProcess(config)
     await operator.start()
@@ -72,7 +78,7 @@ async def test_operator_uses_only_what_the_chart_grants(kube, operator_config, s
     used = kube.cluster.operator_requests()
     # The run exercised the whole surface (a regression in recording would make this test vacuous).
     expected = {("batch", "jobs", "create"), ("doppel.dev", "doppelusers/status", "patch")}
-    expected |= {("", "secrets", "get"), ("", "pods/log", "get")}
+    expected |= {("", "secrets", "get"), ("", "pods/log", "get"), ("kopf.dev", "kopfpeerings", "patch")}
     assert expected <= used
     denied = sorted(triple for triple in used if not allowed(rules, *triple))
     assert denied == [], f"the chart's operator Role does not grant: {denied}"
