@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from tests.support.kube_fixtures import NAMESPACE, OperatorProcess, config_with, vllm_pod
+from tests.support.metrics import scrape, value
 from tests.support.slack_fixtures import ACME_TOKEN
 from tests.support.vllm_fixtures import VllmServer, free_port, vllm_python
 
@@ -80,8 +82,12 @@ async def until_served(server: VllmServer, name: str, present: bool = True, time
 
 
 async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_emulator, tiny_model, vllm):
+    metrics_port = free_port()
     config = config_with(
-        operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
+        operator_config,
+        slack_api_url=slack_emulator.base_url + "/",
+        scrape_args=("--rate-scale", "1000"),
+        metrics_port=metrics_port,
     )
     data_root = Path(config.data_root)
     await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
@@ -135,6 +141,16 @@ async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_em
         )
         await until_served(vllm, "team.alice.v1", timeout=30)
         assert (await kube.kubectl.get("DoppelUser", "alice"))["metadata"]["generation"] == 1
+        # /metrics tells the same story: one registration timed (the failed one is not), drift repaired.
+        samples = await scrape(metrics_port)
+        assert value(samples, "doppel_adapter_registration_seconds_count") == 1
+        assert value(samples, "doppel_vllm_drift_repairs_total") >= 1
+        assert value(samples, "doppel_vllm_drift_detected_total") >= value(
+            samples, "doppel_vllm_drift_repairs_total"
+        )
+        assert value(samples, "doppel_vllm_drift_pods", namespace=NAMESPACE) == 0
+        assert value(samples, "doppel_doppelusers", namespace=NAMESPACE, phase="Ready") == 1
+        assert value(samples, "doppel_stage_duration_seconds_count", stage="register") == 1
 
         # 3. A spec change retrains; the operator is killed mid-training and comes back.
         kube.jobs.hold("train")
@@ -185,7 +201,10 @@ async def test_retrain_schedule_retrains_and_swaps_the_adapter(
         scheduled["metadata"]["name"] = "sched"
         scheduled["spec"]["retrainSchedule"] = "* * * * *"  # every minute
         await kube.kubectl.create(scheduled)
-        await kube.wait_for("sched", ready_with(1), 300, "Ready v1")
+        obj = await kube.wait_for("sched", ready_with(1), 300, "Ready v1")
+        # As a CronJob's status shows its next run: the next whole minute.
+        upcoming = datetime.fromisoformat(status(obj)["nextScheduleTime"])
+        assert upcoming.second == 0 and upcoming > datetime.fromisoformat(status(obj)["lastTrainedAt"])
         # At the next minute the operator asks for a retrain itself (a spec change, so a new generation).
         obj = await kube.wait_for("sched", ready_with(2), 300, "Ready v2 from the schedule")
         assert obj["spec"]["retrainRequestedAt"] and obj["metadata"]["generation"] == 2
