@@ -6,7 +6,9 @@ loopback. Nothing runs the Jobs: this measures the operator's reaction, not scra
   all 300 have theirs;
 - the operator's peak memory (VmHWM of its process);
 - both as ratios against a baseline measured in the same run: a bare kopf operator (its own process,
-  same emulator) whose only handler creates one Job per object on creation, the floor kopf sets.
+  same emulator) whose only handler creates one Job per object on creation, the floor kopf sets;
+- the cost of metrics: the doppel operator twice, metrics off (`--metrics-port 0`) and on with /metrics
+  scraped every 0.5 s (far more often than Prometheus would), and the on/off ratios (the aim: under 5%).
 
 The emulator forgets requests once served (kmock otherwise matches each request against its whole history,
 a quadratic cost of the emulator, not of the operator).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -29,7 +32,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import httpx
 from tests.support.kube_fixtures import NAMESPACE, KubeCluster
+from tests.support.metrics import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -86,7 +91,22 @@ async def scrape_job_owners(cluster: KubeCluster) -> dict[str, float]:
     }
 
 
-async def run_once(command: list[str], objects: int, label: str) -> dict[str, float]:
+async def scrape_metrics(port: int, stop: asyncio.Event, interval: float = 0.5) -> int:
+    """GET /metrics every `interval` seconds until `stop`; returns how many scrapes succeeded."""
+    scrapes = 0
+    async with httpx.AsyncClient(timeout=10) as client:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.TransportError):
+                (await client.get(f"http://127.0.0.1:{port}/metrics")).raise_for_status()
+                scrapes += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+    return scrapes
+
+
+async def run_once(
+    command: list[str], objects: int, label: str, metrics_port: int | None = None
+) -> dict[str, float]:
     cluster = KubeCluster(record=False)
     await cluster.start()
     await cluster.kubectl.secret("slack-bot", {"token": "xoxb-bench"})
@@ -103,6 +123,8 @@ async def run_once(command: list[str], objects: int, label: str) -> dict[str, fl
             if proc.poll() is not None:
                 tail = (Path(tmp) / "operator.log").read_text()[-2000:]
                 raise RuntimeError(f"{label} operator exited: {tail}")
+            stop = asyncio.Event()
+            scraper = asyncio.create_task(scrape_metrics(metrics_port, stop)) if metrics_port else None
             created: dict[str, float] = {}
 
             async def create(i: int) -> None:
@@ -120,6 +142,8 @@ async def run_once(command: list[str], objects: int, label: str) -> dict[str, fl
             all_done = time.perf_counter() - start
             await asyncio.sleep(1.0)
             memory = peak_rss_mib(proc.pid)
+            stop.set()
+            scrapes = await scraper if scraper is not None else 0
         finally:
             proc.terminate()
             try:
@@ -137,6 +161,7 @@ async def run_once(command: list[str], objects: int, label: str) -> dict[str, fl
         "max": latencies[-1],
         "all": all_done,
         "memory": memory,
+        "scrapes": scrapes,
     }
 
 
@@ -150,14 +175,20 @@ def main() -> None:
         baseline = asyncio.run(run_once([sys.executable, script.name], args.objects, "baseline"))
     finally:
         os.unlink(script.name)
-    doppel = asyncio.run(
-        run_once([str(BIN / "doppel"), "operator", "--data-claim", ""], args.objects, "doppel")
-    )
+    command = [str(BIN / "doppel"), "operator", "--data-claim", ""]
+    off = asyncio.run(run_once([*command, "--metrics-port", "0"], args.objects, "doppel"))
+    port = free_port()
+    doppel = asyncio.run(run_once([*command, "--metrics-port", str(port)], args.objects, "doppel", port))
     print(f"{args.objects} DoppelUsers created at once; time from creation to scrape Job, per object:")
-    print(f"{'':24}{'p50 s':>9}{'p95 s':>9}{'max s':>9}{'all s':>9}{'peak MiB':>10}")
-    for label, figures in (("bare kopf (baseline)", baseline), ("doppel operator", doppel)):
+    print(f"{'':30}{'p50 s':>9}{'p95 s':>9}{'max s':>9}{'all s':>9}{'peak MiB':>10}")
+    rows = (
+        ("bare kopf (baseline)", baseline),
+        ("doppel operator, metrics off", off),
+        ("doppel operator, metrics on", doppel),
+    )
+    for label, figures in rows:
         print(
-            f"{label:24}{figures['p50']:9.2f}{figures['p95']:9.2f}{figures['max']:9.2f}"
+            f"{label:30}{figures['p50']:9.2f}{figures['p95']:9.2f}{figures['max']:9.2f}"
             f"{figures['all']:9.2f}{figures['memory']:10.1f}"
         )
     print(
@@ -165,6 +196,11 @@ def main() -> None:
         f"p50 {doppel['p50'] / baseline['p50']:.2f}x, p95 {doppel['p95'] / baseline['p95']:.2f}x, "
         f"all {doppel['all'] / baseline['all']:.2f}x, "
         f"peak memory {doppel['memory'] / baseline['memory']:.2f}x"
+    )
+    print(
+        f"metrics on / off ({doppel['scrapes']} scrapes of /metrics during the run): "
+        f"p50 {doppel['p50'] / off['p50']:.2f}x, p95 {doppel['p95'] / off['p95']:.2f}x, "
+        f"all {doppel['all'] / off['all']:.2f}x, peak memory {doppel['memory'] / off['memory']:.2f}x"
     )
 
 
