@@ -85,14 +85,13 @@ async def run(
     *,
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
-    metrics: OperatorMetrics | None = None,
 ) -> None:
     """Run the operator until `stop_flag` is set (or a signal arrives).
 
     With `config.peering` set, replicas share kopf's peering object of that name: each picks a random
     priority at start, the highest acts and the others stand by until its record goes stale (a killed
     replica) or is removed (a stopped one). Without it, this process assumes it is the only operator."""
-    metrics = metrics or OperatorMetrics(enabled=config.metrics_port != 0)
+    metrics = OperatorMetrics(enabled=config.metrics_port != 0)
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     try:
