@@ -222,10 +222,14 @@ async def run_bot(
             # mention writes), sent at once from here: the floor under the burst's overhead.
             ledger = Kube(api_client(kube_url))
             started = time.perf_counter()
-            await asyncio.gather(
-                *(ledger.claim(BOT_NAMESPACE, f"baseline{offset + i}", 60) for i in range(EVENTS))
-            )
-            kube_burst = time.perf_counter() - started
+            try:
+                await asyncio.gather(
+                    *(ledger.claim(BOT_NAMESPACE, f"baseline{offset + i}", 60) for i in range(EVENTS))
+                )
+                kube_burst = time.perf_counter() - started
+            except Exception as exc:  # kmock's own timeouts on a loaded machine: no baseline this time
+                print(f"baseline claims failed ({type(exc).__name__}), load {os.getloadavg()[0]:.1f}")
+                kube_burst = float("nan")
 
             requests = []
             for i in range(offset, offset + EVENTS):
