@@ -251,7 +251,11 @@ async def run_bot(
         stop_scraping.set()
         scrapes = await scraper if scraper is not None else 0
         bot.terminate()
-        bot.wait(10)
+        try:
+            bot.wait(30)
+        except subprocess.TimeoutExpired:  # still finishing answers on a loaded machine
+            bot.kill()
+            bot.wait()
         log.close()
     posts = [p for p in emulator.posted(CHANNEL, team)[posted_before:] if p.get("username") == "alice-bot"]
     return {
