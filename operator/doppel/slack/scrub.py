@@ -36,6 +36,8 @@ _PLAIN_WORD = re.compile(r"[A-Za-z]+")
 # An unquoted token this long, mixing cases and digits, with base64-like entropy is a key, not a word.
 _BARE_TOKEN = re.compile(r"(?<![\w+/=.-])(?=[\w+/=-]*[a-z])(?=[\w+/=-]*[A-Z])(?=[\w+/=-]*\d)[\w+/=-]{32,}")
 _PHONE_REGION = "US"  # numbers without a country code are read as North American ones
+# Valid numbers written in their country's digit groups: a log's "37.230937  1537" is no phone number.
+_PHONE_LENIENCY = phonenumbers.Leniency.STRICT_GROUPING
 
 
 class Scrubbed(NamedTuple):
@@ -55,7 +57,10 @@ def scrub_text(text: str) -> Scrubbed:
     text, emails = _EMAIL.subn(EMAIL, text)
     if emails:
         counts["email"] += emails
-    phones = [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(text, _PHONE_REGION)]
+    phones = [
+        (m.start, m.end)
+        for m in phonenumbers.PhoneNumberMatcher(text, _PHONE_REGION, leniency=_PHONE_LENIENCY)
+    ]
     if phones:
         text = _replace(text, phones, PHONE)
         counts["phone"] += len(phones)
