@@ -122,7 +122,13 @@ def rich_text_markup(blocks: Sequence[Mapping[str, Any]]) -> str:
     out: list[str] = []
     for block in blocks:
         if block.get("type") == "rich_text":
-            out.append("".join(_rich_element(e) for e in block.get("elements") or []))
+            parts = [_rich_element(e) for e in block.get("elements") or []]
+            # Each section of a block is a line of its own.
+            out.append(
+                "".join(
+                    p if p.endswith("\n") or i == len(parts) - 1 else p + "\n" for i, p in enumerate(parts)
+                )
+            )
     return "\n".join(part for part in out if part)
 
 
@@ -138,16 +144,16 @@ def _rich_element(element: Mapping[str, Any]) -> str:
     if kind == "rich_text_list":
         return "".join(f"• {_rich_element(e)}\n" for e in element.get("elements") or [])
     if kind == "text":
-        return _escape(str(element.get("text") or ""))
+        return _styled(_escape(str(element.get("text") or "")), element)
     if kind == "link":
         url, label = element.get("url") or "", element.get("text")
-        return f"<{url}|{label}>" if label else f"<{url}>"
+        return _styled(f"<{url}|{label}>" if label else f"<{url}>", element)
     if kind == "user":
-        return f"<@{element.get('user_id')}>"
+        return _styled(f"<@{element.get('user_id')}>", element)
     if kind == "channel":
         return f"<#{element.get('channel_id')}>"
     if kind == "broadcast":
-        return f"<!{element.get('range')}>"
+        return _styled(f"<!{element.get('range')}>", element)
     if kind == "usergroup":
         return f"<!subteam^{element.get('usergroup_id')}>"
     if kind == "emoji":
@@ -157,6 +163,20 @@ def _rich_element(element: Mapping[str, Any]) -> str:
     if kind == "canvas":
         return str(element.get("file_id") or "")
     return inner
+
+
+def _styled(markup: str, element: Mapping[str, Any]) -> str:
+    """Slack's mrkdwn marks around a styled piece, in the order Slack writes them (`~_*`x`*_~`); the
+    spaces around the piece stay outside the marks."""
+    style = element.get("style") or {}
+    core = markup.strip()
+    if not core:
+        return markup
+    for flag, mark in (("code", "`"), ("bold", "*"), ("italic", "_"), ("strike", "~")):
+        if style.get(flag):
+            core = f"{mark}{core}{mark}"
+    lead = markup[: len(markup) - len(markup.lstrip())]
+    return lead + core + markup[len(markup.rstrip()) :]
 
 
 def _escape(text: str) -> str:
