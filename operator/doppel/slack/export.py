@@ -26,6 +26,7 @@ from doppel.slack.samples import (
     channel_skip_reason,
     resolve_person,
     select_channels,
+    skip_reason,
     threads_from_messages,
     ts_key,
     write_output,
@@ -99,7 +100,9 @@ def _scrape(
         if reason:
             entry["skipped"] = reason
             entry["messages"] = len(messages[channel["id"]])
-            elsewhere += sum(1 for m in messages[channel["id"]] if m.get("user") == person.id)
+            own = sum(1 for m in messages[channel["id"]] if m.get("user") == person.id and not skip_reason(m))
+            entry["person_messages"] = own
+            elsewhere += own
     manifest.person_messages["in_skipped_channels"] = elsewhere
     return write_output(out, samples, manifest, options.max_samples)
 

@@ -292,6 +292,7 @@ def build_samples(
                 continue
             in_channel = message["ts"] == thread.ts  # the root: posted in the channel, not in a thread
             text = _read(message, names, channel_names, options, counts)
+            said = ThreadMessage(author, names.get(author, UNKNOWN_USER), text or "", float(message["ts"]))
             if author == person.id:
                 counts["own"]["after_cutoff"] += 1
                 newest_own = max([newest_own or "0", message["ts"]], key=ts_key)
@@ -302,10 +303,9 @@ def build_samples(
                 elif len(text) < options.min_length:
                     counts["dropped"]["too_short"] += 1
                 else:
-                    before = channel_window(flow, rule) if in_channel else context
+                    before = channel_window([*flow, said], rule)[:-1] if in_channel else context
                     samples.append(_sample(thread, message, text, before, person, team, options))
             if text:
-                said = ThreadMessage(author, names.get(author, UNKNOWN_USER), text, float(message["ts"]))
                 context.append(said)
                 if in_channel:
                     flow.append(said)
@@ -479,8 +479,8 @@ def no_samples_reason(manifest: Manifest) -> str:
     )
     options = manifest.options
     if not after and not before and elsewhere:
-        skipped = ", ".join(
-            f"#{n} ({c['skipped']})" for n, c in manifest.channels.items() if c.get("skipped")
+        skipped = "; ".join(
+            f"#{n}: {c['skipped']}" for n, c in manifest.channels.items() if c.get("person_messages")
         )
         return f"all {elsewhere} messages of {name} are in channels not taken: {skipped}"
     if not after and not before:
