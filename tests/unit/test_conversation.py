@@ -68,3 +68,25 @@ def test_a_channel_window_reaches_back_over_short_gaps_only():
     # At most max_messages, the answered one included.
     assert channel_window([*flow, target], WindowRule(gap_seconds=5000, max_messages=2)) == [flow[-1], target]
     assert channel_window([], WindowRule()) == []
+
+
+def test_doppel_chat_cuts_its_prompt_with_the_same_window():
+    """`doppel chat` is one channel: after a long pause the earlier talk is no longer the context."""
+    from doppel.serve.chat import ChatSession
+
+    prompts: list[list[dict[str, str]]] = []
+
+    class Recording:
+        def stream(self, adapter, messages, params):
+            prompts.append(list(messages))
+            yield "noted"
+
+    now = [1000.0]
+    session = ChatSession(Recording(), "a", "Alice", window=WindowRule(gap_seconds=300), clock=lambda: now[0])
+    list(session.reply("deploy at 5?"))
+    now[0] += 60
+    list(session.reply("and the retro?"))
+    assert [m["content"] for m in prompts[-1][1:]] == ["You: deploy at 5?", "noted", "You: and the retro?"]
+    now[0] += 3600
+    list(session.reply("new topic"))
+    assert [m["content"] for m in prompts[-1][1:]] == ["You: new topic"]

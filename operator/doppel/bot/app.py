@@ -37,7 +37,7 @@ from doppel.bot.worker import Worker
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient
-from doppel.slack.conversation import ThreadMessage, WindowRule, build_conversation, channel_window
+from doppel.slack.conversation import DEFAULT_WINDOW, ThreadMessage, build_conversation, channel_window
 from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
 from doppel.slack.scrub import scrub_text
 
@@ -48,7 +48,7 @@ DEFAULT_ICON = ":robot_face:"
 # A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
 COMMAND_ACK_S = 1.5
 # The training samples' default window (`doppel scrape --window-gap-minutes/--window-messages`).
-WINDOW = WindowRule()
+WINDOW = DEFAULT_WINDOW
 _MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 
 # The one thing the bot needs from a model server: the reply of adapter `model` to `messages`.

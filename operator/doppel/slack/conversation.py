@@ -51,7 +51,12 @@ class WindowRule:
     max_messages: int = DEFAULT_WINDOW_MESSAGES
 
 
-def channel_window(messages: Sequence[ThreadMessage], rule: WindowRule = WindowRule()) -> list[ThreadMessage]:
+DEFAULT_WINDOW = WindowRule()
+
+
+def channel_window(
+    messages: Sequence[ThreadMessage], rule: WindowRule = DEFAULT_WINDOW
+) -> list[ThreadMessage]:
     """The window ending with the last of `messages` (channel messages, oldest first): that message and the
     earlier ones each at most `rule.gap_seconds` before the next, at most `rule.max_messages` in all."""
     if not messages:
