@@ -22,7 +22,7 @@ import phonenumbers
 from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 from detect_secrets.plugins.base import BasePlugin, RegexBasedDetector
 from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString, HighEntropyStringsPlugin
-from detect_secrets.plugins.keyword import CONFIG_DENYLIST_REGEX_TO_GROUP, KeywordDetector
+from detect_secrets.plugins.keyword import CONFIG_DENYLIST_REGEX_TO_GROUP, DENYLIST_REGEX, KeywordDetector
 from detect_secrets.plugins.private_key import PrivateKeyDetector
 
 SECRET, EMAIL, PHONE = "<secret>", "<email>", "<phone>"
@@ -35,6 +35,9 @@ _KEY_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z")
 _PLAIN_WORD = re.compile(r"[A-Za-z]+")
 # An unquoted token this long, mixing cases and digits, with base64-like entropy is a key, not a word.
 _BARE_TOKEN = re.compile(r"(?<![\w+/=.-])(?=[\w+/=-]*[a-z])(?=[\w+/=-]*[A-Z])(?=[\w+/=-]*\d)[\w+/=-]{32,}")
+# Cheap tests first: most messages name no secret keyword and hold too few digits for a phone number.
+_KEYWORD = re.compile(DENYLIST_REGEX, re.IGNORECASE)
+_PHONE_MIN_DIGITS = 7
 _PHONE_REGION = "US"  # numbers without a country code are read as North American ones
 # Valid numbers written in their country's digit groups: a log's "37.230937  1537" is no phone number.
 _PHONE_LENIENCY = phonenumbers.Leniency.STRICT_GROUPING
@@ -57,10 +60,10 @@ def scrub_text(text: str) -> Scrubbed:
     text, emails = _EMAIL.subn(EMAIL, text)
     if emails:
         counts["email"] += emails
-    phones = [
-        (m.start, m.end)
-        for m in phonenumbers.PhoneNumberMatcher(text, _PHONE_REGION, leniency=_PHONE_LENIENCY)
-    ]
+    phones: list[tuple[int, int]] = []
+    if sum(map(str.isdigit, text)) >= _PHONE_MIN_DIGITS:
+        matches = phonenumbers.PhoneNumberMatcher(text, _PHONE_REGION, leniency=_PHONE_LENIENCY)
+        phones = [(m.start, m.end) for m in matches]
     if phones:
         text = _replace(text, phones, PHONE)
         counts["phone"] += len(phones)
@@ -89,7 +92,7 @@ def _secret_spans(text: str) -> list[tuple[int, int]]:
             for regex in detector.denylist:
                 for match in regex.finditer(text):
                     spans.append(_widen(text, *_value_span(match)))
-        elif isinstance(detector, KeywordDetector):
+        elif isinstance(detector, KeywordDetector) and _KEYWORD.search(text):
             for regex, group in CONFIG_DENYLIST_REGEX_TO_GROUP.items():
                 for match in regex.finditer(text):
                     start = match.start(group)
