@@ -553,6 +553,7 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
 @click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 240).")
 @click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
 @click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
+@click.option("--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers in the samples.")
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
 @click.option("--socket-mode", is_flag=True, help="Then answer @mentions in Slack over Socket Mode.")
 @run_stage
@@ -568,6 +569,7 @@ def local(
     max_steps: int | None,
     cutoff_days: float | None,
     max_tokens: int,
+    no_scrub: bool,
     open_chat: bool,
     socket_mode: bool,
 ) -> dict[str, Any]:
@@ -589,6 +591,7 @@ def local(
         max_steps=max_steps,
         cutoff_days=cutoff_days,
         reply_tokens=max_tokens,
+        scrub=not no_scrub,
     )
     outcome = run_local(settings)
     click.echo(report(outcome))
