@@ -61,6 +61,14 @@ def test_scrape_through_the_api(slack_emulator, tmp_path, monkeypatch):
 
 
 def test_export_gives_the_same_samples_as_the_api(slack_emulator, slack_workspace, tmp_path):
+    # Talk in the channel, not in a thread: the answer's context is the question's window.
+    now = int(time.time())
+    question = "is the staging deploy still at five today, or did it move after the incident review?"
+    answer = "Still at five. The review only moved the retro to Friday, so nothing at all changes for the deploy itself."
+    for ts, user, text in ((now - 200, "U02BOB", question), (now - 140, "U01ALICE", answer)):
+        message = {"type": "message", "ts": f"{ts}.000100", "user": user, "text": text}
+        slack_emulator.add_message("C01GENERAL", message)
+        slack_workspace["messages"]["general"].append(message)
     # An export counts its cutoff from its newest message and takes archived channels: asked not to here.
     assert scrape(slack_emulator, tmp_path / "api", "--cutoff-days", "3650").exit_code == 0
     zip_path = write_export_zip(slack_workspace, tmp_path / "workspace.zip")
@@ -72,6 +80,8 @@ def test_export_gives_the_same_samples_as_the_api(slack_emulator, slack_workspac
     assert (tmp_path / "api" / "samples.jsonl").read_bytes() == (
         tmp_path / "export" / "samples.jsonl"
     ).read_bytes()
+    (windowed,) = [s for s in read_samples(tmp_path / "api") if s["messages"][-1]["content"] == answer]
+    assert windowed["messages"][-2] == {"role": "user", "content": f"bobby: {question}"}
 
 
 def test_channel_lists_and_cutoff(slack_emulator, tmp_path):

@@ -484,7 +484,9 @@ def no_samples_reason(manifest: Manifest) -> str:
         )
         return f"all {elsewhere} messages of {name} are in channels not taken: {skipped}"
     if not after and not before:
-        return f"{name} wrote no messages in the channels taken ({manifest.source})"
+        # The Web API is asked only for messages after the cutoff; an export shows them all.
+        since = f" since the cutoff {manifest.cutoff}" if manifest.source == "api" else ""
+        return f"{name} wrote no messages in the channels taken{since} ({manifest.source})"
     if not after:
         return (
             f"none of {name}'s {before} messages is after the cutoff {manifest.cutoff} "
