@@ -52,3 +52,36 @@ def test_display_name_falls_back_to_real_then_account_name():
     )
     assert user_display_name({"id": "U1", "name": "al", "profile": {}}) == "al"
     assert user_display_name({"id": "U1"}) == "U1"
+
+
+def test_a_message_reads_as_its_authors_own_words():
+    from doppel.slack.normalize import message_author, message_text
+
+    share = "<@U1|alice> uploaded a file: <https://x.slack.com/files/U1/F0VQ4C4BT/a.js|a.js>"
+    assert message_text({"subtype": "file_share", "text": share}, USERS) == ""
+    assert message_text(
+        {"subtype": "file_share", "text": share + " and commented: look &gt; here"}, USERS
+    ) == ("look > here")
+    comment = {
+        "subtype": "file_comment",
+        "text": "<@U2> commented on ...",
+        "comment": {"user": "U2", "comment": "ok"},
+    }
+    assert (message_text(comment, USERS), message_author(comment)) == ("ok", "U2")
+    canvas = {"text": "notes:\nF07A32DC2GG", "files": [{"id": "F07A32DC2GG", "title": "Weekly Sync"}]}
+    assert message_text(canvas, USERS) == "notes:\nWeekly Sync"
+    link = "<https://x.slack.com/files/U1/F0VNAKDE2/a.js>"
+    assert message_text({"text": link}, USERS) == "https://x.slack.com/files/U1/F0VNAKDE2/a.js"
+    blocks = [
+        {
+            "type": "rich_text",
+            "elements": [
+                {
+                    "type": "rich_text_section",
+                    "elements": [{"type": "user", "user_id": "U1"}, {"type": "text", "text": " hi"}],
+                },
+                {"type": "rich_text_preformatted", "elements": [{"type": "text", "text": "a < b"}]},
+            ],
+        }
+    ]
+    assert message_text({"text": "", "blocks": blocks}, USERS) == "@alice hi\n```a < b```"

@@ -35,7 +35,8 @@ _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _FILE_SHARE = re.compile(
     r"^<@[^>]*> (?:uploaded|shared) a file: <[^>]*>(?: and commented: (?P<comment>.*))?$", re.S
 )
-_FILE_ID = re.compile(r"\bF(?=[0-9A-Z]*\d)[0-9A-Z]{8,}\b")
+# A file ID standing alone (a canvas or file reference), not one inside a link.
+_FILE_ID = re.compile(r"(?<!\S)F(?=[0-9A-Z]*\d)[0-9A-Z]{8,}(?!\S)")
 
 
 def user_display_name(user: Mapping[str, Any]) -> str:
