@@ -64,7 +64,9 @@ def test_export_gives_the_same_samples_as_the_api(slack_emulator, slack_workspac
     # Talk in the channel, not in a thread: the answer's context is the question's window.
     now = int(time.time())
     question = "is the staging deploy still at five today, or did it move after the incident review?"
-    answer = "Still at five. The review only moved the retro to Friday, so nothing at all changes for the deploy itself."
+    answer = (
+        "Still at five. The review only moved the retro to Friday, so nothing at all changes for the deploy."
+    )
     for ts, user, text in ((now - 200, "U02BOB", question), (now - 140, "U01ALICE", answer)):
         message = {"type": "message", "ts": f"{ts}.000100", "user": user, "text": text}
         slack_emulator.add_message("C01GENERAL", message)
