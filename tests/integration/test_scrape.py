@@ -65,7 +65,8 @@ def test_export_gives_the_same_samples_as_the_api(slack_emulator, slack_workspac
     now = int(time.time())
     question = "is the staging deploy still at five today, or did it move after the incident review?"
     answer = (
-        "Still at five. The review only moved the retro to Friday, so nothing at all changes for the deploy."
+        "Still at five. The review only moved the retro to Friday, "
+        "so nothing at all changes for the deploy now."
     )
     for ts, user, text in ((now - 200, "U02BOB", question), (now - 140, "U01ALICE", answer)):
         message = {"type": "message", "ts": f"{ts}.000100", "user": user, "text": text}
