@@ -252,3 +252,19 @@ def test_no_samples_writes_nothing_and_says_why(tmp_path):
         BadInput, match=r"none of Alice Martin's 1 messages is after the cutoff .* newest is from 2023"
     ):
         write_output(tmp_path / "out", samples, manifest, 500)
+
+
+def test_a_user_missing_from_the_user_list_is_named_from_the_profile_in_the_message():
+    ghost = {
+        "type": "message",
+        "ts": f"{T0}.000100",
+        "user": "U09GHOST",
+        "text": "who owns <@U08NOBODY>'s task?",
+    }
+    ghost["user_profile"] = {"display_name": "ghosty", "real_name": "Gus Host"}
+    answer = {"type": "message", "ts": f"{T0 + 30}.000100", "user": "U01ALICE", "text": "<@U09GHOST> me"}
+    (sample,), _ = build(threads_from_messages("C9OPS", "ops", [ghost, answer], 0))
+    assert [m["content"] for m in sample["messages"][1:]] == [
+        "ghosty: who owns @someone's task?",
+        "@ghosty me",
+    ]
