@@ -23,10 +23,9 @@ from doppel.slack.samples import (
     Manifest,
     ScrapeOptions,
     build_samples,
-    channel_skip_reason,
+    list_channels,
     resolve_person,
     select_channels,
-    skip_reason,
     threads_from_messages,
     ts_key,
     write_output,
@@ -91,19 +90,7 @@ def _scrape(
     samples, manifest = build_samples(
         threads, person, users, channel_names, options, team=team, source=f"export:{zip_path.name}"
     )
-    elsewhere = 0
-    for channel in channels:
-        reason = channel_skip_reason(channel, options)
-        entry = manifest.channels.setdefault(
-            channel["name"], {"id": channel["id"], "messages": 0, "threads": 0}
-        )
-        if reason:
-            entry["skipped"] = reason
-            entry["messages"] = len(messages[channel["id"]])
-            own = sum(1 for m in messages[channel["id"]] if m.get("user") == person.id and not skip_reason(m))
-            entry["person_messages"] = own
-            elsewhere += own
-    manifest.person_messages["in_skipped_channels"] = elsewhere
+    list_channels(manifest, channels, options, messages)
     return write_output(out, samples, manifest, options.max_samples)
 
 

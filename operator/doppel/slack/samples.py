@@ -206,6 +206,30 @@ def channel_skip_reason(channel: Mapping[str, Any], options: ScrapeOptions) -> s
     return None
 
 
+def list_channels(
+    manifest: Manifest,
+    channels: Iterable[Mapping[str, Any]],
+    options: ScrapeOptions,
+    messages: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> None:
+    """Every channel in the manifest: those taken with their counts, the others `skipped` with the reason
+    and, where their `messages` are known (an export), how many are the person's own."""
+    person, elsewhere = manifest.person["id"], 0
+    for channel in channels:
+        entry = manifest.channels.setdefault(
+            channel["name"], {"id": channel["id"], "messages": 0, "threads": 0}
+        )
+        reason = channel_skip_reason(channel, options)
+        if reason:
+            entry["skipped"] = reason
+            if messages is not None:
+                seen = messages.get(channel["id"], [])
+                own = sum(1 for m in seen if message_author(m) == person and not skip_reason(m))
+                entry.update(messages=len(seen), person_messages=own)
+                elsewhere += own
+    manifest.person_messages["in_skipped_channels"] = elsewhere
+
+
 def threads_from_messages(
     channel_id: str, channel_name: str, messages: Iterable[Mapping[str, Any]], oldest: float
 ) -> list[Thread]:

@@ -48,6 +48,7 @@ from doppel.slack.samples import (
     ScrapeOptions,
     Thread,
     build_samples,
+    list_channels,
     resolve_person,
     select_channels,
     threads_from_messages,
@@ -262,8 +263,7 @@ class _Scraper:
         samples, manifest = build_samples(
             threads, person, users, channel_names, options, team=team, source="api"
         )
-        for channel in chosen:
-            manifest.channels.setdefault(channel["name"], {"id": channel["id"], "messages": 0, "threads": 0})
+        list_channels(manifest, channels, options)
         manifest = write_output(out, samples, manifest, options.max_samples)
         for channel in chosen:
             _, latest, seen = results[channel["id"]]
