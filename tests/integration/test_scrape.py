@@ -419,3 +419,23 @@ def test_the_installed_command_exits_2_with_one_line(slack_emulator, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "doppel: error: Slack rejected the token (invalid_auth)\n"
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_export_dms_only_when_asked_for(slack_workspace, tmp_path):
+    zip_path = write_export_zip(slack_workspace, tmp_path / "workspace.zip")
+    ts = f"{int(time.time()) - 3600}.000100"
+    text = (
+        "Between us: I would rather we pushed the launch a week, the onboarding flow is not ready yet at all."
+    )
+    with zipfile.ZipFile(zip_path, "a") as archive:
+        archive.writestr("dms.json", json.dumps([{"id": "D0ALICEBOB", "members": ["U01ALICE", "U02BOB"]}]))
+        day = time.strftime("%Y-%m-%d", time.gmtime(float(ts)))
+        dm = [{"type": "message", "ts": ts, "user": "U01ALICE", "text": text}]
+        archive.writestr(f"D0ALICEBOB/{day}.json", json.dumps(dm))
+    assert scrape(None, tmp_path / "default", "--export", str(zip_path)).exit_code == 0
+    assert text not in replies(tmp_path / "default")
+    listed = json.loads((tmp_path / "default" / "manifest.json").read_text())["channels"]
+    assert listed["dm-alice-bob"]["skipped"] == "direct messages (--include-dms takes them)"
+    result = scrape(None, tmp_path / "dms", "--export", str(zip_path), "--include-dms")
+    assert result.exit_code == 0, result.output
+    assert text in replies(tmp_path / "dms")

@@ -268,3 +268,33 @@ def test_a_user_missing_from_the_user_list_is_named_from_the_profile_in_the_mess
         "ghosty: who owns @someone's task?",
         "@ghosty me",
     ]
+
+
+def test_channel_policy_says_why_a_channel_is_not_taken():
+    from doppel.slack.samples import channel_skip_reason
+
+    kinds = {
+        "pub": {},
+        "old": {"is_archived": True},
+        "priv": {"is_private": True},
+        "dm": {"is_im": True},
+        "group-dm": {"is_mpim": True},
+        "ext": {"is_ext_shared": True},
+    }
+    channels = [{"id": f"C{i}", "name": name, **flags} for i, (name, flags) in enumerate(kinds.items())]
+
+    def taken(**options):
+        return {c["name"]: channel_skip_reason(c, ScrapeOptions(**options)) for c in channels}
+
+    assert taken(include_archived=True) == {
+        "pub": None,
+        "old": None,
+        "priv": "private (--include-private takes it)",
+        "dm": "direct messages (--include-dms takes them)",
+        "group-dm": "direct messages (--include-dms takes them)",
+        "ext": "shared with another organisation (--channel takes it)",
+    }
+    every = taken(include_archived=False, include_private=True, include_dms=True)
+    assert every["old"] == "archived (--exclude-archived)" and every["priv"] is every["dm"] is None
+    assert taken(channels=["ext"], exclude_channels=["pub"])["ext"] is None
+    assert taken(exclude_channels=["pub"])["pub"] == "excluded (--exclude-channel)"
