@@ -439,3 +439,24 @@ def test_export_dms_only_when_asked_for(slack_workspace, tmp_path):
     result = scrape(None, tmp_path / "dms", "--export", str(zip_path), "--include-dms")
     assert result.exit_code == 0, result.output
     assert text in replies(tmp_path / "dms")
+
+
+def test_a_later_run_keeps_the_window_across_the_runs(slack_emulator, tmp_path):
+    """A channel answer posted after the first run still gets the question asked before it."""
+    now = int(time.time())
+    question = "did anyone look at the flaky checkout test yet, or should I open a ticket for it today?"
+    slack_emulator.add_message(
+        "C01GENERAL", {"type": "message", "ts": f"{now - 120}.000100", "user": "U02BOB", "text": question}
+    )
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    answer = "I looked this morning: it is the payment mock timing out under load, " + (
+        "so a ticket is a good idea, thanks!"
+    )
+    slack_emulator.add_message(
+        "C01GENERAL", {"type": "message", "ts": f"{now - 60}.000100", "user": "U01ALICE", "text": answer}
+    )
+    result = scrape(slack_emulator, out)
+    assert result.exit_code == 0, result.output
+    (sample,) = [s for s in read_samples(out) if s["messages"][-1]["content"] == answer]
+    assert sample["messages"][-2] == {"role": "user", "content": f"bobby: {question}"}
