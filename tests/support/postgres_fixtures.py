@@ -42,7 +42,7 @@ class Postgres:
 def _binaries() -> Path:
     spec = importlib.util.find_spec("pgserver")  # found, not imported: its import sets up lock files
     if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the PostgreSQL tests need the `pgserver` wheel (the test extra installs it)", pytrace=False)
+        pytest.fail("the PostgreSQL tests need the pgserver wheel (in the test extra)", pytrace=False)
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 

@@ -577,14 +577,16 @@ async def answer_consent(
     channel = request["channel"]
     client = context.client
     # The button travels through Slack: only the named person, a member of the same workspace, can answer
-    # it. Refusals go to the clicker alone (ephemeral): a shared channel's other company sees nothing.
+    # it. Refusals go to the clicker alone (ephemeral, where they clicked): a shared channel's other
+    # company sees nothing.
+    clicked_in = (body.get("channel") or {}).get("id") or channel
     if not await admitted(deps, client, tenant, body, clicker):
-        await client.chat_postEphemeral(channel=channel, user=clicker, text=logic.REFUSAL)
+        await client.chat_postEphemeral(channel=clicked_in, user=clicker, text=logic.REFUSAL)
         return
     if request["team"] != tenant.team_id or clicker != request["target"]:
         LOG.warning("consent answer by %s of team %s refused", clicker, tenant.team_id)
         await client.chat_postEphemeral(
-            channel=channel, user=clicker, text=f"Only <@{request['target']}> can answer this."
+            channel=clicked_in, user=clicker, text=f"Only <@{request['target']}> can answer this."
         )
         return
     if CONSENT_ACTION.match(action["action_id"]).group(1) == "decline":  # type: ignore[union-attr]
