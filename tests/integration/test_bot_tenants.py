@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import json
 import re
 import time
@@ -19,7 +18,6 @@ import urllib.parse
 from dataclasses import replace
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from kubernetes import client as k8s
 from slack_sdk.oauth.installation_store.sqlalchemy import SQLAlchemyInstallationStore
@@ -29,7 +27,6 @@ from tests.support.bot_fixtures import (
     SIGNING_SECRET,
     OAuthSlackEmulator,
     as_team,
-    bot_config,
     command_form,
     doppel_body,
     kube_for,
@@ -42,7 +39,6 @@ from tests.support.slack_emulator import SlackEmulator, Team
 from tests.support.slack_fixtures import ACME_TOKEN
 
 from doppel.bot.config import BotConfig
-from doppel.bot.installation_store import KubernetesSecretInstallationStore
 from doppel.bot.kube import api_client
 from doppel.bot.logic import REFUSAL
 from doppel.bot.server import notify_once
@@ -300,3 +296,98 @@ async def until_doppel(kube: Any, team: str, handle: str) -> dict[str, Any]:
         assert time.monotonic() < deadline, f"no doppel of {handle} in {team}"
         await asyncio.sleep(0.05)
     return found
+
+
+async def test_slack_connect_users_and_other_workspaces_are_refused_privately(
+    bot_harness, bot_kube, slack_workspace
+):
+    """The default chart install (one workspace, a bot token). B's alice is in A's channel shared with her
+    company (Slack Connect): she cannot talk to A's doppels, train one, be trained or answer a consent
+    request, and each refusal is hers alone. Requests of another workspace, or an org-wide envelope, are
+    refused outright."""
+    emulator = SlackEmulator(rate_scale=1000.0)
+    team_a = emulator.add_team(acme(slack_workspace), token=ACME_TOKEN, bot_user_id=BOT_A)
+    team_b = emulator.add_team(globex(), token=TOKEN_B, bot_user_id=BOT_B)
+    external = next(u for u in globex()["users"] if u["id"] == ALICE_B)
+    emulator.add_external_user(external, PARTNERS_A, team_a)
+    asked: list[str] = []
+
+    async def chat(model: str, messages: Any) -> str:
+        asked.append(model)
+        return "hello"
+
+    slack = {"signingSecret": SIGNING_SECRET, "botToken": ACME_TOKEN}
+    config = chart_config([], {"slack": slack, "workspaces": [TEAM_A]}, {})
+    kmock, url = bot_kube
+    kube = kube_for(url)
+    ready = doppel_body("alice", ALICE_A, served_name="alice-acme", team=TEAM_A, namespace=NAMESPACE)
+    await kube.create_doppel(NAMESPACE, ready)
+    with emulator:
+        bot = await bot_harness(config, emulator=emulator, chat=chat)
+        connect = {"is_ext_shared_channel": True, "user_team": TEAM_B, "source_team": TEAM_B}
+        # Slack Connect envelopes name her company; one without those fields is caught by users.info.
+        for event_id, envelope in (("EvExt1", connect), ("EvExt2", {})):
+            text = f"<@{BOT_A}> as alice what's the roadmap?"
+            await bot.event(mention(emulator, team_a, ALICE_B, text, PARTNERS_A, event_id, **envelope))
+        refusals = await until(lambda: [p for p in emulator.ephemeral_posts(PARTNERS_A, team_a)][1:])
+        assert all(
+            p["user"] == ALICE_B and p["text"] == REFUSAL for p in emulator.ephemeral_posts(PARTNERS_A)
+        )
+        assert len(refusals) == 1 and emulator.posted(PARTNERS_A, team_a) == [] and asked == []
+
+        def run(text: str, user: str, team: str = TEAM_A, channel: str = PARTNERS_A, **extra: str) -> Any:
+            return bot.form(command(text, user=user, team=team, channel=channel, **extra))
+
+        for text in (
+            "list",
+            "status",
+            "status @alice",
+            "switch @alice",
+            "train @alice",
+            "forget @alice",
+            "help",
+        ):
+            assert (await run(text, ALICE_B)).text == REFUSAL, text
+        # A member cannot train the external alice either (neither by mention nor by handle: `@alice`
+        # is A's own alice), and nobody is asked for consent.
+        refused = await run(f"train <@{ALICE_B}|alice>", BOB_A)
+        assert "not a member of this workspace" in refused.text
+        assert "already has a doppel" in (await run("train @alice", BOB_A)).text
+        assert [d["spec"]["target"]["userId"] for d in await kube.list_doppels(NAMESPACE, TEAM_A)] == [
+            ALICE_A
+        ]
+        assert consent_values(emulator, team_a) == []
+        assert (await kube.get_state(NAMESPACE, TEAM_A)) == {}
+
+        # A consent request for carol: the external alice's click is refused, privately.
+        assert "Asked <@U03CAROL>" in (await run("train @carol", BOB_A, channel=GENERAL_A)).text
+        [value] = await until(lambda: consent_values(emulator, team_a))
+        before = len(emulator.ephemeral_posts(PARTNERS_A, team_a))
+        await bot.form(click(value, user=ALICE_B, user_team=TEAM_B, team=TEAM_A, channel=PARTNERS_A))
+        await until(lambda: len(emulator.ephemeral_posts(PARTNERS_A, team_a)) > before)
+        assert emulator.ephemeral_posts(PARTNERS_A, team_a)[-1]["text"] == REFUSAL
+        assert await kube.get_doppel(NAMESPACE, TEAM_A, name_of("carol", TEAM_A)) is None
+        assert emulator.posted(PARTNERS_A, team_a) == []
+
+        # Another workspace, signed correctly, and org-wide envelopes (authorizations[0].team_id null)
+        # naming B, or claiming an org install: all refused before anything runs.
+        assert (await run("list", BOB_B, team=TEAM_B, channel=GENERAL_B)).status_code == 403
+        grid = {"enterprise_id": "E0GRID001", "team_id": None, "user_id": BOT_A, "is_bot": True}
+        org_wide = [{**grid, "is_enterprise_install": True}]
+        for team, event_id in ((team_b, "EvOrg1"), (team_a, "EvOrg2")):
+            payload = mention(
+                emulator,
+                team,
+                BOB_B if team is team_b else BOB_A,
+                "hi",
+                GENERAL_A if team is team_a else GENERAL_B,
+                event_id,
+            )
+            payload.update(enterprise_id="E0GRID001", authorizations=org_wide)
+            assert (await bot.event(payload)).status_code == 403
+        await asyncio.sleep(0.5)
+        assert emulator.posted(GENERAL_B, team_b) == [] and asked == []
+        assert not [p for p in emulator.posted(GENERAL_A, team_a) if "hello" in p["text"]]
+        # A member of A is answered as usual.
+        await bot.event(mention(emulator, team_a, BOB_A, f"<@{BOT_A}> as alice hi", PARTNERS_A, "EvOk"))
+        assert (await bot.wait_posts(PARTNERS_A, 1, team=team_a))[0]["text"] == "hello"
