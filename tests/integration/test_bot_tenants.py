@@ -18,6 +18,7 @@ import urllib.parse
 from dataclasses import replace
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from kubernetes import client as k8s
 from slack_sdk.oauth.installation_store.sqlalchemy import SQLAlchemyInstallationStore
@@ -39,6 +40,7 @@ from tests.support.slack_emulator import SlackEmulator, Team
 from tests.support.slack_fixtures import ACME_TOKEN
 
 from doppel.bot.config import BotConfig
+from doppel.bot.installation_store import KubernetesSecretInstallationStore
 from doppel.bot.kube import api_client
 from doppel.bot.logic import REFUSAL
 from doppel.bot.server import notify_once
@@ -318,8 +320,7 @@ async def test_slack_connect_users_and_other_workspaces_are_refused_privately(
 
     slack = {"signingSecret": SIGNING_SECRET, "botToken": ACME_TOKEN}
     config = chart_config([], {"slack": slack, "workspaces": [TEAM_A]}, {})
-    kmock, url = bot_kube
-    kube = kube_for(url)
+    kube = kube_for(bot_kube[1])
     ready = doppel_body("alice", ALICE_A, served_name="alice-acme", team=TEAM_A, namespace=NAMESPACE)
     await kube.create_doppel(NAMESPACE, ready)
     with emulator:
@@ -391,3 +392,143 @@ async def test_slack_connect_users_and_other_workspaces_are_refused_privately(
         # A member of A is answered as usual.
         await bot.event(mention(emulator, team_a, BOB_A, f"<@{BOT_A}> as alice hi", PARTNERS_A, "EvOk"))
         assert (await bot.wait_posts(PARTNERS_A, 1, team=team_a))[0]["text"] == "hello"
+
+
+@pytest.mark.parametrize("store", ["secrets", "postgres"])
+async def test_grid_workspace_and_org_wide_installs_find_their_tokens(
+    store, bot_harness, bot_kube, slack_workspace, request
+):
+    """A workspace of Grid org E1 installs the app; org E2 installs it org-wide. With either store (the
+    chart's Kubernetes Secrets, or its database), both are served, their doppels' progress messages are
+    posted with their own tokens, and a member of E2 from another of its workspaces is welcome in B."""
+    org_a, org_b, other_workspace = "E0GRIDA01", "E0GRIDB01", "T0789IJKL"
+    emulator = OAuthSlackEmulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, rate_scale=1000.0)
+    team_a = emulator.add_team(acme(slack_workspace, org_a), token="xoxb-never-given-a", bot_user_id=BOT_A)
+    team_b = emulator.add_team(globex(org_b), token="xoxb-never-given-b", bot_user_id=BOT_B)
+    colleague = {
+        "id": "W0B3CARL",
+        "team_id": other_workspace,
+        "name": "carl",
+        "enterprise_user": {"id": "W0B3CARL", "enterprise_id": org_b, "teams": [other_workspace]},
+    }
+    emulator.add_external_user(colleague, GENERAL_B, team_b)
+    slack = {
+        "signingSecret": SIGNING_SECRET,
+        "botToken": "",
+        "clientId": CLIENT_ID,
+        "clientSecret": CLIENT_SECRET,
+    }
+    values = {"slack": slack}
+    secrets = {}
+    if store == "postgres":
+        secrets[DATABASE_REF] = request.getfixturevalue("postgres_url")
+    else:
+        values["bot"] = {"databaseSecret": ""}
+    config = chart_config([CHART_DIR / "examples" / "values-scaled.yaml"], values, secrets)
+    assert (config.database_url is None) is (store == "secrets")
+    kmock, url = bot_kube
+    with emulator:
+        bot = await bot_harness(config, emulator=emulator)
+        token_a = await install(bot, emulator, TEAM_A, enterprise_id=org_a)
+        token_b = await install(bot, emulator, TEAM_B, enterprise_id=org_b, org_wide=True)
+        if store == "postgres":
+            installations: Any = SQLAlchemyInstallationStore(CLIENT_ID, sa.create_engine(config.database_url))
+        else:
+            installations = KubernetesSecretInstallationStore(api_client(url), NAMESPACE)
+
+        def find(**ids: Any) -> str | None:
+            found = installations.find_installation(**ids)
+            return found.bot_token if found else None
+
+        assert await asyncio.to_thread(find, enterprise_id=org_a, team_id=TEAM_A) == token_a
+        assert (
+            await asyncio.to_thread(find, enterprise_id=org_b, team_id=None, is_enterprise_install=True)
+            == token_b
+        )
+        assert (
+            await asyncio.to_thread(find, enterprise_id=org_b, team_id=TEAM_B) is None
+        )  # not a workspace install
+
+        grid_a = {"enterprise_id": org_a, "is_enterprise_install": "false"}
+        grid_b = {"enterprise_id": org_b, "is_enterprise_install": "true"}
+        trained_a = await bot.form(
+            command("train @bob", user=BOB_A, team=TEAM_A, channel=GENERAL_A, **grid_a)
+        )
+        trained_b = await bot.form(
+            command("train @bob", user=BOB_B, team=TEAM_B, channel=GENERAL_B, **grid_b)
+        )
+        assert "Training a doppel of bob" in trained_a.text and "Training a doppel of bob" in trained_b.text
+
+        # Events as Slack sends them: a Grid workspace's; an org-wide install's (no team in authorizations).
+        auth_a = [
+            {
+                "enterprise_id": org_a,
+                "team_id": TEAM_A,
+                "user_id": BOT_A,
+                "is_bot": True,
+                "is_enterprise_install": False,
+            }
+        ]
+        auth_b = [
+            {
+                "enterprise_id": org_b,
+                "team_id": None,
+                "user_id": BOT_B,
+                "is_bot": True,
+                "is_enterprise_install": True,
+            }
+        ]
+        text_a, text_b = f"<@{BOT_A}> as bob hi", f"<@{BOT_B}> as bob hi"
+        await bot.event(
+            mention(
+                emulator,
+                team_a,
+                ALICE_A,
+                text_a,
+                GENERAL_A,
+                "EvGa",
+                enterprise_id=org_a,
+                authorizations=auth_a,
+            )
+        )
+        await bot.event(
+            mention(
+                emulator,
+                team_b,
+                ALICE_B,
+                text_b,
+                GENERAL_B,
+                "EvGb",
+                enterprise_id=org_b,
+                authorizations=auth_b,
+            )
+        )
+        await bot.event(
+            mention(
+                emulator,
+                team_b,
+                "W0B3CARL",
+                text_b,
+                GENERAL_B,
+                "EvGc",
+                enterprise_id=org_b,
+                authorizations=auth_b,
+            )
+        )
+        assert (
+            "bob's doppel is still training" in (await bot.wait_posts(GENERAL_A, 1, team=team_a))[0]["text"]
+        )
+        answers_b = await bot.wait_posts(GENERAL_B, 2, team=team_b)
+        assert all("bob's doppel is still training" in p["text"] for p in answers_b)
+
+        for team in (TEAM_A, TEAM_B):
+            patch_status(kmock, name_of("bob", team), {"phase": "Training", "samples": 30})
+        await notify_once(bot.bot)
+        for channel, team in ((GENERAL_A, team_a), (GENERAL_B, team_b)):
+            await until(
+                lambda c=channel, t=team: any(
+                    "scraped 30 samples" in p["text"] for p in emulator.posted(c, t)
+                )
+            )
+        posted_with = {c.team for c in emulator.calls_to("chat.postMessage") if "scraped" in str(c.params)}
+        assert posted_with == {TEAM_A, TEAM_B}
