@@ -169,9 +169,11 @@ def build_app(
                 return
             client = _worker_client(deps, context)
             if not await admitted(deps, client, tenant, body, event.get("user") or ""):
+                if not event.get("user"):
+                    return  # no person to tell
                 await client.chat_postEphemeral(
                     channel=event["channel"],
-                    user=event.get("user") or "",
+                    user=event["user"],
                     thread_ts=event.get("thread_ts") or event["ts"],
                     text=logic.REFUSAL,
                 )
@@ -404,8 +406,12 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
     if parsed.verb == "train":
         return await _train(deps, context, tenant, user_id, handle, command)
     doppel = await kube.get_doppel(namespace, team_id, name)
+    if doppel is None:  # one applied by hand may be named otherwise: find it by its person
+        listed = await kube.list_doppels(namespace, team_id)
+        doppel = next((d for d in listed if logic.target_of(d) == user_id), None)
     if doppel is None:
         return f"There is no doppel of {handle}: `/doppel train @{handle}`."
+    name = doppel["metadata"]["name"]
     if parsed.verb == "status":
         return logic.describe(doppel)
     if parsed.verb == "switch":

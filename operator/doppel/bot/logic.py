@@ -152,13 +152,14 @@ def pick(snapshot: Snapshot, ref: UserRef | None) -> dict[str, Any] | None:
         by_handle = {object_name_or_none(handle_of(d)): d for d in snapshot.doppels}
         if wanted and wanted in by_handle:
             return by_handle[wanted]
-        return next((d for d in snapshot.doppels if ref.user_id and _target(d) == ref.user_id), None)
+        return next((d for d in snapshot.doppels if ref.user_id and target_of(d) == ref.user_id), None)
     if snapshot.active in by_name:
         return by_name[snapshot.active or ""]
     return snapshot.doppels[0] if len(snapshot.doppels) == 1 else None
 
 
-def _target(doppel: dict[str, Any]) -> str | None:
+def target_of(doppel: dict[str, Any]) -> str | None:
+    """The Slack user id of the person a doppel is of."""
     return ((doppel.get("spec") or {}).get("target") or {}).get("userId")
 
 
