@@ -22,16 +22,18 @@ from pydantic import ValidationError
 from doppel.api import GROUP, PLURAL, VERSION, Adapter, DoppelUserSpec, DoppelUserStatus, TrainingProgress
 from doppel.operator import jobs
 from doppel.operator.config import OperatorConfig
-from doppel.operator.kube import KubeApi
+from doppel.operator.kube import ApiRefused, KubeApi
 from doppel.operator.progress import latest_progress
 from doppel.operator.reconcile import (
     Observed,
+    Plan,
     backoff,
     observe_serving,
     promote,
     queue_admits,
     reconcile,
     record_progress,
+    refused,
     transitions,
 )
 from doppel.operator.schedule import Cron, retrain_due
@@ -61,6 +63,8 @@ class State:
     published: dict[str, DoppelUserStatus] = field(default_factory=dict)
     # uid -> the generation a scheduled retrain was requested from (asked once, not at every resync).
     retrain_requested: dict[str, int] = field(default_factory=dict)
+    # uid -> API refusals in a row (403, 422...): the backoff before asking again.
+    refusals: dict[str, int] = field(default_factory=dict)
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -354,9 +358,16 @@ async def _step(
         secret_problem=secret_problem,
     )
     plan = reconcile(observed, config)
-    for manifest in plan.create:
-        if await api.create_job(manifest):
-            logger.info(f"created Job {manifest['metadata']['name']}")
+    if problem := await _carry_out(api, namespace, plan, logger):
+        step, job_name, exc = problem
+        logger.warning(f"the API server refused Job {job_name}: {exc}")
+        _state(memo).reserved.pop(uid, None)  # no train Job started: give the slot back
+        refusals = _state(memo).refusals[uid] = _state(memo).refusals.get(uid, 0) + 1
+        await _publish(
+            _state(memo), body, current, refused(plan.status, step, job_name, exc.code, exc.message, now)
+        )
+        return backoff(config, refusals)
+    _state(memo).refusals.pop(uid, None)
     new, delay = plan.status, plan.requeue_after
     if plan.progress_from is not None:
         new = record_progress(new, await _read_progress(api, namespace, *plan.progress_from, logger), now)
@@ -391,6 +402,30 @@ async def _step(
         await api.patch_spec(namespace, name, {"retrainRequestedAt": now.isoformat().replace("+00:00", "Z")})
         requested[uid] = owner.generation
     return delay
+
+
+async def _carry_out(
+    api: KubeApi, namespace: str, plan: Plan, logger: logging.Logger | Any
+) -> tuple[str, str, ApiRefused] | None:
+    """Stop, delete and create the plan's Jobs; (step, Job, refusal) when the API server says no."""
+    name = ""
+    try:
+        for name, why in plan.abandon.items():
+            await api.stop_job(namespace, name, why)
+            logger.warning(f"gave up on Job {name}: {why}")
+        for name in plan.delete:
+            await api.delete_job(namespace, name)
+            logger.info(f"deleted Job {name}: a newer generation replaces it")
+        for manifest in plan.create:
+            name = manifest["metadata"]["name"]
+            if await api.create_job(manifest):
+                logger.info(f"created Job {name}")
+    except ApiRefused as exc:
+        step = next(
+            (m["metadata"]["labels"][jobs.L_STEP] for m in plan.create if m["metadata"]["name"] == name), ""
+        )
+        return step, name, exc
+    return None
 
 
 async def _read_progress(
@@ -485,9 +520,11 @@ async def finalize(
     doppel_jobs: kopf.Index,
     job_pods: kopf.Index,
     ready_pods: kopf.Index,
+    retry: int,
     **_: Any,
 ) -> None:
-    """Unload the adapter from every pod, then remove its files with a cleanup Job unless kept."""
+    """Unload the adapter from every pod, stop its Jobs, then remove its files with a cleanup Job unless
+    kept."""
     config, api = _config(memo), _api(memo)
     status = DoppelUserStatus.model_validate(body.get("status") or {})
     try:
@@ -498,19 +535,48 @@ async def finalize(
     for adapter in (status.adapter, status.pending_adapter):
         if adapter is not None:
             await _unload(adapter, vllm, logger)
+    # Stop the object's Jobs first: they hold GPUs and slots, and a running one would write into the
+    # directory the purge removes.
+    running = [j for j in doppel_jobs.get(uid, []) if j["metadata"]["labels"].get(jobs.L_STEP) != "purge"]
+    for job in running:
+        if not job["metadata"].get("deletionTimestamp"):
+            await api.delete_job(namespace, job["metadata"]["name"])
     if spec.retention.on_deletion == "Keep":
         return
+    pods_left = [
+        pod
+        for key in job_pods
+        for pod in job_pods[key]
+        if pod["metadata"]["labels"].get(jobs.L_UID) == uid
+        and pod["metadata"]["labels"].get(jobs.L_STEP) != "purge"
+    ]
+    if running or pods_left:
+        raise kopf.TemporaryError("waiting for the scrape and train Jobs to go", delay=1)
     owner = jobs.Owner(namespace, name, uid, int(body.get("metadata", {}).get("generation") or 1))
-    command = jobs.cleanup_command(config, [jobs.user_dir(config, namespace, name)])
+    where = jobs.user_dir(config, namespace, name)
+    command = jobs.cleanup_command(config, [where])
     manifest = jobs.job_manifest(owner, "purge", 1, command, spec, config)
     job_name = manifest["metadata"]["name"]
     job = next((j for j in doppel_jobs.get(uid, []) if j["metadata"]["name"] == job_name), None)
     if job is None:
-        await api.create_job(manifest)
+        try:
+            await api.create_job(manifest)
+        except ApiRefused as exc:
+            if exc.namespace_terminating:
+                # Nothing can start in a namespace being deleted; hanging would keep it Terminating.
+                message = (
+                    f"{where} not removed: the namespace is being deleted, so no cleanup Job can start "
+                    f"({exc.message}); the files go with the volume claim, or stay on a retained volume"
+                )
+                logger.warning(message)
+                kopf.warn(body, reason="CleanupSkipped", message=message[:1000])
+                return
+            message = f"the API server refused cleanup Job {job_name} ({exc.code}): {exc.message}"
+            kopf.warn(body, reason="CleanupRefused", message=message[:1000])
+            raise kopf.TemporaryError(message, delay=backoff(config, retry + 1)) from exc
         raise kopf.TemporaryError("waiting for the cleanup Job", delay=1)
     result = jobs.outcome(job, list(job_pods.get(job_name, [])))
     if result.state == "running":
         raise kopf.TemporaryError("waiting for the cleanup Job", delay=1)
     if result.state == "failed":
-        where = jobs.user_dir(config, namespace, name)
         kopf.warn(body, reason="CleanupFailed", message=f"{where} not removed: {result.reason}")

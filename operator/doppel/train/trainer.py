@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
 import sys
@@ -29,6 +30,9 @@ from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
 from doppel.train import data
 from doppel.train.report import Metrics, perplexity
+
+# Set by the operator on train pods that requested a GPU.
+REQUIRE_GPU_ENV = "DOPPEL_REQUIRE_GPU"
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WARMUP_FRACTION = 0.05
@@ -87,6 +91,12 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         )
     split = data.split_by_thread(encoded, config.eval_fraction, config.seed)
 
+    if os.environ.get(REQUIRE_GPU_ENV) == "1" and not torch.cuda.is_available():
+        # A pod given a GPU that sees none would train for hours in float32 on the CPU instead.
+        raise RuntimeError(
+            f"this pod asked for a GPU but sees no CUDA device (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda}): check the node's NVIDIA driver and device plugin, and runtimeClassName"
+        )
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
     try:
