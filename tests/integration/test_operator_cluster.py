@@ -63,10 +63,15 @@ async def test_unschedulable_train_pod_is_reported_then_given_up_and_frees_the_s
         # The limit passes: the Job is stopped (its pod deleted), marked and counted as a failed attempt.
         obj = await kube.wait_for("first", lambda o: reason(o) == "Retrying", 60, "first gives up")
         assert "Unschedulable" in obj["status"]["message"] and "Pending for" in obj["status"]["message"]
-        (given_up,) = step_jobs(kube, "train")
+        (given_up,) = [
+            j
+            for j in step_jobs(kube, "train")
+            if j["metadata"]["labels"][jobs.L_USER] == "first"
+            and j["metadata"]["labels"][jobs.L_ATTEMPT] == "1"
+        ]
         assert given_up["spec"]["suspend"] is True
         assert NO_GPU in given_up["metadata"]["annotations"][jobs.A_ABANDONED]
-        # The slot is free: the queued object trains (the scheduler found room meanwhile).
+        # The slot is free: the queued object trains (and the scheduler finds room for it).
         stuck.clear()
         await kube.wait_for(
             "second",
