@@ -511,7 +511,9 @@ def test_operator_reads_the_chart_environment(
     claim = find_manifest(manifests, "PersistentVolumeClaim", "data")["metadata"]["name"]
     assert (params["namespaces"], params["data_root"], params["data_claim"]) == ((NAMESPACE,), "/data", claim)
     assert (params["worker_image"], params["max_trainings"]) == (worker_image, max_trainings)
-    assert (params["max_lora_rank"], params["keep_adapters"], params["fs_group"]) == (32, 1, 10001)
+    vllm_args = container(find_manifest(manifests, "Deployment", "vllm"), "vllm")["args"]
+    assert f"--max-lora-rank={params['max_lora_rank']}" in vllm_args  # a rank vLLM refuses is refused early
+    assert (params["keep_adapters"], params["fs_group"]) == (1, 10001)
     assert params["hf_home"] == "/data/huggingface" and params["pending_timeout"] == 600
     job_account = find_manifest(manifests, "ServiceAccount", "worker")
     assert params["service_account"] == job_account["metadata"]["name"]
