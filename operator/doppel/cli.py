@@ -218,6 +218,11 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--min-samples", default=20, show_default=True)
 @click.option("--json-progress", is_flag=True, help="One JSON line per step (and evaluation) on stdout.")
+@click.option(
+    "--link",
+    type=click.Path(path_type=Path),
+    help="Then point this symlink at OUT (vLLM's filesystem LoRA resolver finds the adapter by its name).",
+)
 @run_stage
 def train_command(
     data_path: Path,
@@ -226,6 +231,7 @@ def train_command(
     base_model_name: str | None,
     target_modules: str,
     json_progress: bool,
+    link: Path | None,
     **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter on samples.jsonl; writes the adapter and metrics.json to OUT."""
@@ -246,6 +252,10 @@ def train_command(
     )
     on_progress = (lambda event: click.echo(json.dumps(event))) if json_progress else None
     metrics = train_adapter(config, on_progress)
+    if link is not None:
+        from doppel.fsutil import replace_symlink
+
+        replace_symlink(link, out.resolve())
     return {"adapter": str(out), **metrics.summary()}
 
 
@@ -436,6 +446,12 @@ def crd() -> None:
     help="Comma-separated imagePullSecrets of the Job pods.",
 )
 @click.option(
+    "--lora-dir",
+    envvar="DOPPEL_LORA_DIR",
+    default=None,
+    help="vLLM's filesystem LoRA resolver directory (under --data-root): adapters are linked there by name.",
+)
+@click.option(
     "--hf-home", envvar="DOPPEL_HF_HOME", default=None, help="HF_HOME of train pods (shared volume)."
 )
 @click.option(
@@ -471,6 +487,7 @@ def operator_command(
     max_lora_rank: int | None,
     keep_adapters: int,
     image_pull_secrets: str,
+    lora_dir: str | None,
     hf_home: str | None,
     hf_token_secret: str | None,
     fs_group: int | None,
@@ -485,6 +502,8 @@ def operator_command(
 
     if not data_root.startswith("/"):
         raise BadInput(f"--data-root must be an absolute path, got {data_root!r}")
+    if lora_dir and not lora_dir.startswith(data_root.rstrip("/") + "/"):
+        raise BadInput(f"--lora-dir must be inside --data-root {data_root}, got {lora_dir!r}")
     config = OperatorConfig(
         data_root=data_root,
         data_claim=data_claim or None,
@@ -506,6 +525,7 @@ def operator_command(
         max_lora_rank=max_lora_rank,
         keep_adapters=keep_adapters,
         image_pull_secrets=tuple(n for n in image_pull_secrets.split(",") if n),
+        lora_dir=lora_dir or None,
         hf_home=hf_home or None,
         hf_token_secret=hf_token_secret or None,
         fs_group=fs_group,
@@ -529,9 +549,17 @@ def operator_command(
     type=click.Path(file_okay=False, path_type=Path),
     help="Also remove what killed runs left in this directory (.NAME.*.partial, .NAME.old-*).",
 )
+@click.option(
+    "--dangling-in",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Then remove the symlinks in this directory whose target is gone (the LoRA resolver's names).",
+)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @run_stage
-def cleanup(data_root: Path, paths: tuple[Path, ...], partials_in: tuple[Path, ...]) -> dict[str, Any]:
+def cleanup(
+    data_root: Path, paths: tuple[Path, ...], partials_in: tuple[Path, ...], dangling_in: tuple[Path, ...]
+) -> dict[str, Any]:
     """Remove datasets or adapters from the shared volume (the operator's cleanup Jobs run this)."""
     import shutil
 
@@ -543,6 +571,9 @@ def cleanup(data_root: Path, paths: tuple[Path, ...], partials_in: tuple[Path, .
         for entry in directory.iterdir()
         if entry.name.startswith(".") and (entry.name.endswith(".partial") or ".old-" in entry.name)
     ]
+    for directory in dangling_in:
+        if directory.resolve() == root or root not in directory.resolve().parents:
+            raise BadInput(f"refusing to clean {directory}: not inside --data-root {data_root}")
     targets = [path.resolve() for path in [*paths, *leftovers]]
     paths = (*paths, *leftovers)
     for path, target in zip(paths, targets, strict=True):
@@ -554,6 +585,15 @@ def cleanup(data_root: Path, paths: tuple[Path, ...], partials_in: tuple[Path, .
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+    for directory in dangling_in:
+        links = (
+            [e for e in directory.iterdir() if e.is_symlink() and not e.exists()]
+            if directory.is_dir()
+            else []
+        )
+        for entry in links:
+            entry.unlink()
+            removed.append(str(entry))
     return {"removed": removed}
 
 

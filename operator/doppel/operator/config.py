@@ -48,6 +48,10 @@ class OperatorConfig:
     max_lora_rank: int | None = None
     # Adapter versions kept on the volume below the served one (older ones and failed runs' leftovers go).
     keep_adapters: int = 1
+    # vLLM's filesystem LoRA resolver directory (VLLM_LORA_RESOLVER_CACHE_DIR, under data_root): each
+    # trained adapter gets a symlink there named as it is served, so a vLLM pod that restarts serves it on
+    # first use, before the operator has loaded anything. None: no links.
+    lora_dir: str | None = None
     # What Job pods need on a real cluster (the chart sets them).
     image_pull_secrets: tuple[str, ...] = ()
     hf_home: str | None = None  # Hugging Face cache on the shared volume: a model downloads once

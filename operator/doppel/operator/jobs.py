@@ -161,12 +161,17 @@ def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) ->
     ]
     if t.max_steps is not None:
         command += ["--max-steps-per-epoch", str(t.max_steps)]
+    if config.lora_dir:
+        served = served_name(owner.namespace, owner.name, owner.generation)
+        command += ["--link", posixpath.join(config.lora_dir, served)]
     return command + list(config.train_args)
 
 
 def cleanup_command(config: OperatorConfig, paths: list[str], partials_in: tuple[str, ...] = ()) -> list[str]:
     partials = [arg for directory in partials_in for arg in ("--partials-in", directory)]
-    return ["doppel", "cleanup", "--data-root", config.data_root, *partials, *paths]
+    # Removing an adapter leaves its resolver name pointing nowhere: those links go too.
+    dangling = ["--dangling-in", config.lora_dir] if config.lora_dir else []
+    return ["doppel", "cleanup", "--data-root", config.data_root, *partials, *dangling, *paths]
 
 
 def job_manifest(
