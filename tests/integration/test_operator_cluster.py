@@ -13,7 +13,13 @@ import asyncio
 from typing import Any
 
 from tests.integration.test_operator_conditions import cond, doppeluser, reason
-from tests.support.kube_fixtures import INVALID_MESSAGE, QUOTA_MESSAGE, OperatorProcess, config_with
+from tests.support.kube_fixtures import (
+    INVALID_MESSAGE,
+    NAMESPACE,
+    QUOTA_MESSAGE,
+    OperatorProcess,
+    config_with,
+)
 from tests.support.slack_fixtures import ACME_TOKEN
 
 from doppel.operator import jobs
@@ -239,4 +245,25 @@ async def test_deleting_the_namespace_never_hangs_on_the_purge(kube, operator_co
         assert operator.error is None
     finally:
         kube.jobs.release("train")
+        await operator.stop()
+
+
+async def test_an_operator_stopped_by_its_namespace_deletion_lets_go_of_its_doppelusers(
+    kube, operator_config, slack_emulator
+):
+    kube.jobs.hold("scrape")
+    operator = await started(kube, operator_config, slack_emulator, namespaces=(NAMESPACE,))
+    try:
+        await kube.kubectl.create(doppeluser("orphan"))
+        await kube.wait_for("orphan", lambda o: phase(o) == "Scraping", 60, "scraping")
+        assert (await kube.kubectl.get("DoppelUser", "orphan"))["metadata"]["finalizers"]
+        # The namespace controller deletes the operator's pod as well as the DoppelUsers: the operator,
+        # stopping, sees its namespace Terminating and releases the finalizers nobody else would.
+        kube.cluster.terminate_namespace()
+        await operator.stop()
+        assert not (await kube.kubectl.get("DoppelUser", "orphan"))["metadata"].get("finalizers")
+        await kube.kubectl.delete("DoppelUser", "orphan")
+        assert await kube.kubectl.get("DoppelUser", "orphan") is None
+    finally:
+        kube.jobs.release("scrape")
         await operator.stop()

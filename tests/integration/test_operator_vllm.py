@@ -34,6 +34,7 @@ def vllm(
 ) -> Iterator[VllmServer]:
     """One real vLLM server for this module, restarted by the tests (so not the session-wide one). Like
     the chart's, it resolves adapters it has not loaded from the volume's lora/ directory by name."""
+    (shared_volume / "lora").mkdir()  # as the chart's init container does: vLLM needs it to exist
     resolver = {
         "VLLM_PLUGINS": "lora_filesystem_resolver",
         "VLLM_LORA_RESOLVER_CACHE_DIR": str(shared_volume / "lora"),

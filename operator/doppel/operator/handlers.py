@@ -45,6 +45,7 @@ MANAGED = dict(jobs.MANAGED_BY)
 RESERVATION_S = 60.0
 # vLLM calls from the operator: fail fast, the loop retries on its own schedule.
 VLLM_RETRY = RetryPolicy(attempts=2, initial_delay=0.2, max_delay=1.0)
+FINALIZER = f"{GROUP}/finalizer"
 # Lines of the train pod's log read for progress: one JSON line per step, plus whatever stderr interleaves.
 PROGRESS_TAIL_LINES = 50
 
@@ -106,7 +107,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.INFO
     if _config(memo).namespaces:
         # Fixed namespaces: no need to scan namespaces and CRDs cluster-wide (nor the permission to).
@@ -126,9 +127,24 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.cleanup()
-async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+async def cleanup(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     if api := _state(memo).api:
+        await _leave_terminating_namespaces(api, _config(memo), logger)
         await api.aclose()
+
+
+async def _leave_terminating_namespaces(api: KubeApi, config: OperatorConfig, logger: logging.Logger) -> None:
+    """The operator is stopping because its namespace is being deleted (the chart puts it beside its
+    DoppelUsers): nobody would remove their finalizers after it, and the namespace would hang
+    Terminating forever. Release them; the files go with the namespace's volume claim."""
+    for namespace in config.namespaces:
+        try:
+            if await api.namespace_terminating(namespace):
+                released = await api.release_finalizer(namespace, FINALIZER)
+                if released:
+                    logger.warning(f"namespace {namespace} is being deleted: released {', '.join(released)}")
+        except (httpx.HTTPError, ApiRefused) as exc:
+            logger.warning(f"checking namespace {namespace} on the way out: {exc}")
 
 
 # --- indexes: kopf keeps them current from its watches --------------------------------------------------

@@ -150,6 +150,38 @@ class KubeApi:
         )
         response.raise_for_status()
 
+    async def namespace_terminating(self, namespace: str) -> bool:
+        """True while the namespace is being deleted (or is gone)."""
+        response = await self._http.get(f"/api/v1/namespaces/{namespace}")
+        if response.status_code == 404:
+            return True
+        _check(response)
+        body = response.json()
+        return bool(body.get("metadata", {}).get("deletionTimestamp")) or (
+            (body.get("status") or {}).get("phase") == "Terminating"
+        )
+
+    async def release_finalizer(self, namespace: str, finalizer: str) -> list[str]:
+        """Remove `finalizer` from every DoppelUser in the namespace; the names it was removed from."""
+        response = await self._http.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}")
+        _check(response)
+        released = []
+        for item in response.json().get("items") or []:
+            meta = item.get("metadata") or {}
+            finalizers = list(meta.get("finalizers") or [])
+            if finalizer not in finalizers:
+                continue
+            patch = {"metadata": {"finalizers": [f for f in finalizers if f != finalizer]}}
+            done = await self._http.patch(
+                f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{meta['name']}",
+                content=json.dumps(patch),
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            if done.status_code != 404:
+                _check(done)
+                released.append(str(meta["name"]))
+        return released
+
     async def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
         """Merge-patch the spec (a new generation: the API server bumps metadata.generation)."""
         response = await self._http.patch(
