@@ -140,6 +140,24 @@ async def test_disruption_costs_no_attempt_oom_and_deadline_are_reported(
         await operator.stop()
 
 
+async def test_slack_down_is_retried_with_backoff_not_failed_as_bad_input(
+    kube, operator_config, slack_emulator
+):
+    operator = await started(kube, operator_config, slack_emulator)
+    try:
+        # Slack answers 503 for longer than one scrape's own retries (4 tries): a transient failure.
+        slack_emulator.fail("auth.test", 4, status=503)
+        await kube.kubectl.create(doppeluser("flaky"))
+        obj = await kube.wait_for("flaky", lambda o: reason(o) == "Retrying", 90, "Retrying")
+        assert "HTTP 503" in obj["status"]["message"]
+        obj = await kube.wait_for(
+            "flaky", lambda o: cond(o, "Scraped").get("status") == "True", 90, "scraped"
+        )
+        assert obj["status"]["attempt"] == 2
+    finally:
+        await operator.stop()
+
+
 async def test_api_refusals_become_conditions_with_the_servers_words(kube, operator_config, slack_emulator):
     quota = kube.cluster.refuse("jobs", 403, "Forbidden", QUOTA_MESSAGE)
     operator = await started(kube, operator_config, slack_emulator)
