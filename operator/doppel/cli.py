@@ -221,7 +221,7 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 @click.option(
     "--link",
     type=click.Path(path_type=Path),
-    help="Then point this symlink at OUT (vLLM's filesystem LoRA resolver finds the adapter by its name).",
+    help="Then make this directory an entry of vLLM's filesystem LoRA resolver for the adapter in OUT.",
 )
 @run_stage
 def train_command(
@@ -253,9 +253,9 @@ def train_command(
     on_progress = (lambda event: click.echo(json.dumps(event))) if json_progress else None
     metrics = train_adapter(config, on_progress)
     if link is not None:
-        from doppel.fsutil import replace_symlink
+        from doppel.train.trainer import resolver_entry
 
-        replace_symlink(link, out.resolve())
+        resolver_entry(out, link, base_model)
     return {"adapter": str(out), **metrics.summary()}
 
 
@@ -553,7 +553,7 @@ def operator_command(
     "--dangling-in",
     multiple=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Then remove the symlinks in this directory whose target is gone (the LoRA resolver's names).",
+    help="Then remove the LoRA resolver entries in this directory whose adapter is gone.",
 )
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @run_stage
@@ -586,14 +586,12 @@ def cleanup(
         elif target.exists():
             target.unlink()
     for directory in dangling_in:
-        links = (
-            [e for e in directory.iterdir() if e.is_symlink() and not e.exists()]
-            if directory.is_dir()
-            else []
-        )
-        for entry in links:
-            entry.unlink()
-            removed.append(str(entry))
+        # Resolver entries whose adapter is gone: their linked files point nowhere.
+        entries = [e for e in directory.iterdir() if e.is_dir()] if directory.is_dir() else []
+        for entry in entries:
+            if any(f.is_symlink() and not f.exists() for f in entry.iterdir()):
+                shutil.rmtree(entry)
+                removed.append(str(entry))
     return {"removed": removed}
 
 

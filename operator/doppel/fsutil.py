@@ -51,13 +51,3 @@ def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def replace_symlink(link: Path, target: Path) -> None:
-    """Point `link` at `target`, replacing what was there at once (readers never see it missing)."""
-    link = Path(link)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.partial")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)

@@ -98,9 +98,17 @@ def test_cleanup_removes_what_killed_runs_left(tmp_path: Path):
     (adapters / ".v4.abc123.partial").mkdir()
     (adapters / ".v2.old-77").mkdir()
     (adapters / "v1").mkdir()
-    args = ["--data-root", str(tmp_path), "--partials-in", str(adapters), str(adapters / "v1")]
+    # vLLM's resolver entries: one whose adapter is gone, one whose adapter is there.
+    lora = tmp_path / "lora"
+    for name, target in (("team.alice.v1", adapters / "v1" / "w"), ("team.alice.v3", adapters / "v3" / "w")):
+        (lora / name).mkdir(parents=True)
+        (lora / name / "adapter_model.safetensors").symlink_to(target)
+    (adapters / "v3" / "w").write_text("weights")
+    args = ["--data-root", str(tmp_path), "--partials-in", str(adapters), "--dangling-in", str(lora)]
+    args.append(str(adapters / "v1"))
     proc = subprocess.run(
         [sys.executable, "-m", "doppel.cli", "cleanup", *args], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in adapters.iterdir()) == ["v3"]
+    assert sorted(p.name for p in lora.iterdir()) == ["team.alice.v3"]

@@ -139,7 +139,7 @@ def _load_tokenizer(base_model: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
     except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot load base model {base_model!r}: {_first_line(exc)}") from None
+        raise _load_failure(base_model, exc) from None
     if not tokenizer.chat_template:
         raise BadInput(f"base model {base_model!r} has no chat template")
     return tokenizer
@@ -150,6 +150,16 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _load_failure(base_model: str, exc: BaseException) -> BadInput:
+    reason = _first_line(exc)
+    if "gated" in reason.lower() or "401" in reason:
+        # Only a token with access to the model helps; retrying cannot.
+        reason += (
+            "; give the train Jobs a Hugging Face token with access (HF_TOKEN; chart: model.hfTokenSecret)"
+        )
+    return BadInput(f"cannot load base model {base_model!r}: {reason}")
+
+
 def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
     on_gpu = device.type == "cuda"
     try:
@@ -157,7 +167,7 @@ def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
             config.base_model, dtype=torch.bfloat16 if on_gpu else torch.float32
         )
     except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot load base model {config.base_model!r}: {_first_line(exc)}") from None
+        raise _load_failure(config.base_model, exc) from None
     model.config.use_cache = False  # training never reuses a KV cache
     model.to(device)
     if on_gpu:
@@ -349,3 +359,19 @@ def _peak_memory(device: torch.device) -> int:
 def config_dict(config: TrainConfig) -> dict[str, Any]:
     """The config as JSON-able values, for metrics.json."""
     return json.loads(json.dumps(asdict(config), default=str))
+
+
+def resolver_entry(adapter: Path, entry: Path, base_model: str) -> Path:
+    """Make `entry` a directory vLLM's filesystem LoRA resolver accepts for `adapter`: its files linked,
+    and its adapter_config.json naming the base model as vLLM's `--model` argument (`base_model`), which
+    is what the resolver compares with (not the served name)."""
+    adapter = Path(adapter).resolve()
+    with atomic_directory(Path(entry), replace=True) as tmp:
+        for item in adapter.iterdir():
+            if item.name == "adapter_config.json":
+                config = json.loads(item.read_text(encoding="utf-8"))
+                config["base_model_name_or_path"] = base_model
+                (tmp / item.name).write_text(json.dumps(config, indent=2), encoding="utf-8")
+            else:
+                (tmp / item.name).symlink_to(item)
+    return Path(entry)
