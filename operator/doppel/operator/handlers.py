@@ -374,15 +374,18 @@ async def _step(
         secret_problem=secret_problem,
     )
     plan = reconcile(observed, config)
-    if problem := await _carry_out(api, namespace, plan, logger):
+    problem = await _carry_out(api, namespace, plan, logger)
+    if problem is not None:
         step, job_name, exc = problem
         logger.warning(f"the API server refused Job {job_name}: {exc}")
-        _state(memo).reserved.pop(uid, None)  # no train Job started: give the slot back
-        refusals = _state(memo).refusals[uid] = _state(memo).refusals.get(uid, 0) + 1
-        await _publish(
-            _state(memo), body, current, refused(plan.status, step, job_name, exc.code, exc.message, now)
-        )
-        return backoff(config, refusals)
+        if step in ("scrape", "train"):
+            # The pipeline cannot go on without it: say so in the status, ask again after a backoff. (A
+            # refused cleanup or prune Job must not hold up registration: it is asked for again later.)
+            _state(memo).reserved.pop(uid, None)  # no train Job started: give the slot back
+            refusals = _state(memo).refusals[uid] = _state(memo).refusals.get(uid, 0) + 1
+            new = refused(plan.status, step, job_name, exc.code, exc.message, now)
+            await _publish(_state(memo), body, current, new)
+            return backoff(config, refusals)
     _state(memo).refusals.pop(uid, None)
     new, delay = plan.status, plan.requeue_after
     if plan.progress_from is not None:
