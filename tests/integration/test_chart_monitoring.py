@@ -15,7 +15,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from tests.integration.test_chart import container, env_of, rendered_env
+from tests.integration.test_chart import container, env_of
 from tests.support.helm import (
     CHART_DIR,
     NAMESPACE,
@@ -23,6 +23,7 @@ from tests.support.helm import (
     find_manifest,
     find_manifests,
     render_chart,
+    rendered_env,
     template_chart,
 )
 
