@@ -95,5 +95,7 @@ async def test_two_replicas_act_once_and_the_standby_takes_over(
         e["message"].split(":")[0] for e in await kube.kubectl.events() if e["message"].startswith("phase ")
     ]
     assert "phase Scraping -> Training" in changes and "phase Training -> Registering" in changes, changes
-    duplicates = [change for change, count in Counter(changes).items() if count > 1]
+    # (A change of reason within one phase, such as Registering while vLLM is missing, may recur.)
+    moves = [change for change in changes if len(set(change.removeprefix("phase ").split(" -> "))) == 2]
+    duplicates = [change for change, count in Counter(moves).items() if count > 1]
     assert duplicates == [], changes
