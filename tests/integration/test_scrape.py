@@ -205,6 +205,22 @@ def test_rescan_window_bounds_the_rechecks(slack_emulator, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["added"] == 1
 
 
+def test_a_deleted_thread_root_leaves_a_readable_tombstone(slack_emulator, tmp_path):
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    root = next(iter(json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"]))
+    # Bob deletes his question: Slack keeps a tombstone root, and the replies (Alice's among them) stay.
+    slack_emulator.delete_message("C02ENG", root)
+    late = add_late_reply(slack_emulator, "C02ENG", root)
+    result = scrape(slack_emulator, out)
+    assert result.exit_code == 0, result.output
+    new = next(s for s in read_samples(out) if s["meta"]["ts"] == late)
+    context = "\n".join(m["content"] for m in new["messages"][1:])
+    assert "Should we move the build" not in context and "This message was deleted" not in context
+    assert "Carol Diaz:" in context
+    assert json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"][root] == late
+
+
 def test_a_deleted_thread_is_forgotten(slack_emulator, tmp_path):
     out = tmp_path / "out"
     assert scrape(slack_emulator, out).exit_code == 0
@@ -212,14 +228,20 @@ def test_a_deleted_thread_is_forgotten(slack_emulator, tmp_path):
     root = next(iter(threads))
     add_late_reply(slack_emulator, "C02ENG", root)
     assert scrape(slack_emulator, out).exit_code == 0
-    # Deleted while outside the listed window: conversations.replies says thread_not_found.
-    slack_emulator.delete_message("C02ENG", root)
+    # Every message of it deleted while outside the listed window: conversations.replies says
+    # thread_not_found.
+    thread = [m["ts"] for m in slack_emulator.team.messages["C02ENG"] if m.get("thread_ts") == root]
+    for ts in sorted({*thread, root}, key=float, reverse=True):
+        slack_emulator.delete_message("C02ENG", ts)
     result = scrape(slack_emulator, out, "--rescan-days", "3")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "state.json").read_text())["channels"]["C02ENG"]["threads"] == {}
     # Deleted within it: history no longer lists it.
     general = json.loads((out / "state.json").read_text())["channels"]["C01GENERAL"]["threads"]
-    slack_emulator.delete_message("C01GENERAL", min(general, key=float))
+    oldest = min(general, key=float)
+    thread = [m["ts"] for m in slack_emulator.team.messages["C01GENERAL"] if m.get("thread_ts") == oldest]
+    for ts in sorted({*thread, oldest}, key=float, reverse=True):
+        slack_emulator.delete_message("C01GENERAL", ts)
     result = scrape(slack_emulator, out)
     assert result.exit_code == 0, result.output
     left = json.loads((out / "state.json").read_text())["channels"]["C01GENERAL"]["threads"]

@@ -82,6 +82,7 @@ class Manifest:
     channels: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    skipped_channels: dict[str, str] = field(default_factory=dict)  # name -> why it could not be scraped
     time_range: dict[str, str | None] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +93,7 @@ class Manifest:
             "samples": self.samples,
             "added": self.added,
             "channels": sorted(self.channels),
+            **({"skipped_channels": self.skipped_channels} if self.skipped_channels else {}),
             "person": self.person["id"],
             "team": self.team,
         }
