@@ -140,14 +140,14 @@ def test_workspace_wide_problems_stop_the_run(slack_emulator, tmp_path):
     assert unknown.exit_code == 2 and "--rate-profile" in unknown.stderr
 
 
-def start_scrape(emulator, out, *args):
+def start_scrape(emulator, out, *args, user="user0"):
     env = {
         "SLACK_BOT_TOKEN": "xoxb-bench",
         "SLACK_API_URL": emulator.base_url,
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
         "PATH": "/usr/bin:/bin",
     }
-    argv = [sys.executable, "-m", "doppel.cli", "scrape", "--user", "user0", "--out", str(out), *args]
+    argv = [sys.executable, "-m", "doppel.cli", "scrape", "--user", user, "--out", str(out), *args]
     return subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
     )
@@ -196,3 +196,24 @@ def test_a_killed_scrape_resumes_where_it_stopped(tmp_path):
     assert len(again) <= 1 and {channel for channel, *_ in again} <= {"C001"}
     threads = fetched(first, "conversations.replies", "ts") & fetched(second, "conversations.replies", "ts")
     assert len(threads) <= 15
+
+
+def test_concurrent_scrapes_of_one_workspace_share_the_budget(tmp_path):
+    # Two Jobs of the same workspace (two people) at once, their budget in one file on the shared volume:
+    # together they keep to Slack's allowance instead of each taking all of it.
+    workspace = synthetic_workspace(time.time(), channels=2, threads=30, replies=2)
+    budget = tmp_path / "budget"
+    args = ["--rate-scale", "30", "--rescan-days", "0", "--budget-dir", str(budget)]
+    with SlackEmulator(rate_scale=30, burst_seconds=0.2) as emulator:
+        emulator.add_team(workspace, token="xoxb-bench")
+        procs = [start_scrape(emulator, tmp_path / who, *args, user=who) for who in ("user0", "user2")]
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        replies = emulator.calls_to("conversations.replies")
+    assert len(replies) >= 2 * 60
+    assert len([c for c in replies if c.status == 429]) <= 3
+    # Tier 3 at 30x: 25 calls/s between them (each learning alone from its own calls crawls at a fifth).
+    assert accepted_rate(replies) >= 0.8 * emulator.allowed_per_minute("conversations.replies") / 60
+    assert json.loads((budget / "TBENCH.json").read_text())["conversations.replies"]["last_ok"] > 0
+    for who in ("user0", "user2"):
+        assert len(read_samples(tmp_path / who)) == 60
