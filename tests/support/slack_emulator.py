@@ -641,6 +641,7 @@ class SlackEmulator:
             view["thread_ts"] = message["ts"]
             view["reply_count"] = len(replies)
             view["reply_users"] = sorted({m.get("user", "") for m in replies})
+            view["reply_users_count"] = len(view["reply_users"])
             view["latest_reply"] = replies[-1]["ts"]
         return view
 

@@ -96,28 +96,27 @@ class Budget:
     def start_interval(self, method: str) -> float:
         return 60 / (self.profile.per_minute[method] * self.time_scale * HEADROOM)
 
-    def interval(self, method: str) -> float:
-        """Seconds between two calls of `method` as the budget now believes."""
-        return self._update(lambda methods: self._entry(methods, method, time.time())["interval"])
-
     def page_size(self, method: str) -> int:
         return self.profile.page_size[method]
 
     async def turn(self, method: str) -> float:
-        """Wait for `method`'s next slot; the wall-clock time the call goes out."""
+        """Wait for `method`'s next slot; the wall-clock time the call goes out.
+
+        A slot is reserved up front (so that waiting callers spread out), but the call goes only once it is
+        an interval after the call before it really went (a sleep can wake late) and past any 429's
+        `Retry-After`; until then the caller waits on, keeping its place."""
+        now = time.time()
+        slot = self._update(lambda methods: self._reserve(methods, method, now))
         while True:
-            now = time.time()
-            slot = self._update(lambda methods, now=now: self._reserve(methods, method, now))
-            delay = slot - now
-            if delay <= 0:
-                return now
-            if self.on_wait is not None and delay >= 1:
-                self.on_wait(method, delay)
-            await asyncio.sleep(delay)
-            # Someone may have met a 429 meanwhile: then the slot is void and a later one is taken.
-            blocked = self._update(lambda methods, now=now: self._entry(methods, method, now)["blocked"])
-            if blocked <= time.time():
-                return time.time()
+            delay = slot - time.time()
+            if delay > 0:
+                if self.on_wait is not None and delay >= 1:
+                    self.on_wait(method, delay)
+                await asyncio.sleep(delay)
+            sent = time.time()
+            slot = self._update(lambda methods, sent=sent: self._go(methods, method, sent))
+            if slot <= sent:
+                return sent
 
     def accepted(self, method: str, sent: float) -> None:
         def record(methods: dict[str, Any]) -> None:
@@ -150,12 +149,23 @@ class Budget:
         entry["next"] = slot + entry["interval"]
         return float(slot)
 
+    def _go(self, methods: dict[str, Any], method: str, now: float) -> float:
+        """`now` if a call may go now (then it is recorded as sent), else the earliest time it may."""
+        entry = self._entry(methods, method, now)
+        earliest = max(entry["blocked"], entry["last_sent"] + entry["interval"])
+        if earliest > now:
+            return float(earliest)
+        entry["last_sent"] = now
+        entry["next"] = max(entry["next"], now + entry["interval"])
+        return now
+
     def _entry(self, methods: dict[str, Any], method: str, now: float) -> dict[str, float]:
         start = self.start_interval(method)
         entry = methods.get(method)
         # Figures learned under another starting point (another profile or time scale) do not apply.
         if not isinstance(entry, dict) or entry.get("start") != start:
-            entry = {"start": start, "interval": start, "next": now, "blocked": 0.0, "last_ok": 0.0}
+            entry = {"start": start, "interval": start, "next": now, "blocked": 0.0}
+            entry |= {"last_sent": 0.0, "last_ok": 0.0}
             methods[method] = entry
         return entry
 

@@ -155,6 +155,7 @@ class _Scraper:
         self.messages = 0  # messages fetched so far
         self.channels_total = 0
         self.channels_done = 0
+        self.person_id = ""
         self._wait_until = 0.0
         self._wait_method = ""
         backoff = BackoffRetryIntervalCalculator(backoff_factor=settings.retry_backoff)
@@ -250,6 +251,7 @@ class _Scraper:
         options = replace(options, bot_user_id=options.bot_user_id or auth.get("user_id"))
         users = await self.pages("users.list", "members")
         person = resolve_person(users, user)
+        self.person_id = person.id
         types = "public_channel,private_channel" if options.channels else "public_channel"
         channels = await self.pages(
             "conversations.list", "channels", types=types, exclude_archived=not options.channels
@@ -258,7 +260,7 @@ class _Scraper:
         state_path = self.settings.state_path or out / "state.json"
         state = _load_state(state_path, team, person.id)
         output = _Output(out, person, users, {c["id"]: c["name"] for c in channels}, options, team)
-        cutoff = options.cutoff_ts()
+        cutoff = max(0.0, options.cutoff_ts())  # Slack takes no negative timestamps (invalid_ts_oldest)
         now = options.now if options.now is not None else time.time()
         # A rescan window reaching before the cutoff would only re-check threads that are ignored anyway.
         rescan_from = max(cutoff, now - self.settings.rescan_days * SECONDS_PER_DAY)
@@ -344,8 +346,11 @@ class _Scraper:
                 except _ThreadGone:
                     partial["seen"][root] = ""  # deleted since: forget it
                     continue
-                if any(m["ts"] != root and ts_key(m["ts"]) > ts_key(last_seen) for m in newer):
+                replies = [m for m in newer if m["ts"] != root and ts_key(m["ts"]) > ts_key(last_seen)]
+                if any(m.get("user") == self.person_id for m in replies):
                     await self._thread(channel_id, root, partial)
+                elif replies:  # only others replied: no sample there, nothing to fetch
+                    partial["seen"][root] = max((m["ts"] for m in replies), key=ts_key)
             if partial["seen"]:
                 checkpoint(_entry(channel, since, recorded, partial, cutoff))
         oldest = partial["oldest"]
@@ -368,12 +373,13 @@ class _Scraper:
             partial["messages"] += [m for m in page if not since or ts_key(m["ts"]) > ts_key(since)]
             for message in page:
                 root, last = message["ts"], message.get("latest_reply", "")
-                if (
-                    message.get("reply_count")
-                    and message.get("thread_ts") == root
-                    and recorded.get(root) != last
-                ):
+                is_parent = message.get("reply_count") and message.get("thread_ts") == root
+                if not is_parent or recorded.get(root) == last:
+                    continue
+                if _may_hold(message, self.person_id):
                     await self._thread(channel_id, root, partial)
+                else:  # recorded, so that a later reply shows as a change
+                    partial["seen"][root] = last
             # Recorded threads within the range this page covers that it no longer lists: deleted.
             floor = ts_key(lowest) if more and lowest else ts_key(oldest)
             ceiling = ts_key(below) if below else None
@@ -410,6 +416,17 @@ class _Scraper:
         self.messages += len(thread)
         partial["messages"] += thread
         partial["seen"][root] = max((m["ts"] for m in thread), key=ts_key, default=root)
+
+
+def _may_hold(parent: Mapping[str, Any], person: str) -> bool:
+    """Whether a thread may hold a reply of `person`: Slack lists who replied (`reply_users`) with the
+    parent. Only threads where the person replied need fetching (their replies are the samples; a root of
+    theirs comes with the history), which under the non-Marketplace limit of one call a minute is most of
+    the cost. Fetched whenever the list is missing or incomplete."""
+    users, count = parent.get("reply_users"), parent.get("reply_users_count")
+    if not isinstance(users, list) or not isinstance(count, int) or count > len(users):
+        return True
+    return person in users
 
 
 def _entry(
