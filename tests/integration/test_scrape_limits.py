@@ -217,3 +217,38 @@ def test_concurrent_scrapes_of_one_workspace_share_the_budget(tmp_path):
     assert json.loads((budget / "TBENCH.json").read_text())["conversations.replies"]["last_ok"] > 0
     for who in ("user0", "user2"):
         assert len(read_samples(tmp_path / who)) == 60
+
+
+def test_only_threads_the_person_replied_in_are_fetched(slack_emulator, tmp_path):
+    # Slack lists with each parent who replied (reply_users): a thread without the person holds no sample.
+    out = tmp_path / "carol"
+    result = scrape(slack_emulator, out, "--min-length", "10", user="U03CAROL")
+    assert result.exit_code == 0, result.output
+    messages = slack_emulator.team.messages
+    with_carol = {
+        (cid, m["thread_ts"])
+        for cid, msgs in messages.items()
+        for m in msgs
+        if m.get("user") == "U03CAROL"
+        if m.get("thread_ts") and m["thread_ts"] != m["ts"]
+    }
+    fetched = {
+        (c.params["channel"], c.params["ts"]) for c in slack_emulator.calls_to("conversations.replies")
+    }
+    assert fetched == with_carol and len(fetched) == 2
+    # A later reply of hers to a thread she was not in is a change: that thread is fetched then.
+    start = len(slack_emulator.calls)
+    general = json.loads((out / "state.json").read_text())["channels"]["C01GENERAL"]["threads"]
+    alone = next(root for root in general if ("C01GENERAL", root) not in with_carol)
+    ts = f"{int(time.time()) - 30}.000700"
+    text = "Carol here, late to this thread but with a long enough answer to be a sample of mine."
+    slack_emulator.add_message(
+        "C01GENERAL", {"type": "message", "ts": ts, "thread_ts": alone, "user": "U03CAROL", "text": text}
+    )
+    result = scrape(slack_emulator, out, "--min-length", "10", user="U03CAROL")
+    assert result.exit_code == 0, result.output
+    again = [
+        (c.params["channel"], c.params["ts"]) for c in slack_emulator.calls[start:] if "replies" in c.method
+    ]
+    assert again == [("C01GENERAL", alone)]
+    assert ts in {s["meta"]["ts"] for s in read_samples(out)}
