@@ -184,7 +184,8 @@ class _Scraper:
             self._wait_until, self._wait_method = until, method
             self.report()
 
-    def report(self, **extra: Any) -> None:
+    def report(self) -> None:
+        """Tell `settings.progress` how far the scrape is (a --json-progress line)."""
         if self.settings.progress is None:
             return
         wait = max(0.0, self._wait_until - time.time())
@@ -196,7 +197,6 @@ class _Scraper:
             "rate_limited": self.limited,
             "wait_s": round(wait, 1),
             **({"waiting_on": self._wait_method} if wait else {}),
-            **extra,
         }
         self.settings.progress(event)
 
