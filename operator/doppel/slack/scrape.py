@@ -22,7 +22,9 @@ top-level messages would miss replies posted since to older threads, and Slack h
 since" call. So the next run re-lists the last `rescan_days` of top-level messages (each parent carries its
 `latest_reply`), re-checks each recorded thread started before that but active within it with
 conversations.replies from its recorded latest reply, and fetches in full (the context of the new replies)
-only the threads that are new or changed. Samples are merged into the earlier ones without duplicates.
+only the threads that are new or changed, and among those only the ones the person replied in (Slack lists
+the repliers with each parent): one call a thread is most of a scrape's cost. Samples are merged into the
+earlier ones without duplicates.
 """
 
 from __future__ import annotations
