@@ -102,9 +102,10 @@ class Budget:
     async def turn(self, method: str) -> float:
         """Wait for `method`'s next slot; the wall-clock time the call goes out.
 
-        A slot is reserved up front (so that waiting callers spread out), but the call goes only once it is
-        an interval after the call before it really went (a sleep can wake late) and past any 429's
-        `Retry-After`; until then the caller waits on, keeping its place."""
+        Slots are reserved an interval apart, so the rate never exceeds the budget's. A call also goes only
+        past any 429's `Retry-After` and, once Slack has refused an early call, only a full interval after
+        the call before it really went (a sleep can wake late); until then the caller waits on, keeping its
+        place."""
         now = time.time()
         slot = self._update(lambda methods: self._reserve(methods, method, now))
         while True:
@@ -135,6 +136,7 @@ class Budget:
             entry = self._entry(methods, method, now)
             entry["blocked"] = max(entry["blocked"], now + wait)
             entry["next"] = max(entry["next"], now + wait)
+            entry["slack"] = 0.0  # Slack takes no call early: from now on none goes early
             if entry["last_ok"] > 0:
                 # The last accepted call took the last token; the next one is `wait` after this refusal.
                 seen = sent + wait - entry["last_ok"]
@@ -152,7 +154,7 @@ class Budget:
     def _go(self, methods: dict[str, Any], method: str, now: float) -> float:
         """`now` if a call may go now (then it is recorded as sent), else the earliest time it may."""
         entry = self._entry(methods, method, now)
-        earliest = max(entry["blocked"], entry["last_sent"] + entry["interval"])
+        earliest = max(entry["blocked"], entry["last_sent"] + entry["interval"] - entry["slack"])
         if earliest > now:
             return float(earliest)
         entry["last_sent"] = now
@@ -165,7 +167,9 @@ class Budget:
         # Figures learned under another starting point (another profile or time scale) do not apply.
         if not isinstance(entry, dict) or entry.get("start") != start:
             entry = {"start": start, "interval": start, "next": now, "blocked": 0.0}
-            entry |= {"last_sent": 0.0, "last_ok": 0.0}
+            # A call may follow the one before early by `slack` (until a 429 says Slack minds), so that one
+            # sleep waking late does not push every later call back.
+            entry |= {"last_sent": 0.0, "last_ok": 0.0, "slack": start / 2}
             methods[method] = entry
         return entry
 

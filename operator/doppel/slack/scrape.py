@@ -292,10 +292,10 @@ class _Scraper:
                     output.skip(channel, str(exc))
                     print(f"doppel: skipped channel #{channel['name']}: {exc}", file=sys.stderr)
                 else:
-                    output.finish(channel, threads)
                     # Samples first, then the state that says they are taken: a kill in between only means
-                    # fetching the channel again.
-                    checkpoint(channel["id"], entry)
+                    # fetching the channel's last page again.
+                    for channel_id, done in output.finish(channel, threads, entry).items():
+                        checkpoint(channel_id, done)
                 self.channels_done += 1
                 self.report()
 
@@ -308,7 +308,10 @@ class _Scraper:
         if chosen and len(output.skipped) == len(chosen):
             reasons = "; ".join(f"#{name}: {why}" for name, why in sorted(output.skipped.items()))
             raise BadInput(f"no channel could be scraped ({reasons})")
-        return output.write()
+        manifest = output.write()
+        for channel_id, done in output.taken().items():
+            checkpoint(channel_id, done)
+        return manifest
 
     async def channel(
         self,
@@ -448,7 +451,9 @@ def _entry(
 
 
 class _Output:
-    """The samples of the channels finished so far, merged into OUT after each one."""
+    """The samples of the channels finished so far, merged into OUT as they finish. Writing them all again
+    costs more as they grow, so a write waits until ten times as long as the last one took has passed: the
+    scrape spends at most a tenth of its time on checkpoints."""
 
     def __init__(
         self,
@@ -465,16 +470,31 @@ class _Output:
         self.finished: dict[str, str] = {}  # name -> id
         self.skipped: dict[str, str] = {}  # name -> reason
         self._before = {_key(s) for s in read_samples(out / SAMPLES_FILE)}
+        self._pending: dict[str, dict[str, Any]] = {}  # channel id -> state entry, once its samples are out
+        self._next_write = 0.0
 
-    def finish(self, channel: Mapping[str, Any], threads: list[Thread]) -> None:
+    def finish(
+        self, channel: Mapping[str, Any], threads: list[Thread], entry: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """Take a finished channel; the state entries of the channels whose samples are now written."""
         self.threads[channel["name"]] = threads
         self.finished[channel["name"]] = channel["id"]
+        self._pending[channel["id"]] = entry
+        if time.monotonic() < self._next_write:
+            return {}
         self.write()
+        return self.taken()
+
+    def taken(self) -> dict[str, dict[str, Any]]:
+        """The state entries of the channels written since the last call."""
+        taken, self._pending = self._pending, {}
+        return taken
 
     def skip(self, channel: Mapping[str, Any], reason: str) -> None:
         self.skipped[channel["name"]] = reason
 
     def write(self) -> Manifest:
+        started = time.monotonic()
         threads = [t for name in sorted(self.threads) for t in self.threads[name]]
         samples, manifest = build_samples(
             threads, self.person, self.users, self.channel_names, self.options, team=self.team, source="api"
@@ -488,6 +508,8 @@ class _Output:
             manifest.added = added
             text = json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n"
             atomic_write_text(self.out / MANIFEST_FILE, text)
+        ended = time.monotonic()
+        self._next_write = ended + 10 * (ended - started)
         return manifest
 
 
