@@ -69,7 +69,9 @@ def test_bad_channels_are_skipped_with_their_reason(slack_emulator, tmp_path):
     result = scrape(slack_emulator, out, *[a for name in wanted for a in ("--channel", name)])
     assert result.exit_code == 0, result.output
     assert {s["meta"]["channel"] for s in read_samples(out)} == {"general"}
-    skipped = json.loads((out / "manifest.json").read_text())["skipped_channels"]
+    channels = json.loads((out / "manifest.json").read_text())["channels"]
+    skipped = {name: channels[name].get("skipped") for name in wanted if name != "general"}
+    assert "skipped" not in channels["general"]
     assert skipped == {
         "random": "the channel is archived (is_archived)",
         "engineering": "the channel is gone (channel_not_found)",
@@ -87,9 +89,10 @@ def test_one_channel_failing_mid_run_does_not_sink_the_others(slack_emulator, tm
     out = tmp_path / "out"
     result = scrape(slack_emulator, out, "--max-concurrency", "1")
     assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["skipped_channels"]) == ["design"]  # the first channel by name
-    assert error in manifest["skipped_channels"]["design"] and error in result.stderr
+    channels = json.loads((out / "manifest.json").read_text())["channels"]
+    failed = {name for name in ("general", "engineering", "design") if channels[name].get("skipped")}
+    assert failed == {"design"}  # the first channel by name
+    assert error in channels["design"]["skipped"] and error in result.stderr
     assert {s["meta"]["channel"] for s in read_samples(out)} == {"general", "engineering"}
     # The next run takes the skipped channel in full.
     again = scrape(slack_emulator, out)

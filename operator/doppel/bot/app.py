@@ -37,8 +37,9 @@ from doppel.bot.worker import Worker
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient
-from doppel.slack.conversation import ThreadMessage, build_conversation
-from doppel.slack.normalize import normalize_text, user_display_name
+from doppel.slack.conversation import DEFAULT_WINDOW, ThreadMessage, build_conversation, channel_window
+from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
+from doppel.slack.scrub import scrub_text
 
 LOG = logging.getLogger(__name__)
 ANNOTATION_CHANNEL = "doppel.dev/notify-channel"
@@ -46,6 +47,8 @@ CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 DEFAULT_ICON = ":robot_face:"
 # A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
 COMMAND_ACK_S = 1.5
+# The training samples' default window (`doppel scrape --window-gap-minutes/--window-messages`).
+WINDOW = DEFAULT_WINDOW
 _MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 
 # The one thing the bot needs from a model server: the reply of adapter `model` to `messages`.
@@ -252,11 +255,21 @@ async def answer_mention(
     # Named as the training samples name the person: real name first.
     person = profile.get("real_name") or target.get("realName") or target.get("handle") or name
     try:
-        replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
-        thread = replies.get("messages", [])
+        if event.get("thread_ts"):
+            replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
+            thread = replies.get("messages", [])
+        else:
+            # Outside a thread, the channel's recent messages cut by the window rule the samples were.
+            recent = await client.conversations_history(
+                channel=channel, latest=event["ts"], inclusive=True, limit=WINDOW.max_messages
+            )
+            flow = [m for m in recent.get("messages", []) if m.get("thread_ts") in (None, m["ts"])]
+            thread = sorted(flow, key=lambda m: _ts(m["ts"]))
         if not any(m.get("ts") == event["ts"] for m in thread):
             thread.append(event)  # replies can lag behind the event: the question must be there
         context = await _thread(user, thread, event, rest, name, person_id, bot_user_id)
+        if not event.get("thread_ts"):
+            context = channel_window(context, WINDOW)
         channel_name = (await lookups.channel(client, team_id, channel)).get("name")
         messages = build_conversation(person, person_id, context, channel=channel_name)
         reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
@@ -268,7 +281,7 @@ async def answer_mention(
         )
         return
     icon = {"icon_url": profile["image_72"]} if profile.get("image_72") else {"icon_emoji": DEFAULT_ICON}
-    for part in logic.split_reply(reply) or ["…"]:
+    for part in logic.split_reply(scrub_text(reply).text) or ["…"]:
         await post(part, username=f"{name}-bot", **icon)
 
 
@@ -297,10 +310,12 @@ async def _thread(
         raw = f"<@{bot_user_id}> {text}" if message["ts"] == mention["ts"] else message.get("text", "")
         for user_id in {author_id, *_MENTIONED.findall(raw)} - users.keys():
             found = await lookup(user_id)
-            users[user_id] = user_display_name(found) if found else user_id
-        clean = normalize_text(raw, users, None, bot_user_id)
+            if found:
+                users[user_id] = user_display_name(found)
+        clean = scrub_text(normalize_text(raw, users, None, bot_user_id)).text  # as the samples were
         if clean:
-            context.append(ThreadMessage(author_id, users[author_id], clean))
+            author = users.get(author_id, UNKNOWN_USER)
+            context.append(ThreadMessage(author_id, author, clean, float(message["ts"])))
     return context
 
 

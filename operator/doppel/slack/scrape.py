@@ -61,6 +61,7 @@ from doppel.slack.samples import (
     ScrapeOptions,
     Thread,
     build_samples,
+    list_channels,
     read_samples,
     resolve_person,
     select_channels,
@@ -261,7 +262,7 @@ class _Scraper:
         chosen = select_channels(channels, options)
         state_path = self.settings.state_path or out / "state.json"
         state = _load_state(state_path, team, person.id)
-        output = _Output(out, person, users, {c["id"]: c["name"] for c in channels}, options, team)
+        output = _Output(out, person, users, channels, options, team)
         cutoff = max(0.0, options.cutoff_ts())  # Slack takes no negative timestamps (invalid_ts_oldest)
         now = options.now if options.now is not None else time.time()
         # A rescan window reaching before the cutoff would only re-check threads that are ignored anyway.
@@ -309,6 +310,7 @@ class _Scraper:
             reasons = "; ".join(f"#{name}: {why}" for name, why in sorted(output.skipped.items()))
             raise BadInput(f"no channel could be scraped ({reasons})")
         manifest = output.write()
+        assert manifest is not None
         for channel_id, done in output.taken().items():
             checkpoint(channel_id, done)
         return manifest
@@ -373,9 +375,10 @@ class _Scraper:
             stamps = [m["ts"] for m in page]
             lowest = min(stamps, key=ts_key) if stamps else None
             more = bool(data.get("has_more")) and lowest is not None
-            # Top-level messages at or before `since` were taken last time; they are listed again only to
-            # read their threads' latest_reply.
-            partial["messages"] += [m for m in page if not since or ts_key(m["ts"]) > ts_key(since)]
+            # Top-level messages at or before `since` were taken last time; they are listed again to read
+            # their threads' latest_reply, and kept as the channel window before the newer ones (their own
+            # samples are already written: the merge keeps those).
+            partial["messages"] += page
             for message in page:
                 root, last = message["ts"], message.get("latest_reply", "")
                 is_parent = message.get("reply_count") and message.get("thread_ts") == root
@@ -460,11 +463,12 @@ class _Output:
         out: Path,
         person: Person,
         users: list[dict[str, Any]],
-        channel_names: Mapping[str, str],
+        channels: list[dict[str, Any]],
         options: ScrapeOptions,
         team: str,
     ) -> None:
-        self.out, self.person, self.users, self.channel_names = out, person, users, channel_names
+        self.out, self.person, self.users, self.channels = out, person, users, channels
+        self.channel_names = {c["id"]: c["name"] for c in channels}
         self.options, self.team = options, team
         self.threads: dict[str, list[Thread]] = {}  # channel name -> its threads
         self.finished: dict[str, str] = {}  # name -> id
@@ -480,9 +484,8 @@ class _Output:
         self.threads[channel["name"]] = threads
         self.finished[channel["name"]] = channel["id"]
         self._pending[channel["id"]] = entry
-        if time.monotonic() < self._next_write:
+        if time.monotonic() < self._next_write or self.write(final=False) is None:
             return {}
-        self.write()
         return self.taken()
 
     def taken(self) -> dict[str, dict[str, Any]]:
@@ -493,15 +496,19 @@ class _Output:
     def skip(self, channel: Mapping[str, Any], reason: str) -> None:
         self.skipped[channel["name"]] = reason
 
-    def write(self) -> Manifest:
+    def write(self, final: bool = True) -> Manifest | None:
+        """Merge the finished channels' samples into OUT. Before the end (`final` False) nothing is written
+        while there is no sample at all (None): a run without any is bad input, and leaves nothing."""
         started = time.monotonic()
         threads = [t for name in sorted(self.threads) for t in self.threads[name]]
         samples, manifest = build_samples(
             threads, self.person, self.users, self.channel_names, self.options, team=self.team, source="api"
         )
-        for name, channel_id in self.finished.items():
-            manifest.channels.setdefault(name, {"id": channel_id, "messages": 0, "threads": 0})
-        manifest.skipped_channels = dict(sorted(self.skipped.items()))
+        list_channels(manifest, self.channels, self.options)
+        for name, reason in self.skipped.items():
+            manifest.channels[name]["skipped"] = reason
+        if not final and not samples and not self._before:
+            return None
         manifest = write_output(self.out, samples, manifest, self.options.max_samples)
         added = sum(1 for s in read_samples(self.out / SAMPLES_FILE) if _key(s) not in self._before)
         if added != manifest.added:  # the earlier checkpoints of this run took some of them
