@@ -27,6 +27,11 @@ Like Slack, deleting a thread root that has replies leaves a `tombstone` root (u
 (`remove_member`), `channel_not_found`, `channel_is_limited_access` (a channel with `is_limited_access`),
 `invalid_cursor`.
 
+Slack Connect: `add_external_user(user, channel_id)` puts a user of another organisation in a shared
+channel: `users.info` knows them (with their own `team_id`), `users.list` does not list them.
+`chat.postEphemeral` messages are kept apart (`ephemeral(channel)`): only their user sees them, so they
+are not in the channel's history.
+
 Fault injection for the bad-input tests: `fail(method, count, status)` answers the next `count` calls of a
 method with an HTTP error; `fail_with(method, error, count)` with an `ok: false` error;
 `vanish_channel(channel_id, after_calls)` deletes a channel after it has been used `after_calls` times.
@@ -60,6 +65,7 @@ METHOD_TIER = {
     "conversations.history": 3,
     "conversations.replies": 3,
     "chat.postMessage": 4,
+    "chat.postEphemeral": 4,
 }
 MAX_LIMIT = {"users.list": 1000, "conversations.list": 1000, "conversations.history": 999}
 # (per minute, burst in calls) of the methods a profile changes.
@@ -116,6 +122,8 @@ class Team:
     messages: dict[str, list[dict[str, Any]]]  # channel id -> messages sorted by ts
     scopes: set[str] | None = None  # None: every scope
     token_error: str | None = None  # token_revoked, account_inactive
+    external_users: list[dict[str, Any]] = field(default_factory=list)  # Slack Connect: other orgs' people
+    ephemeral: list[dict[str, Any]] = field(default_factory=list)  # chat.postEphemeral, seen by one user
 
     def channel_by_ref(self, ref: str) -> dict[str, Any]:
         if ref in self.channels:
@@ -304,6 +312,19 @@ class SlackEmulator:
                         "thread_ts": ts,
                     }
 
+    def add_external_user(self, user: dict[str, Any], channel_id: str, team: Team | None = None) -> None:
+        """A user of another organisation (their own `team_id`) in a Slack Connect channel of `team`."""
+        team = team or self.team
+        with self._lock:
+            team.external_users.append(copy.deepcopy(user))
+        self.add_member(channel_id, user["id"], team)
+
+    def ephemeral_posts(self, channel_id: str, team: Team | None = None) -> list[dict[str, Any]]:
+        """The bot's ephemeral messages in a channel (each with the `user` who alone sees it)."""
+        team = team or self.team
+        with self._lock:
+            return [dict(m) for m in team.ephemeral if m["channel"] == channel_id]
+
     def posted(self, channel_id: str, team: Team | None = None) -> list[dict[str, Any]]:
         """Messages the bot posted to a channel, oldest first."""
         team = team or self.team
@@ -490,7 +511,7 @@ class SlackEmulator:
         return {"members": page, "cache_ts": int(time.time()), "response_metadata": {"next_cursor": cursor}}
 
     def _m_users_info(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
-        for user in team.users:
+        for user in [*team.users, *team.external_users]:
             if user["id"] == params.get("user"):
                 return {"user": user}
         raise ApiError("user_not_found")
@@ -593,6 +614,25 @@ class SlackEmulator:
         msgs.append(message)
         msgs.sort(key=lambda m: _ts_key(m["ts"]))
         return {"channel": channel["id"], "ts": message["ts"], "message": message}
+
+    def _m_chat_postEphemeral(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = team.channel_by_ref(str(params.get("channel", "")))
+        if channel.get("is_private") and not team.is_member(channel):
+            raise ApiError("channel_not_found")
+        if not params.get("text") and not params.get("blocks"):
+            raise ApiError("no_text")
+        known = {u["id"] for u in [*team.users, *team.external_users]}
+        if params.get("user") not in known:
+            raise ApiError("user_not_found")
+        if params["user"] not in channel["members"]:
+            raise ApiError("user_not_in_channel")
+        self._seq += 1
+        ts = f"{int(time.time())}.{self._seq:06d}"
+        message = {"channel": channel["id"], "user": params["user"], "text": params.get("text", ""), "ts": ts}
+        if params.get("thread_ts"):
+            message["thread_ts"] = params["thread_ts"]
+        team.ephemeral.append(message)
+        return {"message_ts": ts}
 
     # --- views -------------------------------------------------------------------------------------
 

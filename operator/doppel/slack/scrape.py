@@ -204,8 +204,8 @@ class _Scraper:
         self.settings.progress(event)
 
     async def call(self, method: str, **kwargs: Any) -> dict[str, Any]:
-        """One API call in its turn, 429s waited out; Slack's failures become BadInput with the reason, or
-        _ChannelFailed for an answer about one channel."""
+        """One API call in its turn, 429s waited out; Slack's failures become BadInput or SlackUnavailable
+        with the reason, or _ChannelFailed for an answer about one channel."""
         while True:
             sent = await self.budget.turn(method)
             try:
@@ -222,7 +222,7 @@ class _Scraper:
                     raise _ChannelFailed(str(error), method) from None
                 raise _explain(method, kwargs, exc, self.settings) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise BadInput(
+                raise SlackUnavailable(
                     f"cannot reach Slack at {self.settings.base_url} ({type(exc).__name__}: {exc})"
                 ) from None
             self.budget.accepted(method, sent)
@@ -564,7 +564,14 @@ def recorded_threads(threads: Mapping[str, str], cutoff: float) -> dict[str, str
     return dict(sorted(kept, key=lambda item: ts_key(item[0])))
 
 
-def _explain(method: str, kwargs: Mapping[str, Any], exc: SlackApiError, settings: ApiSettings) -> BadInput:
+class SlackUnavailable(Exception):
+    """Slack cannot be reached or keeps failing after the retries: transient, not the input's fault (the
+    operator tries again later; bad input would fail at once)."""
+
+
+def _explain(
+    method: str, kwargs: Mapping[str, Any], exc: SlackApiError, settings: ApiSettings
+) -> BadInput | SlackUnavailable:
     """A one-line reason for a failed call."""
     status = exc.response.status_code
     error = exc.response.get("error") if isinstance(exc.response.data, dict) else None
@@ -576,7 +583,7 @@ def _explain(method: str, kwargs: Mapping[str, Any], exc: SlackApiError, setting
         granted = f" (granted: {provided})" if provided else ""
         return BadInput(f"the token lacks the scope {needed} needed by {method}{granted}; reinstall the app")
     if status >= 500:
-        return BadInput(
+        return SlackUnavailable(
             f"Slack kept failing (HTTP {status} on {method}) after {settings.max_retries} retries; try later"
         )
     return BadInput(f"Slack refused {method}{where}: {error or f'HTTP {status}'}")
