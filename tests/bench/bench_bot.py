@@ -371,7 +371,8 @@ async def main() -> None:
     per_mention = instrumentation_cost()
     print(
         f"metrics calls per mention: {per_mention * 1e6:.1f} us = "
-        f"{per_mention / figures_off['ack p50']:.4%} of the p50 acknowledgement"
+        f"{per_mention / figures_off['ack p50']:.4%} of the p50 acknowledgement, "
+        f"{per_mention / figures_off['single p50']:.3%} of the one-at-a-time event -> model request"
     )
 
 
