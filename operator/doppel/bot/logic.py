@@ -171,6 +171,9 @@ def describe(doppel: dict[str, Any]) -> str:
     samples = status.get("samples")
     if samples is not None:
         text += f", {samples} samples"
+    fidelity = _fidelity(status)
+    if fidelity:
+        text += f", {fidelity}"
     why = status.get("message") or status.get("reason")  # the operator's sentence, else its reason code
     if status.get("phase") == "Failed" and why:
         text += f": {why}"
@@ -198,6 +201,15 @@ def progress_note(doppel: dict[str, Any]) -> str | None:
         "Failed": f"{name}'s doppel failed: "
         f"{status.get('message') or status.get('reason') or 'see `/doppel status`'}.",
     }.get(phase(doppel))
+
+
+def _fidelity(status: dict[str, Any]) -> str | None:
+    """`style match 0.93 (persona prompt 0.07)` from `status.eval`, when the train Job measured it."""
+    figures = status.get("eval") or {}
+    adapter, prompted = figures.get("styleMatchAdapter"), figures.get("styleMatchPromptedBase")
+    if adapter is None or prompted is None:
+        return None
+    return f"style match {adapter:.2f} (persona prompt {prompted:.2f})"
 
 
 def _progress(status: dict[str, Any]) -> str | None:
