@@ -17,10 +17,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +201,44 @@ def smollm2_model() -> Path:
     from doppel.train.base_models import ensure_builtin
 
     return ensure_builtin("smollm2-135m")
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    workdir: Path
+    proc: subprocess.CompletedProcess[str]
+    result: dict[str, Any]  # the JSON summary ($DOPPEL_RESULT_FILE)
+
+    @property
+    def adapter(self) -> Path:
+        return Path(self.result["adapter"])
+
+    @property
+    def samples(self) -> Path:
+        return self.workdir / "data" / "margaret" / "samples.jsonl"
+
+
+def doppel_local(
+    *args: str, workdir: Path, result: Path, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """`doppel local ARGS --workdir WORKDIR` as a user runs it, in a subprocess, offline but for pip."""
+    script = Path(sys.executable).with_name("doppel")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "doppel.cli"]
+    env = {**os.environ, "DOPPEL_RESULT_FILE": str(result), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [*command, "local", *args, "--workdir", str(workdir)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_demo(smollm2_model: Path, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    root = tmp_path_factory.mktemp("smollm2-demo")
+    workdir = root / "doppel-data"
+    proc = doppel_local("--demo", workdir=workdir, result=root / "result.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return DemoRun(workdir, proc, json.loads((root / "result.json").read_text()))

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from doppel.errors import BadInput
 from doppel.fsutil import atomic_write_text
 from doppel.train import data
 
@@ -44,8 +43,8 @@ PERSONA_EXAMPLES = 3
 class EvalSettings:
     # Held-out contexts replied to (adapter, prompted base, base), and training contexts the base model
     # replies to for the classifier's "base model" class.
-    heldout_contexts: int = 16
-    base_train_replies: int = 24
+    heldout_contexts: int = 12
+    base_train_replies: int = 16
     reply_tokens: int = 80
     examples: int = 3
     batch_size: int = 16
@@ -171,7 +170,10 @@ def evaluate_adapter(
     adapter_replies, prompted, base_heldout = texts[0 : 3 * n : 3], texts[1 : 3 * n : 3], texts[2 : 3 * n : 3]
     base_train_replies = texts[3 * n :]
 
+    report["classifier_base_replies"] = base_train_replies
     classifier = StyleClassifier.fit(split.train, base_train_replies)
+    if classifier is None:  # e.g. a base model that said nothing at all: nothing to tell apart
+        return report
     real = [s.messages[-1]["content"] for s in heldout]
     test_texts, test_labels = _labelled(split.eval)
     test_texts += base_heldout
@@ -207,7 +209,7 @@ class StyleClassifier:
         self.pipeline = pipeline
 
     @classmethod
-    def fit(cls, train: Sequence[data.Sample], base_replies: Sequence[str]) -> StyleClassifier:
+    def fit(cls, train: Sequence[data.Sample], base_replies: Sequence[str]) -> StyleClassifier | None:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
@@ -216,7 +218,7 @@ class StyleClassifier:
         texts += [t for t in base_replies if t]
         labels += [BASE_CLASS] * (len(texts) - len(labels))
         if len(set(labels)) < 2:
-            raise BadInput("too little data for the style classifier (one class only)")
+            return None
         pipeline = make_pipeline(
             TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, min_df=1),
             LogisticRegression(max_iter=2000, class_weight="balanced", C=10.0),
@@ -242,6 +244,24 @@ class StyleClassifier:
     def accuracy(self, texts: Sequence[str], labels: Sequence[str]) -> float:
         predicted = self.predict(texts)
         return round(sum(p == y for p, y in zip(predicted, labels, strict=True)) / max(len(labels), 1), 4)
+
+
+def report_classifier(adapter: Path, samples_path: Path) -> StyleClassifier | None:
+    """The classifier of the adapter's eval.json, fitted again (the same data, so the same model), to
+    attribute replies obtained elsewhere (a vLLM server, the bot)."""
+    from transformers import AutoTokenizer
+
+    report = json.loads((Path(adapter) / EVAL_FILE).read_text(encoding="utf-8"))
+    config = _read_metrics(adapter).get("config") or {}
+    tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
+    split = split_samples(
+        data.load_samples(samples_path),
+        tokenizer,
+        int(config.get("max_length", 1024)),
+        float(config.get("eval_fraction", 0.1)),
+        int(config.get("seed", 0)),
+    )
+    return StyleClassifier.fit(split.train, report.get("classifier_base_replies") or [])
 
 
 def _labelled(samples: Sequence[data.Sample]) -> tuple[list[str], list[str]]:
