@@ -74,9 +74,7 @@ def test_fidelity_report_of_the_demo(smollm2_demo):
     match = report["style_match"]
     assert match["adapter"] >= 0.8 and match["adapter"] >= match["prompted_base"] + 0.4, match
     assert report["style_classifier_accuracy"] >= 0.8
-    assert {"person", "base model", "Dev Patel", "Sam Lee", "Jo Rivera"} <= set(
-        report["style_classifier"]["classes"]
-    )
+    assert {"person", "base model", "Dev", "Sam", "Jo"} <= set(report["style_classifier"]["classes"])
     assert report["length"]["person"] > 20 and report["examples"]
     for example in report["examples"]:
         assert SIGN_OFF in example["real"]
