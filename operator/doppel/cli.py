@@ -594,7 +594,7 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
     show_default=True,
     help="Where everything is written; a second run reuses what is there.",
 )
-@click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 18).")
+@click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 16).")
 @click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
 @click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")

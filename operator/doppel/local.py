@@ -80,7 +80,7 @@ DEMO_TRAINING: dict[str, dict[str, Any]] = {
         "early_stopping_patience": 100,
     },
 }
-DEMO_MAX_STEPS = {"smollm2-135m": 18, "doppel-tiny": 240}
+DEMO_MAX_STEPS = {"smollm2-135m": 16, "doppel-tiny": 240}
 DEMO_BASE_MODEL = "smollm2-135m"
 # Replies are short: Slack messages, and generation on CPU is not free.
 DEFAULT_REPLY_TOKENS = 120

@@ -45,7 +45,7 @@ class EvalSettings:
     # replies to for the classifier's "base model" class.
     heldout_contexts: int = 12
     base_train_replies: int = 16
-    reply_tokens: int = 80
+    reply_tokens: int = 64
     examples: int = 3
     batch_size: int = 16
     seed: int = 0
