@@ -20,6 +20,8 @@ KIND = "DoppelUser"
 PLURAL = "doppelusers"
 SINGULAR = "doppeluser"
 SHORT_NAME = "doppel"
+# The Slack workspace an object belongs to (DoppelUsers, bot token Secrets): workspaces share namespaces.
+LABEL_TEAM = f"{GROUP}/slack-team"
 
 Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
 ConditionType = Literal["Scraped", "Trained", "Registered", "Ready"]
@@ -100,12 +102,21 @@ class Slack(_Model):
     export_path: str | None = Field(
         default=None, pattern=RELATIVE_PATH, description="Slack export ZIP, relative to the shared volume."
     )
+    rate_profile: Literal["internal", "marketplace", "non-marketplace"] = Field(
+        default="internal",
+        description="The kind of Slack app the token belongs to, whose rate limits the scrape starts from "
+        "(non-marketplace: 1 history/replies call a minute); it learns the real ones from Slack's 429s.",
+    )
 
 
 class Data(_Model):
     cutoff_days: int = Field(default=365, ge=1, le=3650, description="Only messages newer than this.")
     min_length: int = Field(default=100, ge=1, le=10000, description="Shortest message kept as a target.")
     max_samples: int = Field(default=500, ge=1, le=100000, description="Newest samples kept at most.")
+    scrub: bool = Field(
+        default=True,
+        description="Replace secrets, emails and phone numbers with placeholders before training.",
+    )
 
 
 class BaseModelRef(_Model):
@@ -208,6 +219,16 @@ class EvalSummary(_Model):
     heldout_samples: int | None = Field(default=None, ge=0)
 
 
+class ScrapeProgress(_Model):
+    channels_done: int = Field(default=0, ge=0, description="Channels scraped or skipped.")
+    channels_total: int = Field(default=0, ge=0)
+    messages: int = Field(default=0, ge=0, description="Messages fetched so far.")
+    rate_limited: int = Field(default=0, ge=0, description="429 answers waited out so far.")
+    wait_s: float | None = Field(default=None, ge=0, description="Seconds left of the wait for Slack.")
+    waiting_on: str | None = Field(default=None, description="The method the scrape waits to call.")
+    updated_at: datetime | None = Field(default=None, description="When these figures last changed.")
+
+
 class Adapter(_Model):
     served_name: str = Field(min_length=1)
     path: str = Field(min_length=1, description="Adapter directory as the vLLM pods see it.")
@@ -224,6 +245,7 @@ class DoppelUserStatus(_Model):
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = Field(default=None, ge=0)
     samples: int | None = Field(default=None, ge=0)
+    scraping: ScrapeProgress | None = None
     training: TrainingProgress | None = None
     eval: EvalSummary | None = Field(default=None, description="The last trained adapter's fidelity figures.")
     adapter: Adapter | None = None

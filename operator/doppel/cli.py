@@ -106,14 +106,56 @@ def main(debug: bool) -> None:
 @click.option("--min-length", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--budget-chars", type=click.IntRange(min=1), default=4000, show_default=True)
+@click.option(
+    "--window-gap-minutes",
+    type=click.FloatRange(min=0),
+    default=5,
+    show_default=True,
+    help="A channel message's context: the messages before it with gaps up to this.",
+)
+@click.option(
+    "--window-messages",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="At most this many messages in a channel window, the answered one included.",
+)
+@click.option("--exclude-archived", is_flag=True, help="Skip archived channels (an export takes them).")
+@click.option("--include-private", is_flag=True, help="Also private channels.")
+@click.option("--include-dms", is_flag=True, help="Also direct messages and group DMs.")
+@click.option(
+    "--paste-chars",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="A message longer than this and mostly ``` blocks is a paste.",
+)
+@click.option("--paste-action", type=click.Choice(["drop", "cut"]), default="drop", show_default=True)
+@click.option(
+    "--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers (scrubbed by default)."
+)
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option(
     "--rate-scale",
     type=click.FloatRange(min=0, min_open=True),
     default=1.0,
     show_default=True,
-    help="Multiply Slack's documented rate limits (for raised limits or an emulator).",
+    help="Compress time (an emulator): Slack's limits times this, its Retry-After divided by it.",
 )
+@click.option(
+    "--rate-profile",
+    type=click.Choice(["internal", "marketplace", "non-marketplace"]),
+    default="internal",
+    show_default=True,
+    help="The kind of Slack app the token belongs to: its limits are where the scrape starts "
+    "(non-marketplace: 1 history/replies call a minute, 15 messages a page); 429s teach it the rest.",
+)
+@click.option(
+    "--budget-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Share the rate budget with other scrapes of the same workspace through DIR/<team>.json.",
+)
+@click.option("--json-progress", is_flag=True, help="One JSON line per page, channel and wait on stdout.")
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path), help="[default: OUT/state.json]")
 @click.option(
     "--rescan-days",
@@ -136,8 +178,19 @@ def scrape(
     min_length: int,
     max_samples: int,
     budget_chars: int,
+    window_gap_minutes: float,
+    window_messages: int,
+    exclude_archived: bool,
+    include_private: bool,
+    include_dms: bool,
+    paste_chars: int,
+    paste_action: str,
+    no_scrub: bool,
     max_concurrency: int,
     rate_scale: float,
+    rate_profile: str,
+    budget_dir: Path | None,
+    json_progress: bool,
     state: Path | None,
     rescan_days: float,
 ) -> dict[str, Any]:
@@ -145,7 +198,8 @@ def scrape(
 
     From the Web API with a bot token, or from a Slack export ZIP with --export. Running it again into
     the same OUT fetches only newer messages, plus late replies to recently active threads, and adds
-    their samples.
+    their samples. Secrets, emails and phone numbers are replaced by <secret>, <email>, <phone> unless
+    --no-scrub. Exits 2 with the reason when the person ends with no samples.
     """
     from doppel.slack.samples import ScrapeOptions
 
@@ -156,6 +210,14 @@ def scrape(
         min_length=min_length,
         max_samples=max_samples,
         budget_chars=budget_chars,
+        window_gap_s=window_gap_minutes * 60,
+        window_messages=window_messages,
+        include_archived=False if exclude_archived else None,
+        include_private=include_private,
+        include_dms=include_dms,
+        paste_chars=paste_chars,
+        paste_action=paste_action,
+        scrub=not no_scrub,
         team=team,
     )
     if export_zip is not None:
@@ -168,6 +230,9 @@ def scrape(
         base_url=slack_api_url,
         max_concurrency=max_concurrency,
         rate_scale=rate_scale,
+        rate_profile=rate_profile,
+        budget_dir=budget_dir,
+        progress=(lambda event: click.echo(json.dumps(event))) if json_progress else None,
         state_path=state,
         rescan_days=rescan_days,
     )
@@ -239,6 +304,11 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--min-samples", default=20, show_default=True)
 @click.option("--json-progress", is_flag=True, help="One JSON line per step (and evaluation) on stdout.")
+@click.option(
+    "--link",
+    type=click.Path(path_type=Path),
+    help="Then make this directory an entry of vLLM's filesystem LoRA resolver for the adapter in OUT.",
+)
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Then write eval.json.")
 @run_stage
 def train_command(
@@ -248,6 +318,7 @@ def train_command(
     base_model_name: str | None,
     target_modules: str,
     json_progress: bool,
+    link: Path | None,
     run_eval: bool,
     **options: Any,
 ) -> dict[str, Any]:
@@ -276,6 +347,10 @@ def train_command(
     summary: dict[str, Any] = {"adapter": str(out), **metrics.summary()}
     if run_eval:
         summary["eval"] = _evaluate(Path(config.base_model), out, data_path, metrics.to_dict(), err=True)
+    if link is not None:  # after eval.json, so that the resolver's entry links it too
+        from doppel.train.trainer import resolver_entry
+
+        resolver_entry(out, link, base_model)
     return summary
 
 
@@ -476,6 +551,70 @@ def crd() -> None:
     help="Seconds between reads of a running train pod's log for progress in the status.",
 )
 @click.option(
+    "--pending-timeout",
+    envvar="DOPPEL_PENDING_TIMEOUT_SECONDS",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds a Job's pod may stay Pending (Unschedulable, ImagePullBackOff...) before it fails.",
+)
+@click.option(
+    "--scrape-deadline",
+    envvar="DOPPEL_SCRAPE_DEADLINE_SECONDS",
+    type=click.IntRange(min=1),
+    default=3600,
+    show_default=True,
+    help="activeDeadlineSeconds of scrape Jobs.",
+)
+@click.option(
+    "--train-deadline",
+    envvar="DOPPEL_TRAIN_DEADLINE_SECONDS",
+    type=click.IntRange(min=1),
+    default=6 * 3600,
+    show_default=True,
+    help="activeDeadlineSeconds of train Jobs.",
+)
+@click.option(
+    "--max-lora-rank",
+    envvar="DOPPEL_MAX_LORA_RANK",
+    type=click.IntRange(min=1),
+    default=None,
+    help="vLLM's --max-lora-rank: a higher spec.training.rank is refused before training.",
+)
+@click.option(
+    "--keep-adapters",
+    envvar="DOPPEL_KEEP_ADAPTERS",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Adapter versions kept below the served one; older ones are removed from the volume.",
+)
+@click.option(
+    "--image-pull-secrets",
+    envvar="DOPPEL_IMAGE_PULL_SECRETS",
+    default="",
+    help="Comma-separated imagePullSecrets of the Job pods.",
+)
+@click.option(
+    "--lora-dir",
+    envvar="DOPPEL_LORA_DIR",
+    default=None,
+    help="vLLM's filesystem LoRA resolver directory (under --data-root): adapters are linked there by name.",
+)
+@click.option(
+    "--hf-home", envvar="DOPPEL_HF_HOME", default=None, help="HF_HOME of train pods (shared volume)."
+)
+@click.option(
+    "--hf-token-secret", envvar="DOPPEL_HF_TOKEN_SECRET", default=None, help="Secret with key HF_TOKEN."
+)
+@click.option("--fs-group", envvar="DOPPEL_FS_GROUP", type=int, default=None, help="fsGroup of the Job pods.")
+@click.option(
+    "--gpu-runtime-class",
+    envvar="DOPPEL_GPU_RUNTIME_CLASS",
+    default=None,
+    help="runtimeClassName of train pods that ask for a GPU (e.g. nvidia).",
+)
+@click.option(
     "--api-server",
     envvar="DOPPEL_API_SERVER",
     default=None,
@@ -492,6 +631,17 @@ def operator_command(
     slack_api_url: str | None,
     resync: float,
     progress_interval: float,
+    pending_timeout: float,
+    scrape_deadline: int,
+    train_deadline: int,
+    max_lora_rank: int | None,
+    keep_adapters: int,
+    image_pull_secrets: str,
+    lora_dir: str | None,
+    hf_home: str | None,
+    hf_token_secret: str | None,
+    fs_group: int | None,
+    gpu_runtime_class: str | None,
     api_server: str | None,
 ) -> dict[str, Any]:
     """Run the DoppelUser operator (kopf) until interrupted."""
@@ -502,6 +652,8 @@ def operator_command(
 
     if not data_root.startswith("/"):
         raise BadInput(f"--data-root must be an absolute path, got {data_root!r}")
+    if lora_dir and not lora_dir.startswith(data_root.rstrip("/") + "/"):
+        raise BadInput(f"--lora-dir must be inside --data-root {data_root}, got {lora_dir!r}")
     config = OperatorConfig(
         data_root=data_root,
         data_claim=data_claim or None,
@@ -512,6 +664,22 @@ def operator_command(
         namespaces=tuple(n for ns in namespaces for n in ns.split(",") if n),
         resync_s=resync,
         progress_s=progress_interval,
+        pending_timeout_s=pending_timeout,
+        deadlines_s={
+            "scrape": scrape_deadline,
+            "train": train_deadline,
+            "cleanup": 600,
+            "purge": 600,
+            "prune": 600,
+        },
+        max_lora_rank=max_lora_rank,
+        keep_adapters=keep_adapters,
+        image_pull_secrets=tuple(n for n in image_pull_secrets.split(",") if n),
+        lora_dir=lora_dir or None,
+        hf_home=hf_home or None,
+        hf_token_secret=hf_token_secret or None,
+        fs_group=fs_group,
+        gpu_runtime_class=gpu_runtime_class or None,
         api_server=api_server,
     )
     asyncio.run(run(config))
@@ -525,14 +693,39 @@ def operator_command(
     type=click.Path(file_okay=False, path_type=Path),
     help="Only paths under this directory may be removed.",
 )
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--partials-in",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also remove what killed runs left in this directory (.NAME.*.partial, .NAME.old-*).",
+)
+@click.option(
+    "--dangling-in",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Then remove the LoRA resolver entries in this directory whose adapter is gone.",
+)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @run_stage
-def cleanup(data_root: Path, paths: tuple[Path, ...]) -> dict[str, Any]:
+def cleanup(
+    data_root: Path, paths: tuple[Path, ...], partials_in: tuple[Path, ...], dangling_in: tuple[Path, ...]
+) -> dict[str, Any]:
     """Remove datasets or adapters from the shared volume (the operator's cleanup Jobs run this)."""
     import shutil
 
     root = data_root.resolve()
-    targets = [path.resolve() for path in paths]
+    leftovers = [
+        entry
+        for directory in partials_in
+        if directory.is_dir()
+        for entry in directory.iterdir()
+        if entry.name.startswith(".") and (entry.name.endswith(".partial") or ".old-" in entry.name)
+    ]
+    for directory in dangling_in:
+        if directory.resolve() == root or root not in directory.resolve().parents:
+            raise BadInput(f"refusing to clean {directory}: not inside --data-root {data_root}")
+    targets = [path.resolve() for path in [*paths, *leftovers]]
+    paths = (*paths, *leftovers)
     for path, target in zip(paths, targets, strict=True):
         if target == root or root not in target.parents:
             raise BadInput(f"refusing to remove {path}: not inside --data-root {data_root}")
@@ -542,6 +735,13 @@ def cleanup(data_root: Path, paths: tuple[Path, ...]) -> dict[str, Any]:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+    for directory in dangling_in:
+        # Resolver entries whose adapter is gone: their linked files point nowhere.
+        entries = [e for e in directory.iterdir() if e.is_dir()] if directory.is_dir() else []
+        for entry in entries:
+            if any(f.is_symlink() and not f.exists() for f in entry.iterdir()):
+                shutil.rmtree(entry)
+                removed.append(str(entry))
     return {"removed": removed}
 
 
@@ -597,6 +797,7 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
 @click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 16).")
 @click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
 @click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
+@click.option("--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers in the samples.")
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
 @click.option("--socket-mode", is_flag=True, help="Then answer @mentions in Slack over Socket Mode.")
 @run_stage
@@ -612,6 +813,7 @@ def local(
     max_steps: int | None,
     cutoff_days: float | None,
     max_tokens: int,
+    no_scrub: bool,
     open_chat: bool,
     socket_mode: bool,
 ) -> dict[str, Any]:
@@ -633,6 +835,7 @@ def local(
         max_steps=max_steps,
         cutoff_days=cutoff_days,
         reply_tokens=max_tokens,
+        scrub=not no_scrub,
     )
     outcome = run_local(settings)
     click.echo(report(outcome))
