@@ -14,9 +14,14 @@ HTTP 200 with `{"ok": false, "error": ...}` for API errors, cursor pagination (`
 a form-encoded body or a JSON body, and the token as `Authorization: Bearer` or a `token` argument, which is
 how slack_sdk's sync and async clients send them.
 
+Direct messages: `conversations.open(users=U…)` opens (or finds) the bot's IM channel with that person
+(`D…`), which `chat.postMessage` then posts to; `dm_channel(user_id)` names it for the tests. A channel id
+the team does not have (a DM between people, as `/doppel` typed in one reports it) is `channel_not_found`.
+chat.postMessage is limited per channel, as Slack's special limit is (`POST_PER_MINUTE_PER_CHANNEL`).
+
 Fault injection for the bad-input tests: `fail(method, count, status)` answers the next `count` calls of a
-method with an HTTP error; `vanish_channel(channel_id, after_calls)` deletes a channel after it has been
-used `after_calls` times.
+method with an HTTP error (429 with `Retry-After: 1` and Slack's `ratelimited` body, as Slack answers);
+`vanish_channel(channel_id, after_calls)` deletes a channel after it has been used `after_calls` times.
 """
 
 from __future__ import annotations
@@ -46,8 +51,11 @@ METHOD_TIER = {
     "conversations.join": 3,
     "conversations.history": 3,
     "conversations.replies": 3,
+    "conversations.open": 3,
     "chat.postMessage": 4,
 }
+# chat.postMessage's own limit: about one message a second per channel, short bursts allowed.
+POST_PER_MINUTE_PER_CHANNEL = 60
 MAX_LIMIT = {"users.list": 1000, "conversations.list": 1000, "conversations.history": 999}
 
 
@@ -310,6 +318,9 @@ class SlackEmulator:
             failures = self._failures.get(method)
             if failures:
                 record.status = failures.pop(0)
+                if record.status == 429:
+                    record.error = "ratelimited"
+                    return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": "1"}
                 return record.status, b"<html>upstream error</html>", {}
             handler = getattr(self, "_m_" + method.replace(".", "_"), None)
             if handler is None:
@@ -319,6 +330,8 @@ class SlackEmulator:
                 record.error = "not_authed" if not token else "invalid_auth"
                 return 200, {"ok": False, "error": record.error}, {}
             wait = self._bucket(team.id, method).take(now)
+            if method == "chat.postMessage" and not wait:
+                wait = self._channel_bucket(team.id, str(params.get("channel", ""))).take(now)
             if wait > 0:
                 record.status, record.error = 429, "ratelimited"
                 headers = {"Retry-After": str(max(1, math.ceil(wait)))}
@@ -338,6 +351,22 @@ class SlackEmulator:
             capacity = max(1.0, rate * self.burst_seconds)
             self._buckets[key] = _Bucket(rate=rate, capacity=capacity, tokens=capacity)
         return self._buckets[key]
+
+    def _channel_bucket(self, team_id: str, channel: str) -> _Bucket:
+        key = (team_id, f"chat.postMessage/{channel}")
+        if key not in self._buckets:
+            rate = POST_PER_MINUTE_PER_CHANNEL * self.rate_scale / 60
+            capacity = max(1.0, rate * self.burst_seconds)
+            self._buckets[key] = _Bucket(rate=rate, capacity=capacity, tokens=capacity)
+        return self._buckets[key]
+
+    def dm_channel(self, user_id: str, team: Team | None = None) -> str | None:
+        """The id of the bot's direct-message channel with `user_id`, once opened."""
+        team = team or self.team
+        with self._lock:
+            return next(
+                (c["id"] for c in team.channels.values() if c.get("is_im") and c.get("user") == user_id), None
+            )
 
     def _maybe_vanish(self, team: Team, channel_id: str | None) -> None:
         if channel_id not in self._vanish:
@@ -378,7 +407,8 @@ class SlackEmulator:
         listed = []
         for channel in team.channels.values():
             private = channel.get("is_private", False)
-            if ("private_channel" if private else "public_channel") not in types:
+            kind = "im" if channel.get("is_im") else "private_channel" if private else "public_channel"
+            if kind not in types:
                 continue
             if private and not team.is_member(channel):
                 continue  # a bot sees only the private channels it was invited to
@@ -443,6 +473,28 @@ class SlackEmulator:
         page, cursor = _paginate(thread, params, "conversations.replies", default_limit=1000)
         return {"messages": page, "has_more": bool(cursor), "response_metadata": {"next_cursor": cursor}}
 
+    def _m_conversations_open(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        users = [u for u in str(params.get("users") or "").split(",") if u]
+        if len(users) != 1:
+            raise ApiError("not_enough_users" if not users else "too_many_users")
+        user = next((u for u in team.users if u["id"] == users[0]), None)
+        if user is None or user.get("deleted"):
+            raise ApiError("user_not_found" if user is None else "user_disabled")
+        for channel in team.channels.values():
+            if channel.get("is_im") and channel.get("user") == users[0]:
+                return {"channel": {"id": channel["id"]}, "already_open": True}
+        channel_id = f"D{len(team.channels) + 1:04d}{users[0][1:]}"[:11]
+        team.channels[channel_id] = {
+            "id": channel_id,
+            "name": channel_id,
+            "is_im": True,
+            "is_private": True,
+            "user": users[0],
+            "members": [team.bot_user_id, users[0]],
+        }
+        team.messages[channel_id] = []
+        return {"channel": {"id": channel_id}}
+
     def _m_chat_postMessage(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
         channel = team.channel_by_ref(str(params.get("channel", "")))
         # Like a bot with chat:write.public: public channels without joining, private ones only as member.
@@ -490,9 +542,9 @@ class SlackEmulator:
         return {
             "id": channel["id"],
             "name": channel["name"],
-            "is_channel": not private,
+            "is_channel": not private and not channel.get("is_im"),
             "is_group": False,
-            "is_im": False,
+            "is_im": channel.get("is_im", False),
             "is_private": private,
             "is_archived": channel.get("is_archived", False),
             "is_general": channel.get("is_general", False),

@@ -32,8 +32,9 @@ from doppel.bot.config import BotConfig
 from doppel.bot.directory import Directory
 from doppel.bot.kube import ANNOTATION_REQUESTER, LABEL_TEAM, AlreadyExists
 from doppel.bot.ledger import EventLedger
+from doppel.bot.safety import neutralize, user_ids
 from doppel.bot.snapshot import Snapshots
-from doppel.bot.worker import Worker
+from doppel.bot.worker import Worker, slack_retry_handlers
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient
@@ -41,7 +42,6 @@ from doppel.slack.conversation import ThreadMessage, build_conversation
 from doppel.slack.normalize import normalize_text, user_display_name
 
 LOG = logging.getLogger(__name__)
-ANNOTATION_CHANNEL = "doppel.dev/notify-channel"
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 DEFAULT_ICON = ":robot_face:"
 # A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
@@ -143,17 +143,23 @@ def build_app(
             owner = context.authorize_result.team_id if context.authorize_result else None
             if context.team_id and owner and context.team_id != owner:
                 LOG.warning("request of team %s refused: this bot serves team %s", context.team_id, owner)
-                return BoltResponse(status=403, body="wrong workspace")
+                # 200, not 403: Slack retries errors, and a refusal is an answer.
+                return BoltResponse(status=200, body="This app serves another workspace.")
             return await next()
 
     @app.event("app_mention")
     async def on_mention(body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
         team_id = _team(context, body)
         event_id = str(body.get("event_id") or "")
+        if logic.from_a_bot(event, context.bot_user_id):
+            LOG.info("mention %s of team %s ignored: written by a bot", event_id, team_id)
+            return
+        # Keyed on the message, not the event id: an edited mention is a new event of the same message.
+        key = logic.mention_key(event)
 
         async def work() -> None:
-            if event_id and not await deps.ledger.claim(team_id, event_id):
-                LOG.info("event %s of team %s already handled", event_id, team_id)
+            if not await deps.ledger.claim(team_id, key):
+                LOG.info("mention %s (%s) of team %s already answered", key, event_id, team_id)
                 return
             await answer_mention(deps, _worker_client(deps, context), team_id, context.bot_user_id, event)
 
@@ -161,7 +167,8 @@ def build_app(
 
     @app.event("message")
     async def on_message() -> None:
-        """Plain channel messages are not for the bot; acknowledging them keeps Bolt quiet."""
+        """Plain messages (edits, `message_changed`, bots' posts) are not for the bot: mentions come as
+        `app_mention`. Acknowledging them keeps Bolt quiet."""
 
     @app.command("/doppel")
     async def on_command(ack: Any, respond: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
@@ -200,7 +207,7 @@ def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
         base_url=client.base_url,
         timeout=client.timeout,
         session=deps.worker.session(),
-        retry_handlers=client.retry_handlers,
+        retry_handlers=slack_retry_handlers(),
         logger=client.logger,
     )
 
@@ -216,14 +223,39 @@ def _team(context: AsyncBoltContext, body: dict[str, Any]) -> str:
 # --- mentions ---------------------------------------------------------------------------------------------
 
 
+SORRY_SLACK = (
+    "Sorry, I couldn't answer this one (Slack or the cluster had a problem). Please try again in a minute."
+)
+
+
 async def answer_mention(
     deps: Deps, client: AsyncWebClient, team_id: str, bot_user_id: str | None, event: dict[str, Any]
 ) -> None:
+    """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence."""
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
 
     async def post(text: str, **extra: Any) -> None:
-        await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text, **extra)
+        # link_names off: plain words like "@here" stay words (the text is neutralised anyway).
+        await client.chat_postMessage(
+            channel=channel, thread_ts=thread_ts, text=text, link_names=False, **extra
+        )
 
+    try:
+        await _answer(deps, client, team_id, bot_user_id, event, post)
+    except Exception:
+        LOG.exception("mention in %s of team %s could not be answered", channel, team_id)
+        await post(SORRY_SLACK)
+
+
+async def _answer(
+    deps: Deps,
+    client: AsyncWebClient,
+    team_id: str,
+    bot_user_id: str | None,
+    event: dict[str, Any],
+    post: Callable[..., Awaitable[None]],
+) -> None:
+    channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
     namespace = deps.config.namespace_for(team_id)
     text = logic.strip_bot_mention(event.get("text", ""), bot_user_id)
     try:
@@ -268,8 +300,20 @@ async def answer_mention(
         )
         return
     icon = {"icon_url": profile["image_72"]} if profile.get("image_72") else {"icon_emoji": DEFAULT_ICON}
-    for part in logic.split_reply(reply) or ["…"]:
+    safe = await safe_reply(reply, user)
+    for part in logic.split_reply(safe) or ["…"]:
         await post(part, username=f"{name}-bot", **icon)
+
+
+async def safe_reply(reply: str, user: Callable[[str], Awaitable[dict[str, Any]]]) -> str:
+    """The model's text as it may be posted: mentions of people, channels and everyone made plain words
+    (no ping, no bot ping-pong, no broadcast). The Slack-data scrubber (secrets, personal data) applies
+    here as well once `doppel.slack.scrub` exists: `reply = scrub(reply)` before neutralising."""
+    names = {}
+    for user_id in user_ids(reply):
+        found = await user(user_id)
+        names[user_id] = user_display_name(found) if found else user_id
+    return neutralize(reply, names)
 
 
 async def _thread(
@@ -394,19 +438,16 @@ async def _train(
         return f"{handle} already has a doppel: {logic.describe(existing)}"
     if await _at_limit(deps, namespace):
         return _limit_text(deps)
-    requester, channel = command["user_id"], command["channel_id"]
+    requester = command["user_id"]
     if requester == user_id or not deps.config.require_consent:
-        return await create_doppel(deps, context, team_id, user_id, handle, requester, channel)
-    request = {
-        "team": team_id,
-        "target": user_id,
-        "handle": handle,
-        "requester": requester,
-        "channel": channel,
-    }
+        return await create_doppel(deps, context, team_id, user_id, handle, requester)
+    request = {"team": team_id, "target": user_id, "handle": handle, "requester": requester}
     value = json.dumps(request, separators=(",", ":"))
-    await context.client.chat_postMessage(
-        channel=channel,
+    # Asked privately, in a direct message: the command may come from a DM (no channel the bot can post
+    # in) or a channel the bot is not in, and whether someone agrees is nobody else's business.
+    await tell(
+        context.client,
+        user_id,
         text=f"<@{user_id}>, <@{requester}> would like to train a doppel of you. Do you agree?",
         blocks=[
             {
@@ -438,7 +479,13 @@ async def _train(
             },
         ],
     )
-    return f"Asked <@{user_id}> for their approval; I will tell you here when they answer."
+    return f"Asked <@{user_id}> for their approval; I will tell you in a direct message when they answer."
+
+
+async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) -> None:
+    """A direct message from the bot to `user_id` (conversations.open, then chat.postMessage)."""
+    opened = await client.conversations_open(users=user_id)
+    await client.chat_postMessage(channel=opened["channel"]["id"], text=text, **extra)
 
 
 async def create_doppel(
@@ -448,7 +495,6 @@ async def create_doppel(
     user_id: str,
     handle: str,
     requester: str,
-    channel: str,
 ) -> str:
     config = deps.config
     namespace = config.namespace_for(team_id)
@@ -470,7 +516,7 @@ async def create_doppel(
             "name": name,
             "namespace": namespace,
             "labels": {LABEL_TEAM: team_id},
-            "annotations": {ANNOTATION_REQUESTER: requester, ANNOTATION_CHANNEL: channel},
+            "annotations": {ANNOTATION_REQUESTER: requester},
         },
         "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
@@ -479,7 +525,10 @@ async def create_doppel(
         deps.snapshots.invalidate(namespace)
     except AlreadyExists:
         return f"{handle} already has a doppel: `/doppel status @{handle}`."
-    return f"Training a doppel of {handle}: I will post its progress here (`/doppel status @{handle}`)."
+    return (
+        f"Training a doppel of {handle}: I will tell you its progress in a direct message "
+        f"(`/doppel status @{handle}`)."
+    )
 
 
 async def _at_limit(deps: Deps, namespace: str) -> bool:
@@ -496,18 +545,15 @@ async def answer_consent(
 ) -> None:
     request = json.loads(action["value"])
     team_id, clicker = _team(context, body), body["user"]["id"]
-    channel = request["channel"]
     client = context.client
     # The button travels through Slack: only the named person, in the same workspace, can answer it.
     if request["team"] != team_id or clicker != request["target"]:
         LOG.warning("consent answer by %s of team %s refused", clicker, team_id)
-        await client.chat_postMessage(channel=channel, text=f"Only <@{request['target']}> can answer this.")
+        await tell(client, clicker, f"Only <@{request['target']}> can answer this.")
         return
     if CONSENT_ACTION.match(action["action_id"]).group(1) == "decline":  # type: ignore[union-attr]
-        text = f"<@{request['requester']}>: <@{clicker}> declined; no doppel of them will be trained."
+        text = f"<@{clicker}> declined; no doppel of them will be trained."
     else:
-        result = await create_doppel(
-            deps, context, team_id, clicker, request["handle"], request["requester"], channel
-        )
-        text = f"<@{request['requester']}>: <@{clicker}> approved. {result}"
-    await client.chat_postMessage(channel=channel, text=text)
+        result = await create_doppel(deps, context, team_id, clicker, request["handle"], request["requester"])
+        text = f"<@{clicker}> approved. {result}"
+    await tell(client, request["requester"], text)

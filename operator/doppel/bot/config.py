@@ -47,6 +47,7 @@ class BotConfig:
     event_ttl_s: int = 3600
     oauth_redirect_uri: str | None = None
     poll_interval_s: float = 60.0  # progress: a full pass this often, besides the watch's wake-ups
+    sweep_interval_s: float = 300.0  # expired event and OAuth-state claims are deleted this often
     # What `/doppel train` puts in a new DoppelUser: the shared base model and the token Secret's name.
     base_model_name: str = "base"
     base_model_path: str = "/models/base"
