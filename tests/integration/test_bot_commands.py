@@ -418,10 +418,12 @@ async def test_event_claims_expire(bot_kube):
     kube = kube_for(bot_kube[1])
     lasting, expiring = KubeEventLedger(kube, BOT_NAMESPACE, 3600), KubeEventLedger(kube, BOT_NAMESPACE, -1)
     assert await lasting.claim(TEAM_ID, "Ev1") and not await lasting.claim(TEAM_ID, "Ev1")
-    # A claim past its expiry is swept by the next sweep, so the id can be claimed again; others stay.
+    # A claim past its expiry can be claimed again (and a sweep deletes it); others stay.
     assert await expiring.claim(TEAM_ID, "Ev2")
     assert await expiring.claim(TEAM_ID, "Ev2")
     assert not await expiring.claim(TEAM_ID, "Ev1")
+    assert await lasting.sweep() == 1
+    assert not await lasting.claim(TEAM_ID, "Ev1")
 
 
 async def test_no_token_in_the_logs_of_a_mention_and_a_train(bot_harness, bot_kube, slack_emulator, caplog):

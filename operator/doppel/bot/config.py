@@ -9,16 +9,20 @@ from dataclasses import dataclass, field
 
 from doppel.errors import BadInput
 
+# The bot scopes, in one place: OAuth installs ask for exactly these, and a test holds the app manifest
+# (charts/doppel/examples/slack-app-manifest.yaml) and the README to them.
 DEFAULT_SCOPES = (
-    "app_mentions:read",
-    "channels:history",
-    "groups:history",
-    "chat:write",
-    "chat:write.customize",
-    "commands",
-    "users:read",
+    "app_mentions:read",  # mentions
+    "channels:history",  # threads of public channels (the prompt), and the scrape
+    "channels:join",  # the scrape joins the public channels it reads
     "channels:read",
+    "groups:history",  # the same for private channels the bot was invited to
     "groups:read",
+    "chat:write",
+    "chat:write.customize",  # replies under the doppel's name and icon
+    "commands",  # /doppel
+    "im:write",  # consent requests and progress notices, in direct messages (conversations.open)
+    "users:read",
 )
 
 

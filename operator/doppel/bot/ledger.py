@@ -71,7 +71,11 @@ class SqlEventLedger:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(self.table).values(key=key, expires_at=now + self.ttl_s))
         except IntegrityError:
-            return False
+            # Seen; unless that claim has expired and is not swept yet: then it is this one's (atomic).
+            stale = self.table.c.key == key, self.table.c.expires_at < now
+            with self.engine.begin() as conn:
+                taken = conn.execute(sa.update(self.table).where(*stale).values(expires_at=now + self.ttl_s))
+                return taken.rowcount == 1
         return True
 
 
