@@ -391,6 +391,13 @@ def crd() -> None:
     help="Seconds between reads of a running train pod's log for progress in the status.",
 )
 @click.option(
+    "--train-defaults",
+    envvar="DOPPEL_TRAIN_DEFAULTS",
+    default=None,
+    help='JSON {"resources": ..., "nodeSelector": ..., "tolerations": [...]} for train Jobs of DoppelUsers '
+    "that leave those fields out.",
+)
+@click.option(
     "--api-server",
     envvar="DOPPEL_API_SERVER",
     default=None,
@@ -407,16 +414,26 @@ def operator_command(
     slack_api_url: str | None,
     resync: float,
     progress_interval: float,
+    train_defaults: str | None,
     api_server: str | None,
 ) -> dict[str, Any]:
     """Run the DoppelUser operator (kopf) until interrupted."""
     import asyncio
 
+    import pydantic
+
+    from doppel.api import TrainDefaults
     from doppel.operator.config import OperatorConfig
     from doppel.operator.handlers import run
 
     if not data_root.startswith("/"):
         raise BadInput(f"--data-root must be an absolute path, got {data_root!r}")
+    try:
+        defaults = TrainDefaults.model_validate_json(train_defaults or "{}")
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the value"
+        raise BadInput(f"--train-defaults: {where}: {error['msg']}") from None
     config = OperatorConfig(
         data_root=data_root,
         data_claim=data_claim or None,
@@ -427,6 +444,7 @@ def operator_command(
         namespaces=tuple(n for ns in namespaces for n in ns.split(",") if n),
         resync_s=resync,
         progress_s=progress_interval,
+        train_defaults=defaults,
         api_server=api_server,
     )
     asyncio.run(run(config))

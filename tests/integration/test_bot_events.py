@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from click.testing import CliRunner
 from tests.support.bot_fixtures import (
     BOT_NAMESPACE,
     CHANNEL,
@@ -36,12 +37,17 @@ from tests.support.bot_fixtures import (
     say,
     sign,
 )
+from tests.support.helm import find_manifest, render_chart
 from tests.support.slack_fixtures import BOT_USER_ID
 
+from doppel.api import DoppelUserSpec, TrainDefaults
 from doppel.bot.config import DEFAULT_SCOPES
 from doppel.bot.kube import LABEL_EVENT
 from doppel.bot.ledger import KubeEventLedger
 from doppel.bot.logic import event_key
+from doppel.cli import main
+from doppel.operator.config import OperatorConfig
+from doppel.operator.jobs import Owner, job_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -368,3 +374,45 @@ async def test_public_endpoints_leave_bounded_state_and_claims_are_swept_off_the
         lists = [r for r in kmock if r.resource is not None and r.resource.plural == "configmaps"]
         lists = [r for r in lists if r.action == type(r.action).LIST]
         assert lists and all(r.params.get("labelSelector") == f"{LABEL_EVENT}=seen" for r in lists)
+
+
+async def test_doppels_from_slack_are_scheduled_like_ones_applied_with_kubectl(
+    bot_harness, bot_kube, tmp_path
+):
+    bot = await bot_harness(bot_config(require_consent=False))
+    assert "Training a doppel of bob" in (await bot.form(command_form("train @bob", user="U02BOB"))).text
+    from_slack = await kube_for(bot_kube[1]).get_doppel(NAMESPACE, "bob")
+    assert not {"resources", "nodeSelector", "tolerations"} & from_slack["spec"].keys()  # left to defaults
+    applied = yaml.safe_load((ROOT / "charts/doppel/examples/doppeluser.yaml").read_text())
+    own = {**applied["spec"], "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml"}]}
+
+    # The operator as the chart configures it (its rendered Deployment's environment).
+    deployment = find_manifest(render_chart(), "Deployment", "operator")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    config = OperatorConfig(train_defaults=TrainDefaults.model_validate_json(env["DOPPEL_TRAIN_DEFAULTS"]))
+    owner = Owner(NAMESPACE, "x", "uid-1", 1)
+
+    def scheduling(spec: dict[str, Any]) -> tuple[Any, ...]:
+        job = job_manifest(
+            owner, "train", 1, ["doppel", "train"], DoppelUserSpec.model_validate(spec), config
+        )
+        pod = job["spec"]["template"]["spec"]
+        return pod.get("tolerations"), pod.get("nodeSelector"), pod["containers"][0].get("resources")
+
+    gpu_taint = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert (
+        scheduling(from_slack["spec"])
+        == scheduling(applied["spec"])
+        == (
+            gpu_taint,
+            None,
+            {"limits": {"nvidia.com/gpu": "1"}},
+        )
+    )
+    assert scheduling(own)[0] == own["tolerations"]  # an object's own choice wins
+
+    # A wrong cluster default is refused when the operator starts, with one line.
+    bad = CliRunner().invoke(
+        main, ["operator", "--train-defaults", '{"tolerations": [{"operator": "Maybe"}]}']
+    )
+    assert bad.exit_code == 2 and "--train-defaults: tolerations.0.operator" in bad.output

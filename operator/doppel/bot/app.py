@@ -518,7 +518,9 @@ async def create_doppel(
             "labels": {LABEL_TEAM: team_id},
             "annotations": {ANNOTATION_REQUESTER: requester},
         },
-        "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        # Only what was set: everything else gets the same defaults as an object applied with kubectl
+        # (the CRD's, and the operator's --train-defaults for scheduling), never a copy frozen here.
+        "spec": spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
     }
     try:
         await deps.kube.create_doppel(namespace, body)

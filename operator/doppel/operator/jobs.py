@@ -13,7 +13,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from doppel.api import GROUP, KIND, VERSION, DoppelUserSpec
+from doppel.api import GROUP, KIND, VERSION, DoppelUserSpec, with_train_defaults
 from doppel.operator.config import OperatorConfig
 
 Step = Literal["scrape", "train", "cleanup", "purge"]
@@ -183,6 +183,7 @@ def job_manifest(
     if config.service_account:
         pod_spec["serviceAccountName"] = config.service_account
     if step == "train":
+        spec = with_train_defaults(spec, config.train_defaults)
         resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
         if spec.resources.gpu:
             resources["limits"]["nvidia.com/gpu"] = str(spec.resources.gpu)
