@@ -125,11 +125,21 @@ class SlackEmulator:
     """The emulator; `start()` serves it on 127.0.0.1, `base_url` is what slack_sdk takes.
 
     `rate_scale` multiplies every tier's limit (tests run fast), `burst_seconds` is how many seconds' worth
-    of calls a method takes at once before 429s start, `latency` delays every answer.
+    of calls a method takes at once before 429s start, `latency` delays every answer, `post_limit` sets
+    chat.postMessage's per-channel limit apart (messages a second, burst).
     """
 
-    def __init__(self, *, rate_scale: float = 1.0, latency: float = 0.0, burst_seconds: float = 6.0) -> None:
+    def __init__(
+        self,
+        *,
+        rate_scale: float = 1.0,
+        latency: float = 0.0,
+        burst_seconds: float = 6.0,
+        post_limit: tuple[float, float] | None = None,
+    ) -> None:
         self.rate_scale = rate_scale
+        # chat.postMessage per channel: (messages a second, burst); None scales Slack's own like the tiers.
+        self.post_limit = post_limit
         self.latency = latency  # seconds each answer takes, as a real round trip would
         self.burst_seconds = burst_seconds
         self.teams: dict[str, Team] = {}
@@ -356,7 +366,7 @@ class SlackEmulator:
         key = (team_id, f"chat.postMessage/{channel}")
         if key not in self._buckets:
             rate = POST_PER_MINUTE_PER_CHANNEL * self.rate_scale / 60
-            capacity = max(1.0, rate * self.burst_seconds)
+            rate, capacity = self.post_limit or (rate, max(1.0, rate * self.burst_seconds))
             self._buckets[key] = _Bucket(rate=rate, capacity=capacity, tokens=capacity)
         return self._buckets[key]
 

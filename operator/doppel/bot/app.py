@@ -158,7 +158,7 @@ def build_app(
         key = logic.mention_key(event)
 
         async def work() -> None:
-            if not await deps.ledger.claim(team_id, key):
+            if not await claim(deps.ledger, team_id, key):
                 LOG.info("mention %s (%s) of team %s already answered", key, event_id, team_id)
                 return
             await answer_mention(deps, _worker_client(deps, context), team_id, context.bot_user_id, event)
@@ -197,6 +197,18 @@ def build_app(
         deps.worker.submit(answer_consent(deps, context, body, action), "consent answer")
 
     return app
+
+
+async def claim(ledger: EventLedger, team_id: str, key: str, attempts: int = 3) -> bool:
+    """The ledger's claim, retried (a busy API server times out); if the ledger stays unreachable the
+    mention counts as new: a rare duplicate answer beats leaving a person without one."""
+    for attempt in range(attempts):
+        try:
+            return await ledger.claim(team_id, key)
+        except Exception as exc:
+            LOG.warning("claim of %s failed (attempt %d): %s: %s", key, attempt + 1, type(exc).__name__, exc)
+            await asyncio.sleep(0.5 * 2**attempt)
+    return True
 
 
 def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
