@@ -39,6 +39,7 @@ from tests.support.bot_fixtures import (
 )
 from tests.support.helm import find_manifest, render_chart
 from tests.support.slack_fixtures import BOT_USER_ID
+from tests.support.vllm_fixtures import free_port
 
 from doppel.api import DoppelUserSpec, TrainDefaults
 from doppel.bot.config import DEFAULT_SCOPES
@@ -211,6 +212,18 @@ async def test_slack_rate_limits_are_waited_out_and_failures_get_an_apology(
     await bot.event(mention_payload(text, second, event_id="Ev500"))
     posts = await bot.wait_posts(CHANNEL, 2, timeout=20)
     assert posts[1]["thread_ts"] == second and "Sorry" in posts[1]["text"] and "username" not in posts[1]
+
+
+async def test_a_mention_is_answered_when_the_dedup_ledger_is_unreachable(
+    bot_harness, bot_kube, slack_emulator
+):
+    _, chat = recording_chat("here")
+    unreachable = KubeEventLedger(kube_for(f"http://127.0.0.1:{free_port()}"), BOT_NAMESPACE, 3600)
+    bot = await bot_harness(chat=chat, ledger=unreachable)
+    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
+    text = f"<@{BOT_USER_ID}> anyone?"
+    await bot.event(mention_payload(text, say(slack_emulator, "U02BOB", text), event_id="EvNoLedger"))
+    assert (await bot.wait_posts(CHANNEL, 1, timeout=20))[0]["text"] == "here"
 
 
 async def test_a_doppel_answers_with_its_served_adapter_while_it_retrains(
