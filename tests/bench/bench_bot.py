@@ -48,6 +48,7 @@ from tests.support.bot_fixtures import (
     say,
     sign,
 )
+from tests.support.kube_fixtures import Emulator
 from tests.support.slack_emulator import SlackEmulator
 from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID, load_workspace
 from tests.support.vllm_fixtures import free_port
@@ -104,7 +105,10 @@ class ModelStandIn:
 
 async def serve_kube(port: int) -> None:
     """The kmock Kubernetes emulator, run in a process of its own (`--kube PORT`)."""
-    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=port):
+    # Requests forgotten once served: kmock matches each one against its whole history otherwise.
+    emulator = Emulator()
+    emulator.record = False
+    async with emulator as k8s, kmock.Server(k8s, port=port):
         verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
         k8s.resources["doppel.dev/v1alpha1/doppelusers"] = kmock.ResourceInfo(
             kind="DoppelUser", namespaced=True, verbs=verbs

@@ -207,7 +207,8 @@ async def claim(ledger: EventLedger, team_id: str, key: str, attempts: int = 3) 
             return await ledger.claim(team_id, key)
         except Exception as exc:
             LOG.warning("claim of %s failed (attempt %d): %s: %s", key, attempt + 1, type(exc).__name__, exc)
-            await asyncio.sleep(0.5 * 2**attempt)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(0.5 * 2**attempt)
     return True
 
 
