@@ -137,6 +137,22 @@ async def test_a_mention_edited_retried_and_redelivered_is_answered_once(
     assert requests and not [r for r in requests if r.action == type(r.action).LIST]
 
 
+async def test_two_replicas_racing_on_a_mention_and_its_edit_answer_once(
+    bot_harness, bot_kube, slack_emulator
+):
+    asked, chat = recording_chat()
+    first, second = await bot_harness(chat=chat), await bot_harness(chat=chat)
+    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
+    text = f"<@{BOT_USER_ID}> standup at 10?"
+    original = mention_payload(text, say(slack_emulator, "U02BOB", text), event_id="Ev0RACE1")
+    fixed = edited(original, f"<@{BOT_USER_ID}> standup at 10:30?", "Ev0RACE2")
+    sent = await asyncio.gather(first.event(original), second.event(fixed), second.event(original))
+    assert [r.status_code for r in sent] == [200] * 3
+    await first.wait_posts(CHANNEL, 1)
+    await settle()
+    assert len(slack_emulator.posted(CHANNEL)) == 1 and len(asked) == 1
+
+
 async def test_mentions_by_bots_and_by_itself_are_not_answered(bot_harness, bot_kube, slack_emulator):
     asked, chat = recording_chat()
     bot = await bot_harness(chat=chat)
