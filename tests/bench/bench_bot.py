@@ -57,8 +57,8 @@ from doppel.bot.kube import Kube, api_client
 
 EVENTS = 200
 SEQUENTIAL = 10
-# chat.postMessage per channel: 40 a second after a burst of 20 (Slack's real limit is about 1 a second).
-POST_LIMIT = (40.0, 20.0)
+# chat.postMessage per channel: 20 a second after a burst of 10 (Slack's real limit is about 1 a second).
+POST_LIMIT = (20.0, 10.0)
 
 
 def percentile(values: list[float], q: float) -> float:

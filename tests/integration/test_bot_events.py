@@ -38,7 +38,8 @@ from tests.support.bot_fixtures import (
     sign,
 )
 from tests.support.helm import find_manifest, render_chart
-from tests.support.slack_fixtures import BOT_USER_ID
+from tests.support.slack_emulator import SlackEmulator
+from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID
 from tests.support.vllm_fixtures import free_port
 
 from doppel.api import DoppelUserSpec, TrainDefaults
@@ -228,6 +229,29 @@ async def test_slack_rate_limits_are_waited_out_and_failures_get_an_apology(
     await bot.event(mention_payload(text, second, event_id="Ev500"))
     posts = await bot.wait_posts(CHANNEL, 2, timeout=20)
     assert posts[1]["thread_ts"] == second and "Sorry" in posts[1]["text"] and "username" not in posts[1]
+
+
+async def test_eight_mentions_in_a_second_under_slacks_real_channel_limit_are_all_answered(
+    bot_harness, bot_kube, slack_workspace
+):
+    # chat.postMessage as Slack limits it: about one message a second per channel, a short burst allowed.
+    emulator = SlackEmulator(rate_scale=1000.0, post_limit=(1.0, 3.0))
+    emulator.add_team(slack_workspace, token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
+    with emulator:
+        _, chat = recording_chat("yes")
+        bot = await bot_harness(chat=chat, emulator=emulator)
+        await kube_for(bot_kube[1]).create_doppel(
+            NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1")
+        )
+        payloads = []
+        for i in range(8):
+            text = f"<@{BOT_USER_ID}> question {i}"
+            payloads.append(mention_payload(text, say(emulator, "U02BOB", text), event_id=f"EvBurst{i}"))
+        assert {r.status_code for r in await asyncio.gather(*(bot.event(p) for p in payloads))} == {200}
+        posts = await bot.wait_posts(CHANNEL, 8, timeout=60)
+        assert sorted(p["thread_ts"] for p in posts) == sorted(p["event"]["ts"] for p in payloads)
+        assert all(p["text"] == "yes" for p in posts)
+        assert [c for c in emulator.calls_to("chat.postMessage") if c.status == 429]  # the limit was hit
 
 
 async def test_a_mention_is_answered_when_the_dedup_ledger_is_unreachable(

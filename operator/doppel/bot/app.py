@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,9 +113,22 @@ class Deps:
     worker: Worker = field(default_factory=Worker)  # where answers run, off the acknowledging loop
     lookups: Lookups = field(default_factory=lambda: Lookups())
     snapshots: Snapshots = field(init=False)
+    # One post at a time per channel: Slack allows about one message a second in a channel, so a burst of
+    # replies queues here, each waiting out its 429s in turn, instead of all retrying at once.
+    _posting: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary, init=False
+    )
 
     def __post_init__(self) -> None:
         self.snapshots = Snapshots(self.kube)
+
+    def posting(self, channel: str) -> asyncio.Lock:
+        """The lock of `channel`'s posts (the worker's loop only); gone once nobody waits on it."""
+        lock = self._posting.get(channel)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._posting[channel] = lock
+        return lock
 
 
 def build_app(
@@ -249,9 +263,10 @@ async def answer_mention(
 
     async def post(text: str, **extra: Any) -> None:
         # link_names off: plain words like "@here" stay words (the text is neutralised anyway).
-        await client.chat_postMessage(
-            channel=channel, thread_ts=thread_ts, text=text, link_names=False, **extra
-        )
+        async with deps.posting(channel):
+            await client.chat_postMessage(
+                channel=channel, thread_ts=thread_ts, text=text, link_names=False, **extra
+            )
 
     try:
         await _answer(deps, client, team_id, bot_user_id, event, post)
