@@ -171,6 +171,11 @@ async def test_consent_flow_and_workspace_limit(bot_harness, bot_kube, slack_emu
     assert await kube.get_doppel(NAMESPACE, "carol") is None
     assert slack_emulator.posted(CHANNEL) == []  # nothing of this reached the channel
 
+    # Someone who cannot be asked (a bot has no direct messages): a sentence, not an error.
+    unreachable = await bot.form(command_form("train <@U0DOPPEL|doppel>", user="U02BOB"))
+    assert unreachable.status_code == 200
+    assert "could not ask <@U0DOPPEL> in a direct message (cannot_dm_bot)" in unreachable.text
+
     # The limit: bob trains himself (2 of 2), then dave is refused even with his own consent.
     await bot.form(command_form("train @bob", user="U02BOB"))
     refused = await bot.form(command_form("train @dave", user="U04DAVE"))

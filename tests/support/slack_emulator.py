@@ -490,6 +490,8 @@ class SlackEmulator:
         user = next((u for u in team.users if u["id"] == users[0]), None)
         if user is None or user.get("deleted"):
             raise ApiError("user_not_found" if user is None else "user_disabled")
+        if user.get("is_bot"):
+            raise ApiError("cannot_dm_bot")
         for channel in team.channels.values():
             if channel.get("is_im") and channel.get("user") == users[0]:
                 return {"channel": {"id": channel["id"]}, "already_open": True}

@@ -473,40 +473,44 @@ async def _train(
     value = json.dumps(request, separators=(",", ":"))
     # Asked privately, in a direct message: the command may come from a DM (no channel the bot can post
     # in) or a channel the bot is not in, and whether someone agrees is nobody else's business.
-    await tell(
-        context.client,
-        user_id,
-        text=f"<@{user_id}>, <@{requester}> would like to train a doppel of you. Do you agree?",
-        blocks=[
-            {
-                "type": "section",
-                "text": {
-                    "type": "mrkdwn",
-                    "text": f"<@{user_id}>, <@{requester}> would like to train a doppel of you on your Slack "
-                    "messages. It will answer mentions in your voice. Do you agree?",
+    try:
+        await tell(
+            context.client,
+            user_id,
+            text=f"<@{user_id}>, <@{requester}> would like to train a doppel of you. Do you agree?",
+            blocks=[
+                {
+                    "type": "section",
+                    "text": {
+                        "type": "mrkdwn",
+                        "text": f"<@{user_id}>, <@{requester}> would like to train a doppel of you on your "
+                        "Slack messages. It will answer mentions in your voice. Do you agree?",
+                    },
                 },
-            },
-            {
-                "type": "actions",
-                "elements": [
-                    {
-                        "type": "button",
-                        "style": "primary",
-                        "text": {"type": "plain_text", "text": "Approve"},
-                        "action_id": "doppel_consent_approve",
-                        "value": value,
-                    },
-                    {
-                        "type": "button",
-                        "style": "danger",
-                        "text": {"type": "plain_text", "text": "Decline"},
-                        "action_id": "doppel_consent_decline",
-                        "value": value,
-                    },
-                ],
-            },
-        ],
-    )
+                {
+                    "type": "actions",
+                    "elements": [
+                        {
+                            "type": "button",
+                            "style": "primary",
+                            "text": {"type": "plain_text", "text": "Approve"},
+                            "action_id": "doppel_consent_approve",
+                            "value": value,
+                        },
+                        {
+                            "type": "button",
+                            "style": "danger",
+                            "text": {"type": "plain_text", "text": "Decline"},
+                            "action_id": "doppel_consent_decline",
+                            "value": value,
+                        },
+                    ],
+                },
+            ],
+        )
+    except SlackApiError as exc:
+        error = exc.response.get("error") if exc.response is not None else None
+        raise logic.CommandError(f"I could not ask <@{user_id}> in a direct message ({error}).") from None
     return f"Asked <@{user_id}> for their approval; I will tell you in a direct message when they answer."
 
 
