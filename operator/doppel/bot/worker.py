@@ -41,10 +41,7 @@ def slack_retry_handlers() -> list[AsyncRetryHandler]:
 class Worker:
     """Runs submitted coroutines on a background event loop, at most `concurrency` at a time."""
 
-    # Generous: an answer waiting for its channel's turn to post (Slack's per-channel limit) holds a slot,
-    # and must not hold up the answers of other channels. Kubernetes and Slack calls have their own bounds
-    # (the Kube thread pool, aiohttp's connection limit).
-    def __init__(self, concurrency: int = 256) -> None:
+    def __init__(self, concurrency: int = 64) -> None:
         self.concurrency = concurrency
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
