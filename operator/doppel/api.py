@@ -106,6 +106,10 @@ class Data(_Model):
     cutoff_days: int = Field(default=365, ge=1, le=3650, description="Only messages newer than this.")
     min_length: int = Field(default=100, ge=1, le=10000, description="Shortest message kept as a target.")
     max_samples: int = Field(default=500, ge=1, le=100000, description="Newest samples kept at most.")
+    scrub: bool = Field(
+        default=True,
+        description="Replace secrets, emails and phone numbers with placeholders before training.",
+    )
 
 
 class BaseModelRef(_Model):

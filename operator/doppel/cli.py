@@ -106,6 +106,34 @@ def main(debug: bool) -> None:
 @click.option("--min-length", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--budget-chars", type=click.IntRange(min=1), default=4000, show_default=True)
+@click.option(
+    "--window-gap-minutes",
+    type=click.FloatRange(min=0),
+    default=5,
+    show_default=True,
+    help="A channel message's context: the messages before it with gaps up to this.",
+)
+@click.option(
+    "--window-messages",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="At most this many messages in a channel window, the answered one included.",
+)
+@click.option("--exclude-archived", is_flag=True, help="Skip archived channels (an export takes them).")
+@click.option("--include-private", is_flag=True, help="Also private channels.")
+@click.option("--include-dms", is_flag=True, help="Also direct messages and group DMs.")
+@click.option(
+    "--paste-chars",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="A message longer than this and mostly ``` blocks is a paste.",
+)
+@click.option("--paste-action", type=click.Choice(["drop", "cut"]), default="drop", show_default=True)
+@click.option(
+    "--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers (scrubbed by default)."
+)
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option(
     "--rate-scale",
@@ -136,6 +164,14 @@ def scrape(
     min_length: int,
     max_samples: int,
     budget_chars: int,
+    window_gap_minutes: float,
+    window_messages: int,
+    exclude_archived: bool,
+    include_private: bool,
+    include_dms: bool,
+    paste_chars: int,
+    paste_action: str,
+    no_scrub: bool,
     max_concurrency: int,
     rate_scale: float,
     state: Path | None,
@@ -145,7 +181,8 @@ def scrape(
 
     From the Web API with a bot token, or from a Slack export ZIP with --export. Running it again into
     the same OUT fetches only newer messages, plus late replies to recently active threads, and adds
-    their samples.
+    their samples. Secrets, emails and phone numbers are replaced by <secret>, <email>, <phone> unless
+    --no-scrub. Exits 2 with the reason when the person ends with no samples.
     """
     from doppel.slack.samples import ScrapeOptions
 
@@ -156,6 +193,14 @@ def scrape(
         min_length=min_length,
         max_samples=max_samples,
         budget_chars=budget_chars,
+        window_gap_s=window_gap_minutes * 60,
+        window_messages=window_messages,
+        include_archived=False if exclude_archived else None,
+        include_private=include_private,
+        include_dms=include_dms,
+        paste_chars=paste_chars,
+        paste_action=paste_action,
+        scrub=not no_scrub,
         team=team,
     )
     if export_zip is not None:
@@ -526,6 +571,7 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
 @click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 240).")
 @click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
 @click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
+@click.option("--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers in the samples.")
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
 @click.option("--socket-mode", is_flag=True, help="Then answer @mentions in Slack over Socket Mode.")
 @run_stage
@@ -541,6 +587,7 @@ def local(
     max_steps: int | None,
     cutoff_days: float | None,
     max_tokens: int,
+    no_scrub: bool,
     open_chat: bool,
     socket_mode: bool,
 ) -> dict[str, Any]:
@@ -562,6 +609,7 @@ def local(
         max_steps=max_steps,
         cutoff_days=cutoff_days,
         reply_tokens=max_tokens,
+        scrub=not no_scrub,
     )
     outcome = run_local(settings)
     click.echo(report(outcome))

@@ -101,6 +101,7 @@ class Settings:
     # Scrape only messages this recent (None: ingestion's default); old exports need a larger one.
     cutoff_days: float | None = None
     reply_tokens: int = DEFAULT_REPLY_TOKENS
+    scrub: bool = True  # secrets, emails and phone numbers out of the samples
 
     def check(self) -> None:
         """Reject contradictory or missing options before anything is written."""
@@ -319,7 +320,7 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
     from doppel.slack.samples import ScrapeOptions
 
     out = layout.data(user)
-    options = ScrapeOptions()
+    options = ScrapeOptions(scrub=settings.scrub)
     if settings.cutoff_days is not None:
         options.cutoff_days = settings.cutoff_days
     if export is None:

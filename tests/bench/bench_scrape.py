@@ -5,9 +5,12 @@ minute; the emulator answers each call after a simulated round trip, as Slack do
 - conversations.replies calls/minute achieved, as a fraction of the (scaled) Tier-3 ceiling (target >= 0.8);
 - the speed-up over a one-channel-at-a-time scrape (max_concurrency=1) of the same workspace;
 - the calls of a re-run looking 31 days back (the threads are 28 to 30 days old) after a few threads got
-  a late reply, against the first run's and against re-fetching every thread of that window.
+  a late reply, against the first run's and against re-fetching every thread of that window;
+- messages/s of sample building (windows, normalisation, samples) with scrubbing on vs off, and the
+  scrubbed build's time against the time Slack's real (unscaled) Tier-3 limit takes to fetch the same
+  workspace: scrubbing must not be what a real scrape waits on.
 
-Run: .venv/bin/python tests/bench/bench_scrape.py
+Run: .venv/bin/python tests/bench/bench_scrape.py  (only the sample building: ... bench_scrape.py samples)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.support.slack_emulator import SlackEmulator
 
-from doppel.slack.samples import ScrapeOptions
+from doppel.slack.samples import Person, ScrapeOptions, build_samples, threads_from_messages
 from doppel.slack.scrape import PER_MINUTE, ApiSettings, scrape_api
 
 CHANNELS = 20
@@ -108,8 +111,49 @@ def incremental(workspace: dict[str, Any], late_replies: int = 5) -> None:
     )
 
 
+def sample_building(workspace: dict[str, Any], rounds: int = 3) -> None:
+    """Sample building alone, from the same messages the scrape fetches, scrubbing on and off."""
+    threads = [
+        t
+        for c in workspace["channels"]
+        for t in threads_from_messages(c["id"], c["name"], workspace["messages"][c["name"]], 0)
+    ]
+    names = {c["id"]: c["name"] for c in workspace["channels"]}
+    count = sum(len(t.messages) for t in threads)
+    person = Person("U000", "user0")
+    rates = {}
+    for scrub in (False, True):
+        options = ScrapeOptions(max_samples=10_000, scrub=scrub)
+
+        def build(options: ScrapeOptions = options) -> None:
+            build_samples(threads, person, workspace["users"], names, options, team="T", source="b")
+
+        best = min(_timed(build) for _ in range(rounds))
+        rates[scrub] = count / best
+        state = "on " if scrub else "off"
+        print(f"sample building, scrub {state}: {count / best:,.0f} messages/s ({best:.2f} s)")
+    # What the Web API fetch of this workspace takes at Slack's real Tier-3 limit (50/min per method).
+    calls = CHANNELS * THREADS + CHANNELS
+    fetch_s = calls / PER_MINUTE["conversations.replies"] * 60
+    scrubbed_s = count / rates[True]
+    print(
+        f"scrubbing costs {rates[False] / rates[True]:.2f}x the unscrubbed build; the scrubbed build takes "
+        f"{scrubbed_s:.1f} s = {scrubbed_s / fetch_s:.4f} of the {fetch_s:,.0f} s the rate-limited fetch of "
+        f"the same {count} messages takes"
+    )
+
+
+def _timed(work: Any) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     workspace = synthetic_workspace(time.time())
+    if sys.argv[1:] == ["samples"]:
+        sample_building(workspace)
+        return
     ceiling = PER_MINUTE["conversations.replies"] * RATE_SCALE
     concurrent_s, emulator, samples = run(CONCURRENCY, workspace)
     replies = [c.time for c in emulator.calls_to("conversations.replies")]
@@ -128,6 +172,7 @@ def main() -> None:
     print(f"one channel at a time: {sequential_s:.1f} s")
     print(f"speed-up of the concurrent scrape: {sequential_s / concurrent_s:.2f}x")
     incremental(workspace)
+    sample_building(workspace)
 
 
 if __name__ == "__main__":

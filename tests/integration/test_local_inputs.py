@@ -106,11 +106,16 @@ def test_contradictory_options(tmp_path, args, reason):
     assert not workdir.exists()
 
 
-def test_old_export_with_default_cutoff_trains_nothing(tmp_path, export, tiny_model):
-    """The demo export is from 2024: within the default 365 days there is nothing to learn from."""
+def test_old_export_cutoff_counts_back_from_its_newest_message(tmp_path, export, tiny_model):
+    """The demo export is from 2024: the cutoff counts back from its newest message, not from today, and a
+    cutoff that leaves Margaret nothing says why."""
     workdir = tmp_path / "data"
-    result = local(workdir, "--export", str(export), "--user", "margaret", "--base-model", str(tiny_model))
-    assert_bad_input(result, "not enough data (0 < 20)", after_stages=True)
+    args = ("--export", str(export), "--user", "margaret", "--base-model", str(tiny_model))
+    result = local(workdir, *args, "--cutoff-days", "0.01")
+    assert_bad_input(
+        result, "none of Margaret Okafor's 107 messages is after the cutoff 2024-04-04", after_stages=True
+    )
+    assert "the newest is from 2024-04-04" in result.stderr
     assert not (workdir / "adapters" / "margaret").exists() or not any(
         (workdir / "adapters" / "margaret").iterdir()
     )

@@ -61,14 +61,30 @@ def test_scrape_through_the_api(slack_emulator, tmp_path, monkeypatch):
 
 
 def test_export_gives_the_same_samples_as_the_api(slack_emulator, slack_workspace, tmp_path):
-    assert scrape(slack_emulator, tmp_path / "api").exit_code == 0
+    # Talk in the channel, not in a thread: the answer's context is the question's window.
+    now = int(time.time())
+    question = "is the staging deploy still at five today, or did it move after the incident review?"
+    answer = (
+        "Still at five. The review only moved the retro to Friday, "
+        "so nothing at all changes for the deploy now."
+    )
+    for ts, user, text in ((now - 200, "U02BOB", question), (now - 140, "U01ALICE", answer)):
+        message = {"type": "message", "ts": f"{ts}.000100", "user": user, "text": text}
+        slack_emulator.add_message("C01GENERAL", message)
+        slack_workspace["messages"]["general"].append(message)
+    # An export counts its cutoff from its newest message and takes archived channels: asked not to here.
+    assert scrape(slack_emulator, tmp_path / "api", "--cutoff-days", "3650").exit_code == 0
     zip_path = write_export_zip(slack_workspace, tmp_path / "workspace.zip")
-    result = scrape(None, tmp_path / "export", "--export", str(zip_path))
+    result = scrape(
+        None, tmp_path / "export", "--export", str(zip_path), "--cutoff-days", "3650", "--exclude-archived"
+    )
     assert result.exit_code == 0, result.output
     # The export knows nothing of the bot, so its own mention renders through its display name, "doppel".
     assert (tmp_path / "api" / "samples.jsonl").read_bytes() == (
         tmp_path / "export" / "samples.jsonl"
     ).read_bytes()
+    (windowed,) = [s for s in read_samples(tmp_path / "api") if s["messages"][-1]["content"] == answer]
+    assert windowed["messages"][-2] == {"role": "user", "content": f"bobby: {question}"}
 
 
 def test_channel_lists_and_cutoff(slack_emulator, tmp_path):
@@ -403,3 +419,44 @@ def test_the_installed_command_exits_2_with_one_line(slack_emulator, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "doppel: error: Slack rejected the token (invalid_auth)\n"
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_export_dms_only_when_asked_for(slack_workspace, tmp_path):
+    zip_path = write_export_zip(slack_workspace, tmp_path / "workspace.zip")
+    ts = f"{int(time.time()) - 3600}.000100"
+    text = (
+        "Between us: I would rather we pushed the launch a week, the onboarding flow is not ready yet at all."
+    )
+    with zipfile.ZipFile(zip_path, "a") as archive:
+        archive.writestr("dms.json", json.dumps([{"id": "D0ALICEBOB", "members": ["U01ALICE", "U02BOB"]}]))
+        day = time.strftime("%Y-%m-%d", time.gmtime(float(ts)))
+        dm = [{"type": "message", "ts": ts, "user": "U01ALICE", "text": text}]
+        archive.writestr(f"D0ALICEBOB/{day}.json", json.dumps(dm))
+    assert scrape(None, tmp_path / "default", "--export", str(zip_path)).exit_code == 0
+    assert text not in replies(tmp_path / "default")
+    listed = json.loads((tmp_path / "default" / "manifest.json").read_text())["channels"]
+    assert listed["dm-alice-bob"]["skipped"] == "direct messages (--include-dms takes them)"
+    result = scrape(None, tmp_path / "dms", "--export", str(zip_path), "--include-dms")
+    assert result.exit_code == 0, result.output
+    assert text in replies(tmp_path / "dms")
+
+
+def test_a_later_run_keeps_the_window_across_the_runs(slack_emulator, tmp_path):
+    """A channel answer posted after the first run still gets the question asked before it."""
+    now = int(time.time())
+    question = "did anyone look at the flaky checkout test yet, or should I open a ticket for it today?"
+    slack_emulator.add_message(
+        "C01GENERAL", {"type": "message", "ts": f"{now - 120}.000100", "user": "U02BOB", "text": question}
+    )
+    out = tmp_path / "out"
+    assert scrape(slack_emulator, out).exit_code == 0
+    answer = "I looked this morning: it is the payment mock timing out under load, " + (
+        "so a ticket is a good idea, thanks!"
+    )
+    slack_emulator.add_message(
+        "C01GENERAL", {"type": "message", "ts": f"{now - 60}.000100", "user": "U01ALICE", "text": answer}
+    )
+    result = scrape(slack_emulator, out)
+    assert result.exit_code == 0, result.output
+    (sample,) = [s for s in read_samples(out) if s["messages"][-1]["content"] == answer]
+    assert sample["messages"][-2] == {"role": "user", "content": f"bobby: {question}"}

@@ -1,4 +1,10 @@
-from doppel.slack.conversation import ThreadMessage, build_conversation, system_prompt
+from doppel.slack.conversation import (
+    ThreadMessage,
+    WindowRule,
+    build_conversation,
+    channel_window,
+    system_prompt,
+)
 
 ALICE = "U_ALICE"
 
@@ -47,3 +53,40 @@ def test_budget_drops_oldest_first_and_never_the_newest():
     clipped = build_conversation("Alice", ALICE, [msg("U_BOB", "y" * 500, name="Bo")], budget_chars=50)
     assert clipped[-1]["content"].startswith("Bo: …") and clipped[-1]["content"].endswith("y")
     assert len(clipped[-1]["content"]) <= 50
+
+
+def at(ts: float, author_id: str, text: str) -> ThreadMessage:
+    return ThreadMessage(author_id, author_id.removeprefix("U_").title(), text, ts)
+
+
+def test_a_channel_window_reaches_back_over_short_gaps_only():
+    flow = [at(0, "U_BOB", "lunch?"), at(1000, "U_BOB", "deploy at 5?"), at(1100, "U_CAROL", "or 6?")]
+    target = at(1200, ALICE, "5, as always")
+    assert channel_window([*flow, target], WindowRule(gap_seconds=300)) == [*flow[1:], target]
+    assert channel_window([*flow, target], WindowRule(gap_seconds=5000)) == [*flow, target]
+    assert channel_window([*flow, target], WindowRule(gap_seconds=99)) == [target]
+    # At most max_messages, the answered one included.
+    assert channel_window([*flow, target], WindowRule(gap_seconds=5000, max_messages=2)) == [flow[-1], target]
+    assert channel_window([], WindowRule()) == []
+
+
+def test_doppel_chat_cuts_its_prompt_with_the_same_window():
+    """`doppel chat` is one channel: after a long pause the earlier talk is no longer the context."""
+    from doppel.serve.chat import ChatSession
+
+    prompts: list[list[dict[str, str]]] = []
+
+    class Recording:
+        def stream(self, adapter, messages, params):
+            prompts.append(list(messages))
+            yield "noted"
+
+    now = [1000.0]
+    session = ChatSession(Recording(), "a", "Alice", window=WindowRule(gap_seconds=300), clock=lambda: now[0])
+    list(session.reply("deploy at 5?"))
+    now[0] += 60
+    list(session.reply("and the retro?"))
+    assert [m["content"] for m in prompts[-1][1:]] == ["You: deploy at 5?", "noted", "You: and the retro?"]
+    now[0] += 3600
+    list(session.reply("new topic"))
+    assert [m["content"] for m in prompts[-1][1:]] == ["You: new topic"]

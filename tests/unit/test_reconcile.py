@@ -236,3 +236,16 @@ def test_job_names_fit_label_limits_and_stay_distinct():
     long_b = Owner(namespace="n", name="a" * 80 + "y", uid="u" * 36, generation=12)
     name_a, name_b = jobs.job_name(long_a, "train", 10), jobs.job_name(long_b, "train", 10)
     assert len(name_a) <= 63 and name_a != name_b and name_a.endswith("-g12-train-10")
+
+
+def test_scrub_is_on_unless_the_spec_turns_it_off():
+    """`spec.data.scrub: false` reaches the scrape Job as `--no-scrub`, an option `doppel scrape` knows."""
+    from click.testing import CliRunner
+
+    from doppel.cli import main
+
+    assert "--no-scrub" not in jobs.scrape_command(SPEC, CONFIG, owner())
+    off = SPEC.model_copy(update={"data": SPEC.data.model_copy(update={"scrub": False})})
+    command = jobs.scrape_command(off, CONFIG, owner())
+    assert "--no-scrub" in command
+    assert "--no-scrub" in CliRunner().invoke(main, ["scrape", "--help"]).output

@@ -166,3 +166,135 @@ def test_output_refuses_to_mix_people(slack_workspace, tmp_path):
     with pytest.raises(BadInput, match="holds samples of U01ALICE"):
         write_output(tmp_path, samples, manifest, 500)
     assert (tmp_path / "samples.jsonl").read_text() == before
+
+
+def channel(*messages):
+    """Threads of one channel #ops from (ts, user, text[, thread_ts]) tuples."""
+    raw = [
+        {"type": "message", "ts": f"{ts}.000100", "user": user, "text": text}
+        | ({"thread_ts": f"{root}.000100"} if root else {})
+        for ts, user, text, *rest in messages
+        for root in [rest[0] if rest else None]
+    ]
+    return threads_from_messages("C9OPS", "ops", raw, 0)
+
+
+PEOPLE = [
+    {"id": "U01ALICE", "name": "alice", "profile": {"real_name": "Alice Martin", "display_name": "alice"}},
+    {"id": "U02BOB", "name": "bob", "profile": {"display_name": "bobby"}},
+]
+T0 = 1_700_000_000
+
+
+def build(threads, **options):
+    opts = ScrapeOptions(**{"min_length": 1, "now": T0 + 86400, **options})
+    return build_samples(threads, ALICE, PEOPLE, {"C9OPS": "ops"}, opts, team="T1", source="test")
+
+
+def test_channel_messages_get_their_window_and_thread_replies_their_thread():
+    threads = channel(
+        (T0, "U02BOB", "is the deploy at 5?"),
+        (T0 + 60, "U01ALICE", "yes, 5pm as always"),
+        (T0 + 4000, "U01ALICE", "deploy done"),  # an hour later: a new window
+        (T0 + 4100, "U02BOB", "thanks!", T0 + 4000),
+        (T0 + 4200, "U01ALICE", "you are welcome", T0 + 4000),
+    )
+    samples, _ = build(threads)
+    by_reply = {s["messages"][-1]["content"]: s["messages"][1:-1] for s in samples}
+    assert by_reply["yes, 5pm as always"] == [{"role": "user", "content": "bobby: is the deploy at 5?"}]
+    assert by_reply["deploy done"] == [{"role": "user", "content": "(a new thread in #ops)"}]
+    # The reply in the thread sees its thread (root first), not the channel.
+    assert by_reply["you are welcome"] == [
+        {"role": "user", "content": "(a new thread in #ops)"},
+        {"role": "assistant", "content": "deploy done"},
+        {"role": "user", "content": "bobby: thanks!"},
+    ]
+    wide, _ = build(threads, window_gap_s=5000)
+    assert [m["content"] for m in wide[1]["messages"][1:]] == [
+        "bobby: is the deploy at 5?",
+        "yes, 5pm as always\ndeploy done",
+    ]
+
+
+def test_pastes_are_dropped_or_cut_and_counted():
+    log = "here is the log:\n```" + "ERROR something failed at line 42\n" * 40 + "```"
+    threads = channel(
+        (T0, "U02BOB", "what broke?"), (T0 + 30, "U01ALICE", log), (T0 + 90, "U01ALICE", "the db")
+    )
+    dropped, manifest = build(threads)
+    assert [s["messages"][-1]["content"] for s in dropped] == ["the db"] and manifest.dropped == {"paste": 1}
+    cut, manifest = build(threads, paste_action="cut", paste_chars=200)
+    pasted = cut[0]["messages"][-1]["content"]
+    assert manifest.cut == {"paste": 1} and len(pasted) < 210 and pasted.endswith("…```")
+
+
+def test_scrubbing_is_counted_and_can_be_turned_off():
+    threads = channel(
+        (T0, "U01ALICE", "mail me at alice@example.com, token ghp_R8aVx2LmQ4pTz7NcW1bY5dKf9HsJ3uE6gA0o")
+    )
+    (sample,), manifest = build(threads)
+    assert sample["messages"][-1]["content"] == "mail me at <email>, token <secret>"
+    assert manifest.scrubbed == {"email": 1, "secret": 1}
+    (raw,), manifest = build(threads, scrub=False)
+    assert "alice@example.com" in raw["messages"][-1]["content"] and manifest.scrubbed == {}
+
+
+def test_no_samples_writes_nothing_and_says_why(tmp_path):
+    threads = channel((T0, "U01ALICE", "ok"))
+    samples, manifest = build(threads, min_length=50)
+    with pytest.raises(
+        BadInput, match="all 1 messages of Alice Martin after the cutoff are shorter than --min-length 50"
+    ):
+        write_output(tmp_path / "out", samples, manifest, 500)
+    assert not (tmp_path / "out").exists()
+    samples, manifest = build(threads, cutoff_days=0.5)
+    with pytest.raises(
+        BadInput, match=r"none of Alice Martin's 1 messages is after the cutoff .* newest is from 2023"
+    ):
+        write_output(tmp_path / "out", samples, manifest, 500)
+
+
+def test_a_user_missing_from_the_user_list_is_named_from_the_profile_in_the_message():
+    ghost = {
+        "type": "message",
+        "ts": f"{T0}.000100",
+        "user": "U09GHOST",
+        "text": "who owns <@U08NOBODY>'s task?",
+    }
+    ghost["user_profile"] = {"display_name": "ghosty", "real_name": "Gus Host"}
+    answer = {"type": "message", "ts": f"{T0 + 30}.000100", "user": "U01ALICE", "text": "<@U09GHOST> me"}
+    (sample,), _ = build(threads_from_messages("C9OPS", "ops", [ghost, answer], 0))
+    assert [m["content"] for m in sample["messages"][1:]] == [
+        "ghosty: who owns @someone's task?",
+        "@ghosty me",
+    ]
+
+
+def test_channel_policy_says_why_a_channel_is_not_taken():
+    from doppel.slack.samples import channel_skip_reason
+
+    kinds = {
+        "pub": {},
+        "old": {"is_archived": True},
+        "priv": {"is_private": True},
+        "dm": {"is_im": True},
+        "group-dm": {"is_mpim": True},
+        "ext": {"is_ext_shared": True},
+    }
+    channels = [{"id": f"C{i}", "name": name, **flags} for i, (name, flags) in enumerate(kinds.items())]
+
+    def taken(**options):
+        return {c["name"]: channel_skip_reason(c, ScrapeOptions(**options)) for c in channels}
+
+    assert taken(include_archived=True) == {
+        "pub": None,
+        "old": None,
+        "priv": "private (--include-private takes it)",
+        "dm": "direct messages (--include-dms takes them)",
+        "group-dm": "direct messages (--include-dms takes them)",
+        "ext": "shared with another organisation (--channel takes it)",
+    }
+    every = taken(include_archived=False, include_private=True, include_dms=True)
+    assert every["old"] == "archived (--exclude-archived)" and every["priv"] is every["dm"] is None
+    assert taken(channels=["ext"], exclude_channels=["pub"])["ext"] is None
+    assert taken(exclude_channels=["pub"])["pub"] == "excluded (--exclude-channel)"

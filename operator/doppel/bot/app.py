@@ -39,14 +39,17 @@ from doppel.bot.worker import Worker, slack_retry_handlers
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient
-from doppel.slack.conversation import ThreadMessage, build_conversation
-from doppel.slack.normalize import normalize_text, user_display_name
+from doppel.slack.conversation import DEFAULT_WINDOW, ThreadMessage, build_conversation, channel_window
+from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
+from doppel.slack.scrub import scrub_text
 
 LOG = logging.getLogger(__name__)
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 DEFAULT_ICON = ":robot_face:"
 # A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
 COMMAND_ACK_S = 1.5
+# The training samples' default window (`doppel scrape --window-gap-minutes/--window-messages`).
+WINDOW = DEFAULT_WINDOW
 _MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 
 # The one thing the bot needs from a model server: the reply of adapter `model` to `messages`.
@@ -312,11 +315,21 @@ async def _answer(
     # Named as the training samples name the person: real name first.
     person = profile.get("real_name") or target.get("realName") or target.get("handle") or name
     try:
-        replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
-        thread = replies.get("messages", [])
+        if event.get("thread_ts"):
+            replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
+            thread = replies.get("messages", [])
+        else:
+            # Outside a thread, the channel's recent messages cut by the window rule the samples were.
+            recent = await client.conversations_history(
+                channel=channel, latest=event["ts"], inclusive=True, limit=WINDOW.max_messages
+            )
+            flow = [m for m in recent.get("messages", []) if m.get("thread_ts") in (None, m["ts"])]
+            thread = sorted(flow, key=lambda m: _ts(m["ts"]))
         if not any(m.get("ts") == event["ts"] for m in thread):
             thread.append(event)  # replies can lag behind the event: the question must be there
         context = await _thread(user, thread, event, rest, name, person_id, bot_user_id)
+        if not event.get("thread_ts"):
+            context = channel_window(context, WINDOW)
         channel_name = (await lookups.channel(client, team_id, channel)).get("name")
         messages = build_conversation(person, person_id, context, channel=channel_name)
         reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
@@ -334,9 +347,10 @@ async def _answer(
 
 
 async def safe_reply(reply: str, user: Callable[[str], Awaitable[dict[str, Any]]]) -> str:
-    """The model's text as it may be posted: mentions of people, channels and everyone made plain words
-    (no ping, no bot ping-pong, no broadcast). The Slack-data scrubber (secrets, personal data) applies
-    here as well once `doppel.slack.scrub` exists: `reply = scrub(reply)` before neutralising."""
+    """The model's text as it may be posted: scrubbed of secrets and personal data (the same scrubber as
+    the training samples), then mentions of people, channels and everyone made plain words (no ping, no bot
+    ping-pong, no broadcast)."""
+    reply = scrub_text(reply).text
     names = {}
     for user_id in user_ids(reply):
         found = await user(user_id)
@@ -369,10 +383,12 @@ async def _thread(
         raw = f"<@{bot_user_id}> {text}" if message["ts"] == mention["ts"] else message.get("text", "")
         for user_id in {author_id, *_MENTIONED.findall(raw)} - users.keys():
             found = await lookup(user_id)
-            users[user_id] = user_display_name(found) if found else user_id
-        clean = normalize_text(raw, users, None, bot_user_id)
+            if found:
+                users[user_id] = user_display_name(found)
+        clean = scrub_text(normalize_text(raw, users, None, bot_user_id)).text  # as the samples were
         if clean:
-            context.append(ThreadMessage(author_id, users[author_id], clean))
+            author = users.get(author_id, UNKNOWN_USER)
+            context.append(ThreadMessage(author_id, author, clean, float(message["ts"])))
     return context
 
 

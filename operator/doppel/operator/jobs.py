@@ -109,6 +109,8 @@ def scrape_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -
         command += ["--exclude-channel", channel]
     command += ["--cutoff-days", str(data.cutoff_days), "--min-length", str(data.min_length)]
     command += ["--max-samples", str(data.max_samples)]
+    if not data.scrub:
+        command.append("--no-scrub")
     return command + list(config.scrape_args)
 
 

@@ -1,7 +1,8 @@
 """`doppel chat`: a terminal conversation with one adapter, on vLLM or in this process.
 
-The chat is one Slack-like thread: the terminal user's lines and the doppel's replies become `ThreadMessage`s,
-and every turn's prompt is built by `build_conversation`, exactly as the bot builds it from a real thread.
+The chat is one Slack-like channel: the terminal user's lines and the doppel's replies become
+`ThreadMessage`s, and every turn's prompt is the channel window before it (`channel_window`, the samples'
+rule: a long pause starts a new conversation) built by `build_conversation`, as the bot builds it.
 """
 
 from __future__ import annotations
@@ -9,14 +10,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from doppel.errors import BadInput
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams
 from doppel.serve.errors import ServerUnavailable
 from doppel.serve.vllm import LoadOutcome, RetryPolicy, VllmBackend, VllmClient
-from doppel.slack.conversation import ThreadMessage, build_conversation
+from doppel.slack.conversation import (
+    DEFAULT_WINDOW,
+    ThreadMessage,
+    WindowRule,
+    build_conversation,
+    channel_window,
+)
 
 PERSON_ID = "U0DOPPEL"
 USER_ID = "U0CHATTER"
@@ -36,6 +44,8 @@ class ChatSession:
         user_name: str = "You",
         channel: str | None = "chat",
         params: GenerationParams = DEFAULT_PARAMS,
+        window: WindowRule = DEFAULT_WINDOW,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
         self.adapter = adapter
@@ -43,17 +53,20 @@ class ChatSession:
         self.user_name = user_name
         self.channel = channel
         self.params = params
+        self.window = window
+        self.clock = clock
         self.thread: list[ThreadMessage] = []
 
     def reply(self, text: str) -> Iterator[str]:
         """Add the user's `text` to the thread and stream the doppel's answer (added once complete)."""
-        self.thread.append(ThreadMessage(USER_ID, self.user_name, text))
-        messages = build_conversation(self.person, PERSON_ID, self.thread, channel=self.channel)
+        self.thread.append(ThreadMessage(USER_ID, self.user_name, text, self.clock()))
+        context = channel_window(self.thread, self.window)
+        messages = build_conversation(self.person, PERSON_ID, context, channel=self.channel)
         pieces: list[str] = []
         for piece in self.backend.stream(self.adapter, messages, self.params):
             pieces.append(piece)
             yield piece
-        self.thread.append(ThreadMessage(PERSON_ID, self.person, "".join(pieces).strip()))
+        self.thread.append(ThreadMessage(PERSON_ID, self.person, "".join(pieces).strip(), self.clock()))
 
 
 def check_adapter_dir(adapter: Path) -> Path:

@@ -1,4 +1,10 @@
-"""The one function that turns a Slack thread into chat messages.
+"""The one function that turns a Slack conversation into chat messages, and the one window rule.
+
+A conversation is a thread, or, for a message posted in the channel rather than in a thread, its window:
+`channel_window` takes the channel messages before it that follow each other with gaps of at most
+`WindowRule.gap_seconds`, at most `WindowRule.max_messages` in all. Training (a channel message's
+context) and serving (the bot mentioned outside a thread, `doppel chat`, `doppel local`) both cut windows
+with it, so the model sees the same context it was trained on.
 
 Training samples (`doppel scrape`) and inference prompts (the bot, `doppel chat`, `doppel local`) are both
 built by `build_conversation`, so the model sees at serving time exactly the shape it was trained on.
@@ -23,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 DEFAULT_BUDGET_CHARS = 4000
+DEFAULT_WINDOW_GAP_S = 300.0
+DEFAULT_WINDOW_MESSAGES = 10
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,35 @@ class ThreadMessage:
     author_id: str
     author_name: str
     text: str
+    ts: float = 0.0  # seconds since the epoch; only windows read it
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    """How far back a channel message's context reaches."""
+
+    gap_seconds: float = DEFAULT_WINDOW_GAP_S
+    max_messages: int = DEFAULT_WINDOW_MESSAGES
+
+
+DEFAULT_WINDOW = WindowRule()
+
+
+def channel_window(
+    messages: Sequence[ThreadMessage], rule: WindowRule = DEFAULT_WINDOW
+) -> list[ThreadMessage]:
+    """The window ending with the last of `messages` (channel messages, oldest first): that message and the
+    earlier ones each at most `rule.gap_seconds` before the next, at most `rule.max_messages` in all."""
+    if not messages:
+        return []
+    start = len(messages) - 1
+    while (
+        start > 0
+        and len(messages) - start < rule.max_messages
+        and messages[start].ts - messages[start - 1].ts <= rule.gap_seconds
+    ):
+        start -= 1
+    return list(messages[start:])
 
 
 def system_prompt(person_name: str) -> str:
@@ -91,7 +128,11 @@ def _within_budget(
         if used + cost > budget_chars:
             if not kept and budget_chars > 0:
                 room = max(budget_chars - (cost - len(message.text)), 1)
-                kept.append(ThreadMessage(message.author_id, message.author_name, "…" + message.text[-room:]))
+                kept.append(
+                    ThreadMessage(
+                        message.author_id, message.author_name, "…" + message.text[-room:], message.ts
+                    )
+                )
             break
         kept.append(message)
         used += cost

@@ -1,9 +1,11 @@
 """Import a standard Slack export ZIP (`doppel scrape --export workspace.zip`).
 
-The export holds `users.json`, `channels.json` (public channels; `groups.json` for private ones when the
-export includes them) and one folder per channel with one JSON file per day, each a list of messages.
-Replies sit in the day they were posted, linked to their thread by `thread_ts`, so threads are rebuilt by
-grouping on it; from there the same functions as the API scrape make the samples.
+The export holds `users.json`, `channels.json` (public channels; `groups.json`, `mpims.json` and `dms.json`
+for private channels, group DMs and DMs when the export includes them) and one folder per channel with one
+JSON file per day, each a list of messages. Replies sit in the day they were posted, linked to their thread
+by `thread_ts`, so threads are rebuilt by grouping on it; from there the same functions as the API scrape
+make the samples. Archived channels are taken by default (they are part of the person's history), and the
+cutoff counts back from the export's newest message rather than from today.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import re
 import zipfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,11 @@ from doppel.slack.samples import (
     Manifest,
     ScrapeOptions,
     build_samples,
+    list_channels,
     resolve_person,
     select_channels,
     threads_from_messages,
+    ts_key,
     write_output,
 )
 
@@ -51,9 +56,11 @@ def _scrape(
     prefix = _root_prefix(names, zip_path)
     users = _read_list(archive, prefix + "users.json", zip_path)
     channels = _read_list(archive, prefix + "channels.json", zip_path)
-    if prefix + "groups.json" in names:
-        groups = _read_list(archive, prefix + "groups.json", zip_path)
-        channels += [{**g, "is_private": True} for g in groups]
+    for listing, kind in (("groups.json", "is_private"), ("mpims.json", "is_mpim"), ("dms.json", "is_im")):
+        if prefix + listing in names:
+            channels += [
+                _conversation(c, kind, users) for c in _read_list(archive, prefix + listing, zip_path)
+            ]
     person = resolve_person(users, user)
     team = options.team or _team_of(users, person.id)
     days: dict[str, list[str]] = {}
@@ -61,21 +68,41 @@ def _scrape(
         match = _DAY_FILE.match(name)
         if match and name.startswith(prefix):
             days.setdefault(match.group(1), []).append(name)
+    # In an export, archived channels are part of the person's history.
+    options = replace(options, include_archived=options.include_archived is not False)
     chosen = select_channels(channels, options)
-    channel_names = {c["id"]: c["name"] for c in channels}
-    oldest = options.cutoff_ts()
+    messages = {
+        c["id"]: [
+            m
+            for day in sorted(days.get(c.get("folder", c["name"]), []))
+            for m in _read_list(archive, day, zip_path)
+        ]
+        for c in channels
+    }
+    if options.now is None:
+        # The cutoff counts back from the export's newest message: an export is a snapshot of its day.
+        stamps = [ts_key(str(m["ts"])) for c in chosen for m in messages[c["id"]] if m.get("ts")]
+        options = replace(options, now=float("{}.{:06d}".format(*max(stamps))) if stamps else None)
     threads = []
     for channel in chosen:
-        messages: list[dict[str, Any]] = []
-        for day in sorted(days.get(channel["name"], [])):
-            messages += _read_list(archive, day, zip_path)
-        threads += threads_from_messages(channel["id"], channel["name"], messages, oldest)
+        threads += threads_from_messages(channel["id"], channel["name"], messages[channel["id"]], 0)
+    channel_names = {c["id"]: c["name"] for c in channels}
     samples, manifest = build_samples(
         threads, person, users, channel_names, options, team=team, source=f"export:{zip_path.name}"
     )
-    for channel in chosen:
-        manifest.channels.setdefault(channel["name"], {"id": channel["id"], "messages": 0, "threads": 0})
+    list_channels(manifest, channels, options, messages)
     return write_output(out, samples, manifest, options.max_samples)
+
+
+def _conversation(entry: dict[str, Any], kind: str, users: list[dict[str, Any]]) -> dict[str, Any]:
+    """A private channel, group DM or DM entry as a channel; a DM has no name (its folder is its ID), so it
+    is named after its members."""
+    channel = {**entry, kind: True}
+    if not channel.get("name"):
+        handles = {u["id"]: u.get("name") or "someone" for u in users}
+        members = "-".join(sorted(str(handles.get(m, "someone")) for m in set(entry.get("members") or [])))
+        channel.update(name=f"dm-{members}", folder=entry["id"])
+    return channel
 
 
 def _root_prefix(names: list[str], zip_path: Path) -> str:

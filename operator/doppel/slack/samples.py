@@ -4,12 +4,17 @@ Both sources reduce to the same inputs (users, channels, raw messages per channe
 same functions here, which is what makes their samples identical for the same messages:
 
 - `resolve_person` finds the target by user ID, handle or real name;
-- `select_channels` applies the default channel policy and the include/exclude lists;
-- `threads_from_messages` groups a channel's messages into threads by `thread_ts`;
-- `build_samples` turns each long-enough message of the person into one sample through
-  `doppel.slack.conversation.build_conversation`, and counts what it kept and dropped;
+- `select_channels` applies the default channel policy and the include/exclude lists (`channel_skip_reason`
+  says why a channel is not taken);
+- `threads_from_messages` groups a channel's messages into threads by `thread_ts`, root first;
+- `build_samples` reads each message (`doppel.slack.normalize.message_text`), cuts or drops pastes,
+  scrubs secrets and personal data (`doppel.slack.scrub.scrub_text`), and turns each long-enough message
+  of the person into one sample through `doppel.slack.conversation.build_conversation`: a thread reply with
+  the thread before it as context, a channel message with its window (`channel_window`); it counts what
+  it kept, cut, scrubbed and dropped;
 - `write_output` merges with an earlier run's samples (no duplicates, newest kept) and writes
-  `samples.jsonl` then `manifest.json`, each atomically.
+  `samples.jsonl` then `manifest.json`, each atomically; with no samples at all it writes nothing and
+  says why in one line (`BadInput`).
 """
 
 from __future__ import annotations
@@ -24,12 +29,21 @@ from typing import Any
 
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_write_text
-from doppel.slack.conversation import DEFAULT_BUDGET_CHARS, ThreadMessage, build_conversation
-from doppel.slack.normalize import normalize_text, user_display_name
+from doppel.slack.conversation import (
+    DEFAULT_BUDGET_CHARS,
+    DEFAULT_WINDOW_GAP_S,
+    DEFAULT_WINDOW_MESSAGES,
+    ThreadMessage,
+    WindowRule,
+    build_conversation,
+    channel_window,
+)
+from doppel.slack.normalize import UNKNOWN_USER, message_author, message_text, user_display_name
+from doppel.slack.scrub import scrub_text
 
 # Subtypes whose text is the author's own words; every other subtype (joins, leaves, topic and purpose
 # changes, pins, bot messages...) is Slack talking, not the person.
-KEPT_SUBTYPES = frozenset({"thread_broadcast", "file_share", "me_message"})
+KEPT_SUBTYPES = frozenset({"thread_broadcast", "file_share", "file_comment", "me_message"})
 SAMPLES_FILE = "samples.jsonl"
 MANIFEST_FILE = "manifest.json"
 SECONDS_PER_DAY = 86400
@@ -45,13 +59,24 @@ class ScrapeOptions:
     min_length: int = 100
     max_samples: int = 500
     budget_chars: int = DEFAULT_BUDGET_CHARS
+    window_gap_s: float = DEFAULT_WINDOW_GAP_S
+    window_messages: int = DEFAULT_WINDOW_MESSAGES
+    include_archived: bool | None = None  # None: as the source has it (exports: yes; the Web API: no)
+    include_private: bool = False
+    include_dms: bool = False  # direct messages and group DMs
+    paste_chars: int = 500  # a message longer than this and mostly code or log blocks is a paste
+    paste_action: str = "drop"  # or "cut": keep its first paste_chars characters
+    scrub: bool = True
     team: str | None = None
     bot_user_id: str | None = None  # the bot's own mention becomes BOT_HANDLE
-    now: float | None = None  # fixed clock for reproducible cutoffs
+    now: float | None = None  # fixed clock for reproducible cutoffs (an export: its newest message)
 
     def cutoff_ts(self) -> float:
         now = self.now if self.now is not None else dt.datetime.now(dt.UTC).timestamp()
         return now - self.cutoff_days * SECONDS_PER_DAY
+
+    def window_rule(self) -> WindowRule:
+        return WindowRule(self.window_gap_s, self.window_messages)
 
 
 @dataclass(frozen=True)
@@ -82,6 +107,10 @@ class Manifest:
     channels: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    cut: dict[str, int] = field(default_factory=dict)
+    scrubbed: dict[str, int] = field(default_factory=dict)
+    person_messages: dict[str, Any] = field(default_factory=dict)  # the person's own, for the reasons
+    cutoff: str | None = None  # messages in threads started before this are not sampled
     time_range: dict[str, str | None] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -91,7 +120,7 @@ class Manifest:
             "out": str(out),
             "samples": self.samples,
             "added": self.added,
-            "channels": sorted(self.channels),
+            "channels": sorted(name for name, c in self.channels.items() if not c.get("skipped")),
             "person": self.person["id"],
             "team": self.team,
         }
@@ -142,35 +171,63 @@ def _describe(user: Mapping[str, Any]) -> str:
 
 
 def select_channels(channels: Iterable[Mapping[str, Any]], options: ScrapeOptions) -> list[Mapping[str, Any]]:
-    """Channels to scrape, sorted by name.
-
-    By default the public, non-archived, non-shared ones. A channel named in `options.channels` is
-    taken whatever its kind (the user asked for it); an unknown name there is bad input.
-    """
+    """Channels to scrape, sorted by name (see `channel_skip_reason`); an unknown name in the
+    include/exclude lists is bad input."""
     channels = list(channels)
     known = {c["id"] for c in channels} | {c["name"] for c in channels}
     unknown = [ref for ref in (*options.channels, *options.exclude_channels) if ref.lstrip("#") not in known]
     if unknown:
         names = ", ".join(sorted(c["name"] for c in channels))
         raise BadInput(f"unknown channel(s) {', '.join(unknown)}; available: {names}")
+    return sorted((c for c in channels if channel_skip_reason(c, options) is None), key=lambda c: c["name"])
+
+
+def channel_skip_reason(channel: Mapping[str, Any], options: ScrapeOptions) -> str | None:
+    """Why `channel` is not scraped, or None when it is.
+
+    A channel named in `options.channels` is taken whatever its kind (the user asked for it); otherwise
+    public channels, archived ones when `include_archived` (an export's default), private channels and DMs
+    only when asked for, channels shared with other organisations never.
+    """
+    refs = {channel["id"], channel["name"]}
+    if refs & {ref.lstrip("#") for ref in options.exclude_channels}:
+        return "excluded (--exclude-channel)"
     include = {ref.lstrip("#") for ref in options.channels}
-    exclude = {ref.lstrip("#") for ref in options.exclude_channels}
-    chosen = []
+    if include:
+        return None if refs & include else "not named by --channel"
+    if channel.get("is_im") or channel.get("is_mpim"):
+        return None if options.include_dms else "direct messages (--include-dms takes them)"
+    if channel.get("is_ext_shared") or channel.get("is_shared"):
+        return "shared with another organisation (--channel takes it)"
+    if channel.get("is_private") or channel.get("is_group"):
+        return None if options.include_private else "private (--include-private takes it)"
+    if channel.get("is_archived") and not options.include_archived:
+        return "archived" + (" (--exclude-archived)" if options.include_archived is False else "")
+    return None
+
+
+def list_channels(
+    manifest: Manifest,
+    channels: Iterable[Mapping[str, Any]],
+    options: ScrapeOptions,
+    messages: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> None:
+    """Every channel in the manifest: those taken with their counts, the others `skipped` with the reason
+    and, where their `messages` are known (an export), how many are the person's own."""
+    person, elsewhere = manifest.person["id"], 0
     for channel in channels:
-        refs = {channel["id"], channel["name"]}
-        if refs & exclude:
-            continue
-        if include:
-            if refs & include:
-                chosen.append(channel)
-        elif not (
-            channel.get("is_private")
-            or channel.get("is_archived")
-            or channel.get("is_ext_shared")
-            or channel.get("is_shared")
-        ):
-            chosen.append(channel)
-    return sorted(chosen, key=lambda c: c["name"])
+        entry = manifest.channels.setdefault(
+            channel["name"], {"id": channel["id"], "messages": 0, "threads": 0}
+        )
+        reason = channel_skip_reason(channel, options)
+        if reason:
+            entry["skipped"] = reason
+            if messages is not None:
+                seen = messages.get(channel["id"], [])
+                own = sum(1 for m in seen if message_author(m) == person and not skip_reason(m))
+                entry.update(messages=len(seen), person_messages=own)
+                elsewhere += own
+    manifest.person_messages["in_skipped_channels"] = elsewhere
 
 
 def threads_from_messages(
@@ -179,7 +236,8 @@ def threads_from_messages(
     """Group a channel's messages into threads by `thread_ts`; only threads started after `oldest`.
 
     A message may arrive twice (a reply also sent to the channel is in the history and in its thread);
-    the first copy wins.
+    the first copy wins. The root comes first, then the replies by `ts` (an imported reply may be stamped
+    before its root).
     """
     by_root: dict[str, dict[str, dict[str, Any]]] = {}
     for message in messages:
@@ -192,7 +250,7 @@ def threads_from_messages(
     for root, msgs in by_root.items():
         if ts_key(root) <= ts_key(f"{oldest:.6f}"):
             continue
-        ordered = sorted(msgs.values(), key=lambda m: ts_key(m["ts"]))
+        ordered = sorted(msgs.values(), key=lambda m: (m["ts"] != root, ts_key(m["ts"])))
         threads.append(Thread(channel_id, channel_name, root, ordered))
     return sorted(threads, key=lambda t: ts_key(t.ts))
 
@@ -204,7 +262,7 @@ def skip_reason(message: Mapping[str, Any]) -> str | None:
         return "bot"
     if subtype and subtype not in KEPT_SUBTYPES:
         return f"subtype:{subtype}"
-    if not message.get("user"):
+    if not message_author(message):
         return "no_user"
     return None
 
@@ -219,47 +277,120 @@ def build_samples(
     team: str,
     source: str,
 ) -> tuple[list[dict[str, Any]], Manifest]:
-    """Samples (oldest first, at most `max_samples`, the newest kept) and the manifest of this run."""
-    names = {u["id"]: user_display_name(u) for u in users}
+    """Samples (oldest first, at most `max_samples`, the newest kept) and the manifest of this run.
+
+    Threads started before the cutoff are counted (the person's messages there) but not sampled."""
+    users = list(users)
+    names = _names(users, threads)
     bots = {u["id"] for u in users if u.get("is_bot")}
     manifest = Manifest(source=source, team=team, person=asdict(person), options=_options_view(options))
-    skipped: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
+    counts: dict[str, Counter[str]] = {k: Counter() for k in ("skipped", "dropped", "cut", "scrubbed", "own")}
+    oldest = ts_key(f"{options.cutoff_ts():.6f}")
+    manifest.cutoff = _iso(options.cutoff_ts())
+    rule = options.window_rule()
+    newest_own: str | None = None
     samples: list[dict[str, Any]] = []
+    flows: dict[str, list[ThreadMessage]] = {}  # channel ID -> its channel messages so far
     for thread in threads:
         stats = manifest.channels.setdefault(
             thread.channel_name, {"id": thread.channel_id, "messages": 0, "threads": 0, "samples": 0}
         )
+        if ts_key(thread.ts) <= oldest:
+            own = [m for m in thread.messages if message_author(m) == person.id and skip_reason(m) is None]
+            counts["own"]["before_cutoff"] += len(own)
+            newest_own = max([newest_own or "0", *(m["ts"] for m in own)], key=ts_key)
+            continue
         stats["threads"] += 1
         manifest.threads += 1
+        flow = flows.setdefault(thread.channel_id, [])
         context: list[ThreadMessage] = []
         for message in thread.messages:
             stats["messages"] += 1
             manifest.messages += 1
+            author = message_author(message)
             reason = skip_reason(message)
-            if reason is None and message["user"] in bots:
+            if reason is None and author in bots:
                 reason = "bot"
             if reason:
-                skipped[reason] += 1
+                counts["skipped"][reason] += 1
                 continue
-            text = normalize_text(message.get("text", ""), names, channel_names, options.bot_user_id)
-            author = message["user"]
+            in_channel = message["ts"] == thread.ts  # the root: posted in the channel, not in a thread
+            text = _read(message, names, channel_names, options, counts)
+            said = ThreadMessage(author, names.get(author, UNKNOWN_USER), text or "", float(message["ts"]))
             if author == person.id:
-                if not text:
-                    dropped["empty"] += 1
+                counts["own"]["after_cutoff"] += 1
+                newest_own = max([newest_own or "0", message["ts"]], key=ts_key)
+                if text is None:
+                    pass  # a dropped paste, counted
+                elif not text:
+                    counts["dropped"]["empty"] += 1
                 elif len(text) < options.min_length:
-                    dropped["too_short"] += 1
+                    counts["dropped"]["too_short"] += 1
                 else:
-                    samples.append(_sample(thread, message, text, context, person, team, options))
+                    before = channel_window([*flow, said], rule)[:-1] if in_channel else context
+                    samples.append(_sample(thread, message, text, before, person, team, options))
             if text:
-                context.append(ThreadMessage(author, names.get(author, author), text))
+                context.append(said)
+                if in_channel:
+                    flow.append(said)
     samples.sort(key=_sample_order)
     if len(samples) > options.max_samples:
-        dropped["over_max_samples"] += len(samples) - options.max_samples
+        counts["dropped"]["over_max_samples"] += len(samples) - options.max_samples
         samples = samples[len(samples) - options.max_samples :]
-    manifest.skipped = dict(sorted(skipped.items()))
-    manifest.dropped = dict(sorted(dropped.items()))
+    manifest.skipped = dict(sorted(counts["skipped"].items()))
+    manifest.dropped = dict(sorted(counts["dropped"].items()))
+    manifest.cut = dict(sorted(counts["cut"].items()))
+    manifest.scrubbed = dict(sorted(counts["scrubbed"].items()))
+    manifest.person_messages = {**counts["own"], "newest": _iso(float(newest_own)) if newest_own else None}
     return samples, manifest
+
+
+def _names(users: Sequence[Mapping[str, Any]], threads: Sequence[Thread]) -> dict[str, str]:
+    """User ID -> display name from the user list, else from the profile Slack embeds in messages."""
+    names: dict[str, str] = {}
+    for thread in threads:
+        for message in thread.messages:
+            profile = message.get("user_profile")
+            if profile and message.get("user"):
+                names.setdefault(
+                    str(message["user"]), user_display_name({"id": UNKNOWN_USER, "profile": profile})
+                )
+    return {**names, **{u["id"]: user_display_name(u) for u in users}}
+
+
+def _read(
+    message: Mapping[str, Any],
+    names: Mapping[str, str],
+    channel_names: Mapping[str, str],
+    options: ScrapeOptions,
+    counts: Mapping[str, Counter[str]],
+) -> str | None:
+    """A message's text as it goes into samples: read, pastes cut (or None: dropped), scrubbed."""
+    text = message_text(message, names, channel_names, options.bot_user_id)
+    if is_paste(text, options.paste_chars):
+        if options.paste_action == "drop":
+            counts["dropped"]["paste"] += 1
+            return None
+        text = cut_paste(text, options.paste_chars)
+        counts["cut"]["paste"] += 1
+    if options.scrub:
+        text, found = scrub_text(text)
+        counts["scrubbed"].update(found)
+    return text
+
+
+def is_paste(text: str, limit: int) -> bool:
+    """Longer than `limit` and mostly inside ``` blocks: a log or code paste, not conversation."""
+    if len(text) <= limit:
+        return False
+    fenced = sum(len(block) for block in text.split("```")[1::2])
+    return fenced * 2 >= len(text)
+
+
+def cut_paste(text: str, limit: int) -> str:
+    """The first `limit` characters of a paste, its code block closed."""
+    kept = text[:limit].rstrip()
+    return kept + ("\n…```" if kept.count("```") % 2 else "\n…")
 
 
 def _sample(
@@ -340,6 +471,8 @@ def write_output(
     for sample in samples:
         merged.setdefault(_sample_key(sample), sample)
     ordered = sorted(merged.values(), key=_sample_order)
+    if not ordered:
+        raise BadInput(no_samples_reason(manifest))
     if len(ordered) > max_samples:
         manifest.dropped["over_max_samples"] = manifest.dropped.get("over_max_samples", 0) + (
             len(ordered) - max_samples
@@ -359,6 +492,36 @@ def write_output(
     atomic_write_text(out / SAMPLES_FILE, lines)
     atomic_write_text(out / MANIFEST_FILE, json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def no_samples_reason(manifest: Manifest) -> str:
+    """Why a run ends with no samples of the person, in one line."""
+    name = manifest.person["name"]
+    own = manifest.person_messages
+    after, before, elsewhere = (
+        own.get(k, 0) for k in ("after_cutoff", "before_cutoff", "in_skipped_channels")
+    )
+    options = manifest.options
+    if not after and not before and elsewhere:
+        skipped = "; ".join(
+            f"#{n}: {c['skipped']}" for n, c in manifest.channels.items() if c.get("person_messages")
+        )
+        return f"all {elsewhere} messages of {name} are in channels not taken: {skipped}"
+    if not after and not before:
+        # The Web API is asked only for messages after the cutoff; an export shows them all.
+        since = f" since the cutoff {manifest.cutoff}" if manifest.source == "api" else ""
+        return f"{name} wrote no messages in the channels taken{since} ({manifest.source})"
+    if not after:
+        return (
+            f"none of {name}'s {before} messages is after the cutoff {manifest.cutoff} "
+            f"(--cutoff-days {options.get('cutoff_days'):g}); the newest is from {own.get('newest')}"
+        )
+    short = manifest.dropped.get("too_short", 0)
+    if short == after:
+        limit = options.get("min_length")
+        return f"all {short} messages of {name} after the cutoff are shorter than --min-length {limit}"
+    why = ", ".join(f"{k}: {v}" for k, v in manifest.dropped.items())
+    return f"none of {name}'s {after} messages after the cutoff makes a sample ({why})"
 
 
 def _iso(ts: float) -> str:

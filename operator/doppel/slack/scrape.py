@@ -48,6 +48,7 @@ from doppel.slack.samples import (
     ScrapeOptions,
     Thread,
     build_samples,
+    list_channels,
     resolve_person,
     select_channels,
     threads_from_messages,
@@ -262,8 +263,7 @@ class _Scraper:
         samples, manifest = build_samples(
             threads, person, users, channel_names, options, team=team, source="api"
         )
-        for channel in chosen:
-            manifest.channels.setdefault(channel["name"], {"id": channel["id"], "messages": 0, "threads": 0})
+        list_channels(manifest, channels, options)
         manifest = write_output(out, samples, manifest, options.max_samples)
         for channel in chosen:
             _, latest, seen = results[channel["id"]]
@@ -299,9 +299,10 @@ class _Scraper:
         if start and ts_key(start) > ts_key(oldest):
             oldest = start
         history = await self.pages("conversations.history", "messages", channel=channel["id"], oldest=oldest)
-        # Top-level messages at or before `since` were taken last time; they are listed again only to
-        # read their threads' latest_reply.
-        messages = [m for m in history if not since or ts_key(m["ts"]) > ts_key(since)]
+        # Top-level messages at or before `since` were taken last time; they are listed again to read their
+        # threads' latest_reply, and kept as the channel window before the newer ones (their own samples
+        # are already written: the merge keeps those).
+        messages = list(history)
         parents = {
             m["ts"]: m.get("latest_reply", "")
             for m in history

@@ -1,0 +1,133 @@
+"""Secrets and personal data never reach the model or a reply: scraped from an export and through the Web
+API, tokenised into training batches, and posted by the bot mentioned outside a thread."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+from click.testing import CliRunner
+from tests.support.bot_fixtures import CHANNEL, NAMESPACE, doppel_body, kube_for, mention_payload, say
+from tests.support.secret_fixtures import PASTE, leaked
+from tests.support.slack_fixtures import ACME_TOKEN, write_export_zip
+
+from doppel.cli import main
+from doppel.slack.samples import Person, ScrapeOptions, build_samples, threads_from_messages
+
+GENERAL = "C01GENERAL"
+
+
+def pasted_messages(now: float) -> list[dict[str, str]]:
+    """Bob pastes everything in #general, Alice answers with it again a minute later."""
+    return [
+        {"type": "message", "ts": f"{int(now) - 120}.000100", "user": "U02BOB", "text": PASTE},
+        {"type": "message", "ts": f"{int(now) - 60}.000100", "user": "U01ALICE", "text": "thanks! " + PASTE},
+    ]
+
+
+def scrape(out, *args, emulator=None):
+    argv = ["scrape", "--user", "alice", "--out", str(out), "--rate-scale", "1000", *args]
+    env = {"SLACK_BOT_TOKEN": ACME_TOKEN, "SLACK_API_URL": emulator.base_url if emulator else ""}
+    return CliRunner().invoke(main, argv, env=env)
+
+
+def written(out) -> tuple[str, dict]:
+    return (out / "samples.jsonl").read_text(), json.loads((out / "manifest.json").read_text())
+
+
+def test_an_export_full_of_secrets_gives_clean_samples(slack_workspace, tmp_path):
+    newest = max(float(m["ts"]) for msgs in slack_workspace["messages"].values() for m in msgs)
+    slack_workspace["messages"]["general"] += pasted_messages(newest)
+    export = write_export_zip(slack_workspace, tmp_path / "export.zip")
+    assert scrape(tmp_path / "out", "--export", str(export)).exit_code == 0
+    samples, manifest = written(tmp_path / "out")
+    assert "thanks! ok here is everything" in samples  # the message is there, scrubbed
+    assert not leaked(samples)
+    # Both messages, each with 7 secrets, an email and a phone number (the workspace has more emails).
+    assert manifest["scrubbed"]["secret"] == 14 and manifest["scrubbed"]["phone"] == 2
+    assert manifest["scrubbed"]["email"] >= 2
+    # Off only when asked: then every kind is there (what the check above would have caught).
+    assert scrape(tmp_path / "raw", "--export", str(export), "--no-scrub").exit_code == 0
+    assert len(leaked(written(tmp_path / "raw")[0])) == 9
+
+
+def test_an_emulated_workspace_full_of_secrets_gives_clean_samples_and_batches(
+    slack_emulator, tiny_model, tmp_path
+):
+    for message in pasted_messages(time.time()):
+        slack_emulator.add_message(GENERAL, message)
+    result = scrape(tmp_path / "out", emulator=slack_emulator)
+    assert result.exit_code == 0, result.output
+    samples, manifest = written(tmp_path / "out")
+    assert "thanks! ok here is everything" in samples and not leaked(samples)
+    assert manifest["scrubbed"]["secret"] == 14
+
+    # What the trainer feeds the adapter: the tokenised batches of those samples.
+    from transformers import AutoTokenizer
+
+    from doppel.train import data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    stats = data.EncodeStats()
+    encoded = [
+        data.encode(s, tokenizer, 4096, stats) for s in data.load_samples(tmp_path / "out" / "samples.jsonl")
+    ]
+    batches = data.epoch_batches([e for e in encoded if e], 4, random.Random(0))
+    decoded = "".join(tokenizer.decode(row) for batch in batches for row in batch.input_ids)
+    assert "thanks! ok here is everything" in decoded and "<secret>" in decoded
+    assert not leaked(decoded)
+
+
+async def test_the_bot_answers_a_channel_mention_from_its_window_and_never_posts_a_secret(
+    bot_harness, bot_kube, slack_emulator, slack_workspace
+):
+    asked = []
+
+    async def chat(model, messages):
+        asked.append([dict(m) for m in messages])
+        return "sure, here it is again: " + PASTE  # a model that memorised a secret anyway
+
+    bot = await bot_harness(chat=chat)
+    await kube_for(bot_kube[1]).create_doppel(
+        NAMESPACE, doppel_body("alice", "U01ALICE", served_name="alice-v1")
+    )
+    now = int(time.time())
+    old = {"type": "message", "ts": f"{now - 3600}.000100", "user": "U02BOB", "text": "lunch anyone?"}
+    slack_emulator.add_message(GENERAL, old)
+    slack_emulator.add_message(
+        GENERAL,
+        {"type": "message", "ts": f"{now - 100}.000100", "user": "U02BOB", "text": "is the deploy at 5?"},
+    )
+    slack_emulator.add_message(
+        GENERAL, {"type": "message", "ts": f"{now - 50}.000100", "user": "U01ALICE", "text": "yes, 5pm"}
+    )
+    text = "<@U0DOPPEL> and the password for staging?"  # the only doppel: no `as alice` needed
+    ts = say(slack_emulator, "U03CAROL", text)
+    await bot.event(mention_payload(text, ts, event_id="EvWINDOW", user="U03CAROL"))
+    posts = await bot.wait_posts(CHANNEL, 1)
+    assert posts and not leaked(" ".join(p["text"] for p in posts))
+    assert "<secret>" in posts[0]["text"] and "<email>" in " ".join(p["text"] for p in posts)
+
+    # Serving matches training: the prompt is the sample the same channel messages would make, had Alice
+    # answered the mention herself. The hour-old message is outside the window.
+    (prompt,) = asked
+    history = [m for m in slack_emulator.team.messages[GENERAL] if not m.get("bot_id")]
+    answered = {"type": "message", "ts": f"{int(float(ts)) + 1}.000100", "user": "U01ALICE", "text": "x"}
+    threads = threads_from_messages(GENERAL, "general", [*history, answered], 0)
+    options = ScrapeOptions(min_length=1, bot_user_id="U0DOPPEL", scrub=True)
+    samples, _ = build_samples(
+        threads,
+        Person("U01ALICE", "Alice Martin"),
+        slack_workspace["users"],
+        {},
+        options,
+        team="T",
+        source="t",
+    )
+    assert prompt == samples[-1]["messages"][:-1]
+    assert prompt[1:] == [
+        {"role": "user", "content": "bobby: is the deploy at 5?"},
+        {"role": "assistant", "content": "yes, 5pm"},
+        {"role": "user", "content": "Carol Diaz: @doppel and the password for staging?"},
+    ]
