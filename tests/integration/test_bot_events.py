@@ -224,7 +224,7 @@ async def test_slack_rate_limits_are_waited_out_and_failures_get_an_apology(
     assert len([c for c in slack_emulator.calls_to("chat.postMessage") if c.status == 429]) == 2
 
     # Slack keeps failing to show the thread (beyond the retries): an apology in the thread, not silence.
-    slack_emulator.fail("conversations.replies", 10, 500)
+    slack_emulator.fail("conversations.history", 10, 500)  # the channel's recent messages, the prompt
     second = say(slack_emulator, "U02BOB", text)
     await bot.event(mention_payload(text, second, event_id="Ev500"))
     posts = await bot.wait_posts(CHANNEL, 2, timeout=20)
