@@ -263,6 +263,11 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--min-samples", default=20, show_default=True)
 @click.option("--json-progress", is_flag=True, help="One JSON line per step (and evaluation) on stdout.")
+@click.option(
+    "--link",
+    type=click.Path(path_type=Path),
+    help="Then make this directory an entry of vLLM's filesystem LoRA resolver for the adapter in OUT.",
+)
 @run_stage
 def train_command(
     data_path: Path,
@@ -271,6 +276,7 @@ def train_command(
     base_model_name: str | None,
     target_modules: str,
     json_progress: bool,
+    link: Path | None,
     **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter on samples.jsonl; writes the adapter and metrics.json to OUT."""
@@ -291,6 +297,10 @@ def train_command(
     )
     on_progress = (lambda event: click.echo(json.dumps(event))) if json_progress else None
     metrics = train_adapter(config, on_progress)
+    if link is not None:
+        from doppel.train.trainer import resolver_entry
+
+        resolver_entry(out, link, base_model)
     return {"adapter": str(out), **metrics.summary()}
 
 
@@ -443,6 +453,70 @@ def crd() -> None:
     "that leave those fields out.",
 )
 @click.option(
+    "--pending-timeout",
+    envvar="DOPPEL_PENDING_TIMEOUT_SECONDS",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds a Job's pod may stay Pending (Unschedulable, ImagePullBackOff...) before it fails.",
+)
+@click.option(
+    "--scrape-deadline",
+    envvar="DOPPEL_SCRAPE_DEADLINE_SECONDS",
+    type=click.IntRange(min=1),
+    default=3600,
+    show_default=True,
+    help="activeDeadlineSeconds of scrape Jobs.",
+)
+@click.option(
+    "--train-deadline",
+    envvar="DOPPEL_TRAIN_DEADLINE_SECONDS",
+    type=click.IntRange(min=1),
+    default=6 * 3600,
+    show_default=True,
+    help="activeDeadlineSeconds of train Jobs.",
+)
+@click.option(
+    "--max-lora-rank",
+    envvar="DOPPEL_MAX_LORA_RANK",
+    type=click.IntRange(min=1),
+    default=None,
+    help="vLLM's --max-lora-rank: a higher spec.training.rank is refused before training.",
+)
+@click.option(
+    "--keep-adapters",
+    envvar="DOPPEL_KEEP_ADAPTERS",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Adapter versions kept below the served one; older ones are removed from the volume.",
+)
+@click.option(
+    "--image-pull-secrets",
+    envvar="DOPPEL_IMAGE_PULL_SECRETS",
+    default="",
+    help="Comma-separated imagePullSecrets of the Job pods.",
+)
+@click.option(
+    "--lora-dir",
+    envvar="DOPPEL_LORA_DIR",
+    default=None,
+    help="vLLM's filesystem LoRA resolver directory (under --data-root): adapters are linked there by name.",
+)
+@click.option(
+    "--hf-home", envvar="DOPPEL_HF_HOME", default=None, help="HF_HOME of train pods (shared volume)."
+)
+@click.option(
+    "--hf-token-secret", envvar="DOPPEL_HF_TOKEN_SECRET", default=None, help="Secret with key HF_TOKEN."
+)
+@click.option("--fs-group", envvar="DOPPEL_FS_GROUP", type=int, default=None, help="fsGroup of the Job pods.")
+@click.option(
+    "--gpu-runtime-class",
+    envvar="DOPPEL_GPU_RUNTIME_CLASS",
+    default=None,
+    help="runtimeClassName of train pods that ask for a GPU (e.g. nvidia).",
+)
+@click.option(
     "--api-server",
     envvar="DOPPEL_API_SERVER",
     default=None,
@@ -460,6 +534,17 @@ def operator_command(
     resync: float,
     progress_interval: float,
     train_defaults: str | None,
+    pending_timeout: float,
+    scrape_deadline: int,
+    train_deadline: int,
+    max_lora_rank: int | None,
+    keep_adapters: int,
+    image_pull_secrets: str,
+    lora_dir: str | None,
+    hf_home: str | None,
+    hf_token_secret: str | None,
+    fs_group: int | None,
+    gpu_runtime_class: str | None,
     api_server: str | None,
 ) -> dict[str, Any]:
     """Run the DoppelUser operator (kopf) until interrupted."""
@@ -479,6 +564,8 @@ def operator_command(
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "the value"
         raise BadInput(f"--train-defaults: {where}: {error['msg']}") from None
+    if lora_dir and not lora_dir.startswith(data_root.rstrip("/") + "/"):
+        raise BadInput(f"--lora-dir must be inside --data-root {data_root}, got {lora_dir!r}")
     config = OperatorConfig(
         data_root=data_root,
         data_claim=data_claim or None,
@@ -490,6 +577,22 @@ def operator_command(
         resync_s=resync,
         progress_s=progress_interval,
         train_defaults=defaults,
+        pending_timeout_s=pending_timeout,
+        deadlines_s={
+            "scrape": scrape_deadline,
+            "train": train_deadline,
+            "cleanup": 600,
+            "purge": 600,
+            "prune": 600,
+        },
+        max_lora_rank=max_lora_rank,
+        keep_adapters=keep_adapters,
+        image_pull_secrets=tuple(n for n in image_pull_secrets.split(",") if n),
+        lora_dir=lora_dir or None,
+        hf_home=hf_home or None,
+        hf_token_secret=hf_token_secret or None,
+        fs_group=fs_group,
+        gpu_runtime_class=gpu_runtime_class or None,
         api_server=api_server,
     )
     asyncio.run(run(config))
@@ -503,14 +606,39 @@ def operator_command(
     type=click.Path(file_okay=False, path_type=Path),
     help="Only paths under this directory may be removed.",
 )
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--partials-in",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also remove what killed runs left in this directory (.NAME.*.partial, .NAME.old-*).",
+)
+@click.option(
+    "--dangling-in",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Then remove the LoRA resolver entries in this directory whose adapter is gone.",
+)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @run_stage
-def cleanup(data_root: Path, paths: tuple[Path, ...]) -> dict[str, Any]:
+def cleanup(
+    data_root: Path, paths: tuple[Path, ...], partials_in: tuple[Path, ...], dangling_in: tuple[Path, ...]
+) -> dict[str, Any]:
     """Remove datasets or adapters from the shared volume (the operator's cleanup Jobs run this)."""
     import shutil
 
     root = data_root.resolve()
-    targets = [path.resolve() for path in paths]
+    leftovers = [
+        entry
+        for directory in partials_in
+        if directory.is_dir()
+        for entry in directory.iterdir()
+        if entry.name.startswith(".") and (entry.name.endswith(".partial") or ".old-" in entry.name)
+    ]
+    for directory in dangling_in:
+        if directory.resolve() == root or root not in directory.resolve().parents:
+            raise BadInput(f"refusing to clean {directory}: not inside --data-root {data_root}")
+    targets = [path.resolve() for path in [*paths, *leftovers]]
+    paths = (*paths, *leftovers)
     for path, target in zip(paths, targets, strict=True):
         if target == root or root not in target.parents:
             raise BadInput(f"refusing to remove {path}: not inside --data-root {data_root}")
@@ -520,6 +648,13 @@ def cleanup(data_root: Path, paths: tuple[Path, ...]) -> dict[str, Any]:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+    for directory in dangling_in:
+        # Resolver entries whose adapter is gone: their linked files point nowhere.
+        entries = [e for e in directory.iterdir() if e.is_dir()] if directory.is_dir() else []
+        for entry in entries:
+            if any(f.is_symlink() and not f.exists() for f in entry.iterdir()):
+                shutil.rmtree(entry)
+                removed.append(str(entry))
     return {"removed": removed}
 
 

@@ -19,6 +19,7 @@ it (the finalizer unloads the adapter) and uninstalls the release.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -71,8 +72,89 @@ def release() -> Any:
     try:
         yield namespace
     finally:
-        helm("uninstall", "doppel", "-n", namespace, "--wait", timeout=300)
-        client.CoreV1Api().delete_namespace(namespace)
+        # A test may have deleted the namespace itself.
+        with contextlib.suppress(subprocess.CalledProcessError):
+            helm("uninstall", "doppel", "-n", namespace, "--wait", timeout=300)
+        with contextlib.suppress(client.ApiException):
+            client.CoreV1Api().delete_namespace(namespace)
+
+
+def doppeluser(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DoppelUser",
+        "metadata": {"name": name},
+        "spec": {
+            "slack": {"teamId": env("DOPPEL_E2E_TEAM_ID"), "tokenSecretRef": {"name": "slack-bot"}},
+            "target": {"handle": env("DOPPEL_E2E_TARGET")},
+            "baseModel": {"servedName": env("DOPPEL_E2E_SERVED_NAME"), "path": env("DOPPEL_E2E_BASE_MODEL")},
+            "training": {"rank": 8, "epochs": 1},
+            **spec,
+        },
+    }
+
+
+def wait_status(namespace: str, name: str, done: Any, timeout: float) -> dict[str, Any]:
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi()
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = (
+            custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}
+        )
+        if done(status):
+            return status
+        time.sleep(5)
+    raise AssertionError(f"timed out; status: {status}")
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+def test_rank_above_vllms_limit_fails_before_any_job(release: str) -> None:
+    from kubernetes import client
+
+    body = doppeluser("too-big")
+    body["spec"]["training"]["rank"] = 256  # the chart's vLLM accepts at most vllm.maxLoraRank
+    client.CustomObjectsApi().create_namespaced_custom_object(GROUP, VERSION, release, PLURAL, body)
+    status = wait_status(release, "too-big", lambda s: s.get("phase") == "Failed", 120)
+    assert status["reason"] == "RankTooHigh" and "--max-lora-rank" in status["message"]
+    assert not client.BatchV1Api().list_namespaced_job(release).items
+
+
+def test_unschedulable_train_pod_is_reported(release: str) -> None:
+    from kubernetes import client
+
+    client.CoreV1Api().create_namespaced_secret(
+        release, {"metadata": {"name": "slack-bot"}, "stringData": {"token": env("DOPPEL_E2E_SLACK_TOKEN")}}
+    )
+    body = doppeluser("nowhere", nodeSelector={"doppel.dev/e2e-no-such-node": "true"})
+    client.CustomObjectsApi().create_namespaced_custom_object(GROUP, VERSION, release, PLURAL, body)
+    status = wait_status(release, "nowhere", lambda s: s.get("reason") == "Unschedulable", 1800)
+    assert "node" in condition(status, "Trained")["message"]  # the scheduler's own words
+
+
+def test_deleting_the_namespace_with_a_doppeluser_never_hangs(release: str) -> None:
+    from kubernetes import client
+
+    client.CustomObjectsApi().create_namespaced_custom_object(
+        GROUP, VERSION, release, PLURAL, doppeluser("leaving")
+    )
+    wait_status(release, "leaving", lambda s: bool(s.get("phase")), 120)
+    core = client.CoreV1Api()
+    core.delete_namespace(release)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(release)
+        except client.ApiException as exc:
+            assert exc.status == 404
+            return
+        time.sleep(5)
+    raise AssertionError(f"namespace {release} still Terminating after 10 minutes")
 
 
 def test_doppeluser_ready_and_served_on_a_real_cluster(release: str) -> None:

@@ -26,6 +26,7 @@ from tests.support.helm import (
     CHART_DIR,
     NAMESPACE,
     REPO_ROOT,
+    REQUIRED_TEST_VALUES,
     HelmError,
     find_manifest,
     find_manifests,
@@ -303,23 +304,37 @@ def test_existing_secret_and_claim_are_used_instead_of_created() -> None:
 
 
 def test_missing_signing_secret_or_workspaces_is_a_clear_error() -> None:
-    with pytest.raises(HelmError, match=r"slack\.signingSecret \(or slack\.existingSecret\) is required"):
+    with pytest.raises(HelmError, match=r"/slack/signingSecret': minLength"):
         template_chart(set_values={"workspaces": ["T0123ABCD"]}, required_values=False)
-    with pytest.raises(HelmError, match=r"workspaces: list your Slack team IDs"):
+    with pytest.raises(HelmError, match=r"/workspaces': minItems"):
         template_chart(
             set_values={"slack": {"signingSecret": "s", "botToken": "xoxb-1"}}, required_values=False
         )
+    # An existing Secret holds the signing secret instead.
+    template_chart(
+        set_values={"workspaces": ["T0123ABCD"], "slack": {"existingSecret": "slack"}}, required_values=False
+    )
+
+
+def test_helm_lint_fails_without_the_required_values() -> None:
+    with pytest.raises(HelmError) as caught:
+        helm("lint", "--strict", str(CHART_DIR))
+    assert "/workspaces" in str(caught.value) and "/slack/signingSecret" in str(caught.value)
 
 
 def test_values_schema_is_a_valid_schema_that_the_shipped_values_meet() -> None:
     schema = json.loads((CHART_DIR / "values.schema.json").read_text(encoding="utf-8"))
     jsonschema.Draft7Validator.check_schema(schema)
     validator = jsonschema.Draft7Validator(schema)
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
+    # The defaults lack exactly the values a user must give (so `helm lint` fails until they are there).
+    missing = sorted("/".join(map(str, e.absolute_path)) for e in validator.iter_errors(defaults))
+    assert missing == ["slack/signingSecret", "workspaces"]
     for path in (CHART_DIR / "values.yaml", SCALED_VALUES):
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = _merged(defaults, REQUIRED_TEST_VALUES)
         # The scaled example is an overlay: check it merged onto the defaults, as helm does.
         if path == SCALED_VALUES:
-            values = _merged(yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8")), values)
+            values = _merged(values, yaml.safe_load(path.read_text(encoding="utf-8")))
         assert not list(validator.iter_errors(values)), path.name
 
 
@@ -393,7 +408,8 @@ def install_guide_commands() -> list[list[str]]:
     # From this section's marker to the next one (or the end).
     section = readme.split("<!-- section: install -->")[1].split("<!-- section:")[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
-    return [shlex.split(line) for block in blocks for line in block.replace("\\\n", " ").splitlines() if line]
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [words for line in lines if (words := shlex.split(line, comments=True))]
 
 
 def test_every_command_of_the_install_guide_works_offline() -> None:
@@ -410,6 +426,11 @@ def test_every_command_of_the_install_guide_works_offline() -> None:
                 assert (REPO_ROOT / args[args.index("-f") + 1]).is_file()
             continue
         assert program in {"helm", "kubectl"}, command
+        if program == "helm" and args[0] in ("get", "upgrade"):
+            # Upgrades need a cluster; at least they keep the user's values in a file, not --reuse-values
+            # (which drops new chart defaults).
+            assert "--reuse-values" not in args and ("-f" in args or args[0] == "get"), command
+            continue
         if program == "helm":
             assert args[0] == "install"
             helm(*args, "--dry-run=client", cwd=REPO_ROOT)
@@ -421,6 +442,10 @@ def test_every_command_of_the_install_guide_works_offline() -> None:
             assert proc.returncode == 0, f"{command}: {proc.stderr}"
         elif "apply" in args:
             manifest = yaml.safe_load((REPO_ROOT / args[args.index("-f") + 1]).read_text(encoding="utf-8"))
+            if manifest["kind"] == "CustomResourceDefinition":
+                # Helm's field manager owns the CRD: a server-side apply must force the conflicts.
+                assert {"--server-side", "--force-conflicts"} <= set(args), command
+                continue
             validate_against_crd(manifest)
         else:
             # get/describe need a cluster: check at least that they name the CRD's short name.
@@ -486,6 +511,10 @@ def test_operator_reads_the_chart_environment(
     claim = find_manifest(manifests, "PersistentVolumeClaim", "data")["metadata"]["name"]
     assert (params["namespaces"], params["data_root"], params["data_claim"]) == ((NAMESPACE,), "/data", claim)
     assert (params["worker_image"], params["max_trainings"]) == (worker_image, max_trainings)
+    vllm_args = container(find_manifest(manifests, "Deployment", "vllm"), "vllm")["args"]
+    assert f"--max-lora-rank={params['max_lora_rank']}" in vllm_args  # a rank vLLM refuses is refused early
+    assert (params["keep_adapters"], params["fs_group"]) == (1, 10001)
+    assert params["hf_home"] == "/data/huggingface" and params["pending_timeout"] == 600
     job_account = find_manifest(manifests, "ServiceAccount", "worker")
     assert params["service_account"] == job_account["metadata"]["name"]
     assert job_account["automountServiceAccountToken"] is False

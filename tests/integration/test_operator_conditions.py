@@ -24,6 +24,7 @@ def doppeluser(name: str, user: str = "alice", **spec: Any) -> dict[str, Any]:
             "data": {"minLength": 20},
             "baseModel": {"servedName": "doppel-tiny", "path": "/nonexistent/model"},
             "training": {"rank": 8, "alpha": 16, "maxSteps": 2, "minSamples": 3, "batchSize": 4},
+            "resources": {"gpu": 0},  # the Job controller runs pods here, where there is no GPU
             **spec,
         },
     }

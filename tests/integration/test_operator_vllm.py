@@ -23,9 +23,25 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """One real vLLM server for this module, restarted by the tests (so not the session-wide one)."""
-    server = VllmServer(tiny_model, tmp_path_factory.mktemp("vllm-op") / "vllm.log", python=vllm_python())
+def shared_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data root the Jobs and this module's vLLM share, as the chart mounts it in both."""
+    return tmp_path_factory.mktemp("volume")
+
+
+@pytest.fixture(scope="module")
+def vllm(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, shared_volume: Path
+) -> Iterator[VllmServer]:
+    """One real vLLM server for this module, restarted by the tests (so not the session-wide one). Like
+    the chart's, it resolves adapters it has not loaded from the volume's lora/ directory by name."""
+    (shared_volume / "lora").mkdir()  # as the chart's init container does: vLLM needs it to exist
+    resolver = {
+        "VLLM_PLUGINS": "lora_filesystem_resolver",
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(shared_volume / "lora"),
+    }
+    server = VllmServer(
+        tiny_model, tmp_path_factory.mktemp("vllm-op") / "vllm.log", python=vllm_python(), extra_env=resolver
+    )
     server.start()
     try:
         yield server
@@ -79,9 +95,15 @@ async def until_served(server: VllmServer, name: str, present: bool = True, time
     )
 
 
-async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_emulator, tiny_model, vllm):
+async def test_doppeluser_lifecycle_on_real_vllm(
+    kube, operator_config, slack_emulator, tiny_model, vllm, shared_volume
+):
     config = config_with(
-        operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
+        operator_config,
+        slack_api_url=slack_emulator.base_url + "/",
+        scrape_args=("--rate-scale", "1000"),
+        data_root=str(shared_volume),
+        lora_dir=str(shared_volume / "lora"),
     )
     data_root = Path(config.data_root)
     await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
@@ -124,12 +146,25 @@ async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_em
         events = await kube.wait_for_events(lambda found: phases <= {e["reason"] for e in found})
         assert phases <= {e["reason"] for e in events}
 
-        # 2. The vLLM pod restarts and loses its adapters: re-registered without touching the object.
+        # 2. The vLLM pod restarts and loses its adapters. Before the operator has done anything (the pod
+        # is not even Ready to it), a mention routed there is answered: vLLM finds the adapter on the
+        # volume by its name. Then the operator sees it held already, without touching the object.
         await kube.kubectl.patch_status(
             "Pod", "vllm-0", {"conditions": [{"type": "Ready", "status": "False"}]}
         )
         await asyncio.to_thread(vllm.restart)
         assert "team.alice.v1" not in await served(vllm)
+        async with httpx.AsyncClient(timeout=120) as http:
+            reply = await http.post(
+                f"{vllm.base_url}/v1/chat/completions",
+                json={
+                    "model": "team.alice.v1",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 8,
+                },
+            )
+        assert reply.status_code == 200, reply.text
+        assert "team.alice.v1" in await served(vllm)
         await kube.kubectl.patch_status(
             "Pod", "vllm-0", {"conditions": [{"type": "Ready", "status": "True"}]}
         )
@@ -165,6 +200,7 @@ async def test_doppeluser_lifecycle_on_real_vllm(kube, operator_config, slack_em
             await asyncio.sleep(0.3)
         assert "team.alice.v2" not in await served(vllm)
         assert not (data_root / NAMESPACE / "alice").exists()
+        assert not list((data_root / "lora").iterdir())  # no resolver name points at a removed adapter
     finally:
         kube.jobs.release("train")
         await operator.stop()

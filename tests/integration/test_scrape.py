@@ -12,9 +12,8 @@ from tests.support.slack_emulator import SlackEmulator
 from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID, write_export_zip
 
 from doppel.cli import main
-from doppel.errors import BadInput
 from doppel.slack.samples import ScrapeOptions
-from doppel.slack.scrape import ApiSettings, scrape_api
+from doppel.slack.scrape import ApiSettings, SlackUnavailable, scrape_api
 
 
 def scrape(emulator, out, *args, token=ACME_TOKEN, env=None):
@@ -281,21 +280,21 @@ def assert_bad_input(result, out, *needles):
     assert not (out / "manifest.json").exists()
 
 
-def test_5xx_storm_is_bad_input(slack_emulator, tmp_path):
+def test_5xx_storm_is_transient_not_bad_input(slack_emulator, tmp_path):
     # Through the Python API `doppel local` uses, with short backoffs so the test stays fast.
     slack_emulator.fail("conversations.replies", 100, status=503)
     out = tmp_path / "out"
     settings = ApiSettings(base_url=slack_emulator.base_url, rate_scale=1000, retry_backoff=0.01)
-    with pytest.raises(BadInput, match=r"HTTP 503 on conversations\.replies\) after 3 retries"):
+    with pytest.raises(SlackUnavailable, match=r"HTTP 503 on conversations\.replies\) after 3 retries"):
         scrape_api(ACME_TOKEN, "alice", out, ScrapeOptions(), settings)
     assert not out.exists() or not any(out.iterdir())
     assert len([c for c in slack_emulator.calls if c.status == 503]) <= 4 * 4  # 4 tries, 4 channels at most
 
 
-def test_unreachable_slack_is_bad_input(tmp_path):
+def test_unreachable_slack_is_transient_not_bad_input(tmp_path):
     out = tmp_path / "out"
     settings = ApiSettings(base_url="http://127.0.0.1:9/api/", retry_backoff=0.01)
-    with pytest.raises(BadInput, match=r"cannot reach Slack at http://127\.0\.0\.1:9/api/"):
+    with pytest.raises(SlackUnavailable, match=r"cannot reach Slack at http://127\.0\.0\.1:9/api/"):
         scrape_api(ACME_TOKEN, "alice", out, ScrapeOptions(), settings)
     assert not out.exists()
 

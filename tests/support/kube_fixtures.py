@@ -154,21 +154,71 @@ class Kubectl:
         return list(response.json()["items"])
 
 
+@dataclass
+class Refusal:
+    """The API server refusing to create a kind of object (ResourceQuota: 403; validation, an admission
+    webhook: 422), in its own words; `{name}` in the message becomes the object's name."""
+
+    plural: str
+    code: int
+    reason: str
+    message: str
+    refused: int = 0  # how many requests it refused so far
+
+
+# What kube-apiserver answers, word for word, for the refusals a cluster commonly gives.
+QUOTA_MESSAGE = (
+    'jobs.batch "{name}" is forbidden: exceeded quota: team-quota, requested: count/jobs.batch=1, '
+    "used: count/jobs.batch=10, limited: count/jobs.batch=10"
+)
+INVALID_MESSAGE = (
+    'Job.batch "{name}" is invalid: spec.template.spec.containers[0].resources.limits[nvidia.com/gpu]: '
+    'Invalid value: "1": must be equal to requests'
+)
+
+
 class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
-    """kmock's emulator, plus two API-server duties doppel relies on: names from generateName (kopf's
-    Events) and a new metadata.generation on every spec change.
+    """kmock's emulator, plus the API-server duties doppel relies on: names from generateName (kopf's
+    Events), a new metadata.generation on every spec change, refusals (`refusals`: quota, validation),
+    and a Terminating namespace refusing every create (the NamespaceLifecycle admission plugin).
 
     With `record=False` it forgets requests once served: kmock matches each request against its whole
     request history, which grows quadratic under a benchmark's thousands of requests."""
 
     record: bool = True
     _inflight: set[int] | None = None
+    refusals: list[Refusal] | None = None
+    terminating: set[str] | None = None  # namespaces being deleted
+
+    def _refuse(self, request: Any) -> None:
+        meta = request.data.get("metadata") or {}
+        name, namespace = meta.get("name") or "", request.namespace or meta.get("namespace")
+        plural = request.resource.plural if request.resource is not None else ""
+        if namespace and namespace in (self.terminating or set()):
+            message = f"unable to create new content in namespace {namespace} because it is being terminated"
+            cause = {"type": "NamespaceTerminating", "message": message, "field": "metadata.namespace"}
+            raise kmock.KubernetesError(
+                status=403,
+                reason="Forbidden",
+                message=f'{plural} "{name}" is forbidden: {message}',
+                details={"name": name, "kind": plural, "causes": [cause]},
+            )
+        for refusal in self.refusals or []:
+            if refusal.plural == plural:
+                refusal.refused += 1
+                raise kmock.KubernetesError(
+                    status=refusal.code,
+                    reason=refusal.reason,
+                    message=refusal.message.format(name=name),
+                    details={"name": name, "kind": plural},
+                )
 
     async def _handle(self, request: Any) -> Any:
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
+            self._refuse(request)
         key = (request.resource, request.namespace, request.name)
         changes_spec = isinstance(request.data, dict) and "spec" in request.data and not request.subresource
         if request.action == kmock.action.UPDATE and changes_spec and key in self.objects:
@@ -193,6 +243,7 @@ class KubeCluster:
     def __init__(self, *, record: bool = True) -> None:
         self.emulator = Emulator()
         self.emulator.record = record
+        self.emulator.refusals, self.emulator.terminating = [], set()
         for key, kind, namespaced, subresources in RESOURCES:
             self.emulator.resources[key] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs=VERBS, subresources=subresources
@@ -215,6 +266,30 @@ class KubeCluster:
         lines = path.read_bytes().splitlines(keepends=True) if path.exists() else []
         tail = request.params.get("tailLines")
         return b"".join(lines[max(0, len(lines) - int(tail)) :] if tail is not None else lines)
+
+    def refuse(self, plural: str, code: int, reason: str, message: str) -> Refusal:
+        """Refuse every create of `plural` until `allow(refusal)`."""
+        refusal = Refusal(plural, code, reason, message)
+        assert self.emulator.refusals is not None
+        self.emulator.refusals.append(refusal)
+        return refusal
+
+    def allow(self, refusal: Refusal) -> None:
+        assert self.emulator.refusals is not None
+        self.emulator.refusals.remove(refusal)
+
+    def terminate_namespace(self, namespace: str = NAMESPACE) -> None:
+        """`kubectl delete namespace`: the namespace turns Terminating and refuses new content, while the
+        namespace controller deletes what is in it (the test deletes the objects it cares about)."""
+        assert self.emulator.terminating is not None
+        self.emulator.terminating.add(namespace)
+        namespaces = kmock.resource("", "v1", "namespaces")
+        self.emulator.objects[namespaces, None, namespace] = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": namespace, "uid": str(uuid.uuid4()), "deletionTimestamp": _now()},
+            "status": {"phase": "Terminating"},
+        }
 
     @property
     def url(self) -> str:
@@ -279,6 +354,23 @@ class JobRun:
     process: asyncio.subprocess.Process | None = None
     returncode: int | None = None
     log: Path | None = None
+    step: str = ""
+    pod: str = ""  # its current pod
+    started: float | None = None  # loop time the Job started
+    deadline: float | None = None  # its activeDeadlineSeconds
+    finished: bool = False
+    namespace: str = NAMESPACE
+    pods: list[str] = field(default_factory=list)  # every pod it had
+    collected: bool = False  # its Job is gone, and with it (the garbage collector's part) its pods
+    # Set, with `why`, when something outside the process ends it: the Job deleted or suspended, its
+    # deadline passed, its pod disrupted.
+    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+    why: str = ""
+
+    def interrupt(self, why: str) -> None:
+        if not self.interrupted.is_set():
+            self.why = why
+            self.interrupted.set()
 
 
 @dataclass
@@ -294,8 +386,51 @@ class Pause:
 
 
 @dataclass
+class Stuck:
+    """Pods of a step that stay Pending as the scheduler or kubelet leave them, until `clear()`."""
+
+    reason: str  # Unschedulable, or a container waiting reason (ImagePullBackOff, ErrImagePull...)
+    message: str
+    cleared: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def clear(self) -> None:
+        self.cleared.set()
+
+    def pod_status(self, container: str) -> dict[str, Any]:
+        if self.reason == "Unschedulable":
+            scheduled = {"type": "PodScheduled", "status": "False", "reason": self.reason}
+            return {"phase": "Pending", "conditions": [{**scheduled, "message": self.message}]}
+        waiting = {"reason": self.reason, "message": self.message}
+        return {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": container, "ready": False, "state": {"waiting": waiting}}],
+        }
+
+
+def _ignores_disruption(job: dict[str, Any]) -> bool:
+    """The Job's podFailurePolicy lets a disrupted pod go without counting it (action Ignore)."""
+    rules = ((job.get("spec") or {}).get("podFailurePolicy") or {}).get("rules") or []
+    return any(
+        rule.get("action") == "Ignore"
+        and any(c.get("type") == "DisruptionTarget" for c in rule.get("onPodConditions") or [])
+        for rule in rules
+    )
+
+
+@dataclass
 class JobController:
-    """Runs each Job's command locally and writes the Job's and its pod's status back."""
+    """Plays the Job controller, scheduler and kubelet: runs each Job's command locally and writes the
+    Job's and its pod's status back, as the real ones do, failures included:
+
+    - `stick(step, reason, message)`: the step's pods stay Pending (Unschedulable, ImagePullBackOff...);
+    - `disrupt(step)`: the running pod is evicted (condition DisruptionTarget, as preemption or a node
+      drain leave it); the Job's podFailurePolicy decides between a new pod and a failed Job;
+    - `oom(step)`: the step's next container is killed by the kernel (OOMKilled, exit code 137);
+    - `activeDeadlineSeconds`: a Job running longer fails with DeadlineExceeded, its pod deleted;
+    - a suspended Job loses its pod (condition Suspended); a deleted Job's pod is deleted (the garbage
+      collector's part).
+    """
 
     cluster: KubeCluster
     workdir: Path
@@ -303,6 +438,8 @@ class JobController:
     runs: dict[str, JobRun] = field(default_factory=dict)
     _held: dict[str, asyncio.Event] = field(default_factory=dict)
     _pauses: dict[str, Pause] = field(default_factory=dict)
+    _stuck: dict[str, Stuck] = field(default_factory=dict)
+    _oom: set[str] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _loop: asyncio.Task[None] | None = None
 
@@ -313,6 +450,23 @@ class JobController:
     def release(self, step: str) -> None:
         if event := self._held.pop(step, None):
             event.set()
+
+    def stick(self, step: str, reason: str, message: str) -> Stuck:
+        """Pods of this step stay Pending with `reason` until the returned handle is cleared."""
+        stuck = Stuck(reason, message)
+        self._stuck[step] = stuck
+        return stuck
+
+    def oom(self, step: str) -> None:
+        """The next container of this step runs out of memory."""
+        self._oom.add(step)
+
+    def disrupt(self, step: str) -> str:
+        """Evict the running pod of this step's Job (the newest started); returns the Job's name."""
+        running = [r for r in self.runs.values() if r.step == step and r.process and r.returncode is None]
+        assert running, f"no running {step} Job to disrupt"
+        running[-1].interrupt("disrupted")
+        return running[-1].name
 
     def pause_when(self, step: str, until: Callable[[str], bool]) -> Pause:
         """Freeze this step's running process once its output so far satisfies `until` (replaces the
@@ -344,6 +498,8 @@ class JobController:
             self.release(step)
         for pause in self._pauses.values():
             pause.resume()
+        for stuck in self._stuck.values():
+            stuck.clear()
         for task in [self._loop, *self._tasks]:
             if task is not None:
                 task.cancel()
@@ -357,13 +513,35 @@ class JobController:
                     await task
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            for job in self.cluster.jobs():
-                name = job["metadata"]["name"]
-                if name not in self.runs and not job.get("status"):
+            present = {job["metadata"]["name"]: job for job in self.cluster.jobs()}
+            for name, job in present.items():
+                if name not in self.runs and not job.get("status") and not job["spec"].get("suspend"):
                     self.runs[name] = JobRun(name)
                     self._tasks.append(asyncio.create_task(self._run(job)))
+            for name, run in self.runs.items():
+                job = present.get(name)
+                if job is None and run.started and not run.collected:
+                    run.collected = True
+                    self._tasks.append(asyncio.create_task(self._collect(run.namespace, run)))
+                if run.finished:
+                    continue
+                if job is None:
+                    run.interrupt("deleted")
+                elif job["spec"].get("suspend"):
+                    run.interrupt("suspended")
+                elif run.deadline is not None and run.started and loop.time() - run.started > run.deadline:
+                    run.interrupt("deadline")
             await asyncio.sleep(0.1)
+
+    async def _collect(self, namespace: str, run: JobRun) -> None:
+        """The garbage collector: a deleted Job's pods go too (propagationPolicy Background)."""
+        while not run.finished:
+            await asyncio.sleep(0.1)
+        for pod in run.pods:
+            with contextlib.suppress(httpx.HTTPStatusError):
+                await self.cluster.kubectl.delete("Pod", pod, namespace)
 
     async def _env(self, job: dict[str, Any], container: dict[str, Any], result_file: Path) -> dict[str, str]:
         env = dict(os.environ)
@@ -376,6 +554,8 @@ class JobController:
             elif ref := (item.get("valueFrom") or {}).get("secretKeyRef"):
                 secret = await self.cluster.kubectl.get("Secret", ref["name"], namespace)
                 if secret is None or ref["key"] not in (secret.get("data") or {}):
+                    if ref.get("optional"):
+                        continue
                     raise LookupError(
                         f"secret {ref['name']}/{ref['key']} missing"
                     )  # kubelet: CreateContainerConfigError
@@ -388,64 +568,52 @@ class JobController:
         kubectl = self.cluster.kubectl
         meta = job["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        template = job["spec"]["template"]
-        container = template["spec"]["containers"][0]
-        labels = {**(template.get("metadata") or {}).get("labels", {}), "job-name": name}
-        labels["batch.kubernetes.io/job-name"] = name
-        pod_name = f"{name}-pod"
-        await kubectl.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": pod_name, "namespace": namespace, "labels": labels},
-                "spec": template["spec"],
-                "status": {"phase": "Running", "startTime": _now()},
-            }
-        )
-        await kubectl.patch_status("Job", name, {"active": 1, "startTime": _now()}, namespace)
         run = self.runs[name]
-        run.log = self.workdir / f"{name}.log"
-        self.cluster.pod_logs[namespace, pod_name] = (container["name"], run.log)
-        result_file = self.workdir / f"{name}.result"
-        step = labels.get(f"{GROUP}/step", "")
-        if held := self._held.get(step):
-            await held.wait()
-        try:
-            env = await self._env(job, container, result_file)
-            with run.log.open("wb") as log:
-                run.process = await asyncio.create_subprocess_exec(
-                    *container["command"],
-                    env=env,
-                    stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
-                    cwd=self.workdir,
-                )
-                pauser = asyncio.create_task(self._pauser(step, run))
-                try:
-                    run.returncode = await run.process.wait()
-                finally:
-                    pauser.cancel()
-        except LookupError as exc:
-            run.returncode = 1
-            result_file.write_text(json.dumps({"ok": False, "kind": "error", "reason": str(exc)}))
-        message = result_file.read_text() if result_file.exists() else ""
-        ok = run.returncode == 0
-        terminated = {
-            "exitCode": run.returncode,
-            "reason": "Completed" if ok else "Error",
-            "message": message,
-            "finishedAt": _now(),
-        }
-        await kubectl.patch_status(
-            "Pod",
-            pod_name,
-            {
-                "phase": "Succeeded" if ok else "Failed",
-                "containerStatuses": [{"name": container["name"], "state": {"terminated": terminated}}],
-            },
-            namespace,
-        )
-        condition = {"type": "Complete" if ok else "Failed", "status": "True", "lastTransitionTime": _now()}
+        run.step = (meta.get("labels") or {}).get(f"{GROUP}/step", "")
+        run.namespace = namespace
+        run.deadline = job["spec"].get("activeDeadlineSeconds")
+        run.started = asyncio.get_running_loop().time()
+        await kubectl.patch_status("Job", name, {"active": 1, "startTime": _now()}, namespace)
+        pods = 0
+        while True:
+            pods += 1
+            run.pod = f"{name}-pod" if pods == 1 else f"{name}-pod-{pods}"
+            run.pods.append(run.pod)
+            end = await self._run_pod(job, run)
+            if end == "disrupted" and _ignores_disruption(job):
+                # podFailurePolicy Ignore: the failure does not count, a new pod takes over.
+                run.interrupted.clear()
+                continue
+            break
+        run.finished = True
+        now = _now()
+        if end in ("suspended", "deadline"):
+            # The Job controller (or the garbage collector) deletes the pod.
+            with contextlib.suppress(httpx.HTTPStatusError):
+                await kubectl.delete("Pod", run.pod, namespace)
+        if end == "deleted":
+            return
+        if end == "suspended":
+            suspended = {
+                "type": "Suspended",
+                "status": "True",
+                "reason": "JobSuspended",
+                "lastTransitionTime": now,
+            }
+            await kubectl.patch_status("Job", name, {"active": None, "conditions": [suspended]}, namespace)
+            return
+        ok = end == "exited" and run.returncode == 0
+        condition = {"type": "Complete" if ok else "Failed", "status": "True", "lastTransitionTime": now}
+        if end == "deadline":
+            condition |= {
+                "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline",
+            }
+        elif not ok:
+            condition |= {
+                "reason": "BackoffLimitExceeded",
+                "message": "Job has reached the specified backoff limit",
+            }
         await kubectl.patch_status(
             "Job",
             name,
@@ -457,6 +625,116 @@ class JobController:
             },
             namespace,
         )
+
+    async def _run_pod(self, job: dict[str, Any], run: JobRun) -> str:
+        """One pod of the Job, from creation to its end: "exited" (see run.returncode) or why it was
+        interrupted."""
+        kubectl = self.cluster.kubectl
+        name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+        template = job["spec"]["template"]
+        container = template["spec"]["containers"][0]
+        labels = {**(template.get("metadata") or {}).get("labels", {}), "job-name": name}
+        labels["batch.kubernetes.io/job-name"] = name
+        run.process, run.returncode = None, None
+        stuck = self._stuck.get(run.step)
+        if stuck is not None and stuck.cleared.is_set():
+            stuck = None
+        running = {"phase": "Running", "startTime": _now()}
+        await kubectl.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": run.pod, "namespace": namespace, "labels": labels},
+                "spec": template["spec"],
+                "status": stuck.pod_status(container["name"]) if stuck else running,
+            }
+        )
+        run.log = self.workdir / f"{run.pod}.log"
+        self.cluster.pod_logs[namespace, run.pod] = (container["name"], run.log)
+        result_file = self.workdir / f"{run.pod}.result"
+        oom = False
+
+        async def work() -> None:
+            nonlocal oom
+            if stuck is not None:
+                await stuck.cleared.wait()
+                await kubectl.patch_status(
+                    "Pod", run.pod, {**running, "conditions": None, "containerStatuses": None}, namespace
+                )
+            if held := self._held.get(run.step):
+                await held.wait()
+            try:
+                env = await self._env(job, container, result_file)
+                with run.log.open("wb") as log:
+                    run.process = await asyncio.create_subprocess_exec(
+                        *container["command"],
+                        env=env,
+                        stdout=log,
+                        stderr=asyncio.subprocess.STDOUT,
+                        cwd=self.workdir,
+                    )
+                    if run.step in self._oom:
+                        self._oom.discard(run.step)
+                        oom = True
+                        run.process.kill()
+                    pauser = asyncio.create_task(self._pauser(run.step, run))
+                    try:
+                        run.returncode = await run.process.wait()
+                    finally:
+                        pauser.cancel()
+                        if run.process.returncode is None:
+                            run.process.kill()
+                            run.returncode = await run.process.wait()
+            except LookupError as exc:
+                run.returncode = 1
+                result_file.write_text(json.dumps({"ok": False, "kind": "error", "reason": str(exc)}))
+
+        worker = asyncio.create_task(work())
+        interrupted = asyncio.create_task(run.interrupted.wait())
+        await asyncio.wait({worker, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        if not worker.done():
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        interrupted.cancel()
+        if run.interrupted.is_set():
+            if run.why == "disrupted":
+                killed = {"exitCode": 137, "reason": "Error", "finishedAt": _now()}
+                disruption = {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "PreemptionByScheduler",
+                    "message": "Preempted in order to admit critical pod",
+                }
+                await kubectl.patch_status(
+                    "Pod",
+                    run.pod,
+                    {
+                        "phase": "Failed",
+                        "conditions": [disruption],
+                        "containerStatuses": [{"name": container["name"], "state": {"terminated": killed}}],
+                    },
+                    namespace,
+                )
+            return run.why
+        message = result_file.read_text() if result_file.exists() else ""
+        ok = run.returncode == 0
+        terminated = {
+            "exitCode": 137 if oom else run.returncode,
+            "reason": "OOMKilled" if oom else "Completed" if ok else "Error",
+            "message": message,
+            "finishedAt": _now(),
+        }
+        await kubectl.patch_status(
+            "Pod",
+            run.pod,
+            {
+                "phase": "Succeeded" if ok else "Failed",
+                "containerStatuses": [{"name": container["name"], "state": {"terminated": terminated}}],
+            },
+            namespace,
+        )
+        return "exited"
 
 
 class OperatorProcess:

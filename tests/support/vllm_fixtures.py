@@ -68,6 +68,7 @@ class VllmServer:
         max_lora_rank: int = 32,
         extra_args: Sequence[str] = (),
         startup_timeout: float = STARTUP_TIMEOUT_S,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.log_path = Path(log_path)
@@ -77,6 +78,7 @@ class VllmServer:
         self.max_lora_rank = max_lora_rank
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
+        self.extra_env = dict(extra_env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -124,6 +126,7 @@ class VllmServer:
             VLLM_NO_USAGE_STATS="1",
             DO_NOT_TRACK="1",
         )
+        env.update(self.extra_env)
         # Our own virtualenv's paths must not leak into vLLM's interpreter.
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)

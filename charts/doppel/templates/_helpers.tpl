@@ -70,3 +70,12 @@ runAsNonRoot: true
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/* Names of images.pullSecrets, comma-separated (the operator passes them on to the Job pods). */}}
+{{- define "doppel.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.images.pullSecrets -}}
+{{- $names = append $names (.name | default .) -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}

@@ -35,6 +35,33 @@ class OperatorConfig:
     # Extra CLI flags for the scrape and train Jobs (tests raise rate limits, keep training short).
     scrape_args: tuple[str, ...] = field(default_factory=tuple)
     train_args: tuple[str, ...] = field(default_factory=tuple)
+    # A Job whose pod stays Pending this long for a reason that needs a person (Unschedulable,
+    # ImagePullBackOff...) is stopped and counted as a failed attempt: it frees its training slot.
+    pending_timeout_s: float = 600.0
+    # activeDeadlineSeconds of each step's Jobs: a hung Job fails instead of holding its slot forever.
+    deadlines_s: dict[str, int] = field(
+        default_factory=lambda: {
+            "scrape": 3600,
+            "train": 6 * 3600,
+            "cleanup": 600,
+            "purge": 600,
+            "prune": 600,
+        }
+    )
+    # vLLM's --max-lora-rank: a higher spec.training.rank is refused before training; None: not checked.
+    max_lora_rank: int | None = None
+    # Adapter versions kept on the volume below the served one (older ones and failed runs' leftovers go).
+    keep_adapters: int = 1
+    # vLLM's filesystem LoRA resolver directory (VLLM_LORA_RESOLVER_CACHE_DIR, under data_root): each
+    # trained adapter gets a symlink there named as it is served, so a vLLM pod that restarts serves it on
+    # first use, before the operator has loaded anything. None: no links.
+    lora_dir: str | None = None
+    # What Job pods need on a real cluster (the chart sets them).
+    image_pull_secrets: tuple[str, ...] = ()
+    hf_home: str | None = None  # Hugging Face cache on the shared volume: a model downloads once
+    hf_token_secret: str | None = None  # Secret with key HF_TOKEN (gated models)
+    fs_group: int | None = None  # lets the non-root worker write the shared volume
+    gpu_runtime_class: str | None = None  # runtimeClassName of train pods that ask for a GPU
     # Kubernetes API server override (tests point it at the emulator); None logs in from the
     # service account or kubeconfig.
     api_server: str | None = None

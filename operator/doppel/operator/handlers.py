@@ -22,16 +22,18 @@ from pydantic import ValidationError
 from doppel.api import GROUP, PLURAL, VERSION, Adapter, DoppelUserSpec, DoppelUserStatus, TrainingProgress
 from doppel.operator import jobs
 from doppel.operator.config import OperatorConfig
-from doppel.operator.kube import KubeApi
+from doppel.operator.kube import ApiRefused, KubeApi
 from doppel.operator.progress import latest_progress
 from doppel.operator.reconcile import (
     Observed,
+    Plan,
     backoff,
     observe_serving,
     promote,
     queue_admits,
     reconcile,
     record_progress,
+    refused,
     transitions,
 )
 from doppel.operator.schedule import Cron, retrain_due
@@ -43,6 +45,7 @@ MANAGED = dict(jobs.MANAGED_BY)
 RESERVATION_S = 60.0
 # vLLM calls from the operator: fail fast, the loop retries on its own schedule.
 VLLM_RETRY = RetryPolicy(attempts=2, initial_delay=0.2, max_delay=1.0)
+FINALIZER = f"{GROUP}/finalizer"
 # Lines of the train pod's log read for progress: one JSON line per step, plus whatever stderr interleaves.
 PROGRESS_TAIL_LINES = 50
 
@@ -61,6 +64,8 @@ class State:
     published: dict[str, DoppelUserStatus] = field(default_factory=dict)
     # uid -> the generation a scheduled retrain was requested from (asked once, not at every resync).
     retrain_requested: dict[str, int] = field(default_factory=dict)
+    # uid -> API refusals in a row (403, 422...): the backoff before asking again.
+    refusals: dict[str, int] = field(default_factory=dict)
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -102,7 +107,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.INFO
     if _config(memo).namespaces:
         # Fixed namespaces: no need to scan namespaces and CRDs cluster-wide (nor the permission to).
@@ -122,9 +127,24 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.cleanup()
-async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+async def cleanup(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     if api := _state(memo).api:
+        await _leave_terminating_namespaces(api, _config(memo), logger)
         await api.aclose()
+
+
+async def _leave_terminating_namespaces(api: KubeApi, config: OperatorConfig, logger: logging.Logger) -> None:
+    """The operator is stopping because its namespace is being deleted (the chart puts it beside its
+    DoppelUsers): nobody would remove their finalizers after it, and the namespace would hang
+    Terminating forever. Release them; the files go with the namespace's volume claim."""
+    for namespace in config.namespaces:
+        try:
+            if await api.namespace_terminating(namespace):
+                released = await api.release_finalizer(namespace, FINALIZER)
+                if released:
+                    logger.warning(f"namespace {namespace} is being deleted: released {', '.join(released)}")
+        except (httpx.HTTPError, ApiRefused) as exc:
+            logger.warning(f"checking namespace {namespace} on the way out: {exc}")
 
 
 # --- indexes: kopf keeps them current from its watches --------------------------------------------------
@@ -354,9 +374,19 @@ async def _step(
         secret_problem=secret_problem,
     )
     plan = reconcile(observed, config)
-    for manifest in plan.create:
-        if await api.create_job(manifest):
-            logger.info(f"created Job {manifest['metadata']['name']}")
+    problem = await _carry_out(api, namespace, plan, logger)
+    if problem is not None:
+        step, job_name, exc = problem
+        logger.warning(f"the API server refused Job {job_name}: {exc}")
+        if step in ("scrape", "train"):
+            # The pipeline cannot go on without it: say so in the status, ask again after a backoff. (A
+            # refused cleanup or prune Job must not hold up registration: it is asked for again later.)
+            _state(memo).reserved.pop(uid, None)  # no train Job started: give the slot back
+            refusals = _state(memo).refusals[uid] = _state(memo).refusals.get(uid, 0) + 1
+            new = refused(plan.status, step, job_name, exc.code, exc.message, now)
+            await _publish(_state(memo), body, current, new)
+            return backoff(config, refusals)
+    _state(memo).refusals.pop(uid, None)
     new, delay = plan.status, plan.requeue_after
     if plan.progress_from is not None:
         new = record_progress(new, await _read_progress(api, namespace, *plan.progress_from, logger), now)
@@ -391,6 +421,30 @@ async def _step(
         await api.patch_spec(namespace, name, {"retrainRequestedAt": now.isoformat().replace("+00:00", "Z")})
         requested[uid] = owner.generation
     return delay
+
+
+async def _carry_out(
+    api: KubeApi, namespace: str, plan: Plan, logger: logging.Logger | Any
+) -> tuple[str, str, ApiRefused] | None:
+    """Stop, delete and create the plan's Jobs; (step, Job, refusal) when the API server says no."""
+    name = ""
+    try:
+        for name, why in plan.abandon.items():
+            await api.stop_job(namespace, name, why)
+            logger.warning(f"gave up on Job {name}: {why}")
+        for name in plan.delete:
+            await api.delete_job(namespace, name)
+            logger.info(f"deleted Job {name}: a newer generation replaces it")
+        for manifest in plan.create:
+            name = manifest["metadata"]["name"]
+            if await api.create_job(manifest):
+                logger.info(f"created Job {name}")
+    except ApiRefused as exc:
+        step = next(
+            (m["metadata"]["labels"][jobs.L_STEP] for m in plan.create if m["metadata"]["name"] == name), ""
+        )
+        return step, name, exc
+    return None
 
 
 async def _read_progress(
@@ -485,9 +539,11 @@ async def finalize(
     doppel_jobs: kopf.Index,
     job_pods: kopf.Index,
     ready_pods: kopf.Index,
+    retry: int,
     **_: Any,
 ) -> None:
-    """Unload the adapter from every pod, then remove its files with a cleanup Job unless kept."""
+    """Unload the adapter from every pod, stop its Jobs, then remove its files with a cleanup Job unless
+    kept."""
     config, api = _config(memo), _api(memo)
     status = DoppelUserStatus.model_validate(body.get("status") or {})
     try:
@@ -498,19 +554,48 @@ async def finalize(
     for adapter in (status.adapter, status.pending_adapter):
         if adapter is not None:
             await _unload(adapter, vllm, logger)
+    # Stop the object's Jobs first: they hold GPUs and slots, and a running one would write into the
+    # directory the purge removes.
+    running = [j for j in doppel_jobs.get(uid, []) if j["metadata"]["labels"].get(jobs.L_STEP) != "purge"]
+    for job in running:
+        if not job["metadata"].get("deletionTimestamp"):
+            await api.delete_job(namespace, job["metadata"]["name"])
     if spec.retention.on_deletion == "Keep":
         return
+    pods_left = [
+        pod
+        for key in job_pods
+        for pod in job_pods[key]
+        if pod["metadata"]["labels"].get(jobs.L_UID) == uid
+        and pod["metadata"]["labels"].get(jobs.L_STEP) != "purge"
+    ]
+    if running or pods_left:
+        raise kopf.TemporaryError("waiting for the scrape and train Jobs to go", delay=1)
     owner = jobs.Owner(namespace, name, uid, int(body.get("metadata", {}).get("generation") or 1))
-    command = jobs.cleanup_command(config, [jobs.user_dir(config, namespace, name)])
+    where = jobs.user_dir(config, namespace, name)
+    command = jobs.cleanup_command(config, [where])
     manifest = jobs.job_manifest(owner, "purge", 1, command, spec, config)
     job_name = manifest["metadata"]["name"]
     job = next((j for j in doppel_jobs.get(uid, []) if j["metadata"]["name"] == job_name), None)
     if job is None:
-        await api.create_job(manifest)
+        try:
+            await api.create_job(manifest)
+        except ApiRefused as exc:
+            if exc.namespace_terminating:
+                # Nothing can start in a namespace being deleted; hanging would keep it Terminating.
+                message = (
+                    f"{where} not removed: the namespace is being deleted, so no cleanup Job can start "
+                    f"({exc.message}); the files go with the volume claim, or stay on a retained volume"
+                )
+                logger.warning(message)
+                kopf.warn(body, reason="CleanupSkipped", message=message[:1000])
+                return
+            message = f"the API server refused cleanup Job {job_name} ({exc.code}): {exc.message}"
+            kopf.warn(body, reason="CleanupRefused", message=message[:1000])
+            raise kopf.TemporaryError(message, delay=backoff(config, retry + 1)) from exc
         raise kopf.TemporaryError("waiting for the cleanup Job", delay=1)
     result = jobs.outcome(job, list(job_pods.get(job_name, [])))
     if result.state == "running":
         raise kopf.TemporaryError("waiting for the cleanup Job", delay=1)
     if result.state == "failed":
-        where = jobs.user_dir(config, namespace, name)
         kopf.warn(body, reason="CleanupFailed", message=f"{where} not removed: {result.reason}")

@@ -11,12 +11,13 @@ import hashlib
 import json
 import posixpath
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from doppel.api import GROUP, KIND, VERSION, DoppelUserSpec, with_train_defaults
 from doppel.operator.config import OperatorConfig
 
-Step = Literal["scrape", "train", "cleanup", "purge"]
+Step = Literal["scrape", "train", "cleanup", "purge", "prune"]
 TERMINATION_LOG = "/dev/termination-log"
 TOKEN_ENV = "SLACK_BOT_TOKEN"
 
@@ -26,6 +27,21 @@ L_UID = f"{GROUP}/uid"
 L_GENERATION = f"{GROUP}/generation"
 L_STEP = f"{GROUP}/step"
 L_ATTEMPT = f"{GROUP}/attempt"
+# Set on a Job the operator gave up on (its pod never started): the reason, read back by `outcome`.
+A_ABANDONED = f"{GROUP}/abandoned"
+GPU_ENV = "DOPPEL_REQUIRE_GPU"
+
+# Pod waiting reasons that need a person (a kubelet retries them forever on its own).
+DISRUPTED = "DisruptionTarget"
+STUCK_WAITING = frozenset(
+    {
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "InvalidImageName",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -147,11 +163,17 @@ def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) ->
     ]
     if t.max_steps is not None:
         command += ["--max-steps-per-epoch", str(t.max_steps)]
+    if config.lora_dir:
+        served = served_name(owner.namespace, owner.name, owner.generation)
+        command += ["--link", posixpath.join(config.lora_dir, served)]
     return command + list(config.train_args)
 
 
-def cleanup_command(config: OperatorConfig, paths: list[str]) -> list[str]:
-    return ["doppel", "cleanup", "--data-root", config.data_root, *paths]
+def cleanup_command(config: OperatorConfig, paths: list[str], partials_in: tuple[str, ...] = ()) -> list[str]:
+    partials = [arg for directory in partials_in for arg in ("--partials-in", directory)]
+    # Removing an adapter leaves its resolver name pointing nowhere: those links go too.
+    dangling = ["--dangling-in", config.lora_dir] if config.lora_dir else []
+    return ["doppel", "cleanup", "--data-root", config.data_root, *partials, *dangling, *paths]
 
 
 def job_manifest(
@@ -165,10 +187,21 @@ def job_manifest(
     """A one-pod Job running `command` in the worker image with the shared volume mounted.
 
     backoffLimit 0: retries are the operator's (with its own backoff and the bad-input rule)."""
+    if step == "train":  # the cluster's defaults for what the object leaves out (GPU, node, taints)
+        spec = with_train_defaults(spec, config.train_defaults)
     env: list[dict[str, Any]] = [{"name": "DOPPEL_RESULT_FILE", "value": TERMINATION_LOG}]
     if step == "scrape" and spec.slack.token_secret_ref and not spec.slack.export_path:
         ref = spec.slack.token_secret_ref
         env.append({"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if step == "train":
+        if config.hf_home:
+            env.append({"name": "HF_HOME", "value": config.hf_home})
+        if config.hf_token_secret:
+            ref = {"name": config.hf_token_secret, "key": "HF_TOKEN", "optional": True}
+            env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+        if spec.resources.gpu:
+            # A pod that asked for a GPU but sees none fails with that reason instead of training on CPU.
+            env.append({"name": GPU_ENV, "value": "1"})
     container: dict[str, Any] = {
         "name": step,
         "image": config.worker_image,
@@ -184,8 +217,11 @@ def job_manifest(
         pod_spec["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": config.data_claim}}]
     if config.service_account:
         pod_spec["serviceAccountName"] = config.service_account
+    if config.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in config.image_pull_secrets]
+    if config.fs_group is not None:
+        pod_spec["securityContext"] = {"fsGroup": config.fs_group, "fsGroupChangePolicy": "OnRootMismatch"}
     if step == "train":
-        spec = with_train_defaults(spec, config.train_defaults)
         resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
         if spec.resources.gpu:
             resources["limits"]["nvidia.com/gpu"] = str(spec.resources.gpu)
@@ -193,6 +229,8 @@ def job_manifest(
             if value := getattr(spec.resources, key):
                 resources["requests"][key] = value
         container["resources"] = {k: v for k, v in resources.items() if v}
+        if spec.resources.gpu and config.gpu_runtime_class:
+            pod_spec["runtimeClassName"] = config.gpu_runtime_class
         if spec.node_selector:
             pod_spec["nodeSelector"] = dict(spec.node_selector)
         if spec.tolerations:
@@ -211,6 +249,10 @@ def job_manifest(
         },
         "spec": {
             "backoffLimit": 0,
+            # A hung Job fails (DeadlineExceeded) instead of holding its slot, and its GPU, forever.
+            "activeDeadlineSeconds": config.deadlines_s.get(step, 3600),
+            # A disruption (preemption, node drain) is no failure of the step: the Job starts a new pod.
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": DISRUPTED}]}]},
             "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
         },
     }
@@ -221,41 +263,116 @@ class Outcome:
     state: Literal["running", "succeeded", "failed"]
     result: dict[str, Any]  # the termination-message JSON (empty when there is none)
     reason: str = ""
+    # Why Kubernetes ended it, when that is not the code's doing: OOMKilled, DeadlineExceeded, or the
+    # reason its pod never started (Unschedulable, ImagePullBackOff...). Empty otherwise.
+    code: str = ""
 
     @property
     def bad_input(self) -> bool:
         return self.state == "failed" and self.result.get("kind") == "bad_input"
 
 
-def _terminated(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    for pod in pods:
+@dataclass(frozen=True)
+class Stuck:
+    """A Job pod that cannot start by itself: the kubelet's or the scheduler's reason and message."""
+
+    pod: str
+    reason: str
+    message: str
+    since: datetime | None  # the pod's creation
+
+
+def _disrupted(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == DISRUPTED and c.get("status") == "True" for c in conditions)
+
+
+def counted(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods that speak for a Job: a disrupted one was replaced (podFailurePolicy Ignore)."""
+    return [pod for pod in pods if not _disrupted(pod)]
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def stuck(pods: list[dict[str, Any]]) -> Stuck | None:
+    """A Pending pod that waits for something only a person can fix, or None."""
+    for pod in counted(pods):
+        status = pod.get("status") or {}
+        if status.get("phase") not in (None, "", "Pending"):
+            continue
+        name = pod.get("metadata", {}).get("name", "")
+        since = _timestamp(pod.get("metadata", {}).get("creationTimestamp"))
+        containers = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+        for container in containers:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING:
+                return Stuck(name, waiting["reason"], str(waiting.get("message") or ""), since)
+        for cond in status.get("conditions") or []:
+            unscheduled = cond.get("type") == "PodScheduled" and cond.get("status") == "False"
+            if unscheduled and cond.get("reason") == "Unschedulable":
+                return Stuck(name, "Unschedulable", str(cond.get("message") or ""), since)
+    return None
+
+
+def _terminated(pods: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(pod, terminated state) of the Job's finished container."""
+    for pod in counted(pods):
         for status in pod.get("status", {}).get("containerStatuses") or []:
             if terminated := (status.get("state") or {}).get("terminated"):
-                return terminated
+                return pod, terminated
     return None
+
+
+def _memory_hint(pod: dict[str, Any]) -> str:
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    resources = containers[0].get("resources") or {}
+    limit = (resources.get("limits") or {}).get("memory")
+    request = (resources.get("requests") or {}).get("memory")
+    has = f"limit {limit}" if limit else f"request {request}, no limit" if request else "no memory request"
+    return (
+        f"OOMKilled: the container ran out of memory ({has}); raise spec.resources.memory "
+        "or lower spec.training.batchSize"
+    )
 
 
 def outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     """What a Job came to, from its status and its pod's termination message."""
     status = job.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    abandoned = (job.get("metadata", {}).get("annotations") or {}).get(A_ABANDONED)
     if status.get("succeeded") or "Complete" in conditions:
         state: Literal["running", "succeeded", "failed"] = "succeeded"
+    elif abandoned:
+        code = abandoned.split(":", 1)[0]
+        return Outcome("failed", {}, abandoned, code)
     elif status.get("failed") or "Failed" in conditions:
         state = "failed"
     else:
         return Outcome("running", {})
-    terminated = _terminated(pods) or {}
+    pod, terminated = _terminated(pods) or ({}, {})
     try:
         result = json.loads(terminated.get("message") or "{}")
     except json.JSONDecodeError:
         result = {}
     if not isinstance(result, dict):
         result = {}
+    failed = conditions.get("Failed") or {}
+    if state == "failed" and terminated.get("reason") == "OOMKilled":
+        return Outcome(state, result, _memory_hint(pod), "OOMKilled")
+    if state == "failed" and failed.get("reason") == "DeadlineExceeded" and not result:
+        limit = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        return Outcome(state, result, f"DeadlineExceeded: still running after {limit}s", "DeadlineExceeded")
     reason = str(
         result.get("reason")
         or terminated.get("reason")
-        or (conditions.get("Failed") or {}).get("message")
+        or failed.get("message")
         or ("exit code " + str(terminated["exitCode"]) if "exitCode" in terminated else "")
     )
     return Outcome(state, result, reason)

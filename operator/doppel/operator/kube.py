@@ -16,6 +16,7 @@ import httpx
 import kopf
 
 from doppel.api import GROUP, PLURAL, VERSION
+from doppel.operator.jobs import A_ABANDONED
 
 
 def _pem(value: str | bytes) -> bytes:
@@ -43,6 +44,38 @@ def _tls(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     elif cert:
         context.load_cert_chain(str(cert), str(key) if key else None)
     return context
+
+
+class ApiRefused(Exception):
+    """The API server refused a request (quota or RBAC 403, validation 422...): its own words."""
+
+    def __init__(self, code: int, reason: str, message: str, causes: list[str]) -> None:
+        super().__init__(f"{code} {reason}: {message}")
+        self.code, self.reason, self.message, self.causes = code, reason, message, causes
+
+    @property
+    def namespace_terminating(self) -> bool:
+        return "NamespaceTerminating" in self.causes or "being terminated" in self.message
+
+
+def _refused(response: httpx.Response) -> ApiRefused:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    causes = [str(c.get("type", "")) for c in (body.get("details") or {}).get("causes") or []]
+    reason = str(body.get("reason") or response.reason_phrase)
+    return ApiRefused(response.status_code, reason, str(body.get("message") or response.text[:500]), causes)
+
+
+def _check(response: httpx.Response) -> None:
+    """4xx answers are refusals to report (retrying the same request gets the same answer); 5xx raise as
+    usual and the loop retries them."""
+    if 400 <= response.status_code < 500:
+        raise _refused(response)
+    response.raise_for_status()
 
 
 class KubeApi:
@@ -83,8 +116,30 @@ class KubeApi:
         response = await self._http.post(f"/apis/batch/v1/namespaces/{namespace}/jobs", json=manifest)
         if response.status_code == 409:
             return False
-        response.raise_for_status()
+        _check(response)
         return True
+
+    async def stop_job(self, namespace: str, name: str, reason: str) -> None:
+        """Give a Job up: suspended (the Job controller deletes its pod, freeing what it requested) and
+        annotated with why, so the Job stays as the record of a failed attempt."""
+        patch = {"metadata": {"annotations": {A_ABANDONED: reason[:1000]}}, "spec": {"suspend": True}}
+        response = await self._http.patch(
+            f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+            content=json.dumps(patch),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        if response.status_code != 404:
+            _check(response)
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and, in the background, its pods; gone already is fine."""
+        response = await self._http.request(
+            "DELETE",
+            f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+            json={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+        )
+        if response.status_code != 404:
+            _check(response)
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (nulls remove fields)."""
@@ -94,6 +149,38 @@ class KubeApi:
             headers={"Content-Type": "application/merge-patch+json"},
         )
         response.raise_for_status()
+
+    async def namespace_terminating(self, namespace: str) -> bool:
+        """True while the namespace is being deleted (or is gone)."""
+        response = await self._http.get(f"/api/v1/namespaces/{namespace}")
+        if response.status_code == 404:
+            return True
+        _check(response)
+        body = response.json()
+        return bool(body.get("metadata", {}).get("deletionTimestamp")) or (
+            (body.get("status") or {}).get("phase") == "Terminating"
+        )
+
+    async def release_finalizer(self, namespace: str, finalizer: str) -> list[str]:
+        """Remove `finalizer` from every DoppelUser in the namespace; the names it was removed from."""
+        response = await self._http.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}")
+        _check(response)
+        released = []
+        for item in response.json().get("items") or []:
+            meta = item.get("metadata") or {}
+            finalizers = list(meta.get("finalizers") or [])
+            if finalizer not in finalizers:
+                continue
+            patch = {"metadata": {"finalizers": [f for f in finalizers if f != finalizer]}}
+            done = await self._http.patch(
+                f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{meta['name']}",
+                content=json.dumps(patch),
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            if done.status_code != 404:
+                _check(done)
+                released.append(str(meta["name"]))
+        return released
 
     async def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
         """Merge-patch the spec (a new generation: the API server bumps metadata.generation)."""

@@ -8,6 +8,7 @@ glue in handlers.py feeds the observations in and carries the plan out.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -40,6 +41,17 @@ class Plan:
     requeue_after: float | None = None  # look again this soon even if nothing changes
     # (pod, container) of the running train Job: read its log for progress (see `record_progress`).
     progress_from: tuple[str, str] | None = None
+    # Jobs given up on (their pod cannot start): Job name -> why. Stopped and marked, kept as the record.
+    abandon: dict[str, str] = field(default_factory=dict)
+    # Jobs of an earlier generation still running: deleted, so they stop holding a GPU or a slot.
+    delete: list[str] = field(default_factory=list)
+
+
+# Reasons that say a person has to act: posted as Warning Events.
+WARNING_REASONS = frozenset(
+    {"SecretMissing", "Retrying", "Unschedulable", "OOMKilled", "Forbidden", "Invalid", "Rejected"}
+    | jobs.STUCK_WAITING
+)
 
 
 def set_condition(
@@ -117,10 +129,12 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         status = _new_generation(status, owner.generation, now)
     plan = Plan(status)
     status.reason = status.message = None
+    plan.delete = _superseded(observed)
 
     if status.adapter and status.adapter.version == owner.generation and status.pending_adapter is None:
         status.phase = "Ready"
         plan.requeue_after = config.resync_s
+        _prune(observed, config, plan, status.adapter.version)
         return plan
     if status.pending_adapter and status.pending_adapter.version == owner.generation:
         status.phase = "Registering"
@@ -128,6 +142,15 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         return plan
     if spec.suspend:
         status.reason, status.message = "Suspended", "spec.suspend is set: no new Jobs start"
+        return plan
+    if config.max_lora_rank is not None and spec.training.rank > config.max_lora_rank:
+        # vLLM would refuse the adapter hours later; say so before anything runs.
+        status.phase, status.reason = "Failed", "RankTooHigh"
+        status.message = (
+            f"spec.training.rank {spec.training.rank} is above vLLM's --max-lora-rank {config.max_lora_rank}"
+            " (chart value vllm.maxLoraRank): lower the rank or raise the limit"
+        )
+        set_condition(status, "Trained", False, "RankTooHigh", status.message, now)
         return plan
 
     train = _latest(observed, "train")
@@ -146,6 +169,8 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     if result.state == "running":
         status.phase = "Scraping"
         set_condition(status, "Scraped", False, "Running", f"Job {job['metadata']['name']} running", now)
+        result = _stuck(observed, config, plan, "scrape", job) or result
+    if result.state == "running":
         return plan
     if result.state == "failed":
         return _failed(observed, config, plan, "scrape", attempt, result)
@@ -213,6 +238,8 @@ def _after_train(
         set_condition(status, "Trained", False, "Running", f"Job {job['metadata']['name']} running", now)
         plan.progress_from = _train_pod(observed, job)
         plan.requeue_after = config.progress_s
+        result = _stuck(observed, config, plan, "train", job) or result
+    if result.state == "running":
         return plan
     if result.state == "failed":
         return _failed(observed, config, plan, "train", attempt, result)
@@ -234,13 +261,78 @@ def _after_train(
     return plan
 
 
+def _superseded(observed: Observed) -> list[str]:
+    """Scrape and train Jobs of an earlier generation that still run: the spec changed under them."""
+    return [
+        job["metadata"]["name"]
+        for job in observed.jobs
+        if (job["metadata"].get("labels") or {}).get(jobs.L_STEP) in ("scrape", "train")
+        and (job["metadata"].get("labels") or {}).get(jobs.L_GENERATION) != str(observed.owner.generation)
+        and not job["metadata"].get("deletionTimestamp")
+        and _outcome(observed, job).state == "running"
+    ]
+
+
+def _stuck(
+    observed: Observed, config: OperatorConfig, plan: Plan, step: Step, job: dict[str, Any]
+) -> Outcome | None:
+    """A running Job whose pod cannot start: say why in the step's condition; once it has waited
+    `pending_timeout_s`, give the Job up (a failed attempt, which frees its slot)."""
+    name = job["metadata"]["name"]
+    found = jobs.stuck(observed.pods.get(name, []))
+    if found is None:
+        return None
+    status, now = plan.status, observed.now
+    waited = (now - found.since).total_seconds() if found.since else 0.0
+    why = f"{found.reason}: {found.message}" if found.message else found.reason
+    if waited >= config.pending_timeout_s:
+        why += f" (pod {found.pod} Pending for {int(waited)}s, the limit is {int(config.pending_timeout_s)}s)"
+        plan.abandon[name] = why
+        return Outcome("failed", {}, why, found.reason)
+    status.reason = found.reason
+    status.message = f"Job {name} cannot start: {why}"
+    set_condition(
+        status, "Scraped" if step == "scrape" else "Trained", False, found.reason, status.message, now
+    )
+    left = config.pending_timeout_s - waited
+    plan.requeue_after = min(plan.requeue_after or left, left)
+    return None
+
+
+def _prune(observed: Observed, config: OperatorConfig, plan: Plan, served: int) -> None:
+    """Once a version serves, remove adapter versions more than `keep_adapters` below it (and what killed
+    runs of those generations left behind), with one cleanup Job per generation."""
+    owner = observed.owner
+    if any(
+        (job["metadata"].get("labels") or {}).get(jobs.L_STEP) == "prune"
+        and (job["metadata"].get("labels") or {}).get(jobs.L_GENERATION) == str(owner.generation)
+        for job in observed.jobs
+    ):
+        return
+    oldest = served - config.keep_adapters  # versions from here up are kept
+    paths = [
+        jobs.adapter_dir(config, owner.namespace, owner.name, version)
+        for version in range(max(1, oldest - PRUNE_MAX), oldest)
+    ]
+    # Killed runs leave temporary directories (fsutil.atomic_directory); none of this object's Jobs runs now.
+    home = jobs.user_dir(config, owner.namespace, owner.name)
+    partials_in = (home, posixpath.join(home, "adapters"))
+    if paths or observed.owner.generation > 1:
+        command = jobs.cleanup_command(config, paths, partials_in)
+        plan.create.append(jobs.job_manifest(owner, "prune", 1, command, observed.spec, config))
+
+
+# Versions one prune Job looks at: the ones below were pruned by earlier generations' Jobs.
+PRUNE_MAX = 200
+
+
 def _train_pod(observed: Observed, job: dict[str, Any]) -> tuple[str, str] | None:
     """(pod, container) whose log shows the running train Job's progress: its newest started pod."""
     containers = job.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or [{}]
     container = containers[0].get("name", "train")
     started = [
         pod
-        for pod in observed.pods.get(job["metadata"]["name"], [])
+        for pod in jobs.counted(observed.pods.get(job["metadata"]["name"], []))
         if (pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")
     ]
     if not started:
@@ -343,6 +435,19 @@ def observe_serving(
     return status
 
 
+def refused(
+    status: DoppelUserStatus, step: str, job: str, code: int, why: str, now: datetime
+) -> DoppelUserStatus:
+    """The API server refused to create or change a Job: say so with its words (retried with backoff)."""
+    new = status.model_copy(deep=True)
+    reason = {403: "Forbidden", 422: "Invalid"}.get(code, "Rejected")
+    new.reason, new.message = reason, f"the API server refused Job {job} ({code}): {why}"
+    if step in ("scrape", "train"):
+        new.phase = "Pending"
+        set_condition(new, "Scraped" if step == "scrape" else "Trained", False, reason, new.message, now)
+    return new
+
+
 def queue_admits(me: str, queued: Iterable[tuple[datetime, str]], running: int, limit: int) -> bool:
     """FIFO admission to training: `me` may start if it is among the first (limit - running) waiting.
 
@@ -358,7 +463,7 @@ def transitions(old: DoppelUserStatus, new: DoppelUserStatus) -> list[tuple[str,
     """Kubernetes Events (type, reason, message) for what changed between two statuses."""
     events: list[tuple[str, str, str]] = []
     if old.phase != new.phase or old.reason != new.reason:
-        kind = "Warning" if new.phase == "Failed" or new.reason in ("SecretMissing", "Retrying") else "Normal"
+        kind = "Warning" if new.phase == "Failed" or new.reason in WARNING_REASONS else "Normal"
         message = f"phase {old.phase} -> {new.phase}" + (f": {new.message}" if new.message else "")
         events.append((kind, new.reason or new.phase, message))
     before = {c.type: (c.status, c.reason) for c in old.conditions}

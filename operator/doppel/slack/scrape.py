@@ -191,7 +191,7 @@ class _Scraper:
         await self.session.close()
 
     async def call(self, method: str, **kwargs: Any) -> dict[str, Any]:
-        """One API call in its turn; Slack's failures become BadInput with the reason."""
+        """One API call in its turn; failures become BadInput or SlackUnavailable, with the reason."""
         await self.schedule.wait_turn(method)
         try:
             response = await getattr(self.client, method.replace(".", "_"))(**kwargs)
@@ -200,7 +200,7 @@ class _Scraper:
                 raise _ThreadGone from None
             raise _explain(method, kwargs, exc, self.settings) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BadInput(
+            raise SlackUnavailable(
                 f"cannot reach Slack at {self.settings.base_url} ({type(exc).__name__}: {exc})"
             ) from None
         return dict(response.data)  # type: ignore[arg-type]
@@ -365,7 +365,14 @@ def recorded_threads(threads: Mapping[str, str], cutoff: float) -> dict[str, str
     return dict(sorted(kept, key=lambda item: ts_key(item[0])))
 
 
-def _explain(method: str, kwargs: Mapping[str, Any], exc: SlackApiError, settings: ApiSettings) -> BadInput:
+class SlackUnavailable(Exception):
+    """Slack cannot be reached or keeps failing after the retries: transient, not the input's fault (the
+    operator tries again later; bad input would fail at once)."""
+
+
+def _explain(
+    method: str, kwargs: Mapping[str, Any], exc: SlackApiError, settings: ApiSettings
+) -> BadInput | SlackUnavailable:
     """A one-line reason for a failed call."""
     status = exc.response.status_code
     error = exc.response.get("error") if isinstance(exc.response.data, dict) else None
@@ -378,9 +385,11 @@ def _explain(method: str, kwargs: Mapping[str, Any], exc: SlackApiError, setting
     if error == "channel_not_found":
         return BadInput(f"channel {kwargs.get('channel')} vanished during the scrape (channel_not_found)")
     if status == 429:
-        return BadInput(f"Slack kept rate-limiting {method} after {settings.max_retries} retries; try later")
+        return SlackUnavailable(
+            f"Slack kept rate-limiting {method} after {settings.max_retries} retries; try later"
+        )
     if status >= 500:
-        return BadInput(
+        return SlackUnavailable(
             f"Slack kept failing (HTTP {status} on {method}) after {settings.max_retries} retries; try later"
         )
     return BadInput(f"Slack refused {method}{where}: {error or f'HTTP {status}'}")

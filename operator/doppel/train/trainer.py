@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
 import sys
@@ -29,6 +30,9 @@ from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
 from doppel.train import data
 from doppel.train.report import Metrics, perplexity
+
+# Set by the operator on train pods that requested a GPU.
+REQUIRE_GPU_ENV = "DOPPEL_REQUIRE_GPU"
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WARMUP_FRACTION = 0.05
@@ -87,6 +91,12 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         )
     split = data.split_by_thread(encoded, config.eval_fraction, config.seed)
 
+    if os.environ.get(REQUIRE_GPU_ENV) == "1" and not torch.cuda.is_available():
+        # A pod given a GPU that sees none would train for hours in float32 on the CPU instead.
+        raise RuntimeError(
+            f"this pod asked for a GPU but sees no CUDA device (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda}): check the node's NVIDIA driver and device plugin, and runtimeClassName"
+        )
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
     try:
@@ -129,7 +139,7 @@ def _load_tokenizer(base_model: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
     except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot load base model {base_model!r}: {_first_line(exc)}") from None
+        raise _load_failure(base_model, exc) from None
     if not tokenizer.chat_template:
         raise BadInput(f"base model {base_model!r} has no chat template")
     return tokenizer
@@ -140,6 +150,16 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _load_failure(base_model: str, exc: BaseException) -> BadInput:
+    reason = _first_line(exc)
+    if "gated" in reason.lower() or "401" in reason:
+        # Only a token with access to the model helps; retrying cannot.
+        reason += (
+            "; give the train Jobs a Hugging Face token with access (HF_TOKEN; chart: model.hfTokenSecret)"
+        )
+    return BadInput(f"cannot load base model {base_model!r}: {reason}")
+
+
 def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
     on_gpu = device.type == "cuda"
     try:
@@ -147,7 +167,7 @@ def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
             config.base_model, dtype=torch.bfloat16 if on_gpu else torch.float32
         )
     except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot load base model {config.base_model!r}: {_first_line(exc)}") from None
+        raise _load_failure(config.base_model, exc) from None
     model.config.use_cache = False  # training never reuses a KV cache
     model.to(device)
     if on_gpu:
@@ -339,3 +359,19 @@ def _peak_memory(device: torch.device) -> int:
 def config_dict(config: TrainConfig) -> dict[str, Any]:
     """The config as JSON-able values, for metrics.json."""
     return json.loads(json.dumps(asdict(config), default=str))
+
+
+def resolver_entry(adapter: Path, entry: Path, base_model: str) -> Path:
+    """Make `entry` a directory vLLM's filesystem LoRA resolver accepts for `adapter`: its files linked,
+    and its adapter_config.json naming the base model as vLLM's `--model` argument (`base_model`), which
+    is what the resolver compares with (not the served name)."""
+    adapter = Path(adapter).resolve()
+    with atomic_directory(Path(entry), replace=True) as tmp:
+        for item in adapter.iterdir():
+            if item.name == "adapter_config.json":
+                config = json.loads(item.read_text(encoding="utf-8"))
+                config["base_model_name_or_path"] = base_model
+                (tmp / item.name).write_text(json.dumps(config, indent=2), encoding="utf-8")
+            else:
+                (tmp / item.name).symlink_to(item)
+    return Path(entry)
