@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.vllm_fixtures",
     "tests.support.kube_fixtures",
     "tests.support.bot_fixtures",
+    "tests.support.postgres_fixtures",
 ]

@@ -20,6 +20,8 @@ KIND = "DoppelUser"
 PLURAL = "doppelusers"
 SINGULAR = "doppeluser"
 SHORT_NAME = "doppel"
+# The Slack workspace an object belongs to (DoppelUsers, bot token Secrets): workspaces share namespaces.
+LABEL_TEAM = f"{GROUP}/slack-team"
 
 Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
 ConditionType = Literal["Scraped", "Trained", "Registered", "Ready"]

@@ -26,11 +26,13 @@ from tests.support.bot_fixtures import (
     TEAM_ID,
     SocketModeSlack,
     action_form,
+    as_team,
     bot_config,
     command_form,
     doppel_body,
     kube_for,
     mention_payload,
+    name_of,
     say,
 )
 from tests.support.slack_fixtures import ACME_TOKEN
@@ -63,7 +65,7 @@ async def test_forged_and_stale_signatures_are_refused_without_side_effects(
     assert [forged.status_code, stale.status_code, tampered.status_code, train.status_code] == [401] * 4
     await asyncio.sleep(0.5)
     assert slack_emulator.posted(CHANNEL) == []
-    assert await kube.get_doppel(NAMESPACE, "bob") is None
+    assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is None
     # Nothing claimed either: the same event, signed properly, is still answered.
     assert (await bot.event(payload)).status_code == 200
     posts = await bot.wait_posts(CHANNEL, 1)
@@ -78,7 +80,7 @@ async def test_train_self_creates_doppel_and_forget_removes_it(bot_harness, bot_
     response = await bot.form(command_form("train <@U02BOB|bob>", user="U02BOB"))
     assert response.status_code == 200 and time.monotonic() - started < 3
     assert "Training a doppel of bob" in response.text
-    created = await kube.get_doppel(NAMESPACE, "bob")
+    created = await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("bob"))
     assert created is not None
     assert created["spec"]["target"] == {"userId": "U02BOB", "handle": "bob"}
     assert created["spec"]["slack"]["teamId"] == "T0ACME001"
@@ -90,10 +92,12 @@ async def test_train_self_creates_doppel_and_forget_removes_it(bot_harness, bot_
     assert "already has a doppel" in again.text
 
     refused = await bot.form(command_form("forget <@U02BOB|bob>", user="U03CAROL"))
-    assert "Only bob" in refused.text and await kube.get_doppel(NAMESPACE, "bob") is not None
+    assert (
+        "Only bob" in refused.text and await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is not None
+    )
     forgot = await bot.form(command_form("forget <@U02BOB|bob>", user="U02BOB"))
     assert "Forgot bob's doppel" in forgot.text
-    assert await kube.get_doppel(NAMESPACE, "bob") is None
+    assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is None
 
 
 async def test_status_switch_help_and_bad_commands(bot_harness, bot_kube):
@@ -124,7 +128,7 @@ async def test_status_switch_help_and_bad_commands(bot_harness, bot_kube):
         response = await bot.form(command_form(text, user="U02BOB"))
         assert response.status_code == 200
         assert expected in response.text, (text, response.text)
-    assert [d["metadata"]["name"] for d in await kube.list_doppels(NAMESPACE)] == ["alice"]
+    assert [d["metadata"]["name"] for d in await kube.list_doppels(NAMESPACE, TEAM_ID)] == [name_of("alice")]
 
 
 async def test_consent_flow_and_workspace_limit(bot_harness, bot_kube, slack_emulator):
@@ -143,7 +147,7 @@ async def test_consent_flow_and_workspace_limit(bot_harness, bot_kube, slack_emu
     asked = await bot.form(command_form("train <@U01ALICE|alice>", user="U02BOB", channel="D0BOBANDAL"))
     assert asked.status_code == 200
     assert "Asked <@U01ALICE> for their approval" in asked.text
-    assert await kube.get_doppel(NAMESPACE, "alice") is None
+    assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("alice")) is None
     # The request reaches Alice privately (conversations.open), never a channel.
     request = (await dms("U01ALICE", 1))[-1]
     buttons = request["blocks"][1]["elements"]
@@ -154,12 +158,17 @@ async def test_consent_flow_and_workspace_limit(bot_harness, bot_kube, slack_emu
     assert (
         await bot.form(action_form("doppel_consent_approve", approve_value, user="U02BOB"))
     ).status_code == 200
-    assert "Only <@U01ALICE> can answer this" in (await dms("U02BOB", 1))[-1]["text"]
-    assert await kube.get_doppel(NAMESPACE, "alice") is None
+    for _ in range(100):  # told privately (ephemeral, where he clicked): the channel sees nothing
+        if slack_emulator.ephemeral_posts(CHANNEL):
+            break
+        await asyncio.sleep(0.05)
+    [refusal] = slack_emulator.ephemeral_posts(CHANNEL)
+    assert refusal["user"] == "U02BOB" and "Only <@U01ALICE> can answer this" in refusal["text"]
+    assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("alice")) is None
 
     await bot.form(action_form("doppel_consent_approve", approve_value, user="U01ALICE"))
-    assert "<@U01ALICE> approved" in (await dms("U02BOB", 2))[-1]["text"]
-    created = await kube.get_doppel(NAMESPACE, "alice")
+    assert "<@U01ALICE> approved" in (await dms("U02BOB", 1))[-1]["text"]
+    created = await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("alice"))
     assert created is not None and created["metadata"]["annotations"]["doppel.dev/requested-by"] == "U02BOB"
 
     # Carol declines: nothing is created and Bob is told.
@@ -167,8 +176,8 @@ async def test_consent_flow_and_workspace_limit(bot_harness, bot_kube, slack_emu
     carol_request = (await dms("U03CAROL", 1))[-1]
     decline_value = carol_request["blocks"][1]["elements"][1]["value"]
     await bot.form(action_form("doppel_consent_decline", decline_value, user="U03CAROL"))
-    assert "<@U03CAROL> declined" in (await dms("U02BOB", 3))[-1]["text"]
-    assert await kube.get_doppel(NAMESPACE, "carol") is None
+    assert "<@U03CAROL> declined" in (await dms("U02BOB", 2))[-1]["text"]
+    assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("carol")) is None
     assert slack_emulator.posted(CHANNEL) == []  # nothing of this reached the channel
 
     # Someone who cannot be asked (a bot has no direct messages): a sentence, not an error.
@@ -180,14 +189,14 @@ async def test_consent_flow_and_workspace_limit(bot_harness, bot_kube, slack_emu
     await bot.form(command_form("train @bob", user="U02BOB"))
     refused = await bot.form(command_form("train @dave", user="U04DAVE"))
     assert "limit of 2 doppels" in refused.text
-    assert await kube.get_doppel(NAMESPACE, "dave") is None
+    assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("dave")) is None
 
 
 async def test_consent_can_be_switched_off(bot_harness, bot_kube):
     bot = await bot_harness(bot_config(require_consent=False))
     response = await bot.form(command_form("train <@U01ALICE|alice>", user="U02BOB"))
     assert "Training a doppel of alice" in response.text
-    assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, "alice") is not None
+    assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, TEAM_ID, name_of("alice")) is not None
 
 
 async def test_retries_of_one_event_are_answered_once_across_replicas_and_restarts(
@@ -217,7 +226,7 @@ async def test_retries_of_one_event_are_answered_once_across_replicas_and_restar
 async def test_a_workspace_reaches_only_its_own_doppels(
     bot_harness, bot_kube, slack_emulator, slack_workspace
 ):
-    other = dict(slack_workspace, team={"id": "T0OTHER01", "name": "Other", "domain": "other"})
+    other = as_team(slack_workspace, "T0OTHER01", "Other")
     other_team = slack_emulator.add_team(other, token="xoxb-other-0002-test", bot_user_id="U0DOPPEL")
     kube = kube_for(bot_kube[1])
     await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training"))
@@ -250,7 +259,7 @@ async def test_progress_messages_reach_the_requester_once(bot_harness, bot_kube,
     await bot.form(command_form("train @bob", user="U02BOB"))
     kmock = bot_kube[0]
     for count, (phase, extra) in enumerate([("Training", {"samples": 57}), ("Ready", {"samples": 57})], 1):
-        key = next(k for k in kmock.objects if k[2] == "bob" and "doppelusers" in str(k[0]))
+        key = next(k for k in kmock.objects if k[2] == name_of("bob") and "doppelusers" in str(k[0]))
         kmock.objects[key].patch({"status": {"phase": phase, **extra}})
         await asyncio.gather(notify_once(bot.bot), notify_once(other.bot))
         # In a direct message to whoever asked, not in the channel the command was typed in.
@@ -266,7 +275,7 @@ async def test_progress_messages_reach_the_requester_once(bot_harness, bot_kube,
     assert "scraped 57 samples, training started" in texts[0] and "is ready" in texts[1]
     # Told once: another pass (another replica, a restart) finds the phase already announced.
     assert await notify_once(bot.bot) == 0
-    assert (await kube.get_doppel(NAMESPACE, "bob"))["metadata"]["annotations"][
+    assert (await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("bob")))["metadata"]["annotations"][
         "doppel.dev/notified-phase"
     ] == "Ready"
     assert SIGNING_SECRET not in str(texts)
@@ -343,7 +352,7 @@ async def test_a_slow_command_is_acknowledged_in_time_and_answered_later(
                 break
             await asyncio.sleep(0.05)
         assert "Training a doppel of bob" in received[0]["text"]
-        assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, "bob") is not None
+        assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is not None
     finally:
         slack_emulator.latency = 0.0
         await runner.cleanup()
@@ -396,7 +405,7 @@ async def test_progress_is_noticed_through_the_watch_without_waiting_for_a_poll(
         "v1alpha1",
         NAMESPACE,
         "doppelusers",
-        "bob",
+        name_of("bob"),
         status,
     )
     for _ in range(200):

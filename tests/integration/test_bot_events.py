@@ -34,6 +34,7 @@ from tests.support.bot_fixtures import (
     doppel_body,
     kube_for,
     mention_payload,
+    name_of,
     say,
     sign,
 )
@@ -433,7 +434,7 @@ async def test_doppels_from_slack_are_scheduled_like_ones_applied_with_kubectl(
 ):
     bot = await bot_harness(bot_config(require_consent=False))
     assert "Training a doppel of bob" in (await bot.form(command_form("train @bob", user="U02BOB"))).text
-    from_slack = await kube_for(bot_kube[1]).get_doppel(NAMESPACE, "bob")
+    from_slack = await kube_for(bot_kube[1]).get_doppel(NAMESPACE, TEAM_ID, name_of("bob"))
     assert not {"resources", "nodeSelector", "tolerations"} & from_slack["spec"].keys()  # left to defaults
     applied = yaml.safe_load((ROOT / "charts/doppel/examples/doppeluser.yaml").read_text())
     own = {**applied["spec"], "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml"}]}

@@ -33,6 +33,7 @@ from tests.support.helm import (
     helm,
     parse_manifests,
     render_chart,
+    rendered_env,
     template_chart,
     tool,
 )
@@ -464,25 +465,6 @@ def test_missing_helm_skips_or_fails_when_required(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DOPPEL_REQUIRE_TOOLS", "1")
     with pytest.raises(pytest.fail.Exception, match="helm is required"):
         tool("helm")
-
-
-def rendered_env(manifests: list[dict[str, Any]], component: str) -> dict[str, str]:
-    """The environment the component's container starts with: its Secret's keys (envFrom), then its env,
-    with the pod's namespace filled in where a fieldRef asks for it."""
-    spec = container(find_manifest(manifests, "Deployment", component), component)
-    env: dict[str, str] = {}
-    for source in spec.get("envFrom", []):
-        secret = find_manifest(manifests, "Secret", source["secretRef"]["name"].rsplit("-", 1)[-1])
-        env.update(secret["stringData"])
-    for name, value in env_of(find_manifest(manifests, "Deployment", component), component).items():
-        if isinstance(value, dict) and "secretKeyRef" in value:
-            ref = value["secretKeyRef"]  # a Secret the user creates; stand in for its value
-            value = f"secret {ref['name']}/{ref['key']}"
-        elif isinstance(value, dict):
-            assert value == {"fieldRef": {"fieldPath": "metadata.namespace"}}, name
-            value = NAMESPACE
-        env[name] = value
-    return env
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,13 @@ No vLLM here: these paths stop before registration (or test the queue with Jobs 
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from tests.support.kube_fixtures import NAMESPACE, OperatorProcess, config_with
 from tests.support.slack_fixtures import ACME_TOKEN
 
+from doppel.api import LABEL_TEAM
 from doppel.operator import jobs
 
 
@@ -143,4 +145,31 @@ async def test_operator_killed_mid_training_resumes_without_a_second_job(
         assert steps == ["scrape", "train"]
     finally:
         kube.jobs.release("train")
+        await operator.stop()
+
+
+async def test_a_token_secret_of_another_workspace_is_not_used(kube, operator_config):
+    """Workspaces share the namespace: the token the bot stored for team A never scrapes team B."""
+    team = "T0ACME001"
+    operator = OperatorProcess(operator_config)
+    await operator.start()
+    try:
+        secret = {"token": base64.b64encode(ACME_TOKEN.encode()).decode()}
+        await kube.kubectl.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "slack-bot", "namespace": NAMESPACE, "labels": {LABEL_TEAM: team}},
+                "data": secret,
+            }
+        )
+        body = doppeluser("other")
+        body["spec"]["slack"]["teamId"] = "T0OTHER01"
+        await kube.kubectl.create(body)
+        obj = await kube.wait_for("other", lambda o: cond(o, "Scraped").get("message"), 30, "a message")
+        assert cond(obj, "Scraped")["message"] == (
+            f"Secret {NAMESPACE}/slack-bot holds the token of team T0ACME001, not T0OTHER01"
+        )
+        assert kube.cluster.jobs() == []
+    finally:
         await operator.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import hashlib
 import hmac
 import json
@@ -32,8 +33,10 @@ import kmock as kmock_lib
 import pytest_asyncio
 import uvicorn
 
+from doppel.api import LABEL_TEAM
 from doppel.bot.config import BotConfig
-from doppel.bot.kube import Kube, api_client
+from doppel.bot.kube import Kube, api_client, token_secret
+from doppel.bot.logic import object_name
 from doppel.bot.server import Bot, create_bot
 from tests.support.slack_emulator import ApiError, SlackEmulator, Team
 from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID
@@ -153,19 +156,23 @@ def say(
 class OAuthSlackEmulator(SlackEmulator):
     """`SlackEmulator` with `oauth.v2.access`: `grant(team_id)` plays the user clicking Allow and returns
     the code Slack would put in the redirect; exchanging it (with the right client id and secret) issues a
-    new bot token for that team, rotating (with a refresh token) when `rotating` is set."""
+    new bot token for that team, rotating (with a refresh token) when `rotating` is set. `grant(team_id,
+    enterprise_id=E)` is an install in a workspace of Enterprise Grid org E, `org_wide=True` an install on
+    the whole org (the answer names no team, as Slack's does)."""
 
     def __init__(self, *, client_id: str, client_secret: str, rotating: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.client_id, self.client_secret, self.rotating = client_id, client_secret, rotating
         self.codes: dict[str, str] = {}
+        self.grid: dict[str, tuple[str | None, bool]] = {}  # code -> (enterprise id, org-wide)
         self.refresh_tokens: dict[str, str] = {}
         self.issued: list[str] = []
         self._auth = threading.local()
 
-    def grant(self, team_id: str) -> str:
+    def grant(self, team_id: str, *, enterprise_id: str | None = None, org_wide: bool = False) -> str:
         code = f"code-{len(self.codes) + 1}-{team_id}"
         self.codes[code] = team_id
+        self.grid[code] = (enterprise_id, org_wide)
         return code
 
     def _handle(self, request: Any) -> None:
@@ -188,6 +195,7 @@ class OAuthSlackEmulator(SlackEmulator):
         if client != (self.client_id, self.client_secret):
             raise ApiError("invalid_client_id" if client[0] != self.client_id else "bad_client_secret")
         with self._lock:
+            enterprise_id, org_wide = self.grid.get(str(params.get("code")), (None, False))
             if params.get("grant_type") == "refresh_token":
                 team_id = self.refresh_tokens.pop(str(params.get("refresh_token")), None)
             else:
@@ -206,9 +214,9 @@ class OAuthSlackEmulator(SlackEmulator):
                 "scope": "app_mentions:read,chat:write,commands",
                 "bot_user_id": team.bot_user_id,
                 "app_id": "A0DOPPEL",
-                "team": {"id": team.id, "name": team.name},
-                "enterprise": None,
-                "is_enterprise_install": False,
+                "team": None if org_wide else {"id": team.id, "name": team.name},
+                "enterprise": {"id": enterprise_id, "name": "Grid"} if enterprise_id else None,
+                "is_enterprise_install": org_wide,
                 "authed_user": {"id": "U01ALICE"},
             }
             if self.rotating:
@@ -249,6 +257,11 @@ async def bot_kube(kmock: Any) -> tuple[Any, str]:
     return kmock, str(kmock.url).rstrip("/")
 
 
+def name_of(handle: str, team: str = TEAM_ID) -> str:
+    """The DoppelUser name `/doppel train @handle` gives in workspace `team`."""
+    return object_name(handle, team)
+
+
 def doppel_body(
     name: str,
     user_id: str,
@@ -256,15 +269,21 @@ def doppel_body(
     phase: str = "Ready",
     served_name: str | None = None,
     team: str = TEAM_ID,
+    namespace: str | None = None,
     **status: Any,
 ) -> dict[str, Any]:
-    """A DoppelUser as the operator leaves it: spec as `/doppel train` writes it, status of `phase`."""
+    """A DoppelUser as the operator leaves it: spec as `/doppel train` writes it (for handle `name`, of
+    workspace `team`), status of `phase`."""
     body: dict[str, Any] = {
         "apiVersion": "doppel.dev/v1alpha1",
         "kind": "DoppelUser",
-        "metadata": {"name": name, "namespace": NAMESPACE if team == TEAM_ID else f"doppel-{team.lower()}"},
+        "metadata": {
+            "name": name_of(name, team),
+            "namespace": namespace or (NAMESPACE if team == TEAM_ID else f"doppel-{team.lower()}"),
+            "labels": {LABEL_TEAM: team},
+        },
         "spec": {
-            "slack": {"teamId": team, "tokenSecretRef": {"name": "slack-bot-token"}},
+            "slack": {"teamId": team, "tokenSecretRef": {"name": token_secret("slack-bot-token", team)}},
             "target": {"userId": user_id, "handle": name},
             "baseModel": {"servedName": "doppel-tiny", "path": "/models/tiny"},
         },
@@ -273,6 +292,15 @@ def doppel_body(
     if served_name:
         body["status"]["adapter"] = {"servedName": served_name, "path": "/adapters/x", "version": 1}
     return body
+
+
+def as_team(workspace: dict[str, Any], team_id: str, name: str) -> dict[str, Any]:
+    """`workspace` (export shape) as another team's: its people are members of `team_id`."""
+    copied = copy.deepcopy(workspace)
+    copied["team"] = {"id": team_id, "name": name, "domain": name.lower()}
+    for user in copied["users"]:
+        user["team_id"] = team_id
+    return copied
 
 
 def bot_config(**changes: Any) -> BotConfig:

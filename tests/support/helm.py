@@ -6,6 +6,7 @@ when it is missing, unless $DOPPEL_REQUIRE_TOOLS=1 (as `make test` sets), in whi
     from tests.support.helm import render_chart, find_manifest
     manifests = render_chart(set_values={"vllm": {"replicas": 3}})
     role = find_manifest(manifests, "Role", "operator")
+    env = rendered_env(manifests, "bot")  # what `doppel bot` starts with
 """
 
 from __future__ import annotations
@@ -159,3 +160,27 @@ def find_manifest(manifests: Iterable[Mapping[str, Any]], kind: str, component: 
     if len(found) != 1:
         raise LookupError(f"expected one {kind} named *-{component}, found {len(found)}")
     return found[0]
+
+
+def rendered_env(
+    manifests: list[dict[str, Any]], component: str, secrets: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment the component's container starts with: its Secret's keys (envFrom), then its env,
+    with the pod's namespace filled in where a fieldRef asks for it. A value from a Secret the user creates
+    (`secretKeyRef`) is `secrets["<name>/<key>"]`, else a stand-in naming it."""
+    deployment = find_manifest(manifests, "Deployment", component)
+    (spec,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == component]
+    env: dict[str, str] = {}
+    for source in spec.get("envFrom", []):
+        secret = find_manifest(manifests, "Secret", source["secretRef"]["name"].rsplit("-", 1)[-1])
+        env.update(secret["stringData"])
+    for item in spec.get("env", []):
+        value = item.get("value", item.get("valueFrom"))
+        if isinstance(value, dict) and "secretKeyRef" in value:
+            ref = f"{value['secretKeyRef']['name']}/{value['secretKeyRef']['key']}"
+            value = (secrets or {}).get(ref, f"secret {ref}")
+        elif isinstance(value, dict):
+            assert value == {"fieldRef": {"fieldPath": "metadata.namespace"}}, item["name"]
+            value = NAMESPACE
+        env[item["name"]] = value
+    return env

@@ -19,6 +19,11 @@ Direct messages: `conversations.open(users=U…)` opens (or finds) the bot's IM 
 the team does not have (a DM between people, as `/doppel` typed in one reports it) is `channel_not_found`.
 chat.postMessage is limited per channel, as Slack's special limit is (`POST_PER_MINUTE_PER_CHANNEL`).
 
+Slack Connect: `add_external_user(user, channel_id)` puts a user of another organisation in a shared
+channel: `users.info` knows them (with their own `team_id`), `users.list` does not list them.
+`chat.postEphemeral` messages are kept apart (`ephemeral(channel)`): only their user sees them, so they
+are not in the channel's history.
+
 Fault injection for the bad-input tests: `fail(method, count, status)` answers the next `count` calls of a
 method with an HTTP error (429 with `Retry-After: 1` and Slack's `ratelimited` body, as Slack answers);
 `vanish_channel(channel_id, after_calls)` deletes a channel after it has been used `after_calls` times.
@@ -53,6 +58,7 @@ METHOD_TIER = {
     "conversations.replies": 3,
     "conversations.open": 3,
     "chat.postMessage": 4,
+    "chat.postEphemeral": 4,
 }
 # chat.postMessage's own limit: about one message a second per channel, short bursts allowed.
 POST_PER_MINUTE_PER_CHANNEL = 60
@@ -88,6 +94,8 @@ class Team:
     users: list[dict[str, Any]]
     channels: dict[str, dict[str, Any]]
     messages: dict[str, list[dict[str, Any]]]  # channel id -> messages sorted by ts
+    external_users: list[dict[str, Any]] = field(default_factory=list)  # Slack Connect: other orgs' people
+    ephemeral: list[dict[str, Any]] = field(default_factory=list)  # chat.postEphemeral, seen by one user
 
     def channel_by_ref(self, ref: str) -> dict[str, Any]:
         if ref in self.channels:
@@ -231,6 +239,19 @@ class SlackEmulator:
         with self._lock:
             msgs = (team or self.team).messages[channel_id]
             msgs[:] = [m for m in msgs if m["ts"] != ts]
+
+    def add_external_user(self, user: dict[str, Any], channel_id: str, team: Team | None = None) -> None:
+        """A user of another organisation (their own `team_id`) in a Slack Connect channel of `team`."""
+        team = team or self.team
+        with self._lock:
+            team.external_users.append(copy.deepcopy(user))
+        self.add_member(channel_id, user["id"], team)
+
+    def ephemeral_posts(self, channel_id: str, team: Team | None = None) -> list[dict[str, Any]]:
+        """The bot's ephemeral messages in a channel (each with the `user` who alone sees it)."""
+        team = team or self.team
+        with self._lock:
+            return [dict(m) for m in team.ephemeral if m["channel"] == channel_id]
 
     def posted(self, channel_id: str, team: Team | None = None) -> list[dict[str, Any]]:
         """Messages the bot posted to a channel, oldest first."""
@@ -406,7 +427,7 @@ class SlackEmulator:
         return {"members": page, "cache_ts": int(time.time()), "response_metadata": {"next_cursor": cursor}}
 
     def _m_users_info(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
-        for user in team.users:
+        for user in [*team.users, *team.external_users]:
             if user["id"] == params.get("user"):
                 return {"user": user}
         raise ApiError("user_not_found")
@@ -534,6 +555,25 @@ class SlackEmulator:
         msgs.append(message)
         msgs.sort(key=lambda m: _ts_key(m["ts"]))
         return {"channel": channel["id"], "ts": message["ts"], "message": message}
+
+    def _m_chat_postEphemeral(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        channel = team.channel_by_ref(str(params.get("channel", "")))
+        if channel.get("is_private") and not team.is_member(channel):
+            raise ApiError("channel_not_found")
+        if not params.get("text") and not params.get("blocks"):
+            raise ApiError("no_text")
+        known = {u["id"] for u in [*team.users, *team.external_users]}
+        if params.get("user") not in known:
+            raise ApiError("user_not_found")
+        if params["user"] not in channel["members"]:
+            raise ApiError("user_not_in_channel")
+        self._seq += 1
+        ts = f"{int(time.time())}.{self._seq:06d}"
+        message = {"channel": channel["id"], "user": params["user"], "text": params.get("text", ""), "ts": ts}
+        if params.get("thread_ts"):
+            message["thread_ts"] = params["thread_ts"]
+        team.ephemeral.append(message)
+        return {"message_ts": ts}
 
     # --- views -------------------------------------------------------------------------------------
 

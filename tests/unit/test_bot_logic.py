@@ -196,13 +196,54 @@ async def test_snapshots_are_reread_after_their_ttl_or_an_invalidation():
     directory = MemoryDirectory()
     directory.add(_doppel("alice", "U1"))
     snapshots = Snapshots(directory, ttl_s=60)
-    first = await snapshots.get("ns")
+    first = await snapshots.get("ns", "T1")
     directory.add(_doppel("bob", "U2"))
-    assert await snapshots.get("ns") is first  # cached
-    snapshots.invalidate("ns")
-    assert [d["metadata"]["name"] for d in (await snapshots.get("ns")).doppels] == ["alice", "bob"]
-    await directory.set_state("ns", {"active": "bob"})
-    assert (await Snapshots(directory, ttl_s=0).get("ns")).active == "bob"
+    assert await snapshots.get("ns", "T1") is first  # cached
+    snapshots.invalidate("ns", "T1")
+    assert [d["metadata"]["name"] for d in (await snapshots.get("ns", "T1")).doppels] == ["alice", "bob"]
+    await directory.set_state("ns", "T1", {"active": "bob"})
+    assert (await Snapshots(directory, ttl_s=0).get("ns", "T1")).active == "bob"
+    assert (await Snapshots(directory, ttl_s=0).get("ns", "T2")).active is None  # state is per team
+
+
+def test_names_carry_the_team_so_two_workspaces_may_each_have_an_alice():
+    assert logic.object_name("alice", "T0123ABCD") == "alice-t0123abcd"
+    assert logic.object_name("alice", "T0123ABCD") != logic.object_name("alice", "T0456EFGH")
+    assert len(logic.object_name("x" * 80, "T0123ABCD")) == 63
+    with pytest.raises(logic.CommandError):
+        logic.object_name("alice", "T0/../x")
+
+
+GRID_USER = {"id": "W1", "team_id": "T2", "enterprise_user": {"enterprise_id": "E1", "teams": ["T2", "T3"]}}
+
+
+@pytest.mark.parametrize(
+    ("user", "tenant", "member"),
+    [
+        ({"id": "U1", "team_id": "T1"}, logic.Tenant("T1"), True),
+        ({"id": "U1", "team_id": "T1", "deleted": True}, logic.Tenant("T1"), False),
+        ({"id": "U9", "team_id": "T9"}, logic.Tenant("T1"), False),  # Slack Connect: another company
+        ({"id": "U9", "team_id": "T1", "is_stranger": True}, logic.Tenant("T1"), False),
+        ({}, logic.Tenant("T1"), False),  # users.info did not know them
+        (GRID_USER, logic.Tenant("T3", "E1"), True),  # a Grid user who belongs to this workspace too
+        (GRID_USER, logic.Tenant("T4", "E1"), False),  # same org, another workspace: workspace install
+        (GRID_USER, logic.Tenant("T4", "E1", org_wide=True), True),  # the org installed it
+        (GRID_USER, logic.Tenant("T4", "E2", org_wide=True), False),
+    ],
+)
+def test_who_is_a_member_of_a_tenant(user, tenant, member):
+    assert logic.is_member(user, tenant) is member
+
+
+def test_slack_connect_payloads_name_the_foreign_team():
+    envelope = {"is_ext_shared_channel": True, "event": {"user_team": "T9", "source_team": "T9"}}
+    assert logic.foreign_teams(envelope, logic.Tenant("T1")) == {"T9"}
+    assert (
+        logic.foreign_teams({"event": {"user_team": "T1", "source_team": "T1"}}, logic.Tenant("T1")) == set()
+    )
+    assert logic.foreign_teams({"user": {"id": "U9", "team_id": "T9"}}, logic.Tenant("T1")) == {"T9"}
+    # In a Grid org another workspace's people may belong here too: users.info decides.
+    assert logic.foreign_teams(envelope, logic.Tenant("T1", "E1")) == set()
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,16 @@ from doppel import api
 from doppel.bot import logic
 from doppel.bot.config import BotConfig
 from doppel.bot.directory import Directory
-from doppel.bot.kube import ANNOTATION_REQUESTER, LABEL_TEAM, AlreadyExists
+from doppel.bot.kube import (
+    ANNOTATION_ENTERPRISE,
+    ANNOTATION_ORG_INSTALL,
+    ANNOTATION_REQUESTER,
+    LABEL_TEAM,
+    AlreadyExists,
+    token_secret,
+)
 from doppel.bot.ledger import EventLedger
+from doppel.bot.logic import Tenant
 from doppel.bot.safety import neutralize, user_ids
 from doppel.bot.snapshot import Snapshots
 from doppel.bot.worker import Worker, slack_retry_handlers
@@ -155,32 +163,47 @@ def build_app(
     if oauth_flow is None:
 
         @app.middleware
-        async def same_workspace(context: AsyncBoltContext, next: Callable[[], Awaitable[Any]]) -> Any:
-            """One bot token serves one workspace: a request signed for another one is refused."""
+        async def same_workspace(
+            context: AsyncBoltContext, body: dict[str, Any], next: Callable[[], Awaitable[Any]]
+        ) -> Any:
+            """One bot token serves one workspace: a request naming another one anywhere (an org-wide
+            envelope's `authorizations[0].team_id` is null, so every place counts) is refused."""
             owner = context.authorize_result.team_id if context.authorize_result else None
-            if context.team_id and owner and context.team_id != owner:
-                LOG.warning("request of team %s refused: this bot serves team %s", context.team_id, owner)
+            others = _claimed_teams(context, body) - {owner}
+            if owner and (others or context.is_enterprise_install):
+                LOG.warning("request of team %s refused: this bot serves team %s", others, owner)
                 # 200, not 403: Slack retries errors, and a refusal is an answer.
                 return BoltResponse(status=200, body="This app serves another workspace.")
             return await next()
 
     @app.event("app_mention")
     async def on_mention(body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
-        team_id = _team(context, body)
+        tenant = _tenant(context, body)
         event_id = str(body.get("event_id") or "")
         if logic.from_a_bot(event, context.bot_user_id):
-            LOG.info("mention %s of team %s ignored: written by a bot", event_id, team_id)
+            LOG.info("mention %s of team %s ignored: written by a bot", event_id, tenant.team_id)
             return
         # Keyed on the message, not the event id: an edited mention is a new event of the same message.
         key = logic.mention_key(event)
 
         async def work() -> None:
-            if not await claim(deps.ledger, team_id, key):
-                LOG.info("mention %s (%s) of team %s already answered", key, event_id, team_id)
+            if not await claim(deps.ledger, tenant.team_id, key):
+                LOG.info("mention %s (%s) of team %s already answered", key, event_id, tenant.team_id)
                 return
-            await answer_mention(deps, _worker_client(deps, context), team_id, context.bot_user_id, event)
+            client = _worker_client(deps, context)
+            if not await admitted(deps, client, tenant, body, event.get("user") or ""):
+                if not event.get("user"):
+                    return  # no person to tell
+                await client.chat_postEphemeral(
+                    channel=event["channel"],
+                    user=event["user"],
+                    thread_ts=event.get("thread_ts") or event["ts"],
+                    text=logic.REFUSAL,
+                )
+                return
+            await answer_mention(deps, client, tenant, context.bot_user_id, event)
 
-        deps.worker.submit(work(), f"mention {event_id} of team {team_id}")
+        deps.worker.submit(work(), f"mention {event_id} of team {tenant.team_id}")
 
     @app.event("message")
     async def on_message() -> None:
@@ -189,11 +212,14 @@ def build_app(
 
     @app.command("/doppel")
     async def on_command(ack: Any, respond: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
-        team_id = _team(context, command)
+        tenant = _tenant(context, command)
 
         async def result() -> str:
+            # A command's answer is only ever seen by whoever ran it (ephemeral): refusals too.
+            if not await admitted(deps, context.client, tenant, command, command.get("user_id") or ""):
+                return logic.REFUSAL
             try:
-                return await run_command(deps, context, team_id, command)
+                return await run_command(deps, context, tenant, command)
             except logic.CommandError as exc:
                 return str(exc)
 
@@ -242,12 +268,52 @@ def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
     )
 
 
-def _team(context: AsyncBoltContext, body: dict[str, Any]) -> str:
-    """The workspace of a verified request: what every namespace and Secret lookup is keyed on."""
-    team = context.team_id or body.get("team_id") or (body.get("team") or {}).get("id")
+def _claimed_teams(context: AsyncBoltContext, body: dict[str, Any]) -> set[str]:
+    """Every workspace a request says it is of."""
+    team = body.get("team")
+    authorizations = body.get("authorizations") or [{}]
+    named = {
+        context.team_id,
+        body.get("team_id"),
+        team.get("id") if isinstance(team, dict) else team,
+        authorizations[0].get("team_id"),
+    }
+    return {str(t) for t in named if t}
+
+
+def _tenant(context: AsyncBoltContext, body: dict[str, Any]) -> Tenant:
+    """The workspace of a verified request, which every object it touches is scoped to: the installation's
+    own workspace, or, for an org-wide (Enterprise Grid) installation, the workspace the request comes
+    from. Never the acting user's team: in a Slack Connect channel that is another organisation."""
+    auth = context.authorize_result
+    org_wide = bool(context.is_enterprise_install)
+    team = auth.team_id if auth is not None and not org_wide else None
+    if not team:
+        authorizations = body.get("authorizations") or [{}]
+        payload_team = body.get("team")
+        team = (
+            context.team_id
+            or body.get("team_id")
+            or (payload_team.get("id") if isinstance(payload_team, dict) else payload_team)
+            or authorizations[0].get("team_id")
+        )
     if not team:
         raise ValueError("request carries no team id")
-    return str(team)
+    enterprise = (auth.enterprise_id if auth is not None else None) or context.enterprise_id
+    return Tenant(str(team), enterprise, org_wide)
+
+
+async def admitted(
+    deps: Deps, client: AsyncWebClient, tenant: Tenant, body: dict[str, Any], user_id: str
+) -> bool:
+    """Whether `user_id` may use the tenant's doppels: a member of its workspace (or, for an org-wide
+    install, of its org), by the payload's own team fields and by `users.info`."""
+    foreign = logic.foreign_teams(body, tenant)
+    user = await deps.lookups.user(client, tenant.team_id, user_id) if user_id and not foreign else {}
+    if foreign or not logic.is_member(user, tenant):
+        LOG.warning("user %s (teams %s) refused by team %s", user_id, foreign or user.get("team_id"), tenant)
+        return False
+    return True
 
 
 # --- mentions ---------------------------------------------------------------------------------------------
@@ -259,7 +325,7 @@ SORRY_SLACK = (
 
 
 async def answer_mention(
-    deps: Deps, client: AsyncWebClient, team_id: str, bot_user_id: str | None, event: dict[str, Any]
+    deps: Deps, client: AsyncWebClient, tenant: Tenant, bot_user_id: str | None, event: dict[str, Any]
 ) -> None:
     """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence."""
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
@@ -272,21 +338,22 @@ async def answer_mention(
             )
 
     try:
-        await _answer(deps, client, team_id, bot_user_id, event, post)
+        await _answer(deps, client, tenant, bot_user_id, event, post)
     except Exception:
-        LOG.exception("mention in %s of team %s could not be answered", channel, team_id)
+        LOG.exception("mention in %s of team %s could not be answered", channel, tenant.team_id)
         await post(SORRY_SLACK)
 
 
 async def _answer(
     deps: Deps,
     client: AsyncWebClient,
-    team_id: str,
+    tenant: Tenant,
     bot_user_id: str | None,
     event: dict[str, Any],
     post: Callable[..., Awaitable[None]],
 ) -> None:
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
+    team_id = tenant.team_id
     namespace = deps.config.namespace_for(team_id)
     text = logic.strip_bot_mention(event.get("text", ""), bot_user_id)
     try:
@@ -294,12 +361,12 @@ async def _answer(
     except logic.CommandError as exc:
         await post(str(exc))
         return
-    doppel = logic.pick(await deps.snapshots.get(namespace), ref)
+    doppel = logic.pick(await deps.snapshots.get(namespace, team_id), ref)
     if doppel is None:
         wanted = f"`{ref.handle or ref.user_id}`" if ref else "active"
         await post(f"There is no {wanted} doppel in this workspace yet: try `/doppel train @someone`.")
         return
-    name = doppel["metadata"]["name"]
+    name = logic.handle_of(doppel)
     model = logic.served_name(doppel)
     if model is None:
         await post(logic.not_ready_reply(doppel))
@@ -400,59 +467,68 @@ def _ts(ts: str) -> tuple[int, int]:
 # --- /doppel ----------------------------------------------------------------------------------------------
 
 
-async def run_command(deps: Deps, context: AsyncBoltContext, team_id: str, command: dict[str, Any]) -> str:
+async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, command: dict[str, Any]) -> str:
     parsed = logic.parse_command(command.get("text", ""))
+    team_id = tenant.team_id
     namespace = deps.config.namespace_for(team_id)
     kube = deps.kube
     if parsed.verb == "help":
         return logic.HELP
     if parsed.verb == "list":
-        doppels = await kube.list_doppels(namespace)
+        doppels = await kube.list_doppels(namespace, team_id)
         if not doppels:
             return "No doppels in this workspace yet: `/doppel train @someone`."
-        active = (await kube.get_state(namespace)).get("active")
+        active = (await kube.get_state(namespace, team_id)).get("active")
         lines = [
             logic.describe(d) + (" (active)" if d["metadata"]["name"] == active else "") for d in doppels
         ]
         return "\n".join(lines)
     client = context.client
     if parsed.verb == "status" and parsed.user is None:
-        active = (await kube.get_state(namespace)).get("active")
-        doppel = await kube.get_doppel(namespace, active) if active else None
+        active = (await kube.get_state(namespace, team_id)).get("active")
+        doppel = await kube.get_doppel(namespace, team_id, active) if active else None
         return logic.describe(doppel) if doppel else "No active doppel: `/doppel switch @someone`."
     assert parsed.user is not None
-    user_id, handle = await _resolve(client, parsed.user)
-    name = logic.object_name(handle)
+    user_id, handle = await _resolve(deps, client, tenant, parsed.user)
+    name = logic.object_name(handle, team_id)
     if parsed.verb == "train":
-        return await _train(deps, context, team_id, user_id, handle, command)
-    doppel = await kube.get_doppel(namespace, name)
+        return await _train(deps, context, tenant, user_id, handle, command)
+    doppel = await kube.get_doppel(namespace, team_id, name)
+    if doppel is None:  # one applied by hand may be named otherwise: find it by its person
+        listed = await kube.list_doppels(namespace, team_id)
+        doppel = next((d for d in listed if logic.target_of(d) == user_id), None)
     if doppel is None:
         return f"There is no doppel of {handle}: `/doppel train @{handle}`."
+    name = doppel["metadata"]["name"]
     if parsed.verb == "status":
         return logic.describe(doppel)
     if parsed.verb == "switch":
-        await kube.set_state(namespace, {"active": name})
-        deps.snapshots.invalidate(namespace)
-        return f"{name}'s doppel now answers mentions in this workspace."
+        await kube.set_state(namespace, team_id, {"active": name})
+        deps.snapshots.invalidate(namespace, team_id)
+        return f"{handle}'s doppel now answers mentions in this workspace."
     # forget: the person themself, or whoever asked for the doppel.
     requester = command["user_id"]
     allowed = {user_id, (doppel["metadata"].get("annotations") or {}).get(ANNOTATION_REQUESTER)}
     if requester not in allowed:
         return f"Only {handle} or whoever trained this doppel can make me forget it."
     await kube.delete_doppel(namespace, name)
-    deps.snapshots.invalidate(namespace)
-    if (await kube.get_state(namespace)).get("active") == name:
-        await kube.set_state(namespace, {"active": ""})
-    return f"Forgot {name}'s doppel: its adapter and data are being deleted."
+    deps.snapshots.invalidate(namespace, team_id)
+    if (await kube.get_state(namespace, team_id)).get("active") == name:
+        await kube.set_state(namespace, team_id, {"active": ""})
+    return f"Forgot {handle}'s doppel: its adapter and data are being deleted."
 
 
-async def _resolve(client: AsyncWebClient, ref: logic.UserRef) -> tuple[str, str]:
-    """(user id, handle) of a named Slack user; CommandError when there is no such user."""
+async def _resolve(deps: Deps, client: AsyncWebClient, tenant: Tenant, ref: logic.UserRef) -> tuple[str, str]:
+    """(user id, handle) of a named member of the tenant's workspace; CommandError when there is none
+    (a doppel is only ever of a member: never of a Slack Connect user of another organisation)."""
     if ref.user_id:
-        try:
-            user = (await client.users_info(user=ref.user_id))["user"]
-        except SlackApiError:
-            raise logic.CommandError(f"no Slack user <@{ref.user_id}> in this workspace") from None
+        user = await deps.lookups.user(client, tenant.team_id, ref.user_id)
+        if not user:
+            raise logic.CommandError(f"no Slack user <@{ref.user_id}> in this workspace")
+        if not logic.is_member(user, tenant):
+            raise logic.CommandError(
+                f"<@{ref.user_id}> is not a member of this workspace: doppels are only of its own members"
+            )
         return str(user["id"]), str(user.get("name") or ref.handle or user["id"])
     wanted = (ref.handle or "").lower()
     cursor = None
@@ -460,7 +536,7 @@ async def _resolve(client: AsyncWebClient, ref: logic.UserRef) -> tuple[str, str
         page = await client.users_list(limit=200, cursor=cursor)
         for user in page.get("members", []):
             names = {user.get("name"), (user.get("profile") or {}).get("display_name")}
-            if wanted in {n.lower() for n in names if n} and not user.get("deleted"):
+            if wanted in {n.lower() for n in names if n} and logic.is_member(user, tenant):
                 return str(user["id"]), str(user.get("name") or wanted)
         cursor = (page.get("response_metadata") or {}).get("next_cursor")
         if not cursor:
@@ -470,22 +546,23 @@ async def _resolve(client: AsyncWebClient, ref: logic.UserRef) -> tuple[str, str
 async def _train(
     deps: Deps,
     context: AsyncBoltContext,
-    team_id: str,
+    tenant: Tenant,
     user_id: str,
     handle: str,
     command: dict[str, Any],
 ) -> str:
+    team_id = tenant.team_id
     namespace = deps.config.namespace_for(team_id)
-    name = logic.object_name(handle)
-    existing = await deps.kube.get_doppel(namespace, name)
+    name = logic.object_name(handle, team_id)
+    existing = await deps.kube.get_doppel(namespace, team_id, name)
     if existing is not None:
         return f"{handle} already has a doppel: {logic.describe(existing)}"
-    if await _at_limit(deps, namespace):
+    if await _at_limit(deps, namespace, team_id):
         return _limit_text(deps)
     requester = command["user_id"]
     if requester == user_id or not deps.config.require_consent:
-        return await create_doppel(deps, context, team_id, user_id, handle, requester)
-    request = {"team": team_id, "target": user_id, "handle": handle, "requester": requester}
+        return await create_doppel(deps, context, tenant, user_id, handle, requester)
+    request = {"team": tenant.team_id, "target": user_id, "handle": handle, "requester": requester}
     value = json.dumps(request, separators=(",", ":"))
     # Asked privately, in a direct message: the command may come from a DM (no channel the bot can post
     # in) or a channel the bot is not in, and whether someone agrees is nobody else's business.
@@ -539,21 +616,28 @@ async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) ->
 async def create_doppel(
     deps: Deps,
     context: AsyncBoltContext,
-    team_id: str,
+    tenant: Tenant,
     user_id: str,
     handle: str,
     requester: str,
 ) -> str:
     config = deps.config
+    team_id = tenant.team_id
     namespace = config.namespace_for(team_id)
-    name = logic.object_name(handle)
-    if await _at_limit(deps, namespace):  # checked again: approvals arrive later
+    name = logic.object_name(handle, team_id)
+    if await _at_limit(deps, namespace, team_id):  # checked again: approvals arrive later
         return _limit_text(deps)
+    # Each workspace's token in a Secret of its own: the scrape Job reads only its own team's.
+    secret = token_secret(config.token_secret, team_id)
     if context.bot_token:
-        # The scrape Job reads the workspace's token from its own namespace.
-        await deps.kube.put_secret(namespace, config.token_secret, {"token": context.bot_token}, team_id)
+        await deps.kube.put_secret(namespace, secret, {"token": context.bot_token}, team_id)
+    annotations = {ANNOTATION_REQUESTER: requester}
+    if tenant.enterprise_id:  # where the progress notifier finds the installation's token
+        annotations[ANNOTATION_ENTERPRISE] = tenant.enterprise_id
+    if tenant.org_wide:
+        annotations[ANNOTATION_ORG_INSTALL] = "true"
     spec = api.DoppelUserSpec(
-        slack=api.Slack(team_id=team_id, token_secret_ref=api.SecretKeyRef(name=config.token_secret)),
+        slack=api.Slack(team_id=team_id, token_secret_ref=api.SecretKeyRef(name=secret)),
         target=api.Target(user_id=user_id, handle=handle),
         base_model=api.BaseModelRef(served_name=config.base_model_name, path=config.base_model_path),
     )
@@ -564,7 +648,7 @@ async def create_doppel(
             "name": name,
             "namespace": namespace,
             "labels": {LABEL_TEAM: team_id},
-            "annotations": {ANNOTATION_REQUESTER: requester},
+            "annotations": annotations,
         },
         # Only what was set: everything else gets the same defaults as an object applied with kubectl
         # (the CRD's, and the operator's --train-defaults for scheduling), never a copy frozen here.
@@ -572,7 +656,7 @@ async def create_doppel(
     }
     try:
         await deps.kube.create_doppel(namespace, body)
-        deps.snapshots.invalidate(namespace)
+        deps.snapshots.invalidate(namespace, team_id)
     except AlreadyExists:
         return f"{handle} already has a doppel: `/doppel status @{handle}`."
     return (
@@ -581,8 +665,8 @@ async def create_doppel(
     )
 
 
-async def _at_limit(deps: Deps, namespace: str) -> bool:
-    return len(await deps.kube.list_doppels(namespace)) >= deps.config.max_doppels_per_workspace
+async def _at_limit(deps: Deps, namespace: str, team_id: str) -> bool:
+    return len(await deps.kube.list_doppels(namespace, team_id)) >= deps.config.max_doppels_per_workspace
 
 
 def _limit_text(deps: Deps) -> str:
@@ -594,16 +678,24 @@ async def answer_consent(
     deps: Deps, context: AsyncBoltContext, body: dict[str, Any], action: dict[str, Any]
 ) -> None:
     request = json.loads(action["value"])
-    team_id, clicker = _team(context, body), body["user"]["id"]
+    tenant, clicker = _tenant(context, body), body["user"]["id"]
     client = context.client
-    # The button travels through Slack: only the named person, in the same workspace, can answer it.
-    if request["team"] != team_id or clicker != request["target"]:
-        LOG.warning("consent answer by %s of team %s refused", clicker, team_id)
-        await tell(client, clicker, f"Only <@{request['target']}> can answer this.")
+    # The button travels through Slack: only the named person, a member of the same workspace, can answer
+    # it. Refusals go to the clicker alone (ephemeral, where they clicked): a shared channel's other
+    # company sees nothing.
+    clicked_in = (body.get("channel") or {}).get("id") or ""
+    if not await admitted(deps, client, tenant, body, clicker):
+        await client.chat_postEphemeral(channel=clicked_in, user=clicker, text=logic.REFUSAL)
+        return
+    if request["team"] != tenant.team_id or clicker != request["target"]:
+        LOG.warning("consent answer by %s of team %s refused", clicker, tenant.team_id)
+        await client.chat_postEphemeral(
+            channel=clicked_in, user=clicker, text=f"Only <@{request['target']}> can answer this."
+        )
         return
     if CONSENT_ACTION.match(action["action_id"]).group(1) == "decline":  # type: ignore[union-attr]
         text = f"<@{clicker}> declined; no doppel of them will be trained."
     else:
-        result = await create_doppel(deps, context, team_id, clicker, request["handle"], request["requester"])
+        result = await create_doppel(deps, context, tenant, clicker, request["handle"], request["requester"])
         text = f"<@{clicker}> approved. {result}"
     await tell(client, request["requester"], text)

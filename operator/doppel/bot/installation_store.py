@@ -1,8 +1,10 @@
 """slack_sdk installation store on Kubernetes Secrets: OAuth installs need no database on Kubernetes.
 
-One Secret per workspace (or Enterprise Grid org), named from its id, in the bot's namespace. It holds
-the latest installation, the per-user installations and the bot. Lookups are by the team id of a
-verified request, and a stored installation is only returned for the team it was saved for.
+One Secret per installation, in the bot's namespace: `slack-install-<team>` for a plain workspace,
+`slack-install-<enterprise>-<team>` for a workspace of an Enterprise Grid org, `slack-install-<enterprise>`
+for an org-wide install. It holds the latest installation, the per-user installations and the bot.
+Lookups are by the ids of a verified request, and a stored installation is only returned for the team
+(and org) it was saved for.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ LATEST, BOT = "installation-latest", "bot"
 
 
 def secret_name(enterprise_id: str | None, team_id: str | None, is_enterprise_install: bool | None) -> str:
-    owner = enterprise_id if is_enterprise_install or not team_id else team_id
+    org_wide = bool(is_enterprise_install or not team_id)
+    owner = enterprise_id if org_wide else team_id
     if not owner or not re.fullmatch(r"[A-Za-z0-9]+", owner):
         raise ValueError(f"not a Slack team or enterprise id: {owner!r}")
-    prefix = f"{enterprise_id.lower()}-" if enterprise_id and not is_enterprise_install else ""
+    if enterprise_id and not re.fullmatch(r"[A-Za-z0-9]+", enterprise_id):
+        raise ValueError(f"not a Slack enterprise id: {enterprise_id!r}")
+    prefix = f"{enterprise_id.lower()}-" if enterprise_id and not org_wide else ""
     return f"slack-install-{prefix}{owner.lower()}"
 
 
@@ -123,10 +128,13 @@ class KubernetesSecretInstallationStore(InstallationStore):
         if not stored or key not in stored:
             return None
         data: dict[str, Any] = json.loads(stored[key])
-        # A Secret is only ever answered for the workspace it was saved for.
-        if not is_enterprise_install and data.get("team_id") != team_id:
+        # A Secret is only ever answered for the installation it was saved for: its org, and its workspace
+        # unless it is the org's own (org-wide) installation.
+        if (data.get("enterprise_id") or None) != (enterprise_id or None):
             return None
-        return data
+        if is_enterprise_install:
+            return data if data.get("is_enterprise_install") else None
+        return data if data.get("team_id") == team_id else None
 
     def _merge(self, name: str, owner: str, data: dict[str, str]) -> None:
         encoded = {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}

@@ -1,4 +1,8 @@
-"""Kubernetes access for the bot: DoppelUsers of a workspace's namespace, its bot state, event claims.
+"""Kubernetes access for the bot: a workspace's DoppelUsers, its bot state, event claims.
+
+Several workspaces may share a namespace (the chart puts them all beside the shared volume), so every
+object of a workspace carries its team: DoppelUsers are listed by the team label and kept only when their
+`spec.slack.teamId` (what the operator scrapes) says the same; the state ConfigMap is one per team.
 
 The official `kubernetes` client is synchronous; calls run in a worker thread so the event loop (and
 Slack's 3-second acknowledgement) never waits on the API server.
@@ -20,10 +24,12 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
-from doppel.api import GROUP, PLURAL, VERSION
+from doppel.api import GROUP, LABEL_TEAM, PLURAL, VERSION
+from doppel.bot.logic import team_of
 
 STATE_CONFIGMAP = "doppel-bot-state"
-LABEL_TEAM = "doppel.dev/slack-team"
+ANNOTATION_ENTERPRISE = "doppel.dev/slack-enterprise"
+ANNOTATION_ORG_INSTALL = "doppel.dev/org-wide-install"
 LABEL_EVENT = "doppel.dev/slack-event"
 ANNOTATION_REQUESTER = "doppel.dev/requested-by"
 ANNOTATION_NOTIFIED = "doppel.dev/notified-phase"
@@ -37,6 +43,16 @@ LOG = logging.getLogger(__name__)
 
 class AlreadyExists(Exception):
     """Create refused with 409: the object is there already."""
+
+
+def state_configmap(team_id: str) -> str:
+    """The ConfigMap holding workspace `team_id`'s bot state (its active doppel)."""
+    return f"{STATE_CONFIGMAP}-{team_id.lower()}"
+
+
+def token_secret(base: str, team_id: str) -> str:
+    """The Secret holding workspace `team_id`'s bot token, which its scrape Jobs read."""
+    return f"{base}-{team_id.lower()}"
 
 
 def api_client(server: str | None = None, connections: int = 16) -> k8s.ApiClient:
@@ -78,17 +94,25 @@ class Kube:
             raise
 
     # --- DoppelUsers -----------------------------------------------------------------------------
-    async def list_doppels(self, namespace: str) -> list[dict[str, Any]]:
+    async def list_doppels(self, namespace: str, team_id: str) -> list[dict[str, Any]]:
+        """The DoppelUsers of workspace `team_id` in `namespace`, by name."""
         found = await self._maybe(
-            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
+            self.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            label_selector=f"{LABEL_TEAM}={team_id}",
         )
-        items = (found or {}).get("items", [])
+        items = [item for item in (found or {}).get("items", []) if team_of(item) == team_id]
         return sorted(items, key=lambda item: item["metadata"]["name"])
 
-    async def get_doppel(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self._maybe(
+    async def get_doppel(self, namespace: str, team_id: str, name: str) -> dict[str, Any] | None:
+        """DoppelUser `name`, or None when there is none of workspace `team_id`."""
+        found = await self._maybe(
             self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
         )
+        return found if found is not None and team_of(found) == team_id else None
 
     async def create_doppel(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -150,16 +174,18 @@ class Kube:
         return stop
 
     # --- per-workspace bot state (the active doppel) ---------------------------------------------
-    async def get_state(self, namespace: str) -> dict[str, str]:
-        found = await self._maybe(self.core.read_namespaced_config_map, STATE_CONFIGMAP, namespace)
-        return dict(found.data or {}) if found is not None else {}
+    async def get_state(self, namespace: str, team_id: str) -> dict[str, str]:
+        name = state_configmap(team_id)
+        found = await self._maybe(self.core.read_namespaced_config_map, name, namespace)
+        if found is None or (found.metadata.labels or {}).get(LABEL_TEAM) != team_id:
+            return {}
+        return dict(found.data or {})
 
-    async def set_state(self, namespace: str, data: dict[str, str]) -> None:
-        patched = await self._maybe(
-            self.core.patch_namespaced_config_map, STATE_CONFIGMAP, namespace, {"data": data}
-        )
-        if patched is None:
-            body = {"metadata": {"name": STATE_CONFIGMAP, "namespace": namespace}, "data": data}
+    async def set_state(self, namespace: str, team_id: str, data: dict[str, str]) -> None:
+        name = state_configmap(team_id)
+        meta = {"name": name, "namespace": namespace, "labels": {LABEL_TEAM: team_id}}
+        body = {"metadata": meta, "data": data}
+        if await self._maybe(self.core.patch_namespaced_config_map, name, namespace, body) is None:
             await self._call(self.core.create_namespaced_config_map, namespace, body)
 
     # --- the workspace's token, for its scrape Jobs ------------------------------------------------

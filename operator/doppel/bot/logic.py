@@ -34,6 +34,46 @@ class Snapshot:
     active: str | None
 
 
+@dataclass(frozen=True)
+class Tenant:
+    """Whose request this is: the workspace every object it reads or writes is scoped to, and the
+    installation that signed it (a workspace's, or an Enterprise Grid org's for an org-wide install)."""
+
+    team_id: str
+    enterprise_id: str | None = None
+    org_wide: bool = False
+
+
+def is_member(user: dict[str, Any], tenant: Tenant) -> bool:
+    """Whether a `users.info` user belongs to the tenant: a member of its workspace, or, for an org-wide
+    installation, of its Grid org. Slack Connect users of other organisations never do."""
+    if not user or user.get("deleted") or user.get("is_stranger"):
+        return False
+    grid = user.get("enterprise_user") or {}
+    if user.get("team_id") == tenant.team_id or tenant.team_id in (grid.get("teams") or []):
+        return True
+    same_org = tenant.enterprise_id and grid.get("enterprise_id") == tenant.enterprise_id
+    return bool(tenant.org_wide and same_org)
+
+
+def foreign_teams(body: dict[str, Any], tenant: Tenant) -> set[str]:
+    """Teams a payload names for the person acting (`user_team`, `source_team`, a block action's
+    `user.team_id`) other than the tenant's, when the tenant is a plain workspace (for a Grid tenant another
+    workspace of the org may be fine: `is_member` decides on `users.info`)."""
+    if tenant.enterprise_id:
+        return set()
+    event = body.get("event") or {}
+    user = body.get("user") if isinstance(body.get("user"), dict) else {}
+    named = {event.get("user_team"), event.get("source_team"), (user or {}).get("team_id")}
+    return {str(t) for t in named if t} - {tenant.team_id}
+
+
+REFUSAL = (
+    "Sorry, doppels here are only for members of this workspace: "
+    "people from other organisations cannot talk to them, train them or be trained."
+)
+
+
 class CommandError(ValueError):
     """A /doppel command that cannot be understood; the message is shown to the user."""
 
@@ -108,16 +148,30 @@ def pick(snapshot: Snapshot, ref: UserRef | None) -> dict[str, Any] | None:
     one, else the only one."""
     by_name = {d["metadata"]["name"]: d for d in snapshot.doppels}
     if ref is not None:
-        if ref.handle and object_name_or_none(ref.handle) in by_name:
-            return by_name[object_name_or_none(ref.handle) or ""]
-        return next((d for d in snapshot.doppels if ref.user_id and _target(d) == ref.user_id), None)
+        wanted = object_name_or_none(ref.handle) if ref.handle else None
+        by_handle = {object_name_or_none(handle_of(d)): d for d in snapshot.doppels}
+        if wanted and wanted in by_handle:
+            return by_handle[wanted]
+        return next((d for d in snapshot.doppels if ref.user_id and target_of(d) == ref.user_id), None)
     if snapshot.active in by_name:
         return by_name[snapshot.active or ""]
     return snapshot.doppels[0] if len(snapshot.doppels) == 1 else None
 
 
-def _target(doppel: dict[str, Any]) -> str | None:
+def target_of(doppel: dict[str, Any]) -> str | None:
+    """The Slack user id of the person a doppel is of."""
     return ((doppel.get("spec") or {}).get("target") or {}).get("userId")
+
+
+def handle_of(doppel: dict[str, Any]) -> str:
+    """The person's Slack handle, as people call the doppel (its object name carries the team too)."""
+    target = (doppel.get("spec") or {}).get("target") or {}
+    return str(target.get("handle") or doppel["metadata"]["name"])
+
+
+def team_of(doppel: dict[str, Any]) -> str | None:
+    """The workspace a DoppelUser belongs to: the team its scrape reads (`spec.slack.teamId`)."""
+    return ((doppel.get("spec") or {}).get("slack") or {}).get("teamId")
 
 
 def split_reply(text: str) -> list[str]:
@@ -127,12 +181,16 @@ def split_reply(text: str) -> list[str]:
     return messages[:MAX_REPLY_MESSAGES]
 
 
-def object_name(handle: str) -> str:
-    """A DNS-1123 name for a DoppelUser from a Slack handle (`Alice.B` -> `alice-b`)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", handle.lower()).strip("-")[:63].strip("-")
+def object_name(handle: str, team_id: str = "") -> str:
+    """A DNS-1123 name for a DoppelUser from a Slack handle and its workspace (`Alice.B` of T0ACME ->
+    `alice-b-t0acme`): several workspaces share a namespace, and each may have its own alice."""
+    suffix = f"-{team_id.lower()}" if team_id else ""
+    if not re.fullmatch(r"[-a-z0-9]*", suffix):
+        raise CommandError(f"`{team_id}` is not a Slack team id")
+    name = re.sub(r"[^a-z0-9-]+", "-", handle.lower()).strip("-")[: 63 - len(suffix)].strip("-")
     if not name:
         raise CommandError(f"cannot make a doppel name from `{handle}`")
-    return name
+    return name + suffix
 
 
 def object_name_or_none(handle: str) -> str | None:
@@ -180,7 +238,7 @@ def served_name(doppel: dict[str, Any]) -> str | None:
 def describe(doppel: dict[str, Any]) -> str:
     """`alice: Training (40%), 812 samples` — what list and status show."""
     status = doppel.get("status") or {}
-    name = doppel["metadata"]["name"]
+    name = handle_of(doppel)
     text = f"*{name}*: {phase(doppel)}"
     progress = _progress(status)
     if progress:
@@ -195,7 +253,7 @@ def describe(doppel: dict[str, Any]) -> str:
 
 
 def not_ready_reply(doppel: dict[str, Any]) -> str:
-    name = doppel["metadata"]["name"]
+    name = handle_of(doppel)
     if phase(doppel) == "Failed":
         return f"Sorry, {name}'s doppel failed to train: {describe(doppel)}."
     progress = _progress(doppel.get("status") or {})
@@ -205,7 +263,7 @@ def not_ready_reply(doppel: dict[str, Any]) -> str:
 
 def progress_note(doppel: dict[str, Any]) -> str | None:
     """The progress message sent to whoever asked for a doppel, for the phase it has reached."""
-    name = doppel["metadata"]["name"]
+    name = handle_of(doppel)
     status = doppel.get("status") or {}
     samples = status.get("samples")
     return {

@@ -42,8 +42,17 @@ from doppel.bot.app import Chat, Deps, build_app, tell, vllm_chat
 from doppel.bot.config import DEFAULT_SCOPES, BotConfig
 from doppel.bot.directory import Directory
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
-from doppel.bot.kube import ANNOTATION_NOTIFIED, ANNOTATION_REQUESTER, LABEL_TEAM, Kube, api_client
+from doppel.bot.kube import (
+    ANNOTATION_ENTERPRISE,
+    ANNOTATION_NOTIFIED,
+    ANNOTATION_ORG_INSTALL,
+    ANNOTATION_REQUESTER,
+    LABEL_TEAM,
+    Kube,
+    api_client,
+)
 from doppel.bot.ledger import EventLedger, KubeEventLedger, MemoryEventLedger, SqlEventLedger
+from doppel.bot.logic import Tenant
 from doppel.bot.redact import install_token_redaction
 from doppel.bot.stores import AsyncInstallationStoreAdapter, SignedOAuthStateStore
 from doppel.bot.worker import slack_retry_handlers
@@ -105,11 +114,16 @@ class Bot:
     app: AsyncApp
     installation_store: AsyncInstallationStoreAdapter | None
 
-    async def token_for(self, team_id: str) -> str | None:
-        """The bot token of `team_id`: the configured one, or the installation's (OAuth)."""
+    async def token_for(self, tenant: Tenant) -> str | None:
+        """The bot token of the tenant's workspace: the configured one, or its installation's (OAuth): the
+        workspace's own, inside a Grid org or not, or its org's when the app is installed org-wide."""
         if self.installation_store is None:
             return self.config.bot_token
-        found = await self.installation_store.async_find_installation(enterprise_id=None, team_id=team_id)
+        found = await self.installation_store.async_find_installation(
+            enterprise_id=tenant.enterprise_id,
+            team_id=None if tenant.org_wide else tenant.team_id,
+            is_enterprise_install=tenant.org_wide,
+        )
         return found.bot_token if found else None
 
     def asgi(self) -> Starlette:
@@ -140,7 +154,7 @@ class Bot:
 
         async def readyz(request: Request) -> Response:
             try:
-                await self.deps.kube.get_state(self.config.bot_namespace)
+                await self.deps.kube.get_state(self.config.bot_namespace, "readyz")
             except Exception as exc:
                 return JSONResponse({"ok": False, "reason": f"Kubernetes: {type(exc).__name__}"}, 503)
             return JSONResponse({"ok": True})
@@ -361,10 +375,11 @@ async def notify_once(bot: Bot) -> int:
         note = logic.progress_note(doppel)
         if not (team_id and requester and note) or annotations.get(ANNOTATION_NOTIFIED) == phase:
             continue
-        # Only a workspace's own namespace may speak to that workspace.
-        if meta.get("namespace") != bot.config.namespace_for(team_id):
+        # Only a workspace's own doppels, in its own namespace, may speak to that workspace.
+        if logic.team_of(doppel) != team_id or meta.get("namespace") != bot.config.namespace_for(team_id):
             continue
-        token = await bot.token_for(team_id)
+        org_wide = annotations.get(ANNOTATION_ORG_INSTALL) == "true"
+        token = await bot.token_for(Tenant(team_id, annotations.get(ANNOTATION_ENTERPRISE), org_wide))
         if token is None:
             continue
         # Several replicas run this loop: the ledger's atomic claim lets exactly one of them post.

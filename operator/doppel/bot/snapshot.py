@@ -19,28 +19,30 @@ class Snapshots:
 
     def __init__(self, directory: Directory, ttl_s: float = 2.0) -> None:
         self.directory, self.ttl_s = directory, ttl_s
-        self._entries: dict[str, tuple[float, Snapshot]] = {}
-        self._reading: dict[str, asyncio.Task[Snapshot]] = {}
+        # Keyed by (namespace, team): workspaces sharing a namespace each see only their own doppels.
+        self._entries: dict[tuple[str, str], tuple[float, Snapshot]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Task[Snapshot]] = {}
 
-    async def get(self, namespace: str) -> Snapshot:
-        entry = self._entries.get(namespace)
+    async def get(self, namespace: str, team_id: str) -> Snapshot:
+        key = (namespace, team_id)
+        entry = self._entries.get(key)
         if entry is not None and time.monotonic() - entry[0] < self.ttl_s:
             return entry[1]
-        task = self._reading.get(namespace)
+        task = self._reading.get(key)
         if task is None:
-            task = asyncio.create_task(self._read(namespace))
-            self._reading[namespace] = task
-            task.add_done_callback(lambda _: self._reading.pop(namespace, None))
+            task = asyncio.create_task(self._read(key))
+            self._reading[key] = task
+            task.add_done_callback(lambda _: self._reading.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _read(self, namespace: str) -> Snapshot:
+    async def _read(self, key: tuple[str, str]) -> Snapshot:
         started = time.monotonic()
         doppels, state = await asyncio.gather(
-            self.directory.list_doppels(namespace), self.directory.get_state(namespace)
+            self.directory.list_doppels(*key), self.directory.get_state(*key)
         )
         snapshot = Snapshot(doppels, state.get("active") or None)
-        self._entries[namespace] = (started, snapshot)
+        self._entries[key] = (started, snapshot)
         return snapshot
 
-    def invalidate(self, namespace: str) -> None:
-        self._entries.pop(namespace, None)
+    def invalidate(self, namespace: str, team_id: str) -> None:
+        self._entries.pop((namespace, team_id), None)

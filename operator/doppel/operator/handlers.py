@@ -19,7 +19,16 @@ import httpx
 import kopf
 from pydantic import ValidationError
 
-from doppel.api import GROUP, PLURAL, VERSION, Adapter, DoppelUserSpec, DoppelUserStatus, TrainingProgress
+from doppel.api import (
+    GROUP,
+    LABEL_TEAM,
+    PLURAL,
+    VERSION,
+    Adapter,
+    DoppelUserSpec,
+    DoppelUserStatus,
+    TrainingProgress,
+)
 from doppel.operator import jobs
 from doppel.operator.config import OperatorConfig
 from doppel.operator.kube import ApiRefused, KubeApi
@@ -288,6 +297,10 @@ async def _secret_problem(api: KubeApi, namespace: str, spec: DoppelUserSpec) ->
         return f"Secret {namespace}/{ref.name} not found"
     if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
         return f"Secret {namespace}/{ref.name} has no key {ref.key!r}"
+    # Workspaces share a namespace: a Secret the bot wrote for one team never feeds another team's scrape.
+    owner = ((secret.get("metadata") or {}).get("labels") or {}).get(LABEL_TEAM)
+    if owner and owner != spec.slack.team_id:
+        return f"Secret {namespace}/{ref.name} holds the token of team {owner}, not {spec.slack.team_id}"
     return None
 
 
