@@ -102,6 +102,11 @@ class Slack(_Model):
     export_path: str | None = Field(
         default=None, pattern=RELATIVE_PATH, description="Slack export ZIP, relative to the shared volume."
     )
+    rate_profile: Literal["internal", "marketplace", "non-marketplace"] = Field(
+        default="internal",
+        description="The kind of Slack app the token belongs to, whose rate limits the scrape starts from "
+        "(non-marketplace: 1 history/replies call a minute); it learns the real ones from Slack's 429s.",
+    )
 
 
 class Data(_Model):
@@ -220,6 +225,16 @@ class TrainingProgress(_Model):
     updated_at: datetime | None = Field(default=None, description="When these figures last changed.")
 
 
+class ScrapeProgress(_Model):
+    channels_done: int = Field(default=0, ge=0, description="Channels scraped or skipped.")
+    channels_total: int = Field(default=0, ge=0)
+    messages: int = Field(default=0, ge=0, description="Messages fetched so far.")
+    rate_limited: int = Field(default=0, ge=0, description="429 answers waited out so far.")
+    wait_s: float | None = Field(default=None, ge=0, description="Seconds left of the wait for Slack.")
+    waiting_on: str | None = Field(default=None, description="The method the scrape waits to call.")
+    updated_at: datetime | None = Field(default=None, description="When these figures last changed.")
+
+
 class Adapter(_Model):
     served_name: str = Field(min_length=1)
     path: str = Field(min_length=1, description="Adapter directory as the vLLM pods see it.")
@@ -236,6 +251,7 @@ class DoppelUserStatus(_Model):
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = Field(default=None, ge=0)
     samples: int | None = Field(default=None, ge=0)
+    scraping: ScrapeProgress | None = None
     training: TrainingProgress | None = None
     adapter: Adapter | None = None
     served_by: list[str] = Field(default_factory=list, description="vLLM pods holding the adapter.")

@@ -140,8 +140,22 @@ def main(debug: bool) -> None:
     type=click.FloatRange(min=0, min_open=True),
     default=1.0,
     show_default=True,
-    help="Multiply Slack's documented rate limits (for raised limits or an emulator).",
+    help="Compress time (an emulator): Slack's limits times this, its Retry-After divided by it.",
 )
+@click.option(
+    "--rate-profile",
+    type=click.Choice(["internal", "marketplace", "non-marketplace"]),
+    default="internal",
+    show_default=True,
+    help="The kind of Slack app the token belongs to: its limits are where the scrape starts "
+    "(non-marketplace: 1 history/replies call a minute, 15 messages a page); 429s teach it the rest.",
+)
+@click.option(
+    "--budget-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Share the rate budget with other scrapes of the same workspace through DIR/<team>.json.",
+)
+@click.option("--json-progress", is_flag=True, help="One JSON line per page, channel and wait on stdout.")
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path), help="[default: OUT/state.json]")
 @click.option(
     "--rescan-days",
@@ -174,6 +188,9 @@ def scrape(
     no_scrub: bool,
     max_concurrency: int,
     rate_scale: float,
+    rate_profile: str,
+    budget_dir: Path | None,
+    json_progress: bool,
     state: Path | None,
     rescan_days: float,
 ) -> dict[str, Any]:
@@ -213,6 +230,9 @@ def scrape(
         base_url=slack_api_url,
         max_concurrency=max_concurrency,
         rate_scale=rate_scale,
+        rate_profile=rate_profile,
+        budget_dir=budget_dir,
+        progress=(lambda event: click.echo(json.dumps(event))) if json_progress else None,
         state_path=state,
         rescan_days=rescan_days,
     )

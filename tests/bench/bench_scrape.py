@@ -6,6 +6,13 @@ minute; the emulator answers each call after a simulated round trip, as Slack do
 - the speed-up over a one-channel-at-a-time scrape (max_concurrency=1) of the same workspace;
 - the calls of a re-run looking 31 days back (the threads are 28 to 30 days old) after a few threads got
   a late reply, against the first run's and against re-fetching every thread of that window;
+- under each of Slack's rate profiles (internal app, Marketplace app, distributed non-Marketplace app), time
+  compressed so that conversations.history/replies allow 2 calls/s, the default scrape (which starts from
+  the internal app's limits) and one told the profile: achieved over allowed rate of conversations.replies,
+  the bottleneck (goal >= 0.9), the 429s answered, the wall time against the profile's floor (the fewest
+  calls the pages allow, at the allowed rate), and what the scrape would take against Slack itself;
+- a non-Marketplace scrape killed mid-channel and resumed: how many history pages and threads per channel
+  it fetched again (goal: at most one page batch).
 - messages/s of sample building (windows, normalisation, samples) with scrubbing on vs off, and the
   scrubbed build's time against the time Slack's real (unscaled) Tier-3 limit takes to fetch the same
   workspace: scrubbing must not be what a real scrape waits on.
@@ -15,6 +22,11 @@ Run: .venv/bin/python tests/bench/bench_scrape.py  (only the sample building: ..
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,9 +36,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.support.slack_emulator import SlackEmulator
+from tests.support.synthetic_slack import synthetic_workspace as small_workspace
 
+from doppel.slack.ratelimit import PROFILES
 from doppel.slack.samples import Person, ScrapeOptions, build_samples, threads_from_messages
-from doppel.slack.scrape import PER_MINUTE, ApiSettings, scrape_api
+from doppel.slack.scrape import ApiSettings, scrape_api
+
+PER_MINUTE = PROFILES["internal"].per_minute
 
 CHANNELS = 20
 THREADS = 100
@@ -111,6 +127,143 @@ def incremental(workspace: dict[str, Any], late_replies: int = 5) -> None:
     )
 
 
+LIMITED = ("conversations.history", "conversations.replies")
+PROFILE_CHANNELS, PROFILE_THREADS, PROFILE_REPLIES = 4, 20, 2
+# Calls/s of history and replies after compression. Kept low so that the scheduling jitter of a loaded
+# machine stays as small against the interval between calls as a network's is against Slack's minute.
+TARGET_RATE = 2.0
+
+
+def achieved(emulator: SlackEmulator, method: str) -> float:
+    """Accepted calls per second of `method` from its first accepted call to its last."""
+    times = [c.time for c in emulator.calls_to(method) if c.status == 200]
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+
+
+def profile_run(slack_profile: str, client_profile: str) -> dict[str, Any]:
+    workspace = small_workspace(time.time(), PROFILE_CHANNELS, PROFILE_THREADS, PROFILE_REPLIES)
+    probe = SlackEmulator(rate_profile=slack_profile)
+    scale = TARGET_RATE * 60 / probe.allowed_per_minute("conversations.history")
+    with SlackEmulator(rate_scale=scale, latency=LATENCY, rate_profile=slack_profile) as emulator:
+        emulator.add_team(workspace, token=TOKEN)
+        out = Path(tempfile.mkdtemp(prefix="bench-scrape-profile-"))
+        settings = ApiSettings(
+            base_url=emulator.base_url, rate_scale=scale, rate_profile=client_profile, max_concurrency=4
+        )
+        started = time.monotonic()
+        manifest = scrape_api(TOKEN, "user0", out, ScrapeOptions(max_samples=10_000), settings)
+        wall = time.monotonic() - started
+        allowed = {m: emulator.allowed_per_minute(m) / 60 for m in LIMITED}
+        page = {m: emulator.page_cap(m) for m in LIMITED}
+        # conversations.replies is the bottleneck (a call a thread); history calls wait on their threads.
+        rate = achieved(emulator, "conversations.replies") / allowed["conversations.replies"]
+        limited = sum(1 for c in emulator.calls if c.status == 429)
+    # The fewest calls the pages allow: history pages of top-level messages, one thread a call or more.
+    floor_calls = {
+        "conversations.history": PROFILE_CHANNELS
+        * math.ceil(PROFILE_THREADS / page["conversations.history"]),
+        "conversations.replies": PROFILE_CHANNELS
+        * PROFILE_THREADS
+        * math.ceil((PROFILE_REPLIES + 1) / page["conversations.replies"]),
+    }
+    floor = max(floor_calls[m] / allowed[m] for m in LIMITED)
+    return {
+        "slack": slack_profile,
+        "client": client_profile,
+        "samples": manifest.samples,
+        "rate": rate,
+        "limited": limited,
+        "wall": wall,
+        "floor": floor,
+        "slack_time": wall * scale,
+    }
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def profiles() -> None:
+    pairs = [
+        ("internal", "internal"),
+        ("marketplace", "internal"),
+        ("non-marketplace", "internal"),  # the default scrape, learning the limits from 429s
+        ("non-marketplace", "non-marketplace"),
+    ]
+    rows = [profile_run(slack, client) for slack, client in pairs]
+    print(
+        f"\nrate profiles: {PROFILE_CHANNELS} channels x {PROFILE_THREADS} threads x {PROFILE_REPLIES} "
+        "replies, "
+        f"history/replies compressed to {TARGET_RATE:.0f} calls/s, {LATENCY * 1000:.0f} ms round trips"
+    )
+    header = (
+        f"{'Slack profile':<16} {'--rate-profile':<16} {'samples':>7} {'rate/allowed':>12} {'429s':>5} "
+        f"{'wall':>7} {'floor':>7} {'wall/floor':>10} {'against Slack':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['slack']:<16} {row['client']:<16} {row['samples']:>7} {row['rate']:>12.3f} "
+            f"{row['limited']:>5} {row['wall']:>6.1f}s {row['floor']:>6.1f}s "
+            f"{row['wall'] / row['floor']:>10.2f} "
+            f"{_duration(row['slack_time']):>13}"
+        )
+    worst = min(row["rate"] for row in rows)
+    print(f"lowest achieved/allowed rate of conversations.replies: {worst:.3f} (goal >= 0.9)")
+
+
+def kill_and_resume() -> None:
+    """A non-Marketplace scrape killed in its second channel, then resumed: what it fetched twice."""
+    workspace = small_workspace(time.time(), 3, 40, 1)
+    scale = 600.0
+    args = ["--rate-profile", "non-marketplace", "--rate-scale", str(scale), "--max-concurrency", "1"]
+    args += ["--rescan-days", "0", "--max-samples", "1000", "--json-progress"]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "SLACK_BOT_TOKEN": TOKEN, "PYTHONPATH": f"{root / 'operator'}:{root}"}
+    out = Path(tempfile.mkdtemp(prefix="bench-scrape-resume-"))
+    argv = [sys.executable, "-m", "doppel.cli", "scrape", "--user", "user0", "--out", str(out), *args]
+    with SlackEmulator(rate_scale=scale, latency=LATENCY, rate_profile="non-marketplace") as emulator:
+        emulator.add_team(workspace, token=TOKEN)
+        env["SLACK_API_URL"] = emulator.base_url
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["channels_done"] == 1 and event["messages"] >= 120 + 45:
+                time.sleep(0.5)  # into the second page's threads (10 calls/s)
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+        first = len(emulator.calls)
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+        calls = emulator.calls
+    before, after = calls[:first], calls[first:]
+
+    def fetched(part: list[Any], method: str, *keys: str) -> set[tuple[Any, ...]]:
+        return {
+            (c.params["channel"], *(c.params.get(k) for k in keys))
+            for c in part
+            if c.method == method and c.status == 200
+        }
+
+    pages = fetched(before, "conversations.history", "oldest", "latest")
+    pages &= fetched(after, "conversations.history", "oldest", "latest")
+    threads = fetched(before, "conversations.replies", "ts") & fetched(after, "conversations.replies", "ts")
+    per_channel = {c: sum(1 for p in pages if p[0] == c) for c in ("C000", "C001", "C002")}
+    samples = sum(1 for _ in (out / "samples.jsonl").open())
+    print(
+        f"\nkill and resume (non-marketplace, 3 channels x 40 threads, killed in the second channel): "
+        f"{samples} samples of 120; fetched again: {len(pages)} history page(s) {per_channel}, "
+        f"{len(threads)} thread(s) (a page batch is 1 page and at most 15 threads; goal <= 1 batch a "
+        "channel)"
+    )
+
+
 def sample_building(workspace: dict[str, Any], rounds: int = 3) -> None:
     """Sample building alone, from the same messages the scrape fetches, scrubbing on and off."""
     threads = [
@@ -154,6 +307,8 @@ def main() -> None:
     if sys.argv[1:] == ["samples"]:
         sample_building(workspace)
         return
+    profiles()
+    kill_and_resume()
     ceiling = PER_MINUTE["conversations.replies"] * RATE_SCALE
     concurrent_s, emulator, samples = run(CONCURRENCY, workspace)
     replies = [c.time for c in emulator.calls_to("conversations.replies")]

@@ -87,3 +87,62 @@ async def test_status_shows_training_progress_step_by_step(kube, operator_config
     finally:
         first.resume()
         await operator.stop()
+
+
+def scraping(obj: dict[str, Any]) -> dict[str, Any]:
+    return (obj.get("status") or {}).get("scraping") or {}
+
+
+def scrape_events(log: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.splitlines() if line.startswith('{"event": "scrape"')]
+
+
+async def test_status_shows_scrape_progress(kube, operator_config, slack_emulator):
+    # The client believes in a slower Slack than the emulator serves (5x, not 1000x), so that the scrape
+    # lasts long enough to be frozen after its first channel.
+    config = config_with(
+        operator_config,
+        slack_api_url=slack_emulator.base_url + "/",
+        scrape_args=("--rate-scale", "5"),
+        progress_s=0.2,
+    )
+    await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
+    first = kube.jobs.pause_when("scrape", lambda log: any(e["channels_done"] for e in scrape_events(log)))
+    operator = OperatorProcess(config)
+    await operator.start()
+    try:
+        await kube.kubectl.create(
+            doppeluser(
+                "alice",
+                slack={
+                    "teamId": "T0ACME001",
+                    "tokenSecretRef": {"name": "slack-bot"},
+                    "rateProfile": "marketplace",
+                },
+            )
+        )
+        await asyncio.wait_for(first.reached.wait(), 120)
+        run = next(r for name, r in kube.jobs.runs.items() if "-scrape-" in name)
+        job = next(j for j in kube.cluster.jobs() if "-scrape-" in j["metadata"]["name"])
+        command = " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
+        assert "--rate-profile marketplace" in command and "--json-progress" in command
+        assert run.log is not None
+        last = scrape_events(run.log.read_text())[-1]
+        obj = await kube.wait_for(
+            "alice", lambda o: scraping(o).get("messages") == last["messages"], 30, "scrape progress"
+        )
+        seen = scraping(obj)
+        assert obj["status"]["phase"] == "Scraping"
+        assert (seen["channelsDone"], seen["channelsTotal"]) == (last["channels_done"], 3)
+        assert 1 <= seen["channelsDone"] < 3 and seen["updatedAt"]
+        first.resume()
+        obj = await kube.wait_for("alice", lambda o: cond_ok(o, "Scraped"), 120, "scraped")
+        assert scraping(obj)["channelsDone"] == scraping(obj)["channelsTotal"] == 3
+    finally:
+        first.resume()
+        await operator.stop()
+
+
+def cond_ok(obj: dict[str, Any], type_: str) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions", [])
+    return any(c["type"] == type_ and c["status"] == "True" for c in conditions)

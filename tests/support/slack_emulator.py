@@ -19,6 +19,19 @@ Direct messages: `conversations.open(users=U…)` opens (or finds) the bot's IM 
 the team does not have (a DM between people, as `/doppel` typed in one reports it) is `channel_not_found`.
 chat.postMessage is limited per channel, as Slack's special limit is (`POST_PER_MINUTE_PER_CHANNEL`).
 
+Rate profiles, as Slack documents them (`rate_profile`): "internal" and "marketplace" apps get each method's
+tier; "non-marketplace" (a distributed app outside the Slack Marketplace, since May 2025) gets 1 request per
+minute on conversations.history and conversations.replies, with no burst and `limit` capped at 15. Time is
+compressible: `rate_scale` multiplies every limit and `Retry-After` is stated in Slack's (uncompressed)
+seconds, so a client that divides it by the same scale waits exactly as it would against Slack.
+
+Like Slack, deleting a thread root that has replies leaves a `tombstone` root (user USLACKBOT, hidden, with
+`reply_count` and `latest_reply`) whose replies stay readable. Errors Slack gives: `missing_scope` with
+`needed`/`provided` (`set_scopes`), `token_revoked` (`revoke_token`), `account_inactive` (`deactivate`),
+`invalid_limit`, `invalid_ts_oldest`/`invalid_ts_latest`, `is_archived` on join, `not_in_channel`
+(`remove_member`), `channel_not_found`, `channel_is_limited_access` (a channel with `is_limited_access`),
+`invalid_cursor`.
+
 Slack Connect: `add_external_user(user, channel_id)` puts a user of another organisation in a shared
 channel: `users.info` knows them (with their own `team_id`), `users.list` does not list them.
 `chat.postEphemeral` messages are kept apart (`ephemeral(channel)`): only their user sees them, so they
@@ -26,6 +39,7 @@ are not in the channel's history.
 
 Fault injection for the bad-input tests: `fail(method, count, status)` answers the next `count` calls of a
 method with an HTTP error (429 with `Retry-After: 1` and Slack's `ratelimited` body, as Slack answers);
+`fail_with(method, error, count)` with an `ok: false` error;
 `vanish_channel(channel_id, after_calls)` deletes a channel after it has been used `after_calls` times.
 """
 
@@ -63,14 +77,35 @@ METHOD_TIER = {
 # chat.postMessage's own limit: about one message a second per channel, short bursts allowed.
 POST_PER_MINUTE_PER_CHANNEL = 60
 MAX_LIMIT = {"users.list": 1000, "conversations.list": 1000, "conversations.history": 999}
+# (per minute, burst in calls) of the methods a profile changes.
+NON_MARKETPLACE_METHODS = ("conversations.history", "conversations.replies")
+RATE_PROFILES: dict[str, dict[str, tuple[float, float]]] = {
+    "internal": {},
+    "marketplace": {},
+    "non-marketplace": dict.fromkeys(NON_MARKETPLACE_METHODS, (1.0, 1.0)),
+}
+NON_MARKETPLACE_PAGE = 15
+# The scopes a bot token needs for each method (public channels / private ones).
+METHOD_SCOPES = {
+    "users.list": ("users:read", "users:read"),
+    "users.info": ("users:read", "users:read"),
+    "conversations.list": ("channels:read", "groups:read"),
+    "conversations.info": ("channels:read", "groups:read"),
+    "conversations.join": ("channels:join", "channels:join"),
+    "conversations.history": ("channels:history", "groups:history"),
+    "conversations.replies": ("channels:history", "groups:history"),
+    "chat.postMessage": ("chat:write", "chat:write"),
+}
+TOMBSTONE_TEXT = "This message was deleted."
 
 
 class ApiError(Exception):
-    """An `ok: false` answer."""
+    """An `ok: false` answer, with any extra fields Slack adds (`needed`, `provided`)."""
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, **extra: Any) -> None:
         super().__init__(error)
         self.error = error
+        self.extra = extra
 
 
 @dataclass
@@ -94,6 +129,8 @@ class Team:
     users: list[dict[str, Any]]
     channels: dict[str, dict[str, Any]]
     messages: dict[str, list[dict[str, Any]]]  # channel id -> messages sorted by ts
+    scopes: set[str] | None = None  # None: every scope
+    token_error: str | None = None  # token_revoked, account_inactive
     external_users: list[dict[str, Any]] = field(default_factory=list)  # Slack Connect: other orgs' people
     ephemeral: list[dict[str, Any]] = field(default_factory=list)  # chat.postEphemeral, seen by one user
 
@@ -133,7 +170,8 @@ class SlackEmulator:
     """The emulator; `start()` serves it on 127.0.0.1, `base_url` is what slack_sdk takes.
 
     `rate_scale` multiplies every tier's limit (tests run fast), `burst_seconds` is how many seconds' worth
-    of calls a method takes at once before 429s start, `latency` delays every answer, `post_limit` sets
+    of calls a method takes at once before 429s start, `latency` delays every answer, `rate_profile` is the
+    kind of app Slack takes the client for (see the module's docstring), `post_limit` sets
     chat.postMessage's per-channel limit apart (messages a second, burst).
     """
 
@@ -143,9 +181,13 @@ class SlackEmulator:
         rate_scale: float = 1.0,
         latency: float = 0.0,
         burst_seconds: float = 6.0,
+        rate_profile: str = "internal",
         post_limit: tuple[float, float] | None = None,
     ) -> None:
+        if rate_profile not in RATE_PROFILES:
+            raise ValueError(f"unknown rate profile {rate_profile!r}")
         self.rate_scale = rate_scale
+        self.rate_profile = rate_profile
         # chat.postMessage per channel: (messages a second, burst); None scales Slack's own like the tiers.
         self.post_limit = post_limit
         self.latency = latency  # seconds each answer takes, as a real round trip would
@@ -155,6 +197,7 @@ class SlackEmulator:
         self._by_token: dict[str, Team] = {}
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._failures: dict[str, list[int]] = {}
+        self._errors: dict[str, list[str]] = {}
         self._vanish: dict[str, int] = {}
         self._seq = 0
         self._lock = threading.Lock()
@@ -216,6 +259,34 @@ class SlackEmulator:
         with self._lock:
             self._failures.setdefault(method, []).extend([status] * count)
 
+    def fail_with(self, method: str, error: str, count: int = 1) -> None:
+        """Answer the next `count` calls of `method` with `{"ok": false, "error": error}`."""
+        with self._lock:
+            self._errors.setdefault(method, []).extend([error] * count)
+
+    def set_scopes(self, scopes: set[str] | None, team: Team | None = None) -> None:
+        """The scopes the bot token was granted (None: all)."""
+        with self._lock:
+            (team or self.team).scopes = None if scopes is None else set(scopes)
+
+    def revoke_token(self, team: Team | None = None) -> None:
+        with self._lock:
+            (team or self.team).token_error = "token_revoked"
+
+    def deactivate(self, team: Team | None = None) -> None:
+        """The bot user was deactivated: its token answers account_inactive."""
+        with self._lock:
+            (team or self.team).token_error = "account_inactive"
+
+    def remove_member(self, channel_id: str, user_id: str | None = None, team: Team | None = None) -> None:
+        """Someone removed `user_id` (default: the bot) from the channel."""
+        team = team or self.team
+        with self._lock:
+            members = team.channels[channel_id]["members"]
+            who = user_id or team.bot_user_id
+            if who in members:
+                members.remove(who)
+
     def vanish_channel(self, channel_id: str, after_calls: int = 0) -> None:
         """Delete `channel_id` once `after_calls` more calls have named it."""
         with self._lock:
@@ -235,10 +306,24 @@ class SlackEmulator:
             msgs.sort(key=lambda m: _ts_key(m["ts"]))
 
     def delete_message(self, channel_id: str, ts: str, team: Team | None = None) -> None:
-        """Someone deleted a message (a thread root takes its thread with it, as far as the API shows)."""
+        """Someone deleted a message. A thread root with replies becomes a tombstone, as in Slack: the
+        replies stay readable under it."""
         with self._lock:
             msgs = (team or self.team).messages[channel_id]
-            msgs[:] = [m for m in msgs if m["ts"] != ts]
+            if not any(m.get("thread_ts") == ts and m["ts"] != ts for m in msgs):
+                msgs[:] = [m for m in msgs if m["ts"] != ts]
+                return
+            for i, message in enumerate(msgs):
+                if message["ts"] == ts:
+                    msgs[i] = {
+                        "type": "message",
+                        "subtype": "tombstone",
+                        "user": "USLACKBOT",
+                        "text": TOMBSTONE_TEXT,
+                        "hidden": True,
+                        "ts": ts,
+                        "thread_ts": ts,
+                    }
 
     def add_external_user(self, user: dict[str, Any], channel_id: str, team: Team | None = None) -> None:
         """A user of another organisation (their own `team_id`) in a Slack Connect channel of `team`."""
@@ -357,29 +442,42 @@ class SlackEmulator:
             if handler is None:
                 record.error = "unknown_method"
                 return 200, {"ok": False, "error": "unknown_method"}, {}
-            if team is None:
-                record.error = "not_authed" if not token else "invalid_auth"
-                return 200, {"ok": False, "error": record.error}, {}
+            if team is None or team.token_error:
+                error = team.token_error if team else "not_authed" if not token else "invalid_auth"
+                record.error = error
+                return 200, {"ok": False, "error": error}, {}
             wait = self._bucket(team.id, method).take(now)
+            # In Slack's seconds: a client that compresses time by the same scale divides it back.
+            scale = self.rate_scale
             if method == "chat.postMessage" and not wait:
                 wait = self._channel_bucket(team.id, str(params.get("channel", ""))).take(now)
+                if self.post_limit:
+                    scale = (
+                        1.0  # an explicit limit is in real seconds (the bot's slack_sdk client waits them)
+                    )
             if wait > 0:
                 record.status, record.error = 429, "ratelimited"
-                headers = {"Retry-After": str(max(1, math.ceil(wait)))}
+                headers = {"Retry-After": str(max(1, math.ceil(wait * scale)))}
                 return 429, {"ok": False, "error": "ratelimited"}, headers
             try:
+                injected = self._errors.get(method)
+                if injected:
+                    raise ApiError(injected.pop(0))
+                self._check_scope(team, method, params)
                 self._maybe_vanish(team, params.get("channel"))
                 result = handler(team, params)
             except ApiError as exc:
                 record.error = exc.error
-                return 200, {"ok": False, "error": exc.error}, {}
+                return 200, {"ok": False, "error": exc.error, **exc.extra}, {}
             return 200, {"ok": True, **result}, {}
 
     def _bucket(self, team_id: str, method: str) -> _Bucket:
         key = (team_id, method)
         if key not in self._buckets:
-            rate = TIER_PER_MINUTE[METHOD_TIER[method]] * self.rate_scale / 60
-            capacity = max(1.0, rate * self.burst_seconds)
+            limited = RATE_PROFILES[self.rate_profile].get(method)
+            per_minute = limited[0] if limited else TIER_PER_MINUTE[METHOD_TIER[method]]
+            rate = per_minute * self.rate_scale / 60
+            capacity = limited[1] if limited else max(1.0, rate * self.burst_seconds)
             self._buckets[key] = _Bucket(rate=rate, capacity=capacity, tokens=capacity)
         return self._buckets[key]
 
@@ -398,6 +496,31 @@ class SlackEmulator:
             return next(
                 (c["id"] for c in team.channels.values() if c.get("is_im") and c.get("user") == user_id), None
             )
+
+    def allowed_per_minute(self, method: str) -> float:
+        """Slack's allowance for `method` under this profile, in calls per (compressed) minute."""
+        limited = RATE_PROFILES[self.rate_profile].get(method)
+        return (limited[0] if limited else TIER_PER_MINUTE[METHOD_TIER[method]]) * self.rate_scale
+
+    def page_cap(self, method: str) -> int:
+        """The most items one call of `method` returns under this profile."""
+        if self.rate_profile == "non-marketplace" and method in NON_MARKETPLACE_METHODS:
+            return NON_MARKETPLACE_PAGE
+        return MAX_LIMIT.get(method, 1000)
+
+    def _check_scope(self, team: Team, method: str, params: dict[str, Any]) -> None:
+        if team.scopes is None or method not in METHOD_SCOPES:
+            return
+        public, private = METHOD_SCOPES[method]
+        channel = team.channels.get(str(params.get("channel", "")))
+        if method == "conversations.list":
+            types = str(params.get("types") or "public_channel").split(",")
+            needed = [s for t, s in (("public_channel", public), ("private_channel", private)) if t in types]
+        else:
+            needed = [private if channel is not None and channel.get("is_private") else public]
+        missing = [s for s in needed if s not in team.scopes]
+        if missing:
+            raise ApiError("missing_scope", needed=",".join(missing), provided=",".join(sorted(team.scopes)))
 
     def _maybe_vanish(self, team: Team, channel_id: str | None) -> None:
         if channel_id not in self._vanish:
@@ -423,7 +546,7 @@ class SlackEmulator:
         }
 
     def _m_users_list(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
-        page, cursor = _paginate(team.users, params, "users.list", default_limit=0)
+        page, cursor = _paginate(team.users, params, MAX_LIMIT["users.list"], default_limit=0)
         return {"members": page, "cache_ts": int(time.time()), "response_metadata": {"next_cursor": cursor}}
 
     def _m_users_info(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
@@ -446,7 +569,7 @@ class SlackEmulator:
             if exclude_archived and channel.get("is_archived"):
                 continue
             listed.append(self._channel_view(team, channel))
-        page, cursor = _paginate(listed, params, "conversations.list", default_limit=100)
+        page, cursor = _paginate(listed, params, MAX_LIMIT["conversations.list"], default_limit=100)
         return {"channels": page, "response_metadata": {"next_cursor": cursor}}
 
     def _m_conversations_info(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
@@ -476,7 +599,7 @@ class SlackEmulator:
         ]
         msgs = _between(msgs, params)
         msgs.reverse()  # newest first, as Slack does
-        page, cursor = _paginate(msgs, params, "conversations.history", default_limit=100)
+        page, cursor = _paginate(msgs, params, self.page_cap("conversations.history"), default_limit=100)
         return {
             "messages": page,
             "has_more": bool(cursor),
@@ -501,7 +624,7 @@ class SlackEmulator:
             if m.get("thread_ts") == root and m["ts"] != root
         ]
         thread += _between(replies, params)
-        page, cursor = _paginate(thread, params, "conversations.replies", default_limit=1000)
+        page, cursor = _paginate(thread, params, self.page_cap("conversations.replies"), default_limit=1000)
         return {"messages": page, "has_more": bool(cursor), "response_metadata": {"next_cursor": cursor}}
 
     def _m_conversations_open(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
@@ -585,6 +708,8 @@ class SlackEmulator:
 
     def _readable_channel(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
         channel = self._visible_channel(team, params)
+        if channel.get("is_limited_access"):
+            raise ApiError("channel_is_limited_access")
         if not team.is_member(channel):
             raise ApiError("not_in_channel")
         return channel
@@ -620,6 +745,7 @@ class SlackEmulator:
             view["thread_ts"] = message["ts"]
             view["reply_count"] = len(replies)
             view["reply_users"] = sorted({m.get("user", "") for m in replies})
+            view["reply_users_count"] = len(view["reply_users"])
             view["latest_reply"] = replies[-1]["ts"]
         return view
 
@@ -638,6 +764,17 @@ def _ts_key(ts: str) -> tuple[int, int]:
     return int(seconds), int(micros or 0)
 
 
+def _param_ts(params: dict[str, Any], key: str) -> tuple[int, int] | None:
+    """A timestamp argument (`oldest`, `latest`); Slack answers invalid_ts_<key> for anything else."""
+    value = str(params.get(key) or "")
+    if not value:
+        return None
+    seconds, _, micros = value.partition(".")
+    if not seconds.isdigit() or (micros and not micros.isdigit()):
+        raise ApiError(f"invalid_ts_{key}")
+    return int(seconds), int(micros.ljust(6, "0")[:6] or 0)
+
+
 def _flag(value: Any) -> bool:
     return value in (True, 1, "1", "true", "True")
 
@@ -645,8 +782,8 @@ def _flag(value: Any) -> bool:
 def _between(messages: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[str, Any]]:
     """Messages within `oldest`/`latest` (exclusive unless `inclusive`), oldest first."""
     inclusive = _flag(params.get("inclusive"))
-    oldest = _ts_key(str(params["oldest"])) if params.get("oldest") else None
-    latest = _ts_key(str(params["latest"])) if params.get("latest") else None
+    oldest = _param_ts(params, "oldest")
+    latest = _param_ts(params, "latest")
     kept = []
     for message in messages:
         key = _ts_key(message["ts"])
@@ -659,16 +796,17 @@ def _between(messages: list[dict[str, Any]], params: dict[str, Any]) -> list[dic
 
 
 def _paginate(
-    items: list[dict[str, Any]], params: dict[str, Any], method: str, *, default_limit: int
+    items: list[dict[str, Any]], params: dict[str, Any], cap: int, *, default_limit: int
 ) -> tuple[list[dict[str, Any]], str]:
-    """One page of `items` and the cursor of the next ("" at the end). Slack's cursors are opaque base64."""
+    """One page of `items` (at most `cap`: Slack silently caps `limit`) and the cursor of the next ("" at the
+    end). Slack's cursors are opaque base64."""
     try:
         limit = int(params.get("limit") or default_limit)
     except ValueError:
         raise ApiError("invalid_limit") from None
     if limit < 0:
         raise ApiError("invalid_limit")
-    limit = min(limit, MAX_LIMIT.get(method, 1000)) if limit else len(items)
+    limit = min(limit, cap) if limit else len(items)
     start = 0
     if params.get("cursor"):
         try:

@@ -221,3 +221,61 @@ def test_chat_post_message_is_limited_per_channel(slack_workspace):
             token=ACME_TOKEN, base_url=emulator.base_url, retry_handlers=[RateLimitErrorRetryHandler()]
         )
         assert retrying.users_info(user="U01ALICE")["user"]["id"] == "U01ALICE"
+
+
+def test_non_marketplace_profile_one_call_a_minute_pages_of_15(slack_workspace):
+    # 60x compressed: a minute is a second; Retry-After is in Slack's seconds (about a minute).
+    with SlackEmulator(rate_scale=60, rate_profile="non-marketplace") as emulator:
+        emulator.add_team(slack_workspace, token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
+        client = WebClient(token=ACME_TOKEN, base_url=emulator.base_url)
+        page = client.conversations_history(channel="C01GENERAL", limit=200)
+        assert len(page["messages"]) <= 15
+        with pytest.raises(SlackApiError) as err:
+            client.conversations_history(channel="C01GENERAL")
+        assert err.value.response.status_code == 429
+        assert 55 <= int(err.value.response.headers["Retry-After"]) <= 60
+        client.users_list()  # other methods keep their tiers
+        assert emulator.allowed_per_minute("conversations.replies") == 60
+        assert emulator.page_cap("conversations.replies") == 15 and emulator.page_cap("users.list") == 1000
+
+
+def test_deleted_root_leaves_a_tombstone_with_readable_replies(slack_emulator, client):
+    history = client.conversations_history(channel="C01GENERAL")["messages"]
+    root = max(history, key=lambda m: m.get("reply_count", 0))
+    slack_emulator.delete_message("C01GENERAL", root["ts"])
+    after = client.conversations_history(channel="C01GENERAL")["messages"]
+    tomb = next(m for m in after if m["ts"] == root["ts"])
+    assert (tomb["subtype"], tomb["user"], tomb["hidden"]) == ("tombstone", "USLACKBOT", True)
+    assert tomb["reply_count"] == root["reply_count"] and tomb["latest_reply"] == root["latest_reply"]
+    thread = client.conversations_replies(channel="C01GENERAL", ts=root["ts"])["messages"]
+    assert thread[0]["subtype"] == "tombstone" and len(thread) == root["reply_count"] + 1
+
+
+def test_error_answers_slack_gives(slack_emulator, client):
+    slack_emulator.set_scopes({"channels:read"})
+    with pytest.raises(SlackApiError) as err:
+        client.conversations_history(channel="C01GENERAL")
+    assert err.value.response["error"] == "missing_scope"
+    assert (err.value.response["needed"], err.value.response["provided"]) == (
+        "channels:history",
+        "channels:read",
+    )
+    slack_emulator.set_scopes(None)
+    for kwargs, error in [
+        ({"oldest": "yesterday"}, "invalid_ts_oldest"),
+        ({"latest": "-5"}, "invalid_ts_latest"),
+        ({"limit": "many"}, "invalid_limit"),
+        ({"cursor": "bm9wZTo1"}, "invalid_cursor"),
+    ]:
+        with pytest.raises(SlackApiError, match=error):
+            client.conversations_history(channel="C01GENERAL", **kwargs)
+    assert client.conversations_history(channel="C01GENERAL")["ok"]  # the bot is in it
+    slack_emulator.remove_member("C01GENERAL")
+    with pytest.raises(SlackApiError, match="not_in_channel"):
+        client.conversations_history(channel="C01GENERAL")
+    slack_emulator.team.channels["C01GENERAL"]["is_limited_access"] = True
+    with pytest.raises(SlackApiError, match="channel_is_limited_access"):
+        client.conversations_history(channel="C01GENERAL")
+    slack_emulator.revoke_token()
+    with pytest.raises(SlackApiError, match="token_revoked"):
+        client.auth_test()

@@ -276,9 +276,22 @@ def progress_note(doppel: dict[str, Any]) -> str | None:
 
 
 def _progress(status: dict[str, Any]) -> str | None:
-    """How far training is, from `status.training` (steps done of the planned total)."""
+    """How far scraping or training is, from `status.scraping` (channels done of the total, messages so far,
+    the current wait for Slack) or `status.training` (steps done of the planned total)."""
+    scraping = status.get("scraping") or {}
+    if status.get("phase") == "Scraping" and scraping.get("channelsTotal"):
+        text = f"{scraping.get('channelsDone', 0)} of {scraping['channelsTotal']} channels"
+        text += f", {scraping.get('messages', 0)} messages"
+        wait = scraping.get("waitS")
+        if wait:
+            text += f", waiting {_seconds(wait)} for Slack's rate limit"
+        return text
     training = status.get("training") or {}
     step, total = training.get("step"), training.get("totalSteps")
     if status.get("phase") != "Training" or step is None:
         return None
     return f"{step / total:.0%} of {total} steps" if total else f"step {step}"
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

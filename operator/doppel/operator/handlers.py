@@ -27,12 +27,11 @@ from doppel.api import (
     Adapter,
     DoppelUserSpec,
     DoppelUserStatus,
-    TrainingProgress,
 )
 from doppel.operator import jobs
 from doppel.operator.config import OperatorConfig
 from doppel.operator.kube import ApiRefused, KubeApi
-from doppel.operator.progress import latest_progress
+from doppel.operator.progress import latest_progress, latest_scrape_progress
 from doppel.operator.reconcile import (
     Observed,
     Plan,
@@ -42,6 +41,7 @@ from doppel.operator.reconcile import (
     queue_admits,
     reconcile,
     record_progress,
+    record_scrape_progress,
     refused,
     transitions,
 )
@@ -55,7 +55,8 @@ RESERVATION_S = 60.0
 # vLLM calls from the operator: fail fast, the loop retries on its own schedule.
 VLLM_RETRY = RetryPolicy(attempts=2, initial_delay=0.2, max_delay=1.0)
 FINALIZER = f"{GROUP}/finalizer"
-# Lines of the train pod's log read for progress: one JSON line per step, plus whatever stderr interleaves.
+# Lines of a scrape or train pod's log read for progress: one JSON line per step (or page), plus whatever
+# stderr interleaves.
 PROGRESS_TAIL_LINES = 50
 
 
@@ -402,7 +403,11 @@ async def _step(
     _state(memo).refusals.pop(uid, None)
     new, delay = plan.status, plan.requeue_after
     if plan.progress_from is not None:
-        new = record_progress(new, await _read_progress(api, namespace, *plan.progress_from, logger), now)
+        log = await _read_log(api, namespace, *plan.progress_from, logger)
+        if log is not None and new.phase == "Scraping":
+            new = record_scrape_progress(new, latest_scrape_progress(log), now)
+        elif log is not None:
+            new = record_progress(new, latest_progress(log), now)
     vllm = _vllm_pods(spec, namespace, indexes["ready_pods"])
     if plan.register is not None:
         # Say Registering while the loads run (they can take a while on busy pods).
@@ -460,17 +465,16 @@ async def _carry_out(
     return None
 
 
-async def _read_progress(
+async def _read_log(
     api: KubeApi, namespace: str, pod: str, container: str, logger: logging.Logger | Any
-) -> TrainingProgress | None:
-    """The train pod's latest progress line; None when unreadable (progress is best effort: the outcome
-    still comes from the termination message)."""
+) -> str | None:
+    """The tail of a Job pod's log; None when unreadable (progress is best effort: the outcome still comes
+    from the termination message)."""
     try:
-        log = await api.pod_log(namespace, pod, container, PROGRESS_TAIL_LINES)
+        return await api.pod_log(namespace, pod, container, PROGRESS_TAIL_LINES)
     except httpx.HTTPError as exc:
         logger.debug(f"reading the log of pod {pod}: {exc}")
         return None
-    return latest_progress(log) if log is not None else None
 
 
 def _invalid(status: DoppelUserStatus, message: str) -> DoppelUserStatus:

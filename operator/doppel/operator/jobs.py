@@ -115,7 +115,9 @@ def scrape_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -
     if slack.export_path:
         command += ["--export", posixpath.join(config.data_root, slack.export_path)]
     else:
-        command += ["--team", slack.team_id]
+        command += ["--team", slack.team_id, "--rate-profile", slack.rate_profile]
+        # One rate budget per workspace, shared by every scrape Job of it (see doppel.slack.ratelimit).
+        command += ["--budget-dir", posixpath.join(config.data_root, ".slack-budget")]
         if config.slack_api_url:
             command += ["--slack-api-url", config.slack_api_url]
     command += ["--user", target.user_id or target.handle or target.real_name or ""]
@@ -124,7 +126,7 @@ def scrape_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -
     for channel in slack.channels.exclude:
         command += ["--exclude-channel", channel]
     command += ["--cutoff-days", str(data.cutoff_days), "--min-length", str(data.min_length)]
-    command += ["--max-samples", str(data.max_samples)]
+    command += ["--max-samples", str(data.max_samples), "--json-progress"]
     if not data.scrub:
         command.append("--no-scrub")
     return command + list(config.scrape_args)

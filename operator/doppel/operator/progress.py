@@ -1,4 +1,5 @@
-"""Training progress from the train pod's log: the JSON lines `doppel train --json-progress` prints.
+"""Progress from a Job pod's log: the JSON lines `doppel train --json-progress` and `doppel scrape
+--json-progress` print.
 
 Pure parsing, no I/O. The log tail mixes stdout and stderr (warnings, tracebacks) and its first line may
 be cut in the middle, so anything that is not a well-formed progress or eval event is skipped.
@@ -10,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from doppel.api import TrainingProgress
+from doppel.api import ScrapeProgress, TrainingProgress
 
 
 def _number(value: Any) -> float | None:
@@ -58,3 +59,37 @@ def latest_progress(log: str) -> TrainingProgress | None:
         eval_loss=eval_loss,
         percent=round(min(100.0, 100.0 * step / total), 1) if total else None,
     )
+
+
+def _count(event: dict[str, Any], key: str) -> int | None:
+    value = event.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def latest_scrape_progress(log: str) -> ScrapeProgress | None:
+    """The figures of the last well-formed scrape event in `log`; None when there is none yet."""
+    for line in reversed(log.splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(event, dict) or event.get("event") != "scrape":
+            continue
+        keys = ("channels_done", "channels_total", "messages", "rate_limited")
+        counts = {k: _count(event, k) for k in keys}
+        if any(v is None for k, v in counts.items() if k != "rate_limited"):
+            continue
+        wait = _number(event.get("wait_s"))
+        waiting_on = event.get("waiting_on")
+        return ScrapeProgress(
+            channels_done=counts["channels_done"] or 0,
+            channels_total=counts["channels_total"] or 0,
+            messages=counts["messages"] or 0,
+            rate_limited=counts["rate_limited"] or 0,
+            wait_s=wait if wait and wait > 0 else None,
+            waiting_on=waiting_on if isinstance(waiting_on, str) and wait and wait > 0 else None,
+        )
+    return None

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from doppel.api import Adapter, Condition, ConditionType, DoppelUserSpec, DoppelUserStatus, TrainingProgress
+from doppel.api import (
+    Adapter,
+    Condition,
+    ConditionType,
+    DoppelUserSpec,
+    DoppelUserStatus,
+    ScrapeProgress,
+    TrainingProgress,
+)
 from doppel.operator import jobs
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Outcome, Owner, Step
@@ -39,7 +47,8 @@ class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)  # Job manifests
     register: Adapter | None = None  # load this on every ready vLLM pod, then call `promote`
     requeue_after: float | None = None  # look again this soon even if nothing changes
-    # (pod, container) of the running train Job: read its log for progress (see `record_progress`).
+    # (pod, container) of the running scrape or train Job: read its log for progress (see `record_progress`
+    # and `record_scrape_progress`; which one by the phase).
     progress_from: tuple[str, str] | None = None
     # Jobs given up on (their pod cannot start): Job name -> why. Stopped and marked, kept as the record.
     abandon: dict[str, str] = field(default_factory=dict)
@@ -169,11 +178,17 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     if result.state == "running":
         status.phase = "Scraping"
         set_condition(status, "Scraped", False, "Running", f"Job {job['metadata']['name']} running", now)
+        plan.progress_from = _train_pod(observed, job)
+        plan.requeue_after = config.progress_s
         result = _stuck(observed, config, plan, "scrape", job) or result
     if result.state == "running":
         return plan
     if result.state == "failed":
         return _failed(observed, config, plan, "scrape", attempt, result)
+    if status.scraping is not None:  # done: no wait left, every channel taken or skipped
+        status.scraping = status.scraping.model_copy(
+            update={"channels_done": status.scraping.channels_total, "wait_s": None, "waiting_on": None}
+        )
     status.samples = int(result.result.get("samples", 0))
     set_condition(status, "Scraped", True, "Scraped", f"{status.samples} samples", now)
     return _start(observed, config, plan, "train", 1)
@@ -197,6 +212,8 @@ def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, a
     status.phase = "Scraping" if step == "scrape" else "Training"
     if step == "train":
         status.training = None  # a new run: no figures from an earlier attempt
+    else:
+        status.scraping = None
     name = jobs.job_name(observed.owner, step, attempt)
     set_condition(status, "Scraped" if step == "scrape" else "Trained", False, "Running", f"Job {name}", now)
     return plan
@@ -327,7 +344,7 @@ PRUNE_MAX = 200
 
 
 def _train_pod(observed: Observed, job: dict[str, Any]) -> tuple[str, str] | None:
-    """(pod, container) whose log shows the running train Job's progress: its newest started pod."""
+    """(pod, container) whose log shows the running Job's progress: its newest started pod."""
     containers = job.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or [{}]
     container = containers[0].get("name", "train")
     started = [
@@ -360,6 +377,22 @@ def record_progress(
             return status
     new = status.model_copy(deep=True)
     new.training = seen.model_copy(update={"updated_at": now})
+    return new
+
+
+def record_scrape_progress(
+    status: DoppelUserStatus, seen: ScrapeProgress | None, now: datetime
+) -> DoppelUserStatus:
+    """Put the figures read from the scrape log into the status; the same object when unchanged."""
+    if seen is None:
+        return status
+    before = status.scraping
+    if before is not None and seen.model_dump(exclude={"updated_at"}) == before.model_dump(
+        exclude={"updated_at"}
+    ):
+        return status
+    new = status.model_copy(deep=True)
+    new.scraping = seen.model_copy(update={"updated_at": now})
     return new
 
 
