@@ -184,6 +184,27 @@ class DoppelUserSpec(_Model):
     retention: RetentionPolicy = Field(default_factory=RetentionPolicy)
 
 
+class TrainDefaults(_Model):
+    """What the train Job of a DoppelUser that leaves these fields out gets: the cluster's choice (the
+    operator's `--train-defaults`, the chart's `operator.trainDefaults`). The one place such defaults live,
+    so a DoppelUser applied with kubectl and one created by `/doppel train` are scheduled alike."""
+
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+def with_train_defaults(spec: DoppelUserSpec, defaults: TrainDefaults) -> DoppelUserSpec:
+    """`spec` with each of resources, nodeSelector and tolerations taken from `defaults` when the object
+    does not set it (as written: an empty list set on purpose stays empty)."""
+    unset = {
+        name: getattr(defaults, name)
+        for name in TrainDefaults.model_fields
+        if name not in spec.model_fields_set
+    }
+    return spec.model_copy(update=unset)
+
+
 class Condition(_Model):
     type: ConditionType
     status: Literal["True", "False", "Unknown"]

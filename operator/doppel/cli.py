@@ -551,6 +551,13 @@ def crd() -> None:
     help="Seconds between reads of a running train pod's log for progress in the status.",
 )
 @click.option(
+    "--train-defaults",
+    envvar="DOPPEL_TRAIN_DEFAULTS",
+    default=None,
+    help='JSON {"resources": ..., "nodeSelector": ..., "tolerations": [...]} for train Jobs of DoppelUsers '
+    "that leave those fields out.",
+)
+@click.option(
     "--pending-timeout",
     envvar="DOPPEL_PENDING_TIMEOUT_SECONDS",
     type=click.FloatRange(min=1),
@@ -631,6 +638,7 @@ def operator_command(
     slack_api_url: str | None,
     resync: float,
     progress_interval: float,
+    train_defaults: str | None,
     pending_timeout: float,
     scrape_deadline: int,
     train_deadline: int,
@@ -647,11 +655,20 @@ def operator_command(
     """Run the DoppelUser operator (kopf) until interrupted."""
     import asyncio
 
+    import pydantic
+
+    from doppel.api import TrainDefaults
     from doppel.operator.config import OperatorConfig
     from doppel.operator.handlers import run
 
     if not data_root.startswith("/"):
         raise BadInput(f"--data-root must be an absolute path, got {data_root!r}")
+    try:
+        defaults = TrainDefaults.model_validate_json(train_defaults or "{}")
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the value"
+        raise BadInput(f"--train-defaults: {where}: {error['msg']}") from None
     if lora_dir and not lora_dir.startswith(data_root.rstrip("/") + "/"):
         raise BadInput(f"--lora-dir must be inside --data-root {data_root}, got {lora_dir!r}")
     config = OperatorConfig(
@@ -664,6 +681,7 @@ def operator_command(
         namespaces=tuple(n for ns in namespaces for n in ns.split(",") if n),
         resync_s=resync,
         progress_s=progress_interval,
+        train_defaults=defaults,
         pending_timeout_s=pending_timeout,
         deadlines_s={
             "scrape": scrape_deadline,
