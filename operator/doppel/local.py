@@ -1,18 +1,19 @@
 """`doppel local`: the whole pipeline on one machine, no cluster, no GPU needed.
 
 Stages, each shown with its number, name and elapsed time: workspace (the demo export, or the given one)
--> base model (the tiny model for the demo) -> scrape (incremental) -> train (skipped when nothing
-changed) -> replies (the in-process transformers+peft backend answers a few questions, adapter and base
-model side by side, in one batch).
+-> base model (the demo: SmolLM2-135M-Instruct, built once into the models cache) -> scrape (incremental)
+-> train (skipped when nothing changed) -> eval (the fidelity report, eval.json; see doppel.train.fidelity)
+-> replies (the in-process transformers+peft backend answers a few questions, adapter and persona-prompted
+base model side by side, in one batch).
 
 Everything goes under one work directory:
 
     WORKDIR/demo/workspace.zip          the synthetic export (--demo)
-    WORKDIR/models/doppel-tiny/         the tiny base model (--demo)
+    WORKDIR/models/doppel-tiny/         the tiny base model (--base-model doppel-tiny)
     WORKDIR/data/USER/                  samples.jsonl, manifest.json, the scrape's incremental state
-    WORKDIR/adapters/USER/FINGERPRINT/  the adapter (+ metrics.json, fingerprint.json); FINGERPRINT hashes
-                                        samples, base model and training settings, so a second run with
-                                        the same inputs reuses it instead of retraining
+    WORKDIR/adapters/USER/FINGERPRINT/  the adapter (+ metrics.json, eval.json, fingerprint.json);
+                                        FINGERPRINT hashes samples, base model and training settings, so
+                                        a second run with the same inputs reuses it instead of retraining
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from doppel.errors import BadInput
+from doppel.train.base_models import check_model_dir, looks_like_path
 
 if TYPE_CHECKING:  # stage modules load when their stage runs (the bot's only for --socket-mode)
     from doppel.bot.config import BotConfig
@@ -50,22 +52,36 @@ GENERIC_QUESTIONS = (
     "What do you think about moving the team meeting to Thursdays?",
     "Any tips for someone starting on the project next week?",
 )
-# The demo trains a tiny random model from scratch in a minute or two on CPU: a small rank is enough, a
-# high learning rate and small batches make the most of few steps, and no early stop cuts it short.
-DEMO_TRAINING: dict[str, Any] = {
-    "rank": 16,
-    "alpha": 32,
-    "dropout": 0.0,
-    "lr": 3e-3,
-    "batch_size": 4,
-    "grad_accum": 1,
-    "max_length": 512,
-    "eval_fraction": 0.15,
-    "early_stopping_patience": 100,
+# The demo's training budget per base model. SmolLM2 (the default) trains at ~100-200 tokens/s on 2 cores, so
+# the demo affords tens of small steps: a high learning rate makes the most of them, and the adapter kept is
+# the best on held-out loss, so the budget cannot overfit it. The tiny random model (mechanical tests) learns
+# from scratch and needs many cheap steps.
+DEMO_TRAINING: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "rank": 16,
+        "alpha": 32,
+        "dropout": 0.0,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "grad_accum": 1,
+        "max_length": 512,
+        "eval_fraction": 0.15,
+        "early_stopping_patience": 100,
+    },
+    "doppel-tiny": {
+        "rank": 16,
+        "alpha": 32,
+        "dropout": 0.0,
+        "lr": 3e-3,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "max_length": 512,
+        "eval_fraction": 0.15,
+        "early_stopping_patience": 100,
+    },
 }
-DEMO_MAX_STEPS = 240
-# What a base model from the Hugging Face Hub needs here: config, weights, tokenizer, chat template.
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+DEMO_MAX_STEPS = {"smollm2-135m": 16, "doppel-tiny": 240}
+DEMO_BASE_MODEL = "smollm2-135m"
 # Replies are short: Slack messages, and generation on CPU is not free.
 DEFAULT_REPLY_TOKENS = 120
 
@@ -111,14 +127,10 @@ class Settings:
             raise BadInput("--user is required with --export or --slack-token")
         if not self.demo and not self.base_model:
             raise BadInput("--base-model is required with --export or --slack-token")
-        if self.demo and self.base_model:
-            raise BadInput(
-                "--demo trains the built-in tiny model; --base-model is for --export/--slack-token"
-            )
         if self.export is not None and not self.export.is_file():
             raise BadInput(f"export not found: {self.export}")
-        if self.base_model and _looks_like_path(self.base_model):
-            _model_dir(self.base_model)
+        if self.base_model and self.base_model not in local_models() and looks_like_path(self.base_model):
+            check_model_dir(Path(self.base_model).expanduser())
         if self.max_steps is not None and self.max_steps < 1:
             raise BadInput(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.reply_tokens < 1:
@@ -143,6 +155,7 @@ class Outcome:
     trained: bool
     metrics: dict[str, Any]
     replies: list[Reply] = field(default_factory=list)
+    fidelity: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -154,7 +167,14 @@ class Outcome:
             "steps": self.metrics.get("steps"),
             "base_eval_loss": self.metrics.get("base_eval_loss"),
             "adapter_eval_loss": self.metrics.get("adapter_eval_loss"),
+            "eval": _headline(self.fidelity),
         }
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any] | None:
+    from doppel.train.fidelity import headline
+
+    return headline(report) if report else None
 
 
 class Progress:
@@ -210,7 +230,7 @@ def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
     user = settings.user or _demo_person()
     if settings.demo:
         _check_demo_user(user)
-    progress = progress or Progress(5 if settings.slack_token is None else 4)
+    progress = progress or Progress(6 if settings.slack_token is None else 5)
     # The stage lines are the progress display: transformers' per-file bars (weights loaded, shards
     # written) would only interleave with them. The trainer's own bar is not one of those and stays.
     from transformers.utils import logging as hf_logging
@@ -243,10 +263,27 @@ def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
         trained=trained,
         metrics=metrics,
     )
+    with progress.stage("eval") as info:
+        outcome.fidelity, fresh = _fidelity(outcome, samples)
+        info["note"] = ("wrote " if fresh else "unchanged, reused ") + str(adapter / "eval.json")
     with progress.stage("replies") as info:
-        outcome.replies = answer(outcome, questions(settings.demo, outcome.person_id), settings.reply_tokens)
-        info["note"] = f"{len(outcome.replies)} questions, adapter and base model"
+        outcome.replies = answer(
+            outcome, questions(settings.demo, outcome.person_id), settings.reply_tokens, samples
+        )
+        info["note"] = f"{len(outcome.replies)} questions, adapter and persona-prompted base model"
     return outcome
+
+
+def _fidelity(outcome: Outcome, samples: Path) -> tuple[dict[str, Any], bool]:
+    """The adapter's fidelity report: eval.json if this adapter has one, else computed and written."""
+    from doppel.train.fidelity import EVAL_FILE, evaluate_adapter, write_report
+
+    existing = outcome.adapter / EVAL_FILE
+    if existing.is_file():
+        return json.loads(existing.read_text(encoding="utf-8")), False
+    report = evaluate_adapter(outcome.base_model, outcome.adapter, samples, metrics=outcome.metrics)
+    write_report(outcome.adapter, report)
+    return report, True
 
 
 def _demo_person() -> str:
@@ -275,45 +312,25 @@ def _workspace(settings: Settings, layout: Layout) -> Path:
     return export
 
 
+def local_models() -> tuple[str, ...]:
+    """Base model names `doppel local` knows without a path: the built-in ones and the tiny model."""
+    from doppel.train.base_models import BUILTIN_MODELS
+    from doppel.train.tiny import TINY_MODEL_NAME
+
+    return (*BUILTIN_MODELS, TINY_MODEL_NAME)
+
+
 def _base_model(settings: Settings, layout: Layout) -> tuple[str, Path]:
     """The base model's name (as given) and a local directory holding it."""
-    if settings.demo:
-        from doppel.train.tiny import TINY_MODEL_NAME, make_tiny_model
+    from doppel.train.base_models import resolve_base_model
+    from doppel.train.tiny import TINY_MODEL_NAME, make_tiny_model
 
+    name = settings.base_model or DEMO_BASE_MODEL
+    if name == TINY_MODEL_NAME:
         if not (layout.tiny_model / "config.json").is_file():
             make_tiny_model(layout.tiny_model)
         return TINY_MODEL_NAME, layout.tiny_model
-    assert settings.base_model is not None
-    return settings.base_model, resolve_base_model(settings.base_model)
-
-
-def resolve_base_model(name: str) -> Path:
-    """A local directory for `name`: a model directory, or a Hugging Face model id (fetched into the HF
-    cache). Anything else is bad input, found before any work is done."""
-    if _looks_like_path(name):
-        return _model_dir(name)
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = Path(snapshot_download(name, allow_patterns=HUB_FILES))
-    except Exception as exc:  # the hub client raises many kinds; all mean "cannot have this model"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BadInput(f"base model {name!r} cannot be fetched: {reason}") from None
-    if not (local / "config.json").is_file():
-        raise BadInput(f"base model {name!r}: not a transformers model (no config.json)")
-    return local
-
-
-def _looks_like_path(name: str) -> bool:
-    """A local directory rather than a Hugging Face id ("org/name")."""
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
-def _model_dir(name: str) -> Path:
-    path = Path(name).expanduser()
-    if not (path / "config.json").is_file():
-        raise BadInput(f"base model {name!r}: no model there (config.json missing)")
-    return path.resolve()
+    return name, resolve_base_model(name)
 
 
 def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) -> Manifest:
@@ -340,12 +357,13 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
     return scrape_export(export, user, out, options)
 
 
-def training_settings(settings: Settings, n_samples: int) -> dict[str, Any]:
+def training_settings(settings: Settings, n_samples: int, base_name: str) -> dict[str, Any]:
     """TrainConfig fields for this run, besides data, base model and output."""
     from doppel.train.trainer import TrainConfig
 
-    chosen: dict[str, Any] = dict(DEMO_TRAINING) if settings.demo else {}
-    steps = settings.max_steps or (DEMO_MAX_STEPS if settings.demo else None)
+    demo = settings.demo and base_name in DEMO_TRAINING
+    chosen: dict[str, Any] = dict(DEMO_TRAINING[base_name]) if demo else {}
+    steps = settings.max_steps or (DEMO_MAX_STEPS[base_name] if demo else None)
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
         per_epoch = _steps_per_epoch_at_least(
@@ -384,7 +402,7 @@ def _train(
     settings: Settings, layout: Layout, user: str, samples: Path, base_name: str, base_path: Path
 ) -> tuple[Path, dict[str, Any], bool]:
     n_samples = sum(1 for line in samples.read_text(encoding="utf-8").splitlines() if line.strip())
-    train = training_settings(settings, n_samples)
+    train = training_settings(settings, n_samples, base_name)
     adapters = layout.adapters(user)
     adapter = adapters / fingerprint(samples, base_path, {"base_model_name": base_name, **train})
     metrics_file = adapter / "metrics.json"
@@ -421,15 +439,22 @@ def questions(demo: bool, person_id: str) -> list[Question]:
 
 
 def answer(
-    outcome: Outcome, asked: Sequence[Question], max_tokens: int = DEFAULT_REPLY_TOKENS
+    outcome: Outcome,
+    asked: Sequence[Question],
+    max_tokens: int = DEFAULT_REPLY_TOKENS,
+    samples: Path | None = None,
 ) -> list[Reply]:
-    """Each question answered by the adapter and by the bare base model, all in one generation batch."""
+    """Each question answered by the adapter and by the persona-prompted base model (the same base, told
+    whom to be and shown a few of the person's messages from `samples`), all in one generation batch."""
     from doppel.serve.backend import BASE_ADAPTER, GenerationParams
     from doppel.serve.local import LocalBackend
     from doppel.slack.conversation import ThreadMessage, build_conversation
+    from doppel.train.data import load_samples
+    from doppel.train.fidelity import persona_examples, persona_prompt, with_system
 
     name = _slug(outcome.person_id)
     backend = LocalBackend(outcome.base_model, {name: outcome.adapter})
+    persona = persona_prompt(outcome.person_name, persona_examples(load_samples(samples)) if samples else [])
     conversations = [
         build_conversation(
             outcome.person_name,
@@ -439,7 +464,9 @@ def answer(
         )
         for q in asked
     ]
-    requests = [(adapter, c) for c in conversations for adapter in (name, BASE_ADAPTER)]
+    requests = [
+        (r, c if r == name else with_system(c, persona)) for c in conversations for r in (name, BASE_ADAPTER)
+    ]
     texts = backend.complete_batch(requests, GenerationParams(max_tokens=max_tokens, seed=0))
     return [Reply(q, texts[2 * i].strip(), texts[2 * i + 1].strip()) for i, q in enumerate(asked)]
 
@@ -492,7 +519,7 @@ def local_bot(outcome: Outcome, config: BotConfig) -> Bot:
 
 
 def report(outcome: Outcome, width: int = 100) -> str:
-    """The replies side by side (adapter left, base model right), then the evaluation figures."""
+    """The replies side by side (adapter left, persona-prompted base model right), then the fidelity table."""
     column = (width - 3) // 2
     lines = [
         f"doppel of {outcome.person_name} ({outcome.person_id}): {outcome.samples} samples, "
@@ -501,7 +528,9 @@ def report(outcome: Outcome, width: int = 100) -> str:
     ]
     for reply in outcome.replies:
         lines.append(f"{reply.question.asker_name}: {reply.question.text}")
-        lines.append(f"{f'adapter ({outcome.person_name})':<{column}} | base model (no adapter)")
+        lines.append(
+            f"{f'adapter ({outcome.person_name})':<{column}} | base model, persona prompt (no adapter)"
+        )
         lines.append(f"{'-' * column}-+-{'-' * column}")
         for left, right in itertools.zip_longest(
             _wrap(reply.adapter, column), _wrap(reply.base, column), fillvalue=""
@@ -509,6 +538,10 @@ def report(outcome: Outcome, width: int = 100) -> str:
             lines.append(f"{left:<{column}} | {right}".rstrip())
         lines.append("")
     lines.append(loss_line(outcome.metrics))
+    if outcome.fidelity:
+        from doppel.train.fidelity import table
+
+        lines.append(table(outcome.fidelity))
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Benchmark: serving several LoRA adapters on the real vLLM CPU server, and the in-process backend.
 
-One vLLM server (the CPU build, its own virtualenv) serves the tiny model with 8 rank-8 adapters on all
-attention and MLP projections (random weights: speed does not depend on what they learned). Prints:
+One vLLM server (the CPU build, its own virtualenv) serves SmolLM2-135M-Instruct (the built-in model;
+`--tiny`: the tiny random model) with 8 rank-8 adapters on all attention and MLP projections (random weights:
+speed does not depend on what they learned). Prints:
 - generation throughput (completion tokens/s) of 16 concurrent chat requests spread over 1, 4 and 8
   adapters, each as a ratio to the same 16 requests on the base model alone (the baseline, same run); with
   --max-loras 4, the 8-adapter case also pays for swapping adapters in and out of the active slots;
@@ -10,11 +11,12 @@ attention and MLP projections (random weights: speed does not depend on what the
   ratio to its own base-model baseline, and to vLLM's throughput in the same case. Its tokens are counted
   by re-tokenizing the replies (a row that stops at EOS counts fewer), vLLM's from its usage report.
 
-Run: .venv/bin/python tests/bench/bench_serve.py     (about 2-3 minutes on 2 cores)
+Run: .venv/bin/python tests/bench/bench_serve.py [--tiny]    (SmolLM2: about 5 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
@@ -34,6 +36,7 @@ from doppel.serve.backend import BASE_ADAPTER, GenerationParams
 from doppel.serve.local import LocalBackend
 from doppel.serve.vllm import CHAT_PATH, VllmClient, chat_body
 from doppel.slack.conversation import ThreadMessage, build_conversation
+from doppel.train.base_models import ensure_builtin
 from doppel.train.tiny import make_tiny_model
 
 REQUESTS = 16
@@ -99,15 +102,21 @@ def local_throughput(backend: LocalBackend, models: list[str]) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="The tiny random model instead of SmolLM2.")
+    args = parser.parse_args()
     if not Path(VLLM_PYTHON).is_file():
         sys.exit(f"bench_serve: no vLLM virtualenv at {VLLM_PYTHON} (run `make vllm-venv`)")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
-        model_dir = make_tiny_model(root / "tiny")
+        if args.tiny:
+            model_dir, label = make_tiny_model(root / "tiny"), "tiny model"
+        else:
+            model_dir, label = ensure_builtin("smollm2-135m"), "SmolLM2-135M-Instruct"
         adapters = make_adapters(model_dir, root, max(ADAPTER_COUNTS))
         names = [f"bench-{i}" for i in range(len(adapters))]
 
-        server = VllmServer(model_dir, root / "vllm.log", python=VLLM_PYTHON)
+        server = VllmServer(model_dir, root / "vllm.log", python=VLLM_PYTHON, served_model_name="bench-base")
         started = time.perf_counter()
         server.start()
         print(f"vLLM CPU server up in {time.perf_counter() - started:.1f} s")
@@ -146,7 +155,7 @@ def main() -> None:
         for count in ADAPTER_COUNTS:
             local_tps[count] = local_throughput(local, assignments(names[:count]))
 
-    print(f"\ngeneration, {REQUESTS} concurrent requests x {MAX_TOKENS} tokens (tiny model, CPU):")
+    print(f"\ngeneration, {REQUESTS} concurrent requests x {MAX_TOKENS} tokens ({label}, CPU):")
     print(f"{'case':<12}{'vLLM tok/s':>12}{'vs base':>9}{'local tok/s':>13}{'vs base':>9}{'local/vLLM':>12}")
     for count in (0, *ADAPTER_COUNTS):
         case = "base only" if count == 0 else f"{count} adapter{'s' if count > 1 else ''}"

@@ -7,7 +7,8 @@ its own process so their peak memory is their own. The baseline is what one writ
 real tokens only (padding is work, not progress). Prints tokens/s of each, the ratio (target >= 1.5x),
 padding share and peak memory.
 
-Run: .venv/bin/python tests/bench/bench_train.py
+Run: .venv/bin/python tests/bench/bench_train.py          SmolLM2-135M-Instruct (the built-in model), CPU
+     .venv/bin/python tests/bench/bench_train.py --tiny   the tiny random model (mechanics, seconds)
 GPU (not run in CI): .venv/bin/python tests/bench/bench_train.py --device cuda --llama-1b
   trains a randomly initialised model with Llama-3.2-1B's dimensions in bf16 and also prints model FLOPs
   utilisation: LoRA training costs about 4 x parameters x tokens FLOPs (forward 2, backward through frozen
@@ -35,6 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from doppel.slack.conversation import ThreadMessage, build_conversation
 from doppel.train import data
+from doppel.train.base_models import ensure_builtin
 from doppel.train.tiny import make_tiny_model
 
 _TEXT = (
@@ -218,9 +220,10 @@ def spawn(args: argparse.Namespace, which: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--llama-1b", action="store_true", help="Llama-3.2-1B dimensions instead of tiny.")
+    parser.add_argument("--llama-1b", action="store_true", help="Llama-3.2-1B dimensions, random weights.")
+    parser.add_argument("--tiny", action="store_true", help="The tiny random model instead of SmolLM2.")
     parser.add_argument("--count", type=int, default=256, help="Samples to write.")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, help="Optimizer steps [default: 12; SmolLM2 on CPU: 4].")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=32)
     # Internal: one measured run in this process.
@@ -242,7 +245,14 @@ def main() -> None:
         args.model = make_tiny_model(args.workdir / "tiny")
         if args.llama_1b:
             args.model = make_llama_1b(args.model, args.workdir / "llama-1b")
-        label = "Llama-3.2-1B dims, random init" if args.llama_1b else "tiny Llama (doppel make-tiny-model)"
+            label = "Llama-3.2-1B dims, random init"
+        elif args.tiny:
+            label = "tiny Llama (doppel make-tiny-model)"
+        else:
+            args.model = ensure_builtin("smollm2-135m")
+            label = "SmolLM2-135M-Instruct (doppel base-model)"
+        if args.steps is None:
+            args.steps = 4 if label.startswith("SmolLM2") and args.device == "cpu" else 12
         print(f"model: {label}; device {args.device}; LoRA rank {args.rank} on all projections")
         print(f"{args.steps} steps x batch {args.batch_size}, samples from {args.count} Slack-like threads")
         ours = spawn(args, "ours")

@@ -135,41 +135,55 @@ async def test_consent_flow_and_workspace_limit(bot_harness, bot_kube, slack_emu
     bot = await bot_harness(bot_config(max_doppels_per_workspace=2))
     kube = kube_for(bot_kube[1])
 
-    asked = await bot.form(command_form("train <@U01ALICE|alice>", user="U02BOB"))
+    async def dms(user, count):
+        for _ in range(200):
+            channel = slack_emulator.dm_channel(user)
+            if channel and len(slack_emulator.posted(channel)) >= count:
+                return slack_emulator.posted(channel)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"expected {count} direct messages to {user}")
+
+    # Typed in a direct message between two people (a channel the bot cannot post in): still works.
+    asked = await bot.form(command_form("train <@U01ALICE|alice>", user="U02BOB", channel="D0BOBANDAL"))
+    assert asked.status_code == 200
     assert "Asked <@U01ALICE> for their approval" in asked.text
     assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("alice")) is None
-    request = slack_emulator.posted(CHANNEL)[-1]
+    # The request reaches Alice privately (conversations.open), never a channel.
+    request = (await dms("U01ALICE", 1))[-1]
     buttons = request["blocks"][1]["elements"]
     assert [b["text"]["text"] for b in buttons] == ["Approve", "Decline"]
 
-    # Bob cannot approve on Alice's behalf, nor can a request signed for another workspace.
+    # Bob cannot approve on Alice's behalf: he is told so privately, and nothing is created.
     approve_value = buttons[0]["value"]
     assert (
         await bot.form(action_form("doppel_consent_approve", approve_value, user="U02BOB"))
     ).status_code == 200
-    for _ in range(100):  # told privately: the channel sees nothing
+    for _ in range(100):  # told privately (ephemeral, where he clicked): the channel sees nothing
         if slack_emulator.ephemeral_posts(CHANNEL):
             break
         await asyncio.sleep(0.05)
     [refusal] = slack_emulator.ephemeral_posts(CHANNEL)
     assert refusal["user"] == "U02BOB" and "Only <@U01ALICE> can answer this" in refusal["text"]
-    assert len(slack_emulator.posted(CHANNEL)) == 1
     assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("alice")) is None
 
     await bot.form(action_form("doppel_consent_approve", approve_value, user="U01ALICE"))
-    posts = await bot.wait_posts(CHANNEL, 2)
-    assert "<@U02BOB>: <@U01ALICE> approved" in posts[-1]["text"]
+    assert "<@U01ALICE> approved" in (await dms("U02BOB", 1))[-1]["text"]
     created = await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("alice"))
     assert created is not None and created["metadata"]["annotations"]["doppel.dev/requested-by"] == "U02BOB"
 
     # Carol declines: nothing is created and Bob is told.
     await bot.form(command_form("train <@U03CAROL|carol>", user="U02BOB"))
-    carol_request = (await bot.wait_posts(CHANNEL, 3))[-1]
+    carol_request = (await dms("U03CAROL", 1))[-1]
     decline_value = carol_request["blocks"][1]["elements"][1]["value"]
     await bot.form(action_form("doppel_consent_decline", decline_value, user="U03CAROL"))
-    posts = await bot.wait_posts(CHANNEL, 4)
-    assert "<@U02BOB>: <@U03CAROL> declined" in posts[-1]["text"]
+    assert "<@U03CAROL> declined" in (await dms("U02BOB", 2))[-1]["text"]
     assert await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("carol")) is None
+    assert slack_emulator.posted(CHANNEL) == []  # nothing of this reached the channel
+
+    # Someone who cannot be asked (a bot has no direct messages): a sentence, not an error.
+    unreachable = await bot.form(command_form("train <@U0DOPPEL|doppel>", user="U02BOB"))
+    assert unreachable.status_code == 200
+    assert "could not ask <@U0DOPPEL> in a direct message (cannot_dm_bot)" in unreachable.text
 
     # The limit: bob trains himself (2 of 2), then dave is refused even with his own consent.
     await bot.form(command_form("train @bob", user="U02BOB"))
@@ -220,7 +234,9 @@ async def test_a_workspace_reaches_only_its_own_doppels(
     # One-workspace bot: a correctly signed request of another workspace is refused outright.
     bot = await bot_harness()
     response = await bot.form(command_form("list", user="U02BOB", team="T0OTHER01"))
-    assert response.status_code == 403 and "alice" not in response.text
+    # Answered (200: Slack would retry an error), with a sentence instead of the listing.
+    assert response.status_code == 200 and "another workspace" in response.text
+    assert "alice" not in response.text
 
     # A bot serving the other workspace (its own token) sees its own, empty namespace.
     other_bot = await bot_harness(bot_config(bot_token=other_team.token))
@@ -246,11 +262,15 @@ async def test_progress_messages_reach_the_requester_once(bot_harness, bot_kube,
         key = next(k for k in kmock.objects if k[2] == name_of("bob") and "doppelusers" in str(k[0]))
         kmock.objects[key].patch({"status": {"phase": phase, **extra}})
         await asyncio.gather(notify_once(bot.bot), notify_once(other.bot))
-        posts = await bot.wait_posts(CHANNEL, count, timeout=10)
-        assert posts[-1]["text"].startswith("<@U02BOB> bob's doppel")
+        # In a direct message to whoever asked, not in the channel the command was typed in.
+        dm = slack_emulator.dm_channel("U02BOB")
+        assert dm is not None
+        posts = await bot.wait_posts(dm, count, timeout=10)
+        assert posts[-1]["text"].startswith("bob's doppel")
         await asyncio.sleep(0.5)
-        assert len(slack_emulator.posted(CHANNEL)) == count
-    texts = [p["text"] for p in slack_emulator.posted(CHANNEL)]
+        assert len(slack_emulator.posted(dm)) == count
+    assert slack_emulator.posted(CHANNEL) == []
+    texts = [p["text"] for p in slack_emulator.posted(dm)]
     assert len(texts) == 2
     assert "scraped 57 samples, training started" in texts[0] and "is ready" in texts[1]
     # Told once: another pass (another replica, a restart) finds the phase already announced.
@@ -370,7 +390,9 @@ async def test_socket_mode_answers_mentions_and_commands(bot_kube, slack_emulato
         await slack.stop()
 
 
-async def test_progress_is_noticed_through_the_watch_without_waiting_for_a_poll(bot_harness, bot_kube):
+async def test_progress_is_noticed_through_the_watch_without_waiting_for_a_poll(
+    bot_harness, bot_kube, slack_emulator
+):
     bot = await bot_harness(bot_config(poll_interval_s=3600))
     await bot.form(command_form("train @bob", user="U02BOB"))
     await asyncio.sleep(0.5)  # the watch is established
@@ -386,8 +408,12 @@ async def test_progress_is_noticed_through_the_watch_without_waiting_for_a_poll(
         name_of("bob"),
         status,
     )
-    posts = await bot.wait_posts(CHANNEL, 1, timeout=10)
-    assert posts[0]["text"] == "<@U02BOB> bob's doppel failed: only 3 samples."
+    for _ in range(200):
+        if slack_emulator.dm_channel("U02BOB"):
+            break
+        await asyncio.sleep(0.05)
+    posts = await bot.wait_posts(slack_emulator.dm_channel("U02BOB"), 1, timeout=10)
+    assert posts[0]["text"] == "bob's doppel failed: only 3 samples."
 
 
 async def test_slack_url_verification_is_answered_only_when_signed(bot_harness):
@@ -406,10 +432,12 @@ async def test_event_claims_expire(bot_kube):
     kube = kube_for(bot_kube[1])
     lasting, expiring = KubeEventLedger(kube, BOT_NAMESPACE, 3600), KubeEventLedger(kube, BOT_NAMESPACE, -1)
     assert await lasting.claim(TEAM_ID, "Ev1") and not await lasting.claim(TEAM_ID, "Ev1")
-    # A claim past its expiry is swept by the next sweep, so the id can be claimed again; others stay.
+    # A claim past its expiry can be claimed again (and a sweep deletes it); others stay.
     assert await expiring.claim(TEAM_ID, "Ev2")
     assert await expiring.claim(TEAM_ID, "Ev2")
     assert not await expiring.claim(TEAM_ID, "Ev1")
+    assert await lasting.sweep() == 1
+    assert not await lasting.claim(TEAM_ID, "Ev1")
 
 
 async def test_no_token_in_the_logs_of_a_mention_and_a_train(bot_harness, bot_kube, slack_emulator, caplog):

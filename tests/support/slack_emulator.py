@@ -14,6 +14,11 @@ HTTP 200 with `{"ok": false, "error": ...}` for API errors, cursor pagination (`
 a form-encoded body or a JSON body, and the token as `Authorization: Bearer` or a `token` argument, which is
 how slack_sdk's sync and async clients send them.
 
+Direct messages: `conversations.open(users=U…)` opens (or finds) the bot's IM channel with that person
+(`D…`), which `chat.postMessage` then posts to; `dm_channel(user_id)` names it for the tests. A channel id
+the team does not have (a DM between people, as `/doppel` typed in one reports it) is `channel_not_found`.
+chat.postMessage is limited per channel, as Slack's special limit is (`POST_PER_MINUTE_PER_CHANNEL`).
+
 Rate profiles, as Slack documents them (`rate_profile`): "internal" and "marketplace" apps get each method's
 tier; "non-marketplace" (a distributed app outside the Slack Marketplace, since May 2025) gets 1 request per
 minute on conversations.history and conversations.replies, with no burst and `limit` capped at 15. Time is
@@ -33,7 +38,8 @@ channel: `users.info` knows them (with their own `team_id`), `users.list` does n
 are not in the channel's history.
 
 Fault injection for the bad-input tests: `fail(method, count, status)` answers the next `count` calls of a
-method with an HTTP error; `fail_with(method, error, count)` with an `ok: false` error;
+method with an HTTP error (429 with `Retry-After: 1` and Slack's `ratelimited` body, as Slack answers);
+`fail_with(method, error, count)` with an `ok: false` error;
 `vanish_channel(channel_id, after_calls)` deletes a channel after it has been used `after_calls` times.
 """
 
@@ -64,9 +70,12 @@ METHOD_TIER = {
     "conversations.join": 3,
     "conversations.history": 3,
     "conversations.replies": 3,
+    "conversations.open": 3,
     "chat.postMessage": 4,
     "chat.postEphemeral": 4,
 }
+# chat.postMessage's own limit: about one message a second per channel, short bursts allowed.
+POST_PER_MINUTE_PER_CHANNEL = 60
 MAX_LIMIT = {"users.list": 1000, "conversations.list": 1000, "conversations.history": 999}
 # (per minute, burst in calls) of the methods a profile changes.
 NON_MARKETPLACE_METHODS = ("conversations.history", "conversations.replies")
@@ -162,7 +171,8 @@ class SlackEmulator:
 
     `rate_scale` multiplies every tier's limit (tests run fast), `burst_seconds` is how many seconds' worth
     of calls a method takes at once before 429s start, `latency` delays every answer, `rate_profile` is the
-    kind of app Slack takes the client for (see the module's docstring).
+    kind of app Slack takes the client for (see the module's docstring), `post_limit` sets
+    chat.postMessage's per-channel limit apart (messages a second, burst).
     """
 
     def __init__(
@@ -172,11 +182,14 @@ class SlackEmulator:
         latency: float = 0.0,
         burst_seconds: float = 6.0,
         rate_profile: str = "internal",
+        post_limit: tuple[float, float] | None = None,
     ) -> None:
         if rate_profile not in RATE_PROFILES:
             raise ValueError(f"unknown rate profile {rate_profile!r}")
         self.rate_scale = rate_scale
         self.rate_profile = rate_profile
+        # chat.postMessage per channel: (messages a second, burst); None scales Slack's own like the tiers.
+        self.post_limit = post_limit
         self.latency = latency  # seconds each answer takes, as a real round trip would
         self.burst_seconds = burst_seconds
         self.teams: dict[str, Team] = {}
@@ -421,6 +434,9 @@ class SlackEmulator:
             failures = self._failures.get(method)
             if failures:
                 record.status = failures.pop(0)
+                if record.status == 429:
+                    record.error = "ratelimited"
+                    return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": "1"}
                 return record.status, b"<html>upstream error</html>", {}
             handler = getattr(self, "_m_" + method.replace(".", "_"), None)
             if handler is None:
@@ -431,10 +447,17 @@ class SlackEmulator:
                 record.error = error
                 return 200, {"ok": False, "error": error}, {}
             wait = self._bucket(team.id, method).take(now)
+            # In Slack's seconds: a client that compresses time by the same scale divides it back.
+            scale = self.rate_scale
+            if method == "chat.postMessage" and not wait:
+                wait = self._channel_bucket(team.id, str(params.get("channel", ""))).take(now)
+                if self.post_limit:
+                    scale = (
+                        1.0  # an explicit limit is in real seconds (the bot's slack_sdk client waits them)
+                    )
             if wait > 0:
                 record.status, record.error = 429, "ratelimited"
-                # In Slack's seconds: a client that compresses time by the same scale divides it back.
-                headers = {"Retry-After": str(max(1, math.ceil(wait * self.rate_scale)))}
+                headers = {"Retry-After": str(max(1, math.ceil(wait * scale)))}
                 return 429, {"ok": False, "error": "ratelimited"}, headers
             try:
                 injected = self._errors.get(method)
@@ -457,6 +480,22 @@ class SlackEmulator:
             capacity = limited[1] if limited else max(1.0, rate * self.burst_seconds)
             self._buckets[key] = _Bucket(rate=rate, capacity=capacity, tokens=capacity)
         return self._buckets[key]
+
+    def _channel_bucket(self, team_id: str, channel: str) -> _Bucket:
+        key = (team_id, f"chat.postMessage/{channel}")
+        if key not in self._buckets:
+            rate = POST_PER_MINUTE_PER_CHANNEL * self.rate_scale / 60
+            rate, capacity = self.post_limit or (rate, max(1.0, rate * self.burst_seconds))
+            self._buckets[key] = _Bucket(rate=rate, capacity=capacity, tokens=capacity)
+        return self._buckets[key]
+
+    def dm_channel(self, user_id: str, team: Team | None = None) -> str | None:
+        """The id of the bot's direct-message channel with `user_id`, once opened."""
+        team = team or self.team
+        with self._lock:
+            return next(
+                (c["id"] for c in team.channels.values() if c.get("is_im") and c.get("user") == user_id), None
+            )
 
     def allowed_per_minute(self, method: str) -> float:
         """Slack's allowance for `method` under this profile, in calls per (compressed) minute."""
@@ -522,7 +561,8 @@ class SlackEmulator:
         listed = []
         for channel in team.channels.values():
             private = channel.get("is_private", False)
-            if ("private_channel" if private else "public_channel") not in types:
+            kind = "im" if channel.get("is_im") else "private_channel" if private else "public_channel"
+            if kind not in types:
                 continue
             if private and not team.is_member(channel):
                 continue  # a bot sees only the private channels it was invited to
@@ -586,6 +626,30 @@ class SlackEmulator:
         thread += _between(replies, params)
         page, cursor = _paginate(thread, params, self.page_cap("conversations.replies"), default_limit=1000)
         return {"messages": page, "has_more": bool(cursor), "response_metadata": {"next_cursor": cursor}}
+
+    def _m_conversations_open(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        users = [u for u in str(params.get("users") or "").split(",") if u]
+        if len(users) != 1:
+            raise ApiError("not_enough_users" if not users else "too_many_users")
+        user = next((u for u in team.users if u["id"] == users[0]), None)
+        if user is None or user.get("deleted"):
+            raise ApiError("user_not_found" if user is None else "user_disabled")
+        if user.get("is_bot"):
+            raise ApiError("cannot_dm_bot")
+        for channel in team.channels.values():
+            if channel.get("is_im") and channel.get("user") == users[0]:
+                return {"channel": {"id": channel["id"]}, "already_open": True}
+        channel_id = f"D{len(team.channels) + 1:04d}{users[0][1:]}"[:11]
+        team.channels[channel_id] = {
+            "id": channel_id,
+            "name": channel_id,
+            "is_im": True,
+            "is_private": True,
+            "user": users[0],
+            "members": [team.bot_user_id, users[0]],
+        }
+        team.messages[channel_id] = []
+        return {"channel": {"id": channel_id}}
 
     def _m_chat_postMessage(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
         channel = team.channel_by_ref(str(params.get("channel", "")))
@@ -655,9 +719,9 @@ class SlackEmulator:
         return {
             "id": channel["id"],
             "name": channel["name"],
-            "is_channel": not private,
+            "is_channel": not private and not channel.get("is_im"),
             "is_group": False,
-            "is_im": False,
+            "is_im": channel.get("is_im", False),
             "is_private": private,
             "is_archived": channel.get("is_archived", False),
             "is_general": channel.get("is_general", False),

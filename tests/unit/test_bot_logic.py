@@ -12,6 +12,7 @@ from doppel.bot.config import BotConfig
 from doppel.bot.directory import MemoryDirectory
 from doppel.bot.ledger import MemoryEventLedger, SqlEventLedger
 from doppel.bot.redact import install_token_redaction, redact
+from doppel.bot.safety import WORD_JOINER, neutralize, user_ids
 from doppel.bot.snapshot import Snapshots
 from doppel.cli import main
 
@@ -243,3 +244,54 @@ def test_slack_connect_payloads_name_the_foreign_team():
     assert logic.foreign_teams({"user": {"id": "U9", "team_id": "T9"}}, logic.Tenant("T1")) == {"T9"}
     # In a Grid org another workspace's people may belong here too: users.info decides.
     assert logic.foreign_teams(envelope, logic.Tenant("T1", "E1")) == set()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ask <@U02BOB>", "ask @bobby"),
+        ("ask <@U09NEW|newbie>", "ask @newbie"),
+        ("ask <@W0GRID>", "ask @W0GRID"),
+        ("in <#C01GENERAL|general> or <#C0PRIV>", "in #general or #C0PRIV"),
+        (
+            "<!channel> <!here|here> <!everyone>",
+            f"@{WORD_JOINER}channel @{WORD_JOINER}here @{WORD_JOINER}everyone",
+        ),
+        ("ping <!subteam^S0ONCALL|@oncall> and <!subteam^S1|devs>", "ping @oncall and @devs"),
+        ("at <!date^1392734382^{date_short}|Feb 18, 2014>", "at Feb 18, 2014"),
+        (
+            "see <https://x.example/a?b=1|docs> <mailto:a@b.c>",
+            "see <https://x.example/a?b=1|docs> <mailto:a@b.c>",
+        ),
+        ("a < b && c > d, <not markup>", "a &lt; b &amp;&amp; c &gt; d, &lt;not markup&gt;"),
+        (
+            "plain @here and @Channel stay words",
+            f"plain @{WORD_JOINER}here and @{WORD_JOINER}Channel stay words",
+        ),
+    ],
+)
+def test_neutralize_leaves_no_mention(text, expected):
+    assert neutralize(text, {"U02BOB": "bobby"}) == expected
+
+
+def test_user_ids_are_what_neutralize_wants_names_for():
+    assert user_ids("<@U1> <@U2|two> <#C1> <!here> <@U1>") == {"U1", "U2"}
+
+
+def test_only_bots_are_ignored_and_a_mention_is_its_message():
+    human = {"type": "app_mention", "user": "U02BOB", "channel": "C1", "ts": "1.2", "text": "hi"}
+    assert not logic.from_a_bot(human, "U0DOPPEL")
+    assert logic.from_a_bot({**human, "bot_id": "B1"}, "U0DOPPEL")
+    assert logic.from_a_bot({**human, "bot_profile": {"id": "B1"}}, "U0DOPPEL")
+    assert logic.from_a_bot({**human, "subtype": "bot_message"}, "U0DOPPEL")
+    assert logic.from_a_bot({**human, "user": "U0DOPPEL"}, "U0DOPPEL")
+    edit = {**human, "text": "hi!", "edited": {"user": "U02BOB", "ts": "3.4"}}
+    assert logic.mention_key(edit) == logic.mention_key(human) != logic.mention_key({**human, "ts": "1.3"})
+
+
+def test_a_doppel_with_a_served_adapter_answers_whatever_its_phase():
+    adapter = {"servedName": "alice-v2", "path": "/a", "version": 2}
+    for phase in ("Pending", "Scraping", "Training", "Registering", "Ready", "Failed"):
+        doppel = {"metadata": {"name": "alice"}, "status": {"phase": phase, "adapter": adapter}}
+        assert logic.served_name(doppel) == "alice-v2"
+    assert logic.served_name({"metadata": {"name": "alice"}, "status": {"phase": "Training"}}) is None

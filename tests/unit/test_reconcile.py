@@ -199,6 +199,27 @@ def test_trained_adapter_is_registered_before_it_becomes_current():
     assert ready.pending_adapter is None and old is None
 
 
+def test_fidelity_headline_of_the_train_job_goes_into_status_eval():
+    """`doppel train` reports eval.json's headline in its summary; the status carries it (and /doppel status
+    shows it); a summary without one, or with figures out of range, leaves status.eval empty."""
+    train = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
+    headline = {
+        "heldout_loss_base": 2.9, "heldout_loss_adapter": 0.8, "style_match_adapter": 0.92,
+        "style_match_prompted_base": 0.08, "style_classifier_accuracy": 0.95, "heldout_samples": 13,
+    }  # fmt: skip
+    result = {"ok": True, "steps": 3, "eval": headline}
+    plan = reconcile(observed([finished(train, True, result)]), CONFIG)
+    assert plan.status.eval.style_match_adapter == 0.92
+    assert plan.status.model_dump(by_alias=True, mode="json")["eval"]["styleMatchPromptedBase"] == 0.08
+    from doppel.bot.logic import describe
+
+    doppel = {"metadata": {"name": "alice"}, "status": plan.status.model_dump(by_alias=True, mode="json")}
+    assert "style match 0.92 (persona prompt 0.08)" in describe(doppel)
+    for bad in ({"ok": True, "steps": 3}, {"ok": True, "eval": {**headline, "style_match_adapter": 7}}):
+        again = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
+        assert reconcile(observed([finished(again, True, bad)]), CONFIG).status.eval is None
+
+
 def test_new_generation_retrains_while_the_old_adapter_keeps_serving():
     v1 = Adapter(served_name="team.alice.v1", path="/data/team/alice/adapters/v1", version=1)
     ready = DoppelUserStatus(phase="Ready", observed_generation=1, adapter=v1, served_by=["vllm-0"])

@@ -187,6 +187,42 @@ def test_fault_injection(slack_emulator, client):
         client.conversations_history(channel="C01GENERAL")
 
 
+def test_direct_messages_open_once_and_unknown_channels_are_not_found(slack_emulator, client):
+    opened = client.conversations_open(users="U01ALICE")["channel"]["id"]
+    again = client.conversations_open(users="U01ALICE")
+    assert opened.startswith("D") and again["channel"]["id"] == opened and again["already_open"]
+    client.chat_postMessage(channel=opened, text="hi Alice")
+    assert [m["text"] for m in slack_emulator.posted(opened)] == ["hi Alice"]
+    assert slack_emulator.dm_channel("U01ALICE") == opened
+    for call, error in (
+        (lambda: client.conversations_open(users="U0NOBODY"), "user_not_found"),
+        (lambda: client.chat_postMessage(channel="D0SOMEONE", text="x"), "channel_not_found"),
+    ):
+        with pytest.raises(SlackApiError) as err:
+            call()
+        assert err.value.response["error"] == error
+
+
+def test_chat_post_message_is_limited_per_channel(slack_workspace):
+    with SlackEmulator(rate_scale=1000.0, post_limit=(1.0, 2.0)) as emulator:
+        emulator.add_team(slack_workspace, token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
+        client = WebClient(token=ACME_TOKEN, base_url=emulator.base_url)
+        client.chat_postMessage(channel="C01GENERAL", text="1")
+        client.chat_postMessage(channel="C01GENERAL", text="2")
+        with pytest.raises(SlackApiError) as err:
+            client.chat_postMessage(channel="C01GENERAL", text="3")
+        assert err.value.response.status_code == 429 and err.value.response["error"] == "ratelimited"
+        assert int(err.value.response.headers["Retry-After"][0]) >= 1
+        other = next(c for c in emulator.team.channels if c != "C01GENERAL")
+        client.chat_postMessage(channel=other, text="elsewhere")  # another channel has its own limit
+        # An injected 429 looks like Slack's too, so slack_sdk's retry handler waits it out.
+        emulator.fail("users.info", 1, 429)
+        retrying = WebClient(
+            token=ACME_TOKEN, base_url=emulator.base_url, retry_handlers=[RateLimitErrorRetryHandler()]
+        )
+        assert retrying.users_info(user="U01ALICE")["user"]["id"] == "U01ALICE"
+
+
 def test_non_marketplace_profile_one_call_a_minute_pages_of_15(slack_workspace):
     # 60x compressed: a minute is a second; Retry-After is in Slack's seconds (about a minute).
     with SlackEmulator(rate_scale=60, rate_profile="non-marketplace") as emulator:

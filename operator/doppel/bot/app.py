@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +42,9 @@ from doppel.bot.kube import (
 from doppel.bot.ledger import EventLedger
 from doppel.bot.logic import Tenant
 from doppel.bot.metrics import BotMetrics
+from doppel.bot.safety import neutralize, user_ids
 from doppel.bot.snapshot import Snapshots
-from doppel.bot.worker import Worker
+from doppel.bot.worker import Worker, slack_retry_handlers
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams, Messages
 from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient
@@ -51,7 +53,6 @@ from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_na
 from doppel.slack.scrub import scrub_text
 
 LOG = logging.getLogger(__name__)
-ANNOTATION_CHANNEL = "doppel.dev/notify-channel"
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 DEFAULT_ICON = ":robot_face:"
 # A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
@@ -125,10 +126,23 @@ class Deps:
     lookups: Lookups = field(default_factory=lambda: Lookups())
     metrics: BotMetrics = field(default_factory=lambda: BotMetrics(enabled=False))
     snapshots: Snapshots = field(init=False)
+    # One post at a time per channel: Slack allows about one message a second in a channel, so a burst of
+    # replies queues here, each waiting out its 429s in turn, instead of all retrying at once.
+    _posting: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary, init=False
+    )
 
     def __post_init__(self) -> None:
         self.snapshots = Snapshots(self.kube)
         self.worker.on_error = self.metrics.failed
+
+    def posting(self, channel: str) -> asyncio.Lock:
+        """The lock of `channel`'s posts (the worker's loop only); gone once nobody waits on it."""
+        lock = self._posting.get(channel)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._posting[channel] = lock
+        return lock
 
 
 def build_app(
@@ -161,7 +175,8 @@ def build_app(
             others = _claimed_teams(context, body) - {owner}
             if owner and (others or context.is_enterprise_install):
                 LOG.warning("request of team %s refused: this bot serves team %s", others, owner)
-                return BoltResponse(status=403, body="wrong workspace")
+                # 200, not 403: Slack retries errors, and a refusal is an answer.
+                return BoltResponse(status=200, body="This app serves another workspace.")
             return await next()
 
     @app.event("app_mention")
@@ -169,11 +184,16 @@ def build_app(
         tenant = _tenant(context, body)
         event_id = str(body.get("event_id") or "")
         deps.metrics.event_received("app_mention", tenant.team_id)
+        if logic.from_a_bot(event, context.bot_user_id):
+            LOG.info("mention %s of team %s ignored: written by a bot", event_id, tenant.team_id)
+            return
+        # Keyed on the message, not the event id: an edited mention is a new event of the same message.
+        key = logic.mention_key(event)
 
         async def work() -> None:
-            if event_id and not await deps.ledger.claim(tenant.team_id, event_id):
+            if not await claim(deps.ledger, tenant.team_id, key):
                 deps.metrics.event_deduplicated("app_mention")
-                LOG.info("event %s of team %s already handled", event_id, tenant.team_id)
+                LOG.info("mention %s (%s) of team %s already answered", key, event_id, tenant.team_id)
                 return
             client = _worker_client(deps, context)
             if not await admitted(deps, client, tenant, body, event.get("user") or ""):
@@ -192,7 +212,8 @@ def build_app(
 
     @app.event("message")
     async def on_message() -> None:
-        """Plain channel messages are not for the bot; acknowledging them keeps Bolt quiet."""
+        """Plain messages (edits, `message_changed`, bots' posts) are not for the bot: mentions come as
+        `app_mention`. Acknowledging them keeps Bolt quiet."""
 
     @app.command("/doppel")
     async def on_command(ack: Any, respond: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
@@ -227,6 +248,19 @@ def build_app(
     return app
 
 
+async def claim(ledger: EventLedger, team_id: str, key: str, attempts: int = 3) -> bool:
+    """The ledger's claim, retried (a busy API server times out); if the ledger stays unreachable the
+    mention counts as new: a rare duplicate answer beats leaving a person without one."""
+    for attempt in range(attempts):
+        try:
+            return await ledger.claim(team_id, key)
+        except Exception as exc:
+            LOG.warning("claim of %s failed (attempt %d): %s: %s", key, attempt + 1, type(exc).__name__, exc)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(0.5 * 2**attempt)
+    return True
+
+
 def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
     """The request's Slack client (its workspace's token), over the worker's kept-alive connections."""
     client = context.client
@@ -235,7 +269,7 @@ def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
         base_url=client.base_url,
         timeout=client.timeout,
         session=deps.worker.session(),
-        retry_handlers=client.retry_handlers,
+        retry_handlers=slack_retry_handlers(),
         logger=client.logger,
     )
 
@@ -291,15 +325,41 @@ async def admitted(
 # --- mentions ---------------------------------------------------------------------------------------------
 
 
+SORRY_SLACK = (
+    "Sorry, I couldn't answer this one (Slack or the cluster had a problem). Please try again in a minute."
+)
+
+
 async def answer_mention(
     deps: Deps, client: AsyncWebClient, tenant: Tenant, bot_user_id: str | None, event: dict[str, Any]
 ) -> None:
+    """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence."""
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
 
     async def post(text: str, **extra: Any) -> None:
-        await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text, **extra)
+        # link_names off: plain words like "@here" stay words (the text is neutralised anyway).
+        async with deps.posting(channel):
+            await client.chat_postMessage(
+                channel=channel, thread_ts=thread_ts, text=text, link_names=False, **extra
+            )
         deps.metrics.reply_posted(tenant.team_id, event["ts"])
 
+    try:
+        await _answer(deps, client, tenant, bot_user_id, event, post)
+    except Exception:
+        LOG.exception("mention in %s of team %s could not be answered", channel, tenant.team_id)
+        await post(SORRY_SLACK)
+
+
+async def _answer(
+    deps: Deps,
+    client: AsyncWebClient,
+    tenant: Tenant,
+    bot_user_id: str | None,
+    event: dict[str, Any],
+    post: Callable[..., Awaitable[None]],
+) -> None:
+    channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
     team_id = tenant.team_id
     namespace = deps.config.namespace_for(team_id)
     text = logic.strip_bot_mention(event.get("text", ""), bot_user_id)
@@ -356,8 +416,21 @@ async def answer_mention(
         )
         return
     icon = {"icon_url": profile["image_72"]} if profile.get("image_72") else {"icon_emoji": DEFAULT_ICON}
-    for part in logic.split_reply(scrub_text(reply).text) or ["…"]:
+    safe = await safe_reply(reply, user)
+    for part in logic.split_reply(safe) or ["…"]:
         await post(part, username=f"{name}-bot", **icon)
+
+
+async def safe_reply(reply: str, user: Callable[[str], Awaitable[dict[str, Any]]]) -> str:
+    """The model's text as it may be posted: scrubbed of secrets and personal data (the same scrubber as
+    the training samples), then mentions of people, channels and everyone made plain words (no ping, no bot
+    ping-pong, no broadcast)."""
+    reply = scrub_text(reply).text
+    names = {}
+    for user_id in user_ids(reply):
+        found = await user(user_id)
+        names[user_id] = user_display_name(found) if found else user_id
+    return neutralize(reply, names)
 
 
 async def _thread(
@@ -494,51 +567,58 @@ async def _train(
         return f"{handle} already has a doppel: {logic.describe(existing)}"
     if await _at_limit(deps, namespace, team_id):
         return _limit_text(deps)
-    requester, channel = command["user_id"], command["channel_id"]
+    requester = command["user_id"]
     if requester == user_id or not deps.config.require_consent:
-        return await create_doppel(deps, context, tenant, user_id, handle, requester, channel)
-    request = {
-        "team": tenant.team_id,
-        "target": user_id,
-        "handle": handle,
-        "requester": requester,
-        "channel": channel,
-    }
+        return await create_doppel(deps, context, tenant, user_id, handle, requester)
+    request = {"team": tenant.team_id, "target": user_id, "handle": handle, "requester": requester}
     value = json.dumps(request, separators=(",", ":"))
-    await context.client.chat_postMessage(
-        channel=channel,
-        text=f"<@{user_id}>, <@{requester}> would like to train a doppel of you. Do you agree?",
-        blocks=[
-            {
-                "type": "section",
-                "text": {
-                    "type": "mrkdwn",
-                    "text": f"<@{user_id}>, <@{requester}> would like to train a doppel of you on your Slack "
-                    "messages. It will answer mentions in your voice. Do you agree?",
+    # Asked privately, in a direct message: the command may come from a DM (no channel the bot can post
+    # in) or a channel the bot is not in, and whether someone agrees is nobody else's business.
+    try:
+        await tell(
+            context.client,
+            user_id,
+            text=f"<@{user_id}>, <@{requester}> would like to train a doppel of you. Do you agree?",
+            blocks=[
+                {
+                    "type": "section",
+                    "text": {
+                        "type": "mrkdwn",
+                        "text": f"<@{user_id}>, <@{requester}> would like to train a doppel of you on your "
+                        "Slack messages. It will answer mentions in your voice. Do you agree?",
+                    },
                 },
-            },
-            {
-                "type": "actions",
-                "elements": [
-                    {
-                        "type": "button",
-                        "style": "primary",
-                        "text": {"type": "plain_text", "text": "Approve"},
-                        "action_id": "doppel_consent_approve",
-                        "value": value,
-                    },
-                    {
-                        "type": "button",
-                        "style": "danger",
-                        "text": {"type": "plain_text", "text": "Decline"},
-                        "action_id": "doppel_consent_decline",
-                        "value": value,
-                    },
-                ],
-            },
-        ],
-    )
-    return f"Asked <@{user_id}> for their approval; I will tell you here when they answer."
+                {
+                    "type": "actions",
+                    "elements": [
+                        {
+                            "type": "button",
+                            "style": "primary",
+                            "text": {"type": "plain_text", "text": "Approve"},
+                            "action_id": "doppel_consent_approve",
+                            "value": value,
+                        },
+                        {
+                            "type": "button",
+                            "style": "danger",
+                            "text": {"type": "plain_text", "text": "Decline"},
+                            "action_id": "doppel_consent_decline",
+                            "value": value,
+                        },
+                    ],
+                },
+            ],
+        )
+    except SlackApiError as exc:
+        error = exc.response.get("error") if exc.response is not None else None
+        raise logic.CommandError(f"I could not ask <@{user_id}> in a direct message ({error}).") from None
+    return f"Asked <@{user_id}> for their approval; I will tell you in a direct message when they answer."
+
+
+async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) -> None:
+    """A direct message from the bot to `user_id` (conversations.open, then chat.postMessage)."""
+    opened = await client.conversations_open(users=user_id)
+    await client.chat_postMessage(channel=opened["channel"]["id"], text=text, **extra)
 
 
 async def create_doppel(
@@ -548,7 +628,6 @@ async def create_doppel(
     user_id: str,
     handle: str,
     requester: str,
-    channel: str,
 ) -> str:
     config = deps.config
     team_id = tenant.team_id
@@ -560,7 +639,7 @@ async def create_doppel(
     secret = token_secret(config.token_secret, team_id)
     if context.bot_token:
         await deps.kube.put_secret(namespace, secret, {"token": context.bot_token}, team_id)
-    annotations = {ANNOTATION_REQUESTER: requester, ANNOTATION_CHANNEL: channel}
+    annotations = {ANNOTATION_REQUESTER: requester}
     if tenant.enterprise_id:  # where the progress notifier finds the installation's token
         annotations[ANNOTATION_ENTERPRISE] = tenant.enterprise_id
     if tenant.org_wide:
@@ -579,14 +658,19 @@ async def create_doppel(
             "labels": {LABEL_TEAM: team_id},
             "annotations": annotations,
         },
-        "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        # Only what was set: everything else gets the same defaults as an object applied with kubectl
+        # (the CRD's, and the operator's --train-defaults for scheduling), never a copy frozen here.
+        "spec": spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
     }
     try:
         await deps.kube.create_doppel(namespace, body)
         deps.snapshots.invalidate(namespace, team_id)
     except AlreadyExists:
         return f"{handle} already has a doppel: `/doppel status @{handle}`."
-    return f"Training a doppel of {handle}: I will post its progress here (`/doppel status @{handle}`)."
+    return (
+        f"Training a doppel of {handle}: I will tell you its progress in a direct message "
+        f"(`/doppel status @{handle}`)."
+    )
 
 
 async def _at_limit(deps: Deps, namespace: str, team_id: str) -> bool:
@@ -603,12 +687,11 @@ async def answer_consent(
 ) -> None:
     request = json.loads(action["value"])
     tenant, clicker = _tenant(context, body), body["user"]["id"]
-    channel = request["channel"]
     client = context.client
     # The button travels through Slack: only the named person, a member of the same workspace, can answer
     # it. Refusals go to the clicker alone (ephemeral, where they clicked): a shared channel's other
     # company sees nothing.
-    clicked_in = (body.get("channel") or {}).get("id") or channel
+    clicked_in = (body.get("channel") or {}).get("id") or ""
     if not await admitted(deps, client, tenant, body, clicker):
         await client.chat_postEphemeral(channel=clicked_in, user=clicker, text=logic.REFUSAL)
         return
@@ -619,10 +702,8 @@ async def answer_consent(
         )
         return
     if CONSENT_ACTION.match(action["action_id"]).group(1) == "decline":  # type: ignore[union-attr]
-        text = f"<@{request['requester']}>: <@{clicker}> declined; no doppel of them will be trained."
+        text = f"<@{clicker}> declined; no doppel of them will be trained."
     else:
-        result = await create_doppel(
-            deps, context, tenant, clicker, request["handle"], request["requester"], channel
-        )
-        text = f"<@{request['requester']}>: <@{clicker}> approved. {result}"
-    await client.chat_postMessage(channel=channel, text=text)
+        result = await create_doppel(deps, context, tenant, clicker, request["handle"], request["requester"])
+        text = f"<@{clicker}> approved. {result}"
+    await tell(client, request["requester"], text)

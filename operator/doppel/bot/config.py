@@ -10,16 +10,20 @@ from dataclasses import dataclass, field
 from doppel.errors import BadInput
 from doppel.metrics import port_from_env
 
+# The bot scopes, in one place: OAuth installs ask for exactly these, and a test holds the app manifest
+# (charts/doppel/examples/slack-app-manifest.yaml) and the README to them.
 DEFAULT_SCOPES = (
-    "app_mentions:read",
-    "channels:history",
-    "groups:history",
-    "chat:write",
-    "chat:write.customize",
-    "commands",
-    "users:read",
+    "app_mentions:read",  # mentions
+    "channels:history",  # threads of public channels (the prompt), and the scrape
+    "channels:join",  # the scrape joins the public channels it reads
     "channels:read",
+    "groups:history",  # the same for private channels the bot was invited to
     "groups:read",
+    "chat:write",
+    "chat:write.customize",  # replies under the doppel's name and icon
+    "commands",  # /doppel
+    "im:write",  # consent requests and progress notices, in direct messages (conversations.open)
+    "users:read",
 )
 
 
@@ -48,6 +52,7 @@ class BotConfig:
     event_ttl_s: int = 3600
     oauth_redirect_uri: str | None = None
     poll_interval_s: float = 60.0  # progress: a full pass this often, besides the watch's wake-ups
+    sweep_interval_s: float = 300.0  # expired event and OAuth-state claims are deleted this often
     # What `/doppel train` puts in a new DoppelUser: the shared base model and the token Secret's name.
     base_model_name: str = "base"
     base_model_path: str = "/models/base"

@@ -217,13 +217,38 @@ class Kube:
             await self._call(self.core.create_namespaced_config_map, namespace, body, _preload_content=False)
         except ApiException as exc:
             if exc.status == 409:
+                return await self._take_expired(namespace, body)
+            raise
+        return True
+
+    async def _take_expired(self, namespace: str, body: dict[str, Any]) -> bool:
+        """A claim that exists is someone's, unless it expired and is not swept yet: then renew it, on its
+        resourceVersion (a patch naming one fails with 409 if the object changed), so that of several
+        replicas only one takes it."""
+        name = body["metadata"]["name"]
+        found = await self._maybe(self.core.read_namespaced_config_map, name, namespace)
+        if found is None:
+            return False  # swept meanwhile: the event is old, leave it
+        if float((found.metadata.annotations or {}).get(ANNOTATION_EXPIRES, "0")) >= time.time():
+            return False
+        meta = {
+            "resourceVersion": found.metadata.resource_version,
+            "annotations": body["metadata"]["annotations"],
+        }
+        try:
+            await self._call(self.core.patch_namespaced_config_map, name, namespace, {"metadata": meta})
+        except ApiException as exc:
+            if exc.status in (404, 409):
                 return False
             raise
         return True
 
     async def expire_claims(self, namespace: str, now: float) -> int:
-        """Delete the claims past their expiry; returns how many went."""
-        found = await self._call(self.core.list_namespaced_config_map, namespace)
+        """Delete the claims past their expiry; returns how many went. Listed by label: the namespace's
+        other ConfigMaps are never read."""
+        found = await self._call(
+            self.core.list_namespaced_config_map, namespace, label_selector=f"{LABEL_EVENT}=seen"
+        )
         gone = 0
         for item in found.items:
             meta = item.metadata

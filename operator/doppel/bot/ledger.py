@@ -1,6 +1,9 @@
 """Which Slack events were already handled: Slack retries unacknowledged or slow events, and several bot
 replicas may receive them, so each event is answered once. The record must be shared and outlive a
-restart: Kubernetes objects (the default) or the SQL database when one is configured."""
+restart: Kubernetes objects (the default) or the SQL database when one is configured.
+
+Claims expire; `sweep` deletes the expired ones. It runs in the background (`doppel.bot.server`), never on
+the way of a mention."""
 
 from __future__ import annotations
 
@@ -14,13 +17,14 @@ from sqlalchemy.exc import IntegrityError
 from doppel.bot.kube import Kube
 from doppel.bot.logic import event_key
 
-# Expired claims are swept at most this often, by whichever replica claims an event then.
-SWEEP_EVERY_S = 300.0
-
 
 class EventLedger(Protocol):
     async def claim(self, team_id: str, event_id: str) -> bool:
         """True the first time `event_id` of `team_id` is claimed, by anyone; False afterwards."""
+        ...
+
+    async def sweep(self) -> int:
+        """Forget the claims past their expiry; returns how many went."""
         ...
 
 
@@ -29,15 +33,12 @@ class KubeEventLedger:
 
     def __init__(self, kube: Kube, namespace: str, ttl_s: int) -> None:
         self.kube, self.namespace, self.ttl_s = kube, namespace, ttl_s
-        self._last_sweep = 0.0
 
     async def claim(self, team_id: str, event_id: str) -> bool:
-        won = await self.kube.claim(self.namespace, event_key(team_id, event_id), self.ttl_s)
-        now = time.time()
-        if won and now - self._last_sweep > SWEEP_EVERY_S:
-            self._last_sweep = now
-            await self.kube.expire_claims(self.namespace, now)
-        return won
+        return await self.kube.claim(self.namespace, event_key(team_id, event_id), self.ttl_s)
+
+    async def sweep(self) -> int:
+        return await self.kube.expire_claims(self.namespace, time.time())
 
 
 class SqlEventLedger:
@@ -57,27 +58,44 @@ class SqlEventLedger:
     async def claim(self, team_id: str, event_id: str) -> bool:
         return await asyncio.to_thread(self._claim, event_key(team_id, event_id))
 
+    async def sweep(self) -> int:
+        return await asyncio.to_thread(self._sweep)
+
+    def _sweep(self) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(sa.delete(self.table).where(self.table.c.expires_at < time.time())).rowcount
+
     def _claim(self, key: str) -> bool:
         now = time.time()
-        with self.engine.begin() as conn:
-            conn.execute(sa.delete(self.table).where(self.table.c.expires_at < now))
         try:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(self.table).values(key=key, expires_at=now + self.ttl_s))
         except IntegrityError:
-            return False
+            # Seen; unless that claim has expired and is not swept yet: then it is this one's (atomic).
+            stale = self.table.c.key == key, self.table.c.expires_at < now
+            with self.engine.begin() as conn:
+                taken = conn.execute(sa.update(self.table).where(*stale).values(expires_at=now + self.ttl_s))
+                return taken.rowcount == 1
         return True
 
 
 class MemoryEventLedger:
     """For one process with no cluster (`doppel local`): nothing to share with, nothing survives anyway."""
 
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
+    def __init__(self, ttl_s: float = 3600.0) -> None:
+        self.ttl_s = ttl_s
+        self._seen: dict[str, float] = {}  # key -> expiry
 
     async def claim(self, team_id: str, event_id: str) -> bool:
         key = event_key(team_id, event_id)
-        if key in self._seen:
+        if self._seen.get(key, 0.0) >= time.time():
             return False
-        self._seen.add(key)
+        self._seen[key] = time.time() + self.ttl_s
         return True
+
+    async def sweep(self) -> int:
+        now = time.time()
+        gone = [key for key, expires in self._seen.items() if expires < now]
+        for key in gone:
+            del self._seen[key]
+        return len(gone)

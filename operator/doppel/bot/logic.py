@@ -205,17 +205,34 @@ def event_key(team_id: str, event_id: str) -> str:
     return hashlib.sha256(f"{team_id}/{event_id}".encode()).hexdigest()[:40]
 
 
+def mention_key(event: dict[str, Any]) -> str:
+    """What makes a mention the same mention: its message (channel and ts). Slack's retries repeat the
+    event id, but an edit of the message comes as a new `app_mention` with a new event id and the same ts."""
+    return f"mention/{event.get('channel')}/{event.get('ts')}"
+
+
+def from_a_bot(event: dict[str, Any], bot_user_id: str | None) -> bool:
+    """A message written by a bot (another app, a classic bot_message, a workflow) or by this bot itself:
+    answering those could start an endless conversation between bots."""
+    return bool(
+        event.get("bot_id")
+        or event.get("bot_profile")
+        or event.get("subtype") == "bot_message"
+        or not event.get("user")
+        or event.get("user") == bot_user_id
+    )
+
+
 def phase(doppel: dict[str, Any]) -> str:
     return str((doppel.get("status") or {}).get("phase") or "Pending")
 
 
 def served_name(doppel: dict[str, Any]) -> str | None:
-    """The vLLM model name of a Ready doppel's adapter, else None."""
-    status = doppel.get("status") or {}
-    adapter = status.get("adapter") or {}
-    if status.get("phase") != "Ready" or not adapter.get("servedName"):
-        return None
-    return str(adapter["servedName"])
+    """The vLLM model name of the adapter a doppel serves, else None. `status.adapter` is switched only
+    once a new version is loaded everywhere, so it answers through re-scrapes, queueing, retraining and
+    re-registration (and a failed retrain) alike; only a doppel that was never Ready has none."""
+    adapter = (doppel.get("status") or {}).get("adapter") or {}
+    return str(adapter["servedName"]) if adapter.get("servedName") else None
 
 
 def describe(doppel: dict[str, Any]) -> str:
@@ -229,6 +246,9 @@ def describe(doppel: dict[str, Any]) -> str:
     samples = status.get("samples")
     if samples is not None:
         text += f", {samples} samples"
+    fidelity = _fidelity(status)
+    if fidelity:
+        text += f", {fidelity}"
     why = status.get("message") or status.get("reason")  # the operator's sentence, else its reason code
     if status.get("phase") == "Failed" and why:
         text += f": {why}"
@@ -256,6 +276,15 @@ def progress_note(doppel: dict[str, Any]) -> str | None:
         "Failed": f"{name}'s doppel failed: "
         f"{status.get('message') or status.get('reason') or 'see `/doppel status`'}.",
     }.get(phase(doppel))
+
+
+def _fidelity(status: dict[str, Any]) -> str | None:
+    """`style match 0.93 (persona prompt 0.07)` from `status.eval`, when the train Job measured it."""
+    figures = status.get("eval") or {}
+    adapter, prompted = figures.get("styleMatchAdapter"), figures.get("styleMatchPromptedBase")
+    if adapter is None or prompted is None:
+        return None
+    return f"style match {adapter:.2f} (persona prompt {prompted:.2f})"
 
 
 def _progress(status: dict[str, Any]) -> str | None:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
 import logging
 import signal
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,15 +29,16 @@ from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAutho
 from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
 from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
 from slack_sdk.oauth.installation_store import InstallationStore
-from slack_sdk.oauth.state_store import OAuthStateStore
 from slack_sdk.web.async_client import AsyncWebClient
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Message
 
 from doppel.bot import logic
-from doppel.bot.app import ANNOTATION_CHANNEL, Chat, Deps, build_app, vllm_chat
+from doppel.bot.app import Chat, Deps, build_app, tell, vllm_chat
 from doppel.bot.config import DEFAULT_SCOPES, BotConfig
 from doppel.bot.directory import Directory
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
@@ -50,12 +55,55 @@ from doppel.bot.ledger import EventLedger, KubeEventLedger, MemoryEventLedger, S
 from doppel.bot.logic import Tenant
 from doppel.bot.metrics import BotMetrics
 from doppel.bot.redact import install_token_redaction
-from doppel.bot.stores import AsyncInstallationStoreAdapter, AsyncStateStoreAdapter, KubernetesOAuthStateStore
+from doppel.bot.stores import AsyncInstallationStoreAdapter, SignedOAuthStateStore
+from doppel.bot.worker import slack_retry_handlers
 from doppel.serve.backend import DEFAULT_PARAMS
 from doppel.serve.vllm import AsyncVllmClient, RetryPolicy
 
 LOG = logging.getLogger(__name__)
 INSTALL_PATH, REDIRECT_PATH, EVENTS_PATH = "/slack/install", "/slack/oauth_redirect", "/slack/events"
+# Slack's events, commands and interactions are a few kilobytes; anything this big is not from Slack.
+MAX_BODY_BYTES = 1 << 20
+# Slack's rule: a request older than 5 minutes is refused (replays).
+MAX_REQUEST_AGE_S = 300
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed `limit` (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def signed(secret: bytes, headers: Headers, body: bytes) -> bool:
+    """Slack's request signature (`v0=` HMAC-SHA256 of `v0:<timestamp>:<body>`), fresh and valid, checked on
+    the raw bytes: nothing of the body is decoded before it is known to come from Slack."""
+    timestamp, signature = headers.get("x-slack-request-timestamp", ""), headers.get("x-slack-signature", "")
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > MAX_REQUEST_AGE_S:
+        return False
+    digest = hmac.new(secret, b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(f"v0={digest}", signature)
+
+
+def well_formed(body: bytes, content_type: str) -> bool:
+    """A body Bolt can read: UTF-8, and a JSON object or a form (with a JSON `payload`, if any)."""
+    try:
+        text = body.decode("utf-8")
+        if content_type.startswith("application/json"):
+            return isinstance(json.loads(text), dict)
+        form = urllib.parse.parse_qs(text, strict_parsing=bool(text))
+        if "payload" in form:
+            return isinstance(json.loads(form["payload"][0]), dict)
+        return True
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -81,13 +129,27 @@ class Bot:
 
     def asgi(self) -> Starlette:
         handler = AsyncSlackRequestHandler(self.app)
+        secret = self.config.signing_secret.encode()
 
         async def slack(request: Request) -> Response:
             return await handler.handle(request)
 
         async def events(request: Request) -> Response:
+            """Slack's POSTs, checked before Bolt sees them: bounded in size, signed (before anything in
+            them is parsed), then well-formed; a bad one gets a one-line answer, not a traceback."""
             started = time.perf_counter()
-            response = await handler.handle(request)
+            body = await _read_bounded(request, MAX_BODY_BYTES)
+            if body is None:
+                return PlainTextResponse("request body too large", 413)
+            if not signed(secret, request.headers, body):
+                return PlainTextResponse("invalid request signature", 401)
+            if not well_formed(body, request.headers.get("content-type", "")):
+                return PlainTextResponse("malformed request body", 400)
+
+            async def replay() -> Message:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            response = await handler.handle(Request(request.scope, replay))
             self.deps.metrics.acked(started)
             return response
 
@@ -104,7 +166,7 @@ class Bot:
         @contextlib.asynccontextmanager
         async def lifespan(_: Starlette) -> AsyncIterator[None]:
             self.serve_metrics()
-            async with self.notifier():
+            async with self.notifier(), self.sweeper():
                 yield
             await asyncio.to_thread(self.deps.worker.close)
             self.deps.metrics.close()
@@ -137,6 +199,28 @@ class Bot:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    @contextlib.asynccontextmanager
+    async def sweeper(self) -> AsyncIterator[None]:
+        """Delete expired event claims and OAuth state claims every `sweep_interval_s`, in the
+        background: never on the way of a mention."""
+
+        async def sweep() -> None:
+            while True:
+                try:
+                    gone = await self.deps.ledger.sweep()
+                    LOG.debug("swept %d expired claims", gone)
+                except Exception as exc:
+                    LOG.warning("claim sweeper: %s: %s", type(exc).__name__, exc)
+                await asyncio.sleep(self.config.sweep_interval_s)
+
+        task = asyncio.create_task(sweep())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def serve(self, host: str, port: int) -> None:
         server = _Server(
             uvicorn.Config(self.asgi(), host=host, port=port, log_level="info", access_log=False)
@@ -151,7 +235,7 @@ class Bot:
         handler = AsyncSocketModeHandler(self.app, self.config.app_token, web_client=self.app.client)
         self.serve_metrics()
         try:
-            async with self.notifier():
+            async with self.notifier(), self.sweeper():
                 await handler.start_async()
         finally:
             await handler.close_async()
@@ -212,7 +296,11 @@ def create_bot(
         chat = vllm_chat(vllm, DEFAULT_PARAMS.override(max_tokens=config.max_tokens))
     # Single-workspace mode: the client carries the one bot token (Bolt takes it from there).
     token = None if config.oauth else config.bot_token
-    web = AsyncWebClient(base_url=config.slack_api_url or AsyncWebClient.BASE_URL, token=token)
+    web = AsyncWebClient(
+        base_url=config.slack_api_url or AsyncWebClient.BASE_URL,
+        token=token,
+        retry_handlers=slack_retry_handlers(),
+    )
     deps = Deps(
         config=config, kube=directory, ledger=ledger, chat=chat, metrics=BotMetrics(config.metrics_port != 0)
     )
@@ -220,14 +308,14 @@ def create_bot(
     flow: AsyncOAuthFlow | None = None
     authorize: AsyncInstallationStoreAuthorize | None = None
     if config.oauth:
-        sync_store, state_store = _oauth_stores(config, installation_store, kube_client)
-        store = AsyncInstallationStoreAdapter(sync_store)
+        assert config.client_secret is not None
+        store = AsyncInstallationStoreAdapter(_installation_store(config, installation_store, kube_client))
         settings = AsyncOAuthSettings(
             client_id=config.client_id,
             client_secret=config.client_secret,
             scopes=list(DEFAULT_SCOPES),
             installation_store=store,
-            state_store=AsyncStateStoreAdapter(state_store),
+            state_store=SignedOAuthStateStore(config.client_secret, ledger),
             install_path=INSTALL_PATH,
             redirect_uri_path=REDIRECT_PATH,
             redirect_uri=config.oauth_redirect_uri,
@@ -248,31 +336,29 @@ def create_bot(
     return Bot(config=config, deps=deps, app=app, installation_store=store)
 
 
-def _oauth_stores(
+def _installation_store(
     config: BotConfig, installation_store: InstallationStore | None, kube_client: Callable[[], k8s.ApiClient]
-) -> tuple[InstallationStore, OAuthStateStore]:
+) -> InstallationStore:
+    if installation_store is not None:
+        return installation_store
     if config.database_url:
         import sqlalchemy as sa
         from slack_sdk.oauth.installation_store.sqlalchemy import SQLAlchemyInstallationStore
-        from slack_sdk.oauth.state_store.sqlalchemy import SQLAlchemyOAuthStateStore
 
         engine = sa.create_engine(config.database_url)
         sql_store = SQLAlchemyInstallationStore(client_id=config.client_id or "", engine=engine)
         sql_store.create_tables()
-        state = SQLAlchemyOAuthStateStore(expiration_seconds=600, engine=engine)
-        state.create_tables()
-        return installation_store or sql_store, state
-    store = installation_store or KubernetesSecretInstallationStore(kube_client(), config.bot_namespace)
-    return store, KubernetesOAuthStateStore(kube_client(), config.bot_namespace)
+        return sql_store
+    return KubernetesSecretInstallationStore(kube_client(), config.bot_namespace)
 
 
 # --- progress messages ----------------------------------------------------------------------------------
 
 
 async def notify_progress(bot: Bot) -> None:
-    """Tell whoever asked for a doppel when it reaches Training, Ready or Failed, in the channel they asked
-    from. A pass runs whenever a DoppelUser changes (a Kubernetes watch wakes it) and every
-    `poll_interval_s` anyway; the phase told is recorded on the object, so a restart does not repeat it."""
+    """Tell whoever asked for a doppel when it reaches Training, Ready or Failed, in a direct message. A
+    pass runs whenever a DoppelUser changes (a Kubernetes watch wakes it) and every `poll_interval_s`
+    anyway; the phase told is recorded on the object, so a restart does not repeat it."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     stop_watch = None
@@ -299,10 +385,10 @@ async def notify_once(bot: Bot) -> int:
         meta = doppel["metadata"]
         annotations = meta.get("annotations") or {}
         team_id = (meta.get("labels") or {}).get(LABEL_TEAM)
-        requester, channel = annotations.get(ANNOTATION_REQUESTER), annotations.get(ANNOTATION_CHANNEL)
+        requester = annotations.get(ANNOTATION_REQUESTER)
         phase = logic.phase(doppel)
         note = logic.progress_note(doppel)
-        if not (team_id and requester and channel and note) or annotations.get(ANNOTATION_NOTIFIED) == phase:
+        if not (team_id and requester and note) or annotations.get(ANNOTATION_NOTIFIED) == phase:
             continue
         # Only a workspace's own doppels, in its own namespace, may speak to that workspace.
         if logic.team_of(doppel) != team_id or meta.get("namespace") != bot.config.namespace_for(team_id):
@@ -316,7 +402,10 @@ async def notify_once(bot: Bot) -> int:
         key = f"progress/{meta['namespace']}/{meta['name']}/{meta.get('generation')}/{version}/{phase}"
         if not await bot.deps.ledger.claim(team_id, key):
             continue
-        await bot.app.client.chat_postMessage(token=token, channel=channel, text=f"<@{requester}> {note}")
+        client = AsyncWebClient(
+            token=token, base_url=bot.app.client.base_url, retry_handlers=slack_retry_handlers()
+        )
+        await tell(client, requester, note)
         await bot.deps.kube.annotate_doppel(meta["namespace"], meta["name"], {ANNOTATION_NOTIFIED: phase})
         posted += 1
     return posted

@@ -1,24 +1,25 @@
-"""OAuth stores for Bolt's AsyncApp: slack_sdk's sync stores (ours on Kubernetes, or its SQLAlchemy ones)
-behind its async interfaces, plus an OAuth `state` store on Kubernetes so any replica can finish an install
-that another one started."""
+"""OAuth stores for Bolt's AsyncApp: slack_sdk's sync installation stores (ours on Kubernetes, or its
+SQLAlchemy one) behind its async interface, plus a signed OAuth `state` store, so any replica can finish an
+install that another one started."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import re
 import secrets
 import time
 
-from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
 from slack_sdk.oauth.installation_store import Bot, Installation, InstallationStore
 from slack_sdk.oauth.installation_store.async_installation_store import AsyncInstallationStore
-from slack_sdk.oauth.state_store import OAuthStateStore
 from slack_sdk.oauth.state_store.async_state_store import AsyncOAuthStateStore
 
-from doppel.bot.kube import ANNOTATION_EXPIRES, REQUEST_TIMEOUT_S
+from doppel.bot.ledger import EventLedger
 
 LOG = logging.getLogger(__name__)
+_STATE = re.compile(r"[0-9a-f]{74}")  # nonce (32) + expiry (10 digits) + signature (32)
 
 
 class AsyncInstallationStoreAdapter(AsyncInstallationStore):
@@ -79,55 +80,31 @@ class AsyncInstallationStoreAdapter(AsyncInstallationStore):
         await asyncio.to_thread(lambda: self.store.delete_all(enterprise_id=enterprise_id, team_id=team_id))
 
 
-class AsyncStateStoreAdapter(AsyncOAuthStateStore):
-    def __init__(self, store: OAuthStateStore) -> None:
-        self.store = store
+class SignedOAuthStateStore(AsyncOAuthStateStore):
+    """OAuth `state` values that carry their own proof: a nonce and an expiry, signed with the app's client
+    secret. Issuing one stores nothing, so `GET /slack/install` (public) creates no object however often it
+    is called, and any replica can check a state another one issued. Consuming one claims its nonce in the
+    event ledger (atomic, shared, swept when expired), so a state is good once."""
+
+    def __init__(self, secret: str, ledger: EventLedger, expiration_s: int = 600) -> None:
+        self._key = hashlib.sha256(f"doppel-oauth-state:{secret}".encode()).digest()
+        self.ledger, self.expiration_s = ledger, expiration_s
 
     @property
     def logger(self) -> logging.Logger:
         return LOG
+
+    def _mac(self, body: str) -> str:
+        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()[:32]
 
     async def async_issue(self, *args: object, **kwargs: object) -> str:
-        return await asyncio.to_thread(self.store.issue)
+        body = f"{secrets.token_hex(16)}{int(time.time()) + self.expiration_s:010d}"
+        return body + self._mac(body)
 
     async def async_consume(self, state: str) -> bool:
-        return await asyncio.to_thread(self.store.consume, state)
-
-
-class KubernetesOAuthStateStore(OAuthStateStore):
-    """One ConfigMap per issued `state`; consuming deletes it, so a state is good once, until it expires."""
-
-    def __init__(self, client: k8s.ApiClient, namespace: str, expiration_s: int = 600) -> None:
-        self.core = k8s.CoreV1Api(client)
-        self.namespace, self.expiration_s = namespace, expiration_s
-
-    @property
-    def logger(self) -> logging.Logger:
-        return LOG
-
-    def issue(self, *args: object, **kwargs: object) -> str:
-        state = secrets.token_hex(16)
-        body = {
-            "metadata": {
-                "name": f"doppel-oauth-state-{state}",
-                "annotations": {ANNOTATION_EXPIRES: str(int(time.time() + self.expiration_s))},
-            }
-        }
-        self.core.create_namespaced_config_map(self.namespace, body, _request_timeout=REQUEST_TIMEOUT_S)
-        return state
-
-    def consume(self, state: str) -> bool:
-        if not state.isalnum() or len(state) > 64:
+        if not _STATE.fullmatch(state):
             return False
-        name = f"doppel-oauth-state-{state.lower()}"
-        try:
-            found = self.core.read_namespaced_config_map(
-                name, self.namespace, _request_timeout=REQUEST_TIMEOUT_S
-            )
-            self.core.delete_namespaced_config_map(name, self.namespace, _request_timeout=REQUEST_TIMEOUT_S)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        expires = float((found.metadata.annotations or {}).get(ANNOTATION_EXPIRES, "0"))
-        return expires >= time.time()
+        body, mac = state[:42], state[42:]
+        if not hmac.compare_digest(self._mac(body), mac) or int(body[32:]) < time.time():
+            return False
+        return await self.ledger.claim("oauth", f"state/{body[:32]}")

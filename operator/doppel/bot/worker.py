@@ -15,8 +15,27 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
 
 LOG = logging.getLogger(__name__)
+# A 429 is waited out (Retry-After, plus up to a second of jitter) this many times before a call fails:
+# Slack allows about one message a second per channel, and a burst of mentions in one channel queues.
+RATE_LIMIT_RETRIES = 10
+
+
+def slack_retry_handlers() -> list[AsyncRetryHandler]:
+    """slack_sdk's own retry handlers for every Slack call the bot makes: rate limits, dropped connections
+    and Slack's 5xx answers are retried instead of losing the reply."""
+    return [
+        AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
+        AsyncConnectionErrorRetryHandler(max_retry_count=2),
+        AsyncServerErrorRetryHandler(max_retry_count=2),
+    ]
 
 
 class Worker:

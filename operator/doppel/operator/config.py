@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from doppel.api import TrainDefaults
+
 
 @dataclass(frozen=True)
 class OperatorConfig:
@@ -15,6 +17,8 @@ class OperatorConfig:
     worker_image: str = "ghcr.io/doppel/worker:latest"
     image_pull_policy: str = "IfNotPresent"
     service_account: str | None = None
+    # Resources, nodeSelector and tolerations of train Jobs whose DoppelUser leaves them out.
+    train_defaults: TrainDefaults = field(default_factory=TrainDefaults)
     # GPUs are scarce: at most this many train Jobs run at once, cluster-wide; the rest queue FIFO.
     max_trainings: int = 1
     # Slack Web API base URL override (an emulator, a proxy); None uses slack.com.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from doppel.api import GROUP, KIND, VERSION, DoppelUserSpec
+from doppel.api import GROUP, KIND, VERSION, DoppelUserSpec, with_train_defaults
 from doppel.operator.config import OperatorConfig
 
 Step = Literal["scrape", "train", "cleanup", "purge", "prune"]
@@ -189,6 +189,8 @@ def job_manifest(
     """A one-pod Job running `command` in the worker image with the shared volume mounted.
 
     backoffLimit 0: retries are the operator's (with its own backoff and the bad-input rule)."""
+    if step == "train":  # the cluster's defaults for what the object leaves out (GPU, node, taints)
+        spec = with_train_defaults(spec, config.train_defaults)
     env: list[dict[str, Any]] = [{"name": "DOPPEL_RESULT_FILE", "value": TERMINATION_LOG}]
     if step == "scrape" and spec.slack.token_secret_ref and not spec.slack.export_path:
         ref = spec.slack.token_secret_ref

@@ -20,6 +20,7 @@ from doppel.api import (
     ConditionType,
     DoppelUserSpec,
     DoppelUserStatus,
+    EvalSummary,
     ScrapeProgress,
     TrainingProgress,
 )
@@ -261,6 +262,7 @@ def _after_train(
     if result.state == "failed":
         return _failed(observed, config, plan, "train", attempt, result)
     status.training = _progress(result.result, now)
+    status.eval = _eval(result.result)
     adapter = Adapter(
         served_name=jobs.served_name(owner.namespace, owner.name, owner.generation),
         path=jobs.adapter_dir(config, owner.namespace, owner.name, owner.generation),
@@ -417,6 +419,14 @@ def _progress(result: dict[str, Any], now: datetime) -> TrainingProgress:
         percent=100.0 if steps else None,
         updated_at=now,
     )
+
+
+def _eval(result: dict[str, Any]) -> EvalSummary | None:
+    """The fidelity headline `doppel train` put in its summary; None if absent or not understood."""
+    try:
+        return EvalSummary.model_validate(result["eval"]) if result.get("eval") else None
+    except (ValueError, TypeError):
+        return None
 
 
 def promote(

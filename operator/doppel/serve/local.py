@@ -23,7 +23,8 @@ from doppel.serve.errors import AdapterNotFound, BaseModelMismatch, InvalidAdapt
 
 
 class LocalBackend:
-    """`ChatBackend` running the base model and its adapters in this process (CPU, float32)."""
+    """`ChatBackend` running the base model and its adapters in this process: float32 on CPU, bfloat16 on a
+    GPU when there is one (the train Job's fidelity report runs there)."""
 
     def __init__(self, base_model: Path, adapters: Mapping[str, Path] | None = None) -> None:
         base_model = Path(base_model)
@@ -34,9 +35,12 @@ class LocalBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        on_gpu = torch.cuda.is_available()
         self.model: PreTrainedModel | PeftModel = AutoModelForCausalLM.from_pretrained(
-            str(base_model), dtype=torch.float32
+            str(base_model), dtype=torch.bfloat16 if on_gpu else torch.float32
         )
+        if on_gpu:
+            self.model.to("cuda")
         self.model.eval()
         # PEFT routes rows to adapters with per-call hooks: one generation at a time.
         self._lock = threading.Lock()
@@ -140,6 +144,7 @@ class LocalBackend:
             self._check_adapter(adapter)
         prompts = [self.render_prompt(m) for m in conversations]
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = inputs.to(self.model.device)
         # Like vLLM, never generate past the model's context window.
         room = self.model.config.max_position_embeddings - inputs["input_ids"].shape[1]
         if room <= 0:

@@ -1,0 +1,95 @@
+"""`doppel eval`: the fidelity report (eval.json) of an adapter, through the command, on the tiny model.
+
+The tiny model's adapter has learnt a fixed reply pattern (see model_fixtures); the tiny base model writes
+noise. So the report must attribute the adapter's replies to the person and the base model's to the base.
+The same report on SmolLM2 and the demo export is checked in test_local_demo.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from doppel.cli import main
+from doppel.train import fidelity
+from doppel.train.data import load_samples
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_eval_writes_the_report_beside_metrics(tmp_path, trained_adapter, style_samples):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter, adapter)
+    result = run("eval", "--adapter", str(adapter))  # data and base model: as recorded at training
+    assert result.exit_code == 0, result.output
+    report = json.loads((adapter / "eval.json").read_text())
+    assert report["person"] == style_samples.person_name
+    assert report["heldout_samples"] > 0 and report["train_samples"] > report["heldout_samples"]
+    loss = report["heldout_loss"]
+    assert loss["adapter"] < loss["base"]
+    assert report["style_match"]["adapter"] >= 0.8
+    assert report["style_match"]["prompted_base"] <= 0.2
+    assert report["style_classifier_accuracy"] >= 0.8
+    assert set(report["style_classifier"]["classes"]) == {"person", "base model", "Bob", "Ana", "Lin"}
+    # "Yarr! {topic} be shipshape, matey ☠": six words, and the adapter's replies about as long.
+    assert report["length"]["person"] == 6.0
+    assert abs(report["length"]["adapter"] - 6.0) <= 2
+    assert len(report["examples"]) == 3
+    for example in report["examples"]:
+        assert {"context", "real", "adapter", "prompted_base"} <= set(example)
+        assert "matey" in example["real"]
+    # The printed table: the headline figures.
+    assert "style match" in result.output and "held-out loss" in result.output
+    assert f"adapter {report['style_match']['adapter']:.2f}" in result.output
+
+
+def test_the_split_is_the_trainings_own(tmp_path, trained_adapter, style_samples):
+    """The held-out threads of the report are exactly those the training evaluated on."""
+    metrics = json.loads((trained_adapter / "metrics.json").read_text())
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(metrics["config"]["base_model"])
+    config = metrics["config"]
+    split = fidelity.split_samples(
+        load_samples(style_samples.samples),
+        tokenizer,
+        config["max_length"],
+        config["eval_fraction"],
+        config["seed"],
+    )
+    assert len(split.eval) == metrics["eval_samples"] and len(split.train) == metrics["train_samples"]
+    assert not {s.thread for s in split.eval} & {s.thread for s in split.train}
+
+
+def test_context_authors_are_read_back_from_the_conversation():
+    sample = load_samples_from(
+        [
+            {"role": "system", "content": "You are Pat."},
+            {"role": "user", "content": "Bob: can you look at it?\nsecond line\nAna: me too"},
+            {"role": "assistant", "content": "Yarr"},
+        ]
+    )
+    assert fidelity.context_messages(sample) == [
+        ("Bob", "can you look at it?\nsecond line"),
+        ("Ana", "me too"),
+    ]
+
+
+def load_samples_from(messages):
+    from doppel.train.data import Sample
+
+    return Sample(messages=messages, thread="t")
+
+
+def test_eval_bad_input(tmp_path, trained_adapter):
+    missing = run("eval", "--adapter", str(tmp_path / "nope"))
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter, adapter)
+    no_data = run("eval", "--adapter", str(adapter), "--data", str(tmp_path / "none.jsonl"))
+    assert no_data.exit_code == 2 and "samples not found" in no_data.output
+    assert not (adapter / "eval.json").exists()
