@@ -15,7 +15,8 @@ not delayed by this one, which plays Slack and the model server. Prints:
   (`POST_LIMIT`: a burst, then a steady rate, 429 with Retry-After beyond), as Slack's own limit is, so
   most of the 200 replies are first refused and must be retried; and that every event was answered exactly
   once. The machine's load average is printed too: on a shared 2-core machine the figures move with it;
-- the cost of the bot's metrics calls per mention, measured directly (the bot runs with metrics on).
+- all of it twice, metrics off (DOPPEL_METRICS_PORT=0) then on, with the on/off ratios, and the cost of
+  the bot's metrics calls per mention measured directly (the aim: under 5%).
 
 Run: .venv/bin/python tests/bench/bench_bot.py
 """
@@ -149,7 +150,8 @@ async def burst(base_url: str, requests: list[tuple[str, Any]]) -> list[tuple[fl
     return [tuple(row) for row in json.loads(done.stdout)]
 
 
-async def main() -> None:
+async def measure(metrics_port: int) -> dict[str, float]:
+    """The whole measurement with fresh emulators and one bot process (metrics on `metrics_port`, 0: off)."""
     emulator = SlackEmulator(rate_scale=10_000.0, post_limit=POST_LIMIT).start()
     team = emulator.add_team(load_workspace(), token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
     model = ModelStandIn()
@@ -177,7 +179,7 @@ async def main() -> None:
             "VLLM_URL": f"http://127.0.0.1:{model.port}",
             "DOPPEL_BOT_NAMESPACE": BOT_NAMESPACE,
             "DOPPEL_TEAM_NAMESPACES": f"{TEAM_ID}={NAMESPACE}",
-            "DOPPEL_METRICS_PORT": str(free_port()),  # metrics on, as deployed (a free port, not 9090)
+            "DOPPEL_METRICS_PORT": str(metrics_port),
         }
         log_path = Path(tempfile.mkdtemp(prefix="bench-bot-")) / "bot.log"
         log = log_path.open("w")  # closed with the process below
@@ -299,10 +301,21 @@ async def main() -> None:
         f"answered with Slack's 429s in play: {unique}/{EVENTS} = {unique / EVENTS:.0%} "
         f"({limited} of {len(burst_posts)} chat.postMessage calls answered 429, then retried)"
     )
+    return {"ack p50": percentile(acks, 0.5), "ack p99": percentile(acks, 0.99), "single p50": seq50}
+
+
+async def main() -> None:
+    """Everything twice: metrics off (DOPPEL_METRICS_PORT=0), then on (a free port), and the ratios."""
+    print("--- metrics off (DOPPEL_METRICS_PORT=0)")
+    off = await measure(0)
+    print("--- metrics on")
+    on = await measure(free_port())
+    ratios = ", ".join(f"{key} {on[key] / off[key]:.2f}x" for key in off)
+    print(f"metrics on / off: {ratios} (the aim: under 1.05x; this machine's load moves them more)")
     per_mention = instrumentation_cost()
     print(
         f"metrics calls per mention: {per_mention * 1e6:.1f} us = "
-        f"{per_mention / seq50:.3%} of the one-at-a-time event -> model request"
+        f"{per_mention / off['single p50']:.3%} of the one-at-a-time event -> model request"
     )
 
 
