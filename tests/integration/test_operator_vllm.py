@@ -174,8 +174,21 @@ async def test_doppeluser_lifecycle_on_real_vllm(
         )
         await until_served(vllm, "team.alice.v1", timeout=30)
         assert (await kube.kubectl.get("DoppelUser", "alice"))["metadata"]["generation"] == 1
+        # 3. An adapter the pod lost while nobody asked for it (vLLM lists only what it has loaded) is put
+        # back by the periodic drift check, and counted as a repair.
+        async with httpx.AsyncClient(timeout=60) as http:
+            unload = await http.post(
+                f"{vllm.base_url}/v1/unload_lora_adapter", json={"lora_name": "team.alice.v1"}
+            )
+        assert unload.status_code == 200, unload.text
+        await until_served(vllm, "team.alice.v1", timeout=30)
         # /metrics tells the same story: one registration timed (the failed one is not), drift repaired.
+        deadline = asyncio.get_running_loop().time() + 15
         samples = await scrape(metrics_port)
+        while value(samples, "doppel_vllm_drift_repairs_total") < 1:
+            assert asyncio.get_running_loop().time() < deadline, "the drift repair was not counted"
+            await asyncio.sleep(0.3)
+            samples = await scrape(metrics_port)
         assert value(samples, "doppel_adapter_registration_seconds_count") == 1
         assert value(samples, "doppel_vllm_drift_repairs_total") >= 1
         assert value(samples, "doppel_vllm_drift_detected_total") >= value(

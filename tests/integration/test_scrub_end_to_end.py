@@ -3,6 +3,7 @@ API, tokenised into training batches, and posted by the bot mentioned outside a 
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import time
@@ -106,8 +107,10 @@ async def test_the_bot_answers_a_channel_mention_from_its_window_and_never_posts
     ts = say(slack_emulator, "U03CAROL", text)
     await bot.event(mention_payload(text, ts, event_id="EvWINDOW", user="U03CAROL"))
     posts = await bot.wait_posts(CHANNEL, 1)
-    assert posts and not leaked(" ".join(p["text"] for p in posts))
-    assert "<secret>" in posts[0]["text"] and "<email>" in " ".join(p["text"] for p in posts)
+    # What Slack shows: posted text is escaped as Slack requires (`&lt;secret&gt;` reads `<secret>`).
+    shown = [html.unescape(p["text"]) for p in posts]
+    assert posts and not leaked(" ".join(shown))
+    assert "<secret>" in shown[0] and "<email>" in " ".join(shown)
 
     # Serving matches training: the prompt is the sample the same channel messages would make, had Alice
     # answered the mention herself. The hour-old message is outside the window.

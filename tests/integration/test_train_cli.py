@@ -183,7 +183,7 @@ def test_missing_inputs(tmp_path, tiny_model, style_samples: StyleData):
     result = _train(
         "--data", str(style_samples.samples), "--base-model", str(missing_model), "--out", str(out)
     )
-    _assert_bad_input(result, f"cannot load base model '{missing_model}'", out)
+    _assert_bad_input(result, f"base model {missing_model}: no model there", out)
     result = _train(
         "--data", str(style_samples.samples), "--base-model", str(tiny_model), "--out", str(out),
         "--target-modules", "no_such_proj",
