@@ -49,21 +49,22 @@ async def test_two_replicas_act_once_and_the_standby_takes_over(
         slack_api_url=slack_emulator.base_url + "/",
         scrape_args=("--rate-scale", "1000"),
         peering=PEERING,
-        peering_lifetime_s=3,
+        # Long enough that a replica slowed by a loaded machine is not taken for dead (two actives).
+        peering_lifetime_s=10,
     )
     replicas = {name: OperatorProcess(config_with(base, peer_id=name)) for name in ("replica-a", "replica-b")}
     kube.jobs.hold("train")
     try:
         for replica in replicas.values():
             await replica.start()
-        for _ in range(100):
+        for _ in range(300):
             if len(await peers(kube)) == 2:
                 break
             await asyncio.sleep(0.1)
         seen = await peers(kube)
         assert set(seen) == set(replicas), seen
         active = max(seen, key=lambda peer: seen[peer]["priority"])
-        await asyncio.sleep(1.0)  # the lower priority has seen the higher one and paused
+        await asyncio.sleep(3.0)  # the lower priority has seen the higher one and paused
 
         manifest = doppeluser("alice", baseModel={"servedName": "doppel-tiny", "path": str(tiny_model)})
         manifest["spec"]["training"] = {
