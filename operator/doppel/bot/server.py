@@ -17,8 +17,9 @@ import logging
 import signal
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import uvicorn
@@ -188,19 +189,11 @@ class Bot:
         if self.config.metrics_port:
             self.deps.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
 
-    @contextlib.asynccontextmanager
-    async def notifier(self) -> AsyncIterator[None]:
+    def notifier(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Run `notify_progress` in the background for as long as the block runs."""
-        task = asyncio.create_task(notify_progress(self))
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return _in_background(notify_progress(self))
 
-    @contextlib.asynccontextmanager
-    async def sweeper(self) -> AsyncIterator[None]:
+    def sweeper(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Delete expired event claims and OAuth state claims every `sweep_interval_s`, in the
         background: never on the way of a mention."""
 
@@ -213,13 +206,7 @@ class Bot:
                     LOG.warning("claim sweeper: %s: %s", type(exc).__name__, exc)
                 await asyncio.sleep(self.config.sweep_interval_s)
 
-        task = asyncio.create_task(sweep())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return _in_background(sweep())
 
     async def serve(self, host: str, port: int) -> None:
         server = _Server(
@@ -409,3 +396,15 @@ async def notify_once(bot: Bot) -> int:
         await bot.deps.kube.annotate_doppel(meta["namespace"], meta["name"], {ANNOTATION_NOTIFIED: phase})
         posted += 1
     return posted
+
+
+@contextlib.asynccontextmanager
+async def _in_background(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run `work` as a task while the block runs; cancel it when the block ends."""
+    task = asyncio.create_task(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
