@@ -255,6 +255,33 @@ async def test_eight_mentions_in_a_second_under_slacks_real_channel_limit_are_al
         assert [c for c in emulator.calls_to("chat.postMessage") if c.status == 429]  # the limit was hit
 
 
+async def test_a_channel_queued_behind_slacks_limit_does_not_hold_up_other_channels(
+    bot_harness, bot_kube, slack_workspace
+):
+    """A hundred mentions in #general wait their turn to post (one message a second per channel); a mention in
+    #engineering meanwhile is answered at once, not after them."""
+    emulator = SlackEmulator(rate_scale=1000.0, post_limit=(1.0, 1.0))
+    emulator.add_team(slack_workspace, token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
+    with emulator:
+        _, chat = recording_chat("yes")
+        bot = await bot_harness(chat=chat, emulator=emulator)
+        await kube_for(bot_kube[1]).create_doppel(
+            NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1")
+        )
+        queued = []
+        for i in range(100):
+            text = f"<@{BOT_USER_ID}> question {i}"
+            queued.append(mention_payload(text, say(emulator, "U02BOB", text), event_id=f"EvQueue{i}"))
+        assert {r.status_code for r in await asyncio.gather(*(bot.event(p) for p in queued))} == {200}
+        await bot.wait_posts(CHANNEL, 2, timeout=20)  # #general's queue is draining, a message a second
+        other, text = "C02ENG", f"<@{BOT_USER_ID}> a question elsewhere"
+        ts = say(emulator, "U02BOB", text, channel=other)
+        await bot.event(mention_payload(text, ts, event_id="EvElsewhere", channel=other))
+        [answer] = await bot.wait_posts(other, 1, timeout=5)
+        assert answer["thread_ts"] == ts
+        assert len(emulator.posted(CHANNEL)) < 30  # most of #general's answers are still waiting
+
+
 async def test_a_mention_is_answered_when_the_dedup_ledger_is_unreachable(
     bot_harness, bot_kube, slack_emulator
 ):

@@ -2,9 +2,9 @@
 
 Glue only: parsing and wording live in `doppel.bot.logic`, Kubernetes calls in `doppel.bot.kube`, the model
 behind the `Chat` callable (vLLM in production, any `doppel.serve.backend.ChatBackend` in local mode).
-Bolt acknowledges an event as soon as it is verified; the listener only hands the answer to the `Worker`
-(its own thread and event loop), so Slack gets its acknowledgement within 3 seconds whatever the model, the
-Slack API or Kubernetes do, even in a burst.
+The server (`doppel.bot.server`) acknowledges an event as soon as its signature is checked and hands it to
+Bolt on the `Worker` (its own thread and event loop), where the listener's answer runs too: Slack gets its
+acknowledgement within 3 seconds whatever the model, the Slack API or Kubernetes do, even in a burst.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from doppel.slack.scrub import scrub_text
 LOG = logging.getLogger(__name__)
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 DEFAULT_ICON = ":robot_face:"
+MODEL_REQUESTS = 64
 # A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
 COMMAND_ACK_S = 1.5
 # The training samples' default window (`doppel scrape --window-gap-minutes/--window-messages`).
@@ -128,6 +129,9 @@ class Deps:
     snapshots: Snapshots = field(init=False)
     # One post at a time per channel: Slack allows about one message a second in a channel, so a burst of
     # replies queues here, each waiting out its 429s in turn, instead of all retrying at once.
+    # At most this many model requests in flight from this replica; the rest wait (not counted in the
+    # model timeout). An answer waiting for its channel's turn to post holds none.
+    model_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MODEL_REQUESTS))
     _posting: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary, init=False
     )
@@ -406,7 +410,8 @@ async def _answer(
             context = channel_window(context, WINDOW)
         channel_name = (await lookups.channel(client, team_id, channel)).get("name")
         messages = build_conversation(person, person_id, context, channel=channel_name)
-        reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
+        async with deps.model_slots:
+            reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
     except (ServeError, TimeoutError) as exc:
         LOG.warning("no reply from %s for team %s: %s", model, team_id, exc)
         deps.metrics.error("vllm_unavailable")

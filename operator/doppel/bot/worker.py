@@ -1,14 +1,15 @@
-"""The work after the acknowledgement runs on its own thread and event loop.
+"""The work after the acknowledgement runs on its own thread and event loop, and yields to acknowledgements.
 
-Slack wants every request acknowledged within 3 seconds. If answers (Slack and Kubernetes round trips,
-prompt building, the model call) shared the acknowledging event loop, a burst of mentions would queue each
-new acknowledgement behind the earlier answers' work. On a loop of their own they only share the CPU.
+Slack wants every request acknowledged within 3 seconds. If answers (Bolt's dispatch, Slack and Kubernetes
+round trips, prompt building, the model call) shared the acknowledging event loop, a burst of mentions would
+queue each new acknowledgement behind the earlier answers' work. On a loop of their own they still share the
+interpreter (the GIL) and the CPU, so new work also waits, for at most `max_defer_s`, while the server is
+busy answering requests: in a burst, every mention is acknowledged first and answered right after.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -39,17 +40,28 @@ def slack_retry_handlers() -> list[AsyncRetryHandler]:
 
 
 class Worker:
-    """Runs submitted coroutines on a background event loop, at most `concurrency` at a time."""
+    """Runs submitted coroutines on a background event loop. Nothing bounds them here: an answer waiting
+    for its channel's turn to post (Slack allows about one message a second per channel) must not hold up
+    answers in other channels; the model requests are bounded where they are made.
 
-    def __init__(self, concurrency: int = 64) -> None:
-        self.concurrency = concurrency
+    While `busy()` says the server is answering requests, work submitted from another thread (the
+    acknowledging loop) is held there and handed over in one batch once the server is quiet, or
+    `max_defer_s` later (checked every `poll_s`): in a burst, the worker's thread does not wake, and take
+    the interpreter from the acknowledgements, once per event.
+    """
+
+    def __init__(self, max_defer_s: float = 1.0, poll_s: float = 0.005) -> None:
+        self.max_defer_s = max_defer_s
+        self.poll_s = poll_s
+        self.busy: Callable[[], bool] = lambda: False
+        self.on_error: Callable[[BaseException], None] | None = None  # told of each failure (metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots: asyncio.Semaphore | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the worker's loop only
+        self._deferred: list[tuple[Coroutine[Any, Any, Any], str]] = []  # under _lock
+        self._flusher: asyncio.Task[None] | None = None  # on the submitting loop
         self._session: aiohttp.ClientSession | None = None
-        self.on_error: Callable[[BaseException], None] | None = None  # told of each failure (metrics)
 
     def _start(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -59,7 +71,6 @@ class Worker:
 
                 def run() -> None:
                     asyncio.set_event_loop(loop)
-                    self._slots = asyncio.Semaphore(self.concurrency)
                     ready.set()
                     loop.run_forever()
 
@@ -69,22 +80,53 @@ class Worker:
                 self._loop = loop
             return self._loop
 
-    def submit(self, work: Coroutine[Any, Any, Any], what: str) -> concurrent.futures.Future[Any]:
+    def submit(self, work: Coroutine[Any, Any, Any], what: str) -> None:
         """Schedule `work`; failures are logged with `what`, never raised to the caller."""
-        future = asyncio.run_coroutine_threadsafe(self._guarded(work, what), self._start())
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        return future
+        if threading.current_thread() is not self._thread and self.busy():
+            with self._lock:
+                self._deferred.append((work, what))
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._hand_over_when_quiet())
+            return
+        self._hand_over([(work, what)])
+
+    async def _hand_over_when_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_defer_s
+        try:
+            while self.busy() and loop.time() < deadline:
+                await asyncio.sleep(self.poll_s)
+        finally:
+            self._flusher = None
+            self._hand_over_deferred()
+
+    def _hand_over_deferred(self) -> None:
+        with self._lock:
+            batch, self._deferred = self._deferred, []
+        if batch:
+            self._hand_over(batch)
+
+    def _hand_over(self, batch: list[tuple[Coroutine[Any, Any, Any], str]]) -> None:
+        loop = self._start()
+
+        def start() -> None:
+            for work, what in batch:
+                task = loop.create_task(self._guarded(work, what))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        if threading.current_thread() is self._thread:
+            start()
+        else:
+            loop.call_soon_threadsafe(start)
 
     async def _guarded(self, work: Coroutine[Any, Any, Any], what: str) -> None:
-        assert self._slots is not None
-        async with self._slots:
-            try:
-                await work
-            except Exception as exc:
-                LOG.exception("%s failed", what)
-                if self.on_error is not None:
-                    self.on_error(exc)
+        try:
+            await work
+        except Exception as exc:
+            LOG.exception("%s failed", what)
+            if self.on_error is not None:
+                self.on_error(exc)
 
     def session(self) -> aiohttp.ClientSession:
         """One HTTP session for the answers' Slack calls (kept-alive connections); call it from the worker's
@@ -94,14 +136,29 @@ class Worker:
         return self._session
 
     def close(self, timeout: float = 10.0) -> None:
-        """Let running work finish (up to `timeout`), then stop the loop."""
+        """Hand over what is held, let running work finish (up to `timeout`; what is still running then is
+        cancelled), then stop the loop."""
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.get_loop().call_soon_threadsafe(flusher.cancel)
+        self._hand_over_deferred()
         if self._loop is None:
             return
-        concurrent.futures.wait(list(self._pending), timeout=timeout)
-        if self._session is not None:
-            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(timeout)
-            self._session = None
+        asyncio.run_coroutine_threadsafe(self._drain(timeout), self._loop).result(timeout + 5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout)
         self._loop = None
+
+    async def _drain(self, timeout: float) -> None:
+        await asyncio.sleep(0)  # let a batch handed over just now start
+        deadline = asyncio.get_running_loop().time() + timeout
+        # Work may submit more work (an event's dispatch submits its answer): wait for that too.
+        while self._tasks and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
