@@ -102,7 +102,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             epochs=1,
             max_steps_per_epoch=args.steps,
             batch_size=args.batch_size,
-            grad_accum=1,
+            grad_accum=args.grad_accum,
             eval_fraction=0.0,
             min_samples=1,
             device=args.device,
@@ -160,6 +160,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     training_args = TrainingArguments(
         output_dir=str(args.workdir / "baseline"),
         per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
         max_steps=args.steps,
         learning_rate=3e-4,
         lr_scheduler_type="cosine",
@@ -209,7 +210,8 @@ def spawn(args: argparse.Namespace, which: str) -> dict[str, Any]:
     command = [
         sys.executable, __file__, "--worker", which, "--model", str(args.model),
         "--samples", str(args.samples), "--workdir", str(args.workdir), "--steps", str(args.steps),
-        "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--device", args.device,
+        "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--rank", str(args.rank),
+        "--device", args.device,
     ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -224,7 +226,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="The tiny random model instead of SmolLM2.")
     parser.add_argument("--count", type=int, default=256, help="Samples to write.")
     parser.add_argument("--steps", type=int, help="Optimizer steps [default: 12; SmolLM2 on CPU: 4].")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="Micro-batch [default: 16; SmolLM2 on CPU: 4].")
+    parser.add_argument("--grad-accum", type=int, help="Micro-batches a step [default: 1; SmolLM2 CPU: 4].")
     parser.add_argument("--rank", type=int, default=32)
     # Internal: one measured run in this process.
     parser.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
@@ -251,10 +254,20 @@ def main() -> None:
         else:
             args.model = ensure_builtin("smollm2-135m")
             label = "SmolLM2-135M-Instruct (doppel base-model)"
+        # SmolLM2 on CPU (no gradient checkpointing there): `doppel train`'s own default of 4 x 4 samples a
+        # step; 16 samples of up to 800 tokens in one pass keep about 30 GB of activations for backward.
+        real_on_cpu = label.startswith("SmolLM2") and args.device == "cpu"
         if args.steps is None:
-            args.steps = 4 if label.startswith("SmolLM2") and args.device == "cpu" else 12
+            args.steps = 4 if real_on_cpu else 12
+        if args.batch_size is None:
+            args.batch_size = 4 if real_on_cpu else 16
+        if args.grad_accum is None:
+            args.grad_accum = 4 if real_on_cpu else 1
         print(f"model: {label}; device {args.device}; LoRA rank {args.rank} on all projections")
-        print(f"{args.steps} steps x batch {args.batch_size}, samples from {args.count} Slack-like threads")
+        print(
+            f"{args.steps} steps x {args.grad_accum} micro-batches of {args.batch_size}, "
+            f"samples from {args.count} Slack-like threads"
+        )
         ours = spawn(args, "ours")
         baseline = spawn(args, "baseline")
         for name, result in (("doppel train", ours), ("HF Trainer, pad-to-longest", baseline)):

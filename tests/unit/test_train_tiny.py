@@ -59,3 +59,44 @@ def test_chat_template_and_stop_token(tiny_model: Path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     out = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)
     assert out.shape[1] > len(ids)
+
+
+def test_the_loss_over_labelled_positions_equals_the_models_own(tiny_model: Path):
+    """The trainer applies the LM head to the labelled positions only: the loss and its gradients are the
+    model's own (full logits, transformers' shifted cross-entropy), with and without the LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from doppel.train import data
+    from doppel.train.trainer import token_loss_sum
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter, not the zero-initialised one
+            torch.nn.init.normal_(param, std=0.02)
+    ignore = data.IGNORE_INDEX
+    batch = data.collate(
+        [
+            data.Encoded([5, 9, 14, 3, 7, 8, 2], [ignore, ignore, ignore, 3, 7, 8, 2], "t1"),
+            data.Encoded([4, 6, 11, 12], [ignore, ignore, 11, 12], "t2"),
+        ]
+    )
+    device = torch.device("cpu")
+    tensors = {key: torch.tensor(getattr(batch, key)) for key in ("input_ids", "labels", "attention_mask")}
+
+    def gradients() -> list[torch.Tensor]:
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        return grads
+
+    ours = token_loss_sum(model, batch, device)
+    ours.backward()
+    ours_grads = gradients()
+    theirs = model(**tensors).loss * batch.label_tokens
+    theirs.backward()
+    assert torch.allclose(ours, theirs, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours_grads, gradients(), strict=True))
+    assert batch.label_tokens == 6
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.allclose(token_loss_sum(model, batch, device), model(**tensors).loss * 6, rtol=1e-5)

@@ -299,7 +299,7 @@ def _train_step(model: PeftModel, group: Sequence[data.Batch], device: torch.dev
     label_tokens = max(1, sum(b.label_tokens for b in group))
     total = 0.0
     for batch in group:
-        loss = model(**_tensors(batch, device), num_items_in_batch=label_tokens).loss
+        loss = token_loss_sum(model, batch, device) / label_tokens
         loss.backward()
         total += loss.item()
     return total
@@ -315,12 +315,38 @@ def evaluate(model: torch.nn.Module, batches: Sequence[data.Batch], device: torc
     loss_sum = 0.0
     tokens = 0
     for batch in batches:
-        n = batch.label_tokens
-        if n:
-            loss_sum += model(**_tensors(batch, device), num_items_in_batch=n).loss.item() * n
-            tokens += n
+        if batch.label_tokens:
+            loss_sum += token_loss_sum(model, batch, device).item()
+            tokens += batch.label_tokens
     model.train(was_training)
     return loss_sum / max(tokens, 1)
+
+
+# Causal LMs whose logits are exactly `lm_head(last hidden state)` (no soft-capping or scaling), so the
+# head can be applied to the labelled positions alone.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"})
+
+
+def token_loss_sum(model: torch.nn.Module, batch: data.Batch, device: torch.device) -> torch.Tensor:
+    """The summed cross-entropy of every assistant token of `batch`.
+
+    The LM head runs only where the next token is labelled (the replies, about a tenth of a Slack thread's
+    tokens): the logits of every position, [tokens x vocabulary] in float32 and as much again for their
+    gradient, would be most of a step's memory and a fifth of its FLOPs, for positions nobody learns from.
+    Other architectures go through the model's own loss.
+    """
+    tensors = _tensors(batch, device)
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(causal_lm.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        n = batch.label_tokens
+        return model(**tensors, num_items_in_batch=n).loss * n
+    hidden = causal_lm.get_decoder()(
+        input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+    ).last_hidden_state
+    targets = tensors["labels"][:, 1:]
+    learned = targets != data.IGNORE_INDEX
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][learned]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[learned], reduction="sum")
 
 
 def _tensors(batch: data.Batch, device: torch.device) -> dict[str, torch.Tensor]:
