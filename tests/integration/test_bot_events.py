@@ -232,23 +232,41 @@ async def test_slack_rate_limits_are_waited_out_and_failures_get_an_apology(
     assert posts[1]["thread_ts"] == second and "Sorry" in posts[1]["text"] and "username" not in posts[1]
 
 
+def posts_limited(workspace: dict[str, Any], burst: float) -> SlackEmulator:
+    """An emulator of `workspace` whose chat.postMessage allows a message a second per channel after
+    `burst`, as Slack's does; every other method is fast."""
+    emulator = SlackEmulator(rate_scale=1000.0, post_limit=(1.0, burst))
+    emulator.add_team(workspace, token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
+    return emulator
+
+
+async def alice_answering_yes(bot_harness: Any, bot_kube: Any, emulator: SlackEmulator) -> Any:
+    """The bot on `emulator`, with a served doppel alice whose every answer is "yes"."""
+    _, chat = recording_chat("yes")
+    bot = await bot_harness(chat=chat, emulator=emulator)
+    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
+    return bot
+
+
+async def mentions_at_once(
+    bot: Any, emulator: SlackEmulator, count: int, prefix: str
+) -> list[dict[str, Any]]:
+    """`count` mentions by Bob in #general, sent at once; every one is acknowledged with 200."""
+    payloads = []
+    for i in range(count):
+        text = f"<@{BOT_USER_ID}> question {i}"
+        payloads.append(mention_payload(text, say(emulator, "U02BOB", text), event_id=f"{prefix}{i}"))
+    assert {r.status_code for r in await asyncio.gather(*(bot.event(p) for p in payloads))} == {200}
+    return payloads
+
+
 async def test_eight_mentions_in_a_second_under_slacks_real_channel_limit_are_all_answered(
     bot_harness, bot_kube, slack_workspace
 ):
     # chat.postMessage as Slack limits it: about one message a second per channel, a short burst allowed.
-    emulator = SlackEmulator(rate_scale=1000.0, post_limit=(1.0, 3.0))
-    emulator.add_team(slack_workspace, token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
-    with emulator:
-        _, chat = recording_chat("yes")
-        bot = await bot_harness(chat=chat, emulator=emulator)
-        await kube_for(bot_kube[1]).create_doppel(
-            NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1")
-        )
-        payloads = []
-        for i in range(8):
-            text = f"<@{BOT_USER_ID}> question {i}"
-            payloads.append(mention_payload(text, say(emulator, "U02BOB", text), event_id=f"EvBurst{i}"))
-        assert {r.status_code for r in await asyncio.gather(*(bot.event(p) for p in payloads))} == {200}
+    with posts_limited(slack_workspace, burst=3.0) as emulator:
+        bot = await alice_answering_yes(bot_harness, bot_kube, emulator)
+        payloads = await mentions_at_once(bot, emulator, 8, "EvBurst")
         posts = await bot.wait_posts(CHANNEL, 8, timeout=60)
         assert sorted(p["thread_ts"] for p in posts) == sorted(p["event"]["ts"] for p in payloads)
         assert all(p["text"] == "yes" for p in posts)
@@ -260,19 +278,9 @@ async def test_a_channel_queued_behind_slacks_limit_does_not_hold_up_other_chann
 ):
     """A hundred mentions in #general wait their turn to post (one message a second per channel); a mention in
     #engineering meanwhile is answered at once, not after them."""
-    emulator = SlackEmulator(rate_scale=1000.0, post_limit=(1.0, 1.0))
-    emulator.add_team(slack_workspace, token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
-    with emulator:
-        _, chat = recording_chat("yes")
-        bot = await bot_harness(chat=chat, emulator=emulator)
-        await kube_for(bot_kube[1]).create_doppel(
-            NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1")
-        )
-        queued = []
-        for i in range(100):
-            text = f"<@{BOT_USER_ID}> question {i}"
-            queued.append(mention_payload(text, say(emulator, "U02BOB", text), event_id=f"EvQueue{i}"))
-        assert {r.status_code for r in await asyncio.gather(*(bot.event(p) for p in queued))} == {200}
+    with posts_limited(slack_workspace, burst=1.0) as emulator:
+        bot = await alice_answering_yes(bot_harness, bot_kube, emulator)
+        await mentions_at_once(bot, emulator, 100, "EvQueue")
         await bot.wait_posts(CHANNEL, 2, timeout=20)  # #general's queue is draining, a message a second
         other, text = "C02ENG", f"<@{BOT_USER_ID}> a question elsewhere"
         ts = say(emulator, "U02BOB", text, channel=other)

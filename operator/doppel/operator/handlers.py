@@ -52,6 +52,9 @@ from doppel.serve.errors import ServeError
 from doppel.serve.vllm import AsyncVllmClient, RetryPolicy
 
 MANAGED = dict(jobs.MANAGED_BY)
+# The answer of `_carry_out` for a plan made from a Job index that is behind, and when to look again.
+STALE = "stale"
+STALE_VIEW_RETRY_S = 1.0
 # A train Job we just created counts against the limit until the Job index shows it.
 RESERVATION_S = 60.0
 # vLLM calls from the operator: fail fast, the loop retries on its own schedule.
@@ -408,6 +411,11 @@ async def _step(
     )
     plan = reconcile(observed, config)
     problem = await _carry_out(api, namespace, plan, logger, _state(memo).metrics)
+    if problem == STALE:
+        # A Job the plan meant to create exists already: the Job index is behind (a replica that just took
+        # over, a watch re-listing). Publishing this plan would move the phase back; look again shortly.
+        logger.info("a Job of the plan exists already: the Job index is behind, looking again")
+        return STALE_VIEW_RETRY_S
     if problem is not None:
         step, job_name, exc = problem
         logger.warning(f"the API server refused Job {job_name}: {exc}")
@@ -467,8 +475,9 @@ async def _step(
 
 async def _carry_out(
     api: KubeApi, namespace: str, plan: Plan, logger: logging.Logger | Any, metrics: OperatorMetrics
-) -> tuple[str, str, ApiRefused] | None:
-    """Stop, delete and create the plan's Jobs; (step, Job, refusal) when the API server says no."""
+) -> tuple[str, str, ApiRefused] | str | None:
+    """Stop, delete and create the plan's Jobs; (step, Job, refusal) when the API server says no, STALE
+    when a Job to create exists already (the plan was made from an index that does not show it yet)."""
     name = ""
     try:
         for name, why in plan.abandon.items():
@@ -479,9 +488,10 @@ async def _carry_out(
             logger.info(f"deleted Job {name}: a newer generation replaces it")
         for manifest in plan.create:
             name = manifest["metadata"]["name"]
-            if await api.create_job(manifest):
-                logger.info(f"created Job {name}")
-                metrics.job_created(manifest)
+            if not await api.create_job(manifest):
+                return STALE
+            logger.info(f"created Job {name}")
+            metrics.job_created(manifest)
     except ApiRefused as exc:
         step = next(
             (m["metadata"]["labels"][jobs.L_STEP] for m in plan.create if m["metadata"]["name"] == name), ""
