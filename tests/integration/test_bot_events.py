@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -354,6 +355,18 @@ async def test_http_intake_is_bounded_signed_first_and_answers_bad_bodies_briefl
         "/slack/events", content=b"x" * (20 << 20), headers={"Content-Type": "application/json"}
     )
     assert huge.status_code == 413 and time.monotonic() - started < 10
+
+    # The same without a Content-Length (chunked): refused once the limit is passed, the rest not read.
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b"x" * (1 << 20)
+
+    streamed = await bot.http.post(
+        "/slack/events", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    # Only POSTs are Slack's.
+    assert (await bot.http.get("/slack/events")).status_code == 405
     # Signed but malformed (Slack would never, a broken proxy might): 400 with one line.
     for bad, ctype in (
         (b"{not json", "application/json"),
