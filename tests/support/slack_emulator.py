@@ -752,6 +752,9 @@ class SlackEmulator:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver listens with a backlog of 5: a burst of connections (a bot answering 200 mentions at
+    # once) then has its SYNs dropped and retried after 1, 3, 7, 15... s, delays Slack never causes.
+    request_queue_size = 1024
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gave up on a request (a cancelled task) is normal, not worth a traceback.
