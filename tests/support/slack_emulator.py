@@ -593,7 +593,7 @@ class SlackEmulator:
     def _m_conversations_history(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
         channel = self._readable_channel(team, params)
         msgs = [
-            self._message_view(team, channel["id"], m)
+            m
             for m in team.messages[channel["id"]]
             if m.get("thread_ts") in (None, m["ts"]) or m.get("subtype") == "thread_broadcast"
         ]
@@ -601,7 +601,8 @@ class SlackEmulator:
         msgs.reverse()  # newest first, as Slack does
         page, cursor = _paginate(msgs, params, self.page_cap("conversations.history"), default_limit=100)
         return {
-            "messages": page,
+            # Only the page is viewed: a view counts its replies over the whole channel.
+            "messages": [self._message_view(team, channel["id"], m) for m in page],
             "has_more": bool(cursor),
             "pin_count": 0,
             "response_metadata": {"next_cursor": cursor},
@@ -617,15 +618,11 @@ class SlackEmulator:
         if target is None:
             raise ApiError("thread_not_found")
         root = target.get("thread_ts") or target["ts"]
-        thread = [self._message_view(team, channel["id"], m) for m in msgs if m["ts"] == root]
-        replies = [
-            self._message_view(team, channel["id"], m)
-            for m in msgs
-            if m.get("thread_ts") == root and m["ts"] != root
-        ]
-        thread += _between(replies, params)
+        thread = [m for m in msgs if m["ts"] == root]
+        thread += _between([m for m in msgs if m.get("thread_ts") == root and m["ts"] != root], params)
         page, cursor = _paginate(thread, params, self.page_cap("conversations.replies"), default_limit=1000)
-        return {"messages": page, "has_more": bool(cursor), "response_metadata": {"next_cursor": cursor}}
+        messages = [self._message_view(team, channel["id"], m) for m in page]
+        return {"messages": messages, "has_more": bool(cursor), "response_metadata": {"next_cursor": cursor}}
 
     def _m_conversations_open(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
         users = [u for u in str(params.get("users") or "").split(",") if u]
