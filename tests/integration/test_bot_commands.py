@@ -84,6 +84,7 @@ async def test_train_self_creates_doppel_and_forget_removes_it(bot_harness, bot_
     assert created is not None
     assert created["spec"]["target"] == {"userId": "U02BOB", "handle": "bob"}
     assert created["spec"]["slack"]["teamId"] == "T0ACME001"
+    assert "rateProfile" not in created["spec"]["slack"]  # one workspace's own app: the CRD's default
     assert created["metadata"]["annotations"]["doppel.dev/requested-by"] == "U02BOB"
 
     listing = await bot.form(command_form("list", user="U03CAROL"))

@@ -35,7 +35,7 @@ from tests.support.bot_fixtures import (
     name_of,
     say,
 )
-from tests.support.helm import CHART_DIR, NAMESPACE, render_chart, rendered_env
+from tests.support.helm import CHART_DIR, NAMESPACE, HelmError, render_chart, rendered_env
 from tests.support.slack_emulator import SlackEmulator, Team
 from tests.support.slack_fixtures import ACME_TOKEN
 
@@ -238,6 +238,8 @@ async def test_two_workspaces_of_the_scaled_install_never_see_each_other(
         a, b = [await kube.get_doppel(NAMESPACE, t, name_of("alice", t)) for t in (TEAM_A, TEAM_B)]
         assert (a["spec"]["target"]["userId"], b["spec"]["target"]["userId"]) == (ALICE_A, ALICE_B)
         assert (a["spec"]["slack"]["teamId"], b["spec"]["slack"]["teamId"]) == (TEAM_A, TEAM_B)
+        # Installed through OAuth in other workspaces: a non-Marketplace app, as Slack limits it.
+        assert {d["spec"]["slack"]["rateProfile"] for d in (a, b)} == {"non-marketplace"}
         # Each scrape reads its own workspace's token; B's train did not overwrite A's.
         secrets = [d["spec"]["slack"]["tokenSecretRef"]["name"] for d in (a, b)]
         tokens = [await asyncio.to_thread(secret_token, url, NAMESPACE, s) for s in secrets]
@@ -539,3 +541,22 @@ async def test_grid_workspace_and_org_wide_installs_find_their_tokens(
             )
         posted_with = {c.team for c in emulator.calls_to("chat.postMessage") if "scraped" in str(c.params)}
         assert posted_with == {TEAM_A, TEAM_B}
+
+
+def test_the_rate_profile_of_trained_doppels_follows_the_install_and_the_chart():
+    """`/doppel train` writes the rate profile Slack applies to the app: one workspace's own token is an
+    internal app (the CRD's default), OAuth across workspaces a non-Marketplace one, unless the chart says
+    otherwise (a Marketplace listing); a profile Slack has no name for is refused at install time."""
+    single = {"signingSecret": SIGNING_SECRET, "botToken": ACME_TOKEN}
+    oauth = {
+        "signingSecret": SIGNING_SECRET,
+        "botToken": "",
+        "clientId": CLIENT_ID,
+        "clientSecret": CLIENT_SECRET,
+    }
+    assert chart_config([], {"slack": single}, {}).new_doppel_rate_profile() is None
+    assert chart_config([], {"slack": oauth}, {}).new_doppel_rate_profile() == "non-marketplace"
+    listed = {"slack": oauth, "bot": {"rateProfile": "marketplace"}}
+    assert chart_config([], listed, {}).new_doppel_rate_profile() == "marketplace"
+    with pytest.raises(HelmError, match="rateProfile"):
+        render_chart([], {"slack": single, "bot": {"rateProfile": "gold"}})

@@ -116,6 +116,11 @@ def test_config_from_env():
         {"SLACK_SIGNING_SECRET": "s", "SLACK_CLIENT_ID": "1", "SLACK_CLIENT_SECRET": "2"}
     )
     assert oauth.oauth
+    # What `/doppel train` writes: internal app with one token, non-Marketplace through OAuth, or as told.
+    assert config.new_doppel_rate_profile() is None
+    assert oauth.new_doppel_rate_profile() == "non-marketplace"
+    listed = BotConfig.from_env({**ENV, "DOPPEL_RATE_PROFILE": "marketplace"})
+    assert listed.new_doppel_rate_profile() == "marketplace"
 
 
 @pytest.mark.parametrize(
@@ -131,6 +136,7 @@ def test_config_from_env():
         ({**ENV, "DOPPEL_MAX_DOPPELS": "many"}, "must be a number"),
         ({**ENV, "VLLM_TIMEOUT_S": "-1"}, "must be positive"),
         ({**ENV, "SLACK_API_URL": "slack.example"}, "http"),
+        ({**ENV, "DOPPEL_RATE_PROFILE": "gold"}, "DOPPEL_RATE_PROFILE must be one of"),
     ],
 )
 def test_doppel_bot_refuses_bad_configuration_with_exit_2(env, message, monkeypatch):

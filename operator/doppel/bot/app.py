@@ -649,8 +649,11 @@ async def create_doppel(
         annotations[ANNOTATION_ENTERPRISE] = tenant.enterprise_id
     if tenant.org_wide:
         annotations[ANNOTATION_ORG_INSTALL] = "true"
+    # Set only when known: an unset field keeps the CRD's default (exclude_unset below).
+    profile = config.new_doppel_rate_profile()
+    rate_profile = {"rate_profile": profile} if profile else {}
     spec = api.DoppelUserSpec(
-        slack=api.Slack(team_id=team_id, token_secret_ref=api.SecretKeyRef(name=secret)),
+        slack=api.Slack(team_id=team_id, token_secret_ref=api.SecretKeyRef(name=secret), **rate_profile),
         target=api.Target(user_id=user_id, handle=handle),
         base_model=api.BaseModelRef(served_name=config.base_model_name, path=config.base_model_path),
     )

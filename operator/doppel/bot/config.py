@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from doppel.errors import BadInput
 from doppel.metrics import port_from_env
+from doppel.slack.ratelimit import PROFILES as RATE_PROFILES
 
 # The bot scopes, in one place: OAuth installs ask for exactly these, and a test holds the app manifest
 # (charts/doppel/examples/slack-app-manifest.yaml) and the README to them.
@@ -57,6 +58,8 @@ class BotConfig:
     base_model_name: str = "base"
     base_model_path: str = "/models/base"
     token_secret: str = "slack-bot-token"
+    # `spec.slack.rateProfile` of those DoppelUsers (DOPPEL_RATE_PROFILE); `new_doppel_rate_profile` if None.
+    rate_profile: str | None = None
     # Prometheus /metrics on this port, apart from the Slack-facing one (0: metrics off).
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
@@ -64,6 +67,14 @@ class BotConfig:
     @property
     def oauth(self) -> bool:
         return self.bot_token is None
+
+    def new_doppel_rate_profile(self) -> str | None:
+        """The rate profile of DoppelUsers made by `/doppel train`: the configured one; else, installed
+        through OAuth (in other workspaces, outside the Marketplace), Slack's non-Marketplace limits; else
+        (one workspace's own token: an internal app) the CRD's default."""
+        if self.rate_profile:
+            return self.rate_profile
+        return "non-marketplace" if self.oauth else None
 
     def namespace_for(self, team_id: str) -> str:
         """The namespace holding `team_id`'s doppels; the team id comes from a verified request."""
@@ -115,8 +126,15 @@ class BotConfig:
             base_model_name=get("DOPPEL_BASE_MODEL") or cls.base_model_name,
             base_model_path=get("DOPPEL_BASE_MODEL_PATH") or cls.base_model_path,
             token_secret=get("DOPPEL_TOKEN_SECRET") or cls.token_secret,
+            rate_profile=_rate_profile(get("DOPPEL_RATE_PROFILE")),
             metrics_port=port_from_env(env),
         )
+
+
+def _rate_profile(value: str | None) -> str | None:
+    if value is not None and value not in RATE_PROFILES:
+        raise BadInput(f"DOPPEL_RATE_PROFILE must be one of {', '.join(RATE_PROFILES)}, got {value!r}")
+    return value
 
 
 def _slack_api_url(value: str | None) -> str | None:
