@@ -9,7 +9,7 @@ import pytest
 from tests.support.model_fixtures import STYLE_MARKER
 from tests.support.vllm_fixtures import ROBOT_MARKER
 
-from doppel.serve import errors
+from doppel.serve import errors, vllm
 from doppel.serve.backend import BASE_ADAPTER, GenerationParams
 from doppel.serve.local import LocalBackend
 from doppel.serve.vllm import AsyncVllmClient, LoadOutcome, RetryPolicy, VllmBackend, VllmClient
@@ -147,12 +147,16 @@ def test_vllm_renders_the_same_prompt_as_the_local_backend(client, tiny_model, h
 
 
 def test_server_killed_mid_reply_then_restarted_and_reregistered(
-    vllm_server, trained_adapter, heldout_messages
+    vllm_server, trained_adapter, heldout_messages, monkeypatch
 ):
+    # The reply must still be streaming when the server dies: a random tiny model samples its end-of-text
+    # token early now and then (the reply then ends cleanly before the kill), so that token is ignored
+    # (vLLM's `ignore_eos` sampling extension) for this request and the whole budget is generated.
+    plain_body = vllm.chat_body
+    monkeypatch.setattr(vllm, "chat_body", lambda *a, **k: {**plain_body(*a, **k), "ignore_eos": True})
     fast_fail = RetryPolicy(attempts=2, initial_delay=0.1)
     with VllmClient(vllm_server.base_url, retry=fast_fail) as client:
         client.load_adapter("pat-restart", str(trained_adapter))
-        # Random sampling with a long budget keeps the reply streaming long enough to be cut off.
         long_reply = GenerationParams(temperature=1.0, repetition_penalty=1.0, max_tokens=400)
         stream = client.stream_chat(client.base_model().id, heldout_messages, long_reply)
         assert next(stream)
@@ -160,6 +164,7 @@ def test_server_killed_mid_reply_then_restarted_and_reregistered(
         with pytest.raises(errors.ServerUnavailable, match=r"mid-reply|ended the reply"):
             for _ in stream:
                 pass
+        monkeypatch.undo()  # the requests from here on are plain ones
         with pytest.raises(errors.ServerUnavailable, match="unreachable"):
             client.chat("pat-restart", heldout_messages, GREEDY)
 
