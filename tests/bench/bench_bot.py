@@ -355,7 +355,7 @@ async def measure(metrics_port: int) -> Run:
 
 def print_pooled(runs: list[Run]) -> None:
     """Every round of every run together: a p99 over 200 latencies is their second-worst, and one slow
-    round (a scheduling hiccup of the shared machine) moves a run's figure by a third either way."""
+    round (a scheduling hiccup of the shared machine) moves a run's figure by a fifth either way."""
     acks = [latency for run in runs for latency in run.acks]
     health = [latency for run in runs for latency in run.health]
     bare = [latency for run in runs for latency in run.bare_posts]

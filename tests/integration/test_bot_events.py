@@ -367,6 +367,21 @@ async def test_http_intake_is_bounded_signed_first_and_answers_bad_bodies_briefl
     assert streamed.status_code == 413
     # Only POSTs are Slack's.
     assert (await bot.http.get("/slack/events")).status_code == 405
+    # A client gone half-way through its body: nothing to answer, nothing logged as an error (uvicorn's
+    # own logger, where a failing request's traceback would go, does not reach the root), and the bot
+    # serves the next request as before.
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    uvicorn_errors.addHandler(caplog.handler)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", bot.port)
+        writer.write(b"POST /slack/events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.2)
+    finally:
+        uvicorn_errors.removeHandler(caplog.handler)
+    assert (await bot.http.get("/healthz")).status_code == 200
     # Signed but malformed (Slack would never, a broken proxy might): 400 with one line.
     for bad, ctype in (
         (b"{not json", "application/json"),
