@@ -37,9 +37,10 @@ from tests.support.bot_fixtures import (
 )
 from tests.support.slack_fixtures import ACME_TOKEN
 
+from doppel.bot.background import notify_once
 from doppel.bot.kube import api_client
 from doppel.bot.ledger import KubeEventLedger
-from doppel.bot.server import create_bot, notify_once
+from doppel.bot.server import create_bot
 
 
 async def test_forged_and_stale_signatures_are_refused_without_side_effects(

@@ -39,11 +39,11 @@ from tests.support.helm import CHART_DIR, NAMESPACE, HelmError, render_chart, re
 from tests.support.slack_emulator import SlackEmulator, Team
 from tests.support.slack_fixtures import ACME_TOKEN
 
+from doppel.bot.background import notify_once
 from doppel.bot.config import BotConfig
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
 from doppel.bot.kube import api_client
 from doppel.bot.logic import REFUSAL
-from doppel.bot.server import notify_once
 
 # Two of the workspaces examples/values-scaled.yaml lists.
 TEAM_A, TEAM_B = "T0123ABCD", "T0456EFGH"

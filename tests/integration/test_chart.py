@@ -41,7 +41,8 @@ from tests.support.vllm_fixtures import vllm_python
 
 from doppel import api
 from doppel.bot.config import DEFAULT_SCOPES, BotConfig
-from doppel.bot.server import EVENTS_PATH, INSTALL_PATH, REDIRECT_PATH
+from doppel.bot.intake import EVENTS_PATH
+from doppel.bot.oauth import INSTALL_PATH, REDIRECT_PATH
 from doppel.cli import main
 
 SCALED_VALUES = CHART_DIR / "examples" / "values-scaled.yaml"

@@ -2,7 +2,7 @@
 replicas may receive them, so each event is answered once. The record must be shared and outlive a
 restart: Kubernetes objects (the default) or the SQL database when one is configured.
 
-Claims expire; `sweep` deletes the expired ones. It runs in the background (`doppel.bot.server`), never on
+Claims expire; `sweep` deletes the expired ones. It runs in the background (`doppel.bot.background`), never on
 the way of a mention."""
 
 from __future__ import annotations

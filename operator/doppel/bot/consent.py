@@ -1,0 +1,106 @@
+"""Consent: a doppel of someone else is trained only once they agree. The request is a direct message
+with Approve/Decline buttons (`ask_consent`); an answer (`answer_consent`) counts only from the named
+person, a member of the same workspace, and whoever asked is told the outcome in a direct message (`tell`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from slack_bolt.context.async_context import AsyncBoltContext
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from doppel.bot import logic
+from doppel.bot.access import admitted, tenant_of
+from doppel.bot.deps import Deps
+from doppel.bot.doppels import create_doppel
+from doppel.bot.logic import Tenant
+
+LOG = logging.getLogger(__name__)
+CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
+
+
+async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) -> None:
+    """A direct message from the bot to `user_id` (conversations.open, then chat.postMessage)."""
+    opened = await client.conversations_open(users=user_id)
+    await client.chat_postMessage(channel=opened["channel"]["id"], text=text, **extra)
+
+
+async def ask_consent(
+    client: AsyncWebClient, tenant: Tenant, user_id: str, handle: str, requester: str
+) -> str:
+    """Ask `user_id` whether `requester` may train a doppel of them; the requester's answer for now."""
+    request = {"team": tenant.team_id, "target": user_id, "handle": handle, "requester": requester}
+    value = json.dumps(request, separators=(",", ":"))
+    # Asked privately, in a direct message: the command may come from a DM (no channel the bot can post
+    # in) or a channel the bot is not in, and whether someone agrees is nobody else's business.
+    try:
+        await tell(
+            client,
+            user_id,
+            text=f"<@{user_id}>, <@{requester}> would like to train a doppel of you. Do you agree?",
+            blocks=[
+                {
+                    "type": "section",
+                    "text": {
+                        "type": "mrkdwn",
+                        "text": f"<@{user_id}>, <@{requester}> would like to train a doppel of you on your "
+                        "Slack messages. It will answer mentions in your voice. Do you agree?",
+                    },
+                },
+                {
+                    "type": "actions",
+                    "elements": [
+                        {
+                            "type": "button",
+                            "style": "primary",
+                            "text": {"type": "plain_text", "text": "Approve"},
+                            "action_id": "doppel_consent_approve",
+                            "value": value,
+                        },
+                        {
+                            "type": "button",
+                            "style": "danger",
+                            "text": {"type": "plain_text", "text": "Decline"},
+                            "action_id": "doppel_consent_decline",
+                            "value": value,
+                        },
+                    ],
+                },
+            ],
+        )
+    except SlackApiError as exc:
+        error = exc.response.get("error") if exc.response is not None else None
+        raise logic.CommandError(f"I could not ask <@{user_id}> in a direct message ({error}).") from None
+    return f"Asked <@{user_id}> for their approval; I will tell you in a direct message when they answer."
+
+
+async def answer_consent(
+    deps: Deps, context: AsyncBoltContext, body: dict[str, Any], action: dict[str, Any]
+) -> None:
+    request = json.loads(action["value"])
+    tenant, clicker = tenant_of(context, body), body["user"]["id"]
+    client = context.client
+    # The button travels through Slack: only the named person, a member of the same workspace, can answer
+    # it. Refusals go to the clicker alone (ephemeral, where they clicked): a shared channel's other
+    # company sees nothing.
+    clicked_in = (body.get("channel") or {}).get("id") or ""
+    if not await admitted(deps, client, tenant, body, clicker):
+        await client.chat_postEphemeral(channel=clicked_in, user=clicker, text=logic.REFUSAL)
+        return
+    if request["team"] != tenant.team_id or clicker != request["target"]:
+        LOG.warning("consent answer by %s of team %s refused", clicker, tenant.team_id)
+        await client.chat_postEphemeral(
+            channel=clicked_in, user=clicker, text=f"Only <@{request['target']}> can answer this."
+        )
+        return
+    if CONSENT_ACTION.match(action["action_id"]).group(1) == "decline":  # type: ignore[union-attr]
+        text = f"<@{clicker}> declined; no doppel of them will be trained."
+    else:
+        result = await create_doppel(deps, context, tenant, clicker, request["handle"], request["requester"])
+        text = f"<@{clicker}> approved. {result}"
+    await tell(client, request["requester"], text)

@@ -1,0 +1,93 @@
+"""What the bot's listeners talk to (`Deps`): configuration, the doppels' directory, the event ledger, the
+model (`Chat`), the worker, Slack look-ups (`Lookups`, cached), metrics, and the per-channel posting locks.
+Tests and `doppel local` build their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from doppel.bot.chat import Chat
+from doppel.bot.config import BotConfig
+from doppel.bot.directory import Directory
+from doppel.bot.ledger import EventLedger
+from doppel.bot.metrics import BotMetrics
+from doppel.bot.snapshot import Snapshots
+from doppel.bot.worker import Worker
+
+MODEL_REQUESTS = 64
+
+
+class Lookups:
+    """users.info and conversations.info answers, kept a few minutes per workspace: names and channels
+    rarely change, and a burst of mentions would otherwise ask the same questions for every event."""
+
+    def __init__(self, ttl_s: float = 300.0) -> None:
+        self.ttl_s = ttl_s
+        self._cache: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+
+    async def user(self, client: AsyncWebClient, team_id: str, user_id: str) -> dict[str, Any]:
+        """The user object, or {} when Slack does not know it."""
+        return await self._get(("user", team_id, user_id), lambda: client.users_info(user=user_id), "user")
+
+    async def channel(self, client: AsyncWebClient, team_id: str, channel_id: str) -> dict[str, Any]:
+        fetch = lambda: client.conversations_info(channel=channel_id)  # noqa: E731
+        return await self._get(("channel", team_id, channel_id), fetch, "channel")
+
+    async def _get(
+        self, key: tuple[str, str, str], fetch: Callable[[], Awaitable[Any]], field_name: str
+    ) -> dict[str, Any]:
+        if not key[2]:
+            return {}
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached and now - cached[0] < self.ttl_s:
+            return cached[1]
+        try:
+            value = dict((await fetch())[field_name])
+        except SlackApiError:
+            return {}
+        self._cache[key] = (now, value)
+        return value
+
+
+@dataclass
+class Deps:
+    """What the app talks to; tests and `doppel local` build their own."""
+
+    config: BotConfig
+    kube: Directory  # Kubernetes (`Kube`) or in memory (`MemoryDirectory`)
+    ledger: EventLedger
+    chat: Chat
+    worker: Worker = field(default_factory=Worker)  # where answers run, off the acknowledging loop
+    lookups: Lookups = field(default_factory=lambda: Lookups())
+    metrics: BotMetrics = field(default_factory=lambda: BotMetrics(enabled=False))
+    snapshots: Snapshots = field(init=False)
+    # At most this many model requests in flight from this replica; the rest wait (not counted in the
+    # model timeout). An answer waiting for its channel's turn to post holds none.
+    model_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MODEL_REQUESTS))
+    # One post at a time per channel: Slack allows about one message a second in a channel, so a burst of
+    # replies queues here, each waiting out its 429s in turn, instead of all retrying at once.
+    _posting: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary, init=False
+    )
+
+    def __post_init__(self) -> None:
+        self.snapshots = Snapshots(self.kube)
+        self.worker.on_error = self.metrics.failed
+
+    def posting(self, channel: str) -> asyncio.Lock:
+        """The lock of `channel`'s posts (the worker's loop only); gone once nobody waits on it."""
+        lock = self._posting.get(channel)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._posting[channel] = lock
+        return lock

@@ -1,0 +1,238 @@
+"""The mention path: an `app_mention` claimed once (the ledger), its author admitted, then answered in its
+thread in the doppel's voice: the doppel picked, the thread (or the channel's recent window) read and
+normalised as the training samples were, the model asked, its reply made safe (`safe_reply`) and posted
+under the person's name, or an apology posted: a claimed mention is never left in silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from slack_bolt.context.async_context import AsyncBoltContext
+from slack_sdk.web.async_client import AsyncWebClient
+
+from doppel.bot import logic
+from doppel.bot.access import admitted, tenant_of
+from doppel.bot.deps import Deps
+from doppel.bot.ledger import EventLedger
+from doppel.bot.logic import Tenant
+from doppel.bot.safety import neutralize, user_ids
+from doppel.bot.worker import slack_retry_handlers
+from doppel.serve.errors import ServeError
+from doppel.slack.conversation import DEFAULT_WINDOW, ThreadMessage, build_conversation, channel_window
+from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
+from doppel.slack.scrub import scrub_text
+
+LOG = logging.getLogger(__name__)
+DEFAULT_ICON = ":robot_face:"
+# The training samples' default window (`doppel scrape --window-gap-minutes/--window-messages`).
+WINDOW = DEFAULT_WINDOW
+_MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
+SORRY_SLACK = (
+    "Sorry, I couldn't answer this one (Slack or the cluster had a problem). Please try again in a minute."
+)
+
+
+def on_mention(deps: Deps, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
+    """Hand a verified mention to the worker: claimed, admitted, answered there."""
+    tenant = tenant_of(context, body)
+    event_id = str(body.get("event_id") or "")
+    deps.metrics.event_received("app_mention", tenant.team_id)
+    if logic.from_a_bot(event, context.bot_user_id):
+        LOG.info("mention %s of team %s ignored: written by a bot", event_id, tenant.team_id)
+        return
+    # Keyed on the message, not the event id: an edited mention is a new event of the same message.
+    key = logic.mention_key(event)
+
+    async def work() -> None:
+        if not await claim(deps.ledger, tenant.team_id, key):
+            deps.metrics.event_deduplicated("app_mention")
+            LOG.info("mention %s (%s) of team %s already answered", key, event_id, tenant.team_id)
+            return
+        client = _worker_client(deps, context)
+        if not await admitted(deps, client, tenant, body, event.get("user") or ""):
+            if not event.get("user"):
+                return  # no person to tell
+            await client.chat_postEphemeral(
+                channel=event["channel"],
+                user=event["user"],
+                thread_ts=event.get("thread_ts") or event["ts"],
+                text=logic.REFUSAL,
+            )
+            return
+        await answer_mention(deps, client, tenant, context.bot_user_id, event)
+
+    deps.worker.submit(work(), f"mention {event_id} of team {tenant.team_id}")
+
+
+async def claim(ledger: EventLedger, team_id: str, key: str, attempts: int = 3) -> bool:
+    """The ledger's claim, retried (a busy API server times out); if the ledger stays unreachable the
+    mention counts as new: a rare duplicate answer beats leaving a person without one."""
+    for attempt in range(attempts):
+        try:
+            return await ledger.claim(team_id, key)
+        except Exception as exc:
+            LOG.warning("claim of %s failed (attempt %d): %s: %s", key, attempt + 1, type(exc).__name__, exc)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(0.5 * 2**attempt)
+    return True
+
+
+def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
+    """The request's Slack client (its workspace's token), over the worker's kept-alive connections."""
+    client = context.client
+    return AsyncWebClient(
+        token=client.token,
+        base_url=client.base_url,
+        timeout=client.timeout,
+        session=deps.worker.session(),
+        retry_handlers=slack_retry_handlers(),
+        logger=client.logger,
+    )
+
+
+async def answer_mention(
+    deps: Deps, client: AsyncWebClient, tenant: Tenant, bot_user_id: str | None, event: dict[str, Any]
+) -> None:
+    """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence."""
+    channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
+
+    async def post(text: str, **extra: Any) -> None:
+        # link_names off: plain words like "@here" stay words (the text is neutralised anyway).
+        async with deps.posting(channel):
+            await client.chat_postMessage(
+                channel=channel, thread_ts=thread_ts, text=text, link_names=False, **extra
+            )
+        deps.metrics.reply_posted(tenant.team_id, event["ts"])
+
+    try:
+        await _answer(deps, client, tenant, bot_user_id, event, post)
+    except Exception:
+        LOG.exception("mention in %s of team %s could not be answered", channel, tenant.team_id)
+        await post(SORRY_SLACK)
+
+
+async def _answer(
+    deps: Deps,
+    client: AsyncWebClient,
+    tenant: Tenant,
+    bot_user_id: str | None,
+    event: dict[str, Any],
+    post: Callable[..., Awaitable[None]],
+) -> None:
+    channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
+    team_id = tenant.team_id
+    namespace = deps.config.namespace_for(team_id)
+    text = logic.strip_bot_mention(event.get("text", ""), bot_user_id)
+    try:
+        ref, rest = logic.pick_doppel(text)
+    except logic.CommandError as exc:
+        await post(str(exc))
+        return
+    doppel = logic.pick(await deps.snapshots.get(namespace, team_id), ref)
+    if doppel is None:
+        wanted = f"`{ref.handle or ref.user_id}`" if ref else "active"
+        await post(f"There is no {wanted} doppel in this workspace yet: try `/doppel train @someone`.")
+        return
+    name = logic.handle_of(doppel)
+    model = logic.served_name(doppel)
+    if model is None:
+        await post(logic.not_ready_reply(doppel))
+        return
+    target = doppel["spec"]["target"]
+    person_id = target.get("userId") or ""
+    lookups = deps.lookups
+
+    async def user(user_id: str) -> dict[str, Any]:
+        return await lookups.user(client, team_id, user_id)
+
+    profile = (await user(person_id)).get("profile") or {}
+    # Named as the training samples name the person: real name first.
+    person = profile.get("real_name") or target.get("realName") or target.get("handle") or name
+    try:
+        if event.get("thread_ts"):
+            replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
+            thread = replies.get("messages", [])
+        else:
+            # Outside a thread, the channel's recent messages cut by the window rule the samples were.
+            recent = await client.conversations_history(
+                channel=channel, latest=event["ts"], inclusive=True, limit=WINDOW.max_messages
+            )
+            flow = [m for m in recent.get("messages", []) if m.get("thread_ts") in (None, m["ts"])]
+            thread = sorted(flow, key=lambda m: _ts(m["ts"]))
+        if not any(m.get("ts") == event["ts"] for m in thread):
+            thread.append(event)  # replies can lag behind the event: the question must be there
+        context = await _thread(user, thread, event, rest, name, person_id, bot_user_id)
+        if not event.get("thread_ts"):
+            context = channel_window(context, WINDOW)
+        channel_name = (await lookups.channel(client, team_id, channel)).get("name")
+        messages = build_conversation(person, person_id, context, channel=channel_name)
+        async with deps.model_slots:
+            reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
+    except (ServeError, TimeoutError) as exc:
+        LOG.warning("no reply from %s for team %s: %s", model, team_id, exc)
+        deps.metrics.error("vllm_unavailable")
+        await post(
+            f"Sorry, {name}'s doppel can't answer right now (the model server is unavailable). "
+            "Please try again in a minute."
+        )
+        return
+    icon = {"icon_url": profile["image_72"]} if profile.get("image_72") else {"icon_emoji": DEFAULT_ICON}
+    safe = await safe_reply(reply, user)
+    for part in logic.split_reply(safe) or ["…"]:
+        await post(part, username=f"{name}-bot", **icon)
+
+
+async def safe_reply(reply: str, user: Callable[[str], Awaitable[dict[str, Any]]]) -> str:
+    """The model's text as it may be posted: scrubbed of secrets and personal data (the same scrubber as
+    the training samples), then mentions of people, channels and everyone made plain words (no ping, no bot
+    ping-pong, no broadcast)."""
+    reply = scrub_text(reply).text
+    names = {}
+    for user_id in user_ids(reply):
+        found = await user(user_id)
+        names[user_id] = user_display_name(found) if found else user_id
+    return neutralize(reply, names)
+
+
+async def _thread(
+    lookup: Callable[[str], Awaitable[dict[str, Any]]],
+    messages: Sequence[dict[str, Any]],
+    mention: dict[str, Any],
+    text: str,
+    name: str,
+    person_id: str,
+    bot_user_id: str | None,
+) -> list[ThreadMessage]:
+    """The thread up to the mention, normalised as the training samples were: the doppel's own replies count
+    as the person's, and the mention itself is read without its `as <user>` selector."""
+    users: dict[str, str] = {}
+    context: list[ThreadMessage] = []
+    for message in messages:
+        if _ts(message["ts"]) > _ts(mention["ts"]):
+            break
+        if message.get("bot_id"):
+            if message.get("username") != f"{name}-bot":
+                continue  # the bot's own notices, other doppels, other bots
+            author_id = person_id
+        else:
+            author_id = message.get("user", "")
+        raw = f"<@{bot_user_id}> {text}" if message["ts"] == mention["ts"] else message.get("text", "")
+        for user_id in {author_id, *_MENTIONED.findall(raw)} - users.keys():
+            found = await lookup(user_id)
+            if found:
+                users[user_id] = user_display_name(found)
+        clean = scrub_text(normalize_text(raw, users, None, bot_user_id)).text  # as the samples were
+        if clean:
+            author = users.get(author_id, UNKNOWN_USER)
+            context.append(ThreadMessage(author_id, author, clean, float(message["ts"])))
+    return context
+
+
+def _ts(ts: str) -> tuple[int, int]:
+    seconds, _, micros = ts.partition(".")
+    return int(seconds), int(micros or 0)
