@@ -72,8 +72,8 @@ test: venv vllm-venv tools base-model lint
 	DOPPEL_REQUIRE_VLLM=1 DOPPEL_REQUIRE_TOOLS=1 $(BIN)/python -m pytest
 
 lint: venv
-	$(BIN)/ruff check operator tests
-	$(BIN)/ruff format --check operator tests
+	$(BIN)/ruff check operator tests docs
+	$(BIN)/ruff format --check operator tests docs
 
 bench: venv vllm-venv tools
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
