@@ -14,13 +14,14 @@ CONSTRAINTS := images/constraints.txt
 export DOPPEL_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 export DOPPEL_TOOLS_DIR := $(abspath .tools)
 
-.PHONY: help venv vllm-venv tools base-model test lint bench demo crd constraints clean
+.PHONY: help venv vllm-venv tools base-model test lint bench demo crd docs constraints clean
 
 help:
 	@echo "make demo   run the offline demo (doppel local --demo)"
 	@echo "make test   lint and run the whole test suite (sets up everything it needs)"
 	@echo "make bench  run the benchmarks under tests/bench/"
 	@echo "make crd    regenerate crds/doppelusers.yaml (and the chart's copy) from doppel/api.py"
+	@echo "make docs   regenerate docs/reference/ from the code and build the site (mkdocs, strict) into site/"
 	@echo "make constraints  re-pin images/constraints.txt to what .venv has installed"
 
 # torch first, from the CPU wheel: otherwise pip resolves `torch` to the newest CUDA build (several GB).
@@ -71,14 +72,19 @@ test: venv vllm-venv tools base-model lint
 	DOPPEL_REQUIRE_VLLM=1 DOPPEL_REQUIRE_TOOLS=1 $(BIN)/python -m pytest
 
 lint: venv
-	$(BIN)/ruff check operator tests
-	$(BIN)/ruff format --check operator tests
+	$(BIN)/ruff check operator tests docs
+	$(BIN)/ruff format --check operator tests docs
 
 bench: venv vllm-venv tools
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
 demo: venv
 	$(BIN)/doppel local --demo
+
+# The reference pages are generated from the code (click's help, the CRD schema); a broken link fails the build.
+docs: venv
+	$(BIN)/python docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 constraints: venv
 	{ grep '^#' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } \
@@ -90,4 +96,4 @@ crd: venv
 	cp crds/doppelusers.yaml charts/doppel/crds/doppelusers.yaml
 
 clean:
-	rm -rf $(VENV) .tools doppel-data
+	rm -rf $(VENV) .tools doppel-data site

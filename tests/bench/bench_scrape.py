@@ -1,4 +1,5 @@
-"""Benchmark: scraping 20 channels x 100 threads through the Slack Web API emulator.
+"""Benchmark: scraping 20 channels x 100 threads of the demo workspace (its builder, doppel.demo.workspace)
+through the Slack Web API emulator, as its demo person Margaret.
 
 Slack's Tier-3 limit (50 calls/min per method) is scaled up so the concurrent scrape takes well under a
 minute; the emulator answers each call after a simulated round trip, as Slack does. Prints:
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.support.slack_emulator import SlackEmulator
 from tests.support.synthetic_slack import synthetic_workspace as small_workspace
 
+from doppel.demo.workspace import MARGARET, TEAM_ID, build_workspace
 from doppel.slack.ratelimit import PROFILES
 from doppel.slack.samples import Person, ScrapeOptions, build_samples, threads_from_messages
 from doppel.slack.scrape import ApiSettings, scrape_api
@@ -53,33 +55,53 @@ CONCURRENCY = 8
 TOKEN = "xoxb-bench"
 
 
+# Thread metadata of a root: the emulator derives it from the replies, as Slack does.
+ROOT_FIELDS = ("thread_ts", "reply_count", "reply_users_count", "latest_reply", "reply_users", "replies")
+
+
+def demo_threads(seed: int) -> list[list[dict[str, Any]]]:
+    """The threads of the demo workspace built with `seed` (root first, then its replies)."""
+    threads: dict[str, list[dict[str, Any]]] = {}
+    for name, content in build_workspace(seed).items():
+        if "/" in name:  # a channel's day file
+            for message in content:
+                if "thread_ts" in message:
+                    threads.setdefault(message["thread_ts"], []).append(message)
+    return [sorted(thread, key=lambda m: float(m["ts"])) for _, thread in sorted(threads.items())]
+
+
 def synthetic_workspace(now: float) -> dict[str, Any]:
-    users = [
-        {"id": f"U{i:03d}", "team_id": "TBENCH", "name": f"user{i}", "profile": {"display_name": f"user{i}"}}
-        for i in range(5)
-    ]
-    channels, messages = [], {}
+    """CHANNELS x THREADS threads written by the demo workspace's builder (seeds 0, 1, ... until there are
+    enough), its people, styles, mentions and broadcasts, moved into channels of their own 28 to 30 days
+    back (each channel's threads a minute apart, replies at their own distance from their root)."""
+    pool: list[list[dict[str, Any]]] = []
+    seed = 0
+    while len(pool) < CHANNELS * THREADS:
+        pool.extend(demo_threads(seed))
+        seed += 1
     start = int(now) - 30 * 86400
+    channels, messages, serial = [], {}, 0
     for c in range(CHANNELS):
         name = f"channel-{c:02d}"
         channels.append({"id": f"C{c:03d}", "name": name, "members": []})
         msgs = []
         for t in range(THREADS):
-            root = f"{start + c * 10_000 + t * 60}.000100"
-            msgs.append({"type": "message", "ts": root, "user": "U001", "text": f"question {t} in {name}?"})
-            for r in range(REPLIES):
-                msgs.append(
-                    {
-                        "type": "message",
-                        "ts": f"{start + c * 10_000 + t * 60 + r + 1}.000200",
-                        "thread_ts": root,
-                        "user": "U000" if r == 0 else "U002",
-                        "text": f"An answer to question {t} in <#C{c:03d}|{name}>, " + "long enough " * 10,
-                    }
-                )
+            thread = pool[c * THREADS + t]
+            base, root_ts = start + c * 10_000 + t * 60, float(thread[0]["ts"])
+            root = ""
+            for message in thread:
+                serial += 1  # the fraction keeps every ts unique
+                moved = {k: v for k, v in message.items() if k not in ROOT_FIELDS}
+                moved["ts"] = f"{base + int(float(message['ts']) - root_ts)}.{serial:06d}"
+                if root:
+                    moved["thread_ts"] = root
+                else:
+                    root = moved["ts"]
+                msgs.append(moved)
         messages[name] = msgs
+    users = build_workspace()["users.json"]
     return {
-        "team": {"id": "TBENCH", "name": "Bench"},
+        "team": {"id": TEAM_ID, "name": "Demo"},
         "users": users,
         "channels": channels,
         "messages": messages,
@@ -93,7 +115,7 @@ def run(concurrency: int, workspace: dict[str, Any]) -> tuple[float, SlackEmulat
         settings = ApiSettings(base_url=emulator.base_url, max_concurrency=concurrency, rate_scale=RATE_SCALE)
         options = ScrapeOptions(max_samples=10_000)
         started = time.monotonic()
-        manifest = scrape_api(TOKEN, "user0", out, options, settings)
+        manifest = scrape_api(TOKEN, MARGARET.name, out, options, settings)
         return time.monotonic() - started, emulator, manifest.samples
 
 
@@ -106,15 +128,20 @@ def incremental(workspace: dict[str, Any], late_replies: int = 5) -> None:
             base_url=emulator.base_url, max_concurrency=CONCURRENCY, rate_scale=RATE_SCALE, rescan_days=31
         )
         options = ScrapeOptions(max_samples=10_000)
-        scrape_api(TOKEN, "user0", out, options, settings)
+        scrape_api(TOKEN, MARGARET.name, out, options, settings)
         first_calls = len(emulator.calls)
         now = int(time.time())
         for i in range(late_replies):
             root = workspace["messages"][f"channel-{i:02d}"][0]["ts"]
-            reply = {"ts": f"{now - 60 + i}.000300", "thread_ts": root, "user": "U000", "text": "late " * 30}
+            reply = {
+                "ts": f"{now - 60 + i}.000300",
+                "thread_ts": root,
+                "user": MARGARET.id,
+                "text": "late " * 30,
+            }
             emulator.add_message(f"C{i:03d}", {"type": "message", **reply})
         started = time.monotonic()
-        manifest = scrape_api(TOKEN, "user0", out, options, settings)
+        manifest = scrape_api(TOKEN, MARGARET.name, out, options, settings)
         rerun_s = time.monotonic() - started
         calls = emulator.calls[first_calls:]
     fetched = sum(1 for c in calls if c.method == "conversations.replies")
@@ -273,7 +300,7 @@ def sample_building(workspace: dict[str, Any], rounds: int = 3) -> None:
     ]
     names = {c["id"]: c["name"] for c in workspace["channels"]}
     count = sum(len(t.messages) for t in threads)
-    person = Person("U000", "user0")
+    person = Person(MARGARET.id, MARGARET.name)
     rates = {}
     for scrub in (False, True):
         options = ScrapeOptions(max_samples=10_000, scrub=scrub)
@@ -285,8 +312,15 @@ def sample_building(workspace: dict[str, Any], rounds: int = 3) -> None:
         rates[scrub] = count / best
         state = "on " if scrub else "off"
         print(f"sample building, scrub {state}: {count / best:,.0f} messages/s ({best:.2f} s)")
-    # What the Web API fetch of this workspace takes at Slack's real Tier-3 limit (50/min per method).
-    calls = CHANNELS * THREADS + CHANNELS
+    # What the Web API fetch of this workspace takes at Slack's real Tier-3 limit (50/min per method): a
+    # history page a channel, a replies call a thread the person replied in.
+    replied = {
+        m.get("thread_ts")
+        for msgs in workspace["messages"].values()
+        for m in msgs
+        if m.get("user") == MARGARET.id
+    }
+    calls = len(replied - {None}) + CHANNELS
     fetch_s = calls / PER_MINUTE["conversations.replies"] * 60
     scrubbed_s = count / rates[True]
     print(

@@ -400,7 +400,7 @@ async def test_http_intake_is_bounded_signed_first_and_answers_bad_bodies_briefl
 
 
 def _readme_scopes(readme: str) -> list[set[str]]:
-    """Each list of scopes the README gives after the words "bot scopes"."""
+    """Each list of scopes the docs give after the words "bot scopes"."""
     lists = re.findall(r"bot scopes((?:\s*`[^`]+`(?: \([^)]*\))?(?:,| and)?)+)", readme)
     return [set(re.findall(r"`([^`]+)`", re.sub(r"\([^)]*\)", "", found))) for found in lists]
 
@@ -411,7 +411,9 @@ async def test_oauth_scopes_have_one_source_of_truth(bot_harness, bot_kube, slac
     assert manifest_scopes == set(DEFAULT_SCOPES)
     # What the scrape Job and the private messages need is there.
     assert {"channels:join", "im:write", "chat:write", "app_mentions:read"} <= manifest_scopes
-    readme = _readme_scopes((ROOT / "README.md").read_text())
+    # The Slack app's page and the bot's each list them.
+    docs = "\n".join((ROOT / "docs" / page).read_text() for page in ("slack-app.md", "bot.md"))
+    readme = _readme_scopes(docs)
     assert len(readme) == 2 and all(found == manifest_scopes for found in readme), readme
 
     # And what an OAuth install actually asks Slack for.

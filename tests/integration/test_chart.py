@@ -414,11 +414,11 @@ def test_notes_tell_how_to_connect_slack_and_create_a_doppel() -> None:
 
 
 def install_guide_commands() -> list[list[str]]:
-    """The shell commands of the README's install section, continuation lines joined."""
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    # From this section's marker to the next one (or the end).
-    section = readme.split("<!-- section: install -->")[1].split("<!-- section:")[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    """The shell commands of the install guide and of the upgrade section, continuation lines joined."""
+    install = (REPO_ROOT / "docs" / "install.md").read_text(encoding="utf-8")
+    operating = (REPO_ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
+    upgrades = operating.split("\n## Upgrades\n")[1].split("\n## ")[0]
+    blocks = re.findall(r"```sh\n(.*?)```", install + upgrades, re.S)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [words for line in lines if (words := shlex.split(line, comments=True))]
 
