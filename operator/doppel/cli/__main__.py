@@ -2,4 +2,5 @@
 
 from doppel.cli import main
 
-main()
+if __name__ == "__main__":  # not when a module walk (the image import test) merely imports it
+    main()
