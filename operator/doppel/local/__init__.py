@@ -20,17 +20,13 @@ Modules: `settings` (the options, the work directory's layout, training budgets,
 """
 
 from doppel.local.bot import LOCAL_NAMESPACE, local_bot, socket_mode_config
-from doppel.local.outcome import Outcome, Question, Reply, report
-from doppel.local.pipeline import Progress, run_local
-from doppel.local.settings import Layout, Settings
+from doppel.local.outcome import Outcome, report
+from doppel.local.pipeline import run_local
+from doppel.local.settings import Settings
 
 __all__ = [
     "LOCAL_NAMESPACE",
-    "Layout",
     "Outcome",
-    "Progress",
-    "Question",
-    "Reply",
     "Settings",
     "local_bot",
     "report",

@@ -11,11 +11,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from doppel.local.outcome import Outcome, Question, Reply
 from doppel.local.settings import (
-    DEFAULT_REPLY_TOKENS,
     DEMO_BASE_MODEL,
     FINGERPRINT_FILE,
     Layout,
@@ -40,9 +39,8 @@ GENERIC_QUESTIONS = (
 class Progress:
     """One line per stage on stderr: number and name when it starts, elapsed time and a note when it ends."""
 
-    def __init__(self, total: int, out: TextIO | None = None) -> None:
+    def __init__(self, total: int) -> None:
         self.total = total
-        self.out = out or sys.stderr
         self.number = 0
 
     @contextmanager
@@ -51,21 +49,21 @@ class Progress:
         self.number += 1
         info: dict[str, str] = {}
         tag = f"[{self.number}/{self.total}] {name}"
-        print(f"{tag} ...", file=self.out, flush=True)
+        print(f"{tag} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
         yield info
         note = f": {info['note']}" if info.get("note") else ""
-        print(f"{tag} done in {time.monotonic() - started:.1f}s{note}", file=self.out, flush=True)
+        print(f"{tag} done in {time.monotonic() - started:.1f}s{note}", file=sys.stderr, flush=True)
 
 
-def run_local(settings: Settings, progress: Progress | None = None) -> Outcome:
+def run_local(settings: Settings) -> Outcome:
     """Scrape, train (unless an adapter for the same inputs exists) and answer the questions."""
     settings.check()
     layout = Layout(Path(settings.workdir))
     user = settings.user or _demo_person()
     if settings.demo:
         _check_demo_user(user)
-    progress = progress or Progress(6 if settings.slack_token is None else 5)
+    progress = Progress(6 if settings.slack_token is None else 5)
     # The stage lines are the progress display: transformers' per-file bars (weights loaded, shards
     # written) would only interleave with them. The trainer's own bar is not one of those and stays.
     from transformers.utils import logging as hf_logging
@@ -227,8 +225,8 @@ def questions(demo: bool, person_id: str) -> list[Question]:
 def answer(
     outcome: Outcome,
     asked: Sequence[Question],
-    max_tokens: int = DEFAULT_REPLY_TOKENS,
-    samples: Path | None = None,
+    max_tokens: int,
+    samples: Path,
 ) -> list[Reply]:
     """Each question answered by the adapter and by the persona-prompted base model (the same base, told
     whom to be and shown a few of the person's messages from `samples`), all in one generation batch."""
@@ -240,7 +238,7 @@ def answer(
 
     name = slug(outcome.person_id)
     backend = LocalBackend(outcome.base_model, {name: outcome.adapter})
-    persona = persona_prompt(outcome.person_name, persona_examples(load_samples(samples)) if samples else [])
+    persona = persona_prompt(outcome.person_name, persona_examples(load_samples(samples)))
     conversations = [
         build_conversation(
             outcome.person_name,
