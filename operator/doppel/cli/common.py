@@ -1,0 +1,70 @@
+"""What every `doppel` command shares: the exit-code contract, the result file and shared option texts.
+
+Every subcommand goes through `run_stage`, which gives the whole CLI one behaviour:
+- exit 0 on success, 2 on `BadInput` (one line on stderr), 1 on anything else (one line, plus the
+  traceback with `--debug`);
+- a JSON summary of the result (or of the failure) written to `$DOPPEL_RESULT_FILE` when it is set. In a
+  Kubernetes Job that variable points at the container's termination-message path, which is how the
+  operator learns a Job's outcome without reading its logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from doppel.errors import BadInput
+
+RESULT_FILE_ENV = "DOPPEL_RESULT_FILE"
+# Kubernetes keeps at most 4096 bytes of a termination message.
+RESULT_FILE_LIMIT = 4096
+BASE_MODEL_HELP = "Built-in model name (smollm2-135m), local model directory or Hugging Face model id."
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def write_result(result: dict[str, Any]) -> None:
+    """Write `result` as compact JSON to `$DOPPEL_RESULT_FILE`, if set, within Kubernetes' size limit."""
+    target = os.environ.get(RESULT_FILE_ENV)
+    if not target:
+        return
+    text = json.dumps(result, separators=(",", ":"), sort_keys=True, default=str)
+    if len(text.encode()) > RESULT_FILE_LIMIT:
+        text = json.dumps({k: result[k] for k in ("ok", "reason", "kind") if k in result})
+    Path(target).write_text(text, encoding="utf-8")
+
+
+def run_stage(func: F) -> F:
+    """Wrap a command body that returns a summary dict (or None) with the CLI's exit-code contract."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        try:
+            summary = func(*args, **kwargs) or {}
+        except BadInput as exc:
+            write_result({"ok": False, "kind": "bad_input", "reason": str(exc)})
+            click.echo(f"doppel: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("doppel: interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as exc:
+            write_result({"ok": False, "kind": "error", "reason": f"{type(exc).__name__}: {exc}"})
+            if debug:
+                traceback.print_exc()
+            click.echo(f"doppel: failed: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(1)
+        write_result({"ok": True, **summary})
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,255 @@
+"""The stages of `doppel local`, run in order with one progress line each: workspace, base model, scrape,
+train (skipped when an adapter for the same inputs exists), eval, replies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from doppel.local.outcome import Outcome, Question, Reply
+from doppel.local.settings import (
+    DEMO_BASE_MODEL,
+    FINGERPRINT_FILE,
+    Layout,
+    Settings,
+    fingerprint,
+    slug,
+    training_settings,
+)
+
+if TYPE_CHECKING:  # stage modules load when their stage runs
+    from doppel.slack.samples import Manifest
+
+ASKER_ID = "U0LOCALASK"
+# Questions for a real workspace, where there are no demo people to ask them.
+GENERIC_QUESTIONS = (
+    "Can you take a look at the failing deploy when you have a minute?",
+    "What do you think about moving the team meeting to Thursdays?",
+    "Any tips for someone starting on the project next week?",
+)
+
+
+class Progress:
+    """One line per stage on stderr: number and name when it starts, elapsed time and a note when it ends."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.number = 0
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, str]]:
+        """Yields a dict in which the stage may leave a `note` for its closing line."""
+        self.number += 1
+        info: dict[str, str] = {}
+        tag = f"[{self.number}/{self.total}] {name}"
+        print(f"{tag} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        yield info
+        note = f": {info['note']}" if info.get("note") else ""
+        print(f"{tag} done in {time.monotonic() - started:.1f}s{note}", file=sys.stderr, flush=True)
+
+
+def run_local(settings: Settings) -> Outcome:
+    """Scrape, train (unless an adapter for the same inputs exists) and answer the questions."""
+    settings.check()
+    layout = Layout(Path(settings.workdir))
+    user = settings.user or _demo_person()
+    if settings.demo:
+        _check_demo_user(user)
+    progress = Progress(6 if settings.slack_token is None else 5)
+    # The stage lines are the progress display: transformers' per-file bars (weights loaded, shards
+    # written) would only interleave with them. The trainer's own bar is not one of those and stays.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    export: Path | None = None  # None: scrape through the Web API
+    if settings.slack_token is None:
+        with progress.stage("workspace") as info:
+            export = _workspace(settings, layout)
+            info["note"] = str(export)
+    with progress.stage("base model") as info:
+        base_name, base_path = _base_model(settings, layout)
+        info["note"] = base_name
+    with progress.stage("scrape") as info:
+        manifest = _scrape(settings, layout, user, export)
+        info["note"] = f"{manifest.samples} samples of {manifest.person['name']} ({manifest.added} new)"
+    with progress.stage("train") as info:
+        samples = layout.data(user) / "samples.jsonl"
+        adapter, metrics, trained = _train(settings, layout, user, samples, base_name, base_path)
+        info["note"] = ("trained " if trained else "unchanged, reused ") + str(adapter)
+    outcome = Outcome(
+        person_id=manifest.person["id"],
+        person_name=manifest.person["name"],
+        handle=user,
+        samples=manifest.samples,
+        added_samples=manifest.added,
+        base_model=base_path,
+        adapter=adapter,
+        trained=trained,
+        metrics=metrics,
+    )
+    with progress.stage("eval") as info:
+        outcome.fidelity, fresh = _fidelity(outcome, samples)
+        info["note"] = ("wrote " if fresh else "unchanged, reused ") + str(adapter / "eval.json")
+    with progress.stage("replies") as info:
+        outcome.replies = answer(
+            outcome, questions(settings.demo, outcome.person_id), settings.reply_tokens, samples
+        )
+        info["note"] = f"{len(outcome.replies)} questions, adapter and persona-prompted base model"
+    return outcome
+
+
+def _fidelity(outcome: Outcome, samples: Path) -> tuple[dict[str, Any], bool]:
+    """The adapter's fidelity report: eval.json if this adapter has one, else computed and written."""
+    from doppel.train.fidelity import EVAL_FILE, evaluate_adapter, write_report
+
+    existing = outcome.adapter / EVAL_FILE
+    if existing.is_file():
+        return json.loads(existing.read_text(encoding="utf-8")), False
+    report = evaluate_adapter(outcome.base_model, outcome.adapter, samples, metrics=outcome.metrics)
+    write_report(outcome.adapter, report)
+    return report, True
+
+
+def _demo_person() -> str:
+    from doppel.demo.workspace import DEMO_PERSON
+
+    return DEMO_PERSON
+
+
+def _check_demo_user(user: str) -> None:
+    """Fail on an unknown demo person before the demo writes anything."""
+    from doppel.demo.workspace import build_workspace
+    from doppel.slack.samples import resolve_person
+
+    resolve_person(build_workspace()["users.json"], user)
+
+
+def _workspace(settings: Settings, layout: Layout) -> Path:
+    if settings.export is not None:
+        return settings.export
+    from doppel.demo.workspace import export_bytes, write_export
+
+    # Deterministic: rewrite only when missing or different (another seed or version of the generator).
+    export = layout.demo_export
+    if not export.is_file() or export.read_bytes() != export_bytes():
+        write_export(export)
+    return export
+
+
+def _base_model(settings: Settings, layout: Layout) -> tuple[str, Path]:
+    """The base model's name (as given) and a local directory holding it."""
+    from doppel.train.base_models import resolve_base_model
+    from doppel.train.tiny import TINY_MODEL_NAME, make_tiny_model
+
+    name = settings.base_model or DEMO_BASE_MODEL
+    if name == TINY_MODEL_NAME:
+        if not (layout.tiny_model / "config.json").is_file():
+            make_tiny_model(layout.tiny_model)
+        return TINY_MODEL_NAME, layout.tiny_model
+    return name, resolve_base_model(name)
+
+
+def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) -> Manifest:
+    from doppel.slack.samples import ScrapeOptions
+
+    out = layout.data(user)
+    options = ScrapeOptions(scrub=settings.scrub)
+    if settings.cutoff_days is not None:
+        options.cutoff_days = settings.cutoff_days
+    if export is None:
+        from doppel.slack.scrape import ApiSettings, scrape_api
+
+        api = ApiSettings(rate_scale=settings.slack_rate_scale)
+        if settings.slack_api_url:
+            api.base_url = settings.slack_api_url
+        assert settings.slack_token is not None
+        return scrape_api(settings.slack_token, user, out, options, api)
+    from doppel.slack.export import scrape_export
+
+    if settings.demo:
+        from doppel.demo.workspace import EXPORTED_AT
+
+        options.now = EXPORTED_AT.timestamp()
+    return scrape_export(export, user, out, options)
+
+
+def _train(
+    settings: Settings, layout: Layout, user: str, samples: Path, base_name: str, base_path: Path
+) -> tuple[Path, dict[str, Any], bool]:
+    n_samples = sum(1 for line in samples.read_text(encoding="utf-8").splitlines() if line.strip())
+    train = training_settings(settings, n_samples, base_name)
+    adapters = layout.adapters(user)
+    adapter = adapters / fingerprint(samples, base_path, {"base_model_name": base_name, **train})
+    metrics_file = adapter / "metrics.json"
+    # train_adapter writes the directory atomically: if it exists, it is complete.
+    if (adapter / "adapter_config.json").is_file() and metrics_file.is_file():
+        return adapter, json.loads(metrics_file.read_text(encoding="utf-8")), False
+
+    from doppel.fsutil import atomic_write_text
+    from doppel.train.trainer import TrainConfig, train_adapter
+
+    config = TrainConfig(
+        data=samples, base_model=str(base_path), base_model_name=base_name, out=adapter, **train
+    )
+    metrics = train_adapter(config).to_dict()
+    record = {"base_model": base_name, "samples_sha256": _sha256(samples), "train": train}
+    atomic_write_text(adapter / FINGERPRINT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    # Only the newest adapter of a person is served locally; older versions are just disk.
+    for old in adapters.iterdir():
+        if old.is_dir() and old != adapter and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return adapter, metrics, True
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def questions(demo: bool, person_id: str) -> list[Question]:
+    if demo:
+        from doppel.demo.workspace import demo_questions
+
+        return [Question(p.id, p.first_name, text) for p, text in demo_questions(person_id)]
+    return [Question(ASKER_ID, "Alex", text) for text in GENERIC_QUESTIONS]
+
+
+def answer(
+    outcome: Outcome,
+    asked: Sequence[Question],
+    max_tokens: int,
+    samples: Path,
+) -> list[Reply]:
+    """Each question answered by the adapter and by the persona-prompted base model (the same base, told
+    whom to be and shown a few of the person's messages from `samples`), all in one generation batch."""
+    from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+    from doppel.serve.local import LocalBackend
+    from doppel.slack.conversation import ThreadMessage, build_conversation
+    from doppel.train.data import load_samples
+    from doppel.train.fidelity import persona_examples, persona_prompt, with_system
+
+    name = slug(outcome.person_id)
+    backend = LocalBackend(outcome.base_model, {name: outcome.adapter})
+    persona = persona_prompt(outcome.person_name, persona_examples(load_samples(samples)))
+    conversations = [
+        build_conversation(
+            outcome.person_name,
+            outcome.person_id,
+            [ThreadMessage(q.asker_id, q.asker_name, q.text)],
+            channel="general",
+        )
+        for q in asked
+    ]
+    requests = [
+        (r, c if r == name else with_system(c, persona)) for c in conversations for r in (name, BASE_ADAPTER)
+    ]
+    texts = backend.complete_batch(requests, GenerationParams(max_tokens=max_tokens, seed=0))
+    return [Reply(q, texts[2 * i].strip(), texts[2 * i + 1].strip()) for i, q in enumerate(asked)]

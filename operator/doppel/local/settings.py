@@ -1,0 +1,164 @@
+"""What `doppel local` was asked to do and where it writes: the command line's settings, the work
+directory's layout, the demo's training budgets and the fingerprint that names an adapter by its inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doppel.errors import BadInput
+from doppel.train.base_models import check_model_dir, looks_like_path
+
+FINGERPRINT_FILE = "fingerprint.json"
+# The demo's training budget per base model. SmolLM2 (the default) trains at ~100-200 tokens/s on 2 cores, so
+# the demo affords tens of small steps: a high learning rate makes the most of them, and the adapter kept is
+# the best on held-out loss, so the budget cannot overfit it. The tiny random model (mechanical tests) learns
+# from scratch and needs many cheap steps.
+DEMO_TRAINING: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "rank": 16,
+        "alpha": 32,
+        "dropout": 0.0,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "grad_accum": 1,
+        "max_length": 512,
+        "eval_fraction": 0.15,
+        "early_stopping_patience": 100,
+    },
+    "doppel-tiny": {
+        "rank": 16,
+        "alpha": 32,
+        "dropout": 0.0,
+        "lr": 3e-3,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "max_length": 512,
+        "eval_fraction": 0.15,
+        "early_stopping_patience": 100,
+    },
+}
+DEMO_MAX_STEPS = {"smollm2-135m": 16, "doppel-tiny": 240}
+DEMO_BASE_MODEL = "smollm2-135m"
+# Replies are short: Slack messages, and generation on CPU is not free.
+DEFAULT_REPLY_TOKENS = 120
+
+
+@dataclass
+class Settings:
+    """What the user chose on the command line."""
+
+    workdir: Path
+    demo: bool = False
+    export: Path | None = None
+    user: str | None = None
+    base_model: str | None = None
+    slack_token: str | None = None
+    slack_api_url: str | None = None
+    # Multiplies Slack's documented rate limits (raised limits, an emulator).
+    slack_rate_scale: float = 1.0
+    max_steps: int | None = None
+    # Scrape only messages this recent (None: ingestion's default); old exports need a larger one.
+    cutoff_days: float | None = None
+    reply_tokens: int = DEFAULT_REPLY_TOKENS
+    scrub: bool = True  # secrets, emails and phone numbers out of the samples
+
+    def check(self) -> None:
+        """Reject contradictory or missing options before anything is written."""
+        if sum([self.demo, self.export is not None, self.slack_token is not None]) != 1:
+            raise BadInput("give exactly one of --demo, --export ZIP or --slack-token TOKEN")
+        if not self.demo and not self.user:
+            raise BadInput("--user is required with --export or --slack-token")
+        if not self.demo and not self.base_model:
+            raise BadInput("--base-model is required with --export or --slack-token")
+        if self.export is not None and not self.export.is_file():
+            raise BadInput(f"export not found: {self.export}")
+        if self.base_model and self.base_model not in local_models() and looks_like_path(self.base_model):
+            check_model_dir(Path(self.base_model).expanduser())
+        if self.max_steps is not None and self.max_steps < 1:
+            raise BadInput(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.reply_tokens < 1:
+            raise BadInput(f"--max-tokens must be at least 1, got {self.reply_tokens}")
+        if self.slack_rate_scale <= 0:
+            raise BadInput(f"--slack-rate-scale must be positive, got {self.slack_rate_scale}")
+        if self.cutoff_days is not None and self.cutoff_days <= 0:
+            raise BadInput(f"--cutoff-days must be positive, got {self.cutoff_days}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def demo_export(self) -> Path:
+        return self.root / "demo" / "workspace.zip"
+
+    @property
+    def tiny_model(self) -> Path:
+        from doppel.train.tiny import TINY_MODEL_NAME
+
+        return self.root / "models" / TINY_MODEL_NAME
+
+    def data(self, user: str) -> Path:
+        return self.root / "data" / slug(user)
+
+    def adapters(self, user: str) -> Path:
+        return self.root / "adapters" / slug(user)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_.-]+", "-", text.strip().lstrip("@").casefold()).strip("-.") or "user"
+
+
+def local_models() -> tuple[str, ...]:
+    """Base model names `doppel local` knows without a path: the built-in ones and the tiny model."""
+    from doppel.train.base_models import BUILTIN_MODELS
+    from doppel.train.tiny import TINY_MODEL_NAME
+
+    return (*BUILTIN_MODELS, TINY_MODEL_NAME)
+
+
+def training_settings(settings: Settings, n_samples: int, base_name: str) -> dict[str, Any]:
+    """TrainConfig fields for this run, besides data, base model and output."""
+    from doppel.train.trainer import TrainConfig
+
+    demo = settings.demo and base_name in DEMO_TRAINING
+    chosen: dict[str, Any] = dict(DEMO_TRAINING[base_name]) if demo else {}
+    steps = settings.max_steps or (DEMO_MAX_STEPS[base_name] if demo else None)
+    if steps is not None:
+        view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
+        per_epoch = _steps_per_epoch_at_least(
+            n_samples, view["eval_fraction"], view["batch_size"] * view["grad_accum"]
+        )
+        chosen.update(_epochs_for(steps, per_epoch))
+    return chosen
+
+
+def _steps_per_epoch_at_least(n_samples: int, eval_fraction: float, batch: int) -> int:
+    """A safe lower bound on the optimizer steps of one epoch (the thread split holds out a bit more
+    than `eval_fraction` of the samples when threads are uneven)."""
+    return max(1, int(n_samples * (1 - eval_fraction - 0.1)) // batch)
+
+
+def _epochs_for(steps: int, per_epoch: int) -> dict[str, int]:
+    """`epochs` x `max_steps_per_epoch` == `steps` exactly, with epochs no longer than the data allows:
+    the largest divisor of `steps` that fits in one epoch."""
+    cap = next(d for d in range(min(steps, per_epoch), 0, -1) if steps % d == 0)
+    return {"epochs": steps // cap, "max_steps_per_epoch": cap}
+
+
+def fingerprint(samples: Path, base_model: Path, train: dict[str, Any]) -> str:
+    """A hash of what determines the adapter: the samples, the base model's files and the settings."""
+    digest = hashlib.sha256(Path(samples).read_bytes())
+    model_files = sorted(
+        (p.name, p.stat().st_size) for p in Path(base_model).iterdir() if p.is_file() and p.suffix != ".lock"
+    )
+    config = (Path(base_model) / "config.json").read_text(encoding="utf-8")
+    identity = {"model_files": model_files, "model_config": config, "train": train}
+    digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
