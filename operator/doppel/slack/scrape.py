@@ -99,6 +99,8 @@ async def scrape_api_async(
 
 
 class _Scraper:
+    """One run: the channels walked concurrently over one `WebApi`, with the counts `report` tells."""
+
     def __init__(self, token: str, settings: ApiSettings) -> None:
         self.settings = settings
         self.api = WebApi(token, settings, on_wait=self._waiting)
