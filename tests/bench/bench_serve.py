@@ -40,7 +40,8 @@ from transformers import AutoModelForCausalLM
 
 from doppel.serve.backend import BASE_ADAPTER, GenerationParams
 from doppel.serve.local import LocalBackend
-from doppel.serve.vllm import CHAT_PATH, VllmClient, chat_body
+from doppel.serve.vllm import VllmClient
+from doppel.serve.vllm_protocol import CHAT_PATH, chat_body
 from doppel.slack.conversation import ThreadMessage, build_conversation
 from doppel.train.base_models import ensure_builtin
 from doppel.train.tiny import make_tiny_model

@@ -12,7 +12,8 @@ from tests.support.slack_fixtures import ACME_TOKEN, write_export_zip
 
 from doppel.cli import main
 from doppel.slack.samples import ScrapeOptions
-from doppel.slack.scrape import ApiSettings, SlackUnavailable, scrape_api
+from doppel.slack.scrape import ApiSettings, scrape_api
+from doppel.slack.webapi import SlackUnavailable
 
 
 def scrape(emulator, out, *args, token=ACME_TOKEN, env=None):

@@ -12,7 +12,8 @@ from tests.support.vllm_fixtures import ROBOT_MARKER
 from doppel.serve import errors, vllm
 from doppel.serve.backend import BASE_ADAPTER, GenerationParams
 from doppel.serve.local import LocalBackend
-from doppel.serve.vllm import AsyncVllmClient, LoadOutcome, RetryPolicy, VllmBackend, VllmClient
+from doppel.serve.vllm import AsyncVllmClient, VllmBackend, VllmClient
+from doppel.serve.vllm_protocol import LoadOutcome, RetryPolicy
 
 pytestmark = pytest.mark.vllm
 

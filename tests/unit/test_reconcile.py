@@ -8,17 +8,11 @@ from typing import Any
 
 from doppel.api import Adapter, DoppelUserSpec, DoppelUserStatus
 from doppel.operator import jobs
+from doppel.operator.conditions import condition, transitions
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Owner
-from doppel.operator.reconcile import (
-    Observed,
-    condition,
-    observe_serving,
-    promote,
-    queue_admits,
-    reconcile,
-    transitions,
-)
+from doppel.operator.promotion import observe_serving, promote
+from doppel.operator.reconcile import Observed, queue_admits, reconcile
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CONFIG = OperatorConfig(data_root="/data", max_attempts=3, backoff_s=10)

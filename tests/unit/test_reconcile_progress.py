@@ -12,8 +12,8 @@ from tests.unit.test_reconcile import CONFIG, NOW, SPEC, finished, observed, own
 from doppel.api import DoppelUserStatus, TrainingProgress
 from doppel.bot.logic import describe
 from doppel.operator import jobs
-from doppel.operator.progress import latest_progress
-from doppel.operator.reconcile import reconcile, record_progress
+from doppel.operator.progress import latest_progress, record_progress
+from doppel.operator.reconcile import reconcile
 
 
 def line(event: str, step: int, total: int = 12, **values: Any) -> str:

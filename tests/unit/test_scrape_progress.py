@@ -5,8 +5,7 @@ from datetime import UTC, datetime
 
 from doppel.api import DoppelUserStatus
 from doppel.bot import logic
-from doppel.operator.progress import latest_scrape_progress
-from doppel.operator.reconcile import record_scrape_progress
+from doppel.operator.progress import latest_scrape_progress, record_scrape_progress
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -12,10 +12,10 @@ import pytest
 from doppel.errors import BadInput
 from doppel.serve import errors
 from doppel.serve.backend import DEFAULT_PARAMS, GenerationParams
-from doppel.serve.vllm import (
+from doppel.serve.vllm import VllmClient
+from doppel.serve.vllm_protocol import (
     ModelCard,
     RetryPolicy,
-    VllmClient,
     chat_body,
     error_from_body,
     parse_sse_line,

@@ -1,6 +1,6 @@
 """Which recorded threads a scrape re-checks with conversations.replies, and which it keeps recording."""
 
-from doppel.slack.scrape import recorded_threads, threads_to_recheck
+from doppel.slack.scrape_state import recorded_threads, threads_to_recheck
 
 RECORDED = {
     "1000.000100": "1500.000100",  # started before the listed range, active recently

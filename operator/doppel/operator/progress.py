@@ -1,7 +1,7 @@
-"""Progress from a Job pod's log: the JSON lines `doppel train --json-progress` and `doppel scrape
---json-progress` print.
+"""Training and scrape progress: read from a Job pod's log (the JSON lines `doppel train --json-progress`
+and `doppel scrape --json-progress` print) or from a finished train Job's summary, and put into the status.
 
-Pure parsing, no I/O. The log tail mixes stdout and stderr (warnings, tracebacks) and its first line may
+Pure, no I/O. The log tail mixes stdout and stderr (warnings, tracebacks) and its first line may
 be cut in the middle, so anything that is not a well-formed progress or eval event is skipped.
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 from typing import Any
 
-from doppel.api import ScrapeProgress, TrainingProgress
+from doppel.api import DoppelUserStatus, EvalSummary, ScrapeProgress, TrainingProgress
 
 
 def _number(value: Any) -> float | None:
@@ -93,3 +94,72 @@ def latest_scrape_progress(log: str) -> ScrapeProgress | None:
             waiting_on=waiting_on if isinstance(waiting_on, str) and wait and wait > 0 else None,
         )
     return None
+
+
+def record_progress(
+    status: DoppelUserStatus, seen: TrainingProgress | None, now: datetime
+) -> DoppelUserStatus:
+    """Put the figures read from the train log into the status; unchanged (same object) when they are the
+    same, so the caller patches only on a change. A loss the log tail no longer shows stays as it was."""
+    if seen is None:
+        return status
+    before = status.training
+    if before is not None:
+        seen = seen.model_copy(
+            update={
+                "loss": seen.loss if seen.loss is not None else before.loss,
+                "eval_loss": seen.eval_loss if seen.eval_loss is not None else before.eval_loss,
+            }
+        )
+        if seen.model_dump(exclude={"updated_at"}) == before.model_dump(exclude={"updated_at"}):
+            return status
+    new = status.model_copy(deep=True)
+    new.training = seen.model_copy(update={"updated_at": now})
+    return new
+
+
+def record_scrape_progress(
+    status: DoppelUserStatus, seen: ScrapeProgress | None, now: datetime
+) -> DoppelUserStatus:
+    """Put the figures read from the scrape log into the status; the same object when unchanged."""
+    if seen is None:
+        return status
+    before = status.scraping
+    if before is not None and seen.model_dump(exclude={"updated_at"}) == before.model_dump(
+        exclude={"updated_at"}
+    ):
+        return status
+    new = status.model_copy(deep=True)
+    new.scraping = seen.model_copy(update={"updated_at": now})
+    return new
+
+
+def final_progress(result: dict[str, Any], now: datetime) -> TrainingProgress:
+    """Final training figures from the train Job's summary (keys as `doppel train` reports them)."""
+
+    def number(*keys: str) -> float | None:
+        for key in keys:
+            value = result.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+        return None
+
+    steps = number("steps", "total_steps")
+    return TrainingProgress(
+        step=int(steps or 0),
+        total_steps=int(steps) if steps is not None else None,
+        epoch=number("epochs", "epoch"),
+        loss=number("train_loss", "loss"),
+        eval_loss=number("adapter_eval_loss", "eval_loss"),
+        base_eval_loss=number("base_eval_loss"),
+        percent=100.0 if steps else None,
+        updated_at=now,
+    )
+
+
+def eval_summary(result: dict[str, Any]) -> EvalSummary | None:
+    """The fidelity headline `doppel train` put in its summary; None if absent or not understood."""
+    try:
+        return EvalSummary.model_validate(result["eval"]) if result.get("eval") else None
+    except (ValueError, TypeError):
+        return None

@@ -2,8 +2,9 @@
 
 Level-triggered: `reconcile` looks only at the current state, never at what happened before, so an
 operator restarted at any point resumes from the Jobs it finds. Job names are deterministic per
-generation, step and attempt (see jobs.job_name), so a step never gets two Jobs. No I/O here; the kopf
-glue in handlers.py feeds the observations in and carries the plan out.
+generation, step and attempt (see jobs.job_name), so a step never gets two Jobs. No I/O here; pipeline.py
+feeds the observations in and carries the plan out. Conditions and Events are in conditions.py, the
+serving switch in promotion.py, progress figures in progress.py.
 """
 
 from __future__ import annotations
@@ -14,19 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from doppel.api import (
-    Adapter,
-    Condition,
-    ConditionType,
-    DoppelUserSpec,
-    DoppelUserStatus,
-    EvalSummary,
-    ScrapeProgress,
-    TrainingProgress,
-)
+from doppel.api import Adapter, ConditionType, DoppelUserSpec, DoppelUserStatus
 from doppel.operator import jobs
+from doppel.operator.conditions import set_condition
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Outcome, Owner, Step
+from doppel.operator.progress import eval_summary, final_progress
 
 
 @dataclass(frozen=True)
@@ -46,50 +40,15 @@ class Observed:
 class Plan:
     status: DoppelUserStatus
     create: list[dict[str, Any]] = field(default_factory=list)  # Job manifests
-    register: Adapter | None = None  # load this on every ready vLLM pod, then call `promote`
+    register: Adapter | None = None  # load this on every ready vLLM pod, then `promotion.promote`
     requeue_after: float | None = None  # look again this soon even if nothing changes
-    # (pod, container) of the running scrape or train Job: read its log for progress (see `record_progress`
-    # and `record_scrape_progress`; which one by the phase).
+    # (pod, container) of the running scrape or train Job: read its log for progress (see progress.py's
+    # `record_progress` and `record_scrape_progress`; which one by the phase).
     progress_from: tuple[str, str] | None = None
     # Jobs given up on (their pod cannot start): Job name -> why. Stopped and marked, kept as the record.
     abandon: dict[str, str] = field(default_factory=dict)
     # Jobs of an earlier generation still running: deleted, so they stop holding a GPU or a slot.
     delete: list[str] = field(default_factory=list)
-
-
-# Reasons that say a person has to act: posted as Warning Events.
-WARNING_REASONS = frozenset(
-    {"SecretMissing", "Retrying", "Unschedulable", "OOMKilled", "Forbidden", "Invalid", "Rejected"}
-    | jobs.STUCK_WAITING
-)
-
-
-def set_condition(
-    status: DoppelUserStatus, type_: ConditionType, ok: bool | None, reason: str, message: str, now: datetime
-) -> None:
-    """Set a condition; lastTransitionTime moves only when its status changes."""
-    value = "Unknown" if ok is None else str(ok)
-    for cond in status.conditions:
-        if cond.type == type_:
-            if cond.status != value:
-                cond.last_transition_time = now
-            cond.status, cond.reason, cond.message = value, reason, message  # type: ignore[assignment]
-            cond.observed_generation = status.observed_generation
-            return
-    status.conditions.append(
-        Condition(
-            type=type_,
-            status=value,  # type: ignore[arg-type]
-            reason=reason,
-            message=message,
-            last_transition_time=now,
-            observed_generation=status.observed_generation,
-        )
-    )
-
-
-def condition(status: DoppelUserStatus, type_: ConditionType) -> Condition | None:
-    return next((c for c in status.conditions if c.type == type_), None)
 
 
 def backoff(config: OperatorConfig, attempt: int) -> float:
@@ -261,8 +220,8 @@ def _after_train(
         return plan
     if result.state == "failed":
         return _failed(observed, config, plan, "train", attempt, result)
-    status.training = _progress(result.result, now)
-    status.eval = _eval(result.result)
+    status.training = final_progress(result.result, now)
+    status.eval = eval_summary(result.result)
     adapter = Adapter(
         served_name=jobs.served_name(owner.namespace, owner.name, owner.generation),
         path=jobs.adapter_dir(config, owner.namespace, owner.name, owner.generation),
@@ -360,124 +319,6 @@ def _train_pod(observed: Observed, job: dict[str, Any]) -> tuple[str, str] | Non
     return newest["metadata"]["name"], container
 
 
-def record_progress(
-    status: DoppelUserStatus, seen: TrainingProgress | None, now: datetime
-) -> DoppelUserStatus:
-    """Put the figures read from the train log into the status; unchanged (same object) when they are the
-    same, so the caller patches only on a change. A loss the log tail no longer shows stays as it was."""
-    if seen is None:
-        return status
-    before = status.training
-    if before is not None:
-        seen = seen.model_copy(
-            update={
-                "loss": seen.loss if seen.loss is not None else before.loss,
-                "eval_loss": seen.eval_loss if seen.eval_loss is not None else before.eval_loss,
-            }
-        )
-        if seen.model_dump(exclude={"updated_at"}) == before.model_dump(exclude={"updated_at"}):
-            return status
-    new = status.model_copy(deep=True)
-    new.training = seen.model_copy(update={"updated_at": now})
-    return new
-
-
-def record_scrape_progress(
-    status: DoppelUserStatus, seen: ScrapeProgress | None, now: datetime
-) -> DoppelUserStatus:
-    """Put the figures read from the scrape log into the status; the same object when unchanged."""
-    if seen is None:
-        return status
-    before = status.scraping
-    if before is not None and seen.model_dump(exclude={"updated_at"}) == before.model_dump(
-        exclude={"updated_at"}
-    ):
-        return status
-    new = status.model_copy(deep=True)
-    new.scraping = seen.model_copy(update={"updated_at": now})
-    return new
-
-
-def _progress(result: dict[str, Any], now: datetime) -> TrainingProgress:
-    """Final training figures from the train Job's summary (keys as `doppel train` reports them)."""
-
-    def number(*keys: str) -> float | None:
-        for key in keys:
-            value = result.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-        return None
-
-    steps = number("steps", "total_steps")
-    return TrainingProgress(
-        step=int(steps or 0),
-        total_steps=int(steps) if steps is not None else None,
-        epoch=number("epochs", "epoch"),
-        loss=number("train_loss", "loss"),
-        eval_loss=number("adapter_eval_loss", "eval_loss"),
-        base_eval_loss=number("base_eval_loss"),
-        percent=100.0 if steps else None,
-        updated_at=now,
-    )
-
-
-def _eval(result: dict[str, Any]) -> EvalSummary | None:
-    """The fidelity headline `doppel train` put in its summary; None if absent or not understood."""
-    try:
-        return EvalSummary.model_validate(result["eval"]) if result.get("eval") else None
-    except (ValueError, TypeError):
-        return None
-
-
-def promote(
-    status: DoppelUserStatus, loaded_on: list[str], errors: dict[str, str], now: datetime
-) -> tuple[DoppelUserStatus, Adapter | None]:
-    """After loading `status.pending_adapter` on the pods: switch to it only if every ready pod holds it.
-
-    Returns the new status and the old adapter to unload (only after the switch, so mentions never hit
-    a missing adapter)."""
-    status = status.model_copy(deep=True)
-    pending = status.pending_adapter
-    assert pending is not None
-    if errors or not loaded_on:
-        reason = "VllmUnreachable" if errors else "NoVllmPods"
-        message = (
-            "; ".join(f"{pod}: {err}" for pod, err in sorted(errors.items()))
-            if errors
-            else "no ready vLLM pod matches spec.vllm.selector"
-        )
-        status.phase, status.reason, status.message = "Registering", reason, message
-        set_condition(status, "Registered", False, reason, message, now)
-        return status, None
-    old = status.adapter
-    status.adapter, status.pending_adapter = pending, None
-    status.phase, status.reason, status.message = "Ready", None, None
-    status.served_by = sorted(loaded_on)
-    message = f"{pending.served_name} on {len(loaded_on)} pod(s)"
-    set_condition(status, "Registered", True, "Loaded", message, now)
-    set_condition(status, "Ready", True, "Serving", f"answering as {pending.served_name}", now)
-    return status, old if old and old.served_name != pending.served_name else None
-
-
-def observe_serving(
-    status: DoppelUserStatus, loaded_on: list[str], errors: dict[str, str], now: datetime
-) -> DoppelUserStatus:
-    """Record which pods hold the current adapter (after the drift check reloaded it where missing)."""
-    status = status.model_copy(deep=True)
-    if status.adapter is None:
-        return status
-    status.served_by = sorted(loaded_on)
-    if loaded_on:
-        set_condition(status, "Registered", True, "Loaded", f"on {len(loaded_on)} pod(s)", now)
-        set_condition(status, "Ready", True, "Serving", f"answering as {status.adapter.served_name}", now)
-    else:
-        reason = "VllmUnreachable" if errors else "NoVllmPods"
-        message = "; ".join(f"{p}: {e}" for p, e in sorted(errors.items())) or "no ready vLLM pod"
-        set_condition(status, "Registered", False, reason, message, now)
-        set_condition(status, "Ready", False, reason, message, now)
-    return status
-
-
 def refused(
     status: DoppelUserStatus, step: str, job: str, code: int, why: str, now: datetime
 ) -> DoppelUserStatus:
@@ -500,19 +341,3 @@ def queue_admits(me: str, queued: Iterable[tuple[datetime, str]], running: int, 
         return False
     order = [key for _, key in sorted(queued)]
     return me in order[:free]
-
-
-def transitions(old: DoppelUserStatus, new: DoppelUserStatus) -> list[tuple[str, str, str]]:
-    """Kubernetes Events (type, reason, message) for what changed between two statuses."""
-    events: list[tuple[str, str, str]] = []
-    if old.phase != new.phase or old.reason != new.reason:
-        kind = "Warning" if new.phase == "Failed" or new.reason in WARNING_REASONS else "Normal"
-        message = f"phase {old.phase} -> {new.phase}" + (f": {new.message}" if new.message else "")
-        events.append((kind, new.reason or new.phase, message))
-    before = {c.type: (c.status, c.reason) for c in old.conditions}
-    for cond in new.conditions:
-        if before.get(cond.type) != (cond.status, cond.reason):
-            fine = cond.status == "True" or cond.reason in ("Running", "NewGeneration")
-            kind = "Normal" if fine else "Warning"
-            events.append((kind, f"{cond.type}{cond.status}", f"{cond.reason}: {cond.message}"))
-    return events

@@ -1,7 +1,7 @@
 """Client of vLLM's OpenAI-compatible server: models, runtime LoRA adapters, chat completions.
 
-A sync client (CLI, `doppel chat`) and an async one (operator, bot) share the pure request-building and
-response-parsing functions below; each adds only its own I/O loop.
+A sync client (CLI, `doppel chat`) and an async one (operator, bot) share the pure request building and
+response parsing of vllm_protocol.py; each adds only its own I/O loop.
 
 Adapter loading is idempotent. vLLM answers 400 "already been loaded" for a known name; the client then looks
 the name up in /v1/models: the same path is success, another path is reloaded with `load_inplace`. vLLM 0.32
@@ -14,200 +14,37 @@ versioned paths, and never changed in place (see DESIGN.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import httpx
 
 from doppel.serve.backend import BASE_ADAPTER, DEFAULT_PARAMS, GenerationParams, Messages
-from doppel.serve.errors import (
-    AdapterAlreadyLoaded,
-    AdapterNotFound,
-    AdapterRankTooLarge,
-    BaseModelMismatch,
-    InvalidAdapter,
-    RequestRejected,
-    ServeError,
-    ServerUnavailable,
-    UnknownModel,
+from doppel.serve.errors import AdapterAlreadyLoaded, ServeError, ServerUnavailable, UnknownModel
+from doppel.serve.vllm_protocol import (
+    CHAT_PATH,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    DETOKENIZE_PATH,
+    LOAD_PATH,
+    MODELS_PATH,
+    TOKENIZE_PATH,
+    UNLOAD_PATH,
+    LoadOutcome,
+    ModelCard,
+    RetryPolicy,
+    base_card,
+    chat_body,
+    error_from_body,
+    load_body,
+    naming_adapter,
+    parse_chat,
+    parse_models,
+    parse_sse_line,
+    retryable,
+    served_from,
 )
-
-MODELS_PATH = "/v1/models"
-LOAD_PATH = "/v1/load_lora_adapter"
-UNLOAD_PATH = "/v1/unload_lora_adapter"
-CHAT_PATH = "/v1/chat/completions"
-TOKENIZE_PATH = "/tokenize"
-DETOKENIZE_PATH = "/detokenize"
-
-# Generation on CPU is slow: allow a long read, but notice a dead server quickly.
-DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=30.0)
-
-# Message fragments of vLLM's errors, mapped to the error the caller can act on. Checked in order.
-_ERROR_PATTERNS: tuple[tuple[str, type[ServeError]], ...] = (
-    ("has already been loaded", AdapterAlreadyLoaded),
-    ("max_lora_rank", AdapterRankTooLarge),
-    ("no adapter found for", AdapterNotFound),
-    ("expected target modules", BaseModelMismatch),
-    ("base model's vocabulary size", BaseModelMismatch),
-    ("size of tensor", BaseModelMismatch),
-    ("shape", BaseModelMismatch),
-    ("missing required configuration fields", InvalidAdapter),
-    ("adapter_config", InvalidAdapter),
-    ("doesn't contain tensors", InvalidAdapter),
-    ("unsupported lora weight", InvalidAdapter),
-    ("is not supported", InvalidAdapter),
-    ("safetensors", InvalidAdapter),
-    ("does not exist", UnknownModel),
-    ("cannot be found", UnknownModel),
-)
-
-
-class LoadOutcome(StrEnum):
-    LOADED = "loaded"  # the name was new
-    UNCHANGED = "unchanged"  # already served from the same path
-    REPLACED = "replaced"  # served from another path before; swapped in place
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """One entry of /v1/models: the base model (no parent) or a LoRA adapter (parent = base)."""
-
-    id: str
-    root: str | None
-    parent: str | None
-    max_model_len: int | None = None
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.parent is not None
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of connection errors and 5xx, with exponential backoff."""
-
-    attempts: int = 4
-    initial_delay: float = 0.5
-    max_delay: float = 8.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.max_delay, self.initial_delay * 2**attempt)
-
-
-# --- pure request building and response parsing ----------------------------------------------------------
-
-
-def error_from_body(status: int | None, body: str) -> ServeError:
-    """The typed error for a vLLM error body, in either shape vLLM has used:
-    `{"object": "error", "message", "type", "code"}` (older) or `{"error": {"message", "type", "code"}}`."""
-    message, kind = body.strip() or f"HTTP {status}", None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        detail = data["error"] if isinstance(data.get("error"), dict) else data
-        message = str(detail.get("message") or message)
-        kind = detail.get("type")
-        if status is None and isinstance(detail.get("code"), int):
-            status = detail["code"]
-    # Adapter failures come wrapped as "Call to add_lora method failed: Worker failed with error '<cause>',
-    # please check the stack trace above...": the cause is what the user needs.
-    match = re.search(r"Worker failed with error '(.*)'", message)
-    if match:
-        message = match.group(1)
-    lowered = message.lower()
-    for fragment, error_type in _ERROR_PATTERNS:
-        if fragment in lowered:
-            return error_type(message, status=status, kind=kind)
-    if status is not None and 400 <= status < 500:
-        return RequestRejected(message, status=status, kind=kind)
-    return ServerUnavailable(f"vLLM failed (HTTP {status}): {message}", status=status, kind=kind)
-
-
-def load_body(name: str, path: str, *, inplace: bool = False) -> dict[str, Any]:
-    return {"lora_name": name, "lora_path": path, "load_inplace": inplace}
-
-
-def chat_body(
-    model: str, messages: Messages, params: GenerationParams, *, stream: bool, context: int | None = None
-) -> dict[str, Any]:
-    """The chat completion request; `max_tokens` is capped at the server's context length `context`,
-    which vLLM otherwise rejects (it stops by itself where prompt + reply fill the context)."""
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [dict(m) for m in messages],
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        # top_k and repetition_penalty are vLLM's extensions of the OpenAI request.
-        "top_k": params.top_k,
-        "repetition_penalty": params.repetition_penalty,
-        "max_tokens": min(params.max_tokens, context) if context else params.max_tokens,
-        "stream": stream,
-    }
-    if params.seed is not None:
-        body["seed"] = params.seed
-    return body
-
-
-def parse_models(data: dict[str, Any]) -> list[ModelCard]:
-    return [
-        ModelCard(
-            id=m["id"], root=m.get("root"), parent=m.get("parent"), max_model_len=m.get("max_model_len")
-        )
-        for m in data.get("data", [])
-    ]
-
-
-def parse_chat(data: dict[str, Any]) -> str:
-    return str(data["choices"][0]["message"].get("content") or "")
-
-
-def parse_sse_line(line: str) -> str | None:
-    """The text piece of one server-sent-event line; "" for lines without text; None at `[DONE]`."""
-    if not line.startswith("data:"):
-        return ""
-    payload = line[len("data:") :].strip()
-    if payload == "[DONE]":
-        return None
-    data = json.loads(payload)
-    if "error" in data or data.get("object") == "error":
-        raise error_from_body(None, payload)
-    choices = data.get("choices") or [{}]
-    return str(choices[0].get("delta", {}).get("content") or "")
-
-
-def base_card(cards: Sequence[ModelCard]) -> ModelCard:
-    for card in cards:
-        if not card.is_adapter:
-            return card
-    raise ServerUnavailable("vLLM lists no base model")
-
-
-def served_from(cards: Sequence[ModelCard], name: str) -> str | None:
-    """The path adapter `name` is served from, or None when it is not loaded."""
-    return next((card.root for card in cards if card.id == name and card.is_adapter), None)
-
-
-@contextlib.contextmanager
-def naming_adapter(name: str, path: str) -> Iterator[None]:
-    """Prefix a rejected load with the adapter's name and path (vLLM hides the path in its message)."""
-    try:
-        yield
-    except RequestRejected as exc:
-        raise type(exc)(f"adapter {name!r} at {path}: {exc}", status=exc.status, kind=exc.kind) from exc
-
-
-def _retryable(exc: httpx.TransportError) -> bool:
-    # A read timeout means the server is alive but slow: repeating the request only adds load.
-    return not isinstance(exc, httpx.ReadTimeout)
-
 
 # --- sync client -----------------------------------------------------------------------------------------
 
@@ -220,7 +57,7 @@ class VllmClient:
         base_url: str,
         *,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry
@@ -248,7 +85,7 @@ class VllmClient:
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 error = ServerUnavailable(f"vLLM at {self.base_url} unreachable: {type(exc).__name__} {exc}")
-                if not _retryable(exc):
+                if not retryable(exc):
                     raise error from exc
                 continue
             if response.is_success:
@@ -350,7 +187,7 @@ class AsyncVllmClient:
         base_url: str,
         *,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry
@@ -378,7 +215,7 @@ class AsyncVllmClient:
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 error = ServerUnavailable(f"vLLM at {self.base_url} unreachable: {type(exc).__name__} {exc}")
-                if not _retryable(exc):
+                if not retryable(exc):
                     raise error from exc
                 continue
             if response.is_success:

@@ -1,11 +1,8 @@
 """Scrape a person's messages through the Slack Web API (`doppel scrape --token ...`).
 
-Channels are scraped concurrently (at most `max_concurrency` at a time) with one `AsyncWebClient`. Slack
-limits each method per workspace, and by how much depends on the kind of app (see `doppel.slack.ratelimit`):
-every call first takes its turn from a per-method `Budget` shared by all tasks (and, with `budget_dir`, by
-every scrape of the same workspace), which starts from the configured profile and learns from each 429 how
-far apart Slack wants the calls. A 429 is waited out and retried for as long as Slack keeps answering;
-slack_sdk's retry handlers retry 5xx answers and dropped connections.
+Channels are scraped concurrently (at most `max_concurrency` at a time) through one `WebApi` (webapi.py:
+the calls in their turn of the workspace's rate budget, paging, 429s waited out, Slack's errors explained).
+This module walks the channels and their threads and writes the output; the state file is scrape_state.py's.
 
 One channel's failure (archived, the bot removed, gone, limited access, a stale cursor) skips that channel,
 with the reason in the manifest and on stderr; only workspace-wide problems (the token, a missing scope,
@@ -35,23 +32,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.async_handler import AsyncRetryHandler
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncServerErrorRetryHandler,
-)
-from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
-from slack_sdk.web.async_client import AsyncWebClient
-
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_write_text
-from doppel.slack.ratelimit import DEFAULT_PROFILE, PROFILES, Budget
+from doppel.slack.ratelimit import PROFILES
 from doppel.slack.samples import (
     MANIFEST_FILE,
     SAMPLES_FILE,
@@ -69,46 +56,14 @@ from doppel.slack.samples import (
     ts_key,
     write_output,
 )
-
-STATE_VERSION = 1
-TOKEN_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
-# Answers about one channel (or one of its pages): that channel is skipped, the run goes on.
-CHANNEL_ERRORS = {
-    "channel_not_found",
-    "not_in_channel",
-    "is_archived",
-    "channel_is_limited_access",
-    "invalid_cursor",
-    "method_not_supported_for_channel_type",
-    "invalid_ts_oldest",
-    "invalid_ts_latest",
-}
-CHANNEL_REASONS = {
-    "channel_not_found": "the channel is gone",
-    "not_in_channel": "the bot is not (or no longer) in the channel",
-    "is_archived": "the channel is archived",
-    "channel_is_limited_access": "the channel's access is limited",
-    "invalid_cursor": "Slack refused a page cursor",
-    "method_not_supported_for_channel_type": "the bot cannot join this kind of channel; invite it",
-}
-Progress = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class ApiSettings:
-    """How to talk to Slack: where, how fast, how persistently."""
-
-    base_url: str = AsyncWebClient.BASE_URL
-    max_concurrency: int = 4
-    rate_profile: str = DEFAULT_PROFILE  # internal | marketplace | non-marketplace: the starting allowances
-    rate_scale: float = 1.0  # time compression (emulators): allowances times it, Retry-After divided by it
-    max_retries: int = 3  # of a 5xx answer or a dropped connection (429s are waited out, not counted)
-    retry_backoff: float = 0.5  # seconds before the first retry of a 5xx or dropped connection
-    timeout: float = 30
-    state_path: Path | None = None  # default OUT/state.json
-    rescan_days: float = 14  # re-check recorded threads active this recently for late replies; 0: never
-    budget_dir: Path | None = None  # share the rate budget through DIR/<team>.json (shared volume)
-    progress: Progress | None = None  # told {"event": "scrape", ...} as the scrape goes
+from doppel.slack.scrape_state import (
+    load_state,
+    partial_entry,
+    recorded_threads,
+    save_state,
+    threads_to_recheck,
+)
+from doppel.slack.webapi import ApiSettings, ChannelFailed, ThreadGone, WebApi
 
 
 def scrape_api(
@@ -143,43 +98,21 @@ async def scrape_api_async(
         await scraper.close()
 
 
-class _ChannelFailed(Exception):
-    """Slack answered an error about one channel: skip it."""
-
-    def __init__(self, error: str, method: str) -> None:
-        super().__init__(f"{CHANNEL_REASONS.get(error, 'Slack refused ' + method)} ({error})")
-
-
 class _Scraper:
+    """One run: the channels walked concurrently over one `WebApi`, with the counts `report` tells."""
+
     def __init__(self, token: str, settings: ApiSettings) -> None:
         self.settings = settings
-        self.budget = Budget(PROFILES[settings.rate_profile], settings.rate_scale, on_wait=self._waiting)
-        self.limited = 0  # 429s answered
+        self.api = WebApi(token, settings, on_wait=self._waiting)
         self.messages = 0  # messages fetched so far
         self.channels_total = 0
         self.channels_done = 0
         self.person_id = ""
         self._wait_until = 0.0
         self._wait_method = ""
-        backoff = BackoffRetryIntervalCalculator(backoff_factor=settings.retry_backoff)
-        handlers: list[AsyncRetryHandler] = [
-            AsyncConnectionErrorRetryHandler(
-                max_retry_count=settings.max_retries, interval_calculator=backoff
-            ),
-            AsyncServerErrorRetryHandler(max_retry_count=settings.max_retries, interval_calculator=backoff),
-        ]
-        self.session = aiohttp.ClientSession()
-        base_url = settings.base_url if settings.base_url.endswith("/") else settings.base_url + "/"
-        self.client = AsyncWebClient(
-            token=token,
-            base_url=base_url,
-            timeout=int(settings.timeout),
-            session=self.session,
-            retry_handlers=handlers,
-        )
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.api.close()
 
     def _waiting(self, method: str, seconds: float) -> None:
         until = time.time() + seconds
@@ -197,71 +130,30 @@ class _Scraper:
             "channels_done": self.channels_done,
             "channels_total": self.channels_total,
             "messages": self.messages,
-            "rate_limited": self.limited,
+            "rate_limited": self.api.limited,
             "wait_s": round(wait, 1),
             **({"waiting_on": self._wait_method} if wait else {}),
         }
         self.settings.progress(event)
 
-    async def call(self, method: str, **kwargs: Any) -> dict[str, Any]:
-        """One API call in its turn, 429s waited out; Slack's failures become BadInput or SlackUnavailable
-        with the reason, or _ChannelFailed for an answer about one channel."""
-        while True:
-            sent = await self.budget.turn(method)
-            try:
-                response = await getattr(self.client, method.replace(".", "_"))(**kwargs)
-            except SlackApiError as exc:
-                if exc.response.status_code == 429:
-                    self.limited += 1
-                    self.budget.refused(method, sent, _retry_after(exc.response.headers))
-                    continue
-                error = exc.response.get("error") if isinstance(exc.response.data, dict) else None
-                if exc.response.status_code == 200 and error == "thread_not_found":
-                    raise _ThreadGone from None
-                if exc.response.status_code == 200 and error in CHANNEL_ERRORS and "channel" in kwargs:
-                    raise _ChannelFailed(str(error), method) from None
-                raise _explain(method, kwargs, exc, self.settings) from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise SlackUnavailable(
-                    f"cannot reach Slack at {self.settings.base_url} ({type(exc).__name__}: {exc})"
-                ) from None
-            self.budget.accepted(method, sent)
-            return dict(response.data)  # type: ignore[arg-type]
-
-    async def pages(self, method: str, key: str, **kwargs: Any) -> list[dict[str, Any]]:
-        """Every item of a cursor-paginated method."""
-        items: list[dict[str, Any]] = []
-        cursor = None
-        while True:
-            data = await self.call(
-                method,
-                limit=self.budget.page_size(method),
-                **kwargs,
-                **({"cursor": cursor} if cursor else {}),
-            )
-            items += data.get(key, [])
-            cursor = (data.get("response_metadata") or {}).get("next_cursor")
-            if not cursor:
-                return items
-
     async def run(self, user: str, out: Path, options: ScrapeOptions) -> Manifest:
-        auth = await self.call("auth.test")
+        auth = await self.api.call("auth.test")
         team = str(auth["team_id"])
         if options.team and options.team != team:
             raise BadInput(f"the token belongs to team {team}, not {options.team}")
         if self.settings.budget_dir is not None:
-            self.budget.share(Path(self.settings.budget_dir) / f"{team}.json")
+            self.api.budget.share(Path(self.settings.budget_dir) / f"{team}.json")
         options = replace(options, bot_user_id=options.bot_user_id or auth.get("user_id"))
-        users = await self.pages("users.list", "members")
+        users = await self.api.pages("users.list", "members")
         person = resolve_person(users, user)
         self.person_id = person.id
         types = "public_channel,private_channel" if options.channels else "public_channel"
-        channels = await self.pages(
+        channels = await self.api.pages(
             "conversations.list", "channels", types=types, exclude_archived=not options.channels
         )
         chosen = select_channels(channels, options)
         state_path = self.settings.state_path or out / "state.json"
-        state = _load_state(state_path, team, person.id)
+        state = load_state(state_path, team, person.id)
         output = _Output(out, person, users, channels, options, team)
         cutoff = max(0.0, options.cutoff_ts())  # Slack takes no negative timestamps (invalid_ts_oldest)
         now = options.now if options.now is not None else time.time()
@@ -277,7 +169,7 @@ class _Scraper:
                 state[channel_id] = copy.deepcopy(entry)  # a snapshot: the pass goes on changing it
             else:
                 state.pop(channel_id, None)
-            _save_state(state_path, team, person.id, state)
+            save_state(state_path, team, person.id, state)
 
         async def one(channel: Mapping[str, Any]) -> None:
             async with semaphore:
@@ -289,7 +181,7 @@ class _Scraper:
                         rescan_from if rescan else None,
                         lambda entry: checkpoint(channel["id"], entry),
                     )
-                except _ChannelFailed as exc:
+                except ChannelFailed as exc:
                     output.skip(channel, str(exc))
                     print(f"doppel: skipped channel #{channel['name']}: {exc}", file=sys.stderr)
                 else:
@@ -333,7 +225,7 @@ class _Scraper:
         recorded: dict[str, str] = dict(earlier.get("threads", {}))
         partial = earlier.get("partial")
         if not channel.get("is_member"):
-            await self.call("conversations.join", channel=channel_id)
+            await self.api.call("conversations.join", channel=channel_id)
         if partial is None:
             oldest = f"{cutoff:.6f}"
             start = since
@@ -347,10 +239,10 @@ class _Scraper:
                 try:
                     # Usually just the root comes back: cheap. Any reply means the whole thread is needed,
                     # since a sample's context is every message before it.
-                    newer = await self.pages(
+                    newer = await self.api.pages(
                         "conversations.replies", "messages", channel=channel_id, ts=root, oldest=last_seen
                     )
-                except _ThreadGone:
+                except ThreadGone:
                     partial["seen"][root] = ""  # deleted since: forget it
                     continue
                 replies = [m for m in newer if m["ts"] != root and ts_key(m["ts"]) > ts_key(last_seen)]
@@ -359,15 +251,15 @@ class _Scraper:
                 elif replies:  # only others replied: no sample there, nothing to fetch
                     partial["seen"][root] = max((m["ts"] for m in replies), key=ts_key)
             if partial["seen"]:
-                checkpoint(_entry(channel, since, recorded, partial, cutoff))
+                checkpoint(partial_entry(channel, since, recorded, partial, cutoff))
         oldest = partial["oldest"]
         while True:
             below = partial["below"]
-            data = await self.call(
+            data = await self.api.call(
                 "conversations.history",
                 channel=channel_id,
                 oldest=oldest,
-                limit=self.budget.page_size("conversations.history"),
+                limit=self.api.budget.page_size("conversations.history"),
                 **({"latest": below} if below else {}),
             )
             page = data.get("messages", [])
@@ -402,7 +294,7 @@ class _Scraper:
             if not more:
                 break
             partial["below"] = lowest
-            checkpoint(_entry(channel, since, recorded, partial, cutoff))
+            checkpoint(partial_entry(channel, since, recorded, partial, cutoff))
             self.report()
         # Never backwards (the newest message may have been deleted since).
         latest = max([t for t in (partial["newest"], since) if t], key=ts_key, default=None)
@@ -417,8 +309,8 @@ class _Scraper:
     async def _thread(self, channel_id: str, root: str, partial: dict[str, Any]) -> None:
         """Fetch a whole thread into the pass `partial`."""
         try:
-            thread = await self.pages("conversations.replies", "messages", channel=channel_id, ts=root)
-        except _ThreadGone:
+            thread = await self.api.pages("conversations.replies", "messages", channel=channel_id, ts=root)
+        except ThreadGone:
             partial["seen"][root] = ""
             return
         self.messages += len(thread)
@@ -435,22 +327,6 @@ def _may_hold(parent: Mapping[str, Any], person: str) -> bool:
     if not isinstance(users, list) or not isinstance(count, int) or count > len(users):
         return True
     return person in users
-
-
-def _entry(
-    channel: Mapping[str, Any],
-    since: str | None,
-    recorded: Mapping[str, str],
-    partial: dict[str, Any],
-    cutoff: float,
-) -> dict[str, Any]:
-    """A channel's state entry while a pass is under way: the last finished pass's figures plus it."""
-    return {
-        "name": channel["name"],
-        "latest": since or "",
-        "threads": recorded_threads(recorded, cutoff),
-        "partial": partial,
-    }
 
 
 class _Output:
@@ -525,70 +401,6 @@ def _key(sample: Mapping[str, Any]) -> tuple[str, str, str]:
     return meta["team"], meta["channel_id"], meta["ts"]
 
 
-def _retry_after(headers: Mapping[str, Any]) -> float:
-    """Slack's Retry-After (seconds; 1 when absent or unreadable)."""
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), "1")
-    if isinstance(value, list):
-        value = value[0] if value else "1"
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
-        return 1.0
-
-
-class _ThreadGone(Exception):
-    """conversations.replies answered thread_not_found: the thread's root was deleted."""
-
-
-def threads_to_recheck(
-    recorded: Mapping[str, str], listed_from: str, rescan_from: float | None
-) -> dict[str, str]:
-    """Recorded threads (root ts -> latest reply ts) that may have replies the history call will not
-    show: started at or before `listed_from` (so not in this run's history) and active after
-    `rescan_from` (None: none)."""
-    if rescan_from is None:
-        return {}
-    window = ts_key(f"{rescan_from:.6f}")
-    return {
-        root: last
-        for root, last in recorded.items()
-        if ts_key(root) <= ts_key(listed_from) and ts_key(last) > window
-    }
-
-
-def recorded_threads(threads: Mapping[str, str], cutoff: float) -> dict[str, str]:
-    """The threads worth recording: those started after the cutoff (older ones are never sampled) and
-    not gone (""), sorted by root ts so that the state file is deterministic."""
-    limit = ts_key(f"{cutoff:.6f}")
-    kept = [(root, last) for root, last in threads.items() if last and ts_key(root) > limit]
-    return dict(sorted(kept, key=lambda item: ts_key(item[0])))
-
-
-class SlackUnavailable(Exception):
-    """Slack cannot be reached or keeps failing after the retries: transient, not the input's fault (the
-    operator tries again later; bad input would fail at once)."""
-
-
-def _explain(
-    method: str, kwargs: Mapping[str, Any], exc: SlackApiError, settings: ApiSettings
-) -> BadInput | SlackUnavailable:
-    """A one-line reason for a failed call."""
-    status = exc.response.status_code
-    error = exc.response.get("error") if isinstance(exc.response.data, dict) else None
-    where = f" in channel {kwargs['channel']}" if "channel" in kwargs else ""
-    if error in TOKEN_ERRORS:
-        return BadInput(f"Slack rejected the token ({error})")
-    if error == "missing_scope":
-        needed, provided = exc.response.get("needed"), exc.response.get("provided")
-        granted = f" (granted: {provided})" if provided else ""
-        return BadInput(f"the token lacks the scope {needed} needed by {method}{granted}; reinstall the app")
-    if status >= 500:
-        return SlackUnavailable(
-            f"Slack kept failing (HTTP {status} on {method}) after {settings.max_retries} retries; try later"
-        )
-    return BadInput(f"Slack refused {method}{where}: {error or f'HTTP {status}'}")
-
-
 def _first_bad_input(group: BaseExceptionGroup) -> BaseException:
     """The first BadInput of a failed task group; anything else is re-raised as it was."""
     for exc in group.exceptions:
@@ -597,52 +409,3 @@ def _first_bad_input(group: BaseExceptionGroup) -> BaseException:
         if isinstance(exc, BadInput):
             return exc
     return group.exceptions[0]
-
-
-def _load_state(path: Path, team: str, person: str) -> dict[str, dict[str, Any]]:
-    """Per-channel progress of earlier runs for this team and person."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"{path} is not a scrape state file ({exc.msg})") from None
-    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-        raise BadInput(f"{path} is not a scrape state file (version {STATE_VERSION})")
-    if (data.get("team"), data.get("person")) != (team, person):
-        raise BadInput(
-            f"{path} records a scrape of {data.get('person')} in {data.get('team')}; use another --state"
-        )
-    channels = data.get("channels", {})
-    if not isinstance(channels, dict) or not all(_valid_channel_state(c) for c in channels.values()):
-        raise BadInput(f"{path} is not a scrape state file (malformed channels)")
-    return dict(channels)
-
-
-def _valid_channel_state(entry: Any) -> bool:
-    threads = entry.get("threads", {}) if isinstance(entry, dict) else None
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("latest"), str)
-        and isinstance(threads, dict)
-        and all(isinstance(k, str) and isinstance(v, str) and v for k, v in threads.items())
-        and ("partial" not in entry or _valid_partial(entry["partial"]))
-    )
-
-
-def _valid_partial(partial: Any) -> bool:
-    """A pass under way: its lower bound, how far down it got, the newest ts seen, what it fetched."""
-    return (
-        isinstance(partial, dict)
-        and isinstance(partial.get("oldest"), str)
-        and all(isinstance(partial.get(k), str | None) for k in ("below", "newest"))
-        and isinstance(partial.get("messages"), list)
-        and all(isinstance(m, dict) and isinstance(m.get("ts"), str) for m in partial["messages"])
-        and isinstance(partial.get("seen"), dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in partial["seen"].items())
-    )
-
-
-def _save_state(path: Path, team: str, person: str, channels: dict[str, dict[str, Any]]) -> None:
-    data = {"version": STATE_VERSION, "team": team, "person": person, "channels": channels}
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
