@@ -37,7 +37,11 @@ def _commands(group: click.Group, ctx: click.Context) -> list[tuple[click.Contex
 def render_cli() -> str:
     from doppel.cli import main
 
-    root = click.Context(main, info_name="doppel", terminal_width=WIDTH, max_content_width=WIDTH)
+    # make_context applies the group's context_settings (-h as well as --help), as a real invocation does;
+    # a bare click.Context would not, and click caches each command's help option from the first context.
+    root = main.make_context(
+        "doppel", [], resilient_parsing=True, terminal_width=WIDTH, max_content_width=WIDTH
+    )
     parts = [
         HEADER.format(source="click's help of `doppel.cli.main`"),
         "# CLI reference\n\n",

@@ -183,7 +183,7 @@ def _normal(name: str) -> str:
 def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
     for path in (".venv/bin/python", ".tools/bin/helm", ".git/HEAD", "doppel-data/x", "tests/conftest.py"):
         assert dockerignored(path), path
-    assert not dockerignored("operator/doppel/cli.py")
+    assert not dockerignored("operator/doppel/cli/__init__.py")
     assert dockerignored("operator/doppel/__pycache__/cli.cpython-311.pyc")
 
 

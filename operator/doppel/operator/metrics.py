@@ -1,4 +1,4 @@
-"""The operator's Prometheus metrics, fed by one-line calls from the handlers.
+"""The operator's Prometheus metrics, fed by one-line calls from the reconcile pass and vLLM registration.
 
 Everything is derived from what the handlers already see: status transitions (phases, stage durations,
 failures), the Jobs they create (attempts), the training queue and the vLLM drift check. Stage durations
