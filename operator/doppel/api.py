@@ -302,13 +302,28 @@ class EvalSummary(_Model):
 
     heldout_loss_base: float | None = None
     heldout_loss_adapter: float | None = None
-    style_match_adapter: float | None = Field(
-        default=None, ge=0, le=1, description="Share of held-out replies attributed to the person."
+    likeness_adapter: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of held-out replies the authorship classifier gives the person.",
     )
-    style_match_prompted_base: float | None = Field(
+    likeness_prompted_base: float | None = Field(
         default=None, ge=0, le=1, description="The same for the base model with a persona prompt."
     )
-    style_classifier_accuracy: float | None = Field(default=None, ge=0, le=1)
+    likeness_real: float | None = Field(
+        default=None, ge=0, le=1, description="The same for the person's real held-out replies (the ceiling)."
+    )
+    likeness_classifier_accuracy: float | None = Field(default=None, ge=0, le=1)
+    relevance_adapter: float | None = Field(
+        default=None,
+        description="Closeness to the real reply of the same context, beyond any reply of theirs.",
+    )
+    relevance_prompted_base: float | None = None
+    distinct_adapter: float | None = Field(default=None, ge=0, le=1, description="Share not near-duplicates.")
+    copy_rate_adapter: float | None = Field(
+        default=None, ge=0, le=1, description="Share repeating 12+ words of a training message."
+    )
     heldout_samples: int | None = Field(default=None, ge=0)
 
 

@@ -198,18 +198,18 @@ def test_fidelity_headline_of_the_train_job_goes_into_status_eval():
     shows it); a summary without one, or with figures out of range, leaves status.eval empty."""
     train = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
     headline = {
-        "heldout_loss_base": 2.9, "heldout_loss_adapter": 0.8, "style_match_adapter": 0.92,
-        "style_match_prompted_base": 0.08, "style_classifier_accuracy": 0.95, "heldout_samples": 13,
+        "heldout_loss_base": 2.9, "heldout_loss_adapter": 0.8, "likeness_adapter": 0.92,
+        "likeness_prompted_base": 0.08, "likeness_classifier_accuracy": 0.95, "heldout_samples": 13,
     }  # fmt: skip
     result = {"ok": True, "steps": 3, "eval": headline}
     plan = reconcile(observed([finished(train, True, result)]), CONFIG)
-    assert plan.status.eval.style_match_adapter == 0.92
-    assert plan.status.model_dump(by_alias=True, mode="json")["eval"]["styleMatchPromptedBase"] == 0.08
+    assert plan.status.eval.likeness_adapter == 0.92
+    assert plan.status.model_dump(by_alias=True, mode="json")["eval"]["likenessPromptedBase"] == 0.08
     from doppel.bot.logic import describe
 
     doppel = {"metadata": {"name": "alice"}, "status": plan.status.model_dump(by_alias=True, mode="json")}
     assert "style match 0.92 (persona prompt 0.08)" in describe(doppel)
-    for bad in ({"ok": True, "steps": 3}, {"ok": True, "eval": {**headline, "style_match_adapter": 7}}):
+    for bad in ({"ok": True, "steps": 3}, {"ok": True, "eval": {**headline, "likeness_adapter": 7}}):
         again = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
         assert reconcile(observed([finished(again, True, bad)]), CONFIG).status.eval is None
 

@@ -29,6 +29,11 @@ from doppel.slack.normalize import UNKNOWN_USER, addressee, message_author
 from doppel.slack.reading import display_names, handles, read_text
 from doppel.slack.selection import Person, skip_reason
 
+# Colleagues the fidelity report's classifier tells the person from, and how many messages of each.
+MIN_COLLEAGUE_MESSAGES = 20
+MAX_COLLEAGUES = 8
+MAX_COLLEAGUE_MESSAGES = 300
+
 if TYPE_CHECKING:
     from doppel.slack.samples import Manifest, ScrapeOptions, Thread
 
@@ -151,7 +156,39 @@ def build_samples(
     manifest.scrubbed = dict(sorted(counts["scrubbed"].items()))
     manifest.pairing = pairing_figures(counts["pairing"])
     manifest.person_messages = {**counts["own"], "newest": iso(float(newest_own)) if newest_own else None}
+    manifest.colleague_messages = colleague_messages(read, person.id, options.min_length)
+    manifest.colleagues = dict(Counter(m["name"] for m in manifest.colleague_messages).most_common())
     return samples, manifest
+
+
+def colleague_messages(
+    read: Sequence[tuple[Thread, list[_Read]]], person_id: str, min_length: int
+) -> list[dict[str, Any]]:
+    """The messages of the most active other people, as long as the person's samples must be (so length
+    alone tells nobody apart): the `MAX_COLLEAGUES` with at least `MIN_COLLEAGUE_MESSAGES`, each's latest
+    `MAX_COLLEAGUE_MESSAGES`, oldest first. Authors are message user IDs, never names read from text."""
+    by_author: dict[str, list[dict[str, Any]]] = {}
+    for _, items in read:
+        for item in items:
+            said = item.said
+            if said and said.author_id != person_id and len(said.text) >= min_length:
+                by_author.setdefault(said.author_id, []).append(
+                    {
+                        "user": said.author_id,
+                        "name": said.author_name,
+                        "ts": item.message["ts"],
+                        "text": said.text,
+                    }
+                )
+    active = sorted(
+        (a for a in by_author.values() if len(a) >= MIN_COLLEAGUE_MESSAGES), key=len, reverse=True
+    )
+    chosen = [
+        m
+        for author in active[:MAX_COLLEAGUES]
+        for m in sorted(author, key=lambda m: float(m["ts"]))[-MAX_COLLEAGUE_MESSAGES:]
+    ]
+    return sorted(chosen, key=lambda m: float(m["ts"]))
 
 
 def _sample(

@@ -8,7 +8,8 @@ same functions here, which is what makes their samples identical for the same me
 - `doppel.slack.pairing.build_samples` (re-exported here) turns each long-enough message of the person into
   one sample, paired with what it answers, and counts what it kept, cut, scrubbed and dropped;
 - `write_output` merges with an earlier run's samples (no duplicates, newest kept) and writes
-  `samples.jsonl` then `manifest.json`, each atomically; with no samples at all it writes nothing and
+  `samples.jsonl`, `colleagues.jsonl` (other people's messages by user ID, for the fidelity report's
+  authorship classes) then `manifest.json`, each atomically; with no samples at all it writes nothing and
   says why in one line (`BadInput`).
 """
 
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 SAMPLES_FILE = "samples.jsonl"
+# Other people's messages, by user ID: the authorship classes of the fidelity report.
+COLLEAGUES_FILE = "colleagues.jsonl"
 MANIFEST_FILE = "manifest.json"
 SECONDS_PER_DAY = 86400
 
@@ -121,6 +124,12 @@ class Manifest:
     cutoff: str | None = None  # messages in threads started before this are not sampled
     time_range: dict[str, str | None] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    colleagues: dict[str, int] = field(default_factory=dict)  # name -> messages in colleagues.jsonl
+
+    def __post_init__(self) -> None:
+        # The colleagues' messages (`doppel.slack.pairing.colleague_messages`), written beside the samples;
+        # not a field: the manifest does not carry them.
+        self.colleague_messages: list[dict[str, Any]] = []
 
     def summary(self, out: Path) -> dict[str, Any]:
         """The CLI's result summary."""
@@ -231,6 +240,11 @@ def write_output(
     }
     lines = "".join(json.dumps(s, ensure_ascii=False, sort_keys=True) + "\n" for s in ordered)
     atomic_write_text(out / SAMPLES_FILE, lines)
+    if manifest.colleague_messages:
+        others = "".join(
+            json.dumps(m, ensure_ascii=False, sort_keys=True) + "\n" for m in manifest.colleague_messages
+        )
+        atomic_write_text(out / COLLEAGUES_FILE, others)
     atomic_write_text(out / MANIFEST_FILE, json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
     return manifest
 
