@@ -208,7 +208,7 @@ def test_fidelity_headline_of_the_train_job_goes_into_status_eval():
     from doppel.bot.logic import describe
 
     doppel = {"metadata": {"name": "alice"}, "status": plan.status.model_dump(by_alias=True, mode="json")}
-    assert "style match 0.92 (persona prompt 0.08)" in describe(doppel)
+    assert "likeness 0.92 (persona prompt 0.08)" in describe(doppel)
     for bad in ({"ok": True, "steps": 3}, {"ok": True, "eval": {**headline, "likeness_adapter": 7}}):
         again = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
         assert reconcile(observed([finished(again, True, bad)]), CONFIG).status.eval is None
