@@ -60,9 +60,7 @@ def test_the_split_is_the_trainings_own(tmp_path, trained_adapter, style_samples
 
     tokenizer = AutoTokenizer.from_pretrained(metrics["config"]["base_model"])
     config = metrics["config"]
-    split = fidelity.split_samples(
-        load_samples(style_samples.samples), tokenizer, config["max_length"], config["eval_fraction"]
-    )
+    split = fidelity.split_samples(load_samples(style_samples.samples), tokenizer, config)
     assert len(split.eval) == metrics["eval_samples"] and len(split.train) == metrics["train_samples"]
     assert not {s.thread for s in split.eval} & {s.thread for s in split.train}
     assert max(s.ts for s in split.train) < min(s.ts for s in split.eval)

@@ -184,3 +184,15 @@ def test_malformed_line_names_its_line_number(tmp_path, line, problem):
     path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n")
     with pytest.raises(BadInput, match=rf"samples\.jsonl:4: .*{problem}"):
         data.load_samples(path)
+
+
+def test_a_budget_uses_the_newest_distinct_replies_and_a_spread_of_held_out_ones():
+    samples = [timed(t, t, reply="same words" if t in (97, 98) else f"reply {t}") for t in range(100)]
+    split = data.budget_split(samples, 0.2, max_train=10, max_eval=5)
+    assert split.available == 80 and split.summary()["train_available"] == 80
+    # The newest ten training replies; the held-out loss on five spread over the held-out period.
+    assert [s.ts for s in split.train] == list(range(70, 80))
+    assert [s.ts for s in split.eval] == [80, 84, 88, 92, 96]
+    repeated = [timed(t, t, reply="ok then" if t % 2 else f"reply {t}") for t in range(20)]
+    chosen = data.choose(repeated, 6)
+    assert len(chosen) == 6 and sum(s.reply == "ok then" for s in chosen) == 1

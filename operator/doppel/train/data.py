@@ -101,6 +101,7 @@ class SampleSplit:
     cut_ts: float | None = None  # held out: conversations starting at or after this
     straddling: int = 0  # replies before the cut in conversations that began before it and go on after it
     leaking: int = 0  # training samples holding the text of a held-out reply (a message written twice)
+    available: int | None = None  # training samples before a budget chose among them (`budget_split`)
 
     def summary(self) -> dict[str, Any]:
         """What metrics.json records of the split."""
@@ -110,6 +111,7 @@ class SampleSplit:
             "heldout": len(self.eval),
             "straddling": self.straddling,
             "leaking": self.leaking,
+            "train_available": self.available if self.available is not None else len(self.train),
         }
 
 
@@ -275,6 +277,43 @@ def split_by_time(samples: Sequence[Sample], eval_fraction: float) -> SampleSpli
         else:
             split.train.append(sample)
     return split
+
+
+def budget_split(
+    samples: Sequence[Sample], eval_fraction: float, max_train: int | None, max_eval: int | None
+) -> SampleSplit:
+    """`split_by_time`, then the training samples a budget uses (`choose`) and the held-out samples its loss
+    is taken on (`spread`): the trainer's split, which the fidelity report recomputes."""
+    split = split_by_time(samples, eval_fraction)
+    split.available = len(split.train)
+    split.train = choose(split.train, max_train)
+    split.eval = spread(split.eval, max_eval)
+    return split
+
+
+def spread(samples: Sequence[Sample], count: int | None) -> list[Sample]:
+    """At most `count` of `samples` (by time), evenly spaced: the held-out samples a loss is taken on, so
+    that a large held-out set costs a bounded evaluation and still spans the whole held-out period."""
+    ordered = sorted(samples, key=lambda s: s.ts)
+    if count is None or len(ordered) <= count:
+        return ordered
+    return [ordered[i * len(ordered) // count] for i in range(count)]
+
+
+def choose(samples: Sequence[Sample], count: int | None) -> list[Sample]:
+    """The training samples a budget of `count` uses: the most recent (the person as they write now), replies
+    before openers (at most a fifth openers, as answering is what the doppel does), one reply per text (a
+    message the person wrote many times would be learnt as a template). Oldest first."""
+    if count is None or len(samples) <= count:
+        return sorted(samples, key=lambda s: s.ts)
+    unique: dict[str, Sample] = {}
+    for sample in sorted(samples, key=lambda s: s.ts, reverse=True):
+        unique.setdefault(" ".join(sample.reply.split()).casefold(), sample)
+    newest = list(unique.values())
+    openers = [s for s in newest if s.kind == "opener"][: count // 5]
+    replies = [s for s in newest if s.kind != "opener"][: count - len(openers)]
+    rest = [s for s in newest if s not in replies and s not in openers]
+    return sorted([*replies, *openers, *rest][:count], key=lambda s: s.ts)
 
 
 def collate(items: Sequence[Encoded]) -> Batch:

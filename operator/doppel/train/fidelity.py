@@ -78,11 +78,16 @@ class SplitSamples:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def split_samples(
-    samples: Sequence[data.Sample], tokenizer: Any, max_length: int, eval_fraction: float
-) -> SplitSamples:
-    """The training's own split (`data.split_by_time`, then the samples it could encode)."""
-    held = data.split_by_time(samples, eval_fraction)
+def split_samples(samples: Sequence[data.Sample], tokenizer: Any, config: dict[str, Any]) -> SplitSamples:
+    """The training's own split (`data.budget_split` with the adapter's recorded `config`, then the samples
+    it could encode)."""
+    max_length = int(config.get("max_length", 1024))
+    held = data.budget_split(
+        samples,
+        float(config.get("eval_fraction", 0.15)),
+        config.get("max_train_samples"),
+        config.get("max_eval_samples"),
+    )
     stats = data.EncodeStats()
 
     def fits(sample: data.Sample) -> bool:
@@ -138,12 +143,7 @@ def evaluate_adapter(
     samples = data.load_samples(samples_path)
     person = metrics.get("person") or _person(samples)
     backend = LocalBackend(base_model, {"adapter": adapter})
-    split = split_samples(
-        samples,
-        backend.tokenizer,
-        int(config.get("max_length", 1024)),
-        float(config.get("eval_fraction", 0.15)),
-    )
+    split = split_samples(samples, backend.tokenizer, config)
     report: dict[str, Any] = {
         "person": person,
         "adapter": str(adapter),
@@ -275,12 +275,7 @@ def report_classifier(adapter: Path, samples_path: Path) -> AuthorClassifier | N
     report = json.loads((Path(adapter) / EVAL_FILE).read_text(encoding="utf-8"))
     config = _read_metrics(adapter).get("config") or {}
     tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
-    split = split_samples(
-        data.load_samples(samples_path),
-        tokenizer,
-        int(config.get("max_length", 1024)),
-        float(config.get("eval_fraction", 0.15)),
-    )
+    split = split_samples(data.load_samples(samples_path), tokenizer, config)
     colleagues = read_colleagues(Path(samples_path).parent / COLLEAGUES_FILE)
     texts, labels, _ = _classifier_data(split, colleagues, report.get("classifier_base_replies") or [])
     return AuthorClassifier.fit(texts, labels)

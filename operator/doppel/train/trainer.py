@@ -69,6 +69,10 @@ class TrainConfig:
     early_stopping_patience: int = 3
     seed: int = 0
     min_samples: int = 20
+    # The budget's limits on samples: training samples used (`data.choose`: recent first), held-out samples
+    # the loss is taken on (`data.spread`); None: all.
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 64
     device: str | None = None
     progress_bar: bool = True
 
@@ -82,7 +86,7 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         raise BadInput(f"not enough data ({len(samples)} < {config.min_samples})")
     tokenizer = _load_tokenizer(config.base_model)
 
-    held = data.split_by_time(samples, config.eval_fraction)
+    held = data.budget_split(samples, config.eval_fraction, config.max_train_samples, config.max_eval_samples)
     stats = data.EncodeStats()
     split = data.Split(
         [e for s in held.train if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None],
