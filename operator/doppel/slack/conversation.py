@@ -3,7 +3,8 @@
 Training samples (`doppel scrape`), the fidelity report and inference prompts (the bot, `doppel chat`,
 `doppel local`) all go through here, so the model sees at serving time the shape it was trained on.
 
-Context (`reply_context`): what a message answers, the way people reply on Slack:
+Context (`reply_context`; `serving_context` for a reply about to be written): what a message answers, the
+way people reply on Slack:
 - in a thread: the thread before it, the root always kept (`fit_context` pins it);
 - in the channel flow: its window (`channel_window`), the channel messages before it that follow each other
   with gaps no longer than the channel's pace allows (`WindowRule.gap_for`: a few times the median gap of
@@ -147,6 +148,22 @@ def reply_context(
     if answered is not None and answered not in pinned and answered not in rest:
         pinned.append(answered)
     return fit_context(pinned, rest, person_id, budget_chars)
+
+
+def serving_context(
+    messages: Sequence[ThreadMessage],
+    person_id: str,
+    *,
+    in_thread: bool,
+    rule: WindowRule = DEFAULT_WINDOW,
+    budget_chars: int = DEFAULT_BUDGET_CHARS,
+) -> list[ThreadMessage]:
+    """The context a reply about to be written gets: `reply_context` of the person's reply right after the
+    last of `messages` (the thread so far, or the channel's recent messages), as its training sample had."""
+    now = ThreadMessage(person_id, "", "", messages[-1].ts if messages else 0.0)
+    if in_thread:
+        return reply_context(now, [], rule, thread=messages, person_id=person_id, budget_chars=budget_chars)
+    return reply_context(now, messages, rule, person_id=person_id, budget_chars=budget_chars)
 
 
 def fit_context(
