@@ -279,5 +279,24 @@ def no_samples_reason(manifest: Manifest) -> str:
     return f"none of {name}'s {after} messages after the cutoff makes a sample ({why})"
 
 
+def not_enough_reason(manifest: Manifest, needed: int) -> str:
+    """Why a run has fewer than `needed` samples, in one line: what each filter removed of the person's
+    messages, and the flag that changes it."""
+    own, dropped, options = manifest.person_messages, manifest.dropped, manifest.options
+    parts = [
+        (dropped.get("too_short", 0), f"shorter than --min-length {options.get('min_length')}"),
+        (dropped.get("paste", 0), "code or log pastes (--paste-action cut keeps their start)"),
+        (dropped.get("empty", 0), "without text"),
+        (own.get("before_cutoff", 0), f"before the cutoff (--cutoff-days {options.get('cutoff_days'):g})"),
+        (own.get("in_skipped_channels", 0), "in channels not taken (--channel takes one)"),
+    ]
+    removed = "; ".join(f"{count} {why}" for count, why in parts if count)
+    total = own.get("after_cutoff", 0) + own.get("before_cutoff", 0) + own.get("in_skipped_channels", 0)
+    return (
+        f"not enough data: {manifest.samples} samples of {manifest.person['name']}, {needed} needed; "
+        f"of their {total} messages: {removed or 'none removed by a filter'}"
+    )
+
+
 def iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
