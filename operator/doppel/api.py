@@ -26,7 +26,7 @@ SHORT_NAME = "doppel"
 LABEL_TEAM = f"{GROUP}/slack-team"
 
 Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
-ConditionType = Literal["Scraped", "Trained", "Registered", "Ready"]
+ConditionType = Literal["Scraped", "Trained", "Promoted", "Registered", "Ready"]
 Retention = Literal["Delete", "Keep"]
 
 # Kubernetes object names (DNS-1123 subdomain / label) and Slack IDs.
@@ -165,6 +165,10 @@ class Training(_Model):
     )
     batch_size: int = Field(default=16, ge=1, le=1024, description="Effective batch size.")
     min_samples: int = Field(default=20, ge=1, le=100000, description="Fewer samples fail as bad input.")
+    force_promotion: bool = Field(
+        default=False,
+        description="Serve a retrained adapter even if its fidelity report is worse than the serving one's.",
+    )
 
 
 class Resources(_Model):

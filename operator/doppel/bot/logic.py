@@ -250,7 +250,7 @@ def describe(doppel: dict[str, Any]) -> str:
     if fidelity:
         text += f", {fidelity}"
     why = status.get("message") or status.get("reason")  # the operator's sentence, else its reason code
-    if status.get("phase") == "Failed" and why:
+    if (status.get("phase") == "Failed" or status.get("reason") == "FidelityRegressed") and why:
         text += f": {why}"
     return text
 

@@ -131,15 +131,20 @@ def evaluate_adapter(
     *,
     metrics: dict[str, Any] | None = None,
     settings: EvalSettings | None = None,
+    split_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fidelity report of `adapter` (see the module docstring). `metrics` is the adapter's
-    metrics.json (read from `adapter` when not given); its held-out losses are reused when present."""
+    metrics.json (read from `adapter` when not given); its held-out losses are reused when present.
+    `split_config` (another training's config) measures the adapter on that training's held-out set, as the
+    fidelity gate compares a serving adapter with its successor."""
     from doppel.serve.backend import BASE_ADAPTER, GenerationParams
     from doppel.serve.local import LocalBackend
 
     settings = settings or EvalSettings()
     metrics = metrics if metrics is not None else _read_metrics(adapter)
     config = metrics.get("config") or {}
+    if split_config is not None:
+        config, metrics = split_config, {"person": metrics.get("person")}  # its losses: another held-out set
     samples = data.load_samples(samples_path)
     person = metrics.get("person") or _person(samples)
     backend = LocalBackend(base_model, {"adapter": adapter})
