@@ -5,7 +5,8 @@ recorded settings: the person's latest replies, whole conversations, none of the
 sample), for an adapter and its base model. Replies are generated greedily (temperature 0) for up to
 `EvalSettings.heldout_contexts` held-out contexts of kind `reply`, by the adapter, by the **persona-prompted**
 base model (the same base with a system prompt naming the person and quoting a few of their training
-messages: what a user would try without doppel) and by the plain base model. The measures are in
+messages: what a user would try without doppel); the plain base model replies to a few training contexts
+for the classifier's "base model" class. The measures are in
 `doppel.train.likeness`.
 
 eval.json (every figure null when it cannot be measured):
@@ -63,8 +64,8 @@ __all__ = ["BASE_CLASS", "PERSON_CLASS", "EvalSettings", "evaluate_adapter", "he
 class EvalSettings:
     # Held-out contexts replied to (adapter, prompted base, base), and training contexts the base model
     # replies to for the classifier's "base model" class.
-    heldout_contexts: int = 16
-    base_train_replies: int = 16
+    heldout_contexts: int = 12
+    base_train_replies: int = 12  # the last third tests the classifier, the rest trains it
     reply_tokens: int = 64
     examples: int = 4
     batch_size: int = 16
@@ -171,17 +172,16 @@ def evaluate_adapter(
     requests: list[tuple[str, list[dict[str, str]]]] = []
     for sample in heldout:
         context = sample.messages[:-1]
-        requests += [
-            ("adapter", context),
-            (BASE_ADAPTER, with_system(context, persona)),
-            (BASE_ADAPTER, context),
-        ]
+        requests += [("adapter", context), (BASE_ADAPTER, with_system(context, persona))]
     requests += [(BASE_ADAPTER, s.messages[:-1]) for s in base_train]
     params = GenerationParams(temperature=0.0, max_tokens=settings.reply_tokens, seed=settings.seed)
     texts = [t.strip() for t in _generate(backend, requests, params, settings.batch_size)]
     n = len(heldout)
-    tuned, prompted, base_heldout = texts[0 : 3 * n : 3], texts[1 : 3 * n : 3], texts[2 : 3 * n : 3]
-    base_train_replies = texts[3 * n :]
+    tuned, prompted = texts[0 : 2 * n : 2], texts[1 : 2 * n : 2]
+    base_replies = texts[2 * n :]
+    # The base model's class: trained on two thirds of its replies, tested on the rest.
+    keep = len(base_replies) - len(base_replies) // 3
+    base_train_replies, base_heldout = base_replies[:keep], base_replies[keep:]
     real = [s.reply for s in heldout]
 
     report["replies"] = n
