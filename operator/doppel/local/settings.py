@@ -47,7 +47,8 @@ DEMO_MAX_STEPS = {"smollm2-135m": 16, "doppel-tiny": 240}
 # A CPU run of a real workspace uses the demo's budget, scaled to the cores (the steps, up to 4 times), with
 # the held-out loss taken on this many samples spread over the held-out period: a few minutes on 2 cores
 # whatever the person's volume. The training samples used are the newest distinct ones (data.choose).
-CPU_EVAL_SAMPLES = 32
+CPU_EVAL_SAMPLES = 24
+CPU_EVALS = 4  # evaluations during training (each costs about as much as two or three steps)
 CPU_STEP_SCALE_MAX = 4
 DEMO_BASE_MODEL = "smollm2-135m"
 # Replies are short: Slack messages, and generation on CPU is not free.
@@ -148,6 +149,8 @@ def training_settings(
         scale = 1 if settings.demo else min(max((cores or os.cpu_count() or 2) // 2, 1), CPU_STEP_SCALE_MAX)
         steps = steps or DEMO_MAX_STEPS[base_name] * scale
         chosen["max_eval_samples"] = CPU_EVAL_SAMPLES
+        if not settings.demo:
+            chosen["eval_steps"] = max(1, steps // CPU_EVALS)
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
         batch = view["batch_size"] * view["grad_accum"]
