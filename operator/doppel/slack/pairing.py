@@ -97,7 +97,10 @@ def build_samples(
             if reason:
                 counts["skipped"][reason] += 1
                 continue
-            text = read_text(message, names, channel_names, options, counts)
+            # Pastes dropped or cut are counted for the person's messages only (the reasons a run gives);
+            # what is scrubbed, for every message (others' words are in the contexts).
+            sink = counts if author == person.id else {**counts, "dropped": Counter(), "cut": Counter()}
+            text = read_text(message, names, channel_names, options, sink)
             raw = str(message.get("text") or "")
             said = (
                 ThreadMessage(
