@@ -21,6 +21,7 @@ import copy
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -321,7 +322,12 @@ class BotHarness:
 
     def __init__(self, bot: Bot, emulator: SlackEmulator) -> None:
         self.bot, self.emulator = bot, emulator
-        self.port = free_port()
+        # The socket is bound here and handed to uvicorn: a port picked free and bound later can be taken in
+        # between by another test process (uvicorn then exits, and pytest with it).
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = int(self._socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.AsyncClient(base_url=self.url, timeout=30.0)
         self._server = uvicorn.Server(
@@ -330,10 +336,13 @@ class BotHarness:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> BotHarness:
-        self._task = asyncio.create_task(self._server.serve())
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:
             if self._task.done():
-                self._task.result()
+                try:
+                    self._task.result()
+                except SystemExit as exit_:
+                    raise RuntimeError(f"the bot's server did not start (exit {exit_.code})") from None
             await asyncio.sleep(0.02)
         return self
 
