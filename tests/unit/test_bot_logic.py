@@ -267,7 +267,7 @@ def test_slack_connect_payloads_name_the_foreign_team():
         ("at <!date^1392734382^{date_short}|Feb 18, 2014>", "at Feb 18, 2014"),
         (
             "see <https://x.example/a?b=1|docs> <mailto:a@b.c>",
-            "see <https://x.example/a?b=1|docs> <mailto:a@b.c>",
+            "see docs (<https://x.example/a?b=1>) <mailto:a@b.c>",  # a masked link shows where it goes
         ),
         ("a < b && c > d, <not markup>", "a &lt; b &amp;&amp; c &gt; d, &lt;not markup&gt;"),
         (

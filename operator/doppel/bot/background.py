@@ -1,5 +1,5 @@
 """What the bot runs beside serving Slack: the progress notifier (a direct message to whoever asked for a
-doppel when it reaches Training, Ready or Failed) and the sweeper of expired event and OAuth state claims.
+doppel when it reaches Training, Ready or Failed) and the sweeper of expired event claims.
 Neither is ever on the way of a mention.
 """
 
@@ -34,7 +34,7 @@ LOG = logging.getLogger(__name__)
 
 
 async def sweep_claims(ledger: EventLedger, interval_s: float) -> None:
-    """Delete expired event claims and OAuth state claims every `interval_s`, forever."""
+    """Delete expired event claims every `interval_s`, forever."""
     while True:
         try:
             gone = await ledger.sweep()
