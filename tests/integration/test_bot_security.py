@@ -453,3 +453,25 @@ async def until_async(get: Any, ok: Any, timeout: float = 20.0) -> Any:
         assert time.monotonic() < deadline, f"timed out: {found}"
         await asyncio.sleep(0.05)
     return found
+
+
+async def test_a_burst_of_mentions_asks_slack_each_question_once(bot_harness, bot_kube, slack_emulator):
+    """8 simultaneous mentions by the same person of the same doppel: users.info and conversations.info
+    are asked once each (single flight: the question is cached as it is asked), every mention answered."""
+    bot = await bot_harness(chat=recording_chat([]))
+    await ready_alice(bot_kube)
+    texts = [f"<@{BOT_USER_ID}> as alice question {i}" for i in range(8)]
+    payloads = [
+        mention_payload(text, say(slack_emulator, "U02BOB", text), event_id=f"EvBurst{i}")
+        for i, text in enumerate(texts)
+    ]
+    answers = await asyncio.gather(*(bot.event(p) for p in payloads))
+    assert {a.status_code for a in answers} == {200}
+    assert len(await bot.wait_posts(CHANNEL, 8)) == 8
+
+    def asked(method: str, **params: str) -> int:
+        calls = [c for c in slack_emulator.calls if c.method == method]
+        return sum(1 for c in calls if all(c.params.get(k) == v for k, v in params.items()))
+
+    assert asked("users.info", user="U02BOB") == 1 and asked("users.info", user="U01ALICE") == 1
+    assert asked("conversations.info", channel=CHANNEL) == 1

@@ -465,6 +465,11 @@ async def test_grid_workspace_and_org_wide_installs_find_their_tokens(
             await asyncio.to_thread(find, enterprise_id=org_b, team_id=TEAM_B) is None
         )  # not a workspace install
 
+        # B's alice was trained before org E2 installed the app org-wide: her doppel names no org.
+        earlier = doppel_body("alice", ALICE_B, phase="Pending", team=TEAM_B, namespace=NAMESPACE)
+        earlier["metadata"]["annotations"] = {"doppel.dev/requested-by": BOB_B}
+        await kube_for(url).create_doppel(NAMESPACE, earlier)
+
         grid_a = {"enterprise_id": org_a, "is_enterprise_install": "false"}
         grid_b = {"enterprise_id": org_b, "is_enterprise_install": "true"}
         trained_a = await bot.form(
@@ -539,7 +544,16 @@ async def test_grid_workspace_and_org_wide_installs_find_their_tokens(
 
         for team in (TEAM_A, TEAM_B):
             patch_status(kmock, name_of("bob", team), {"phase": "Training", "samples": 30})
+        patch_status(kmock, name_of("alice", TEAM_B), {"phase": "Training", "samples": 7})
         await notify_once(bot.bot)
+        # The earlier doppel learnt its org from B's requests: its requester is told with the org's token.
+        await until(
+            lambda: any(
+                "alice's doppel: scraped 7 samples" in p["text"]
+                for c in list(team_b.messages)
+                for p in emulator.posted(c, team_b)
+            )
+        )
         for team in (team_a, team_b):  # by direct message, in each workspace with its own token
             await until(
                 lambda t=team: any(

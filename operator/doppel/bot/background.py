@@ -85,6 +85,11 @@ async def notify_once(bot: Bot) -> int:
         org_wide = annotations.get(ANNOTATION_ORG_INSTALL) == "true"
         token = await bot.token_for(Tenant(team_id, annotations.get(ANNOTATION_ENTERPRISE), org_wide))
         if token is None:
+            # Said, not skipped silently: made before an org-wide install, the doppel learns its org from
+            # the workspace's next request (`adopt_org`).
+            LOG.warning(
+                "no installation of team %s for %s's progress; told once it is known", team_id, meta["name"]
+            )
             continue
         # Several replicas run this loop: the ledger's atomic claim lets exactly one of them post.
         version = ((doppel.get("status") or {}).get("adapter") or {}).get("version")

@@ -17,7 +17,7 @@ from doppel.bot import logic
 from doppel.bot.access import admitted, tenant_of
 from doppel.bot.consent import ask_consent
 from doppel.bot.deps import Deps
-from doppel.bot.doppels import at_limit, create_doppel, limit_text
+from doppel.bot.doppels import adopt_org, at_limit, create_doppel, limit_text
 from doppel.bot.kube import ANNOTATION_REQUESTER
 from doppel.bot.logic import Tenant
 
@@ -35,6 +35,7 @@ async def on_command(
         # A command's answer is only ever seen by whoever ran it (ephemeral): refusals too.
         if not await admitted(deps, context.client, tenant, command, command.get("user_id") or ""):
             return logic.REFUSAL
+        await adopt_org(deps, tenant)
         try:
             return await run_command(deps, context, tenant, command)
         except logic.CommandError as exc:

@@ -47,11 +47,13 @@ class Throttle:
 
 class Lookups:
     """users.info and conversations.info answers, kept a few minutes per workspace: names and channels
-    rarely change, and a burst of mentions would otherwise ask the same questions for every event."""
+    rarely change, and a burst of mentions would otherwise ask the same questions for every event. Single
+    flight: the question is cached as soon as it is asked, so simultaneous mentions wait for one answer
+    instead of each asking (and meeting Slack's rate limit)."""
 
     def __init__(self, ttl_s: float = 300.0) -> None:
         self.ttl_s = ttl_s
-        self._cache: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+        self._cache: dict[tuple[str, str, str], tuple[float, asyncio.Future[dict[str, Any]]]] = {}
 
     async def user(self, client: AsyncWebClient, team_id: str, user_id: str) -> dict[str, Any]:
         """The user object, or {} when Slack does not know it."""
@@ -69,13 +71,25 @@ class Lookups:
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached and now - cached[0] < self.ttl_s:
-            return cached[1]
+            asked = cached[1]
+            if asked.done():
+                return dict(asked.result())
+            # Commands are answered on the server's loop, mentions on the worker's: a question in flight
+            # on the other loop cannot be awaited here, so this one asks too (rare).
+            if asked.get_loop() is asyncio.get_running_loop():
+                return dict(await asyncio.shield(asked))
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._cache[key] = (now, answer)
         try:
-            value = dict((await fetch())[field_name])
+            answer.set_result(dict((await fetch())[field_name]))
         except SlackApiError:
-            return {}
-        self._cache[key] = (now, value)
-        return value
+            answer.set_result({})  # Slack does not know it (or refuses): the same for a few minutes
+        except BaseException as exc:  # a dropped connection: the next asker tries again
+            self._cache.pop(key, None)
+            answer.set_exception(exc)
+            answer.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        return dict(answer.result())
 
 
 @dataclass
@@ -91,6 +105,8 @@ class Deps:
     metrics: BotMetrics = field(default_factory=lambda: BotMetrics(enabled=False))
     # Consent requests a person may send: a direct message from the bot to a colleague, on their command.
     consent_requests: Throttle = field(default_factory=lambda: Throttle(limit=5, window_s=3600.0))
+    # (team, Grid org) pairs whose doppels know their org (`doppel.bot.doppels.adopt_org`).
+    orgs_adopted: set[tuple[str, str]] = field(default_factory=set)
     snapshots: Snapshots = field(init=False)
     # At most this many model requests in flight from this replica; the rest wait (not counted in the
     # model timeout). An answer waiting for its channel's turn to post holds none.

@@ -24,6 +24,7 @@ from doppel.bot import logic
 from doppel.bot.access import admitted, tenant_of
 from doppel.bot.config import BotConfig
 from doppel.bot.deps import Deps
+from doppel.bot.doppels import adopt_org
 from doppel.bot.kube import ANNOTATION_DEACTIVATED
 from doppel.bot.ledger import EventLedger
 from doppel.bot.logic import Tenant
@@ -66,6 +67,8 @@ def on_mention(deps: Deps, body: dict[str, Any], event: dict[str, Any], context:
             refusal = logic.REFUSAL
         elif not deps.config.allow_shared_channels and await _shared(deps, client, tenant, body, event):
             refusal = logic.SHARED_CHANNEL
+        if refusal is None:
+            await adopt_org(deps, tenant)
         if refusal:
             if event.get("user"):  # else no person to tell
                 await client.chat_postEphemeral(
