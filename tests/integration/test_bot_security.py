@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import httpx
 from tests.support.bot_fixtures import (
     BOT_NAMESPACE,
     CHANNEL,
@@ -36,8 +37,9 @@ from tests.support.bot_fixtures import (
     sign,
 )
 from tests.support.slack_fixtures import BOT_USER_ID
+from tests.support.vllm_fixtures import free_port
 
-from doppel.bot import guard, intake
+from doppel.bot import guard, intake, mentions
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
 from doppel.bot.kube import ANNOTATION_DEACTIVATED, ANNOTATION_REQUESTER, ANNOTATION_STOPPED, api_client
 from doppel.bot.logic import MAX_MESSAGE_CHARS, MAX_REPLY_MESSAGES, REFUSAL, SHARED_CHANNEL
@@ -475,3 +477,26 @@ async def test_a_burst_of_mentions_asks_slack_each_question_once(bot_harness, bo
 
     assert asked("users.info", user="U02BOB") == 1 and asked("users.info", user="U01ALICE") == 1
     assert asked("conversations.info", channel=CHANNEL) == 1
+
+
+async def test_rate_limited_history_reads_wait_retry_after_within_the_deadline_then_apologise_why(
+    bot_harness, bot_kube, slack_emulator, monkeypatch
+):
+    port = free_port()
+    bot = await bot_harness(replace(bot_config(), metrics_port=port), chat=recording_chat([]))
+    await ready_alice(bot_kube)
+    slack_emulator.fail("conversations.history", 2, 429)  # Retry-After: 1, as Slack answers
+    await mention(bot, slack_emulator, "U02BOB", "as alice hi", "Ev429a")
+    assert (await bot.wait_posts(CHANNEL, 1, timeout=30))[0]["text"] == "sure"
+
+    # Slack's wait would outlast the mention's deadline: an apology that says why, counted.
+    monkeypatch.setattr(mentions, "MENTION_DEADLINE_S", 0.5)
+    slack_emulator.fail("conversations.history", 3, 429)
+    await mention(bot, slack_emulator, "U02BOB", "as alice again", "Ev429b")
+    posts = await bot.wait_posts(CHANNEL, 2, timeout=30)
+    assert posts[1]["text"] == mentions.SORRY_RATE_LIMITED
+    scraped = await until_async(
+        lambda: asyncio.to_thread(lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").text),
+        lambda text: 'doppel_bot_errors_total{kind="slack_rate_limited"} 1.0' in text,
+    )
+    assert 'kind="mention_lost"' not in scraped

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from slack_bolt.context.async_context import AsyncBoltContext
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from doppel.bot import logic
@@ -29,7 +31,7 @@ from doppel.bot.kube import ANNOTATION_DEACTIVATED
 from doppel.bot.ledger import EventLedger
 from doppel.bot.logic import Tenant
 from doppel.bot.safety import neutralize, user_ids
-from doppel.bot.worker import slack_retry_handlers
+from doppel.bot.worker import DEADLINE, slack_retry_handlers
 from doppel.serve.errors import ServeError
 from doppel.slack.conversation import DEFAULT_WINDOW, ThreadMessage, build_conversation, channel_window
 from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
@@ -43,6 +45,13 @@ _MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 SORRY_SLACK = (
     "Sorry, I couldn't answer this one (Slack or the cluster had a problem). Please try again in a minute."
 )
+SORRY_RATE_LIMITED = (
+    "Sorry, Slack is limiting how fast I may read this conversation right now, so I couldn't answer in "
+    "time. Please try again in a minute."
+)
+# Slack's rate limits are waited out (`Retry-After`) until this long after the mention arrived; then the
+# person gets an apology that says why rather than a late answer.
+MENTION_DEADLINE_S = 90.0
 
 
 def on_mention(deps: Deps, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
@@ -145,11 +154,25 @@ async def answer_mention(
             )
         deps.metrics.reply_posted(tenant.team_id, event["ts"])
 
+    deadline = DEADLINE.set(time.monotonic() + MENTION_DEADLINE_S)
     try:
         await _answer(deps, client, tenant, bot, event, post)
-    except Exception:
+    except Exception as exc:
+        limited = isinstance(exc, SlackApiError) and exc.response.status_code == 429
         LOG.exception("mention in %s of team %s could not be answered", channel, tenant.team_id)
-        await post(SORRY_SLACK)
+        deps.metrics.error("slack_rate_limited" if limited else "mention_failed")
+        DEADLINE.reset(deadline)  # the apology may wait for its turn to post
+        try:
+            await post(SORRY_RATE_LIMITED if limited else SORRY_SLACK)
+        except Exception as lost:
+            # Nobody told: counted (by kind too), so a lost mention never goes unnoticed.
+            LOG.exception(
+                "mention in %s of team %s lost: not even an apology posted", channel, tenant.team_id
+            )
+            deps.metrics.error("mention_lost")
+            deps.metrics.failed(lost)
+    else:
+        DEADLINE.reset(deadline)
 
 
 async def _answer(
