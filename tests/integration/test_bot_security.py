@@ -500,3 +500,20 @@ async def test_rate_limited_history_reads_wait_retry_after_within_the_deadline_t
         lambda text: 'doppel_bot_errors_total{kind="slack_rate_limited"} 1.0' in text,
     )
     assert 'kind="mention_lost"' not in scraped
+
+
+async def test_no_mention_of_a_40_mention_burst_is_lost(bot_harness, bot_kube, slack_emulator):
+    """40 simultaneous mentions in one channel (Slack posts one message a second there, the emulator's
+    clock compressed): every one gets its answer in its own thread."""
+    bot = await bot_harness(chat=recording_chat([]))
+    await ready_alice(bot_kube)
+    users = ["U02BOB", "U03CAROL", "U04DAVE", "U05SAML", "U06SAMP"]
+    payloads = []
+    for i in range(40):
+        text = f"<@{BOT_USER_ID}> as alice burst {i}"
+        payloads.append(mention_payload(text, say(slack_emulator, users[i % 5], text), event_id=f"Ev40x{i}"))
+    answers = await asyncio.gather(*(bot.event(p) for p in payloads))
+    assert {a.status_code for a in answers} == {200}
+    posts = await bot.wait_posts(CHANNEL, 40, timeout=120)
+    assert sorted(p["thread_ts"] for p in posts) == sorted(p["event"]["ts"] for p in payloads)
+    assert {p["text"] for p in posts} == {"sure"}
