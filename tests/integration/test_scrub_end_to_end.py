@@ -151,3 +151,19 @@ async def test_the_bot_answers_a_channel_mention_from_its_window_and_never_posts
         {"role": "assistant", "content": "yes, 5pm"},
         {"role": "user", "content": "Carol Diaz: @doppel and the password for staging?"},
     ]
+
+
+def test_the_workspace_region_is_a_scrape_option_and_a_bad_one_is_refused(slack_workspace, tmp_path):
+    """Nobody's time zone says London here: `--phone-region GB` reads British numbers all the same."""
+    newest = max(float(m["ts"]) for msgs in slack_workspace["messages"].values() for m in msgs)
+    slack_workspace["messages"]["general"] += pasted_messages(newest)
+    export = write_export_zip(slack_workspace, tmp_path / "export.zip")
+    assert scrape(tmp_path / "us", "--export", str(export)).exit_code == 0
+    assert NATIONAL_PHONES["GB"] in written(tmp_path / "us")[0]  # read as a US number: no number at all
+    result = scrape(tmp_path / "gb", "--export", str(export), "--phone-region", "gb")
+    assert result.exit_code == 0, result.output
+    samples, manifest = written(tmp_path / "gb")
+    assert NATIONAL_PHONES["GB"] not in samples and manifest["options"]["phone_regions"] == ["GB"]
+    refused = scrape(tmp_path / "bad", "--export", str(export), "--phone-region", "UK")
+    assert refused.exit_code == 2 and "unknown phone region 'UK'" in refused.output
+    assert not (tmp_path / "bad").exists()
