@@ -286,6 +286,14 @@ async def test_malformed_slack_headers_get_a_4xx_never_a_traceback(bot_harness, 
     twice = [("Content-Type", "application/json"), *good.items(), ("X-Slack-Signature", "v0=" + "0" * 64)]
     response = await bot.http.post("/slack/events", content=body, headers=twice)
     assert response.status_code == 400 and response.text == "duplicated request header"
+    # A request line or header the HTTP parser cannot read: 400 before any of it reaches the app.
+    for raw in (
+        b"POST /slack/events HTTP/1.1\x00\r\n\r\n",
+        b"POST /slack/events HTTP/1.1\r\nBad Header\r\n\r\n",
+    ):
+        conn = await asyncio.to_thread(_raw, bot.port, raw)
+        assert (await asyncio.to_thread(_answer, conn)).startswith(b"HTTP/1.1 400 ")
+        conn.close()
     assert "Traceback" not in caplog.text and "Exception in ASGI application" not in caplog.text
 
 
