@@ -72,22 +72,32 @@ class Lookups:
         cached = self._cache.get(key)
         if cached and now - cached[0] < self.ttl_s:
             asked = cached[1]
-            if asked.done():
+            if asked.done() and not asked.cancelled() and asked.exception() is None:
                 return dict(asked.result())
             # Commands are answered on the server's loop, mentions on the worker's: a question in flight
             # on the other loop cannot be awaited here, so this one asks too (rare).
-            if asked.get_loop() is asyncio.get_running_loop():
-                return dict(await asyncio.shield(asked))
+            if not asked.done() and asked.get_loop() is asyncio.get_running_loop():
+                try:
+                    return dict(await asyncio.shield(asked))
+                except asyncio.CancelledError:
+                    if not asked.cancelled():
+                        raise  # this caller was cancelled, not the one asking
+                except Exception:
+                    pass  # the asker's call failed (a dropped connection): ask again here
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._cache[key] = (now, answer)
         try:
             answer.set_result(dict((await fetch())[field_name]))
         except SlackApiError:
             answer.set_result({})  # Slack does not know it (or refuses): the same for a few minutes
-        except BaseException as exc:  # a dropped connection: the next asker tries again
-            self._cache.pop(key, None)
-            answer.set_exception(exc)
-            answer.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+        except BaseException as exc:  # the next asker (and any waiting) tries again
+            if self._cache.get(key, (0, None))[1] is answer:
+                del self._cache[key]
+            if isinstance(exc, asyncio.CancelledError):
+                answer.cancel()
+            else:
+                answer.set_exception(exc)
+                answer.exception()  # retrieved: no "never retrieved" warning when nobody waited
             raise
         return dict(answer.result())
 
