@@ -204,7 +204,7 @@ async def test_replies_never_ping_anyone(bot_harness, bot_kube, slack_emulator):
     assert not re.search(r"<[@#!]", joined), joined  # no user, channel, broadcast or group mention left
     assert "@bobby" in texts[0]  # Bob, by the display name users.info gives
     assert "#general" in texts[0] and "@oncall" in texts[1]
-    assert "<https://example.com/runbook|the runbook>" in texts[1]  # links stay links
+    assert "the runbook (<https://example.com/runbook>)" in texts[1]  # links stay links, showing their target
     assert not re.search(r"@(channel|here|everyone)\b", joined)  # not even as plain words
     calls = [c for c in slack_emulator.calls_to("chat.postMessage") if c.params.get("username")]
     assert calls and all(str(c.params.get("link_names")).lower() in {"0", "false"} for c in calls)

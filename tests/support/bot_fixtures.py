@@ -4,7 +4,7 @@
   (`v0=` HMAC-SHA256 of `v0:{timestamp}:{body}` with the signing secret);
 - `mention_payload`, `command_form`, `action_form`: request bodies shaped like Slack's;
 - `OAuthSlackEmulator`: the ingestion helper's `SlackEmulator` plus `oauth.v2.access` (code exchange and
-  token rotation), authenticated with the app's client id and secret like Slack does;
+  token rotation), authenticated with the app's client id and secret like Slack does, and `auth.revoke`;
 - `bot_kube`: the kmock Kubernetes emulator with the resources the bot uses (DoppelUsers, ConfigMaps,
   Secrets), as `(kmock, url)`; ConfigMap lists honour label selectors, as a real API server's do;
 - `BotHarness` / `bot_harness`: the real bot (`doppel.bot.server.create_bot`) served by uvicorn on
@@ -168,6 +168,7 @@ class OAuthSlackEmulator(SlackEmulator):
         self.grid: dict[str, tuple[str | None, bool]] = {}  # code -> (enterprise id, org-wide)
         self.refresh_tokens: dict[str, str] = {}
         self.issued: list[str] = []
+        self.revoked: list[str] = []  # tokens given up with auth.revoke
         self._auth = threading.local()
 
     def grant(self, team_id: str, *, enterprise_id: str | None = None, org_wide: bool = False) -> str:
@@ -181,6 +182,11 @@ class OAuthSlackEmulator(SlackEmulator):
         super()._handle(request)
 
     def _dispatch(self, method: str, params: dict[str, Any], token: str | None) -> Any:
+        if method == "auth.revoke" and token in self._by_token:
+            with self._lock:
+                del self._by_token[token]
+                self.revoked.append(token)
+            return 200, {"ok": True, "revoked": True}, {}
         if method != "oauth.v2.access":
             return super()._dispatch(method, params, token)
         try:
@@ -313,6 +319,7 @@ def bot_config(**changes: Any) -> BotConfig:
         vllm_timeout_s=120.0,
         max_tokens=24,
         poll_interval_s=0.2,
+        install_allowlist=frozenset({"any"}),  # OAuth tests install freely; test_bot_security narrows it
     )
     return replace(config, **changes)
 
@@ -330,8 +337,9 @@ class BotHarness:
         self.port = int(self._socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.AsyncClient(base_url=self.url, timeout=30.0)
+        # The bot's own server configuration (its protocol with header deadlines included).
         self._server = uvicorn.Server(
-            uvicorn.Config(bot.asgi(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+            bot.server_config("127.0.0.1", self.port, log_level="warning", lifespan="on")
         )
         self._task: asyncio.Task[None] | None = None
 

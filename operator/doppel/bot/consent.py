@@ -1,6 +1,8 @@
 """Consent: a doppel of someone else is trained only once they agree. The request is a direct message
-with Approve/Decline buttons (`ask_consent`); an answer (`answer_consent`) counts only from the named
-person, a member of the same workspace, and whoever asked is told the outcome in a direct message (`tell`).
+with Approve/Decline buttons (`ask_consent`), sent at most once an hour per requester and person and five
+times an hour per requester (nobody spams a colleague through the bot); an answer (`answer_consent`) counts
+only from the named person, a member of the same workspace, and whoever asked is told the outcome in a
+direct message (`tell`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) ->
 
 
 async def ask_consent(
-    client: AsyncWebClient, tenant: Tenant, user_id: str, handle: str, requester: str
+    deps: Deps, client: AsyncWebClient, tenant: Tenant, user_id: str, handle: str, requester: str
 ) -> str:
     """Ask `user_id` whether `requester` may train a doppel of them; the requester's answer for now."""
+    if not deps.consent_requests.allow(f"{tenant.team_id}/{requester}"):
+        raise logic.CommandError("You have sent enough consent requests for this hour: try again later.")
+    # Claimed in the shared ledger (its claims last `event_ttl_s`, an hour by default): any replica.
+    if not await deps.ledger.claim(tenant.team_id, f"consent/{requester}/{user_id}"):
+        raise logic.CommandError(
+            f"I already asked <@{user_id}> for you within the hour: wait for their answer."
+        )
     request = {"team": tenant.team_id, "target": user_id, "handle": handle, "requester": requester}
     value = json.dumps(request, separators=(",", ":"))
     # Asked privately, in a direct message: the command may come from a DM (no channel the bot can post

@@ -26,13 +26,34 @@ from doppel.bot.worker import Worker
 MODEL_REQUESTS = 64
 
 
+class Throttle:
+    """At most `limit` events per key in any `window_s` (this replica's memory: a cap on what one person
+    can make the bot do, not an exact count across replicas)."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self._seen: dict[str, list[float]] = {}
+
+    def allow(self, key: str) -> bool:
+        """Count one event of `key` if it is under the limit; False (and nothing counted) when over."""
+        now = time.monotonic()
+        recent = [t for t in self._seen.get(key, ()) if now - t < self.window_s]
+        if len(recent) >= self.limit:
+            self._seen[key] = recent
+            return False
+        self._seen[key] = [*recent, now]
+        return True
+
+
 class Lookups:
     """users.info and conversations.info answers, kept a few minutes per workspace: names and channels
-    rarely change, and a burst of mentions would otherwise ask the same questions for every event."""
+    rarely change, and a burst of mentions would otherwise ask the same questions for every event. Single
+    flight: the question is cached as soon as it is asked, so simultaneous mentions wait for one answer
+    instead of each asking (and meeting Slack's rate limit)."""
 
     def __init__(self, ttl_s: float = 300.0) -> None:
         self.ttl_s = ttl_s
-        self._cache: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+        self._cache: dict[tuple[str, str, str], tuple[float, asyncio.Future[dict[str, Any]]]] = {}
 
     async def user(self, client: AsyncWebClient, team_id: str, user_id: str) -> dict[str, Any]:
         """The user object, or {} when Slack does not know it."""
@@ -50,13 +71,35 @@ class Lookups:
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached and now - cached[0] < self.ttl_s:
-            return cached[1]
+            asked = cached[1]
+            if asked.done() and not asked.cancelled() and asked.exception() is None:
+                return dict(asked.result())
+            # Commands are answered on the server's loop, mentions on the worker's: a question in flight
+            # on the other loop cannot be awaited here, so this one asks too (rare).
+            if not asked.done() and asked.get_loop() is asyncio.get_running_loop():
+                try:
+                    return dict(await asyncio.shield(asked))
+                except asyncio.CancelledError:
+                    if not asked.cancelled():
+                        raise  # this caller was cancelled, not the one asking
+                except Exception:
+                    pass  # the asker's call failed (a dropped connection): ask again here
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._cache[key] = (now, answer)
         try:
-            value = dict((await fetch())[field_name])
+            answer.set_result(dict((await fetch())[field_name]))
         except SlackApiError:
-            return {}
-        self._cache[key] = (now, value)
-        return value
+            answer.set_result({})  # Slack does not know it (or refuses): the same for a few minutes
+        except BaseException as exc:  # the next asker (and any waiting) tries again
+            if self._cache.get(key, (0, None))[1] is answer:
+                del self._cache[key]
+            if isinstance(exc, asyncio.CancelledError):
+                answer.cancel()
+            else:
+                answer.set_exception(exc)
+                answer.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        return dict(answer.result())
 
 
 @dataclass
@@ -70,6 +113,10 @@ class Deps:
     worker: Worker = field(default_factory=Worker)  # where answers run, off the acknowledging loop
     lookups: Lookups = field(default_factory=lambda: Lookups())
     metrics: BotMetrics = field(default_factory=lambda: BotMetrics(enabled=False))
+    # Consent requests a person may send: a direct message from the bot to a colleague, on their command.
+    consent_requests: Throttle = field(default_factory=lambda: Throttle(limit=5, window_s=3600.0))
+    # (team, Grid org) pairs whose doppels know their org (`doppel.bot.doppels.adopt_org`).
+    orgs_adopted: set[tuple[str, str]] = field(default_factory=set)
     snapshots: Snapshots = field(init=False)
     # At most this many model requests in flight from this replica; the rest wait (not counted in the
     # model timeout). An answer waiting for its channel's turn to post holds none.

@@ -33,6 +33,10 @@ ANNOTATION_ORG_INSTALL = "doppel.dev/org-wide-install"
 LABEL_EVENT = "doppel.dev/slack-event"
 ANNOTATION_REQUESTER = "doppel.dev/requested-by"
 ANNOTATION_NOTIFIED = "doppel.dev/notified-phase"
+# Set by the bot when it finds the person deactivated in Slack: the doppel no longer answers.
+ANNOTATION_DEACTIVATED = "doppel.dev/person-deactivated"
+# Set with spec.suspend when the workspace uninstalled the app or revoked its token: why it stopped.
+ANNOTATION_STOPPED = "doppel.dev/stopped"
 ANNOTATION_EXPIRES = "doppel.dev/expires-at"
 # The API server must answer well inside Slack's 3 s; a slow one is an error, not a hang.
 REQUEST_TIMEOUT_S = 2.5
@@ -136,6 +140,13 @@ class Kube:
             self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
         )
 
+    async def stop_doppel(self, namespace: str, name: str, why: str) -> None:
+        """Suspend a DoppelUser (the operator starts no Job for it) and say why on it."""
+        patch = {"metadata": {"annotations": {ANNOTATION_STOPPED: why}}, "spec": {"suspend": True}}
+        await self._maybe(
+            self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
+        )
+
     async def list_all_doppels(self) -> list[dict[str, Any]]:
         found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
         return list(found.get("items", []))
@@ -189,6 +200,13 @@ class Kube:
             await self._call(self.core.create_namespaced_config_map, namespace, body)
 
     # --- the workspace's token, for its scrape Jobs ------------------------------------------------
+    async def delete_secret(self, namespace: str, name: str, team_id: str) -> bool:
+        """Delete the workspace's token Secret `name`, if it is that workspace's; whether one went."""
+        found = await self._maybe(self.core.read_namespaced_secret, name, namespace)
+        if found is None or (found.metadata.labels or {}).get(LABEL_TEAM) != team_id:
+            return False
+        return await self._maybe(self.core.delete_namespaced_secret, name, namespace) is not None
+
     async def put_secret(self, namespace: str, name: str, data: dict[str, str], team_id: str) -> None:
         body = {
             "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_TEAM: team_id}},

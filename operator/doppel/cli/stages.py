@@ -15,6 +15,15 @@ from doppel.cli.common import BASE_MODEL_HELP, run_stage
 from doppel.errors import BadInput
 
 
+def _phone_regions(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from doppel.slack.scrub import phone_regions
+
+    try:
+        return phone_regions(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command()
 @click.option("--user", "user", required=True, help="Whose messages: user ID, handle or real name.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output dir.")
@@ -61,6 +70,15 @@ from doppel.errors import BadInput
 @click.option("--paste-action", type=click.Choice(["drop", "cut"]), default="drop", show_default=True)
 @click.option(
     "--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers (scrubbed by default)."
+)
+@click.option(
+    "--phone-region",
+    "phone_regions",
+    multiple=True,
+    callback=_phone_regions,
+    metavar="CC",
+    help="Read national phone numbers as written in this country too (ISO 3166: GB, DE; repeatable; "
+    "default US); each author's Slack time zone adds theirs.",
 )
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option(
@@ -114,6 +132,7 @@ def scrape(
     paste_chars: int,
     paste_action: str,
     no_scrub: bool,
+    phone_regions: tuple[str, ...],
     max_concurrency: int,
     rate_scale: float,
     rate_profile: str,
@@ -126,8 +145,9 @@ def scrape(
 
     From the Web API with a bot token, or from a Slack export ZIP with --export. Running it again into
     the same OUT fetches only newer messages, plus late replies to recently active threads, and adds
-    their samples. Secrets, emails and phone numbers are replaced by <secret>, <email>, <phone> unless
-    --no-scrub. Exits 2 with the reason when the person ends with no samples.
+    their samples. Secrets, emails, phone numbers, card numbers, IBANs and SSNs are replaced by <secret>,
+    <email>, <phone>, <card>, <iban>, <ssn> unless --no-scrub. Exits 2 with the reason when the person
+    ends with no samples.
     """
     from doppel.slack.samples import ScrapeOptions
 
@@ -146,6 +166,7 @@ def scrape(
         paste_chars=paste_chars,
         paste_action=paste_action,
         scrub=not no_scrub,
+        phone_regions=phone_regions,
         team=team,
     )
     if export_zip is not None:

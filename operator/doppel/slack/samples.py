@@ -39,7 +39,7 @@ from doppel.slack.conversation import (
     channel_window,
 )
 from doppel.slack.normalize import UNKNOWN_USER, message_author, message_text, user_display_name
-from doppel.slack.scrub import scrub_text
+from doppel.slack.scrub import message_regions, scrub_text
 
 # Subtypes whose text is the author's own words; every other subtype (joins, leaves, topic and purpose
 # changes, pins, bot messages...) is Slack talking, not the person.
@@ -67,6 +67,9 @@ class ScrapeOptions:
     paste_chars: int = 500  # a message longer than this and mostly code or log blocks is a paste
     paste_action: str = "drop"  # or "cut": keep its first paste_chars characters
     scrub: bool = True
+    # National phone formats read by the scrubber (ISO 3166 codes; none: US); each author's and the
+    # person's time zone (a Slack user's `tz`) add their country.
+    phone_regions: Sequence[str] = ()
     team: str | None = None
     bot_user_id: str | None = None  # the bot's own mention becomes BOT_HANDLE
     now: float | None = None  # fixed clock for reproducible cutoffs (an export: its newest message)
@@ -283,6 +286,7 @@ def build_samples(
     users = list(users)
     names = _names(users, threads)
     bots = {u["id"] for u in users if u.get("is_bot")}
+    zones = {u["id"]: u.get("tz") for u in users}
     manifest = Manifest(source=source, team=team, person=asdict(person), options=_options_view(options))
     counts: dict[str, Counter[str]] = {k: Counter() for k in ("skipped", "dropped", "cut", "scrubbed", "own")}
     oldest = ts_key(f"{options.cutoff_ts():.6f}")
@@ -315,7 +319,8 @@ def build_samples(
                 counts["skipped"][reason] += 1
                 continue
             in_channel = message["ts"] == thread.ts  # the root: posted in the channel, not in a thread
-            text = _read(message, names, channel_names, options, counts)
+            regions = message_regions(options.phone_regions, zones.get(author), zones.get(person.id))
+            text = _read(message, names, channel_names, options, counts, regions)
             said = ThreadMessage(author, names.get(author, UNKNOWN_USER), text or "", float(message["ts"]))
             if author == person.id:
                 counts["own"]["after_cutoff"] += 1
@@ -364,6 +369,7 @@ def _read(
     channel_names: Mapping[str, str],
     options: ScrapeOptions,
     counts: Mapping[str, Counter[str]],
+    regions: Sequence[str],
 ) -> str | None:
     """A message's text as it goes into samples: read, pastes cut (or None: dropped), scrubbed."""
     text = message_text(message, names, channel_names, options.bot_user_id)
@@ -374,7 +380,7 @@ def _read(
         text = cut_paste(text, options.paste_chars)
         counts["cut"]["paste"] += 1
     if options.scrub:
-        text, found = scrub_text(text)
+        text, found = scrub_text(text, regions)
         counts["scrubbed"].update(found)
     return text
 
@@ -438,6 +444,7 @@ def _options_view(options: ScrapeOptions) -> dict[str, Any]:
     view.pop("now", None)
     view["channels"] = list(options.channels)
     view["exclude_channels"] = list(options.exclude_channels)
+    view["phone_regions"] = list(options.phone_regions)
     return view
 
 
