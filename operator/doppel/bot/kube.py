@@ -147,6 +147,13 @@ class Kube:
             self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
         )
 
+    async def resume_doppel(self, namespace: str, name: str) -> None:
+        """Undo `stop_doppel`: the operator may start Jobs again."""
+        patch = {"metadata": {"annotations": {ANNOTATION_STOPPED: None}}, "spec": {"suspend": False}}
+        await self._maybe(
+            self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
+        )
+
     async def list_all_doppels(self) -> list[dict[str, Any]]:
         found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
         return list(found.get("items", []))
