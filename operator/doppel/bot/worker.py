@@ -51,23 +51,11 @@ class DeadlineRateLimitRetryHandler(AsyncRateLimitErrorRetryHandler):
         response: HttpResponse | None = None,
         error: Exception | None = None,
     ) -> bool:
-        if DEADLINE.get() is None:
-            return await super().can_retry_async(state=state, request=request, response=response, error=error)
-        return await self._can_retry_async(state=state, request=request, response=response, error=error)
-
-    async def _can_retry_async(
-        self,
-        *,
-        state: RetryState,
-        request: HttpRequest,
-        response: HttpResponse | None = None,
-        error: Exception | None = None,
-    ) -> bool:
-        if not await super()._can_retry_async(state=state, request=request, response=response, error=error):
-            return False
         deadline = DEADLINE.get()
-        if deadline is None or response is None:
-            return True
+        if deadline is None:  # the count applies
+            return await super().can_retry_async(state=state, request=request, response=response, error=error)
+        if response is None or response.status_code != 429:
+            return False
         after = next((v for k, v in response.headers.items() if k.lower() == "retry-after"), ["1"])
         wait = int(after[0]) if str(after[0]).isdecimal() else 1
         return time.monotonic() + wait < deadline
