@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import replace
 from typing import Any
 
 from tests.support.bot_fixtures import (
@@ -20,13 +19,12 @@ from tests.support.bot_fixtures import (
     TEAM_ID,
     OAuthSlackEmulator,
     as_team,
-    bot_config,
     command_form,
     doppel_body,
     kube_for,
     name_of,
 )
-from tests.support.bot_steps import install, secret_token, until, until_async
+from tests.support.bot_steps import install, oauth_config, secret_token, until, until_async
 from tests.support.slack_fixtures import BOT_USER_ID
 
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
@@ -45,13 +43,7 @@ async def test_installs_only_from_the_allowlist_and_public_oauth_traffic_stores_
         as_team(slack_workspace, OTHER_TEAM, "Globex"), token="xoxb-unused-2", bot_user_id="U0GDOPPEL"
     )
     with emulator:
-        config = replace(
-            bot_config(),
-            bot_token=None,
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            install_allowlist=frozenset({TEAM_ID}),
-        )
+        config = oauth_config(install_allowlist=frozenset({TEAM_ID}))
         bot = await bot_harness(config, emulator=emulator)
         store = KubernetesSecretInstallationStore(api_client(url), BOT_NAMESPACE)
 
@@ -93,7 +85,7 @@ async def test_uninstall_deletes_the_tokens_and_stops_the_doppels_until_installe
     emulator = OAuthSlackEmulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, rate_scale=1000.0)
     emulator.add_team(slack_workspace, token="xoxb-unused", bot_user_id=BOT_USER_ID)
     with emulator:
-        config = replace(bot_config(), bot_token=None, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+        config = oauth_config()
         bot = await bot_harness(config, emulator=emulator)
         kube = kube_for(url)
         store = KubernetesSecretInstallationStore(api_client(url), BOT_NAMESPACE)

@@ -234,9 +234,8 @@ async def test_doppeluser_lifecycle_on_real_vllm(
         await operator.stop()
 
 
-async def test_retrain_schedule_retrains_and_swaps_the_adapter(
-    kube, operator_config, slack_emulator, tiny_model, vllm
-):
+async def operator_on_vllm(kube: Any, operator_config: Any, slack_emulator: Any, vllm: VllmServer) -> Any:
+    """The operator started, with the token Secret and the module's vLLM as the ready vLLM pod."""
     config = config_with(
         operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
     )
@@ -244,6 +243,13 @@ async def test_retrain_schedule_retrains_and_swaps_the_adapter(
     await kube.kubectl.create(vllm_pod("vllm-0", vllm.port))
     operator = OperatorProcess(config)
     await operator.start()
+    return operator
+
+
+async def test_retrain_schedule_retrains_and_swaps_the_adapter(
+    kube, operator_config, slack_emulator, tiny_model, vllm
+):
+    operator = await operator_on_vllm(kube, operator_config, slack_emulator, vllm)
     try:
         scheduled = doppeluser(tiny_model)
         scheduled["metadata"]["name"] = "sched"
@@ -270,13 +276,7 @@ async def test_a_deactivated_persons_adapter_leaves_vllm_until_they_are_active_a
 ):
     """The bot marks the person deactivated: the operator unloads the adapter from vLLM and keeps it off
     (no drift repair puts it back) until the mark goes; then it serves again."""
-    config = config_with(
-        operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
-    )
-    await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
-    await kube.kubectl.create(vllm_pod("vllm-0", vllm.port))
-    operator = OperatorProcess(config)
-    await operator.start()
+    operator = await operator_on_vllm(kube, operator_config, slack_emulator, vllm)
 
     def ready_is(value: str) -> Any:
         return lambda o: any(c["type"] == "Ready" and c["status"] == value for c in status(o)["conditions"])
@@ -292,7 +292,7 @@ async def test_a_deactivated_persons_adapter_leaves_vllm_until_they_are_active_a
         obj = await kube.wait_for("gone", ready_is("False"), 30, "Ready False")
         assert status(obj)["reason"] == "Deactivated" and not status(obj).get("servedBy")
         await until_served(vllm, "team.gone.v1", present=False, timeout=30)
-        await asyncio.sleep(3 * config.resync_s)  # several passes, each of which repairs drift when active
+        await asyncio.sleep(3 * operator.config.resync_s)  # several passes, each repairing drift if active
         assert "team.gone.v1" not in await served(vllm)
         unmarked = {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: None}}}
         await kube.kubectl.patch("DoppelUser", "gone", unmarked)

@@ -1,6 +1,6 @@
-"""What a bot test does between its requests: wait for something to hold (`until`, `until_async`), install
-the app in a workspace through OAuth as a person would (`install`), read the token a Secret holds
-(`secret_token`)."""
+"""What a bot test does between its requests: wait for something to hold (`until`, `until_async`), configure
+the bot as an OAuth app (`oauth_config`), install it in a workspace through OAuth as a person would
+(`install`), read the token a Secret holds (`secret_token`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import asyncio
 import base64
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 from kubernetes import client as k8s
 
+from doppel.bot.config import BotConfig
 from doppel.bot.kube import api_client
-from tests.support.bot_fixtures import OAuthSlackEmulator
+from tests.support.bot_fixtures import CLIENT_ID, CLIENT_SECRET, OAuthSlackEmulator, bot_config
 
 
 async def until(check: Any, timeout: float = 20.0) -> Any:
@@ -32,6 +34,11 @@ async def until_async(get: Any, ok: Any, timeout: float = 20.0) -> Any:
         assert time.monotonic() < deadline, f"timed out: {found}"
         await asyncio.sleep(0.05)
     return found
+
+
+def oauth_config(**changes: Any) -> BotConfig:
+    """The test bot as a multi-workspace OAuth app (no bot token of its own), with `changes`."""
+    return replace(bot_config(), bot_token=None, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **changes)
 
 
 async def install(bot: Any, emulator: OAuthSlackEmulator, team_id: str, **grid: Any) -> str:
