@@ -24,9 +24,12 @@ SINGULAR = "doppeluser"
 SHORT_NAME = "doppel"
 # The Slack workspace an object belongs to (DoppelUsers, bot token Secrets): workspaces share namespaces.
 LABEL_TEAM = f"{GROUP}/slack-team"
+# Set ("true") by the bot when Slack says the person was deactivated: the operator starts no Job for the
+# DoppelUser and unloads its adapter (condition PersonActive False) until the annotation goes.
+ANNOTATION_DEACTIVATED = f"{GROUP}/person-deactivated"
 
 Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
-ConditionType = Literal["Scraped", "Trained", "Registered", "Ready"]
+ConditionType = Literal["Scraped", "Trained", "Registered", "Ready", "PersonActive"]
 Retention = Literal["Delete", "Keep"]
 
 # Kubernetes object names (DNS-1123 subdomain / label) and Slack IDs.

@@ -11,7 +11,6 @@ import asyncio
 import html
 import json
 import logging
-import re
 import socket
 import time
 from dataclasses import replace
@@ -19,13 +18,9 @@ from typing import Any
 
 import httpx
 from tests.support.bot_fixtures import (
-    BOT_NAMESPACE,
     CHANNEL,
-    CLIENT_ID,
-    CLIENT_SECRET,
     NAMESPACE,
     TEAM_ID,
-    OAuthSlackEmulator,
     as_team,
     bot_config,
     command_form,
@@ -36,12 +31,12 @@ from tests.support.bot_fixtures import (
     say,
     sign,
 )
+from tests.support.bot_steps import until, until_async
 from tests.support.slack_fixtures import BOT_USER_ID
 from tests.support.vllm_fixtures import free_port
 
-from doppel.bot import guard, intake, mentions
-from doppel.bot.installation_store import KubernetesSecretInstallationStore
-from doppel.bot.kube import ANNOTATION_DEACTIVATED, ANNOTATION_REQUESTER, ANNOTATION_STOPPED, api_client
+from doppel.bot import guard, intake, mentions, worker
+from doppel.bot.kube import ANNOTATION_DEACTIVATED, ANNOTATION_REQUESTER
 from doppel.bot.logic import MAX_MESSAGE_CHARS, MAX_REPLY_MESSAGES, REFUSAL, SHARED_CHANNEL
 
 PARTNERS = "C05PARTNER"  # the workspace's Slack Connect channel (is_ext_shared)
@@ -53,14 +48,6 @@ def person(emulator: Any, user_id: str, **fields: Any) -> dict[str, Any]:
     user = next(u for u in emulator.team.users if u["id"] == user_id)
     user.update(fields)
     return user
-
-
-async def until(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-    return found
 
 
 async def mention(bot: Any, emulator: Any, user: str, text: str, event_id: str, **where: Any) -> str:
@@ -223,6 +210,18 @@ async def test_switch_and_forget_follow_the_permission_table_and_consent_request
     assert "Asked <@U02BOB>" in (await run("train @bob", "U03CAROL")).text
 
 
+async def test_the_consent_request_limit_holds_across_replicas(bot_harness, slack_emulator):
+    """Two replicas of the bot (one event ledger): Bob's five requests in the hour are counted together,
+    wherever Slack delivers his commands."""
+    first, second = await bot_harness(), await bot_harness()
+    for bot, handle in ((first, "alice"), (second, "carol"), (first, "dave"), (second, "sam.lee")):
+        assert "Asked <@" in (await bot.form(command_form(f"train @{handle}", user="U02BOB"))).text
+    assert "Asked <@" in (await second.form(command_form("train @sam.park", user="U02BOB"))).text
+    for bot in (first, second):
+        refused = await bot.form(command_form("train @carol", user="U02BOB"))
+        assert "enough consent requests" in refused.text
+
+
 async def test_the_doppels_own_turns_are_its_bot_id_posts_never_a_name(bot_harness, bot_kube, slack_emulator):
     asked: list[Any] = []
     bot = await bot_harness(chat=recording_chat(asked))
@@ -346,125 +345,6 @@ async def test_stalled_clients_are_cut_off_and_answers_keep_flowing_meanwhile(
         conn.close()
 
 
-async def test_installs_only_from_the_allowlist_and_public_oauth_traffic_stores_nothing(
-    bot_harness, bot_kube, slack_workspace
-):
-    kmock, url = bot_kube
-    emulator = OAuthSlackEmulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, rate_scale=1000.0)
-    emulator.add_team(slack_workspace, token="xoxb-unused", bot_user_id=BOT_USER_ID)
-    emulator.add_team(
-        as_team(slack_workspace, OTHER_TEAM, "Globex"), token="xoxb-unused-2", bot_user_id="U0GDOPPEL"
-    )
-    with emulator:
-        config = replace(
-            bot_config(),
-            bot_token=None,
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            install_allowlist=frozenset({TEAM_ID}),
-        )
-        bot = await bot_harness(config, emulator=emulator)
-        store = KubernetesSecretInstallationStore(api_client(url), BOT_NAMESPACE)
-
-        def objects() -> int:
-            return sum(1 for key in list(kmock.objects) if not kmock.objects[key].deleted)
-
-        async def finish(code: str | None) -> Any:
-            page = await bot.http.get("/slack/install")
-            state = re.search(r"state=([0-9a-f]+)", page.text).group(1)
-            params = {"state": state, **({"code": code} if code else {})}
-            return await bot.http.get(
-                "/slack/oauth_redirect", params=params, headers={"Cookie": f"slack-app-oauth-state={state}"}
-            )
-
-        # 40 unauthenticated round trips (a fresh signed state each, a made-up code): no object stored.
-        before = objects()
-        answers = await asyncio.gather(*(finish(f"made-up-{i}") for i in range(40)))
-        assert {a.status_code for a in answers} == {401} and objects() == before
-
-        # A workspace not on the list completes Slack's side: refused, nothing stored, its token revoked.
-        refused = await finish(emulator.grant(OTHER_TEAM))
-        assert refused.status_code == 403 and "cannot be installed in this workspace" in refused.text
-        assert objects() == before
-        assert (
-            await asyncio.to_thread(store.find_installation, enterprise_id=None, team_id=OTHER_TEAM) is None
-        )
-        assert emulator.revoked == [emulator.issued[-1]]
-        # The listed one installs.
-        done = await finish(emulator.grant(TEAM_ID))
-        assert done.status_code == 200, done.text
-        found = await asyncio.to_thread(store.find_installation, enterprise_id=None, team_id=TEAM_ID)
-        assert found.bot_token == emulator.issued[-1]
-
-
-async def test_uninstall_and_revoked_tokens_delete_the_tokens_and_stop_the_doppels(
-    bot_harness, bot_kube, slack_workspace
-):
-    kmock, url = bot_kube
-    emulator = OAuthSlackEmulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, rate_scale=1000.0)
-    emulator.add_team(slack_workspace, token="xoxb-unused", bot_user_id=BOT_USER_ID)
-    with emulator:
-        config = replace(bot_config(), bot_token=None, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
-        bot = await bot_harness(config, emulator=emulator)
-        kube = kube_for(url)
-        store = KubernetesSecretInstallationStore(api_client(url), BOT_NAMESPACE)
-        page = await bot.http.get("/slack/install")
-        state = re.search(r"state=([0-9a-f]+)", page.text).group(1)
-        done = await bot.http.get(
-            "/slack/oauth_redirect",
-            params={"code": emulator.grant(TEAM_ID), "state": state},
-            headers={"Cookie": f"slack-app-oauth-state={state}"},
-        )
-        assert done.status_code == 200
-        trained = await bot.form(command_form("train <@U02BOB|bob>", user="U02BOB"))
-        assert "Training a doppel of bob" in trained.text
-        secret_name = (await kube.get_doppel(NAMESPACE, TEAM_ID, name_of("bob")))["spec"]["slack"][
-            "tokenSecretRef"
-        ]["name"]
-
-        def secret_exists() -> bool:
-            return any(
-                key[1] == NAMESPACE and key[2] == secret_name and not kmock.objects[key].deleted
-                for key in list(kmock.objects)
-            )
-
-        assert secret_exists()
-        # Slack's documented shapes: tokens_revoked names the revoked tokens' users, app_uninstalled none.
-        for event_id, event in (
-            ("EvRevoked", {"type": "tokens_revoked", "tokens": {"oauth": [], "bot": [BOT_USER_ID]}}),
-            ("EvUninstalled", {"type": "app_uninstalled"}),
-        ):
-            payload = {
-                "token": "legacy",
-                "team_id": TEAM_ID,
-                "api_app_id": "A0DOPPEL",
-                "event": {**event, "event_ts": f"{time.time():.6f}"},
-                "type": "event_callback",
-                "event_id": event_id,
-                "event_time": int(time.time()),
-            }
-            assert (await bot.event(payload)).status_code == 200
-        bob = await until_async(
-            lambda: kube.get_doppel(NAMESPACE, TEAM_ID, name_of("bob")),
-            lambda d: (d["metadata"].get("annotations") or {}).get(ANNOTATION_STOPPED),
-        )
-        assert bob["spec"]["suspend"] is True
-        await until(lambda: not secret_exists())
-
-        def installation() -> Any:
-            return store.find_installation(enterprise_id=None, team_id=TEAM_ID)
-
-        assert await asyncio.to_thread(installation) is None
-
-
-async def until_async(get: Any, ok: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not ok(found := await get()):
-        assert time.monotonic() < deadline, f"timed out: {found}"
-        await asyncio.sleep(0.05)
-    return found
-
-
 async def test_a_burst_of_mentions_asks_slack_each_question_once(bot_harness, bot_kube, slack_emulator):
     """8 simultaneous mentions by the same person of the same doppel: users.info and conversations.info
     are asked once each (single flight: the question is cached as it is asked), every mention answered."""
@@ -490,6 +370,9 @@ async def test_a_burst_of_mentions_asks_slack_each_question_once(bot_harness, bo
 async def test_rate_limited_history_reads_wait_retry_after_within_the_deadline_then_apologise_why(
     bot_harness, bot_kube, slack_emulator, monkeypatch
 ):
+    # More 429s than the retry count: under a mention's deadline only the deadline bounds the waits (in a
+    # burst, dozens of reads queue on one bucket).
+    monkeypatch.setattr(worker, "RATE_LIMIT_RETRIES", 1)
     port = free_port()
     bot = await bot_harness(replace(bot_config(), metrics_port=port), chat=recording_chat([]))
     await ready_alice(bot_kube)

@@ -10,9 +10,7 @@ org-wide envelopes whose `authorizations[0].team_id` is null.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import re
 import time
 import urllib.parse
 from dataclasses import replace
@@ -20,7 +18,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from kubernetes import client as k8s
 from slack_sdk.oauth.installation_store.sqlalchemy import SQLAlchemyInstallationStore
 from tests.support.bot_fixtures import (
     CLIENT_ID,
@@ -35,6 +32,7 @@ from tests.support.bot_fixtures import (
     name_of,
     say,
 )
+from tests.support.bot_steps import install, secret_token, until
 from tests.support.helm import CHART_DIR, NAMESPACE, HelmError, render_chart, rendered_env
 from tests.support.slack_emulator import SlackEmulator, Team
 from tests.support.slack_fixtures import ACME_TOKEN
@@ -148,39 +146,6 @@ def consent_values(emulator: SlackEmulator, team: Team) -> list[str]:
         for element in block.get("elements") or []
         if element.get("action_id") == "doppel_consent_approve"
     ]
-
-
-async def until(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-    return found
-
-
-async def install(bot: Any, emulator: OAuthSlackEmulator, team_id: str, **grid: Any) -> str:
-    """A person of `team_id` clicks Add to Slack, then Allow; returns the token Slack issued."""
-    page = await bot.http.get("/slack/install")
-    state = re.search(r"state=([^&\"'\s]+)", page.text).group(1)
-    done = await bot.http.get(
-        "/slack/oauth_redirect",
-        params={"code": emulator.grant(team_id, **grid), "state": state},
-        headers={"Cookie": f"slack-app-oauth-state={state}"},
-    )
-    assert done.status_code == 200, done.text
-    return emulator.issued[-1]
-
-
-def secret_token(url: str, namespace: str, name: str) -> str | None:
-    """The token in a Secret (a sync call: run it off the loop that serves kmock)."""
-    try:
-        secret = k8s.CoreV1Api(api_client(url)).read_namespaced_secret(name, namespace)
-    except k8s.ApiException as exc:
-        assert exc.status == 404
-        return None
-    if secret.string_data:
-        return secret.string_data["token"]
-    return base64.b64decode(secret.data["token"]).decode()
 
 
 def patch_status(kmock: Any, name: str, status: dict[str, Any]) -> None:

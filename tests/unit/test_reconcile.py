@@ -6,13 +6,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from doppel.api import Adapter, DoppelUserSpec, DoppelUserStatus
+from doppel.api import ANNOTATION_DEACTIVATED, Adapter, DoppelUserSpec, DoppelUserStatus
 from doppel.operator import jobs
 from doppel.operator.conditions import condition, transitions
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Owner
 from doppel.operator.promotion import observe_serving, promote
-from doppel.operator.reconcile import Observed, queue_admits, reconcile
+from doppel.operator.reconcile import Observed, deactivation_unseen, queue_admits, reconcile
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CONFIG = OperatorConfig(data_root="/data", max_attempts=3, backoff_s=10)
@@ -232,6 +232,27 @@ def test_suspend_starts_nothing():
     spec = SPEC.model_copy(update={"suspend": True})
     plan = reconcile(observed(spec=spec), CONFIG)
     assert plan.create == [] and plan.status.reason == "Suspended"
+
+
+def test_a_deactivated_person_gets_no_job_and_no_serving_until_active_again():
+    v1 = Adapter(served_name="team.alice.v1", path="/p", version=1)
+    ready = DoppelUserStatus(phase="Ready", observed_generation=1, adapter=v1, served_by=["vllm-0"])
+    # A new spec would retrain, a ready adapter serve: neither happens; the adapter is unloaded once.
+    plan = reconcile(observed([], ready, generation=2, person_deactivated=True), CONFIG)
+    assert plan.create == [] and plan.unload == v1 and not plan.active
+    gone = plan.status
+    assert gone.served_by == [] and gone.reason == "Deactivated"
+    assert condition(gone, "PersonActive").reason == "Deactivated"
+    assert condition(gone, "Ready").status == "False"
+    again = reconcile(observed([], gone, generation=2, person_deactivated=True), CONFIG)
+    assert again.unload is None and again.create == []
+    # The annotation goes: PersonActive again, and generation 2 is scraped.
+    back = reconcile(observed([], gone, generation=2), CONFIG)
+    assert condition(back.status, "PersonActive").status == "True" and back.active
+    assert [j["metadata"]["name"] for j in back.create] == [jobs.job_name(owner(2), "scrape", 1)]
+    assert deactivation_unseen(ready, {ANNOTATION_DEACTIVATED: "true"})
+    assert not deactivation_unseen(gone, {ANNOTATION_DEACTIVATED: "true"})
+    assert deactivation_unseen(gone, {}) and not deactivation_unseen(ready, None)
 
 
 def test_serving_drift_and_events():

@@ -1,6 +1,7 @@
 """Consent: a doppel of someone else is trained only once they agree. The request is a direct message
 with Approve/Decline buttons (`ask_consent`), sent at most once an hour per requester and person and five
-times an hour per requester (nobody spams a colleague through the bot); an answer (`answer_consent`) counts
+times an hour per requester (nobody spams a colleague through the bot), both counted in the shared event
+ledger, so across every replica of the bot; an answer (`answer_consent`) counts
 only from the named person, a member of the same workspace, and whoever asked is told the outcome in a
 direct message (`tell`).
 """
@@ -24,6 +25,8 @@ from doppel.bot.logic import Tenant
 
 LOG = logging.getLogger(__name__)
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
+# Consent requests one person may send in the ledger's claim lifetime (`event_ttl_s`, an hour by default).
+REQUESTS_PER_HOUR = 5
 
 
 async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) -> None:
@@ -36,7 +39,7 @@ async def ask_consent(
     deps: Deps, client: AsyncWebClient, tenant: Tenant, user_id: str, handle: str, requester: str
 ) -> str:
     """Ask `user_id` whether `requester` may train a doppel of them; the requester's answer for now."""
-    if not deps.consent_requests.allow(f"{tenant.team_id}/{requester}"):
+    if not await _request_slot(deps, tenant.team_id, requester):
         raise logic.CommandError("You have sent enough consent requests for this hour: try again later.")
     # Claimed in the shared ledger (its claims last `event_ttl_s`, an hour by default): any replica.
     if not await deps.ledger.claim(tenant.team_id, f"consent/{requester}/{user_id}"):
@@ -86,6 +89,15 @@ async def ask_consent(
         error = exc.response.get("error") if exc.response is not None else None
         raise logic.CommandError(f"I could not ask <@{user_id}> in a direct message ({error}).") from None
     return f"Asked <@{user_id}> for their approval; I will tell you in a direct message when they answer."
+
+
+async def _request_slot(deps: Deps, team_id: str, requester: str) -> bool:
+    """Take one of the requester's `REQUESTS_PER_HOUR` slots in the shared ledger (a slot frees itself when
+    its claim expires, an hour after it was taken); False when every one is taken."""
+    for slot in range(REQUESTS_PER_HOUR):
+        if await deps.ledger.claim(team_id, f"consent-slot/{requester}/{slot}"):
+            return True
+    return False
 
 
 async def answer_consent(

@@ -26,25 +26,6 @@ from doppel.bot.worker import Worker
 MODEL_REQUESTS = 64
 
 
-class Throttle:
-    """At most `limit` events per key in any `window_s` (this replica's memory: a cap on what one person
-    can make the bot do, not an exact count across replicas)."""
-
-    def __init__(self, limit: int, window_s: float) -> None:
-        self.limit, self.window_s = limit, window_s
-        self._seen: dict[str, list[float]] = {}
-
-    def allow(self, key: str) -> bool:
-        """Count one event of `key` if it is under the limit; False (and nothing counted) when over."""
-        now = time.monotonic()
-        recent = [t for t in self._seen.get(key, ()) if now - t < self.window_s]
-        if len(recent) >= self.limit:
-            self._seen[key] = recent
-            return False
-        self._seen[key] = [*recent, now]
-        return True
-
-
 class Lookups:
     """users.info and conversations.info answers, kept a few minutes per workspace: names and channels
     rarely change, and a burst of mentions would otherwise ask the same questions for every event. Single
@@ -113,8 +94,6 @@ class Deps:
     worker: Worker = field(default_factory=Worker)  # where answers run, off the acknowledging loop
     lookups: Lookups = field(default_factory=lambda: Lookups())
     metrics: BotMetrics = field(default_factory=lambda: BotMetrics(enabled=False))
-    # Consent requests a person may send: a direct message from the bot to a colleague, on their command.
-    consent_requests: Throttle = field(default_factory=lambda: Throttle(limit=5, window_s=3600.0))
     # (team, Grid org) pairs whose doppels know their org (`doppel.bot.doppels.adopt_org`).
     orgs_adopted: set[tuple[str, str]] = field(default_factory=set)
     snapshots: Snapshots = field(init=False)

@@ -24,6 +24,7 @@ class Directory(Protocol):
     async def put_secret(self, namespace: str, name: str, data: dict[str, str], team_id: str) -> None: ...
     async def delete_secret(self, namespace: str, name: str, team_id: str) -> bool: ...
     async def stop_doppel(self, namespace: str, name: str, why: str) -> None: ...
+    async def resume_doppel(self, namespace: str, name: str) -> None: ...
 
 
 class MemoryDirectory:
@@ -74,6 +75,12 @@ class MemoryDirectory:
         if found is not None:
             found["metadata"].setdefault("annotations", {})[ANNOTATION_STOPPED] = why
             found["spec"]["suspend"] = True
+
+    async def resume_doppel(self, namespace: str, name: str) -> None:
+        found = self.doppels.get((namespace, name))
+        if found is not None:
+            found["metadata"].get("annotations", {}).pop(ANNOTATION_STOPPED, None)
+            found["spec"]["suspend"] = False
 
     async def list_all_doppels(self) -> list[dict[str, Any]]:
         return [copy.deepcopy(d) for _, d in sorted(self.doppels.items())]

@@ -24,6 +24,8 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
+# Set by the bot when it finds the person deactivated in Slack (the operator reads it too: doppel.api).
+from doppel.api import ANNOTATION_DEACTIVATED as ANNOTATION_DEACTIVATED
 from doppel.api import GROUP, LABEL_TEAM, PLURAL, VERSION
 from doppel.bot.logic import team_of
 
@@ -33,8 +35,6 @@ ANNOTATION_ORG_INSTALL = "doppel.dev/org-wide-install"
 LABEL_EVENT = "doppel.dev/slack-event"
 ANNOTATION_REQUESTER = "doppel.dev/requested-by"
 ANNOTATION_NOTIFIED = "doppel.dev/notified-phase"
-# Set by the bot when it finds the person deactivated in Slack: the doppel no longer answers.
-ANNOTATION_DEACTIVATED = "doppel.dev/person-deactivated"
 # Set with spec.suspend when the workspace uninstalled the app or revoked its token: why it stopped.
 ANNOTATION_STOPPED = "doppel.dev/stopped"
 ANNOTATION_EXPIRES = "doppel.dev/expires-at"
@@ -143,6 +143,13 @@ class Kube:
     async def stop_doppel(self, namespace: str, name: str, why: str) -> None:
         """Suspend a DoppelUser (the operator starts no Job for it) and say why on it."""
         patch = {"metadata": {"annotations": {ANNOTATION_STOPPED: why}}, "spec": {"suspend": True}}
+        await self._maybe(
+            self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
+        )
+
+    async def resume_doppel(self, namespace: str, name: str) -> None:
+        """Undo `stop_doppel`: the operator may start Jobs again."""
+        patch = {"metadata": {"annotations": {ANNOTATION_STOPPED: None}}, "spec": {"suspend": False}}
         await self._maybe(
             self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
         )

@@ -2,13 +2,14 @@
 Secrets, or slack_sdk's SQLAlchemy store when a database is configured), the signed OAuth state (nothing
 stored per request), and Bolt's OAuth flow and authorize over the bot's own Slack client (token rotation
 included). Only the workspaces of the install allowlist (`bot.installAllowlist`, or "any") can complete an
-install: any other gets a refusal page, and the token Slack just issued is revoked.
+install: any other gets a refusal page, and the token Slack just issued is revoked. A stored install calls
+`on_installed` (the doppels an uninstall stopped resume).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from kubernetes import client as k8s
 from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAuthorize
@@ -36,17 +37,28 @@ REFUSED_PAGE = (
 )
 
 
+OnInstalled = Callable[[Installation], Awaitable[None]]
+
+
 class InstallRefused(BoltError):
     """An install by a workspace (or Grid org) the allowlist does not name."""
 
 
 class AllowlistOAuthFlow(AsyncOAuthFlow):
     """Bolt's OAuth flow, storing an installation only when `config.may_install` allows its workspace; any
-    other gets `REFUSED_PAGE` (403) and the token it was just issued is revoked (the app leaves it)."""
+    other gets `REFUSED_PAGE` (403) and the token it was just issued is revoked (the app leaves it). Once
+    stored, `on_installed` is told."""
 
-    def __init__(self, *, config: BotConfig, client: AsyncWebClient, settings: AsyncOAuthSettings) -> None:
+    def __init__(
+        self,
+        *,
+        config: BotConfig,
+        client: AsyncWebClient,
+        settings: AsyncOAuthSettings,
+        on_installed: OnInstalled | None = None,
+    ) -> None:
         super().__init__(client=client, settings=settings)
-        self.config = config
+        self.config, self.on_installed = config, on_installed
         default_failure = self.failure_handler
 
         async def failure(args: AsyncFailureArgs) -> BoltResponse:
@@ -72,6 +84,8 @@ class AllowlistOAuthFlow(AsyncOAuthFlow):
                     LOG.warning("could not revoke the refused install's token: %s", exc.response.get("error"))
             raise InstallRefused("workspace not on the install allowlist")
         await super().store_installation(request, installation)
+        if self.on_installed is not None:
+            await self.on_installed(installation)
 
 
 def oauth_wiring(
@@ -79,9 +93,10 @@ def oauth_wiring(
     web: AsyncWebClient,
     installation_store: InstallationStore | None,
     kube_client: Callable[[], k8s.ApiClient],
+    on_installed: OnInstalled | None = None,
 ) -> tuple[AsyncInstallationStoreAdapter, AsyncOAuthFlow, AsyncInstallationStoreAuthorize]:
     """The installation store, OAuth flow and authorize of an OAuth `config` (`installation_store` when
-    given, else the configured one)."""
+    given, else the configured one); `on_installed` is called after each stored install."""
     assert config.client_secret is not None
     store = AsyncInstallationStoreAdapter(_installation_store(config, installation_store, kube_client))
     settings = AsyncOAuthSettings(
@@ -96,7 +111,7 @@ def oauth_wiring(
         # Rotating tokens are refreshed this long before they expire (slack_sdk's TokenRotator).
         token_rotation_expiration_minutes=120,
     )
-    flow = AllowlistOAuthFlow(config=config, client=web, settings=settings)
+    flow = AllowlistOAuthFlow(config=config, client=web, settings=settings, on_installed=on_installed)
     # Bolt's default authorize rotates tokens through a client of its own (slack.com): use ours.
     authorize = AsyncInstallationStoreAuthorize(
         installation_store=store,

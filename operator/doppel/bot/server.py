@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -32,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from doppel.bot import revocation
 from doppel.bot.app import build_app
 from doppel.bot.background import in_background, notify_progress, sweep_claims
 from doppel.bot.chat import Chat, vllm_chat
@@ -244,6 +246,7 @@ def create_bot(
     flow: AsyncOAuthFlow | None = None
     authorize: AsyncInstallationStoreAuthorize | None = None
     if config.oauth:
-        store, flow, authorize = oauth_wiring(config, web, installation_store, kube_client)
+        reinstalled = functools.partial(revocation.on_installed, deps)
+        store, flow, authorize = oauth_wiring(config, web, installation_store, kube_client, reinstalled)
     app = build_app(deps, client=web, oauth_flow=flow, authorize=authorize, installation_store=store)
     return Bot(config=config, deps=deps, app=app, installation_store=store)

@@ -29,8 +29,9 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
 LOG = logging.getLogger(__name__)
-# A 429 is waited out (Retry-After, plus up to a second of jitter) this many times before a call fails:
-# Slack allows about one message a second per channel, and a burst of mentions in one channel queues.
+# A 429 is waited out (Retry-After, plus up to a second of jitter) this many times before a call with no
+# `DEADLINE` fails (one with a deadline retries until it): Slack allows about one message a second per
+# channel, and a burst of mentions in one channel queues.
 RATE_LIMIT_RETRIES = 10
 # The monotonic time by which the work at hand (a mention's answer) must be done; None: no deadline. A 429
 # whose Retry-After ends later is not waited out: the caller apologises, saying why, instead.
@@ -38,9 +39,11 @@ DEADLINE: ContextVar[float | None] = ContextVar("doppel_slack_deadline", default
 
 
 class DeadlineRateLimitRetryHandler(AsyncRateLimitErrorRetryHandler):
-    """slack_sdk's 429 handler (waits `Retry-After`, then retries), within the current `DEADLINE`."""
+    """slack_sdk's 429 handler (waits `Retry-After`, then retries), within the current `DEADLINE`. Under a
+    deadline only the deadline bounds the retries: in a burst of mentions, dozens of reads wait on one
+    Tier 3 bucket (50 a minute), and a count would give up, with an apology, long before the deadline."""
 
-    async def _can_retry_async(
+    async def can_retry_async(
         self,
         *,
         state: RetryState,
@@ -48,11 +51,11 @@ class DeadlineRateLimitRetryHandler(AsyncRateLimitErrorRetryHandler):
         response: HttpResponse | None = None,
         error: Exception | None = None,
     ) -> bool:
-        if not await super()._can_retry_async(state=state, request=request, response=response, error=error):
-            return False
         deadline = DEADLINE.get()
-        if deadline is None or response is None:
-            return True
+        if deadline is None:  # the count applies
+            return await super().can_retry_async(state=state, request=request, response=response, error=error)
+        if response is None or response.status_code != 429:
+            return False
         after = next((v for k, v in response.headers.items() if k.lower() == "retry-after"), ["1"])
         wait = int(after[0]) if str(after[0]).isdecimal() else 1
         return time.monotonic() + wait < deadline

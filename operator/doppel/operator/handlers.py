@@ -24,7 +24,7 @@ from doppel.operator.config import OperatorConfig
 from doppel.operator.kube import ApiRefused, KubeApi
 from doppel.operator.metrics import OperatorMetrics
 from doppel.operator.pipeline import State, step
-from doppel.operator.reconcile import backoff
+from doppel.operator.reconcile import backoff, deactivation_unseen
 from doppel.operator.registration import matches, unload, vllm_pods
 
 MANAGED = dict(jobs.MANAGED_BY)
@@ -190,6 +190,14 @@ def pod_changed(
     for entry in doppelusers.get("all", []):
         if entry["namespace"] == namespace and matches(entry["selector"], labels):
             _wake(memo, entry["uid"])
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def annotations_changed(body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """The bot marked the person deactivated, or unmarked them: act now, not at the next resync."""
+    published = _state(memo).published.get(uid)
+    if published is not None and deactivation_unseen(published, body.get("metadata", {}).get("annotations")):
+        _wake(memo, uid)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)

@@ -30,7 +30,15 @@ from doppel.operator.progress import (
     record_progress,
     record_scrape_progress,
 )
-from doppel.operator.reconcile import Observed, Plan, backoff, queue_admits, reconcile, refused
+from doppel.operator.reconcile import (
+    Observed,
+    Plan,
+    backoff,
+    person_deactivated,
+    queue_admits,
+    reconcile,
+    refused,
+)
 from doppel.operator.registration import register, repair_drift, unload, vllm_pods
 from doppel.operator.schedule import retrain_due, with_next_time
 
@@ -160,6 +168,7 @@ async def step(
         now=now,
         may_train=lambda: _admission(state, uid, f"{namespace}/{name}", current, now, indexes),
         secret_problem=secret_problem,
+        person_deactivated=person_deactivated(body.get("metadata", {}).get("annotations")),
     )
     plan = reconcile(observed, config)
     problem = await _carry_out(api, namespace, plan, logger, state.metrics)
@@ -188,6 +197,9 @@ async def step(
         elif log is not None:
             new = record_progress(new, latest_progress(log), now)
     vllm = vllm_pods(spec, list(indexes["ready_pods"].get(namespace, [])))
+    if plan.unload is not None:
+        await unload(plan.unload, vllm, logger)
+        logger.info(f"unloaded {plan.unload.served_name}: the person was deactivated")
     if plan.register is not None:
         # Say Registering while the loads run (they can take a while on busy pods).
         await _publish(state, body, current, new)
@@ -200,13 +212,14 @@ async def step(
             await unload(old, vllm, logger)
         if new.pending_adapter is not None:
             delay = config.resync_s
-    elif new.phase == "Ready" and new.adapter is not None:
+    elif plan.active and new.phase == "Ready" and new.adapter is not None:
         new = await repair_drift(new, vllm, state.metrics, body["metadata"], now)
     new = with_next_time(new, spec, now)
     await _publish(state, body, current, new)
     requested = state.retrain_requested
     if (
         spec.retrain_schedule
+        and plan.active
         and new.phase == "Ready"
         and requested.get(uid) != owner.generation
         and retrain_due(spec.retrain_schedule, new.last_trained_at, now, spec.time_zone)

@@ -10,14 +10,14 @@ serving switch in promotion.py, progress figures in progress.py.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from doppel.api import Adapter, ConditionType, DoppelUserSpec, DoppelUserStatus
+from doppel.api import ANNOTATION_DEACTIVATED, Adapter, ConditionType, DoppelUserSpec, DoppelUserStatus
 from doppel.operator import jobs
-from doppel.operator.conditions import set_condition
+from doppel.operator.conditions import condition, set_condition
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Outcome, Owner, Step
 from doppel.operator.progress import eval_summary, final_progress
@@ -34,6 +34,7 @@ class Observed:
     # Asked only when the object wants to start a train Job: the cluster-wide FIFO queue decides.
     may_train: Callable[[], bool] = lambda: True
     secret_problem: str | None = None  # why the Slack token Secret is unusable, None when it is fine
+    person_deactivated: bool = False  # the bot found the person deactivated in Slack (`person_deactivated`)
 
 
 @dataclass
@@ -49,6 +50,23 @@ class Plan:
     abandon: dict[str, str] = field(default_factory=dict)
     # Jobs of an earlier generation still running: deleted, so they stop holding a GPU or a slot.
     delete: list[str] = field(default_factory=list)
+    # False while the person is deactivated: no registration, drift repair or scheduled retrain.
+    active: bool = True
+    unload: Adapter | None = None  # unload this from every vLLM pod (the person was deactivated)
+
+
+DEACTIVATED = "Slack says the person was deactivated: no Job starts and the adapter is not served"
+
+
+def person_deactivated(annotations: Mapping[str, str] | None) -> bool:
+    """Whether the bot marked the DoppelUser's person deactivated (annotation `ANNOTATION_DEACTIVATED`)."""
+    return (annotations or {}).get(ANNOTATION_DEACTIVATED) == "true"
+
+
+def deactivation_unseen(status: DoppelUserStatus, annotations: Mapping[str, str] | None) -> bool:
+    """Whether the annotation says otherwise than the status's PersonActive condition: act on it now."""
+    inactive = (found := condition(status, "PersonActive")) is not None and found.status == "False"
+    return person_deactivated(annotations) != inactive
 
 
 def backoff(config: OperatorConfig, attempt: int) -> float:
@@ -99,6 +117,10 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     plan = Plan(status)
     status.reason = status.message = None
     plan.delete = _superseded(observed)
+    if observed.person_deactivated:
+        return _deactivated(observed, plan)
+    if (found := condition(status, "PersonActive")) is not None and found.status == "False":
+        set_condition(status, "PersonActive", True, "Active", "the person is active in Slack again", now)
 
     if status.adapter and status.adapter.version == owner.generation and status.pending_adapter is None:
         status.phase = "Ready"
@@ -152,6 +174,20 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     status.samples = int(result.result.get("samples", 0))
     set_condition(status, "Scraped", True, "Scraped", f"{status.samples} samples", now)
     return _start(observed, config, plan, "train", 1)
+
+
+def _deactivated(observed: Observed, plan: Plan) -> Plan:
+    """The person left the workspace: no Job starts and the adapter is unloaded (once), until the bot's
+    annotation goes; Jobs already running finish, and what they make waits unregistered."""
+    status, now = plan.status, observed.now
+    status.reason, status.message = "Deactivated", DEACTIVATED
+    set_condition(status, "PersonActive", False, "Deactivated", DEACTIVATED, now)
+    plan.active = False
+    ready = condition(status, "Ready")
+    if status.adapter is not None and (status.served_by or (ready and ready.status == "True")):
+        plan.unload, status.served_by = status.adapter, []
+        set_condition(status, "Ready", False, "Deactivated", DEACTIVATED, now)
+    return plan
 
 
 def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, attempt: int) -> Plan:
