@@ -280,6 +280,14 @@ def with_train_defaults(spec: DoppelUserSpec, defaults: TrainDefaults) -> Doppel
     return spec.model_copy(update=unset)
 
 
+def with_vllm_selector(spec: DoppelUserSpec, selector: dict[str, str] | None) -> DoppelUserSpec:
+    """`spec` with `selector` (the operator's: its release's vLLM pods) as spec.vllm.selector when the object
+    names none; the built-in default matches any vLLM of the namespace, so the chart always gives one."""
+    if not selector or "selector" in spec.vllm.model_fields_set:
+        return spec
+    return spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"selector": dict(selector)})})
+
+
 class Condition(_Model):
     type: ConditionType
     status: Literal["True", "False", "Unknown"]

@@ -566,6 +566,8 @@ class JobController:
         env.update(self.extra_env)
         namespace = job["metadata"]["namespace"]
         for item in container.get("env") or []:
+            if item["name"] == "HOME":
+                continue  # a path inside the pod's own filesystem; this local process keeps the machine's
             if "value" in item:
                 env[item["name"]] = item["value"]
             elif ref := (item.get("valueFrom") or {}).get("secretKeyRef"):

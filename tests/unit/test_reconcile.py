@@ -89,7 +89,11 @@ def test_scrape_success_starts_training_with_gpu_and_placement():
     (train,) = plan.create
     assert train["metadata"]["name"] == jobs.job_name(owner(), "train", 1)
     pod = train["spec"]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    # Burstable, never BestEffort: CPU and memory requested (the cluster's floor here), memory capped there.
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "1", "memory": "8Gi"},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"},
+    }
     assert pod["nodeSelector"] == {"gpu": "yes"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
     command = pod["containers"][0]["command"]

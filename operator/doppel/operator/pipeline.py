@@ -18,7 +18,7 @@ import httpx
 import kopf
 from pydantic import ValidationError
 
-from doppel.api import LABEL_TEAM, DoppelUserSpec, DoppelUserStatus
+from doppel.api import LABEL_TEAM, DoppelUserSpec, DoppelUserStatus, with_vllm_selector
 from doppel.operator import jobs
 from doppel.operator.conditions import transitions
 from doppel.operator.config import OperatorConfig
@@ -196,7 +196,9 @@ async def step(
             new = record_scrape_progress(new, latest_scrape_progress(log), now)
         elif log is not None:
             new = record_progress(new, latest_progress(log), now)
-    vllm = vllm_pods(spec, list(indexes["ready_pods"].get(namespace, [])))
+    vllm = vllm_pods(
+        with_vllm_selector(spec, config.vllm_selector), list(indexes["ready_pods"].get(namespace, []))
+    )
     if plan.unload is not None:
         await unload(plan.unload, vllm, logger)
         logger.info(f"unloaded {plan.unload.served_name}: the person was deactivated")
