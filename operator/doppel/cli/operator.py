@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from doppel.operator.config import OperatorConfig
 
 
-@click.command("operator")
+@click.group("operator", invoke_without_command=True)
 @click.option(
     "--namespace",
     "namespaces",
@@ -188,15 +188,47 @@ if TYPE_CHECKING:
     default=None,
     help="kopf's health endpoint for a liveness probe, e.g. http://0.0.0.0:8081/healthz.",
 )
+@click.pass_context
 @run_stage
-def operator_command(**params: Any) -> dict[str, Any]:
-    """Run the DoppelUser operator (kopf) until interrupted."""
+def operator_command(ctx: click.Context, **params: Any) -> dict[str, Any]:
+    """Run the DoppelUser operator (kopf) until interrupted.
+
+    With a subcommand (dry-run), its settings are only read, for the subcommand."""
     import asyncio
 
     from doppel.operator.handlers import run
 
+    if ctx.invoked_subcommand is not None:
+        return {}
     asyncio.run(run(operator_config(**params)))
     return {}
+
+
+@operator_command.command("dry-run")
+@click.option(
+    "-f",
+    "--filename",
+    "source",
+    required=True,
+    type=click.File("r", encoding="utf-8"),
+    help="A DoppelUser manifest (YAML); - reads standard input.",
+)
+@click.pass_context
+@run_stage
+def dry_run(ctx: click.Context, source: Any) -> None:
+    """Print, as YAML, every object the operator would create for a DoppelUser, with the operator's
+    settings from the same flags and DOPPEL_* variables (`doppel operator [flags] dry-run -f x.yaml`)."""
+    import yaml
+
+    from doppel.operator.dryrun import planned_objects
+
+    try:
+        manifest = yaml.safe_load(source)
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{source.name}: not YAML ({str(exc).splitlines()[0]})") from None
+    assert ctx.parent is not None
+    objects = planned_objects(manifest, operator_config(**ctx.parent.params))
+    click.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
 
 
 def operator_config(
