@@ -293,7 +293,7 @@ def counted(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [pod for pod in pods if not _disrupted(pod)]
 
 
-def _timestamp(value: Any) -> datetime | None:
+def timestamp(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -309,7 +309,7 @@ def stuck(pods: list[dict[str, Any]]) -> Stuck | None:
         if status.get("phase") not in (None, "", "Pending"):
             continue
         name = pod.get("metadata", {}).get("name", "")
-        since = _timestamp(pod.get("metadata", {}).get("creationTimestamp"))
+        since = timestamp(pod.get("metadata", {}).get("creationTimestamp"))
         containers = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
         for container in containers:
             waiting = (container.get("state") or {}).get("waiting") or {}
