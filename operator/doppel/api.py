@@ -29,7 +29,8 @@ LABEL_TEAM = f"{GROUP}/slack-team"
 ANNOTATION_DEACTIVATED = f"{GROUP}/person-deactivated"
 
 Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
-ConditionType = Literal["Scraped", "Trained", "Registered", "Ready", "PersonActive"]
+# StorageWritable: False when a Job could not write the shared volume (permissions, read-only, full).
+ConditionType = Literal["Scraped", "Trained", "Registered", "Ready", "PersonActive", "StorageWritable"]
 Retention = Literal["Delete", "Keep"]
 
 # Kubernetes object names (DNS-1123 subdomain / label) and Slack IDs.

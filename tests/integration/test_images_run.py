@@ -43,7 +43,7 @@ from tests.support.bot_fixtures import (
 )
 from tests.support.helm import CHART_DIR, render_chart, rendered_env
 from tests.support.pod_security import resource_violations, restricted_violations
-from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID
+from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID, write_export_zip
 from tests.support.vllm_fixtures import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -298,3 +298,27 @@ def test_the_train_worker_trains_on_cpu_onto_the_volume(images: Images, volume: 
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
     assert (adapter / "adapter_model.safetensors").stat().st_uid == UID
     assert json.loads((volume / "result.json").read_text())["ok"] is True
+
+
+def test_a_volume_its_user_may_not_write_is_reported_as_storage(
+    images: Images, tmp_path: Path, slack_workspace
+) -> None:
+    """An NFS export left owned by root (root_squash: the pod cannot chown it): the Job says so, with the
+    path and its user, as kind "storage" (the operator's StorageWritable=False)."""
+    volume = tmp_path / "root-owned"
+    volume.mkdir(mode=0o755)
+    results = tmp_path / "results"
+    results.mkdir()
+    os.chown(results, UID, UID)
+    write_export_zip(slack_workspace, volume / "export.zip")
+    ran = images.run(
+        "workerCpu",
+        ["scrape", "--export", "/data/export.zip", "--user", "alice", "--out", "/data/team/alice/g1"],
+        ("-v", f"{volume}:/data", "-v", f"{results}:/results", "-e", "DOPPEL_RESULT_FILE=/results/r.json"),
+    )
+    assert ran.returncode == 1, ran.stderr
+    summary = json.loads((results / "r.json").read_text())
+    assert summary["kind"] == "storage" and summary["reason"].startswith(
+        "cannot write /data/team: permission"
+    )
+    assert f"as uid {UID} gid {UID}" in summary["reason"] and "Traceback" not in ran.stderr

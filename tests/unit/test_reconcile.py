@@ -289,3 +289,21 @@ def test_scrub_is_on_unless_the_spec_turns_it_off():
     command = jobs.scrape_command(off, CONFIG, owner())
     assert "--no-scrub" in command
     assert "--no-scrub" in CliRunner().invoke(main, ["scrape", "--help"]).output
+
+
+def test_a_volume_the_job_could_not_write_says_storage_writable_false_then_true():
+    """A Job's storage failure (`doppel` reports kind "storage") is retried like any failure and also sets
+    StorageWritable=False with the Job's own words; the next successful scrape sets it True."""
+    why = "cannot write /data/team: permission denied (Permission denied), as uid 10001 gid 10001: ..."
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    failed = finished(scrape, False, {"ok": False, "kind": "storage", "reason": why})
+    plan = reconcile(observed([failed]), CONFIG)
+    storage = condition(plan.status, "StorageWritable")
+    assert (storage.status, storage.reason, storage.message) == ("False", "NotWritable", why)
+    assert plan.status.reason == "Retrying" and why in plan.status.message
+    later = NOW + timedelta(hours=1)
+    retry = reconcile(observed([failed], plan.status, now=later), CONFIG)
+    (second,) = retry.create
+    done = finished(second, True, {"ok": True, "samples": 9})
+    plan = reconcile(observed([failed, done], retry.status, now=later), CONFIG)
+    assert condition(plan.status, "StorageWritable").status == "True"

@@ -175,6 +175,8 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         )
     status.samples = int(result.result.get("samples", 0))
     set_condition(status, "Scraped", True, "Scraped", f"{status.samples} samples", now)
+    if any(c.type == "StorageWritable" for c in status.conditions):  # it was not, and now is
+        set_condition(status, "StorageWritable", True, "Written", "the scrape Job wrote its dataset", now)
     return _start(observed, config, plan, "train", 1)
 
 
@@ -220,9 +222,12 @@ def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, a
 def _failed(
     observed: Observed, config: OperatorConfig, plan: Plan, step: Step, attempt: int, result: Outcome
 ) -> Plan:
-    """Bad input fails at once; anything else is retried with exponential backoff, a few times."""
+    """Bad input fails at once; anything else is retried with exponential backoff, a few times. A volume
+    the Job could not write also says StorageWritable=False, with the path and the user."""
     status, now = plan.status, observed.now
     cond: ConditionType = "Scraped" if step == "scrape" else "Trained"
+    if result.result.get("kind") == "storage":
+        set_condition(status, "StorageWritable", False, "NotWritable", result.reason, now)
     if result.bad_input or attempt >= config.max_attempts:
         reason = "BadInput" if result.bad_input else "RetriesExhausted"
         status.phase, status.reason = "Failed", reason
