@@ -450,6 +450,7 @@ class JobController:
       drain leave it); the Job's podFailurePolicy decides between a new pod and a failed Job;
     - `oom(step)`: the step's next container is killed by the kernel (OOMKilled, exit code 137);
     - `activeDeadlineSeconds`: a Job running longer fails with DeadlineExceeded, its pod deleted;
+    - `ttlSecondsAfterFinished`: a finished Job is deleted that long after it ended, its pods with it;
     - a suspended Job loses its pod (condition Suspended); a deleted Job's pod is deleted (the garbage
       collector's part).
     """
@@ -462,6 +463,7 @@ class JobController:
     _pauses: dict[str, Pause] = field(default_factory=dict)
     _stuck: dict[str, Stuck] = field(default_factory=dict)
     _refused: dict[str, Stuck] = field(default_factory=dict)
+    ttl_deleted: list[str] = field(default_factory=list)  # Jobs the TTL-after-finished controller deleted
     _oom: set[str] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _loop: asyncio.Task[None] | None = None
@@ -678,6 +680,14 @@ class JobController:
             },
             namespace,
         )
+        # The TTL-after-finished controller: a finished Job (and, by the garbage collector, its pods) goes
+        # ttlSecondsAfterFinished after it ended.
+        ttl = job["spec"].get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            await asyncio.sleep(ttl)
+            with contextlib.suppress(httpx.HTTPStatusError):
+                await kubectl.delete("Job", name, namespace)
+            self.ttl_deleted.append(name)
 
     async def _run_pod(self, job: dict[str, Any], run: JobRun) -> str:
         """One pod of the Job, from creation to its end: "exited" (see run.returncode) or why it was

@@ -307,3 +307,22 @@ def test_a_volume_the_job_could_not_write_says_storage_writable_false_then_true(
     done = finished(second, True, {"ok": True, "samples": 9})
     plan = reconcile(observed([failed, done], retry.status, now=later), CONFIG)
     assert condition(plan.status, "StorageWritable").status == "True"
+
+
+def test_jobs_gone_after_their_ttl_change_nothing_the_status_remembers():
+    """ttlSecondsAfterFinished deletes finished Jobs: a scraped object waiting in the training queue does
+    not scrape again once its scrape Job is gone, and a failed one stays failed."""
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    done = finished(scrape, True, {"ok": True, "samples": 42})
+    queued = reconcile(observed([done], may_train=lambda: False), CONFIG)
+    assert queued.status.reason == "Queued"
+    later = reconcile(observed([], queued.status, may_train=lambda: False), CONFIG)
+    assert later.create == [] and later.status.reason == "Queued"
+    (train,) = reconcile(observed([], queued.status), CONFIG).create
+    assert train["metadata"]["labels"][jobs.L_STEP] == "train"
+
+    bad = finished(scrape, False, {"ok": False, "kind": "bad_input", "reason": "no such user"})
+    failed = reconcile(observed([bad]), CONFIG)
+    assert failed.status.phase == "Failed"
+    gone = reconcile(observed([], failed.status), CONFIG)
+    assert gone.create == [] and gone.status.phase == "Failed" and "no such user" in gone.status.message

@@ -151,6 +151,13 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         return _after_train(observed, config, plan, *train)
     scrape = _latest(observed, "scrape")
     if scrape is None:
+        # Finished Jobs go after ttlSecondsAfterFinished; the status remembers what they came to.
+        if status.phase == "Failed":  # a verdict on this generation: its Jobs are gone, it stands
+            status.reason, status.message = observed.status.reason, observed.status.message
+            return plan
+        scraped = condition(status, "Scraped")
+        if scraped is not None and scraped.status == "True":  # its dataset is on the volume: train it
+            return _start(observed, config, plan, "train", 1)
         if observed.secret_problem:
             status.phase, status.reason, status.message = "Pending", "SecretMissing", observed.secret_problem
             set_condition(status, "Scraped", False, "SecretMissing", observed.secret_problem, now)
