@@ -314,9 +314,10 @@ def main() -> None:
     args = parser.parse_args()
     memory = asyncio.run(memory_with_jobs(args.users, args.retrains))
     per_job = (memory["kept"] - memory["none"]) * 1024 / memory["jobs"]
+    jobs = int(memory["jobs"])
     print(
-        f"{args.users} DoppelUsers, {args.retrains} retrains each ({int(memory['jobs'])} finished Jobs and as "
-        f"many pods): operator VmRSS {memory['none']:.0f} MiB with none, {memory['kept']:.0f} MiB with all kept "
+        f"{args.users} DoppelUsers, {args.retrains} retrains each ({jobs} finished Jobs and as many pods): "
+        f"operator VmRSS {memory['none']:.0f} MiB with none, {memory['kept']:.0f} MiB with all kept "
         f"({per_job:.1f} KiB per Job and its pod), {memory['ttl']:.0f} MiB with each round deleted "
         f"(ttlSecondsAfterFinished): kept/ttl {memory['kept'] / memory['ttl']:.2f}x"
     )
