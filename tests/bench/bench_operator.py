@@ -260,15 +260,26 @@ async def memory_with_jobs(users: int, retrains: int) -> dict[str, float]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "DOPPEL_DATA_ROOT": tmp},
         )
-        sem = asyncio.Semaphore(32)
+        sem = asyncio.Semaphore(16)
 
         async def each(objects: list[dict[str, Any]], delete: bool = False) -> None:
             async def one(obj: dict[str, Any]) -> None:
                 async with sem:
-                    if delete:
-                        await cluster.kubectl.delete(obj["kind"], obj["metadata"]["name"])
-                    else:
-                        await cluster.kubectl.create(obj)
+                    for attempt in range(
+                        5
+                    ):  # the emulator, not the operator, drops a connection now and then
+                        try:
+                            if delete:
+                                await cluster.kubectl.delete(obj["kind"], obj["metadata"]["name"])
+                            else:
+                                await cluster.kubectl.create(obj)
+                            return
+                        except httpx.TransportError:
+                            await asyncio.sleep(0.2 * (attempt + 1))
+                        except httpx.HTTPStatusError as exc:  # a retried create that had gone through
+                            if exc.response.status_code in (404, 409):
+                                return
+                            raise
 
             await asyncio.gather(*(one(obj) for obj in objects))
 
