@@ -29,7 +29,8 @@ LABEL_TEAM = f"{GROUP}/slack-team"
 ANNOTATION_DEACTIVATED = f"{GROUP}/person-deactivated"
 
 Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
-ConditionType = Literal["Scraped", "Trained", "Registered", "Ready", "PersonActive"]
+# StorageWritable: False when a Job could not write the shared volume (permissions, read-only, full).
+ConditionType = Literal["Scraped", "Trained", "Registered", "Ready", "PersonActive", "StorageWritable"]
 Retention = Literal["Delete", "Keep"]
 
 # Kubernetes object names (DNS-1123 subdomain / label) and Slack IDs.
@@ -278,6 +279,14 @@ def with_train_defaults(spec: DoppelUserSpec, defaults: TrainDefaults) -> Doppel
         if name not in spec.model_fields_set
     }
     return spec.model_copy(update=unset)
+
+
+def with_vllm_selector(spec: DoppelUserSpec, selector: dict[str, str] | None) -> DoppelUserSpec:
+    """`spec` with `selector` (the operator's: its release's vLLM pods) as spec.vllm.selector when the object
+    names none; the built-in default matches any vLLM of the namespace, so the chart always gives one."""
+    if not selector or "selector" in spec.vllm.model_fields_set:
+        return spec
+    return spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"selector": dict(selector)})})
 
 
 class Condition(_Model):

@@ -183,8 +183,8 @@ def test_vllm_serves_loras_from_the_volume_the_operator_writes_to(
     assert env_of(vllm, "vllm")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert server["readinessProbe"]["httpGet"]["path"] == "/health"
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
-    # One GPU node: an update replaces the pod instead of waiting for a second GPU.
-    assert vllm["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    # One replica: the old pod serves until its replacement is ready (no outage on every upgrade).
+    assert vllm["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     # The train Job writes adapters under DOPPEL_DATA_ROOT on the shared claim: vLLM reads the same path.
     operator_env = env_of(operator, "operator")
     (mount,) = [m for m in server["volumeMounts"] if m["name"] == "data"]

@@ -89,7 +89,11 @@ def test_scrape_success_starts_training_with_gpu_and_placement():
     (train,) = plan.create
     assert train["metadata"]["name"] == jobs.job_name(owner(), "train", 1)
     pod = train["spec"]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    # Burstable, never BestEffort: CPU and memory requested (the cluster's floor here), memory capped there.
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "1", "memory": "8Gi"},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"},
+    }
     assert pod["nodeSelector"] == {"gpu": "yes"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
     command = pod["containers"][0]["command"]
@@ -285,3 +289,40 @@ def test_scrub_is_on_unless_the_spec_turns_it_off():
     command = jobs.scrape_command(off, CONFIG, owner())
     assert "--no-scrub" in command
     assert "--no-scrub" in CliRunner().invoke(main, ["scrape", "--help"]).output
+
+
+def test_a_volume_the_job_could_not_write_says_storage_writable_false_then_true():
+    """A Job's storage failure (`doppel` reports kind "storage") is retried like any failure and also sets
+    StorageWritable=False with the Job's own words; the next successful scrape sets it True."""
+    why = "cannot write /data/team: permission denied (Permission denied), as uid 10001 gid 10001: ..."
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    failed = finished(scrape, False, {"ok": False, "kind": "storage", "reason": why})
+    plan = reconcile(observed([failed]), CONFIG)
+    storage = condition(plan.status, "StorageWritable")
+    assert (storage.status, storage.reason, storage.message) == ("False", "NotWritable", why)
+    assert plan.status.reason == "Retrying" and why in plan.status.message
+    later = NOW + timedelta(hours=1)
+    retry = reconcile(observed([failed], plan.status, now=later), CONFIG)
+    (second,) = retry.create
+    done = finished(second, True, {"ok": True, "samples": 9})
+    plan = reconcile(observed([failed, done], retry.status, now=later), CONFIG)
+    assert condition(plan.status, "StorageWritable").status == "True"
+
+
+def test_jobs_gone_after_their_ttl_change_nothing_the_status_remembers():
+    """ttlSecondsAfterFinished deletes finished Jobs: a scraped object waiting in the training queue does
+    not scrape again once its scrape Job is gone, and a failed one stays failed."""
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    done = finished(scrape, True, {"ok": True, "samples": 42})
+    queued = reconcile(observed([done], may_train=lambda: False), CONFIG)
+    assert queued.status.reason == "Queued"
+    later = reconcile(observed([], queued.status, may_train=lambda: False), CONFIG)
+    assert later.create == [] and later.status.reason == "Queued"
+    (train,) = reconcile(observed([], queued.status), CONFIG).create
+    assert train["metadata"]["labels"][jobs.L_STEP] == "train"
+
+    bad = finished(scrape, False, {"ok": False, "kind": "bad_input", "reason": "no such user"})
+    failed = reconcile(observed([bad]), CONFIG)
+    assert failed.status.phase == "Failed"
+    gone = reconcile(observed([], failed.status), CONFIG)
+    assert gone.create == [] and gone.status.phase == "Failed" and "no such user" in gone.status.message

@@ -49,6 +49,9 @@ class BotConfig:
     # Where each workspace's doppels live: explicit TEAM=namespace pairs, else the template.
     team_namespaces: Mapping[str, str] = field(default_factory=dict)
     namespace_template: str = "doppel-{team}"
+    # Namespaces whose DoppelUsers the progress notifier lists and watches (the chart: its own, so the bot
+    # needs no cluster-wide permission); empty: every namespace.
+    watch_namespaces: tuple[str, ...] = ()
     # The bot's own namespace: installation Secrets and the seen-event ledger.
     bot_namespace: str = "doppel"
     require_consent: bool = True
@@ -136,6 +139,7 @@ class BotConfig:
             max_tokens=int(_number(get("DOPPEL_MAX_TOKENS"), "DOPPEL_MAX_TOKENS", cls.max_tokens)),
             team_namespaces=_pairs(get("DOPPEL_TEAM_NAMESPACES")),
             namespace_template=_template(get("DOPPEL_NAMESPACE_TEMPLATE") or cls.namespace_template),
+            watch_namespaces=tuple(_names(get("DOPPEL_WATCH_NAMESPACES"), "DOPPEL_WATCH_NAMESPACES")),
             bot_namespace=get("DOPPEL_BOT_NAMESPACE") or cls.bot_namespace,
             require_consent=_flag(get("DOPPEL_REQUIRE_CONSENT"), "DOPPEL_REQUIRE_CONSENT", True),
             max_doppels_per_workspace=int(
@@ -210,6 +214,15 @@ def _flag(value: str | None, name: str, default: bool) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise BadInput(f"{name} must be true or false, got {value!r}")
+
+
+def _names(value: str | None, variable: str) -> list[str]:
+    """`ns-a,ns-b` -> ["ns-a", "ns-b"] (namespace names)."""
+    names = [item.strip() for item in (value or "").split(",") if item.strip()]
+    for name in names:
+        if not _DNS_LABEL.match(name):
+            raise BadInput(f"{variable} wants namespace names, got {name!r}")
+    return names
 
 
 def _pairs(value: str | None) -> dict[str, str]:

@@ -78,8 +78,11 @@ def api_client(server: str | None = None, connections: int = 16) -> k8s.ApiClien
 class Kube:
     """The few Kubernetes calls the bot makes, each bounded by a timeout."""
 
-    def __init__(self, client: k8s.ApiClient, threads: int = 16) -> None:
+    def __init__(self, client: k8s.ApiClient, threads: int = 16, namespaces: tuple[str, ...] = ()) -> None:
         self.custom = k8s.CustomObjectsApi(client)
+        # Where list_all_doppels and watch_doppels look: these namespaces only (a Role there is enough),
+        # or, empty, the whole cluster (a ClusterRole).
+        self.namespaces = namespaces
         self.core = k8s.CoreV1Api(client)
         # Its own threads: a burst of mentions must not wait on asyncio's small default pool.
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="doppel-kube")
@@ -155,26 +158,34 @@ class Kube:
         )
 
     async def list_all_doppels(self) -> list[dict[str, Any]]:
-        found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-        return list(found.get("items", []))
+        if not self.namespaces:
+            found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+            return list(found.get("items", []))
+        items: list[dict[str, Any]] = []
+        for namespace in self.namespaces:
+            found = await self._call(
+                self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
+            )
+            items += found.get("items", [])
+        return items
 
     def watch_doppels(self, on_change: Callable[[], object]) -> Callable[[], None]:
-        """Call `on_change` (from a thread of its own) on every DoppelUser event; returns the stopper."""
+        """Call `on_change` (from a thread of its own per watched namespace, or one for the cluster) on
+        every DoppelUser event; returns the stopper."""
         stopped = threading.Event()
-        current: list[k8s_watch.Watch] = []
+        current: dict[str | None, k8s_watch.Watch] = {}  # the open watch of each thread
 
-        def run() -> None:
+        def run(namespace: str | None) -> None:
             while not stopped.is_set():
                 watch = k8s_watch.Watch()
-                current[:] = [watch]
+                current[namespace] = watch
+                if namespace is None:
+                    lister, args = self.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL)
+                else:
+                    lister = self.custom.list_namespaced_custom_object
+                    args = (GROUP, VERSION, namespace, PLURAL)
                 try:
-                    events = watch.stream(
-                        self.custom.list_cluster_custom_object,
-                        GROUP,
-                        VERSION,
-                        PLURAL,
-                        _request_timeout=(5, 300),
-                    )
+                    events = watch.stream(lister, *args, _request_timeout=(5, 300))
                     for _ in events:
                         if stopped.is_set():
                             return
@@ -185,10 +196,11 @@ class Kube:
 
         def stop() -> None:
             stopped.set()
-            for watch in current:
+            for watch in list(current.values()):
                 watch.stop()  # closes the connection, so the thread is not left blocked on a read
 
-        threading.Thread(target=run, name="doppel-bot-watch", daemon=True).start()
+        for namespace in self.namespaces or (None,):
+            threading.Thread(target=run, args=(namespace,), name="doppel-bot-watch", daemon=True).start()
         return stop
 
     # --- per-workspace bot state (the active doppel) ---------------------------------------------

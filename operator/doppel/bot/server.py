@@ -219,7 +219,7 @@ def create_bot(
             clients.append(api_client(kube_server))
         return clients[0]
 
-    directory = kube if kube is not None else Kube(kube_client())
+    directory = kube if kube is not None else Kube(kube_client(), namespaces=config.watch_namespaces)
     if ledger is None:
         if config.database_url:
             ledger = SqlEventLedger(config.database_url, config.event_ttl_s)

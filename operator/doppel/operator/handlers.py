@@ -18,7 +18,7 @@ import httpx
 import kopf
 from pydantic import ValidationError
 
-from doppel.api import GROUP, PLURAL, VERSION, DoppelUserSpec, DoppelUserStatus
+from doppel.api import GROUP, PLURAL, VERSION, DoppelUserSpec, DoppelUserStatus, with_vllm_selector
 from doppel.operator import jobs
 from doppel.operator.config import OperatorConfig
 from doppel.operator.kube import ApiRefused, KubeApi
@@ -65,6 +65,8 @@ async def run(
             memo=kopf.Memo(doppel=State(config, metrics=metrics)),
             stop_flag=stop_flag,
             ready_flag=ready_flag,
+            # /healthz answers while kopf's event loop runs: the pod's liveness probe restarts a wedged one.
+            liveness_endpoint=config.liveness_endpoint,
         )
     finally:
         metrics.close()
@@ -279,7 +281,7 @@ async def finalize(
         spec = DoppelUserSpec.model_validate(body.get("spec") or {})
     except ValidationError:
         return  # never trained anything: nothing to unload or remove
-    vllm = vllm_pods(spec, list(ready_pods.get(namespace, [])))
+    vllm = vllm_pods(with_vllm_selector(spec, config.vllm_selector), list(ready_pods.get(namespace, [])))
     for adapter in (status.adapter, status.pending_adapter):
         if adapter is not None:
             await unload(adapter, vllm, logger)

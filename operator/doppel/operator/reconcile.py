@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from doppel.api import ANNOTATION_DEACTIVATED, Adapter, ConditionType, DoppelUserSpec, DoppelUserStatus
-from doppel.operator import jobs
+from doppel.operator import events, jobs
 from doppel.operator.conditions import condition, set_condition
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Outcome, Owner, Step
@@ -35,6 +35,8 @@ class Observed:
     may_train: Callable[[], bool] = lambda: True
     secret_problem: str | None = None  # why the Slack token Secret is unusable, None when it is fine
     person_deactivated: bool = False  # the bot found the person deactivated in Slack (`person_deactivated`)
+    # Events of the Jobs that look stuck and of their pods: object name -> its Events (events.py).
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,6 +151,13 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         return _after_train(observed, config, plan, *train)
     scrape = _latest(observed, "scrape")
     if scrape is None:
+        # Finished Jobs go after ttlSecondsAfterFinished; the status remembers what they came to.
+        if status.phase == "Failed":  # a verdict on this generation: its Jobs are gone, it stands
+            status.reason, status.message = observed.status.reason, observed.status.message
+            return plan
+        scraped = condition(status, "Scraped")
+        if scraped is not None and scraped.status == "True":  # its dataset is on the volume: train it
+            return _start(observed, config, plan, "train", 1)
         if observed.secret_problem:
             status.phase, status.reason, status.message = "Pending", "SecretMissing", observed.secret_problem
             set_condition(status, "Scraped", False, "SecretMissing", observed.secret_problem, now)
@@ -173,6 +182,8 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         )
     status.samples = int(result.result.get("samples", 0))
     set_condition(status, "Scraped", True, "Scraped", f"{status.samples} samples", now)
+    if any(c.type == "StorageWritable" for c in status.conditions):  # it was not, and now is
+        set_condition(status, "StorageWritable", True, "Written", "the scrape Job wrote its dataset", now)
     return _start(observed, config, plan, "train", 1)
 
 
@@ -218,9 +229,12 @@ def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, a
 def _failed(
     observed: Observed, config: OperatorConfig, plan: Plan, step: Step, attempt: int, result: Outcome
 ) -> Plan:
-    """Bad input fails at once; anything else is retried with exponential backoff, a few times."""
+    """Bad input fails at once; anything else is retried with exponential backoff, a few times. A volume
+    the Job could not write also says StorageWritable=False, with the path and the user."""
     status, now = plan.status, observed.now
     cond: ConditionType = "Scraped" if step == "scrape" else "Trained"
+    if result.result.get("kind") == "storage":
+        set_condition(status, "StorageWritable", False, "NotWritable", result.reason, now)
     if result.bad_input or attempt >= config.max_attempts:
         reason = "BadInput" if result.bad_input else "RetriesExhausted"
         status.phase, status.reason = "Failed", reason
@@ -293,14 +307,21 @@ def _stuck(
     """A running Job whose pod cannot start: say why in the step's condition; once it has waited
     `pending_timeout_s`, give the Job up (a failed attempt, which frees its slot)."""
     name = job["metadata"]["name"]
-    found = jobs.stuck(observed.pods.get(name, []))
+    pods = observed.pods.get(name, [])
+    found = jobs.stuck(pods) or events.stuck(job, pods, observed.events)
     if found is None:
         return None
     status, now = plan.status, observed.now
-    waited = (now - found.since).total_seconds() if found.since else 0.0
+    since = found.since
     why = f"{found.reason}: {found.message}" if found.message else found.reason
+    if found.reason == "Unschedulable" and (scaling := events.scale_up(found.pod, observed.events)):
+        # A node is on its way: the wait counts from the scale-up, not from the pod's creation.
+        since = max(since, scaling[0]) if since else scaling[0]
+        why += f"; cluster autoscaler: {scaling[1]}"
+    waited = (now - since).total_seconds() if since else 0.0
     if waited >= config.pending_timeout_s:
-        why += f" (pod {found.pod} Pending for {int(waited)}s, the limit is {int(config.pending_timeout_s)}s)"
+        what = f"pod {found.pod}" if found.pod else "its pod, never created,"
+        why += f" ({what} Pending for {int(waited)}s, the limit is {int(config.pending_timeout_s)}s)"
         plan.abandon[name] = why
         return Outcome("failed", {}, why, found.reason)
     status.reason = found.reason
