@@ -56,7 +56,11 @@ RECORDS = [
     ),
     *[
         sample(f"Standup {i}: reviewed pull requests, fixed flaky tests.", "Eve: status?", "team", T0 + i)
-        for i in range(20, 60)
+        for i in range(20, 35)
+    ],
+    *[
+        sample(f"Coffee order {i}: a flat white and a croissant.", "Finn: coffee?", "random", T0 + i)
+        for i in range(40, 75)
     ],
 ]
 

@@ -272,7 +272,10 @@ class MemoryIndex:
         question = is_question(query)
         stems = [s for s in dict.fromkeys(terms(query, self.stemmer)) if s not in self._name]
         vocab = self.retriever.vocab_dict
-        known = [s for s in stems if s and s in vocab]
+        # A term in over half the messages says little (its IDF is under log 2) and costs the most to sum:
+        # for this person it is a stop word.
+        known = [s for s in stems if s and s in vocab and self._df[vocab[s]] * 2 <= self._n]
+        stems = [s for s in stems if s not in vocab or self._df[vocab[s]] * 2 <= self._n]
         ids = [vocab[s] for s in known]
         if not ids or self._n == 0:
             return Recall([], 0.0, question)
