@@ -22,13 +22,14 @@ def corrections(store: FeedbackStore, samples_file, n: int) -> None:
         store.correct(ts, "U0PAT", reply.replace("Yarr! ", "").replace(", matey ☠", ", thanks."))
 
 
-def test_corrections_move_the_adapter_towards_the_persons_words(tmp_path, tiny_model, trained_adapter, style_samples):
+def test_corrections_move_the_adapter_towards_the_persons_words(
+    tmp_path, tiny_model, trained_adapter, style_samples
+):
     store = FeedbackStore(tmp_path / "pat")
     corrections(store, style_samples.samples, 12)
     out = tmp_path / "tuned"
-    result = prefer(
-        PreferenceConfig(adapter=trained_adapter, base_model=str(tiny_model), out=out, lr=5e-4), store.preference_pairs()
-    )
+    config = PreferenceConfig(adapter=trained_adapter, base_model=str(tiny_model), out=out, lr=5e-4)
+    result = prefer(config, store.preference_pairs())
     assert result.pairs == 12 and result.steps > 0
     assert result.margin_after > result.margin_before + 5  # log-probability, summed over the reply
     trained, tuned = PeftConfig.from_pretrained(trained_adapter), PeftConfig.from_pretrained(out)
@@ -43,7 +44,6 @@ def test_too_few_pairs_leave_the_adapter_as_it_is(tmp_path, tiny_model, trained_
     store = FeedbackStore(tmp_path / "pat")
     corrections(store, style_samples.samples, 3)
     out = tmp_path / "tuned"
-    result = prefer(
-        PreferenceConfig(adapter=trained_adapter, base_model=str(tiny_model), out=out), store.preference_pairs()
-    )
+    config = PreferenceConfig(adapter=trained_adapter, base_model=str(tiny_model), out=out)
+    result = prefer(config, store.preference_pairs())
     assert result.skipped == "3 preference pairs < 8" and not out.exists()

@@ -31,7 +31,7 @@ from doppel.fsutil import atomic_write_text
 FEEDBACK_DIR = "feedback"
 CORRECTION_WEIGHT = 3  # a correction counts as this many ordinary messages in training
 Vote = Literal["up", "down"]
-_SAFE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._]{0,63}$")  # a Slack ts or ID: never a path
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class FeedbackStore:
     def vote(self, reply_ts: str, user_id: str, vote: Vote) -> None:
         if vote not in ("up", "down"):
             raise ValueError(f"vote must be up or down, not {vote!r}")
-        self._write("votes", f"{reply_ts}--{user_id}", {"reply_ts": reply_ts, "user": user_id, "vote": vote})
+        self._write("votes", (reply_ts, user_id), {"reply_ts": reply_ts, "user": user_id, "vote": vote})
 
     def correct(self, reply_ts: str, user_id: str, text: str) -> None:
         """The person's own words for reply `reply_ts` (their latest correction wins)."""
@@ -128,12 +128,14 @@ class FeedbackStore:
                 pairs.append((correction, reply))
         return pairs
 
-    def _path(self, kind: str, key: str) -> Path:
-        if not _SAFE.match(key.replace("--", "-")):
-            raise ValueError(f"not a feedback key: {key!r}")
-        return self.root / kind / f"{key}.json"
+    def _path(self, kind: str, key: str | tuple[str, ...]) -> Path:
+        parts = (key,) if isinstance(key, str) else key
+        for part in parts:
+            if not _KEY.match(part):
+                raise ValueError(f"not a Slack timestamp or ID: {part!r}")
+        return self.root / kind / f"{'--'.join(parts)}.json"
 
-    def _write(self, kind: str, key: str, record: dict[str, Any]) -> None:
+    def _write(self, kind: str, key: str | tuple[str, ...], record: dict[str, Any]) -> None:
         atomic_write_text(self._path(kind, key), json.dumps(record, ensure_ascii=False) + "\n")
 
     def _read(self, kind: str, key: str) -> dict[str, Any] | None:

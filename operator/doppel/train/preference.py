@@ -124,7 +124,7 @@ def prefer(config: PreferenceConfig, pairs: Sequence[dict[str, Any]]) -> Prefere
 
 
 def _pair(pair: dict[str, Any]) -> dict[str, Any]:
-    return {"prompt": list(pair["prompt"]), "chosen": list(pair["chosen"]), "rejected": list(pair["rejected"])}
+    return {key: list(pair[key]) for key in ("prompt", "chosen", "rejected")}
 
 
 def _save(model: PeftModel, config: PreferenceConfig, result: PreferenceResult) -> None:
@@ -156,9 +156,9 @@ def margin(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], device: 
     model.eval()
     total = 0.0
     for pair in pairs:
-        chosen = completion_logprob(model, tokenizer, pair["prompt"], pair["chosen"][-1]["content"], device)
-        rejected = completion_logprob(model, tokenizer, pair["prompt"], pair["rejected"][-1]["content"], device)
-        total += chosen - rejected
+        chosen, rejected = (pair[key][-1]["content"] for key in ("chosen", "rejected"))
+        total += completion_logprob(model, tokenizer, pair["prompt"], chosen, device)
+        total -= completion_logprob(model, tokenizer, pair["prompt"], rejected, device)
     model.train(was_training)
     return total / max(len(pairs), 1)
 
@@ -167,9 +167,7 @@ def completion_logprob(
     model: Any, tokenizer: Any, prompt: Sequence[dict[str, str]], reply: str, device: torch.device
 ) -> float:
     head = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(
-        [*prompt, {"role": "assistant", "content": reply}], tokenize=False
-    )
+    full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=False)
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     inputs = torch.tensor([ids], device=device)
