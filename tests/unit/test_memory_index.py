@@ -13,6 +13,7 @@ from doppel.cli import main
 from doppel.errors import BadInput
 from doppel.memory.index import MemoryIndex, entries_from_samples, tokens, write_index
 from doppel.memory.voice import abstention
+from doppel.slack.conversation import system_prompt
 
 T0 = 1_741_780_800.0  # 12 Mar 2025, 12:00 UTC
 
@@ -21,7 +22,7 @@ def sample(text: str, answered: str, channel: str, ts: float, thread_ts: float |
     """A samples.jsonl record as `doppel scrape` writes it."""
     return {
         "messages": [
-            {"role": "system", "content": "You are Alice Smith, chatting with colleagues on Slack."},
+            {"role": "system", "content": system_prompt("Alice Smith")},
             {"role": "user", "content": answered},
             {"role": "assistant", "content": text},
         ],
