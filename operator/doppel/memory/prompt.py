@@ -25,6 +25,7 @@ from doppel.memory.index import (
     Recall,
 )
 from doppel.slack.conversation import ThreadMessage, system_prompt
+from doppel.slack.normalize import BOT_HANDLE
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,17 @@ def recall_for(
     if index is None or not context:
         return Recall()
     recall = index.search(
-        context[-1].text,
+        query(context[-1].text),
         k=settings.k,
         budget_tokens=settings.budget_tokens,
         min_coverage=settings.min_coverage,
     )
     return recall if settings.abstain else replace(recall, question=False)
+
+
+def query(text: str) -> str:
+    """What is searched for a message: its words, without the bot's own mention."""
+    return text.replace(BOT_HANDLE, " ")
 
 
 def remember_samples(
@@ -96,10 +102,10 @@ def _lines_for(record: dict[str, Any], index: MemoryIndex, settings: MemorySetti
         return []
     if messages[0]["content"] != system_prompt(person) or messages[-2].get("role") != "user":
         return []
-    query = messages[-2]["content"].splitlines()[-1]
+    asked = query(messages[-2]["content"].splitlines()[-1])
     thread = f"{meta.get('channel_id') or ''}/{meta.get('thread_ts') or meta['ts']}"
     recall = index.search(
-        query,
+        asked,
         k=settings.k,
         budget_tokens=settings.budget_tokens,
         min_coverage=settings.min_coverage,
