@@ -58,8 +58,11 @@ class MemorySettings:
         return settings
 
 
+DEFAULT_SETTINGS = MemorySettings()
+
+
 def recall_for(
-    index: MemoryIndex | None, context: Sequence[ThreadMessage], settings: MemorySettings = MemorySettings()
+    index: MemoryIndex | None, context: Sequence[ThreadMessage], settings: MemorySettings = DEFAULT_SETTINGS
 ) -> Recall:
     """What the person wrote that bears on the message being answered (`context[-1]`)."""
     if index is None or not context:
@@ -79,7 +82,7 @@ def query(text: str) -> str:
 
 
 def remember_samples(
-    records: Iterable[dict[str, Any]], index: MemoryIndex, settings: MemorySettings = MemorySettings()
+    records: Iterable[dict[str, Any]], index: MemoryIndex, settings: MemorySettings = DEFAULT_SETTINGS
 ) -> tuple[list[dict[str, Any]], int]:
     """`records` (samples.jsonl) with memory in their system prompts; also how many got any."""
     out, remembered = [], 0
