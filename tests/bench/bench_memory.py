@@ -13,11 +13,18 @@ The messages are synthetic: words drawn from a Zipf distribution over a 30,000-w
 of real text's word frequencies, which is what sets BM25's posting-list lengths), 8 to 60 words each, and
 each answers a question drawn the same way. Questions mix words of existing messages with unknown ones.
 
-Run: .venv/bin/python tests/bench/bench_memory.py [MESSAGES]
+With `abstention` as argument instead, on the real Hyperledger export (`../shared/real-exports`, skipped
+when absent): its most active person's messages, oldest 80% indexed, and the abstention rate at several
+thresholds on (a) the questions they were asked later (held out: most have a basis in what they wrote
+before, some do not) and (b) questions of other workspaces (the demo's and the small real exports': these
+have none, unless by coincidence of words).
+
+Run: .venv/bin/python tests/bench/bench_memory.py [MESSAGES | abstention]
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -32,7 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
 from doppel.memory.index import Entry, MemoryIndex, write_index
 from doppel.slack.conversation import ThreadMessage, build_conversation
 
-MESSAGES = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+MODE = sys.argv[1] if len(sys.argv) > 1 else "100000"
+MESSAGES = int(MODE) if MODE.isdigit() else 100_000
+# Beside the checkout, or where DOPPEL_REAL_EXPORTS says (a worktree elsewhere).
+REAL_EXPORTS = Path(
+    os.environ.get("DOPPEL_REAL_EXPORTS") or Path(__file__).resolve().parents[3] / "shared" / "real-exports"
+)
+THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4)
 VOCABULARY = 30_000
 QUESTIONS = 2_000
 TARGET_MS = 20.0
@@ -136,5 +149,78 @@ def main() -> None:
         shutil.rmtree(where.parent, ignore_errors=True)
 
 
+def abstention() -> None:
+    import collections
+    import json
+    import zipfile
+
+    from doppel.demo.workspace import build_workspace
+    from doppel.memory.index import entries_from_samples, is_question
+    from doppel.memory.prompt import query
+    from doppel.slack.export import scrape_export
+    from doppel.slack.samples import ScrapeOptions
+
+    export = REAL_EXPORTS / "hyperledger-slack" / "hyperledger-slack.zip"
+    if not export.is_file():
+        print(f"skipped: {export} is missing")
+        return
+    archive = zipfile.ZipFile(export)
+    counts: collections.Counter[str] = collections.Counter()
+    for name in archive.namelist():
+        if name.endswith(".json") and "/" in name:
+            counts.update(m["user"] for m in json.loads(archive.read(name)) if m.get("user"))
+    users = {u["id"]: u for u in json.loads(archive.read("users.json"))}
+    person = users[counts.most_common(1)[0][0]]["name"]
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-real-"))
+    try:
+        options = ScrapeOptions(cutoff_days=36500, min_length=20, max_samples=1_000_000, now=time.time())
+        scrape_export(export, person, work / "data", options)
+        records = [json.loads(line) for line in (work / "data" / "samples.jsonl").read_text().splitlines()]
+        records.sort(key=lambda r: float(r["meta"]["ts"]))
+        cut = int(len(records) * 0.8)
+        meta = records[0]["meta"]
+        where = write_index(
+            entries_from_samples(records[:cut]),
+            work / "memory",
+            team=meta["team"],
+            person_id=meta["user"],
+            person_name=meta["person"],
+        )
+        index = MemoryIndex.load(where)
+        held = [
+            r["messages"][-2]["content"].splitlines()[-1] for r in records[cut:] if len(r["messages"]) > 2
+        ]
+        held = [query(q) for q in held if is_question(q)]
+        other = [
+            m.get("text", "")
+            for name, content in build_workspace().items()
+            if "/" in name
+            for m in content
+            if is_question(m.get("text", ""))
+        ]
+        for small in ("hfaran-slack-export-viewer/testarchive.zip", "rusq-slackdump/source_export.zip"):
+            with zipfile.ZipFile(REAL_EXPORTS / small) as zz:
+                for name in zz.namelist():
+                    if name.endswith(".json") and "/" in name:
+                        found = json.loads(zz.read(name))
+                        other += [
+                            m["text"] for m in found if isinstance(m, dict) and is_question(m.get("text", ""))
+                        ]
+        other = [query(q) for q in dict.fromkeys(other)]
+        print(
+            f"{person}: {len(records)} messages, {cut} indexed; {len(held)} held-out questions to them, "
+            f"{len(other)} questions of other workspaces"
+        )
+        for threshold in THRESHOLDS:
+            held_out = statistics.mean(index.search(q, min_coverage=threshold).abstain for q in held)
+            no_basis = statistics.mean(index.search(q, min_coverage=threshold).abstain for q in other)
+            print(
+                f"min coverage {threshold:.2f}: abstains on {held_out:.0%} of the held-out questions, "
+                f"{no_basis:.0%} of the other workspaces' questions"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    main()
+    abstention() if MODE == "abstention" else main()
