@@ -201,6 +201,25 @@ def test_vllm_serves_loras_from_the_volume_the_operator_writes_to(
     assert http["containerPort"] == 8000 and http in server["ports"]
 
 
+def test_the_bot_reads_memory_and_keeps_feedback_where_the_jobs_write(
+    default_manifests: list[dict[str, Any]],
+) -> None:
+    """Memory indexes sit beside the adapters (status.adapter.path, as the vLLM pods see it) and feedback in
+    each doppel's directory: the bot mounts the same claim at the same path, writable by the Jobs' group."""
+    bot = find_manifest(default_manifests, "Deployment", "bot")
+    vllm = find_manifest(default_manifests, "Deployment", "vllm")
+    (mount,) = [m for m in container(bot, "bot")["volumeMounts"] if m["name"] == "data"]
+    (vllm_mount,) = [m for m in container(vllm, "vllm")["volumeMounts"] if m["name"] == "data"]
+    assert mount["mountPath"] == vllm_mount["mountPath"] == env_of(bot, "bot")["DOPPEL_DATA_ROOT"]
+    assert not mount.get("readOnly")
+    claims = [
+        {v["name"]: v.get("persistentVolumeClaim") for v in d["spec"]["template"]["spec"]["volumes"]}["data"]
+        for d in (bot, vllm)
+    ]
+    assert claims[0] == claims[1]
+    assert bot["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
+
+
 def test_default_doppeluser_selector_finds_the_vllm_pods(default_manifests: list[dict[str, Any]]) -> None:
     pod_labels = find_manifest(default_manifests, "Deployment", "vllm")["spec"]["template"]["metadata"][
         "labels"

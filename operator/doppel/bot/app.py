@@ -22,7 +22,7 @@ from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
 from slack_sdk.oauth.installation_store.async_installation_store import AsyncInstallationStore
 from slack_sdk.web.async_client import AsyncWebClient
 
-from doppel.bot import commands, consent, mentions, revocation
+from doppel.bot import commands, consent, feedback, mentions, revocation
 from doppel.bot.access import claimed_teams
 from doppel.bot.chat import backend_chat
 from doppel.bot.deps import Deps
@@ -91,5 +91,26 @@ def build_app(
     ) -> None:
         await ack()
         deps.worker.submit(consent.answer_consent(deps, context, body, action), "consent answer")
+
+    @app.action(feedback.FEEDBACK_ACTION)
+    async def on_feedback(
+        ack: Any, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        await ack()
+        deps.worker.submit(feedback.on_feedback(deps, context, body, action), "feedback")
+
+    @app.action(feedback.CORRECT_ACTION)
+    async def on_correct(
+        ack: Any, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        await ack()
+        await feedback.on_correct(deps, context, body, action)  # now: the modal's trigger_id lasts 3 s
+
+    @app.view(feedback.CORRECTION_VIEW)
+    async def on_correction(
+        ack: Any, body: dict[str, Any], view: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        errors = await feedback.on_correction(deps, context, body, view)
+        await ack(**errors) if errors else await ack()
 
     return app

@@ -18,6 +18,7 @@ from doppel.bot.access import admitted, tenant_of
 from doppel.bot.consent import ask_consent
 from doppel.bot.deps import Deps
 from doppel.bot.doppels import adopt_org, at_limit, create_doppel, limit_text
+from doppel.bot.feedback import status_line
 from doppel.bot.kube import ANNOTATION_REQUESTER
 from doppel.bot.logic import Tenant
 
@@ -71,7 +72,9 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
     if parsed.verb == "status" and parsed.user is None:
         active = (await kube.get_state(namespace, team_id)).get("active")
         doppel = await kube.get_doppel(namespace, team_id, active) if active else None
-        return logic.describe(doppel) if doppel else "No active doppel: `/doppel switch @someone`."
+        if doppel is None:
+            return "No active doppel: `/doppel switch @someone`."
+        return logic.describe(doppel) + await status_line(deps, namespace, doppel)
     assert parsed.user is not None
     # A deactivated person has no doppel to train, but one to look at and to forget.
     user_id, handle = await _resolve(deps, client, tenant, parsed.user, deactivated=parsed.verb != "train")
@@ -86,7 +89,7 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
         return f"There is no doppel of {handle}: `/doppel train @{handle}`."
     name = doppel["metadata"]["name"]
     if parsed.verb == "status":
-        return logic.describe(doppel)
+        return logic.describe(doppel) + await status_line(deps, namespace, doppel)
     actor = await deps.lookups.user(client, team_id, command["user_id"])
     requester = (doppel["metadata"].get("annotations") or {}).get(ANNOTATION_REQUESTER)
     if not logic.may_manage(actor, user_id, requester):

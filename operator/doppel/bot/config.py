@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from doppel.errors import BadInput
+from doppel.memory.prompt import MemorySettings
 from doppel.metrics import port_from_env
 from doppel.slack.ratelimit import PROFILES as RATE_PROFILES
 from doppel.slack.scrub import phone_regions
@@ -81,6 +82,10 @@ class BotConfig:
     # National phone formats the scrubber reads in replies and prompts (ISO 3166; none: US), besides the
     # countries of the people's time zones.
     phone_regions: tuple[str, ...] = ()
+    # The shared volume, mounted where the vLLM pods have it: doppels' feedback under
+    # DATA_ROOT/NAMESPACE/NAME (None: no feedback buttons). Memory indexes are read beside the adapters.
+    data_root: str | None = None
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     @property
     def oauth(self) -> bool:
@@ -158,6 +163,8 @@ class BotConfig:
             ),
             install_allowlist=_allowlist(get("DOPPEL_INSTALL_ALLOWLIST")),
             phone_regions=_phone_regions(get("DOPPEL_PHONE_REGIONS")),
+            data_root=get("DOPPEL_DATA_ROOT"),
+            memory=MemorySettings.from_env(env),
         )
 
 

@@ -19,6 +19,7 @@ from doppel.bot.chat import Chat
 from doppel.bot.config import BotConfig
 from doppel.bot.directory import Directory
 from doppel.bot.ledger import EventLedger
+from doppel.bot.memories import FeedbackDir, Memories, data_root_feedback
 from doppel.bot.metrics import BotMetrics
 from doppel.bot.snapshot import Snapshots
 from doppel.bot.worker import Worker
@@ -43,6 +44,19 @@ class Lookups:
     async def channel(self, client: AsyncWebClient, team_id: str, channel_id: str) -> dict[str, Any]:
         fetch = lambda: client.conversations_info(channel=channel_id)  # noqa: E731
         return await self._get(("channel", team_id, channel_id), fetch, "channel")
+
+    async def workspace_url(self, client: AsyncWebClient, team_id: str) -> str | None:
+        """The workspace's address (auth.test's `url`), which permalinks start with; None if unknown."""
+        key = ("workspace", team_id, team_id)
+        cached = self._cache.get(key)
+        if cached and time.monotonic() - cached[0] < self.ttl_s:
+            return cached[1].get("url")
+        try:
+            answer = await client.auth_test()
+        except SlackApiError:
+            return None
+        self._cache[key] = (time.monotonic(), {"url": answer.get("url")})
+        return answer.get("url")
 
     async def _get(
         self, key: tuple[str, str, str], fetch: Callable[[], Awaitable[Any]], field_name: str
@@ -97,6 +111,9 @@ class Deps:
     # (team, Grid org) pairs whose doppels know their org (`doppel.bot.doppels.adopt_org`).
     orgs_adopted: set[tuple[str, str]] = field(default_factory=set)
     snapshots: Snapshots = field(init=False)
+    # Where a doppel's feedback is kept; by default under the config's data root (none: no feedback).
+    feedback_dir: FeedbackDir | None = None
+    memories: Memories = field(init=False)
     # At most this many model requests in flight from this replica; the rest wait (not counted in the
     # model timeout). An answer waiting for its channel's turn to post holds none.
     model_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MODEL_REQUESTS))
@@ -108,6 +125,7 @@ class Deps:
 
     def __post_init__(self) -> None:
         self.snapshots = Snapshots(self.kube)
+        self.memories = Memories(self.feedback_dir or data_root_feedback(self.config.data_root))
         self.worker.on_error = self.metrics.failed
 
     def posting(self, channel: str) -> asyncio.Lock:

@@ -27,11 +27,14 @@ from doppel.bot.access import admitted, tenant_of
 from doppel.bot.config import BotConfig
 from doppel.bot.deps import Deps
 from doppel.bot.doppels import adopt_org
+from doppel.bot.feedback import reply_blocks, source_days
 from doppel.bot.kube import ANNOTATION_DEACTIVATED
 from doppel.bot.ledger import EventLedger
 from doppel.bot.logic import Tenant
 from doppel.bot.safety import neutralize, user_ids
 from doppel.bot.worker import DEADLINE, slack_retry_handlers
+from doppel.memory.prompt import recall_for
+from doppel.memory.voice import abstention
 from doppel.serve.errors import ServeError
 from doppel.slack.conversation import DEFAULT_WINDOW, ThreadMessage, build_conversation, channel_window
 from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
@@ -139,11 +142,11 @@ async def answer_mention(
     `bot`: this app's bot user ID and bot ID."""
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
 
-    async def post(text: str, **extra: Any) -> None:
+    async def post(text: str, **extra: Any) -> str | None:
         # link_names off: plain words like "@here" stay words (the text is neutralised anyway). Unfurling
         # off: a doppel's link must not fetch and show a page in the channel.
         async with deps.posting(channel):
-            await client.chat_postMessage(
+            posted = await client.chat_postMessage(
                 channel=channel,
                 thread_ts=thread_ts,
                 text=text,
@@ -153,6 +156,7 @@ async def answer_mention(
                 **extra,
             )
         deps.metrics.reply_posted(tenant.team_id, event["ts"])
+        return posted.get("ts")
 
     deadline = DEADLINE.set(time.monotonic() + MENTION_DEADLINE_S)
     try:
@@ -181,7 +185,7 @@ async def _answer(
     tenant: Tenant,
     bot: tuple[str | None, str | None],
     event: dict[str, Any],
-    post: Callable[..., Awaitable[None]],
+    post: Callable[..., Awaitable[str | None]],
 ) -> None:
     bot_user_id = bot[0]
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
@@ -239,9 +243,14 @@ async def _answer(
         if not event.get("thread_ts"):
             context = channel_window(context, WINDOW)
         channel_name = (await lookups.channel(client, team_id, channel)).get("name")
-        messages = build_conversation(person, person_id, context, channel=channel_name)
-        async with deps.model_slots:
-            reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
+        index = await deps.memories.index_for(doppel, team_id)
+        recall = recall_for(index, context, deps.config.memory)
+        messages = build_conversation(person, person_id, context, channel=channel_name, memory=recall.lines())
+        if recall.abstain and index is not None:
+            reply = abstention(person, index.meta.get("voice"))  # nothing of theirs covers it: no guessing
+        else:
+            async with deps.model_slots:
+                reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
     except (ServeError, TimeoutError) as exc:
         LOG.warning("no reply from %s for team %s: %s", model, team_id, exc)
         deps.metrics.error("vllm_unavailable")
@@ -252,8 +261,22 @@ async def _answer(
         return
     icon = {"icon_url": profile["image_72"]} if profile.get("image_72") else {"icon_emoji": DEFAULT_ICON}
     safe = await safe_reply(reply, user, regions)
-    for part in logic.split_reply(safe) or ["…"]:
+    parts = logic.split_reply(safe) or ["…"]
+    sources = recall.sources(await lookups.workspace_url(client, team_id)) if recall.hits else []
+    store = deps.memories.store(deps.config.namespace_for(team_id), doppel)
+    for part in parts[:-1]:
         await post(part, username=f"{name}-bot", **icon)
+    # The last message carries the sources and, where feedback is kept, the feedback buttons.
+    if store is None and not sources:
+        await post(parts[-1], username=f"{name}-bot", **icon)
+        return
+    blocks = reply_blocks(parts[-1], doppel["metadata"]["name"], sources=sources, days=source_days(sources))
+    if store is None:
+        blocks = blocks[:2]  # text and sources: no buttons with nowhere to keep what they say
+    reply_ts = await post(parts[-1], username=f"{name}-bot", blocks=blocks, **icon)
+    if store is not None and reply_ts:
+        record = {"messages": messages, "reply": safe, "adapter": model, "sources": sources}
+        await asyncio.to_thread(store.record_reply, reply_ts, **record, abstained=recall.abstain)
 
 
 async def _mark_deactivated(deps: Deps, doppel: dict[str, Any]) -> None:

@@ -45,6 +45,7 @@ from doppel.bot.intake import Front, SlackIntake
 from doppel.bot.kube import Kube, api_client
 from doppel.bot.ledger import EventLedger, KubeEventLedger, MemoryEventLedger, SqlEventLedger
 from doppel.bot.logic import Tenant
+from doppel.bot.memories import FeedbackDir
 from doppel.bot.metrics import BotMetrics
 from doppel.bot.oauth import INSTALL_PATH, REDIRECT_PATH, oauth_wiring
 from doppel.bot.redact import install_token_redaction
@@ -205,6 +206,7 @@ def create_bot(
     ledger: EventLedger | None = None,
     installation_store: InstallationStore | None = None,
     kube_server: str | None = None,
+    feedback_dir: FeedbackDir | None = None,
 ) -> Bot:
     """Build the bot from `config`; each piece left out is made from the configuration.
 
@@ -240,7 +242,12 @@ def create_bot(
         retry_handlers=slack_retry_handlers(),
     )
     deps = Deps(
-        config=config, kube=directory, ledger=ledger, chat=chat, metrics=BotMetrics(config.metrics_port != 0)
+        config=config,
+        kube=directory,
+        ledger=ledger,
+        chat=chat,
+        metrics=BotMetrics(config.metrics_port != 0),
+        feedback_dir=feedback_dir,
     )
     store: AsyncInstallationStoreAdapter | None = None
     flow: AsyncOAuthFlow | None = None

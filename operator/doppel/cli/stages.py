@@ -254,6 +254,23 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     help="Then make this directory an entry of vLLM's filesystem LoRA resolver for the adapter in OUT.",
 )
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Then write eval.json.")
+@click.option(
+    "--memory/--no-memory",
+    default=True,
+    show_default=True,
+    help="Index the person's messages beside the adapter (OUT/memory) and train with retrieved memory.",
+)
+@click.option(
+    "--feedback-from",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The doppel's data directory: its feedback/ corrections are trained on (weighted) and tuned for.",
+)
+@click.option(
+    "--min-preference-pairs",
+    default=8,
+    show_default=True,
+    help="Corrections needed before preference tuning (DPO) runs.",
+)
 @run_stage
 def train_command(
     data_path: Path,
@@ -264,6 +281,9 @@ def train_command(
     json_progress: bool,
     link: Path | None,
     run_eval: bool,
+    memory: bool,
+    feedback_from: Path | None,
+    min_preference_pairs: int,
     **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter on samples.jsonl; writes the adapter, metrics.json and the fidelity report
@@ -271,7 +291,8 @@ def train_command(
     from transformers.utils import logging as hf_logging
 
     from doppel.train.base_models import resolve_base_model
-    from doppel.train.trainer import TrainConfig, train_adapter
+    from doppel.train.stage import StageOptions, train_stage
+    from doppel.train.trainer import TrainConfig
 
     # stderr carries our own progress bar and, on failure, one line.
     hf_logging.disable_progress_bar()
@@ -287,10 +308,12 @@ def train_command(
         **options,
     )
     on_progress = (lambda event: click.echo(json.dumps(event))) if json_progress else None
-    metrics = train_adapter(config, on_progress)
-    summary: dict[str, Any] = {"adapter": str(out), **metrics.summary()}
+    stage = train_stage(config, StageOptions(memory, feedback_from, min_preference_pairs), on_progress)
+    metrics = stage.pop("metrics")
+    trained_on = Path(stage.pop("data"))  # with memory and corrections: evaluated in the same shape
+    summary: dict[str, Any] = {"adapter": str(out), **metrics.summary(), **stage}
     if run_eval:
-        summary["eval"] = _evaluate(Path(config.base_model), out, data_path, metrics.to_dict(), err=True)
+        summary["eval"] = _evaluate(Path(config.base_model), out, trained_on, metrics.to_dict(), err=True)
     if link is not None:  # after eval.json, so that the resolver's entry links it too
         from doppel.train.trainer import resolver_entry
 

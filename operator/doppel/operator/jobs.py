@@ -163,6 +163,9 @@ def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) ->
         "--min-samples",
         str(t.min_samples),
         "--json-progress",
+        # The person's feedback and corrections, kept in the doppel's directory by the bot.
+        "--feedback-from",
+        user_dir(config, owner.namespace, owner.name),
     ]
     if t.max_steps is not None:
         command += ["--max-steps-per-epoch", str(t.max_steps)]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 DEFAULT_BUDGET_CHARS = 4000
 DEFAULT_WINDOW_GAP_S = 300.0
 DEFAULT_WINDOW_MESSAGES = 10
+MEMORY_HEADING = "Things you wrote before that may help (use them only if they answer):"
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,16 @@ def channel_window(
     return list(messages[start:])
 
 
-def system_prompt(person_name: str) -> str:
-    return (
+def system_prompt(person_name: str, *, memory: Sequence[str] = ()) -> str:
+    """The system prompt naming the person, with `memory` (lines of their own earlier messages, best
+    first: `doppel.memory`) after it."""
+    prompt = (
         f"You are {person_name}, chatting with colleagues on Slack. "
         f"Reply as {person_name} would, in their tone, length and habits."
     )
+    if memory:
+        prompt += f"\n\n{MEMORY_HEADING}\n" + "\n".join(memory)
+    return prompt
 
 
 def opening_line(channel: str | None) -> str:
@@ -90,6 +96,7 @@ def build_conversation(
     *,
     channel: str | None = None,
     budget_chars: int = DEFAULT_BUDGET_CHARS,
+    memory: Sequence[str] = (),
 ) -> list[dict[str, str]]:
     """Chat messages for `context` (oldest first), optionally ending with the person's `reply`."""
     turns: list[dict[str, str]] = []
@@ -107,7 +114,7 @@ def build_conversation(
             turns.append({"role": "assistant", "content": reply})
     if not turns or turns[0]["role"] == "assistant":
         turns.insert(0, {"role": "user", "content": opening_line(channel)})
-    return [{"role": "system", "content": system_prompt(person_name)}, *turns]
+    return [{"role": "system", "content": system_prompt(person_name, memory=memory)}, *turns]
 
 
 def _line(message: ThreadMessage, person_id: str) -> str:

@@ -39,6 +39,7 @@ class Sample:
     messages: list[dict[str, str]]
     thread: str
     person: str | None = None  # meta.person: whom the system prompt names
+    weight: int = 1  # meta.weight: seen this many times an epoch (the person's corrections weigh more)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     thread: str
+    weight: int = 1
 
 
 @dataclass
@@ -100,7 +102,10 @@ def load_samples(path: Path) -> list[Sample]:
                 raise BadInput(f"{path}:{lineno}: {problem}")
             messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
             meta = record.get("meta") or {}
-            samples.append(Sample(messages, _thread_key(meta, messages), meta.get("person")))
+            weight = meta.get("weight", 1)
+            if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 10:
+                raise BadInput(f"{path}:{lineno}: meta.weight must be a whole number from 1 to 10")
+            samples.append(Sample(messages, _thread_key(meta, messages), meta.get("person"), weight))
     return samples
 
 
@@ -160,7 +165,7 @@ def encode(
         for token, offset in zip(ids, offsets, strict=True)
     ]
     if len(ids) <= max_length:
-        return Encoded(ids, labels, sample.thread)
+        return Encoded(ids, labels, sample.thread, sample.weight)
 
     head = sum(1 for offset in offsets if offset[0] < head_end)
     target = sum(1 for offset in offsets if offset[0] >= target_start)
@@ -170,7 +175,7 @@ def encode(
         return None
     stats.clipped += 1
     keep = list(range(head)) + list(range(len(ids) - target - room, len(ids)))
-    return Encoded([ids[i] for i in keep], [labels[i] for i in keep], sample.thread)
+    return Encoded([ids[i] for i in keep], [labels[i] for i in keep], sample.thread, sample.weight)
 
 
 def _render(
@@ -194,6 +199,12 @@ def split_by_thread(encoded: Sequence[Encoded], eval_fraction: float, seed: int)
     for item in encoded:
         (split.eval if item.thread in held_out else split.train).append(item)
     return split
+
+
+def weighted(items: Sequence[Encoded]) -> list[Encoded]:
+    """Each training item as many times as its weight: a correction of weight 3 is learnt as three
+    ordinary messages are (held-out evaluation is not weighted)."""
+    return [item for item in items for _ in range(item.weight)]
 
 
 def collate(items: Sequence[Encoded]) -> Batch:

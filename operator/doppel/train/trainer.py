@@ -90,6 +90,7 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
             f"{stats.dropped_too_long} samples longer than --max-length {config.max_length}"
         )
     split = data.split_by_thread(encoded, config.eval_fraction, config.seed)
+    split.train = data.weighted(split.train)
 
     if os.environ.get(REQUIRE_GPU_ENV) == "1" and not torch.cuda.is_available():
         # A pod given a GPU that sees none would train for hours in float32 on the CPU instead.
