@@ -14,7 +14,7 @@ CONSTRAINTS := images/constraints.txt
 export DOPPEL_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 export DOPPEL_TOOLS_DIR := $(abspath .tools)
 
-.PHONY: help venv vllm-venv tools base-model test lint bench demo crd docs constraints clean
+.PHONY: help venv vllm-venv tools base-model test lint bench demo crd docs constraints images image-tests clean
 
 help:
 	@echo "make demo   run the offline demo (doppel local --demo)"
@@ -23,6 +23,8 @@ help:
 	@echo "make crd    regenerate crds/doppelusers.yaml (and the chart's copy) from doppel/api.py"
 	@echo "make docs   regenerate docs/reference/ from the code and build the site (mkdocs, strict) into site/"
 	@echo "make constraints  re-pin images/constraints.txt to what .venv has installed"
+	@echo "make images  build the app, CPU worker and CUDA worker images (podman, buildah or docker)"
+	@echo "make image-tests  build the images and run them (tests/integration/test_images_run.py)"
 
 # torch first, from the CPU wheel: otherwise pip resolves `torch` to the newest CUDA build (several GB).
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -90,6 +92,18 @@ constraints: venv
 	{ grep '^#' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } \
 		> $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+# The three images, with whichever engine answers (images/build.sh installs podman, buildah and mmdebstrap
+# with apt-get where none does and this runs as root). IMAGES=app picks some; REGISTRY=..., PUSH=1 pushes
+# and writes images/built-values.yaml naming each by digest for `helm install -f`.
+IMAGES ?= app worker-cpu worker
+images:
+	images/build.sh $(IMAGES)
+
+# Opt-in (minutes, several GB): builds the app and CPU worker images and a CPU-torch train worker, then runs
+# them as their non-root user (see the test's docstring).
+image-tests: venv
+	DOPPEL_IMAGE_TESTS=1 $(BIN)/python -m pytest tests/integration/test_images_run.py
 
 crd: venv
 	$(BIN)/doppel crd > crds/doppelusers.yaml

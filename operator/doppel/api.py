@@ -24,9 +24,15 @@ SINGULAR = "doppeluser"
 SHORT_NAME = "doppel"
 # The Slack workspace an object belongs to (DoppelUsers, bot token Secrets): workspaces share namespaces.
 LABEL_TEAM = f"{GROUP}/slack-team"
+# Set ("true") by the bot when Slack says the person was deactivated: the operator starts no Job for the
+# DoppelUser and unloads its adapter (condition PersonActive False) until the annotation goes.
+ANNOTATION_DEACTIVATED = f"{GROUP}/person-deactivated"
 
 Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
-ConditionType = Literal["Scraped", "Trained", "Promoted", "Registered", "Ready"]
+# StorageWritable: False when a Job could not write the shared volume (permissions, read-only, full).
+ConditionType = Literal[
+    "Scraped", "Trained", "Promoted", "Registered", "Ready", "PersonActive", "StorageWritable"
+]
 Retention = Literal["Delete", "Keep"]
 
 # Kubernetes object names (DNS-1123 subdomain / label) and Slack IDs.
@@ -279,6 +285,14 @@ def with_train_defaults(spec: DoppelUserSpec, defaults: TrainDefaults) -> Doppel
         if name not in spec.model_fields_set
     }
     return spec.model_copy(update=unset)
+
+
+def with_vllm_selector(spec: DoppelUserSpec, selector: dict[str, str] | None) -> DoppelUserSpec:
+    """`spec` with `selector` (the operator's: its release's vLLM pods) as spec.vllm.selector when the object
+    names none; the built-in default matches any vLLM of the namespace, so the chart always gives one."""
+    if not selector or "selector" in spec.vllm.model_fields_set:
+        return spec
+    return spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"selector": dict(selector)})})
 
 
 class Condition(_Model):

@@ -34,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,26 @@ async def burst(base_url: str, requests: list[tuple[str, Any]]) -> list[tuple[fl
     return [tuple(row) for row in json.loads(done.stdout)]
 
 
+def mention_request(
+    emulator: SlackEmulator, text: str, event_id: str, user: str = "U02BOB"
+) -> tuple[str, tuple[str, Any]]:
+    """A signed app_mention event for `burst`, its message stored in the channel first as Slack does:
+    (the message's ts, the request)."""
+    ts = say(emulator, user, text)
+    body = json.dumps(mention_payload(text, ts, event_id=event_id, user=user))
+    headers = {"Content-Type": "application/json", **sign(body)}
+    return ts, ("POST", {"url": "/slack/events", "content": body, "headers": headers})
+
+
+@dataclass
+class Stack:
+    """A running bot: an HTTP client on it, its URL, and the Kubernetes emulator's URL."""
+
+    client: httpx.AsyncClient
+    bot_url: str
+    kube_url: str
+
+
 @dataclass
 class Run:
     """One measurement's figures, and its latencies (seconds) for pooling with the other runs'."""
@@ -176,12 +198,12 @@ class Run:
     bare_posts: list[float]
 
 
-async def measure(metrics_port: int) -> Run:
-    """The whole measurement with fresh emulators and one bot process (metrics on `metrics_port`, 0: off)."""
-    emulator = SlackEmulator(rate_scale=10_000.0, post_limit=POST_LIMIT).start()
-    team = emulator.add_team(load_workspace(), token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
-    model = ModelStandIn()
-    model.start()
+@asynccontextmanager
+async def running_bot(
+    emulator: SlackEmulator, model: ModelStandIn, metrics_port: int = 0
+) -> AsyncIterator[Stack]:
+    """The kmock emulator (a process of its own, with Alice's ready doppel) and `doppel bot` (another),
+    against `emulator` and `model`; both ended on exit. The bot's log is kept in a temporary file."""
     kube_port = free_port()
     kube_url = f"http://127.0.0.1:{kube_port}"
     kube_server = subprocess.Popen([sys.executable, __file__, "--kube", str(kube_port)])
@@ -209,27 +231,17 @@ async def measure(metrics_port: int) -> Run:
         }
         log_path = Path(tempfile.mkdtemp(prefix="bench-bot-")) / "bot.log"
         log = log_path.open("w")  # closed with the process below
+        doppel = str(Path(sys.executable).parent / "doppel")
         bot = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "doppel"),
-                "bot",
-                "--port",
-                str(port),
-                "--kube-server",
-                kube_url,
-            ],
+            [doppel, "bot", "--port", str(port), "--kube-server", kube_url],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        health: list[list[tuple[float, float, int]]] = []
-        bare_posts: list[list[tuple[float, float, int]]] = []
-        acks: list[list[tuple[float, float, int]]] = []
         try:
             limits = httpx.Limits(max_connections=EVENTS, max_keepalive_connections=EVENTS)
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30
-            ) as client:
+            bot_url = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=bot_url, limits=limits, timeout=30) as client:
                 deadline = time.monotonic() + 60
                 while True:
                     try:
@@ -240,55 +252,7 @@ async def measure(metrics_port: int) -> Run:
                     if time.monotonic() > deadline or bot.poll() is not None:
                         raise SystemExit(f"the bot did not start; see {log_path}")
                     await asyncio.sleep(0.2)
-                # One at a time first: the per-event overhead with nothing queued (also the warm-up:
-                # the first event pays for auth.test and connection set-up, and is left out).
-                single: list[float] = []
-                for i in range(SINGLE_BASE, SINGLE_BASE + SEQUENTIAL + 1):
-                    text = f"<@{BOT_USER_ID}> as alice question q{i}"
-                    ts = say(emulator, "U02BOB", text)
-                    body = json.dumps(mention_payload(text, ts, event_id=f"EvSeq{i:04d}"))
-                    sent = time.time()
-                    headers = {"Content-Type": "application/json", **sign(body)}
-                    await client.post("/slack/events", content=body, headers=headers)
-                    while i not in model.arrived:
-                        await asyncio.sleep(0.005)
-                    single.append(model.arrived[i] - sent)
-                single = single[1:]
-
-                bot_url = f"http://127.0.0.1:{port}"
-                # What the Kubernetes emulator alone takes for one claim per event (the dedup record each
-                # mention writes), sent at once from here: the floor under the burst's overhead.
-                ledger = Kube(api_client(kube_url))
-                started = time.perf_counter()
-                await asyncio.gather(
-                    *(ledger.claim(BOT_NAMESPACE, f"baseline{i}", 60) for i in range(EVENTS))
-                )
-                kube_burst = time.perf_counter() - started
-
-                posts_before = len(emulator.calls_to("chat.postMessage"))
-                for round_ in range(ROUNDS):
-                    health.append(await burst(bot_url, [("GET", {"url": "/healthz"})] * EVENTS))
-                    requests = []
-                    for i in range(round_ * EVENTS, (round_ + 1) * EVENTS):
-                        text = f"<@{BOT_USER_ID}> as alice question q{i}"
-                        ts = say(emulator, "U02BOB", text)
-                        body = json.dumps(mention_payload(text, ts, event_id=f"EvBench{i:04d}"))
-                        headers = {"Content-Type": "application/json", **sign(body)}
-                        url = "/slack/events"
-                        requests.append(("POST", {"url": url, "content": body, "headers": headers}))
-                    # The same bytes POSTed to /healthz: Starlette answers 405 unread, the HTTP stack's
-                    # own cost of such a request (body and all), with nothing checked or parsed.
-                    bare = [("POST", {**request, "url": "/healthz"}) for _, request in requests]
-                    bare_posts.append(await burst(bot_url, bare))
-                    acks.append(await burst(bot_url, requests))
-                    # Each round starts with the bot idle: every answer of this one posted first.
-                    deadline = time.monotonic() + 120
-                    total = (round_ + 1) * EVENTS + SEQUENTIAL + 1
-                    while len(model.arrived) < total or len(emulator.posted(CHANNEL, team)) < total:
-                        if time.monotonic() > deadline:
-                            break
-                        await asyncio.sleep(0.05)
-                await asyncio.sleep(1.0)  # any duplicate answer would arrive now
+                yield Stack(client, bot_url, kube_url)
         finally:
             bot.terminate()
             bot.wait(10)
@@ -296,6 +260,61 @@ async def measure(metrics_port: int) -> Run:
     finally:
         kube_server.terminate()
         kube_server.wait(10)
+
+
+async def measure(metrics_port: int) -> Run:
+    """The whole measurement with fresh emulators and one bot process (metrics on `metrics_port`, 0: off)."""
+    emulator = SlackEmulator(rate_scale=10_000.0, post_limit=POST_LIMIT).start()
+    team = emulator.add_team(load_workspace(), token=ACME_TOKEN, bot_user_id=BOT_USER_ID)
+    model = ModelStandIn()
+    model.start()
+    health: list[list[tuple[float, float, int]]] = []
+    bare_posts: list[list[tuple[float, float, int]]] = []
+    acks: list[list[tuple[float, float, int]]] = []
+    async with running_bot(emulator, model, metrics_port) as stack:
+        client, bot_url = stack.client, stack.bot_url
+        # One at a time first: the per-event overhead with nothing queued (also the warm-up:
+        # the first event pays for auth.test and connection set-up, and is left out).
+        single: list[float] = []
+        for i in range(SINGLE_BASE, SINGLE_BASE + SEQUENTIAL + 1):
+            text = f"<@{BOT_USER_ID}> as alice question q{i}"
+            ts = say(emulator, "U02BOB", text)
+            body = json.dumps(mention_payload(text, ts, event_id=f"EvSeq{i:04d}"))
+            sent = time.time()
+            headers = {"Content-Type": "application/json", **sign(body)}
+            await client.post("/slack/events", content=body, headers=headers)
+            while i not in model.arrived:
+                await asyncio.sleep(0.005)
+            single.append(model.arrived[i] - sent)
+        single = single[1:]
+
+        # What the Kubernetes emulator alone takes for one claim per event (the dedup record each
+        # mention writes), sent at once from here: the floor under the burst's overhead.
+        ledger = Kube(api_client(stack.kube_url))
+        started = time.perf_counter()
+        await asyncio.gather(*(ledger.claim(BOT_NAMESPACE, f"baseline{i}", 60) for i in range(EVENTS)))
+        kube_burst = time.perf_counter() - started
+
+        posts_before = len(emulator.calls_to("chat.postMessage"))
+        for round_ in range(ROUNDS):
+            health.append(await burst(bot_url, [("GET", {"url": "/healthz"})] * EVENTS))
+            requests = [
+                mention_request(emulator, f"<@{BOT_USER_ID}> as alice question q{i}", f"EvBench{i:04d}")[1]
+                for i in range(round_ * EVENTS, (round_ + 1) * EVENTS)
+            ]
+            # The same bytes POSTed to /healthz: Starlette answers 405 unread, the HTTP stack's
+            # own cost of such a request (body and all), with nothing checked or parsed.
+            bare = [("POST", {**request, "url": "/healthz"}) for _, request in requests]
+            bare_posts.append(await burst(bot_url, bare))
+            acks.append(await burst(bot_url, requests))
+            # Each round starts with the bot idle: every answer of this one posted first.
+            deadline = time.monotonic() + 120
+            total = (round_ + 1) * EVENTS + SEQUENTIAL + 1
+            while len(model.arrived) < total or len(emulator.posted(CHANNEL, team)) < total:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # any duplicate answer would arrive now
     emulator.stop()
 
     events = [row for round_ in acks for row in round_]

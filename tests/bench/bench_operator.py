@@ -13,7 +13,13 @@ loopback. Nothing runs the Jobs: this measures the operator's reaction, not scra
 The emulator forgets requests once served (kmock otherwise matches each request against its whole history,
 a quadratic cost of the emulator, not of the operator).
 
-Run: .venv/bin/python tests/bench/bench_operator.py [--objects N]
+And the operator's memory with many Jobs (`--users 500 --retrains 4`): every retrain of a DoppelUser leaves
+its Jobs (scrape, train, cleanup, prune) and their pods, which kopf's watches keep in memory. The operator's
+resident memory (VmRSS, after a GC-friendly pause) with none of them, with all of them kept (no
+ttlSecondsAfterFinished: 500 x 4 x 4 Jobs and pods), and with each round deleted before the next (what the
+TTL-after-finished controller does with the chart's jobs.ttlSecondsAfterFinished); per kept Job, in KiB.
+
+Run: .venv/bin/python tests/bench/bench_operator.py [--objects N] [--users N --retrains N]
 """
 
 from __future__ import annotations
@@ -193,10 +199,141 @@ def instrumentation_cost(objects: int) -> tuple[float, float]:
     return per_pass, (time.perf_counter() - started) / 100
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def finished_jobs(user: int, round_: int) -> list[dict[str, Any]]:
+    """One retrain's Jobs of a DoppelUser as the operator makes them (jobs.job_manifest), finished, and
+    their pods (terminated): what its watches hold until the Jobs are deleted."""
+    from doppel.api import DoppelUserSpec
+    from doppel.operator import jobs
+    from doppel.operator.config import OperatorConfig
+
+    config = OperatorConfig(data_root="/data", worker_image="ghcr.io/doppel-dev/doppel-worker:0.1.0")
+    spec = DoppelUserSpec.model_validate(doppeluser(user)["spec"])
+    # uids no DoppelUser has: the operator holds these Jobs in its indexes but has nothing to do with them.
+    owner = jobs.Owner(NAMESPACE, f"user-{user:04d}", f"gone-{user:04d}-{round_}", round_)
+    objects = []
+    for step in ("scrape", "train", "cleanup", "prune"):
+        command = jobs.train_command(spec, config, owner) if step == "train" else ["doppel", step]
+        job = jobs.job_manifest(owner, step, 1, command, spec, config)  # type: ignore[arg-type]
+        job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+        template = job["spec"]["template"]
+        labels = {**template["metadata"]["labels"], "batch.kubernetes.io/job-name": job["metadata"]["name"]}
+        message = '{"ok": true, "samples": 500}'
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": job["metadata"]["name"] + "-x7k2p",
+                "namespace": NAMESPACE,
+                "labels": labels,
+            },
+            "spec": template["spec"],
+            "status": {
+                "phase": "Succeeded",
+                "containerStatuses": [
+                    {"name": step, "state": {"terminated": {"exitCode": 0, "message": message}}}
+                ],
+            },
+        }
+        objects += [job, pod]
+    return objects
+
+
+async def memory_with_jobs(users: int, retrains: int) -> dict[str, float]:
+    """The operator's VmRSS (MiB) with `users` DoppelUsers and their finished Jobs kept, or deleted."""
+    cluster = KubeCluster(record=False)
+    await cluster.start()
+    await cluster.kubectl.secret("slack-bot", {"token": "xoxb-bench"})
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "operator.log", "wb")  # noqa: SIM115 (closed below)
+        command = [str(BIN / "doppel"), "operator", "--data-claim", "", "--metrics-port", "0"]
+        proc = subprocess.Popen(
+            [*command, "--api-server", cluster.url, "--namespace", NAMESPACE],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "DOPPEL_DATA_ROOT": tmp},
+        )
+        sem = asyncio.Semaphore(16)
+
+        async def each(objects: list[dict[str, Any]], delete: bool = False) -> None:
+            async def one(obj: dict[str, Any]) -> None:
+                async with sem:
+                    for attempt in range(
+                        5
+                    ):  # the emulator, not the operator, drops a connection now and then
+                        try:
+                            if delete:
+                                await cluster.kubectl.delete(obj["kind"], obj["metadata"]["name"])
+                            else:
+                                await cluster.kubectl.create(obj)
+                            return
+                        except httpx.TransportError:
+                            await asyncio.sleep(0.2 * (attempt + 1))
+                        except httpx.HTTPStatusError as exc:  # a retried create that had gone through
+                            if exc.response.status_code in (404, 409):
+                                return
+                            raise
+
+            await asyncio.gather(*(one(obj) for obj in objects))
+
+        async def settle() -> float:
+            await asyncio.sleep(5.0)  # the watches deliver the last events
+            return rss_mib(proc.pid)
+
+        try:
+            await asyncio.sleep(3.0)
+            suspended = [
+                {**doppeluser(i), "spec": {**doppeluser(i)["spec"], "suspend": True}} for i in range(users)
+            ]
+            await each(suspended)
+            figures["none"] = await settle()
+            # With TTL: each round's Jobs are deleted before the next round starts.
+            for round_ in range(1, retrains + 1):
+                batch = [obj for i in range(users) for obj in finished_jobs(i, round_)]
+                await each(batch)
+                await each(batch, delete=True)
+            figures["ttl"] = await settle()
+            # Without: every round's Jobs stay.
+            for round_ in range(1, retrains + 1):
+                await each([obj for i in range(users) for obj in finished_jobs(i, round_)])
+            figures["kept"] = await settle()
+            figures["jobs"] = users * retrains * 4
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            await cluster.stop()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=300)
+    parser.add_argument("--users", type=int, default=500)
+    parser.add_argument("--retrains", type=int, default=4)
+    parser.add_argument("--memory-only", action="store_true", help="only the memory-with-Jobs measurement")
     args = parser.parse_args()
+    memory = asyncio.run(memory_with_jobs(args.users, args.retrains))
+    per_job = (memory["kept"] - memory["none"]) * 1024 / memory["jobs"]
+    jobs = int(memory["jobs"])
+    print(
+        f"{args.users} DoppelUsers, {args.retrains} retrains each ({jobs} finished Jobs and as many pods): "
+        f"operator VmRSS {memory['none']:.0f} MiB with none, {memory['kept']:.0f} MiB with all kept "
+        f"({per_job:.1f} KiB per Job and its pod), {memory['ttl']:.0f} MiB with each round deleted "
+        f"(ttlSecondsAfterFinished): kept/ttl {memory['kept'] / memory['ttl']:.2f}x"
+    )
+    if args.memory_only:
+        return
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
         script.write(BASELINE_OPERATOR)
     try:

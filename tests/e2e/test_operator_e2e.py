@@ -1,20 +1,25 @@
-"""Opt-in end-to-end test on a real cluster: the Helm chart installed, a DoppelUser trained and served.
+"""Opt-in end-to-end test on a real cluster: the Helm chart installed once, DoppelUsers trained and served.
 
-Skipped unless KUBECONFIG is set. What it needs (for example kind with a GPU node, or any cluster whose
-nodes can run the worker and vLLM images):
+Skipped unless KUBECONFIG is set. On a single-node kind or k3s cluster without a GPU (the values in
+tests/e2e/values-kind.yaml; any other cluster: your own values file in DOPPEL_E2E_VALUES):
 
+    make images                        # podman/buildah/docker; tags localhost/doppel-dev/*:0.1.0
+    # kind: load each image into the node
+    kind create cluster --name doppel
+    for i in doppel doppel-worker doppel-worker-cpu; do
+      podman save localhost/doppel-dev/$i:0.1.0 -o /tmp/$i.tar
+      kind load image-archive /tmp/$i.tar --name doppel
+    done
+    # k3s instead: podman save localhost/doppel-dev/$i:0.1.0 | sudo k3s ctr images import -
     export KUBECONFIG=~/.kube/config
-    export DOPPEL_E2E_VALUES=my-values.yaml        # chart values: images, storage class, vLLM model...
     export DOPPEL_E2E_SLACK_TOKEN=xoxb-...         # a bot token of a test workspace
     export DOPPEL_E2E_TEAM_ID=T0123ABC
     export DOPPEL_E2E_TARGET=alice                 # handle of a person with enough messages
-    export DOPPEL_E2E_BASE_MODEL=/data/models/x    # weights path in the worker image / shared volume
-    export DOPPEL_E2E_SERVED_NAME=x                # the name vLLM serves that model under
     make tools && .venv/bin/python -m pytest tests/e2e -m e2e
 
-It installs the chart into a fresh namespace, creates the token Secret and a DoppelUser, waits until the
-DoppelUser is Ready, checks that the vLLM pods list its adapter under the served name from the status, deletes
-it (the finalizer unloads the adapter) and uninstalls the release.
+The chart is installed once, into a fresh namespace (the model downloads once onto its volume); each test
+uses DoppelUsers of its own. The last test deletes the namespace with a DoppelUser in it and checks that it
+goes (a Terminating namespace must never hang on the operator's finalizer).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +41,9 @@ pytestmark = [
 ]
 
 GROUP, VERSION, PLURAL = "doppel.dev", "v1alpha1", "doppelusers"
+KIND_VALUES = Path(__file__).with_name("values-kind.yaml")
+# The model the values serve (model.name, no servedName): what every DoppelUser here names.
+MODEL = os.environ.get("DOPPEL_E2E_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def helm(*args: str, timeout: float) -> None:
@@ -49,14 +58,18 @@ def env(name: str) -> str:
     return value
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def release() -> Any:
+    """One install for the module (the model downloads once); the namespace goes at the end."""
     from kubernetes import client, config
 
     config.load_kube_config()
     namespace = f"doppel-e2e-{uuid.uuid4().hex[:6]}"
     client.CoreV1Api().create_namespace({"metadata": {"name": namespace}})
-    values = ["-f", env("DOPPEL_E2E_VALUES")]
+    values = ["-f", os.environ.get("DOPPEL_E2E_VALUES") or str(KIND_VALUES)]
+    # What the chart requires: the workspace served and a signing secret (the suite sends no events).
+    values += ["--set", f"workspaces={{{env('DOPPEL_E2E_TEAM_ID')}}}", "--set", "slack.signingSecret=e2e"]
+    values += ["--set", f"slack.botToken={env('DOPPEL_E2E_SLACK_TOKEN')}"]
     helm(
         "install",
         "doppel",
@@ -68,6 +81,9 @@ def release() -> Any:
         "10m",
         *values,
         timeout=700,
+    )
+    client.CoreV1Api().create_namespaced_secret(
+        namespace, {"metadata": {"name": "slack-bot"}, "stringData": {"token": env("DOPPEL_E2E_SLACK_TOKEN")}}
     )
     try:
         yield namespace
@@ -87,7 +103,7 @@ def doppeluser(name: str, **spec: Any) -> dict[str, Any]:
         "spec": {
             "slack": {"teamId": env("DOPPEL_E2E_TEAM_ID"), "tokenSecretRef": {"name": "slack-bot"}},
             "target": {"handle": env("DOPPEL_E2E_TARGET")},
-            "baseModel": {"servedName": env("DOPPEL_E2E_SERVED_NAME"), "path": env("DOPPEL_E2E_BASE_MODEL")},
+            "baseModel": {"servedName": MODEL, "path": MODEL},
             "training": {"rank": 8, "epochs": 1},
             **spec,
         },
@@ -122,39 +138,18 @@ def test_rank_above_vllms_limit_fails_before_any_job(release: str) -> None:
     client.CustomObjectsApi().create_namespaced_custom_object(GROUP, VERSION, release, PLURAL, body)
     status = wait_status(release, "too-big", lambda s: s.get("phase") == "Failed", 120)
     assert status["reason"] == "RankTooHigh" and "--max-lora-rank" in status["message"]
-    assert not client.BatchV1Api().list_namespaced_job(release).items
+    jobs = client.BatchV1Api().list_namespaced_job(release).items
+    assert not [j for j in jobs if j.metadata.labels.get("doppel.dev/user") == "too-big"]
 
 
 def test_unschedulable_train_pod_is_reported(release: str) -> None:
     from kubernetes import client
 
-    client.CoreV1Api().create_namespaced_secret(
-        release, {"metadata": {"name": "slack-bot"}, "stringData": {"token": env("DOPPEL_E2E_SLACK_TOKEN")}}
-    )
     body = doppeluser("nowhere", nodeSelector={"doppel.dev/e2e-no-such-node": "true"})
     client.CustomObjectsApi().create_namespaced_custom_object(GROUP, VERSION, release, PLURAL, body)
     status = wait_status(release, "nowhere", lambda s: s.get("reason") == "Unschedulable", 1800)
     assert "node" in condition(status, "Trained")["message"]  # the scheduler's own words
-
-
-def test_deleting_the_namespace_with_a_doppeluser_never_hangs(release: str) -> None:
-    from kubernetes import client
-
-    client.CustomObjectsApi().create_namespaced_custom_object(
-        GROUP, VERSION, release, PLURAL, doppeluser("leaving")
-    )
-    wait_status(release, "leaving", lambda s: bool(s.get("phase")), 120)
-    core = client.CoreV1Api()
-    core.delete_namespace(release)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            core.read_namespace(release)
-        except client.ApiException as exc:
-            assert exc.status == 404
-            return
-        time.sleep(5)
-    raise AssertionError(f"namespace {release} still Terminating after 10 minutes")
+    client.CustomObjectsApi().delete_namespaced_custom_object(GROUP, VERSION, release, PLURAL, "nowhere")
 
 
 def test_doppeluser_ready_and_served_on_a_real_cluster(release: str) -> None:
@@ -163,22 +158,7 @@ def test_doppeluser_ready_and_served_on_a_real_cluster(release: str) -> None:
 
     namespace = release
     core, custom = client.CoreV1Api(), client.CustomObjectsApi()
-    core.create_namespaced_secret(
-        namespace,
-        {"metadata": {"name": "slack-bot"}, "stringData": {"token": env("DOPPEL_E2E_SLACK_TOKEN")}},
-    )
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "DoppelUser",
-        "metadata": {"name": "e2e"},
-        "spec": {
-            "slack": {"teamId": env("DOPPEL_E2E_TEAM_ID"), "tokenSecretRef": {"name": "slack-bot"}},
-            "target": {"handle": env("DOPPEL_E2E_TARGET")},
-            "baseModel": {"servedName": env("DOPPEL_E2E_SERVED_NAME"), "path": env("DOPPEL_E2E_BASE_MODEL")},
-            "training": {"rank": 8, "epochs": 1},
-        },
-    }
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, doppeluser("e2e"))
     deadline = time.monotonic() + 3600
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -196,6 +176,7 @@ def test_doppeluser_ready_and_served_on_a_real_cluster(release: str) -> None:
             core.connect_get_namespaced_pod_exec,
             pod_name,
             namespace,
+            container="vllm",
             command=[
                 "python3",
                 "-c",
@@ -208,4 +189,25 @@ def test_doppeluser_ready_and_served_on_a_real_cluster(release: str) -> None:
             tty=False,
         )
         assert served_name in models
-    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "e2e")
+
+
+def test_zz_deleting_the_namespace_with_a_doppeluser_never_hangs(release: str) -> None:
+    """Last (pytest keeps file order; the name says so too): it takes the release's namespace with it."""
+    from kubernetes import client
+
+    client.CustomObjectsApi().create_namespaced_custom_object(
+        GROUP, VERSION, release, PLURAL, doppeluser("leaving")
+    )
+    # Its finalizer is on once the operator has seen it (the phase says so): the case that could hang.
+    wait_status(release, "leaving", lambda s: bool(s.get("phase")), 120)
+    core = client.CoreV1Api()
+    core.delete_namespace(release)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(release)
+        except client.ApiException as exc:
+            assert exc.status == 404
+            return
+        time.sleep(5)
+    raise AssertionError(f"namespace {release} still Terminating after 10 minutes")

@@ -113,7 +113,9 @@ async def test_status_switch_help_and_bad_commands(bot_harness, bot_kube):
     )
     status = await bot.form(command_form("status @alice", user="U02BOB"))
     assert "*alice*: Training (40% of 100 steps), 812 samples" in status.text
-    switched = await bot.form(command_form("switch <@U01ALICE|alice>", user="U02BOB"))
+    refused = await bot.form(command_form("switch <@U01ALICE|alice>", user="U02BOB"))
+    assert "Only alice, whoever asked for this doppel, or a workspace admin" in refused.text
+    switched = await bot.form(command_form("switch <@U01ALICE|alice>", user="U01ALICE"))
     assert "alice's doppel now answers" in switched.text
     assert "(active)" in (await bot.form(command_form("list", user="U02BOB"))).text
     assert "Training" in (await bot.form(command_form("status", user="U02BOB"))).text

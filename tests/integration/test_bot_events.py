@@ -16,7 +16,6 @@ import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from tests.support.bot_fixtures import (
     say,
     sign,
 )
+from tests.support.bot_steps import oauth_config
 from tests.support.helm import find_manifest, render_chart
 from tests.support.slack_emulator import SlackEmulator
 from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID
@@ -204,7 +204,7 @@ async def test_replies_never_ping_anyone(bot_harness, bot_kube, slack_emulator):
     assert not re.search(r"<[@#!]", joined), joined  # no user, channel, broadcast or group mention left
     assert "@bobby" in texts[0]  # Bob, by the display name users.info gives
     assert "#general" in texts[0] and "@oncall" in texts[1]
-    assert "<https://example.com/runbook|the runbook>" in texts[1]  # links stay links
+    assert "the runbook (<https://example.com/runbook>)" in texts[1]  # links stay links, showing their target
     assert not re.search(r"@(channel|here|everyone)\b", joined)  # not even as plain words
     calls = [c for c in slack_emulator.calls_to("chat.postMessage") if c.params.get("username")]
     assert calls and all(str(c.params.get("link_names")).lower() in {"0", "false"} for c in calls)
@@ -420,7 +420,7 @@ async def test_oauth_scopes_have_one_source_of_truth(bot_harness, bot_kube, slac
     emulator = OAuthSlackEmulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, rate_scale=1000.0)
     emulator.add_team(slack_workspace, token="xoxb-unused", bot_user_id=BOT_USER_ID)
     with emulator:
-        config = replace(bot_config(), bot_token=None, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+        config = oauth_config()
         bot = await bot_harness(config, emulator=emulator)
         install = await bot.http.get("/slack/install")
         url = re.search(r"https://slack\.com/oauth/v2/authorize\?[^\"'\s]+", install.text).group(0)
@@ -435,13 +435,7 @@ async def test_public_endpoints_leave_bounded_state_and_claims_are_swept_off_the
     emulator = OAuthSlackEmulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, rate_scale=1000.0)
     team = emulator.add_team(slack_workspace, token="xoxb-unused", bot_user_id=BOT_USER_ID)
     with emulator:
-        config = replace(
-            bot_config(),
-            bot_token=None,
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            sweep_interval_s=0.5,
-        )
+        config = oauth_config(sweep_interval_s=0.5)
         bot = await bot_harness(config, emulator=emulator)
         kube = kube_for(url)
         await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", phase="Training"))

@@ -10,9 +10,7 @@ org-wide envelopes whose `authorizations[0].team_id` is null.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import re
 import time
 import urllib.parse
 from dataclasses import replace
@@ -20,7 +18,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from kubernetes import client as k8s
 from slack_sdk.oauth.installation_store.sqlalchemy import SQLAlchemyInstallationStore
 from tests.support.bot_fixtures import (
     CLIENT_ID,
@@ -35,6 +32,7 @@ from tests.support.bot_fixtures import (
     name_of,
     say,
 )
+from tests.support.bot_steps import install, secret_token, until
 from tests.support.helm import CHART_DIR, NAMESPACE, HelmError, render_chart, rendered_env
 from tests.support.slack_emulator import SlackEmulator, Team
 from tests.support.slack_fixtures import ACME_TOKEN
@@ -43,7 +41,7 @@ from doppel.bot.background import notify_once
 from doppel.bot.config import BotConfig
 from doppel.bot.installation_store import KubernetesSecretInstallationStore
 from doppel.bot.kube import api_client
-from doppel.bot.logic import REFUSAL
+from doppel.bot.logic import REFUSAL, SHARED_CHANNEL
 
 # Two of the workspaces examples/values-scaled.yaml lists.
 TEAM_A, TEAM_B = "T0123ABCD", "T0456EFGH"
@@ -150,39 +148,6 @@ def consent_values(emulator: SlackEmulator, team: Team) -> list[str]:
     ]
 
 
-async def until(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-    return found
-
-
-async def install(bot: Any, emulator: OAuthSlackEmulator, team_id: str, **grid: Any) -> str:
-    """A person of `team_id` clicks Add to Slack, then Allow; returns the token Slack issued."""
-    page = await bot.http.get("/slack/install")
-    state = re.search(r"state=([^&\"'\s]+)", page.text).group(1)
-    done = await bot.http.get(
-        "/slack/oauth_redirect",
-        params={"code": emulator.grant(team_id, **grid), "state": state},
-        headers={"Cookie": f"slack-app-oauth-state={state}"},
-    )
-    assert done.status_code == 200, done.text
-    return emulator.issued[-1]
-
-
-def secret_token(url: str, namespace: str, name: str) -> str | None:
-    """The token in a Secret (a sync call: run it off the loop that serves kmock)."""
-    try:
-        secret = k8s.CoreV1Api(api_client(url)).read_namespaced_secret(name, namespace)
-    except k8s.ApiException as exc:
-        assert exc.status == 404
-        return None
-    if secret.string_data:
-        return secret.string_data["token"]
-    return base64.b64decode(secret.data["token"]).decode()
-
-
 def patch_status(kmock: Any, name: str, status: dict[str, Any]) -> None:
     key = next(k for k in kmock.objects if k[2] == name and "doppelusers" in str(k[0]))
     kmock.objects[key].patch({"status": status})
@@ -259,7 +224,7 @@ async def test_two_workspaces_of_the_scaled_install_never_see_each_other(
         # list, switch, status: each workspace sees and changes only its own.
         assert await run("list", BOB_B, team_b, GENERAL_B) == "*alice*: Pending"
         assert await run("list", BOB_A, team_a, GENERAL_A) == "*alice*: Ready"
-        assert "now answers" in await run("switch @alice", BOB_B, team_b, GENERAL_B)
+        assert "now answers" in await run("switch @alice", ALICE_B, team_b, GENERAL_B)
         assert await run("status", BOB_B, team_b, GENERAL_B) == "*alice*: Pending"
         assert "No active doppel" in await run("status", BOB_A, team_a, GENERAL_A)
         assert await run("status @alice", BOB_A, team_a, GENERAL_A) == "*alice*: Ready"
@@ -398,9 +363,15 @@ async def test_slack_connect_users_and_other_workspaces_are_refused_privately(
         await asyncio.sleep(0.5)
         assert emulator.posted(GENERAL_B, team_b) == [] and asked == []
         assert not [p for p in emulator.posted(GENERAL_A, team_a) if "hello" in p["text"]]
-        # A member of A is answered as usual.
-        await bot.event(mention(emulator, team_a, BOB_A, f"<@{BOT_A}> as alice hi", PARTNERS_A, "EvOk"))
-        assert (await bot.wait_posts(PARTNERS_A, 1, team=team_a))[0]["text"] == "hello"
+        # A member of A is answered as usual in A's own channel; in the shared one doppels stay silent.
+        before = len(emulator.posted(GENERAL_A, team_a))
+        await bot.event(mention(emulator, team_a, BOB_A, f"<@{BOT_A}> as alice hi", GENERAL_A, "EvOk"))
+        assert (await bot.wait_posts(GENERAL_A, before + 1, team=team_a))[-1]["text"] == "hello"
+        await bot.event(mention(emulator, team_a, BOB_A, f"<@{BOT_A}> as alice hi", PARTNERS_A, "EvOk2"))
+        notice = await until(
+            lambda: [p for p in emulator.ephemeral_posts(PARTNERS_A, team_a) if p["user"] == BOB_A]
+        )
+        assert notice[0]["text"] == SHARED_CHANNEL and emulator.posted(PARTNERS_A, team_a) == []
 
 
 @pytest.mark.parametrize("store", ["secrets", "postgres"])
@@ -427,12 +398,13 @@ async def test_grid_workspace_and_org_wide_installs_find_their_tokens(
         "clientId": CLIENT_ID,
         "clientSecret": CLIENT_SECRET,
     }
-    values = {"slack": slack}
+    # Installs from A (a workspace of org E1) and from all of org E2 (the Grid org's id) only.
+    values: dict[str, Any] = {"slack": slack, "bot": {"installAllowlist": [TEAM_A, org_b]}}
     secrets = {}
     if store == "postgres":
         secrets[DATABASE_REF] = request.getfixturevalue("postgres_url")
     else:
-        values["bot"] = {"databaseSecret": ""}
+        values["bot"]["databaseSecret"] = ""
     config = chart_config([CHART_DIR / "examples" / "values-scaled.yaml"], values, secrets)
     assert (config.database_url is None) is (store == "secrets")
     kmock, url = bot_kube
@@ -457,6 +429,11 @@ async def test_grid_workspace_and_org_wide_installs_find_their_tokens(
         assert (
             await asyncio.to_thread(find, enterprise_id=org_b, team_id=TEAM_B) is None
         )  # not a workspace install
+
+        # B's alice was trained before org E2 installed the app org-wide: her doppel names no org.
+        earlier = doppel_body("alice", ALICE_B, phase="Pending", team=TEAM_B, namespace=NAMESPACE)
+        earlier["metadata"]["annotations"] = {"doppel.dev/requested-by": BOB_B}
+        await kube_for(url).create_doppel(NAMESPACE, earlier)
 
         grid_a = {"enterprise_id": org_a, "is_enterprise_install": "false"}
         grid_b = {"enterprise_id": org_b, "is_enterprise_install": "true"}
@@ -532,7 +509,16 @@ async def test_grid_workspace_and_org_wide_installs_find_their_tokens(
 
         for team in (TEAM_A, TEAM_B):
             patch_status(kmock, name_of("bob", team), {"phase": "Training", "samples": 30})
+        patch_status(kmock, name_of("alice", TEAM_B), {"phase": "Training", "samples": 7})
         await notify_once(bot.bot)
+        # The earlier doppel learnt its org from B's requests: its requester is told with the org's token.
+        await until(
+            lambda: any(
+                "alice's doppel: scraped 7 samples" in p["text"]
+                for c in list(team_b.messages)
+                for p in emulator.posted(c, team_b)
+            )
+        )
         for team in (team_a, team_b):  # by direct message, in each workspace with its own token
             await until(
                 lambda t=team: any(

@@ -183,8 +183,8 @@ def test_vllm_serves_loras_from_the_volume_the_operator_writes_to(
     assert env_of(vllm, "vllm")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert server["readinessProbe"]["httpGet"]["path"] == "/health"
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
-    # One GPU node: an update replaces the pod instead of waiting for a second GPU.
-    assert vllm["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    # One replica: the old pod serves until its replacement is ready (no outage on every upgrade).
+    assert vllm["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     # The train Job writes adapters under DOPPEL_DATA_ROOT on the shared claim: vLLM reads the same path.
     operator_env = env_of(operator, "operator")
     (mount,) = [m for m in server["volumeMounts"] if m["name"] == "data"]
@@ -199,6 +199,25 @@ def test_vllm_serves_loras_from_the_volume_the_operator_writes_to(
         p for c in vllm["spec"]["template"]["spec"]["containers"] for p in c["ports"] if p["name"] == "http"
     ]
     assert http["containerPort"] == 8000 and http in server["ports"]
+
+
+def test_the_bot_reads_memory_and_keeps_feedback_where_the_jobs_write(
+    default_manifests: list[dict[str, Any]],
+) -> None:
+    """Memory indexes sit beside the adapters (status.adapter.path, as the vLLM pods see it) and feedback in
+    each doppel's directory: the bot mounts the same claim at the same path, writable by the Jobs' group."""
+    bot = find_manifest(default_manifests, "Deployment", "bot")
+    vllm = find_manifest(default_manifests, "Deployment", "vllm")
+    (mount,) = [m for m in container(bot, "bot")["volumeMounts"] if m["name"] == "data"]
+    (vllm_mount,) = [m for m in container(vllm, "vllm")["volumeMounts"] if m["name"] == "data"]
+    assert mount["mountPath"] == vllm_mount["mountPath"] == env_of(bot, "bot")["DOPPEL_DATA_ROOT"]
+    assert not mount.get("readOnly")
+    claims = [
+        {v["name"]: v.get("persistentVolumeClaim") for v in d["spec"]["template"]["spec"]["volumes"]}["data"]
+        for d in (bot, vllm)
+    ]
+    assert claims[0] == claims[1]
+    assert bot["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
 
 
 def test_default_doppeluser_selector_finds_the_vllm_pods(default_manifests: list[dict[str, Any]]) -> None:

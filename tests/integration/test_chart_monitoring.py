@@ -240,7 +240,8 @@ def test_two_operator_replicas_share_the_charts_peering(monitored, monkeypatch):
     assert (params["peering"], params["peer_id"]) == (peering["metadata"]["name"], "operator-pod")
     assert params["metrics_port"] == 9090
     assert env_of(operator, "operator")["DOPPEL_PEER_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert int(env["DOPPEL_METRICS_PORT"]) == container(operator, "operator")["ports"][0]["containerPort"]
+    ports = {port["name"]: port["containerPort"] for port in container(operator, "operator")["ports"]}
+    assert int(env["DOPPEL_METRICS_PORT"]) == ports["metrics"]
     role = find_manifest(monitored, "Role", "operator")
     (rule,) = [r for r in role["rules"] if r["apiGroups"] == ["kopf.dev"]]
     assert rule == {

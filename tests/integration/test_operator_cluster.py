@@ -126,7 +126,7 @@ async def test_disruption_costs_no_attempt_oom_and_deadline_are_reported(
         assert len(pods) == 2
         # The first train container runs out of memory: reported with the memory hint, then retried.
         obj = await kube.wait_for("edge", lambda o: "OOMKilled" in (o["status"].get("message") or ""), 60)
-        assert reason(obj) == "Retrying" and "request 2Gi" in obj["status"]["message"]
+        assert reason(obj) == "Retrying" and "limit 2Gi" in obj["status"]["message"]
         assert "spec.resources.memory" in obj["status"]["message"]
         # The retry hangs (held) past its activeDeadlineSeconds: the Job controller fails it.
         kube.jobs.hold("train")

@@ -5,13 +5,14 @@ No vLLM here: these paths stop before registration (or test the queue with Jobs 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
 from tests.support.kube_fixtures import NAMESPACE, OperatorProcess, config_with
 from tests.support.slack_fixtures import ACME_TOKEN
 
-from doppel.api import LABEL_TEAM
+from doppel.api import ANNOTATION_DEACTIVATED, LABEL_TEAM
 from doppel.operator import jobs
 
 
@@ -171,5 +172,37 @@ async def test_a_token_secret_of_another_workspace_is_not_used(kube, operator_co
             f"Secret {NAMESPACE}/slack-bot holds the token of team T0ACME001, not T0OTHER01"
         )
         assert kube.cluster.jobs() == []
+    finally:
+        await operator.stop()
+
+
+async def test_a_deactivated_persons_doppeluser_runs_nothing_until_they_are_active_again(
+    kube, operator_config, slack_emulator
+):
+    """The bot marks the DoppelUser of a person Slack deactivated (annotation): the operator says so in a
+    condition and starts no Job; once the mark goes, the pipeline goes on by itself."""
+    config = config_with(
+        operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
+    )
+    operator = OperatorProcess(config)
+    await operator.start()
+    try:
+        await kube.kubectl.secret("slack-bot", {"token": ACME_TOKEN})
+        body = doppeluser("gone")
+        body["metadata"]["annotations"] = {ANNOTATION_DEACTIVATED: "true"}
+        await kube.kubectl.create(body)
+        obj = await kube.wait_for("gone", lambda o: cond(o, "PersonActive").get("status") == "False", 30)
+        assert cond(obj, "PersonActive")["reason"] == "Deactivated" and reason(obj) == "Deactivated"
+        await asyncio.sleep(3 * config.resync_s)  # several passes: still nothing runs
+        assert kube.cluster.jobs() == []
+
+        def noted(events: list[dict[str, Any]]) -> bool:
+            return any(e["reason"] == "PersonActiveFalse" for e in events)
+
+        assert noted(await kube.wait_for_events(noted))
+        unmarked = {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: None}}}
+        await kube.kubectl.patch("DoppelUser", "gone", unmarked)
+        obj = await kube.wait_for("gone", lambda o: cond(o, "Scraped").get("status") == "True", 60, "scraped")
+        assert cond(obj, "PersonActive")["status"] == "True"
     finally:
         await operator.stop()

@@ -19,6 +19,7 @@ from tests.support.metrics import scrape, value
 from tests.support.slack_fixtures import ACME_TOKEN
 from tests.support.vllm_fixtures import VllmServer, free_port, vllm_python
 
+from doppel.api import ANNOTATION_DEACTIVATED
 from doppel.operator import jobs
 
 pytestmark = pytest.mark.vllm
@@ -233,9 +234,8 @@ async def test_doppeluser_lifecycle_on_real_vllm(
         await operator.stop()
 
 
-async def test_retrain_schedule_retrains_and_swaps_the_adapter(
-    kube, operator_config, slack_emulator, tiny_model, vllm
-):
+async def operator_on_vllm(kube: Any, operator_config: Any, slack_emulator: Any, vllm: VllmServer) -> Any:
+    """The operator started, with the token Secret and the module's vLLM as the ready vLLM pod."""
     config = config_with(
         operator_config, slack_api_url=slack_emulator.base_url + "/", scrape_args=("--rate-scale", "1000")
     )
@@ -243,6 +243,13 @@ async def test_retrain_schedule_retrains_and_swaps_the_adapter(
     await kube.kubectl.create(vllm_pod("vllm-0", vllm.port))
     operator = OperatorProcess(config)
     await operator.start()
+    return operator
+
+
+async def test_retrain_schedule_retrains_and_swaps_the_adapter(
+    kube, operator_config, slack_emulator, tiny_model, vllm
+):
+    operator = await operator_on_vllm(kube, operator_config, slack_emulator, vllm)
     try:
         scheduled = doppeluser(tiny_model)
         scheduled["metadata"]["name"] = "sched"
@@ -262,3 +269,36 @@ async def test_retrain_schedule_retrains_and_swaps_the_adapter(
         async with httpx.AsyncClient(timeout=30) as http:
             for name in ("team.sched.v1", "team.sched.v2", "team.sched.v3"):
                 await http.post(f"{vllm.base_url}/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+async def test_a_deactivated_persons_adapter_leaves_vllm_until_they_are_active_again(
+    kube, operator_config, slack_emulator, tiny_model, vllm
+):
+    """The bot marks the person deactivated: the operator unloads the adapter from vLLM and keeps it off
+    (no drift repair puts it back) until the mark goes; then it serves again."""
+    operator = await operator_on_vllm(kube, operator_config, slack_emulator, vllm)
+
+    def ready_is(value: str) -> Any:
+        return lambda o: any(c["type"] == "Ready" and c["status"] == value for c in status(o)["conditions"])
+
+    try:
+        gone = doppeluser(tiny_model)
+        gone["metadata"]["name"] = "gone"
+        await kube.kubectl.create(gone)
+        await kube.wait_for("gone", ready_with(1), 300, "Ready v1")
+        await until_served(vllm, "team.gone.v1")
+        marked = {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: "true"}}}
+        await kube.kubectl.patch("DoppelUser", "gone", marked)
+        obj = await kube.wait_for("gone", ready_is("False"), 30, "Ready False")
+        assert status(obj)["reason"] == "Deactivated" and not status(obj).get("servedBy")
+        await until_served(vllm, "team.gone.v1", present=False, timeout=30)
+        await asyncio.sleep(3 * operator.config.resync_s)  # several passes, each repairing drift if active
+        assert "team.gone.v1" not in await served(vllm)
+        unmarked = {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: None}}}
+        await kube.kubectl.patch("DoppelUser", "gone", unmarked)
+        await kube.wait_for("gone", ready_is("True"), 60, "Ready again")
+        await until_served(vllm, "team.gone.v1")
+    finally:
+        await operator.stop()
+        async with httpx.AsyncClient(timeout=30) as http:
+            await http.post(f"{vllm.base_url}/v1/unload_lora_adapter", json={"lora_name": "team.gone.v1"})

@@ -10,7 +10,7 @@ import time
 
 from click.testing import CliRunner
 from tests.support.bot_fixtures import CHANNEL, NAMESPACE, doppel_body, kube_for, mention_payload, say
-from tests.support.secret_fixtures import PASTE, leaked
+from tests.support.secret_fixtures import NATIONAL_PHONES, PASTE, leaked
 from tests.support.slack_fixtures import ACME_TOKEN, write_export_zip
 
 from doppel.cli import main
@@ -19,12 +19,22 @@ from doppel.slack.samples import Person, ScrapeOptions, build_samples, threads_f
 GENERAL = "C01GENERAL"
 
 
+LONDON_LINE = f"and from the London office call me on {NATIONAL_PHONES['GB']}, it rings at my desk all day"
+
+
 def pasted_messages(now: float) -> list[dict[str, str]]:
-    """Bob pastes everything in #general, Alice answers with it again a minute later."""
+    """Bob pastes everything in #general and, living in London, gives his desk phone the British way;
+    Alice answers with it all again a minute later."""
     return [
         {"type": "message", "ts": f"{int(now) - 120}.000100", "user": "U02BOB", "text": PASTE},
+        {"type": "message", "ts": f"{int(now) - 90}.000100", "user": "U02BOB", "text": LONDON_LINE},
         {"type": "message", "ts": f"{int(now) - 60}.000100", "user": "U01ALICE", "text": "thanks! " + PASTE},
     ]
+
+
+def in_london(users: list[dict]) -> None:
+    """Bob's Slack profile says Europe/London (users.list and exports carry each person's `tz`)."""
+    next(u for u in users if u["id"] == "U02BOB")["tz"] = "Europe/London"
 
 
 def scrape(out, *args, emulator=None):
@@ -38,31 +48,38 @@ def written(out) -> tuple[str, dict]:
 
 
 def test_an_export_full_of_secrets_gives_clean_samples(slack_workspace, tmp_path):
+    in_london(slack_workspace["users"])
     newest = max(float(m["ts"]) for msgs in slack_workspace["messages"].values() for m in msgs)
     slack_workspace["messages"]["general"] += pasted_messages(newest)
     export = write_export_zip(slack_workspace, tmp_path / "export.zip")
     assert scrape(tmp_path / "out", "--export", str(export)).exit_code == 0
     samples, manifest = written(tmp_path / "out")
     assert "thanks! ok here is everything" in samples  # the message is there, scrubbed
-    assert not leaked(samples)
-    # Both messages, each with 7 secrets, an email and a phone number (the workspace has more emails).
-    assert manifest["scrubbed"]["secret"] == 14 and manifest["scrubbed"]["phone"] == 2
-    assert manifest["scrubbed"]["email"] >= 2
+    assert not leaked(samples) and NATIONAL_PHONES["GB"] not in samples
+    assert "from the London office call me on <phone>" in samples
+    # Both pastes, each with 9 secrets, an email, a phone number, an SSN, a card and an IBAN; Bob's desk
+    # phone read in his region (the workspace has more emails).
+    scrubbed = manifest["scrubbed"]
+    assert scrubbed["secret"] == 18 and scrubbed["phone"] == 3
+    assert scrubbed["ssn"] == scrubbed["card"] == scrubbed["iban"] == 2 and scrubbed["email"] >= 2
     # Off only when asked: then every kind is there (what the check above would have caught).
     assert scrape(tmp_path / "raw", "--export", str(export), "--no-scrub").exit_code == 0
-    assert len(leaked(written(tmp_path / "raw")[0])) == 9
+    raw = written(tmp_path / "raw")[0]
+    assert len(leaked(raw)) == 16 and NATIONAL_PHONES["GB"] in raw
 
 
 def test_an_emulated_workspace_full_of_secrets_gives_clean_samples_and_batches(
     slack_emulator, tiny_model, tmp_path
 ):
+    in_london(slack_emulator.team.users)
     for message in pasted_messages(time.time()):
         slack_emulator.add_message(GENERAL, message)
     result = scrape(tmp_path / "out", emulator=slack_emulator)
     assert result.exit_code == 0, result.output
     samples, manifest = written(tmp_path / "out")
     assert "thanks! ok here is everything" in samples and not leaked(samples)
-    assert manifest["scrubbed"]["secret"] == 14
+    assert NATIONAL_PHONES["GB"] not in samples and "call me on <phone>" in samples
+    assert manifest["scrubbed"]["secret"] == 18 and manifest["scrubbed"]["card"] == 2
 
     # What the trainer feeds the adapter: the tokenised batches of those samples.
     from transformers import AutoTokenizer
@@ -135,3 +152,19 @@ async def test_the_bot_answers_a_channel_mention_from_its_window_and_never_posts
         {"role": "assistant", "content": "yes, 5pm"},
         {"role": "user", "content": "Carol Diaz: @doppel and the password for staging?"},
     ]
+
+
+def test_the_workspace_region_is_a_scrape_option_and_a_bad_one_is_refused(slack_workspace, tmp_path):
+    """Nobody's time zone says London here: `--phone-region GB` reads British numbers all the same."""
+    newest = max(float(m["ts"]) for msgs in slack_workspace["messages"].values() for m in msgs)
+    slack_workspace["messages"]["general"] += pasted_messages(newest)
+    export = write_export_zip(slack_workspace, tmp_path / "export.zip")
+    assert scrape(tmp_path / "us", "--export", str(export)).exit_code == 0
+    assert NATIONAL_PHONES["GB"] in written(tmp_path / "us")[0]  # read as a US number: no number at all
+    result = scrape(tmp_path / "gb", "--export", str(export), "--phone-region", "gb")
+    assert result.exit_code == 0, result.output
+    samples, manifest = written(tmp_path / "gb")
+    assert NATIONAL_PHONES["GB"] not in samples and manifest["options"]["phone_regions"] == ["GB"]
+    refused = scrape(tmp_path / "bad", "--export", str(export), "--phone-region", "UK")
+    assert refused.exit_code == 2 and "unknown phone region 'UK'" in refused.output
+    assert not (tmp_path / "bad").exists()

@@ -4,7 +4,7 @@
   (`v0=` HMAC-SHA256 of `v0:{timestamp}:{body}` with the signing secret);
 - `mention_payload`, `command_form`, `action_form`: request bodies shaped like Slack's;
 - `OAuthSlackEmulator`: the ingestion helper's `SlackEmulator` plus `oauth.v2.access` (code exchange and
-  token rotation), authenticated with the app's client id and secret like Slack does;
+  token rotation), authenticated with the app's client id and secret like Slack does, and `auth.revoke`;
 - `bot_kube`: the kmock Kubernetes emulator with the resources the bot uses (DoppelUsers, ConfigMaps,
   Secrets), as `(kmock, url)`; ConfigMap lists honour label selectors, as a real API server's do;
 - `BotHarness` / `bot_harness`: the real bot (`doppel.bot.server.create_bot`) served by uvicorn on
@@ -21,6 +21,7 @@ import copy
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -167,6 +168,7 @@ class OAuthSlackEmulator(SlackEmulator):
         self.grid: dict[str, tuple[str | None, bool]] = {}  # code -> (enterprise id, org-wide)
         self.refresh_tokens: dict[str, str] = {}
         self.issued: list[str] = []
+        self.revoked: list[str] = []  # tokens given up with auth.revoke
         self._auth = threading.local()
 
     def grant(self, team_id: str, *, enterprise_id: str | None = None, org_wide: bool = False) -> str:
@@ -180,6 +182,11 @@ class OAuthSlackEmulator(SlackEmulator):
         super()._handle(request)
 
     def _dispatch(self, method: str, params: dict[str, Any], token: str | None) -> Any:
+        if method == "auth.revoke" and token in self._by_token:
+            with self._lock:
+                del self._by_token[token]
+                self.revoked.append(token)
+            return 200, {"ok": True, "revoked": True}, {}
         if method != "oauth.v2.access":
             return super()._dispatch(method, params, token)
         try:
@@ -312,6 +319,7 @@ def bot_config(**changes: Any) -> BotConfig:
         vllm_timeout_s=120.0,
         max_tokens=24,
         poll_interval_s=0.2,
+        install_allowlist=frozenset({"any"}),  # OAuth tests install freely; test_bot_security narrows it
     )
     return replace(config, **changes)
 
@@ -321,19 +329,28 @@ class BotHarness:
 
     def __init__(self, bot: Bot, emulator: SlackEmulator) -> None:
         self.bot, self.emulator = bot, emulator
-        self.port = free_port()
+        # The socket is bound here and handed to uvicorn: a port picked free and bound later can be taken in
+        # between by another test process (uvicorn then exits, and pytest with it).
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = int(self._socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.AsyncClient(base_url=self.url, timeout=30.0)
+        # The bot's own server configuration (its protocol with header deadlines included).
         self._server = uvicorn.Server(
-            uvicorn.Config(bot.asgi(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+            bot.server_config("127.0.0.1", self.port, log_level="warning", lifespan="on")
         )
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> BotHarness:
-        self._task = asyncio.create_task(self._server.serve())
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:
             if self._task.done():
-                self._task.result()
+                try:
+                    self._task.result()
+                except SystemExit as exit_:
+                    raise RuntimeError(f"the bot's server did not start (exit {exit_.code})") from None
             await asyncio.sleep(0.02)
         return self
 

@@ -82,6 +82,7 @@ PLURALS = {
     "Pod": "pods",
     "Secret": "secrets",
     "Namespace": "namespaces",
+    "Event": "events",
     "KopfPeering": "kopfpeerings",
     "ClusterKopfPeering": "clusterkopfpeerings",
 }
@@ -236,6 +237,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
             self._refuse(request)
+            meta.setdefault("creationTimestamp", _now())  # the API server's, on every object
         key = (request.resource, request.namespace, request.name)
         changes_spec = isinstance(request.data, dict) and "spec" in request.data and not request.subresource
         if request.action == kmock.action.UPDATE and changes_spec and key in self.objects:
@@ -440,11 +442,15 @@ class JobController:
     """Plays the Job controller, scheduler and kubelet: runs each Job's command locally and writes the
     Job's and its pod's status back, as the real ones do, failures included:
 
-    - `stick(step, reason, message)`: the step's pods stay Pending (Unschedulable, ImagePullBackOff...);
+    - `stick(step, reason, message)`: the step's pods stay Pending (Unschedulable, ImagePullBackOff,
+      ContainerCreating...); `event(...)` adds what the kubelet or the autoscaler say about them;
+    - `refuse_pods(step, message)`: admission refuses the step's pods (a quota, Pod Security): the Job gets
+      no pod, only FailedCreate Events, as the real Job controller leaves it, until cleared;
     - `disrupt(step)`: the running pod is evicted (condition DisruptionTarget, as preemption or a node
       drain leave it); the Job's podFailurePolicy decides between a new pod and a failed Job;
     - `oom(step)`: the step's next container is killed by the kernel (OOMKilled, exit code 137);
     - `activeDeadlineSeconds`: a Job running longer fails with DeadlineExceeded, its pod deleted;
+    - `ttlSecondsAfterFinished`: a finished Job is deleted that long after it ended, its pods with it;
     - a suspended Job loses its pod (condition Suspended); a deleted Job's pod is deleted (the garbage
       collector's part).
     """
@@ -456,6 +462,8 @@ class JobController:
     _held: dict[str, asyncio.Event] = field(default_factory=dict)
     _pauses: dict[str, Pause] = field(default_factory=dict)
     _stuck: dict[str, Stuck] = field(default_factory=dict)
+    _refused: dict[str, Stuck] = field(default_factory=dict)
+    ttl_deleted: list[str] = field(default_factory=list)  # Jobs the TTL-after-finished controller deleted
     _oom: set[str] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _loop: asyncio.Task[None] | None = None
@@ -473,6 +481,34 @@ class JobController:
         stuck = Stuck(reason, message)
         self._stuck[step] = stuck
         return stuck
+
+    def refuse_pods(self, step: str, message: str) -> Stuck:
+        """Pods of this step are refused at creation (`message`: the admission's words) until cleared."""
+        refused = Stuck("FailedCreate", message)
+        self._refused[step] = refused
+        return refused
+
+    async def event(self, kind: str, name: str, reason: str, message: str, component: str) -> None:
+        """An Event about an object, as the Job controller, a kubelet or the cluster autoscaler post it."""
+        await self.cluster.kubectl.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{name}.", "namespace": NAMESPACE},
+                "involvedObject": {"kind": kind, "name": name, "namespace": NAMESPACE},
+                "reason": reason,
+                "message": message,
+                "type": "Normal" if reason == "TriggeredScaleUp" else "Warning",
+                "source": {"component": component},
+                "lastTimestamp": _now(),
+                "count": 1,
+            }
+        )
+
+    def current_pod(self, step: str) -> str:
+        """The pod of this step's newest Job ("" before it has one)."""
+        runs = [r for r in self.runs.values() if r.step == step]
+        return runs[-1].pod if runs else ""
 
     def oom(self, step: str) -> None:
         """The next container of this step runs out of memory."""
@@ -515,7 +551,7 @@ class JobController:
             self.release(step)
         for pause in self._pauses.values():
             pause.resume()
-        for stuck in self._stuck.values():
+        for stuck in [*self._stuck.values(), *self._refused.values()]:
             stuck.clear()
         for task in [self._loop, *self._tasks]:
             if task is not None:
@@ -566,6 +602,8 @@ class JobController:
         env.update(self.extra_env)
         namespace = job["metadata"]["namespace"]
         for item in container.get("env") or []:
+            if item["name"] == "HOME":
+                continue  # a path inside the pod's own filesystem; this local process keeps the machine's
             if "value" in item:
                 env[item["name"]] = item["value"]
             elif ref := (item.get("valueFrom") or {}).get("secretKeyRef"):
@@ -642,6 +680,14 @@ class JobController:
             },
             namespace,
         )
+        # The TTL-after-finished controller: a finished Job (and, by the garbage collector, its pods) goes
+        # ttlSecondsAfterFinished after it ended.
+        ttl = job["spec"].get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            await asyncio.sleep(ttl)
+            with contextlib.suppress(httpx.HTTPStatusError):
+                await kubectl.delete("Job", name, namespace)
+            self.ttl_deleted.append(name)
 
     async def _run_pod(self, job: dict[str, Any], run: JobRun) -> str:
         """One pod of the Job, from creation to its end: "exited" (see run.returncode) or why it was
@@ -653,6 +699,18 @@ class JobController:
         labels = {**(template.get("metadata") or {}).get("labels", {}), "job-name": name}
         labels["batch.kubernetes.io/job-name"] = name
         run.process, run.returncode = None, None
+        refused = self._refused.get(run.step)
+        if refused is not None and not refused.cleared.is_set():
+            # The Job controller's words; it retries on its own backoff, creating nothing meanwhile.
+            message = f'Error creating: pods "{run.pod}" is forbidden: {refused.message}'
+            await self.event("Job", name, "FailedCreate", message, "job-controller")
+            cleared = asyncio.create_task(refused.cleared.wait())
+            interrupted = asyncio.create_task(run.interrupted.wait())
+            await asyncio.wait({cleared, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+            cleared.cancel()
+            interrupted.cancel()
+            if run.interrupted.is_set():
+                return run.why
         stuck = self._stuck.get(run.step)
         if stuck is not None and stuck.cleared.is_set():
             stuck = None

@@ -73,6 +73,7 @@ METHOD_TIER = {
     "conversations.open": 3,
     "chat.postMessage": 4,
     "chat.postEphemeral": 4,
+    "views.open": 4,
 }
 # chat.postMessage's own limit: about one message a second per channel, short bursts allowed.
 POST_PER_MINUTE_PER_CHANNEL = 60
@@ -133,6 +134,10 @@ class Team:
     token_error: str | None = None  # token_revoked, account_inactive
     external_users: list[dict[str, Any]] = field(default_factory=list)  # Slack Connect: other orgs' people
     ephemeral: list[dict[str, Any]] = field(default_factory=list)  # chat.postEphemeral, seen by one user
+    views: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # views.open: the modals opened, with their user
+    triggers: dict[str, tuple[str, float]] = field(default_factory=dict)  # trigger_id -> (user, issued at)
 
     def channel_by_ref(self, ref: str) -> dict[str, Any]:
         if ref in self.channels:
@@ -337,6 +342,12 @@ class SlackEmulator:
         team = team or self.team
         with self._lock:
             return [dict(m) for m in team.ephemeral if m["channel"] == channel_id]
+
+    def opened_views(self, team: Team | None = None) -> list[dict[str, Any]]:
+        """The modals the bot opened (views.open), each with the `user` whose trigger it used."""
+        team = team or self.team
+        with self._lock:
+            return [dict(v) for v in team.views]
 
     def posted(self, channel_id: str, team: Team | None = None) -> list[dict[str, Any]]:
         """Messages the bot posted to a channel, oldest first."""
@@ -694,6 +705,32 @@ class SlackEmulator:
             message["thread_ts"] = params["thread_ts"]
         team.ephemeral.append(message)
         return {"message_ts": ts}
+
+    def issue_trigger(self, user_id: str, team: Team | None = None) -> str:
+        """A trigger_id as Slack puts in an interaction's payload: good for one views.open, for 3 s."""
+        team = team or self.team
+        with self._lock:
+            self._seq += 1
+            trigger = f"{self._seq}.{int(time.time())}.{self._seq * 7919 % 100000:05d}"
+            team.triggers[trigger] = (user_id, time.time())
+        return trigger
+
+    def _m_views_open(self, team: Team, params: dict[str, Any]) -> dict[str, Any]:
+        issued = team.triggers.pop(str(params.get("trigger_id", "")), None)
+        if issued is None:
+            raise ApiError("invalid_trigger_id")
+        if time.time() - issued[1] > 3.0:
+            raise ApiError("expired_trigger_id")
+        view = params.get("view")
+        view = json.loads(view) if isinstance(view, str) else view
+        if not isinstance(view, dict) or view.get("type") != "modal" or not view.get("blocks"):
+            raise ApiError("invalid_arguments")
+        if len(view.get("title", {}).get("text", "")) > 24 or len(view.get("private_metadata", "")) > 3000:
+            raise ApiError("invalid_arguments")
+        self._seq += 1
+        opened = {**view, "id": f"V{self._seq:08d}", "team_id": team.id, "state": {"values": {}}}
+        team.views.append({**opened, "user": issued[0]})
+        return {"view": opened}
 
     # --- views -------------------------------------------------------------------------------------
 

@@ -121,6 +121,23 @@ def test_config_from_env():
     assert oauth.new_doppel_rate_profile() == "non-marketplace"
     listed = BotConfig.from_env({**ENV, "DOPPEL_RATE_PROFILE": "marketplace"})
     assert listed.new_doppel_rate_profile() == "marketplace"
+    # The membership policy and the install allowlist: closed unless the chart opens them.
+    assert not (config.allow_guests or config.allow_shared_channels) and config.phone_regions == ()
+    assert not oauth.may_install("T0ACME001", None)
+    policy = BotConfig.from_env(
+        {
+            **ENV,
+            "DOPPEL_ALLOW_GUESTS": "true",
+            "DOPPEL_ALLOW_SHARED_CHANNELS": "true",
+            "DOPPEL_INSTALL_ALLOWLIST": "T0ACME001, E0GRID001",
+            "DOPPEL_PHONE_REGIONS": "gb,DE",
+        }
+    )
+    assert policy.allow_guests and policy.allow_shared_channels and policy.phone_regions == ("GB", "DE")
+    assert policy.may_install("T0ACME001", None) and policy.may_install(None, "E0GRID001")
+    assert policy.may_install("T0OTHER01", "E0GRID001") and not policy.may_install("T0OTHER01", None)
+    anyone = BotConfig.from_env({**ENV, "DOPPEL_INSTALL_ALLOWLIST": "any"})
+    assert anyone.may_install("T0OTHER01", None)
 
 
 @pytest.mark.parametrize(
@@ -137,6 +154,10 @@ def test_config_from_env():
         ({**ENV, "VLLM_TIMEOUT_S": "-1"}, "must be positive"),
         ({**ENV, "SLACK_API_URL": "slack.example"}, "http"),
         ({**ENV, "DOPPEL_RATE_PROFILE": "gold"}, "DOPPEL_RATE_PROFILE must be one of"),
+        ({**ENV, "DOPPEL_INSTALL_ALLOWLIST": "any,T0ACME001"}, "either 'any' or a list of ids"),
+        ({**ENV, "DOPPEL_INSTALL_ALLOWLIST": "acme"}, "wants Slack team (T…) or org (E…) ids"),
+        ({**ENV, "DOPPEL_PHONE_REGIONS": "GB,UK"}, "unknown phone region 'UK'"),
+        ({**ENV, "DOPPEL_ALLOW_GUESTS": "sometimes"}, "true or false"),
     ],
 )
 def test_doppel_bot_refuses_bad_configuration_with_exit_2(env, message, monkeypatch):
@@ -267,7 +288,7 @@ def test_slack_connect_payloads_name_the_foreign_team():
         ("at <!date^1392734382^{date_short}|Feb 18, 2014>", "at Feb 18, 2014"),
         (
             "see <https://x.example/a?b=1|docs> <mailto:a@b.c>",
-            "see <https://x.example/a?b=1|docs> <mailto:a@b.c>",
+            "see docs (<https://x.example/a?b=1>) <mailto:a@b.c>",  # a masked link shows where it goes
         ),
         ("a < b && c > d, <not markup>", "a &lt; b &amp;&amp; c &gt; d, &lt;not markup&gt;"),
         (

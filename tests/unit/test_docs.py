@@ -19,8 +19,11 @@ def load_generator():
 
 
 def test_the_reference_pages_are_generated_from_the_code(tmp_path):
-    written = load_generator().write(tmp_path)
-    assert sorted(p.name for p in written) == ["cli.md", "crd.md"]
+    # In a fresh interpreter, as `make docs` runs it: click caches each command's help option from the first
+    # context that asks, and other tests build contexts of their own.
+    subprocess.run([sys.executable, str(ROOT / "docs" / "gen_reference.py"), str(tmp_path)], check=True)
+    written = sorted(tmp_path.iterdir())
+    assert [p.name for p in written] == ["cli.md", "crd.md"]
     for fresh in written:
         committed = ROOT / "docs" / "reference" / fresh.name
         assert committed.exists() and committed.read_text() == fresh.read_text(), (

@@ -27,12 +27,14 @@ IMAGES = REPO_ROOT / "images"
 DOCKERFILES = {
     "Dockerfile": ("operator,bot,slack", "app"),
     "worker.Dockerfile": ("slack,train", "worker"),
+    "worker-cpu.Dockerfile": ("slack", "workerCpu"),
 }
 # The doppel packages each image's commands run (operator+bot: `doppel operator`, `doppel bot`; worker:
 # `doppel scrape`, `doppel train`, `doppel cleanup`).
 IMAGE_PACKAGES = {
     "Dockerfile": ("doppel.cli", "doppel.operator", "doppel.bot"),
     "worker.Dockerfile": ("doppel.cli", "doppel.slack", "doppel.train"),
+    "worker-cpu.Dockerfile": ("doppel.cli", "doppel.slack"),
 }
 # Distribution names whose import name differs.
 IMPORT_NAMES = {"pyyaml": "yaml"}
@@ -228,3 +230,19 @@ def test_image_commands_import_without_the_other_extras(name: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == "", f"{name}: these modules need packages the image lacks:\n{proc.stdout}"
+
+
+def test_every_image_has_the_python_the_constraints_were_resolved_for() -> None:
+    """One Python for all images and images/constraints.txt (pinned from a 3.11 virtualenv): the same
+    base for the three doppel images, so a wheel pinned there exists for each."""
+    bases = set()
+    for name in DOCKERFILES:
+        (arg,) = [
+            i["value"]
+            for i in parse(name).structure
+            if i["instruction"] == "ARG" and "PYTHON_IMAGE=" in i["value"]
+        ]
+        bases.add(arg.split("=", 1)[1])
+    (base,) = bases
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), base
+    assert sys.version_info[:2] == (3, 11), "the constraints are pinned from this interpreter's virtualenv"

@@ -6,13 +6,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from doppel.api import Adapter, DoppelUserSpec, DoppelUserStatus
+from doppel.api import ANNOTATION_DEACTIVATED, Adapter, DoppelUserSpec, DoppelUserStatus
 from doppel.operator import jobs
 from doppel.operator.conditions import condition, transitions
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Owner
 from doppel.operator.promotion import observe_serving, promote
-from doppel.operator.reconcile import Observed, queue_admits, reconcile
+from doppel.operator.reconcile import Observed, deactivation_unseen, queue_admits, reconcile
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CONFIG = OperatorConfig(data_root="/data", max_attempts=3, backoff_s=10)
@@ -89,7 +89,11 @@ def test_scrape_success_starts_training_with_gpu_and_placement():
     (train,) = plan.create
     assert train["metadata"]["name"] == jobs.job_name(owner(), "train", 1)
     pod = train["spec"]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    # Burstable, never BestEffort: CPU and memory requested (the cluster's floor here), memory capped there.
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "1", "memory": "8Gi"},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"},
+    }
     assert pod["nodeSelector"] == {"gpu": "yes"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
     command = pod["containers"][0]["command"]
@@ -234,6 +238,27 @@ def test_suspend_starts_nothing():
     assert plan.create == [] and plan.status.reason == "Suspended"
 
 
+def test_a_deactivated_person_gets_no_job_and_no_serving_until_active_again():
+    v1 = Adapter(served_name="team.alice.v1", path="/p", version=1)
+    ready = DoppelUserStatus(phase="Ready", observed_generation=1, adapter=v1, served_by=["vllm-0"])
+    # A new spec would retrain, a ready adapter serve: neither happens; the adapter is unloaded once.
+    plan = reconcile(observed([], ready, generation=2, person_deactivated=True), CONFIG)
+    assert plan.create == [] and plan.unload == v1 and not plan.active
+    gone = plan.status
+    assert gone.served_by == [] and gone.reason == "Deactivated"
+    assert condition(gone, "PersonActive").reason == "Deactivated"
+    assert condition(gone, "Ready").status == "False"
+    again = reconcile(observed([], gone, generation=2, person_deactivated=True), CONFIG)
+    assert again.unload is None and again.create == []
+    # The annotation goes: PersonActive again, and generation 2 is scraped.
+    back = reconcile(observed([], gone, generation=2), CONFIG)
+    assert condition(back.status, "PersonActive").status == "True" and back.active
+    assert [j["metadata"]["name"] for j in back.create] == [jobs.job_name(owner(2), "scrape", 1)]
+    assert deactivation_unseen(ready, {ANNOTATION_DEACTIVATED: "true"})
+    assert not deactivation_unseen(gone, {ANNOTATION_DEACTIVATED: "true"})
+    assert deactivation_unseen(gone, {}) and not deactivation_unseen(ready, None)
+
+
 def test_serving_drift_and_events():
     v1 = Adapter(served_name="team.alice.v1", path="/p", version=1)
     ready = DoppelUserStatus(phase="Ready", observed_generation=1, adapter=v1, served_by=["vllm-0"])
@@ -304,3 +329,40 @@ def test_a_retrained_adapter_worse_on_the_same_held_out_set_is_not_promoted():
     forced = SPEC.model_copy(update={"training": SPEC.training.model_copy(update={"force_promotion": True})})
     plan = reconcile(observed([finished(train, True, result)], ready, generation=2, spec=forced), CONFIG)
     assert plan.register is not None and condition(plan.status, "Promoted").reason == "Forced"
+
+
+def test_a_volume_the_job_could_not_write_says_storage_writable_false_then_true():
+    """A Job's storage failure (`doppel` reports kind "storage") is retried like any failure and also sets
+    StorageWritable=False with the Job's own words; the next successful scrape sets it True."""
+    why = "cannot write /data/team: permission denied (Permission denied), as uid 10001 gid 10001: ..."
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    failed = finished(scrape, False, {"ok": False, "kind": "storage", "reason": why})
+    plan = reconcile(observed([failed]), CONFIG)
+    storage = condition(plan.status, "StorageWritable")
+    assert (storage.status, storage.reason, storage.message) == ("False", "NotWritable", why)
+    assert plan.status.reason == "Retrying" and why in plan.status.message
+    later = NOW + timedelta(hours=1)
+    retry = reconcile(observed([failed], plan.status, now=later), CONFIG)
+    (second,) = retry.create
+    done = finished(second, True, {"ok": True, "samples": 9})
+    plan = reconcile(observed([failed, done], retry.status, now=later), CONFIG)
+    assert condition(plan.status, "StorageWritable").status == "True"
+
+
+def test_jobs_gone_after_their_ttl_change_nothing_the_status_remembers():
+    """ttlSecondsAfterFinished deletes finished Jobs: a scraped object waiting in the training queue does
+    not scrape again once its scrape Job is gone, and a failed one stays failed."""
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    done = finished(scrape, True, {"ok": True, "samples": 42})
+    queued = reconcile(observed([done], may_train=lambda: False), CONFIG)
+    assert queued.status.reason == "Queued"
+    later = reconcile(observed([], queued.status, may_train=lambda: False), CONFIG)
+    assert later.create == [] and later.status.reason == "Queued"
+    (train,) = reconcile(observed([], queued.status), CONFIG).create
+    assert train["metadata"]["labels"][jobs.L_STEP] == "train"
+
+    bad = finished(scrape, False, {"ok": False, "kind": "bad_input", "reason": "no such user"})
+    failed = reconcile(observed([bad]), CONFIG)
+    assert failed.status.phase == "Failed"
+    gone = reconcile(observed([], failed.status), CONFIG)
+    assert gone.create == [] and gone.status.phase == "Failed" and "no such user" in gone.status.message

@@ -36,7 +36,7 @@ def test_job_pods_get_what_a_real_cluster_needs():
     assert env["DOPPEL_REQUIRE_GPU"]["value"] == "1"
     assert train["spec"]["activeDeadlineSeconds"] == 200
     rule = train["spec"]["podFailurePolicy"]["rules"][0]
-    assert rule == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rule == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     scrape = jobs.job_manifest(owner(), "scrape", 1, ["doppel", "scrape"], SPEC, config)
     pod = scrape["spec"]["template"]["spec"]
     assert "runtimeClassName" not in pod and pod["imagePullSecrets"] == [{"name": "regcred"}]

@@ -41,12 +41,25 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
-{{/* The doppel image (operator and bot) and the worker image (scrape and train Jobs). */}}
+{{/* An image reference, (dict "root" . "image" .Values.images.app): repository@digest when a digest is
+given (exactly that build on every node), else repository:tag (tag "" = the chart's appVersion). */}}
+{{- define "doppel.image" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (.image.tag | default .root.Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The doppel image (operator and bot), the train worker image and the CPU worker image (scrape, cleanup). */}}
 {{- define "doppel.appImage" -}}
-{{- printf "%s:%s" .Values.images.app.repository (.Values.images.app.tag | default .Chart.AppVersion) -}}
+{{- include "doppel.image" (dict "root" . "image" .Values.images.app) -}}
 {{- end -}}
 {{- define "doppel.workerImage" -}}
-{{- printf "%s:%s" .Values.images.worker.repository (.Values.images.worker.tag | default .Chart.AppVersion) -}}
+{{- include "doppel.image" (dict "root" . "image" .Values.images.worker) -}}
+{{- end -}}
+{{- define "doppel.workerCpuImage" -}}
+{{- include "doppel.image" (dict "root" . "image" .Values.images.workerCpu) -}}
 {{- end -}}
 
 {{- define "doppel.claimName" -}}
@@ -62,13 +75,52 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.model.servedName | default .Values.model.name -}}
 {{- end -}}
 
-{{/* Pod security settings shared by the doppel containers: non-root, read-only root, no privileges. */}}
+{{/* Security settings of every container (Pod Security "restricted"): non-root, no privilege escalation,
+no capabilities, RuntimeDefault seccomp; a read-only root filesystem unless (dict "writableRoot" true). */}}
 {{- define "doppel.containerSecurity" -}}
 allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
+readOnlyRootFilesystem: {{ not (and (kindIs "map" .) .writableRoot) }}
 runAsNonRoot: true
 capabilities:
   drop: ["ALL"]
+seccompProfile: {type: RuntimeDefault}
+{{- end -}}
+
+{{/* A pod's securityContext, (dict "root" . "values" .Values.bot.podSecurityContext "volume" false): the
+top-level podSecurityContext, storage.fsGroup for pods that mount the shared volume, then the component's. */}}
+{{- define "doppel.podSecurityContext" -}}
+{{- $context := deepCopy .root.Values.podSecurityContext -}}
+{{- if and .volume (ne .root.Values.storage.fsGroup nil) -}}
+{{- $_ := set $context "fsGroup" (int .root.Values.storage.fsGroup) -}}
+{{- $_ := set $context "fsGroupChangePolicy" "OnRootMismatch" -}}
+{{- end -}}
+{{- toYaml (mustMergeOverwrite $context (deepCopy (.values | default dict))) -}}
+{{- end -}}
+
+{{/* NO_PROXY: the cluster's own names (API server, Services, pods by IP are reached directly), then proxy.noProxy. */}}
+{{- define "doppel.noProxy" -}}
+{{- $hosts := list "localhost" "127.0.0.1" "::1" ".svc" ".svc.cluster.local" ".cluster.local" "kubernetes.default.svc" (include "doppel.componentName" (dict "root" . "component" "vllm")) -}}
+{{- with .Values.proxy.noProxy }}{{ $hosts = append $hosts . }}{{ end -}}
+{{- join "," $hosts -}}
+{{- end -}}
+
+{{/* Environment entries of a container, (dict "root" . "values" .Values.bot): the proxy variables when the
+component's useProxy is on and a proxy is set (upper and lower case: libraries read either), then its
+extraEnv. A list, as YAML; empty when there is nothing to add. */}}
+{{- define "doppel.extraEnv" -}}
+{{- $env := list -}}
+{{- $proxy := .root.Values.proxy -}}
+{{- if and .values.useProxy (or $proxy.httpProxy $proxy.httpsProxy) -}}
+{{- $noProxy := include "doppel.noProxy" .root -}}
+{{- range $name, $value := dict "HTTP_PROXY" $proxy.httpProxy "HTTPS_PROXY" $proxy.httpsProxy "NO_PROXY" $noProxy -}}
+{{- if $value -}}
+{{- $env = append $env (dict "name" $name "value" $value) -}}
+{{- $env = append $env (dict "name" (lower $name) "value" $value) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $env = concat $env (.values.extraEnv | default list) -}}
+{{- if $env }}{{ toYaml $env }}{{ end -}}
 {{- end -}}
 
 {{/* Names of images.pullSecrets, comma-separated (the operator passes them on to the Job pods). */}}

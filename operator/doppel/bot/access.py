@@ -56,10 +56,11 @@ async def admitted(
     deps: Deps, client: AsyncWebClient, tenant: Tenant, body: dict[str, Any], user_id: str
 ) -> bool:
     """Whether `user_id` may use the tenant's doppels: a member of its workspace (or, for an org-wide
-    install, of its org), by the payload's own team fields and by `users.info`."""
+    install, of its org), by the payload's own team fields and by `users.info`; a guest only when the
+    chart allows guests."""
     foreign = logic.foreign_teams(body, tenant)
     user = await deps.lookups.user(client, tenant.team_id, user_id) if user_id and not foreign else {}
-    if foreign or not logic.is_member(user, tenant):
+    if foreign or not logic.is_member(user, tenant, guests=deps.config.allow_guests):
         LOG.warning("user %s (teams %s) refused by team %s", user_id, foreign or user.get("team_id"), tenant)
         return False
     return True

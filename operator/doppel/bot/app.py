@@ -1,6 +1,7 @@
 """The Bolt app: its listeners wired to the bot's paths, nothing more. Mentions are answered by
 `doppel.bot.mentions`, the `/doppel` command by `doppel.bot.commands`, consent buttons by
-`doppel.bot.consent`; in single-workspace mode a middleware refuses requests of any other workspace.
+`doppel.bot.consent`, uninstalls and token revocations by `doppel.bot.revocation`; in single-workspace
+mode a middleware refuses requests of any other workspace.
 
 The server (`doppel.bot.server`) acknowledges an event as soon as its signature is checked and hands it to
 Bolt on the `Worker` (its own thread and event loop), where the listener's answer runs too: Slack gets its
@@ -18,9 +19,10 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization.async_authorize import AsyncAuthorize
 from slack_bolt.context.async_context import AsyncBoltContext
 from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
+from slack_sdk.oauth.installation_store.async_installation_store import AsyncInstallationStore
 from slack_sdk.web.async_client import AsyncWebClient
 
-from doppel.bot import commands, consent, mentions
+from doppel.bot import commands, consent, feedback, mentions, revocation
 from doppel.bot.access import claimed_teams
 from doppel.bot.chat import backend_chat
 from doppel.bot.deps import Deps
@@ -37,6 +39,7 @@ def build_app(
     client: AsyncWebClient,
     oauth_flow: AsyncOAuthFlow | None = None,
     authorize: AsyncAuthorize | None = None,
+    installation_store: AsyncInstallationStore | None = None,
 ) -> AsyncApp:
     """The Bolt app. `client` carries the Slack API base URL and, in single-workspace mode, the bot token;
     `oauth_flow` selects multi-workspace mode."""
@@ -68,6 +71,11 @@ def build_app(
     async def on_mention(body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
         mentions.on_mention(deps, body, event, context)
 
+    @app.event("tokens_revoked")
+    @app.event("app_uninstalled")
+    async def on_revoked(body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
+        await revocation.on_revoked(deps, installation_store, body, event, context)
+
     @app.event("message")
     async def on_message() -> None:
         """Plain messages (edits, `message_changed`, bots' posts) are not for the bot: mentions come as
@@ -83,5 +91,26 @@ def build_app(
     ) -> None:
         await ack()
         deps.worker.submit(consent.answer_consent(deps, context, body, action), "consent answer")
+
+    @app.action(feedback.FEEDBACK_ACTION)
+    async def on_feedback(
+        ack: Any, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        await ack()
+        deps.worker.submit(feedback.on_feedback(deps, context, body, action), "feedback")
+
+    @app.action(feedback.CORRECT_ACTION)
+    async def on_correct(
+        ack: Any, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        await ack()
+        await feedback.on_correct(deps, context, body, action)  # now: the modal's trigger_id lasts 3 s
+
+    @app.view(feedback.CORRECTION_VIEW)
+    async def on_correction(
+        ack: Any, body: dict[str, Any], view: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        errors = await feedback.on_correction(deps, context, body, view)
+        await ack(**errors) if errors else await ack()
 
     return app

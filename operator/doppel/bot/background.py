@@ -1,5 +1,5 @@
 """What the bot runs beside serving Slack: the progress notifier (a direct message to whoever asked for a
-doppel when it reaches Training, Ready or Failed) and the sweeper of expired event and OAuth state claims.
+doppel when it reaches Training, Ready or Failed) and the sweeper of expired event claims.
 Neither is ever on the way of a mention.
 """
 
@@ -34,7 +34,7 @@ LOG = logging.getLogger(__name__)
 
 
 async def sweep_claims(ledger: EventLedger, interval_s: float) -> None:
-    """Delete expired event claims and OAuth state claims every `interval_s`, forever."""
+    """Delete expired event claims every `interval_s`, forever."""
     while True:
         try:
             gone = await ledger.sweep()
@@ -85,6 +85,11 @@ async def notify_once(bot: Bot) -> int:
         org_wide = annotations.get(ANNOTATION_ORG_INSTALL) == "true"
         token = await bot.token_for(Tenant(team_id, annotations.get(ANNOTATION_ENTERPRISE), org_wide))
         if token is None:
+            # Said, not skipped silently: made before an org-wide install, the doppel learns its org from
+            # the workspace's next request (`adopt_org`).
+            LOG.warning(
+                "no installation of team %s for %s's progress; told once it is known", team_id, meta["name"]
+            )
             continue
         # Several replicas run this loop: the ledger's atomic claim lets exactly one of them post.
         version = ((doppel.get("status") or {}).get("adapter") or {}).get("version")

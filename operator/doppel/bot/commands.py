@@ -1,6 +1,8 @@
 """The `/doppel` command: acknowledged within Slack's 3 seconds (its answer itself when ready that fast,
 else through the command's response_url), then help, list, status, switch, forget and train, each scoped
-to the tenant's workspace and answered only to whoever ran it.
+to the tenant's workspace and answered only to whoever ran it. Switch and forget of someone else's doppel
+follow `logic.PERMISSIONS` (the person, whoever asked for it, workspace admins); a deactivated person can
+still be forgotten.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from doppel.bot import logic
 from doppel.bot.access import admitted, tenant_of
 from doppel.bot.consent import ask_consent
 from doppel.bot.deps import Deps
-from doppel.bot.doppels import at_limit, create_doppel, limit_text
+from doppel.bot.doppels import adopt_org, at_limit, create_doppel, limit_text
+from doppel.bot.feedback import status_line
 from doppel.bot.kube import ANNOTATION_REQUESTER
 from doppel.bot.logic import Tenant
 
@@ -33,6 +36,7 @@ async def on_command(
         # A command's answer is only ever seen by whoever ran it (ephemeral): refusals too.
         if not await admitted(deps, context.client, tenant, command, command.get("user_id") or ""):
             return logic.REFUSAL
+        await adopt_org(deps, tenant)
         try:
             return await run_command(deps, context, tenant, command)
         except logic.CommandError as exc:
@@ -68,9 +72,12 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
     if parsed.verb == "status" and parsed.user is None:
         active = (await kube.get_state(namespace, team_id)).get("active")
         doppel = await kube.get_doppel(namespace, team_id, active) if active else None
-        return logic.describe(doppel) if doppel else "No active doppel: `/doppel switch @someone`."
+        if doppel is None:
+            return "No active doppel: `/doppel switch @someone`."
+        return logic.describe(doppel) + await status_line(deps, namespace, doppel)
     assert parsed.user is not None
-    user_id, handle = await _resolve(deps, client, tenant, parsed.user)
+    # A deactivated person has no doppel to train, but one to look at and to forget.
+    user_id, handle = await _resolve(deps, client, tenant, parsed.user, deactivated=parsed.verb != "train")
     name = logic.object_name(handle, team_id)
     if parsed.verb == "train":
         return await _train(deps, context, tenant, user_id, handle, command)
@@ -82,16 +89,16 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
         return f"There is no doppel of {handle}: `/doppel train @{handle}`."
     name = doppel["metadata"]["name"]
     if parsed.verb == "status":
-        return logic.describe(doppel)
+        return logic.describe(doppel) + await status_line(deps, namespace, doppel)
+    actor = await deps.lookups.user(client, team_id, command["user_id"])
+    requester = (doppel["metadata"].get("annotations") or {}).get(ANNOTATION_REQUESTER)
+    if not logic.may_manage(actor, user_id, requester):
+        what = "switch to" if parsed.verb == "switch" else "make me forget"
+        return f"Only {handle}, whoever asked for this doppel, or a workspace admin can {what} it."
     if parsed.verb == "switch":
         await kube.set_state(namespace, team_id, {"active": name})
         deps.snapshots.invalidate(namespace, team_id)
         return f"{handle}'s doppel now answers mentions in this workspace."
-    # forget: the person themself, or whoever asked for the doppel.
-    requester = command["user_id"]
-    allowed = {user_id, (doppel["metadata"].get("annotations") or {}).get(ANNOTATION_REQUESTER)}
-    if requester not in allowed:
-        return f"Only {handle} or whoever trained this doppel can make me forget it."
     await kube.delete_doppel(namespace, name)
     deps.snapshots.invalidate(namespace, team_id)
     if (await kube.get_state(namespace, team_id)).get("active") == name:
@@ -99,14 +106,22 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
     return f"Forgot {handle}'s doppel: its adapter and data are being deleted."
 
 
-async def _resolve(deps: Deps, client: AsyncWebClient, tenant: Tenant, ref: logic.UserRef) -> tuple[str, str]:
+async def _resolve(
+    deps: Deps, client: AsyncWebClient, tenant: Tenant, ref: logic.UserRef, *, deactivated: bool = False
+) -> tuple[str, str]:
     """(user id, handle) of a named member of the tenant's workspace; CommandError when there is none
-    (a doppel is only ever of a member: never of a Slack Connect user of another organisation)."""
+    (a doppel is only ever of a member: never of a Slack Connect user of another organisation, nor of a
+    guest unless the chart allows guests; a deactivated member only when `deactivated`)."""
+    policy = {"guests": deps.config.allow_guests, "deactivated": deactivated}
     if ref.user_id:
         user = await deps.lookups.user(client, tenant.team_id, ref.user_id)
         if not user:
             raise logic.CommandError(f"no Slack user <@{ref.user_id}> in this workspace")
-        if not logic.is_member(user, tenant):
+        if logic.is_guest(user) and not deps.config.allow_guests:
+            raise logic.CommandError(f"<@{ref.user_id}> is a guest of this workspace: doppels are of members")
+        if user.get("deleted") and not deactivated:
+            raise logic.CommandError(f"<@{ref.user_id}> has been deactivated in this workspace")
+        if not logic.is_member(user, tenant, **policy):
             raise logic.CommandError(
                 f"<@{ref.user_id}> is not a member of this workspace: doppels are only of its own members"
             )
@@ -117,7 +132,7 @@ async def _resolve(deps: Deps, client: AsyncWebClient, tenant: Tenant, ref: logi
         page = await client.users_list(limit=200, cursor=cursor)
         for user in page.get("members", []):
             names = {user.get("name"), (user.get("profile") or {}).get("display_name")}
-            if wanted in {n.lower() for n in names if n} and logic.is_member(user, tenant):
+            if wanted in {n.lower() for n in names if n} and logic.is_member(user, tenant, **policy):
                 return str(user["id"]), str(user.get("name") or wanted)
         cursor = (page.get("response_metadata") or {}).get("next_cursor")
         if not cursor:
@@ -143,4 +158,4 @@ async def _train(
     requester = command["user_id"]
     if requester == user_id or not deps.config.require_consent:
         return await create_doppel(deps, context, tenant, user_id, handle, requester)
-    return await ask_consent(context.client, tenant, user_id, handle, requester)
+    return await ask_consent(deps, context.client, tenant, user_id, handle, requester)

@@ -8,8 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from doppel.errors import BadInput
+from doppel.memory.prompt import MemorySettings
 from doppel.metrics import port_from_env
 from doppel.slack.ratelimit import PROFILES as RATE_PROFILES
+from doppel.slack.scrub import phone_regions
+
+# DOPPEL_INSTALL_ALLOWLIST's value for an app distributed publicly: any workspace may install it.
+ANY_WORKSPACE = "any"
 
 # The bot scopes, in one place: OAuth installs ask for exactly these, and a test holds the app manifest
 # (charts/doppel/examples/slack-app-manifest.yaml) and the README to them.
@@ -45,6 +50,9 @@ class BotConfig:
     # Where each workspace's doppels live: explicit TEAM=namespace pairs, else the template.
     team_namespaces: Mapping[str, str] = field(default_factory=dict)
     namespace_template: str = "doppel-{team}"
+    # Namespaces whose DoppelUsers the progress notifier lists and watches (the chart: its own, so the bot
+    # needs no cluster-wide permission); empty: every namespace.
+    watch_namespaces: tuple[str, ...] = ()
     # The bot's own namespace: installation Secrets and the seen-event ledger.
     bot_namespace: str = "doppel"
     require_consent: bool = True
@@ -53,7 +61,7 @@ class BotConfig:
     event_ttl_s: int = 3600
     oauth_redirect_uri: str | None = None
     poll_interval_s: float = 60.0  # progress: a full pass this often, besides the watch's wake-ups
-    sweep_interval_s: float = 300.0  # expired event and OAuth-state claims are deleted this often
+    sweep_interval_s: float = 300.0  # expired event claims are deleted this often
     # What `/doppel train` puts in a new DoppelUser: the shared base model and the token Secret's name.
     base_model_name: str = "base"
     base_model_path: str = "/models/base"
@@ -63,6 +71,21 @@ class BotConfig:
     # Prometheus /metrics on this port, apart from the Slack-facing one (0: metrics off).
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
+    # Membership policy (docs/security.md): guests (single- and multi-channel) are refused unless
+    # allowed; in channels shared with other organisations (Slack Connect) doppels stay silent unless
+    # allowed. People of other organisations never reach a doppel, whatever these say.
+    allow_guests: bool = False
+    allow_shared_channels: bool = False
+    # OAuth installs: the team or Enterprise Grid org ids that may install the app, or ANY_WORKSPACE.
+    # Empty: nobody can (the chart asks for a list, or "any", explicitly).
+    install_allowlist: frozenset[str] = frozenset()
+    # National phone formats the scrubber reads in replies and prompts (ISO 3166; none: US), besides the
+    # countries of the people's time zones.
+    phone_regions: tuple[str, ...] = ()
+    # The shared volume, mounted where the vLLM pods have it: doppels' feedback under
+    # DATA_ROOT/NAMESPACE/NAME (None: no feedback buttons). Memory indexes are read beside the adapters.
+    data_root: str | None = None
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     @property
     def oauth(self) -> bool:
@@ -75,6 +98,11 @@ class BotConfig:
         if self.rate_profile:
             return self.rate_profile
         return "non-marketplace" if self.oauth else None
+
+    def may_install(self, team_id: str | None, enterprise_id: str | None) -> bool:
+        """Whether an OAuth install of this workspace (or, org-wide, this Grid org) is allowed."""
+        allowed = self.install_allowlist
+        return ANY_WORKSPACE in allowed or bool({team_id, enterprise_id} & allowed - {None})
 
     def namespace_for(self, team_id: str) -> str:
         """The namespace holding `team_id`'s doppels; the team id comes from a verified request."""
@@ -116,6 +144,7 @@ class BotConfig:
             max_tokens=int(_number(get("DOPPEL_MAX_TOKENS"), "DOPPEL_MAX_TOKENS", cls.max_tokens)),
             team_namespaces=_pairs(get("DOPPEL_TEAM_NAMESPACES")),
             namespace_template=_template(get("DOPPEL_NAMESPACE_TEMPLATE") or cls.namespace_template),
+            watch_namespaces=tuple(_names(get("DOPPEL_WATCH_NAMESPACES"), "DOPPEL_WATCH_NAMESPACES")),
             bot_namespace=get("DOPPEL_BOT_NAMESPACE") or cls.bot_namespace,
             require_consent=_flag(get("DOPPEL_REQUIRE_CONSENT"), "DOPPEL_REQUIRE_CONSENT", True),
             max_doppels_per_workspace=int(
@@ -128,7 +157,33 @@ class BotConfig:
             token_secret=get("DOPPEL_TOKEN_SECRET") or cls.token_secret,
             rate_profile=_rate_profile(get("DOPPEL_RATE_PROFILE")),
             metrics_port=port_from_env(env),
+            allow_guests=_flag(get("DOPPEL_ALLOW_GUESTS"), "DOPPEL_ALLOW_GUESTS", False),
+            allow_shared_channels=_flag(
+                get("DOPPEL_ALLOW_SHARED_CHANNELS"), "DOPPEL_ALLOW_SHARED_CHANNELS", False
+            ),
+            install_allowlist=_allowlist(get("DOPPEL_INSTALL_ALLOWLIST")),
+            phone_regions=_phone_regions(get("DOPPEL_PHONE_REGIONS")),
+            data_root=get("DOPPEL_DATA_ROOT"),
+            memory=MemorySettings.from_env(env),
         )
+
+
+def _allowlist(value: str | None) -> frozenset[str]:
+    """`T0ACME,E0GRID` or `any`: Slack team or Enterprise ids, or every workspace."""
+    items = frozenset(item.strip() for item in (value or "").split(",") if item.strip())
+    if ANY_WORKSPACE in items and len(items) > 1:
+        raise BadInput(f"DOPPEL_INSTALL_ALLOWLIST is either {ANY_WORKSPACE!r} or a list of ids, not both")
+    bad = sorted(i for i in items - {ANY_WORKSPACE} if not re.fullmatch(r"[TE][A-Z0-9]{2,}", i))
+    if bad:
+        raise BadInput(f"DOPPEL_INSTALL_ALLOWLIST wants Slack team (T…) or org (E…) ids, got {bad[0]!r}")
+    return items
+
+
+def _phone_regions(value: str | None) -> tuple[str, ...]:
+    try:
+        return phone_regions((value or "").split(","))
+    except ValueError as exc:
+        raise BadInput(f"DOPPEL_PHONE_REGIONS: {exc}") from None
 
 
 def _rate_profile(value: str | None) -> str | None:
@@ -166,6 +221,15 @@ def _flag(value: str | None, name: str, default: bool) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise BadInput(f"{name} must be true or false, got {value!r}")
+
+
+def _names(value: str | None, variable: str) -> list[str]:
+    """`ns-a,ns-b` -> ["ns-a", "ns-b"] (namespace names)."""
+    names = [item.strip() for item in (value or "").split(",") if item.strip()]
+    for name in names:
+        if not _DNS_LABEL.match(name):
+            raise BadInput(f"{variable} wants namespace names, got {name!r}")
+    return names
 
 
 def _pairs(value: str | None) -> dict[str, str]:

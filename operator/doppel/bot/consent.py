@@ -1,6 +1,9 @@
 """Consent: a doppel of someone else is trained only once they agree. The request is a direct message
-with Approve/Decline buttons (`ask_consent`); an answer (`answer_consent`) counts only from the named
-person, a member of the same workspace, and whoever asked is told the outcome in a direct message (`tell`).
+with Approve/Decline buttons (`ask_consent`), sent at most once an hour per requester and person and five
+times an hour per requester (nobody spams a colleague through the bot), both counted in the shared event
+ledger, so across every replica of the bot; an answer (`answer_consent`) counts
+only from the named person, a member of the same workspace, and whoever asked is told the outcome in a
+direct message (`tell`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from doppel.bot.logic import Tenant
 
 LOG = logging.getLogger(__name__)
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
+# Consent requests one person may send in the ledger's claim lifetime (`event_ttl_s`, an hour by default).
+REQUESTS_PER_HOUR = 5
 
 
 async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) -> None:
@@ -31,9 +36,16 @@ async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) ->
 
 
 async def ask_consent(
-    client: AsyncWebClient, tenant: Tenant, user_id: str, handle: str, requester: str
+    deps: Deps, client: AsyncWebClient, tenant: Tenant, user_id: str, handle: str, requester: str
 ) -> str:
     """Ask `user_id` whether `requester` may train a doppel of them; the requester's answer for now."""
+    if not await _request_slot(deps, tenant.team_id, requester):
+        raise logic.CommandError("You have sent enough consent requests for this hour: try again later.")
+    # Claimed in the shared ledger (its claims last `event_ttl_s`, an hour by default): any replica.
+    if not await deps.ledger.claim(tenant.team_id, f"consent/{requester}/{user_id}"):
+        raise logic.CommandError(
+            f"I already asked <@{user_id}> for you within the hour: wait for their answer."
+        )
     request = {"team": tenant.team_id, "target": user_id, "handle": handle, "requester": requester}
     value = json.dumps(request, separators=(",", ":"))
     # Asked privately, in a direct message: the command may come from a DM (no channel the bot can post
@@ -77,6 +89,15 @@ async def ask_consent(
         error = exc.response.get("error") if exc.response is not None else None
         raise logic.CommandError(f"I could not ask <@{user_id}> in a direct message ({error}).") from None
     return f"Asked <@{user_id}> for their approval; I will tell you in a direct message when they answer."
+
+
+async def _request_slot(deps: Deps, team_id: str, requester: str) -> bool:
+    """Take one of the requester's `REQUESTS_PER_HOUR` slots in the shared ledger (a slot frees itself when
+    its claim expires, an hour after it was taken); False when every one is taken."""
+    for slot in range(REQUESTS_PER_HOUR):
+        if await deps.ledger.claim(team_id, f"consent-slot/{requester}/{slot}"):
+            return True
+    return False
 
 
 async def answer_consent(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Protocol
 
-from doppel.bot.kube import AlreadyExists
+from doppel.bot.kube import ANNOTATION_STOPPED, AlreadyExists
 from doppel.bot.logic import team_of
 
 
@@ -22,6 +22,9 @@ class Directory(Protocol):
     async def get_state(self, namespace: str, team_id: str) -> dict[str, str]: ...
     async def set_state(self, namespace: str, team_id: str, data: dict[str, str]) -> None: ...
     async def put_secret(self, namespace: str, name: str, data: dict[str, str], team_id: str) -> None: ...
+    async def delete_secret(self, namespace: str, name: str, team_id: str) -> bool: ...
+    async def stop_doppel(self, namespace: str, name: str, why: str) -> None: ...
+    async def resume_doppel(self, namespace: str, name: str) -> None: ...
 
 
 class MemoryDirectory:
@@ -67,6 +70,18 @@ class MemoryDirectory:
         if found is not None:
             found["metadata"].setdefault("annotations", {}).update(annotations)
 
+    async def stop_doppel(self, namespace: str, name: str, why: str) -> None:
+        found = self.doppels.get((namespace, name))
+        if found is not None:
+            found["metadata"].setdefault("annotations", {})[ANNOTATION_STOPPED] = why
+            found["spec"]["suspend"] = True
+
+    async def resume_doppel(self, namespace: str, name: str) -> None:
+        found = self.doppels.get((namespace, name))
+        if found is not None:
+            found["metadata"].get("annotations", {}).pop(ANNOTATION_STOPPED, None)
+            found["spec"]["suspend"] = False
+
     async def list_all_doppels(self) -> list[dict[str, Any]]:
         return [copy.deepcopy(d) for _, d in sorted(self.doppels.items())]
 
@@ -78,3 +93,6 @@ class MemoryDirectory:
 
     async def put_secret(self, namespace: str, name: str, data: dict[str, str], team_id: str) -> None:
         """Nothing to store: in-process stages are handed the token directly."""
+
+    async def delete_secret(self, namespace: str, name: str, team_id: str) -> bool:
+        return False

@@ -1,5 +1,7 @@
 """Creating a person's doppel from Slack: the workspace's limit, its token's Secret, and the DoppelUser
 object with only what was set (the CRD and the operator fill in the rest, as for one applied by hand).
+`adopt_org` tells doppels made before their workspace's Enterprise Grid org installed the app org-wide
+which installation now speaks for them.
 """
 
 from __future__ import annotations
@@ -73,6 +75,23 @@ async def create_doppel(
         f"Training a doppel of {handle}: I will tell you its progress in a direct message "
         f"(`/doppel status @{handle}`)."
     )
+
+
+async def adopt_org(deps: Deps, tenant: Tenant) -> None:
+    """Annotate the tenant's doppels with its Grid org (and org-wide install) when they lack it: made before
+    the org installed the app org-wide, their progress messages would look for a workspace installation
+    that is gone. Once per workspace and process: a request from the workspace is what tells."""
+    if not tenant.enterprise_id or (tenant.team_id, tenant.enterprise_id) in deps.orgs_adopted:
+        return
+    wanted = {ANNOTATION_ENTERPRISE: tenant.enterprise_id}
+    if tenant.org_wide:
+        wanted[ANNOTATION_ORG_INSTALL] = "true"
+    namespace = deps.config.namespace_for(tenant.team_id)
+    for doppel in await deps.kube.list_doppels(namespace, tenant.team_id):
+        annotations = doppel["metadata"].get("annotations") or {}
+        if any(annotations.get(key) != value for key, value in wanted.items()):
+            await deps.kube.annotate_doppel(namespace, doppel["metadata"]["name"], wanted)
+    deps.orgs_adopted.add((tenant.team_id, tenant.enterprise_id))
 
 
 async def at_limit(deps: Deps, namespace: str, team_id: str) -> bool:

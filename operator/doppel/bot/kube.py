@@ -24,6 +24,8 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
+# Set by the bot when it finds the person deactivated in Slack (the operator reads it too: doppel.api).
+from doppel.api import ANNOTATION_DEACTIVATED as ANNOTATION_DEACTIVATED
 from doppel.api import GROUP, LABEL_TEAM, PLURAL, VERSION
 from doppel.bot.logic import team_of
 
@@ -33,6 +35,8 @@ ANNOTATION_ORG_INSTALL = "doppel.dev/org-wide-install"
 LABEL_EVENT = "doppel.dev/slack-event"
 ANNOTATION_REQUESTER = "doppel.dev/requested-by"
 ANNOTATION_NOTIFIED = "doppel.dev/notified-phase"
+# Set with spec.suspend when the workspace uninstalled the app or revoked its token: why it stopped.
+ANNOTATION_STOPPED = "doppel.dev/stopped"
 ANNOTATION_EXPIRES = "doppel.dev/expires-at"
 # The API server must answer well inside Slack's 3 s; a slow one is an error, not a hang.
 REQUEST_TIMEOUT_S = 2.5
@@ -74,8 +78,11 @@ def api_client(server: str | None = None, connections: int = 16) -> k8s.ApiClien
 class Kube:
     """The few Kubernetes calls the bot makes, each bounded by a timeout."""
 
-    def __init__(self, client: k8s.ApiClient, threads: int = 16) -> None:
+    def __init__(self, client: k8s.ApiClient, threads: int = 16, namespaces: tuple[str, ...] = ()) -> None:
         self.custom = k8s.CustomObjectsApi(client)
+        # Where list_all_doppels and watch_doppels look: these namespaces only (a Role there is enough),
+        # or, empty, the whole cluster (a ClusterRole).
+        self.namespaces = namespaces
         self.core = k8s.CoreV1Api(client)
         # Its own threads: a burst of mentions must not wait on asyncio's small default pool.
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="doppel-kube")
@@ -136,27 +143,49 @@ class Kube:
             self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
         )
 
+    async def stop_doppel(self, namespace: str, name: str, why: str) -> None:
+        """Suspend a DoppelUser (the operator starts no Job for it) and say why on it."""
+        patch = {"metadata": {"annotations": {ANNOTATION_STOPPED: why}}, "spec": {"suspend": True}}
+        await self._maybe(
+            self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
+        )
+
+    async def resume_doppel(self, namespace: str, name: str) -> None:
+        """Undo `stop_doppel`: the operator may start Jobs again."""
+        patch = {"metadata": {"annotations": {ANNOTATION_STOPPED: None}}, "spec": {"suspend": False}}
+        await self._maybe(
+            self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch
+        )
+
     async def list_all_doppels(self) -> list[dict[str, Any]]:
-        found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-        return list(found.get("items", []))
+        if not self.namespaces:
+            found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+            return list(found.get("items", []))
+        items: list[dict[str, Any]] = []
+        for namespace in self.namespaces:
+            found = await self._call(
+                self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
+            )
+            items += found.get("items", [])
+        return items
 
     def watch_doppels(self, on_change: Callable[[], object]) -> Callable[[], None]:
-        """Call `on_change` (from a thread of its own) on every DoppelUser event; returns the stopper."""
+        """Call `on_change` (from a thread of its own per watched namespace, or one for the cluster) on
+        every DoppelUser event; returns the stopper."""
         stopped = threading.Event()
-        current: list[k8s_watch.Watch] = []
+        current: dict[str | None, k8s_watch.Watch] = {}  # the open watch of each thread
 
-        def run() -> None:
+        def run(namespace: str | None) -> None:
             while not stopped.is_set():
                 watch = k8s_watch.Watch()
-                current[:] = [watch]
+                current[namespace] = watch
+                if namespace is None:
+                    lister, args = self.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL)
+                else:
+                    lister = self.custom.list_namespaced_custom_object
+                    args = (GROUP, VERSION, namespace, PLURAL)
                 try:
-                    events = watch.stream(
-                        self.custom.list_cluster_custom_object,
-                        GROUP,
-                        VERSION,
-                        PLURAL,
-                        _request_timeout=(5, 300),
-                    )
+                    events = watch.stream(lister, *args, _request_timeout=(5, 300))
                     for _ in events:
                         if stopped.is_set():
                             return
@@ -167,10 +196,11 @@ class Kube:
 
         def stop() -> None:
             stopped.set()
-            for watch in current:
+            for watch in list(current.values()):
                 watch.stop()  # closes the connection, so the thread is not left blocked on a read
 
-        threading.Thread(target=run, name="doppel-bot-watch", daemon=True).start()
+        for namespace in self.namespaces or (None,):
+            threading.Thread(target=run, args=(namespace,), name="doppel-bot-watch", daemon=True).start()
         return stop
 
     # --- per-workspace bot state (the active doppel) ---------------------------------------------
@@ -189,6 +219,13 @@ class Kube:
             await self._call(self.core.create_namespaced_config_map, namespace, body)
 
     # --- the workspace's token, for its scrape Jobs ------------------------------------------------
+    async def delete_secret(self, namespace: str, name: str, team_id: str) -> bool:
+        """Delete the workspace's token Secret `name`, if it is that workspace's; whether one went."""
+        found = await self._maybe(self.core.read_namespaced_secret, name, namespace)
+        if found is None or (found.metadata.labels or {}).get(LABEL_TEAM) != team_id:
+            return False
+        return await self._maybe(self.core.delete_namespaced_secret, name, namespace) is not None
+
     async def put_secret(self, namespace: str, name: str, data: dict[str, str], team_id: str) -> None:
         body = {
             "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_TEAM: team_id}},

@@ -22,6 +22,8 @@ HELP = (
 )
 # Replies longer than this many messages are cut: a runaway generation must not flood a channel.
 MAX_REPLY_MESSAGES = 5
+# Each of them at most this long (Slack takes 40,000 characters but shows a wall; a person writes less).
+MAX_MESSAGE_CHARS = 3000
 # The model may separate its messages with a blank line or with this marker.
 MESSAGE_SEPARATOR = "<|msg|>"
 
@@ -44,10 +46,25 @@ class Tenant:
     org_wide: bool = False
 
 
-def is_member(user: dict[str, Any], tenant: Tenant) -> bool:
+def is_guest(user: dict[str, Any]) -> bool:
+    """A single- or multi-channel guest (`is_ultra_restricted`, `is_restricted`): not a full member."""
+    return bool(user.get("is_restricted") or user.get("is_ultra_restricted"))
+
+
+def is_admin(user: dict[str, Any]) -> bool:
+    """A workspace admin or owner (`is_admin`, `is_owner`, `is_primary_owner`)."""
+    return bool(user.get("is_admin") or user.get("is_owner") or user.get("is_primary_owner"))
+
+
+def is_member(
+    user: dict[str, Any], tenant: Tenant, *, guests: bool = False, deactivated: bool = False
+) -> bool:
     """Whether a `users.info` user belongs to the tenant: a member of its workspace, or, for an org-wide
-    installation, of its Grid org. Slack Connect users of other organisations never do."""
-    if not user or user.get("deleted") or user.get("is_stranger"):
+    installation, of its Grid org. Slack Connect users of other organisations never do; guests only when
+    `guests` (the chart's `bot.allowGuests`), deactivated people only when `deactivated` (to forget them)."""
+    if not user or user.get("is_stranger") or (user.get("deleted") and not deactivated):
+        return False
+    if is_guest(user) and not guests:
         return False
     grid = user.get("enterprise_user") or {}
     if user.get("team_id") == tenant.team_id or tenant.team_id in (grid.get("teams") or []):
@@ -70,8 +87,30 @@ def foreign_teams(body: dict[str, Any], tenant: Tenant) -> set[str]:
 
 REFUSAL = (
     "Sorry, doppels here are only for members of this workspace: "
-    "people from other organisations cannot talk to them, train them or be trained."
+    "guests and people from other organisations cannot talk to them, train them or be trained."
 )
+SHARED_CHANNEL = (
+    "Doppels stay silent in channels shared with other organisations: mention me in one of this "
+    "workspace's own channels."
+)
+
+# Who may do what to someone else's doppel (docs/security.md has this table). `train` of someone else is
+# never on this list: it takes that person's consent (unless the chart turns consent off).
+PERMISSIONS = {
+    "switch": ("the person", "whoever asked for the doppel", "workspace admins and owners"),
+    "forget": ("the person", "whoever asked for the doppel", "workspace admins and owners"),
+}
+
+
+def may_manage(actor: dict[str, Any], person_id: str, requester: str | None) -> bool:
+    """Whether `actor` (a `users.info` user) may switch or forget the doppel of `person_id` that
+    `requester` asked for: the person, the requester, or a workspace admin or owner (`PERMISSIONS`)."""
+    return actor.get("id") in {person_id, requester} or is_admin(actor)
+
+
+def is_shared_channel(channel: dict[str, Any]) -> bool:
+    """A Slack Connect channel (shared with another organisation), from `conversations.info`."""
+    return bool(channel.get("is_ext_shared") or channel.get("is_pending_ext_shared"))
 
 
 class CommandError(ValueError):
@@ -175,10 +214,25 @@ def team_of(doppel: dict[str, Any]) -> str | None:
 
 
 def split_reply(text: str) -> list[str]:
-    """The model's answer as Slack messages: split on blank lines and on the message separator."""
+    """The model's answer as Slack messages: split on blank lines and on the message separator, at most
+    `MAX_REPLY_MESSAGES` of them, each cut at `MAX_MESSAGE_CHARS` (a cut one ends with "…")."""
     parts = re.split(rf"\n\s*\n|{re.escape(MESSAGE_SEPARATOR)}", text)
     messages = [part.strip() for part in parts if part.strip()]
-    return messages[:MAX_REPLY_MESSAGES]
+    return [_cut(m, MAX_MESSAGE_CHARS) for m in messages[:MAX_REPLY_MESSAGES]]
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ", limit // 2)  # at a word's end when there is one near
+    cut = cut[:space] if space > 0 else cut
+    # Never half a link (`<https://…>`) or half an escape (`&amp;`): Slack would show the pieces.
+    if cut.rfind("<") > cut.rfind(">"):
+        cut = cut[: cut.rfind("<")]
+    if cut.rfind("&") > cut.rfind(";"):
+        cut = cut[: cut.rfind("&")]
+    return cut.rstrip() + "…"
 
 
 def object_name(handle: str, team_id: str = "") -> str:

@@ -2,6 +2,11 @@
 thread in the doppel's voice: the doppel picked, the thread (or the channel's recent window) read and
 normalised as the training samples were, the model asked, its reply made safe (`safe_reply`) and posted
 under the person's name, or an apology posted: a claimed mention is never left in silence.
+
+Who is heard (docs/security.md): in a channel shared with another organisation the doppels stay silent
+(the asker alone is told) unless the chart allows it; messages of people outside the workspace never enter
+the prompt; a deactivated person's doppel answers only that it no longer speaks. The doppel's own earlier
+turns are the posts of this app's bot (its bot ID) under the doppel's name, never a name alone.
 """
 
 from __future__ import annotations
@@ -9,19 +14,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from slack_bolt.context.async_context import AsyncBoltContext
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from doppel.bot import logic
 from doppel.bot.access import admitted, tenant_of
+from doppel.bot.config import BotConfig
 from doppel.bot.deps import Deps
+from doppel.bot.doppels import adopt_org
+from doppel.bot.feedback import reply_blocks, source_days
+from doppel.bot.kube import ANNOTATION_DEACTIVATED
 from doppel.bot.ledger import EventLedger
 from doppel.bot.logic import Tenant
 from doppel.bot.safety import neutralize, user_ids
-from doppel.bot.worker import slack_retry_handlers
+from doppel.bot.worker import DEADLINE, slack_retry_handlers
+from doppel.memory.prompt import recall_for
+from doppel.memory.voice import abstention
 from doppel.serve.errors import ServeError
 from doppel.slack.conversation import (
     DEFAULT_WINDOW,
@@ -31,7 +44,7 @@ from doppel.slack.conversation import (
     serving_context,
 )
 from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
-from doppel.slack.scrub import scrub_text
+from doppel.slack.scrub import message_regions, scrub_text
 
 LOG = logging.getLogger(__name__)
 DEFAULT_ICON = ":robot_face:"
@@ -41,6 +54,13 @@ _MENTIONED = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 SORRY_SLACK = (
     "Sorry, I couldn't answer this one (Slack or the cluster had a problem). Please try again in a minute."
 )
+SORRY_RATE_LIMITED = (
+    "Sorry, Slack is limiting how fast I may read this conversation right now, so I couldn't answer in "
+    "time. Please try again in a minute."
+)
+# Slack's rate limits are waited out (`Retry-After`) until this long after the mention arrived; then the
+# person gets an apology that says why rather than a late answer.
+MENTION_DEADLINE_S = 90.0
 
 
 def on_mention(deps: Deps, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
@@ -60,19 +80,35 @@ def on_mention(deps: Deps, body: dict[str, Any], event: dict[str, Any], context:
             LOG.info("mention %s (%s) of team %s already answered", key, event_id, tenant.team_id)
             return
         client = _worker_client(deps, context)
+        refusal = None
         if not await admitted(deps, client, tenant, body, event.get("user") or ""):
-            if not event.get("user"):
-                return  # no person to tell
-            await client.chat_postEphemeral(
-                channel=event["channel"],
-                user=event["user"],
-                thread_ts=event.get("thread_ts") or event["ts"],
-                text=logic.REFUSAL,
-            )
+            refusal = logic.REFUSAL
+        elif not deps.config.allow_shared_channels and await _shared(deps, client, tenant, body, event):
+            refusal = logic.SHARED_CHANNEL
+        if refusal is None:
+            await adopt_org(deps, tenant)
+        if refusal:
+            if event.get("user"):  # else no person to tell
+                await client.chat_postEphemeral(
+                    channel=event["channel"],
+                    user=event["user"],
+                    thread_ts=event.get("thread_ts") or event["ts"],
+                    text=refusal,
+                )
             return
-        await answer_mention(deps, client, tenant, context.bot_user_id, event)
+        await answer_mention(deps, client, tenant, (context.bot_user_id, context.bot_id), event)
 
     deps.worker.submit(work(), f"mention {event_id} of team {tenant.team_id}")
+
+
+async def _shared(
+    deps: Deps, client: AsyncWebClient, tenant: Tenant, body: dict[str, Any], event: dict[str, Any]
+) -> bool:
+    """Whether the mention's channel is shared with another organisation: the envelope says so
+    (`is_ext_shared_channel`), or `conversations.info` does."""
+    if body.get("is_ext_shared_channel"):
+        return True
+    return logic.is_shared_channel(await deps.lookups.channel(client, tenant.team_id, event["channel"]))
 
 
 async def claim(ledger: EventLedger, team_id: str, key: str, attempts: int = 3) -> bool:
@@ -102,34 +138,62 @@ def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
 
 
 async def answer_mention(
-    deps: Deps, client: AsyncWebClient, tenant: Tenant, bot_user_id: str | None, event: dict[str, Any]
+    deps: Deps,
+    client: AsyncWebClient,
+    tenant: Tenant,
+    bot: tuple[str | None, str | None],
+    event: dict[str, Any],
 ) -> None:
-    """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence."""
+    """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence.
+    `bot`: this app's bot user ID and bot ID."""
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
 
-    async def post(text: str, **extra: Any) -> None:
-        # link_names off: plain words like "@here" stay words (the text is neutralised anyway).
+    async def post(text: str, **extra: Any) -> str | None:
+        # link_names off: plain words like "@here" stay words (the text is neutralised anyway). Unfurling
+        # off: a doppel's link must not fetch and show a page in the channel.
         async with deps.posting(channel):
-            await client.chat_postMessage(
-                channel=channel, thread_ts=thread_ts, text=text, link_names=False, **extra
+            posted = await client.chat_postMessage(
+                channel=channel,
+                thread_ts=thread_ts,
+                text=text,
+                link_names=False,
+                unfurl_links=False,
+                unfurl_media=False,
+                **extra,
             )
         deps.metrics.reply_posted(tenant.team_id, event["ts"])
+        return posted.get("ts")
 
+    deadline = DEADLINE.set(time.monotonic() + MENTION_DEADLINE_S)
     try:
-        await _answer(deps, client, tenant, bot_user_id, event, post)
-    except Exception:
+        await _answer(deps, client, tenant, bot, event, post)
+    except Exception as exc:
+        limited = isinstance(exc, SlackApiError) and exc.response.status_code == 429
         LOG.exception("mention in %s of team %s could not be answered", channel, tenant.team_id)
-        await post(SORRY_SLACK)
+        deps.metrics.error("slack_rate_limited" if limited else "mention_failed")
+        DEADLINE.reset(deadline)  # the apology may wait for its turn to post
+        try:
+            await post(SORRY_RATE_LIMITED if limited else SORRY_SLACK)
+        except Exception as lost:
+            # Nobody told: counted (by kind too), so a lost mention never goes unnoticed.
+            LOG.exception(
+                "mention in %s of team %s lost: not even an apology posted", channel, tenant.team_id
+            )
+            deps.metrics.error("mention_lost")
+            deps.metrics.failed(lost)
+    else:
+        DEADLINE.reset(deadline)
 
 
 async def _answer(
     deps: Deps,
     client: AsyncWebClient,
     tenant: Tenant,
-    bot_user_id: str | None,
+    bot: tuple[str | None, str | None],
     event: dict[str, Any],
-    post: Callable[..., Awaitable[None]],
+    post: Callable[..., Awaitable[str | None]],
 ) -> None:
+    bot_user_id = bot[0]
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
     team_id = tenant.team_id
     namespace = deps.config.namespace_for(team_id)
@@ -156,9 +220,18 @@ async def _answer(
     async def user(user_id: str) -> dict[str, Any]:
         return await lookups.user(client, team_id, user_id)
 
-    profile = (await user(person_id)).get("profile") or {}
+    found = await user(person_id)
+    if found.get("deleted"):
+        # Deactivated: the person left. Their doppel says so, once marked for admins to forget it.
+        await _mark_deactivated(deps, doppel)
+        await post(f"{name}'s doppel no longer answers: {name} has left this workspace.")
+        return
+    profile = found.get("profile") or {}
     # Named as the training samples name the person: real name first.
     person = profile.get("real_name") or target.get("realName") or target.get("handle") or name
+    regions = message_regions(
+        deps.config.phone_regions, found.get("tz"), (await user(event.get("user") or "")).get("tz")
+    )
     try:
         if event.get("thread_ts"):
             replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
@@ -176,12 +249,17 @@ async def _answer(
             thread = sorted(flow, key=lambda m: _ts(m["ts"]))
         if not any(m.get("ts") == event["ts"] for m in thread):
             thread.append(event)  # replies can lag behind the event: the question must be there
-        said = await _thread(user, thread, event, rest, name, person_id, bot_user_id)
+        said = await _thread(user, tenant, thread, event, rest, name, person_id, bot, deps.config)
         context = serving_context(said, person_id, in_thread=bool(event.get("thread_ts")), rule=WINDOW)
         channel_name = (await lookups.channel(client, team_id, channel)).get("name")
-        messages = build_conversation(person, person_id, context, channel=channel_name)
-        async with deps.model_slots:
-            reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
+        index = await deps.memories.index_for(doppel, team_id)
+        recall = recall_for(index, context, deps.config.memory)
+        messages = build_conversation(person, person_id, context, channel=channel_name, memory=recall.lines())
+        if recall.abstain and index is not None:
+            reply = abstention(person, index.meta.get("voice"))  # nothing of theirs covers it: no guessing
+        else:
+            async with deps.model_slots:
+                reply = await asyncio.wait_for(deps.chat(model, messages), deps.config.vllm_timeout_s)
     except (ServeError, TimeoutError) as exc:
         LOG.warning("no reply from %s for team %s: %s", model, team_id, exc)
         deps.metrics.error("vllm_unavailable")
@@ -191,16 +269,39 @@ async def _answer(
         )
         return
     icon = {"icon_url": profile["image_72"]} if profile.get("image_72") else {"icon_emoji": DEFAULT_ICON}
-    safe = await safe_reply(reply, user)
-    for part in logic.split_reply(safe) or ["…"]:
+    safe = await safe_reply(reply, user, regions)
+    parts = logic.split_reply(safe) or ["…"]
+    sources = recall.sources(await lookups.workspace_url(client, team_id)) if recall.hits else []
+    store = deps.memories.store(deps.config.namespace_for(team_id), doppel)
+    for part in parts[:-1]:
         await post(part, username=f"{name}-bot", **icon)
+    # The last message carries the sources and, where feedback is kept, the feedback buttons.
+    if store is None and not sources:
+        await post(parts[-1], username=f"{name}-bot", **icon)
+        return
+    blocks = reply_blocks(parts[-1], doppel["metadata"]["name"], sources=sources, days=source_days(sources))
+    if store is None:
+        blocks = blocks[:2]  # text and sources: no buttons with nowhere to keep what they say
+    reply_ts = await post(parts[-1], username=f"{name}-bot", blocks=blocks, **icon)
+    if store is not None and reply_ts:
+        record = {"messages": messages, "reply": safe, "adapter": model, "sources": sources}
+        await asyncio.to_thread(store.record_reply, reply_ts, **record, abstained=recall.abstain)
 
 
-async def safe_reply(reply: str, user: Callable[[str], Awaitable[dict[str, Any]]]) -> str:
+async def _mark_deactivated(deps: Deps, doppel: dict[str, Any]) -> None:
+    meta = doppel["metadata"]
+    if (meta.get("annotations") or {}).get(ANNOTATION_DEACTIVATED) != "true":
+        await deps.kube.annotate_doppel(meta["namespace"], meta["name"], {ANNOTATION_DEACTIVATED: "true"})
+        deps.snapshots.invalidate(meta["namespace"], logic.team_of(doppel) or "")
+
+
+async def safe_reply(
+    reply: str, user: Callable[[str], Awaitable[dict[str, Any]]], regions: Sequence[str] = ()
+) -> str:
     """The model's text as it may be posted: scrubbed of secrets and personal data (the same scrubber as
-    the training samples), then mentions of people, channels and everyone made plain words (no ping, no bot
-    ping-pong, no broadcast)."""
-    reply = scrub_text(reply).text
+    the training samples, phone numbers read in `regions` too), then mentions of people, channels and
+    everyone made plain words (no ping, no bot ping-pong, no broadcast), masked links showing their target."""
+    reply = scrub_text(reply, regions).text
     names = {}
     for user_id in user_ids(reply):
         found = await user(user_id)
@@ -210,32 +311,47 @@ async def safe_reply(reply: str, user: Callable[[str], Awaitable[dict[str, Any]]
 
 async def _thread(
     lookup: Callable[[str], Awaitable[dict[str, Any]]],
+    tenant: Tenant,
     messages: Sequence[dict[str, Any]],
     mention: dict[str, Any],
     text: str,
     name: str,
     person_id: str,
-    bot_user_id: str | None,
+    bot: tuple[str | None, str | None],
+    config: BotConfig,
 ) -> list[ThreadMessage]:
     """The thread up to the mention, normalised as the training samples were: the doppel's own replies count
-    as the person's, and the mention itself is read without its `as <user>` selector."""
+    as the person's, and the mention itself is read without its `as <user>` selector. Messages of people
+    outside the workspace (Slack Connect) are left out: another organisation never steers a doppel."""
+    bot_user_id, bot_id = bot
     users: dict[str, str] = {}
+    zones: dict[str, str | None] = {}
+    outsiders: set[str] = set()
     context: list[ThreadMessage] = []
     for message in messages:
         if _ts(message["ts"]) > _ts(mention["ts"]):
             break
         if message.get("bot_id"):
-            if message.get("username") != f"{name}-bot":
+            # Only this app's own posts under this doppel's name: another app can take any username.
+            if not bot_id or message["bot_id"] != bot_id or message.get("username") != f"{name}-bot":
                 continue  # the bot's own notices, other doppels, other bots
             author_id = person_id
         else:
             author_id = message.get("user", "")
+            if message.get("user_team") not in (None, tenant.team_id) and not tenant.enterprise_id:
+                continue  # Slack Connect: the message says its author's team
         raw = f"<@{bot_user_id}> {text}" if message["ts"] == mention["ts"] else message.get("text", "")
         for user_id in {author_id, *_MENTIONED.findall(raw)} - users.keys():
             found = await lookup(user_id)
             if found:
                 users[user_id] = user_display_name(found)
-        clean = scrub_text(normalize_text(raw, users, None, bot_user_id)).text  # as the samples were
+                zones[user_id] = found.get("tz")
+                if not logic.is_member(found, tenant, guests=True, deactivated=True):
+                    outsiders.add(user_id)
+        if author_id in outsiders:
+            continue
+        regions = message_regions(config.phone_regions, zones.get(author_id), zones.get(person_id))
+        clean = scrub_text(normalize_text(raw, users, None, bot_user_id), regions).text  # as the samples were
         if clean:
             author = users.get(author_id, UNKNOWN_USER)
             context.append(ThreadMessage(author_id, author, clean, float(message["ts"])))

@@ -71,7 +71,8 @@ class BotMetrics:
         )
         self.errors = Counter(
             "doppel_bot_errors",
-            "Errors by kind: vllm_unavailable (an apology was posted), slack, kubernetes, other.",
+            "Errors by kind: vllm_unavailable, slack_rate_limited, mention_failed (an apology was posted), "
+            "mention_lost (not even that), slack, kubernetes, other.",
             ["kind"],
             registry=self.registry,
         )

@@ -1,6 +1,7 @@
 """What the bot posts in a doppel's name is made harmless first: the model writes whatever it learned, and
 a raw `<@U…>` pings that person (or another bot, which may answer: a ping-pong), `<!channel>` notifies
-everyone. Pure functions, tested directly.
+everyone, and a masked link `<https://evil.example|the wiki>` shows words that hide where it goes. Pure
+functions, tested directly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ _TOKEN = re.compile(r"<([^<>]*)>")
 _USER = re.compile(r"^@([UW][A-Z0-9]+)(?:\|(.*))?$")
 _CHANNEL = re.compile(r"^#(C[A-Z0-9]+|G[A-Z0-9]+)(?:\|(.*))?$")
 _SPECIAL = re.compile(r"^!([a-z]+)(?:\^[^|]*)?(?:\|(.*))?$")
-_LINK = re.compile(r"^(https?://|mailto:)[^\s|]+(\|.*)?$")
+_LINK = re.compile(r"^(?P<url>(https?://|mailto:)[^\s|]+)(\|(?P<label>.*))?$")
 # Plain words Slack turns into broadcasts when a client parses the text (`parse=full`, `link_names`).
 _BROADCAST = re.compile(r"@(channel|here|everyone)\b", re.IGNORECASE)
 WORD_JOINER = "\u2060"
@@ -32,7 +33,8 @@ def user_ids(text: str) -> set[str]:
 def neutralize(text: str, names: Mapping[str, str] | None = None) -> str:
     """`text` with every mention turned into plain words: users become `@name` (from `names`, else their
     label or id), channels `#name`, broadcasts and user groups `@here`/`@team` that notify nobody. Links
-    stay links; any other `<`, `>` and `&` is escaped as Slack's formatting rules ask."""
+    stay links that show their target: a masked one (`<url|words>`) becomes `words (<url>)`; any other
+    `<`, `>` and `&` is escaped as Slack's formatting rules ask."""
     names = names or {}
     out: list[str] = []
     last = 0
@@ -54,8 +56,11 @@ def _plain(token: str, names: Mapping[str, str]) -> str:
         if special.group(1) in {"subteam", "date"} and label:
             return _escape(label if label.startswith("@") or special.group(1) == "date" else f"@{label}")
         return "@" + special.group(1)
-    if _LINK.match(token):
-        return f"<{token}>"
+    if link := _LINK.match(token):
+        label = link.group("label")
+        if label and label != link.group("url"):
+            return f"{_escape(label)} (<{link.group('url')}>)"
+        return f"<{link.group('url')}>"
     return _escape(f"<{token}>")
 
 

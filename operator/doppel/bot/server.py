@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import uvicorn
@@ -31,16 +33,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from doppel.bot import revocation
 from doppel.bot.app import build_app
 from doppel.bot.background import in_background, notify_progress, sweep_claims
 from doppel.bot.chat import Chat, vllm_chat
 from doppel.bot.config import BotConfig
 from doppel.bot.deps import Deps
 from doppel.bot.directory import Directory
+from doppel.bot.guard import GuardedHttpToolsProtocol
 from doppel.bot.intake import Front, SlackIntake
 from doppel.bot.kube import Kube, api_client
 from doppel.bot.ledger import EventLedger, KubeEventLedger, MemoryEventLedger, SqlEventLedger
 from doppel.bot.logic import Tenant
+from doppel.bot.memories import FeedbackDir
 from doppel.bot.metrics import BotMetrics
 from doppel.bot.oauth import INSTALL_PATH, REDIRECT_PATH, oauth_wiring
 from doppel.bot.redact import install_token_redaction
@@ -130,19 +135,27 @@ class Bot:
         return in_background(notify_progress(self))
 
     def sweeper(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """Delete expired event claims and OAuth state claims every `sweep_interval_s`, in the
-        background: never on the way of a mention."""
+        """Delete expired event claims every `sweep_interval_s`, in the background: never on the way of a
+        mention."""
         return in_background(sweep_claims(self.deps.ledger, self.config.sweep_interval_s))
+
+    def server_config(self, host: str, port: int, **overrides: Any) -> uvicorn.Config:
+        """uvicorn's configuration of the bot's HTTP server (`serve`; the tests serve the same)."""
+        options: dict[str, Any] = {
+            # httptools, not h11: its C parser halves the HTTP stack's share of each acknowledgement; with
+            # a deadline and a size cap for request lines and headers (uvicorn has neither).
+            "http": GuardedHttpToolsProtocol,
+            "log_level": "info",
+            "access_log": False,
+            # An idle kept-alive connection is closed after this (uvicorn's default: 5 s).
+            "timeout_keep_alive": 5,
+            **overrides,
+        }
+        return uvicorn.Config(self.asgi(), host=host, port=port, **options)
 
     async def serve(self, host: str, port: int) -> None:
         _freeze_startup_objects()
-        server = _Server(
-            # httptools, not h11: its C parser halves the HTTP stack's share of each acknowledgement.
-            uvicorn.Config(
-                self.asgi(), host=host, port=port, http="httptools", log_level="info", access_log=False
-            )
-        )
-        await server.serve()
+        await _Server(self.server_config(host, port)).serve()
 
     async def serve_socket_mode(self) -> None:
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -193,6 +206,7 @@ def create_bot(
     ledger: EventLedger | None = None,
     installation_store: InstallationStore | None = None,
     kube_server: str | None = None,
+    feedback_dir: FeedbackDir | None = None,
 ) -> Bot:
     """Build the bot from `config`; each piece left out is made from the configuration.
 
@@ -207,7 +221,7 @@ def create_bot(
             clients.append(api_client(kube_server))
         return clients[0]
 
-    directory = kube if kube is not None else Kube(kube_client())
+    directory = kube if kube is not None else Kube(kube_client(), namespaces=config.watch_namespaces)
     if ledger is None:
         if config.database_url:
             ledger = SqlEventLedger(config.database_url, config.event_ttl_s)
@@ -228,12 +242,18 @@ def create_bot(
         retry_handlers=slack_retry_handlers(),
     )
     deps = Deps(
-        config=config, kube=directory, ledger=ledger, chat=chat, metrics=BotMetrics(config.metrics_port != 0)
+        config=config,
+        kube=directory,
+        ledger=ledger,
+        chat=chat,
+        metrics=BotMetrics(config.metrics_port != 0),
+        feedback_dir=feedback_dir,
     )
     store: AsyncInstallationStoreAdapter | None = None
     flow: AsyncOAuthFlow | None = None
     authorize: AsyncInstallationStoreAuthorize | None = None
     if config.oauth:
-        store, flow, authorize = oauth_wiring(config, web, ledger, installation_store, kube_client)
-    app = build_app(deps, client=web, oauth_flow=flow, authorize=authorize)
+        reinstalled = functools.partial(revocation.on_installed, deps)
+        store, flow, authorize = oauth_wiring(config, web, installation_store, kube_client, reinstalled)
+    app = build_app(deps, client=web, oauth_flow=flow, authorize=authorize, installation_store=store)
     return Bot(config=config, deps=deps, app=app, installation_store=store)

@@ -1,6 +1,6 @@
 """OAuth stores for Bolt's AsyncApp: slack_sdk's sync installation stores (ours on Kubernetes, or its
 SQLAlchemy one) behind its async interface, plus a signed OAuth `state` store, so any replica can finish an
-install that another one started."""
+install that another one started, and no unauthenticated request stores anything."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 
 from slack_sdk.oauth.installation_store import Bot, Installation, InstallationStore
 from slack_sdk.oauth.installation_store.async_installation_store import AsyncInstallationStore
 from slack_sdk.oauth.state_store.async_state_store import AsyncOAuthStateStore
-
-from doppel.bot.ledger import EventLedger
 
 LOG = logging.getLogger(__name__)
 _STATE = re.compile(r"[0-9a-f]{74}")  # nonce (32) + expiry (10 digits) + signature (32)
@@ -82,13 +81,16 @@ class AsyncInstallationStoreAdapter(AsyncInstallationStore):
 
 class SignedOAuthStateStore(AsyncOAuthStateStore):
     """OAuth `state` values that carry their own proof: a nonce and an expiry, signed with the app's client
-    secret. Issuing one stores nothing, so `GET /slack/install` (public) creates no object however often it
-    is called, and any replica can check a state another one issued. Consuming one claims its nonce in the
-    event ledger (atomic, shared, swept when expired), so a state is good once."""
+    secret. Neither issuing nor checking one stores anything shared: `GET /slack/install` and
+    `GET /slack/oauth_redirect` are public, and an object per request (a ConfigMap per redirect, as the
+    event ledger's claims were) would let anyone fill the cluster. Any replica checks a state another one
+    issued. A state is good once per replica (its nonce kept in memory, at most `max_used` of them, until
+    it expires); replaying one elsewhere gains nothing: the code it came with is single-use at Slack."""
 
-    def __init__(self, secret: str, ledger: EventLedger, expiration_s: int = 600) -> None:
+    def __init__(self, secret: str, expiration_s: int = 600, max_used: int = 10_000) -> None:
         self._key = hashlib.sha256(f"doppel-oauth-state:{secret}".encode()).digest()
-        self.ledger, self.expiration_s = ledger, expiration_s
+        self.expiration_s, self.max_used = expiration_s, max_used
+        self._used: OrderedDict[str, int] = OrderedDict()  # nonce -> expiry, oldest first
 
     @property
     def logger(self) -> logging.Logger:
@@ -105,6 +107,11 @@ class SignedOAuthStateStore(AsyncOAuthStateStore):
         if not _STATE.fullmatch(state):
             return False
         body, mac = state[:42], state[42:]
-        if not hmac.compare_digest(self._mac(body), mac) or int(body[32:]) < time.time():
+        nonce, expiry = body[:32], int(body[32:])
+        now = time.time()
+        if not hmac.compare_digest(self._mac(body), mac) or expiry < now or nonce in self._used:
             return False
-        return await self.ledger.claim("oauth", f"state/{body[:32]}")
+        while self._used and (next(iter(self._used.values())) < now or len(self._used) >= self.max_used):
+            self._used.popitem(last=False)  # expired (issued in order), or the oldest past the bound
+        self._used[nonce] = expiry
+        return True

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
@@ -22,18 +24,49 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncRateLimitErrorRetryHandler,
     AsyncServerErrorRetryHandler,
 )
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
 
 LOG = logging.getLogger(__name__)
-# A 429 is waited out (Retry-After, plus up to a second of jitter) this many times before a call fails:
-# Slack allows about one message a second per channel, and a burst of mentions in one channel queues.
+# A 429 is waited out (Retry-After, plus up to a second of jitter) this many times before a call with no
+# `DEADLINE` fails (one with a deadline retries until it): Slack allows about one message a second per
+# channel, and a burst of mentions in one channel queues.
 RATE_LIMIT_RETRIES = 10
+# The monotonic time by which the work at hand (a mention's answer) must be done; None: no deadline. A 429
+# whose Retry-After ends later is not waited out: the caller apologises, saying why, instead.
+DEADLINE: ContextVar[float | None] = ContextVar("doppel_slack_deadline", default=None)
+
+
+class DeadlineRateLimitRetryHandler(AsyncRateLimitErrorRetryHandler):
+    """slack_sdk's 429 handler (waits `Retry-After`, then retries), within the current `DEADLINE`. Under a
+    deadline only the deadline bounds the retries: in a burst of mentions, dozens of reads wait on one
+    Tier 3 bucket (50 a minute), and a count would give up, with an apology, long before the deadline."""
+
+    async def can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        deadline = DEADLINE.get()
+        if deadline is None:  # the count applies
+            return await super().can_retry_async(state=state, request=request, response=response, error=error)
+        if response is None or response.status_code != 429:
+            return False
+        after = next((v for k, v in response.headers.items() if k.lower() == "retry-after"), ["1"])
+        wait = int(after[0]) if str(after[0]).isdecimal() else 1
+        return time.monotonic() + wait < deadline
 
 
 def slack_retry_handlers() -> list[AsyncRetryHandler]:
-    """slack_sdk's own retry handlers for every Slack call the bot makes: rate limits, dropped connections
-    and Slack's 5xx answers are retried instead of losing the reply."""
+    """slack_sdk's own retry handlers for every Slack call the bot makes: rate limits (waited out within
+    the `DEADLINE` of the work at hand), dropped connections and Slack's 5xx answers are retried instead of
+    losing the reply."""
     return [
-        AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
+        DeadlineRateLimitRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
         AsyncConnectionErrorRetryHandler(max_retry_count=2),
         AsyncServerErrorRetryHandler(max_retry_count=2),
     ]

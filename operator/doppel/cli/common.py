@@ -10,6 +10,7 @@ Every subcommand goes through `run_stage`, which gives the whole CLI one behavio
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -42,6 +43,23 @@ def write_result(result: dict[str, Any]) -> None:
     Path(target).write_text(text, encoding="utf-8")
 
 
+# A volume that refuses writes: no permission, mounted read-only, or full.
+STORAGE_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EROFS: "read-only",
+                  errno.ENOSPC: "full", errno.EDQUOT: "over its quota"}  # fmt: skip
+
+
+def storage_problem(exc: OSError) -> str | None:
+    """One line saying which path could not be written and as whom, for the errors a volume gives; None
+    for other errors. (The operator turns it into StorageWritable=False.)"""
+    what = STORAGE_ERRNOS.get(exc.errno or 0)
+    if what is None or not exc.filename:
+        return None
+    return (
+        f"cannot write {exc.filename}: {what} ({exc.strerror}), as uid {os.getuid()} gid {os.getgid()}: "
+        "the shared volume must let this user create files there"
+    )
+
+
 def run_stage(func: F) -> F:
     """Wrap a command body that returns a summary dict (or None) with the CLI's exit-code contract."""
 
@@ -59,6 +77,13 @@ def run_stage(func: F) -> F:
             sys.exit(130)
         except click.exceptions.Exit:
             raise
+        except OSError as exc:
+            storage = storage_problem(exc)
+            if storage is None:
+                raise
+            write_result({"ok": False, "kind": "storage", "reason": storage})
+            click.echo(f"doppel: failed: {storage}", err=True)
+            sys.exit(1)
         except Exception as exc:
             write_result({"ok": False, "kind": "error", "reason": f"{type(exc).__name__}: {exc}"})
             if debug:

@@ -3,15 +3,19 @@ handed to kopf."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from doppel.cli.common import run_stage
 from doppel.errors import BadInput
 
+if TYPE_CHECKING:
+    from doppel.operator.config import OperatorConfig
 
-@click.command("operator")
+
+@click.group("operator", invoke_without_command=True)
 @click.option(
     "--namespace",
     "namespaces",
@@ -164,8 +168,71 @@ from doppel.errors import BadInput
     help="kopf peering object shared with other replicas (only one acts); '' runs standalone.",
 )
 @click.option("--peer-id", envvar="DOPPEL_PEER_ID", default=None, help="This replica's name in the peering.")
+@click.option(
+    "--jobs",
+    "jobs_json",
+    envvar="DOPPEL_JOBS",
+    default=None,
+    help='JSON settings of the Job pods: {"cpuImage", "ttlSecondsAfterFinished", "podSecurityContext", '
+    '"priorityClassName", "env", "cpu": {"resources", "nodeSelector", "tolerations"}, "train": {...}}.',
+)
+@click.option(
+    "--vllm-selector",
+    envvar="DOPPEL_VLLM_SELECTOR",
+    default=None,
+    help="JSON labels of the vLLM pods of DoppelUsers whose spec.vllm.selector is unset (the release's).",
+)
+@click.option(
+    "--liveness",
+    envvar="DOPPEL_LIVENESS",
+    default=None,
+    help="kopf's health endpoint for a liveness probe, e.g. http://0.0.0.0:8081/healthz.",
+)
+@click.pass_context
 @run_stage
-def operator_command(
+def operator_command(ctx: click.Context, **params: Any) -> dict[str, Any]:
+    """Run the DoppelUser operator (kopf) until interrupted.
+
+    With a subcommand (dry-run), its settings are only read, for the subcommand."""
+    import asyncio
+
+    from doppel.operator.handlers import run
+
+    if ctx.invoked_subcommand is not None:
+        return {}
+    asyncio.run(run(operator_config(**params)))
+    return {}
+
+
+@operator_command.command("dry-run")
+@click.option(
+    "-f",
+    "--filename",
+    "source",
+    required=True,
+    type=click.File("r", encoding="utf-8"),
+    help="A DoppelUser manifest (YAML); - reads standard input.",
+)
+@click.pass_context
+@run_stage
+def dry_run(ctx: click.Context, source: Any) -> None:
+    """Print, as YAML, every object the operator would create for a DoppelUser, with the operator's
+    settings from the same flags and DOPPEL_* variables (`doppel operator [flags] dry-run -f x.yaml`)."""
+    import yaml
+
+    from doppel.operator.dryrun import planned_objects
+
+    try:
+        manifest = yaml.safe_load(source)
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{source.name}: not YAML ({str(exc).splitlines()[0]})") from None
+    assert ctx.parent is not None
+    objects = planned_objects(manifest, operator_config(**ctx.parent.params))
+    click.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
+
+
+def operator_config(
+    *,
     namespaces: tuple[str, ...],
     data_root: str,
     data_claim: str,
@@ -191,15 +258,16 @@ def operator_command(
     metrics_port: int,
     peering: str,
     peer_id: str | None,
-) -> dict[str, Any]:
-    """Run the DoppelUser operator (kopf) until interrupted."""
-    import asyncio
-
+    jobs_json: str | None,
+    vllm_selector: str | None,
+    liveness: str | None,
+) -> OperatorConfig:
+    """The operator's configuration from `doppel operator`'s parameters (its options and their environment
+    variables, as the chart sets them); BadInput for a wrong value."""
     import pydantic
 
     from doppel.api import TrainDefaults
-    from doppel.operator.config import OperatorConfig
-    from doppel.operator.handlers import run
+    from doppel.operator.config import JobPods, OperatorConfig
 
     if not data_root.startswith("/"):
         raise BadInput(f"--data-root must be an absolute path, got {data_root!r}")
@@ -209,9 +277,16 @@ def operator_command(
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "the value"
         raise BadInput(f"--train-defaults: {where}: {error['msg']}") from None
+    try:
+        jobs = JobPods.model_validate_json(jobs_json or "{}")
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the value"
+        raise BadInput(f"--jobs: {where}: {error['msg']}") from None
+    selector = _json_labels(vllm_selector, "--vllm-selector") if vllm_selector else None
     if lora_dir and not lora_dir.startswith(data_root.rstrip("/") + "/"):
         raise BadInput(f"--lora-dir must be inside --data-root {data_root}, got {lora_dir!r}")
-    config = OperatorConfig(
+    return OperatorConfig(
         data_root=data_root,
         data_claim=data_claim or None,
         worker_image=worker_image,
@@ -242,6 +317,18 @@ def operator_command(
         metrics_port=metrics_port,
         peering=peering or None,
         peer_id=peer_id or None,
+        jobs=jobs,
+        vllm_selector=selector,
+        liveness_endpoint=liveness or None,
     )
-    asyncio.run(run(config))
-    return {}
+
+
+def _json_labels(text: str, option: str) -> dict[str, str]:
+    """A JSON object of label keys and string values, or BadInput naming `option`."""
+    try:
+        labels = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{option}: not JSON ({exc.msg})") from None
+    if not isinstance(labels, dict) or not labels or not all(isinstance(v, str) for v in labels.values()):
+        raise BadInput(f"{option}: must be a non-empty JSON object of label names to string values")
+    return labels

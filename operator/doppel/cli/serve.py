@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,18 @@ from doppel.errors import BadInput
 @click.option("--temperature", type=float, help="Sampling temperature (default 0.2).")
 @click.option("--max-tokens", type=int, help="Longest reply in tokens (default 1024).")
 @click.option("--seed", type=int, help="Sampling seed, for repeatable replies.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='With --once: print {"reply", "sources": [{"channel", "ts", "permalink", "text"}], "abstained"}.',
+)
+@click.option(
+    "--memory/--no-memory", default=True, show_default=True, help="Use the memory beside the adapter."
+)
+@click.option(
+    "--workspace-url", help="The workspace's address (https://NAME.slack.com), for source permalinks."
+)
 @run_stage
 def chat(
     adapter_dir: Path,
@@ -34,11 +47,16 @@ def chat(
     temperature: float | None,
     max_tokens: int | None,
     seed: int | None,
+    as_json: bool,
+    memory: bool,
+    workspace_url: str | None,
 ) -> dict[str, Any]:
     """Chat with a doppel in the terminal; replies stream as they are generated."""
+    from doppel.memory.prompt import MemorySettings
     from doppel.serve.backend import DEFAULT_PARAMS
     from doppel.serve.chat import (
         ChatSession,
+        adapter_memory,
         adapter_person,
         check_adapter_dir,
         local_chat_backend,
@@ -47,11 +65,14 @@ def chat(
 
     if (vllm_url is None) == (base_model is None):
         raise BadInput("give exactly one of --vllm-url URL or --base-model PATH")
+    if as_json and message is None:
+        raise BadInput("--json answers one message: give it with --once")
     adapter = check_adapter_dir(adapter_dir)
     person = person or adapter_person(adapter)
     if not person:
         raise BadInput("--person NAME is required: the adapter does not say whose doppel it is")
     params = DEFAULT_PARAMS.override(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    index = adapter_memory(adapter) if memory else None
     if vllm_url:
         opened = vllm_chat_backend(vllm_url, adapter)
     else:
@@ -60,7 +81,13 @@ def chat(
         opened = local_chat_backend(resolve_base_model(str(base_model)), adapter)
     turns = 0
     with opened as (backend, name):
-        session = ChatSession(backend, name, person, params=params)
+        settings = MemorySettings.from_env()
+        session = ChatSession(backend, name, person, params=params, memory=index, memory_settings=settings)
+        if as_json:
+            reply = "".join(session.reply(message or "")).strip()
+            sources = session.recall.sources(workspace_url)
+            click.echo(json.dumps({"reply": reply, "sources": sources, "abstained": session.recall.abstain}))
+            return {"turns": 1, "adapter": str(adapter)}
         interactive = message is None
         while True:
             if interactive:

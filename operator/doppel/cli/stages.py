@@ -15,6 +15,15 @@ from doppel.cli.common import BASE_MODEL_HELP, run_stage
 from doppel.errors import BadInput
 
 
+def _phone_regions(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from doppel.slack.scrub import phone_regions
+
+    try:
+        return phone_regions(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command()
 @click.option("--user", "user", required=True, help="Whose messages: user ID, handle or real name.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output dir.")
@@ -61,6 +70,15 @@ from doppel.errors import BadInput
 @click.option("--paste-action", type=click.Choice(["drop", "cut"]), default="drop", show_default=True)
 @click.option(
     "--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers (scrubbed by default)."
+)
+@click.option(
+    "--phone-region",
+    "phone_regions",
+    multiple=True,
+    callback=_phone_regions,
+    metavar="CC",
+    help="Read national phone numbers as written in this country too (ISO 3166: GB, DE; repeatable; "
+    "default US); each author's Slack time zone adds theirs.",
 )
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option(
@@ -114,6 +132,7 @@ def scrape(
     paste_chars: int,
     paste_action: str,
     no_scrub: bool,
+    phone_regions: tuple[str, ...],
     max_concurrency: int,
     rate_scale: float,
     rate_profile: str,
@@ -126,8 +145,9 @@ def scrape(
 
     From the Web API with a bot token, or from a Slack export ZIP with --export. Running it again into
     the same OUT fetches only newer messages, plus late replies to recently active threads, and adds
-    their samples. Secrets, emails and phone numbers are replaced by <secret>, <email>, <phone> unless
-    --no-scrub. Exits 2 with the reason when the person ends with no samples.
+    their samples. Secrets, emails, phone numbers, card numbers, IBANs and SSNs are replaced by <secret>,
+    <email>, <phone>, <card>, <iban>, <ssn> unless --no-scrub. Exits 2 with the reason when the person
+    ends with no samples.
     """
     from doppel.slack.samples import ScrapeOptions
 
@@ -146,6 +166,7 @@ def scrape(
         paste_chars=paste_chars,
         paste_action=paste_action,
         scrub=not no_scrub,
+        phone_regions=phone_regions,
         team=team,
     )
     if export_zip is not None:
@@ -241,6 +262,23 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     help="The adapter serving now: measured on the same held-out set (OUT/eval-serving.json, "
     "`eval_serving`), for the fidelity gate.",
 )
+@click.option(
+    "--memory/--no-memory",
+    default=True,
+    show_default=True,
+    help="Index the person's messages beside the adapter (OUT/memory) and train with retrieved memory.",
+)
+@click.option(
+    "--feedback-from",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The doppel's data directory: its feedback/ corrections are trained on (weighted) and tuned for.",
+)
+@click.option(
+    "--min-preference-pairs",
+    default=8,
+    show_default=True,
+    help="Corrections needed before preference tuning (DPO) runs.",
+)
 @run_stage
 def train_command(
     data_path: Path,
@@ -252,6 +290,9 @@ def train_command(
     link: Path | None,
     run_eval: bool,
     compare_with: Path | None,
+    memory: bool,
+    feedback_from: Path | None,
+    min_preference_pairs: int,
     **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter on samples.jsonl; writes the adapter, metrics.json and the fidelity report
@@ -259,7 +300,8 @@ def train_command(
     from transformers.utils import logging as hf_logging
 
     from doppel.train.base_models import resolve_base_model
-    from doppel.train.trainer import TrainConfig, train_adapter
+    from doppel.train.stage import StageOptions, train_stage
+    from doppel.train.trainer import TrainConfig
 
     # stderr carries our own progress bar and, on failure, one line.
     hf_logging.disable_progress_bar()
@@ -275,12 +317,14 @@ def train_command(
         **options,
     )
     on_progress = (lambda event: click.echo(json.dumps(event))) if json_progress else None
-    metrics = train_adapter(config, on_progress)
-    summary: dict[str, Any] = {"adapter": str(out), **metrics.summary()}
+    stage = train_stage(config, StageOptions(memory, feedback_from, min_preference_pairs), on_progress)
+    metrics = stage.pop("metrics")
+    trained_on = Path(stage.pop("data"))  # with memory and corrections: evaluated in the same shape
+    summary: dict[str, Any] = {"adapter": str(out), **metrics.summary(), **stage}
     if run_eval:
-        summary["eval"] = _evaluate(Path(config.base_model), out, data_path, metrics.to_dict(), err=True)
+        summary["eval"] = _evaluate(Path(config.base_model), out, trained_on, metrics.to_dict(), err=True)
         if compare_with is not None and (compare_with / "adapter_config.json").is_file():
-            summary["eval_serving"] = _compare(Path(config.base_model), compare_with, out, data_path)
+            summary["eval_serving"] = _compare(Path(config.base_model), compare_with, out, trained_on)
     if link is not None:  # after eval.json, so that the resolver's entry links it too
         from doppel.train.trainer import resolver_entry
 

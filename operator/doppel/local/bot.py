@@ -64,4 +64,6 @@ def local_bot(outcome: Outcome, config: BotConfig) -> Bot:
         }
     )
     chat = backend_chat(backend, DEFAULT_PARAMS.override(max_tokens=config.max_tokens))
-    return create_bot(config, chat=chat, kube=directory)
+    data_dir = outcome.data_dir
+    # Feedback and the person's corrections go to their data directory, where the next run trains on them.
+    return create_bot(config, chat=chat, kube=directory, feedback_dir=lambda _ns, _doppel: data_dir)

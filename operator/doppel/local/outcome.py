@@ -40,6 +40,7 @@ class Outcome:
     metrics: dict[str, Any]
     replies: list[Reply] = field(default_factory=list)
     fidelity: dict[str, Any] = field(default_factory=dict)
+    data_dir: Path | None = None  # the person's data: samples, and the feedback the local bot keeps
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -97,6 +97,7 @@ def run_local(settings: Settings) -> Outcome:
         adapter=adapter,
         trained=trained,
         metrics=metrics,
+        data_dir=layout.data(user),
     )
     with progress.stage("eval") as info:
         outcome.fidelity, fresh = _fidelity(outcome, samples)
@@ -216,19 +217,27 @@ def _train(
     n_samples = sum(1 for line in samples.read_text(encoding="utf-8").splitlines() if line.strip())
     train = training_settings(settings, n_samples, base_name)
     adapters = layout.adapters(user)
-    adapter = adapters / fingerprint(samples, base_path, {"base_model_name": base_name, **train})
+    from doppel.memory.feedback import FeedbackStore
+
+    # The person's corrections (kept by the local bot) are inputs too: new ones make a new adapter.
+    feedback = FeedbackStore(layout.data(user))
+    learnt = hashlib.sha256(json.dumps(feedback.training_samples(), sort_keys=True).encode()).hexdigest()
+    inputs = {"base_model_name": base_name, **train, "corrections": learnt}
+    adapter = adapters / fingerprint(samples, base_path, inputs)
     metrics_file = adapter / "metrics.json"
     # train_adapter writes the directory atomically: if it exists, it is complete.
     if (adapter / "adapter_config.json").is_file() and metrics_file.is_file():
         return adapter, json.loads(metrics_file.read_text(encoding="utf-8")), False
 
     from doppel.fsutil import atomic_write_text
-    from doppel.train.trainer import TrainConfig, train_adapter
+    from doppel.train.stage import StageOptions, train_stage
+    from doppel.train.trainer import TrainConfig
 
     config = TrainConfig(
         data=samples, base_model=str(base_path), base_model_name=base_name, out=adapter, **train
     )
-    metrics = train_adapter(config).to_dict()
+    # With the person's memory beside the adapter, and their corrections learnt.
+    metrics = train_stage(config, StageOptions(feedback_dir=layout.data(user)))["metrics"].to_dict()
     record = {"base_model": base_name, "samples_sha256": _sha256(samples), "train": train}
     atomic_write_text(adapter / FINGERPRINT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     # Only the newest adapter of a person is served locally; older versions are just disk.
@@ -290,6 +299,8 @@ def answer(
 ) -> list[Reply]:
     """Each question answered by the adapter and by the persona-prompted base model (the same base, told
     whom to be and shown a few of the person's messages from `samples`), all in one generation batch."""
+    from doppel.memory.prompt import recall_for
+    from doppel.memory.voice import abstention
     from doppel.serve.backend import BASE_ADAPTER, GenerationParams
     from doppel.serve.local import LocalBackend
     from doppel.slack.conversation import ThreadMessage, build_conversation
@@ -299,17 +310,30 @@ def answer(
     name = slug(outcome.person_id)
     backend = LocalBackend(outcome.base_model, {name: outcome.adapter})
     persona = persona_prompt(outcome.person_name, persona_examples(load_samples(samples)))
+    index = local_memory(outcome.adapter)
+    contexts = [[ThreadMessage(q.asker_id, q.asker_name, q.text)] for q in asked]
+    recalls = [recall_for(index, context) for context in contexts]
     conversations = [
         build_conversation(
-            outcome.person_name,
-            outcome.person_id,
-            [ThreadMessage(q.asker_id, q.asker_name, q.text)],
-            channel="general",
+            outcome.person_name, outcome.person_id, context, channel="general", memory=recall.lines()
         )
-        for q in asked
+        for context, recall in zip(contexts, recalls, strict=True)
     ]
     requests = [
         (r, c if r == name else with_system(c, persona)) for c in conversations for r in (name, BASE_ADAPTER)
     ]
     texts = backend.complete_batch(requests, GenerationParams(max_tokens=max_tokens, seed=0))
-    return [Reply(q, texts[2 * i].strip(), texts[2 * i + 1].strip()) for i, q in enumerate(asked)]
+    replies = []
+    for i, (question, recall) in enumerate(zip(asked, recalls, strict=True)):
+        mine = texts[2 * i].strip()
+        if recall.abstain and index is not None:  # the bot would not have asked the model
+            mine = abstention(outcome.person_name, index.meta.get("voice"))
+        replies.append(Reply(question, mine, texts[2 * i + 1].strip()))
+    return replies
+
+
+def local_memory(adapter: Path) -> Any:
+    """The memory index beside a local adapter, if it has one."""
+    from doppel.memory.index import MEMORY_DIR, MemoryIndex
+
+    return MemoryIndex.load(adapter / MEMORY_DIR) if (adapter / MEMORY_DIR).is_dir() else None

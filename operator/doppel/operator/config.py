@@ -3,8 +3,61 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from doppel.api import TrainDefaults
+
+# Pod Security "restricted" for every Job pod: the worker images' non-root user, the runtime's default
+# seccomp profile. A cluster's own podSecurityContext (JobPods) is merged over it.
+RESTRICTED_POD: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+class _Settings(BaseModel):
+    """camelCase like the chart's values; an unknown key is an error, not silently ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class CpuJobPods(_Settings):
+    """Scrape and cleanup pods: small, CPU only, on any node."""
+
+    # Quota namespaces refuse pods without requests; the memory limit keeps a runaway scrape in check.
+    resources: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TrainJobPods(_Settings):
+    # "" takes JobPods.priority_class_name.
+    priority_class_name: str = ""
+    # Requests of train pods whose DoppelUser and the train defaults name none (Burstable, never BestEffort).
+    cpu: str = "1"
+    memory: str = "8Gi"
+
+
+class JobPods(_Settings):
+    """What every Job pod gets from the cluster (the chart's `jobs` values, as JSON in DOPPEL_JOBS)."""
+
+    # Image of the scrape and cleanup Jobs (no torch); None runs them in the train worker image.
+    cpu_image: str | None = None
+    # Finished Jobs (and their pods) are deleted this long after they end; None keeps them.
+    ttl_seconds_after_finished: int | None = Field(default=3600, ge=0)
+    pod_security_context: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: str = ""
+    # More environment of every Job container (proxies, site settings), as Kubernetes EnvVar objects.
+    env: list[dict[str, Any]] = Field(default_factory=list)
+    cpu: CpuJobPods = Field(default_factory=CpuJobPods)
+    train: TrainJobPods = Field(default_factory=TrainJobPods)
 
 
 @dataclass(frozen=True)
@@ -61,6 +114,12 @@ class OperatorConfig:
     hf_home: str | None = None  # Hugging Face cache on the shared volume: a model downloads once
     hf_token_secret: str | None = None  # Secret with key HF_TOKEN (gated models)
     fs_group: int | None = None  # lets the non-root worker write the shared volume
+    # Security context, resources, priority, scheduling, environment and clean-up of the Job pods.
+    jobs: JobPods = field(default_factory=JobPods)
+    # Labels of the vLLM pods of DoppelUsers that name none (spec.vllm.selector): the chart's release.
+    vllm_selector: dict[str, str] | None = None
+    # kopf's liveness endpoint (e.g. http://0.0.0.0:8081/healthz) for the pod's liveness probe; None: off.
+    liveness_endpoint: str | None = None
     gpu_runtime_class: str | None = None  # runtimeClassName of train pods that ask for a GPU
     # Kubernetes API server override (tests point it at the emulator); None logs in from the
     # service account or kubeconfig.

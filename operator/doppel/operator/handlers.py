@@ -18,13 +18,13 @@ import httpx
 import kopf
 from pydantic import ValidationError
 
-from doppel.api import GROUP, PLURAL, VERSION, DoppelUserSpec, DoppelUserStatus
+from doppel.api import GROUP, PLURAL, VERSION, DoppelUserSpec, DoppelUserStatus, with_vllm_selector
 from doppel.operator import jobs
 from doppel.operator.config import OperatorConfig
 from doppel.operator.kube import ApiRefused, KubeApi
 from doppel.operator.metrics import OperatorMetrics
 from doppel.operator.pipeline import State, step
-from doppel.operator.reconcile import backoff
+from doppel.operator.reconcile import backoff, deactivation_unseen
 from doppel.operator.registration import matches, unload, vllm_pods
 
 MANAGED = dict(jobs.MANAGED_BY)
@@ -65,6 +65,8 @@ async def run(
             memo=kopf.Memo(doppel=State(config, metrics=metrics)),
             stop_flag=stop_flag,
             ready_flag=ready_flag,
+            # /healthz answers while kopf's event loop runs: the pod's liveness probe restarts a wedged one.
+            liveness_endpoint=config.liveness_endpoint,
         )
     finally:
         metrics.close()
@@ -192,6 +194,14 @@ def pod_changed(
             _wake(memo, entry["uid"])
 
 
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def annotations_changed(body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """The bot marked the person deactivated, or unmarked them: act now, not at the next resync."""
+    published = _state(memo).published.get(uid)
+    if published is not None and deactivation_unseen(published, body.get("metadata", {}).get("annotations")):
+        _wake(memo, uid)
+
+
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -271,7 +281,7 @@ async def finalize(
         spec = DoppelUserSpec.model_validate(body.get("spec") or {})
     except ValidationError:
         return  # never trained anything: nothing to unload or remove
-    vllm = vllm_pods(spec, list(ready_pods.get(namespace, [])))
+    vllm = vllm_pods(with_vllm_selector(spec, config.vllm_selector), list(ready_pods.get(namespace, [])))
     for adapter in (status.adapter, status.pending_adapter):
         if adapter is not None:
             await unload(adapter, vllm, logger)

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from doppel.api import GROUP, KIND, VERSION, DoppelUserSpec, with_train_defaults
+from doppel.operator import podspec
 from doppel.operator.config import OperatorConfig
 
 Step = Literal["scrape", "train", "cleanup", "purge", "prune"]
@@ -166,6 +167,9 @@ def train_command(
         "--min-samples",
         str(t.min_samples),
         "--json-progress",
+        # The person's feedback and corrections, kept in the doppel's directory by the bot.
+        "--feedback-from",
+        user_dir(config, owner.namespace, owner.name),
     ]
     if t.max_steps is not None:
         command += ["--max-steps-per-epoch", str(t.max_steps)]
@@ -212,7 +216,7 @@ def job_manifest(
             env.append({"name": GPU_ENV, "value": "1"})
     container: dict[str, Any] = {
         "name": step,
-        "image": config.worker_image,
+        "image": podspec.image(step, config),
         "imagePullPolicy": config.image_pull_policy,
         "command": command,
         "env": env,
@@ -227,16 +231,8 @@ def job_manifest(
         pod_spec["serviceAccountName"] = config.service_account
     if config.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in config.image_pull_secrets]
-    if config.fs_group is not None:
-        pod_spec["securityContext"] = {"fsGroup": config.fs_group, "fsGroupChangePolicy": "OnRootMismatch"}
+    podspec.apply(pod_spec, container, step, spec, config)
     if step == "train":
-        resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
-        if spec.resources.gpu:
-            resources["limits"]["nvidia.com/gpu"] = str(spec.resources.gpu)
-        for key in ("cpu", "memory"):
-            if value := getattr(spec.resources, key):
-                resources["requests"][key] = value
-        container["resources"] = {k: v for k, v in resources.items() if v}
         if spec.resources.gpu and config.gpu_runtime_class:
             pod_spec["runtimeClassName"] = config.gpu_runtime_class
         if spec.node_selector:
@@ -246,6 +242,8 @@ def job_manifest(
                 t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
             ]
     job_labels = labels(owner, step, attempt)
+    # Finished Jobs and pods go once the operator has read them (they would pile up otherwise).
+    ttl = config.jobs.ttl_seconds_after_finished
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -260,8 +258,12 @@ def job_manifest(
             # A hung Job fails (DeadlineExceeded) instead of holding its slot, and its GPU, forever.
             "activeDeadlineSeconds": config.deadlines_s.get(step, 3600),
             # A disruption (preemption, node drain) is no failure of the step: the Job starts a new pod.
-            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": DISRUPTED}]}]},
+            # status is defaulted by newer API servers, required by 1.29's schema.
+            "podFailurePolicy": {
+                "rules": [{"action": "Ignore", "onPodConditions": [{"type": DISRUPTED, "status": "True"}]}]
+            },
             "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+            **({"ttlSecondsAfterFinished": ttl} if ttl is not None else {}),
         },
     }
 
@@ -300,7 +302,7 @@ def counted(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [pod for pod in pods if not _disrupted(pod)]
 
 
-def _timestamp(value: Any) -> datetime | None:
+def timestamp(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -316,7 +318,7 @@ def stuck(pods: list[dict[str, Any]]) -> Stuck | None:
         if status.get("phase") not in (None, "", "Pending"):
             continue
         name = pod.get("metadata", {}).get("name", "")
-        since = _timestamp(pod.get("metadata", {}).get("creationTimestamp"))
+        since = timestamp(pod.get("metadata", {}).get("creationTimestamp"))
         containers = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
         for container in containers:
             waiting = (container.get("state") or {}).get("waiting") or {}

@@ -110,6 +110,22 @@ class KubeApi:
         response.raise_for_status()
         return response.text
 
+    async def events_for(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """The Events about one object (a Job's FailedCreate, a pod's FailedMount or TriggeredScaleUp)."""
+        selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+        response = await self._http.get(
+            f"/api/v1/namespaces/{namespace}/events", params={"fieldSelector": selector}
+        )
+        _check(response)
+        items = response.json().get("items") or []
+        # Filtered here too: an API server (or emulator) that ignores the selector answers with them all.
+        return [
+            e
+            for e in items
+            if (e.get("involvedObject") or {}).get("kind") == kind
+            and (e.get("involvedObject") or {}).get("name") == name
+        ]
+
     async def create_job(self, manifest: dict[str, Any]) -> bool:
         """Create a Job; False when it exists already (deterministic names make that the idempotent path)."""
         namespace = manifest["metadata"]["namespace"]

@@ -18,7 +18,7 @@ import httpx
 import kopf
 from pydantic import ValidationError
 
-from doppel.api import LABEL_TEAM, DoppelUserSpec, DoppelUserStatus
+from doppel.api import LABEL_TEAM, DoppelUserSpec, DoppelUserStatus, with_vllm_selector
 from doppel.operator import jobs
 from doppel.operator.conditions import transitions
 from doppel.operator.config import OperatorConfig
@@ -30,7 +30,15 @@ from doppel.operator.progress import (
     record_progress,
     record_scrape_progress,
 )
-from doppel.operator.reconcile import Observed, Plan, backoff, queue_admits, reconcile, refused
+from doppel.operator.reconcile import (
+    Observed,
+    Plan,
+    backoff,
+    person_deactivated,
+    queue_admits,
+    reconcile,
+    refused,
+)
 from doppel.operator.registration import register, repair_drift, unload, vllm_pods
 from doppel.operator.schedule import retrain_due, with_next_time
 
@@ -151,6 +159,12 @@ async def step(
     secret_problem = None
     if not any(j["metadata"]["labels"].get(jobs.L_GENERATION) == str(owner.generation) for j in owned):
         secret_problem = await _secret_problem(api, namespace, spec)
+    seen = await _events(
+        api,
+        namespace,
+        [j for j in owned if j["metadata"]["labels"].get(jobs.L_GENERATION) == str(owner.generation)],
+        pods,
+    )
     observed = Observed(
         owner=owner,
         spec=spec,
@@ -160,6 +174,8 @@ async def step(
         now=now,
         may_train=lambda: _admission(state, uid, f"{namespace}/{name}", current, now, indexes),
         secret_problem=secret_problem,
+        person_deactivated=person_deactivated(body.get("metadata", {}).get("annotations")),
+        events=seen,
     )
     plan = reconcile(observed, config)
     problem = await _carry_out(api, namespace, plan, logger, state.metrics)
@@ -187,7 +203,12 @@ async def step(
             new = record_scrape_progress(new, latest_scrape_progress(log), now)
         elif log is not None:
             new = record_progress(new, latest_progress(log), now)
-    vllm = vllm_pods(spec, list(indexes["ready_pods"].get(namespace, [])))
+    vllm = vllm_pods(
+        with_vllm_selector(spec, config.vllm_selector), list(indexes["ready_pods"].get(namespace, []))
+    )
+    if plan.unload is not None:
+        await unload(plan.unload, vllm, logger)
+        logger.info(f"unloaded {plan.unload.served_name}: the person was deactivated")
     if plan.register is not None:
         # Say Registering while the loads run (they can take a while on busy pods).
         await _publish(state, body, current, new)
@@ -200,13 +221,14 @@ async def step(
             await unload(old, vllm, logger)
         if new.pending_adapter is not None:
             delay = config.resync_s
-    elif new.phase == "Ready" and new.adapter is not None:
+    elif plan.active and new.phase == "Ready" and new.adapter is not None:
         new = await repair_drift(new, vllm, state.metrics, body["metadata"], now)
     new = with_next_time(new, spec, now)
     await _publish(state, body, current, new)
     requested = state.retrain_requested
     if (
         spec.retrain_schedule
+        and plan.active
         and new.phase == "Ready"
         and requested.get(uid) != owner.generation
         and retrain_due(spec.retrain_schedule, new.last_trained_at, now, spec.time_zone)
@@ -216,6 +238,27 @@ async def step(
         await api.patch_spec(namespace, name, {"retrainRequestedAt": now.isoformat().replace("+00:00", "Z")})
         requested[uid] = owner.generation
     return delay
+
+
+async def _events(
+    api: KubeApi, namespace: str, owned: list[dict[str, Any]], pods: dict[str, list[dict[str, Any]]]
+) -> dict[str, list[dict[str, Any]]]:
+    """The Events that say why a running Job's pod cannot start (events.py): of each running Job without a
+    pod (FailedCreate), and of each Pending pod (FailedMount, the cluster autoscaler). Nothing is fetched
+    for Jobs whose pods run or that have finished."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for job in owned:
+        if jobs.outcome(job, []).state != "running" or job["spec"].get("suspend"):
+            continue
+        name = job["metadata"]["name"]
+        live = jobs.counted(pods.get(name, []))
+        if not live:
+            found[name] = await api.events_for(namespace, "Job", name)
+        for pod in live:
+            if (pod.get("status") or {}).get("phase") in (None, "", "Pending"):
+                pod_name = pod["metadata"]["name"]
+                found[pod_name] = await api.events_for(namespace, "Pod", pod_name)
+    return found
 
 
 async def _carry_out(

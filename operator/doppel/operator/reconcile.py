@@ -10,14 +10,14 @@ serving switch in promotion.py, progress figures in progress.py.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from doppel.api import Adapter, ConditionType, DoppelUserSpec, DoppelUserStatus
-from doppel.operator import jobs
-from doppel.operator.conditions import set_condition
+from doppel.api import ANNOTATION_DEACTIVATED, Adapter, ConditionType, DoppelUserSpec, DoppelUserStatus
+from doppel.operator import events, jobs
+from doppel.operator.conditions import condition, set_condition
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Outcome, Owner, Step
 from doppel.operator.progress import eval_summary, final_progress
@@ -34,6 +34,9 @@ class Observed:
     # Asked only when the object wants to start a train Job: the cluster-wide FIFO queue decides.
     may_train: Callable[[], bool] = lambda: True
     secret_problem: str | None = None  # why the Slack token Secret is unusable, None when it is fine
+    person_deactivated: bool = False  # the bot found the person deactivated in Slack (`person_deactivated`)
+    # Events of the Jobs that look stuck and of their pods: object name -> its Events (events.py).
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,6 +52,23 @@ class Plan:
     abandon: dict[str, str] = field(default_factory=dict)
     # Jobs of an earlier generation still running: deleted, so they stop holding a GPU or a slot.
     delete: list[str] = field(default_factory=list)
+    # False while the person is deactivated: no registration, drift repair or scheduled retrain.
+    active: bool = True
+    unload: Adapter | None = None  # unload this from every vLLM pod (the person was deactivated)
+
+
+DEACTIVATED = "Slack says the person was deactivated: no Job starts and the adapter is not served"
+
+
+def person_deactivated(annotations: Mapping[str, str] | None) -> bool:
+    """Whether the bot marked the DoppelUser's person deactivated (annotation `ANNOTATION_DEACTIVATED`)."""
+    return (annotations or {}).get(ANNOTATION_DEACTIVATED) == "true"
+
+
+def deactivation_unseen(status: DoppelUserStatus, annotations: Mapping[str, str] | None) -> bool:
+    """Whether the annotation says otherwise than the status's PersonActive condition: act on it now."""
+    inactive = (found := condition(status, "PersonActive")) is not None and found.status == "False"
+    return person_deactivated(annotations) != inactive
 
 
 def backoff(config: OperatorConfig, attempt: int) -> float:
@@ -99,6 +119,10 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     plan = Plan(status)
     status.reason = status.message = None
     plan.delete = _superseded(observed)
+    if observed.person_deactivated:
+        return _deactivated(observed, plan)
+    if (found := condition(status, "PersonActive")) is not None and found.status == "False":
+        set_condition(status, "PersonActive", True, "Active", "the person is active in Slack again", now)
 
     if status.adapter and status.adapter.version == owner.generation and status.pending_adapter is None:
         status.phase = "Ready"
@@ -127,6 +151,13 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         return _after_train(observed, config, plan, *train)
     scrape = _latest(observed, "scrape")
     if scrape is None:
+        # Finished Jobs go after ttlSecondsAfterFinished; the status remembers what they came to.
+        if status.phase == "Failed":  # a verdict on this generation: its Jobs are gone, it stands
+            status.reason, status.message = observed.status.reason, observed.status.message
+            return plan
+        scraped = condition(status, "Scraped")
+        if scraped is not None and scraped.status == "True":  # its dataset is on the volume: train it
+            return _start(observed, config, plan, "train", 1)
         if observed.secret_problem:
             status.phase, status.reason, status.message = "Pending", "SecretMissing", observed.secret_problem
             set_condition(status, "Scraped", False, "SecretMissing", observed.secret_problem, now)
@@ -151,7 +182,23 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         )
     status.samples = int(result.result.get("samples", 0))
     set_condition(status, "Scraped", True, "Scraped", f"{status.samples} samples", now)
+    if any(c.type == "StorageWritable" for c in status.conditions):  # it was not, and now is
+        set_condition(status, "StorageWritable", True, "Written", "the scrape Job wrote its dataset", now)
     return _start(observed, config, plan, "train", 1)
+
+
+def _deactivated(observed: Observed, plan: Plan) -> Plan:
+    """The person left the workspace: no Job starts and the adapter is unloaded (once), until the bot's
+    annotation goes; Jobs already running finish, and what they make waits unregistered."""
+    status, now = plan.status, observed.now
+    status.reason, status.message = "Deactivated", DEACTIVATED
+    set_condition(status, "PersonActive", False, "Deactivated", DEACTIVATED, now)
+    plan.active = False
+    ready = condition(status, "Ready")
+    if status.adapter is not None and (status.served_by or (ready and ready.status == "True")):
+        plan.unload, status.served_by = status.adapter, []
+        set_condition(status, "Ready", False, "Deactivated", DEACTIVATED, now)
+    return plan
 
 
 def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, attempt: int) -> Plan:
@@ -184,9 +231,12 @@ def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, a
 def _failed(
     observed: Observed, config: OperatorConfig, plan: Plan, step: Step, attempt: int, result: Outcome
 ) -> Plan:
-    """Bad input fails at once; anything else is retried with exponential backoff, a few times."""
+    """Bad input fails at once; anything else is retried with exponential backoff, a few times. A volume
+    the Job could not write also says StorageWritable=False, with the path and the user."""
     status, now = plan.status, observed.now
     cond: ConditionType = "Scraped" if step == "scrape" else "Trained"
+    if result.result.get("kind") == "storage":
+        set_condition(status, "StorageWritable", False, "NotWritable", result.reason, now)
     if result.bad_input or attempt >= config.max_attempts:
         reason = "BadInput" if result.bad_input else "RetriesExhausted"
         status.phase, status.reason = "Failed", reason
@@ -291,14 +341,21 @@ def _stuck(
     """A running Job whose pod cannot start: say why in the step's condition; once it has waited
     `pending_timeout_s`, give the Job up (a failed attempt, which frees its slot)."""
     name = job["metadata"]["name"]
-    found = jobs.stuck(observed.pods.get(name, []))
+    pods = observed.pods.get(name, [])
+    found = jobs.stuck(pods) or events.stuck(job, pods, observed.events)
     if found is None:
         return None
     status, now = plan.status, observed.now
-    waited = (now - found.since).total_seconds() if found.since else 0.0
+    since = found.since
     why = f"{found.reason}: {found.message}" if found.message else found.reason
+    if found.reason == "Unschedulable" and (scaling := events.scale_up(found.pod, observed.events)):
+        # A node is on its way: the wait counts from the scale-up, not from the pod's creation.
+        since = max(since, scaling[0]) if since else scaling[0]
+        why += f"; cluster autoscaler: {scaling[1]}"
+    waited = (now - since).total_seconds() if since else 0.0
     if waited >= config.pending_timeout_s:
-        why += f" (pod {found.pod} Pending for {int(waited)}s, the limit is {int(config.pending_timeout_s)}s)"
+        what = f"pod {found.pod}" if found.pod else "its pod, never created,"
+        why += f" ({what} Pending for {int(waited)}s, the limit is {int(config.pending_timeout_s)}s)"
         plan.abandon[name] = why
         return Outcome("failed", {}, why, found.reason)
     status.reason = found.reason

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from doppel.errors import BadInput
+from doppel.memory.index import MEMORY_DIR, MemoryIndex, Recall
+from doppel.memory.prompt import DEFAULT_SETTINGS, MemorySettings, recall_for
+from doppel.memory.voice import abstention
 from doppel.serve.backend import DEFAULT_PARAMS, ChatBackend, GenerationParams
 from doppel.serve.errors import ServerUnavailable
 from doppel.serve.vllm import LoadOutcome, RetryPolicy, VllmBackend, VllmClient
@@ -46,6 +49,8 @@ class ChatSession:
         params: GenerationParams = DEFAULT_PARAMS,
         window: WindowRule = DEFAULT_WINDOW,
         clock: Callable[[], float] = time.time,
+        memory: MemoryIndex | None = None,
+        memory_settings: MemorySettings = DEFAULT_SETTINGS,
     ) -> None:
         self.backend = backend
         self.adapter = adapter
@@ -56,16 +61,25 @@ class ChatSession:
         self.window = window
         self.clock = clock
         self.thread: list[ThreadMessage] = []
+        self.memory, self.memory_settings = memory, memory_settings
+        self.recall = Recall()  # what the last reply drew on
 
     def reply(self, text: str) -> Iterator[str]:
         """Add the user's `text` to the thread and stream the doppel's answer (added once complete)."""
         self.thread.append(ThreadMessage(USER_ID, self.user_name, text, self.clock()))
         context = serving_context(self.thread, PERSON_ID, in_thread=False, rule=self.window)
-        messages = build_conversation(self.person, PERSON_ID, context, channel=self.channel)
+        self.recall = recall_for(self.memory, context, self.memory_settings)
+        messages = build_conversation(
+            self.person, PERSON_ID, context, channel=self.channel, memory=self.recall.lines()
+        )
         pieces: list[str] = []
-        for piece in self.backend.stream(self.adapter, messages, self.params):
-            pieces.append(piece)
-            yield piece
+        if self.recall.abstain and self.memory is not None:  # nothing of theirs covers it: no guessing
+            pieces.append(abstention(self.person, self.memory.meta.get("voice")))
+            yield pieces[0]
+        else:
+            for piece in self.backend.stream(self.adapter, messages, self.params):
+                pieces.append(piece)
+                yield piece
         self.thread.append(ThreadMessage(PERSON_ID, self.person, "".join(pieces).strip(), self.clock()))
 
 
@@ -75,6 +89,11 @@ def check_adapter_dir(adapter: Path) -> Path:
     if not (adapter / "adapter_config.json").is_file():
         raise BadInput(f"{adapter} is not a LoRA adapter (no adapter_config.json)")
     return adapter.resolve()
+
+
+def adapter_memory(adapter: Path) -> MemoryIndex | None:
+    """The memory index `doppel train` wrote beside the adapter, if it did."""
+    return MemoryIndex.load(adapter / MEMORY_DIR) if (adapter / MEMORY_DIR).is_dir() else None
 
 
 def adapter_person(adapter: Path) -> str | None:

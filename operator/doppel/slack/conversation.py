@@ -39,6 +39,7 @@ DEFAULT_BUDGET_CHARS = 4000
 DEFAULT_WINDOW_GAP_S = 300.0
 DEFAULT_MAX_GAP_S = 6 * 3600.0
 DEFAULT_WINDOW_MESSAGES = 10
+MEMORY_HEADING = "Things you wrote before that may help (use them only if they answer):"
 # A pause of this many median gaps ends a conversation; measured over this many recent messages.
 PACE_FACTOR = 4.0
 PACE_MESSAGES = 30
@@ -181,12 +182,16 @@ def fit_context(
     return sorted(kept, key=lambda m: m.ts)
 
 
-def system_prompt(person_name: str, **_extra: object) -> str:
-    """The system prompt naming the person; keyword arguments are for later additions (memory...)."""
-    return (
+def system_prompt(person_name: str, *, memory: Sequence[str] = ()) -> str:
+    """The system prompt naming the person, with `memory` (lines of their own earlier messages, best
+    first: `doppel.memory`) after it."""
+    prompt = (
         f"You are {person_name}, chatting with colleagues on Slack. "
         f"Reply as {person_name} would, in their tone, length and habits."
     )
+    if memory:
+        prompt += f"\n\n{MEMORY_HEADING}\n" + "\n".join(memory)
+    return prompt
 
 
 def opening_line(channel: str | None) -> str:
@@ -201,10 +206,9 @@ def build_conversation(
     *,
     channel: str | None = None,
     budget_chars: int = DEFAULT_BUDGET_CHARS,
-    **prompt: object,
+    memory: Sequence[str] = (),
 ) -> list[dict[str, str]]:
-    """Chat messages for `context` (oldest first), optionally ending with the person's `reply`.
-    Extra keyword arguments go to `system_prompt`."""
+    """Chat messages for `context` (oldest first), optionally ending with the person's `reply`."""
     turns: list[dict[str, str]] = []
     for message in _within_budget(context, person_id, budget_chars):
         role = "assistant" if message.author_id == person_id else "user"
@@ -220,13 +224,7 @@ def build_conversation(
             turns.append({"role": "assistant", "content": reply})
     if not turns or turns[0]["role"] == "assistant":
         turns.insert(0, {"role": "user", "content": opening_line(channel)})
-    return [{"role": "system", "content": system_prompt(person_name, **prompt)}, *turns]
-
-
-def reply_offset(messages: Sequence[dict[str, str]], reply: str) -> int:
-    """Where `reply` starts in the last turn of a training conversation (after the person's own messages
-    just before it, which are context, not trained again)."""
-    return len(messages[-1]["content"]) - len(reply)
+    return [{"role": "system", "content": system_prompt(person_name, memory=memory)}, *turns]
 
 
 def _line(message: ThreadMessage, person_id: str) -> str:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from doppel.slack.conversation import ThreadMessage, answered_message, build_conversation, reply_context
 from doppel.slack.normalize import UNKNOWN_USER, addressee, message_author
 from doppel.slack.reading import display_names, handles, read_text
+from doppel.slack.scrub import message_regions
 from doppel.slack.selection import Person, skip_reason
 
 # Colleagues the fidelity report's classifier tells the person from, and how many messages of each.
@@ -66,6 +67,7 @@ def build_samples(
     names = display_names(users, threads)
     handle_ids = handles(users, names)
     bots = {u["id"] for u in users if u.get("is_bot")}
+    zones = {u["id"]: u.get("tz") for u in users}
     manifest = Manifest(source=source, team=team, person=asdict(person), options=options_view(options))
     counts: dict[str, Counter[str]] = {
         k: Counter() for k in ("skipped", "dropped", "cut", "scrubbed", "own", "pairing")
@@ -100,7 +102,8 @@ def build_samples(
             # Pastes dropped or cut are counted for the person's messages only (the reasons a run gives);
             # what is scrubbed, for every message (others' words are in the contexts).
             sink = counts if author == person.id else {**counts, "dropped": Counter(), "cut": Counter()}
-            text = read_text(message, names, channel_names, options, sink)
+            regions = message_regions(options.phone_regions, zones.get(author), zones.get(person.id))
+            text = read_text(message, names, channel_names, options, sink, regions)
             raw = str(message.get("text") or "")
             said = (
                 ThreadMessage(

@@ -49,6 +49,7 @@ def read_text(
     channel_names: Mapping[str, str],
     options: ScrapeOptions,
     counts: Mapping[str, Counter[str]],
+    regions: Sequence[str] = (),
 ) -> str | None:
     """A message's text as it goes into samples: read, pastes cut (or None: dropped), scrubbed."""
     text = message_text(message, names, channel_names, options.bot_user_id)
@@ -59,7 +60,7 @@ def read_text(
         text = cut_paste(text, options.paste_chars)
         counts["cut"]["paste"] += 1
     if options.scrub:
-        text, found = scrub_text(text)
+        text, found = scrub_text(text, regions)
         counts["scrubbed"].update(found)
     return text
 

@@ -83,6 +83,9 @@ class ScrapeOptions:
     paste_chars: int = 500  # a message longer than this and mostly code or log blocks is a paste
     paste_action: str = "drop"  # or "cut": keep its first paste_chars characters
     scrub: bool = True
+    # National phone formats read by the scrubber (ISO 3166 codes; none: US); each author's and the
+    # person's time zone (a Slack user's `tz`) add their country.
+    phone_regions: Sequence[str] = ()
     team: str | None = None
     bot_user_id: str | None = None  # the bot's own mention becomes BOT_HANDLE
     now: float | None = None  # fixed clock for reproducible cutoffs (an export: its newest message)
@@ -188,6 +191,7 @@ def options_view(options: ScrapeOptions) -> dict[str, Any]:
     view.pop("now", None)
     view["channels"] = list(options.channels)
     view["exclude_channels"] = list(options.exclude_channels)
+    view["phone_regions"] = list(options.phone_regions)
     return view
 
 

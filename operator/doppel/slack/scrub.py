@@ -1,10 +1,21 @@
 """Secrets and personal data out of text: the one function applied to what is trained on and to what the
-bot posts (`scrub_text`).
+bot posts (`scrub_text`), and the phone regions it reads national numbers in (`message_regions`: the
+workspace's setting and the people's time zones; `phone_regions` checks a setting).
 
-Credentials are found by detect-secrets' detectors (AWS keys, private keys, Slack/GitHub/GitLab/Stripe/...
-tokens, JWTs, passwords in URLs, keyword `key=value` secrets, high-entropy quoted strings), phone numbers
-by libphonenumber (`phonenumbers`), emails by a plain address pattern. Each is replaced by a typed
-placeholder: `<secret>`, `<email>`, `<phone>`.
+What is found, and by what:
+- credentials: detect-secrets' detectors (AWS keys, private keys, Slack/GitHub/GitLab/Stripe/... tokens,
+  JWTs, passwords in URLs, keyword `key=value` secrets, high-entropy quoted strings) plus a detector of
+  the same kind for the Slack tokens it does not know (app-level `xapp-`, refresh `xoxe-`), and passwords
+  said in words ("my password is hunter2"): `<secret>`;
+- emails, by a plain address pattern: `<email>`;
+- IBANs, validated by python-stdnum (country length, BBAN structure, mod-97): `<iban>`;
+- payment card numbers: a card network's prefix and length, and a valid Luhn digit (python-stdnum):
+  `<card>`;
+- US social security numbers, Presidio-style: the dashed form alone, other forms only near a context word
+  ("SSN", "social security"); area, group and serial checked by python-stdnum: `<ssn>`;
+- phone numbers, by libphonenumber (`phonenumbers`): international ones (`+44 …`) always, national ones
+  ("020 7946 0958") as written in any of the regions given (the author's, the workspace's; `US` when none
+  is known), each valid for its region and written in its digit groups.
 
 detect-secrets reports a secret's value, sometimes only a prefix of it (`ghp` for a GitHub token) or a
 part of a larger token (a JWT without its signature); so each hit is widened to the whole token around it,
@@ -15,7 +26,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
+from importlib import resources
+from pathlib import Path
 from typing import NamedTuple
 
 import phonenumbers
@@ -24,8 +38,12 @@ from detect_secrets.plugins.base import BasePlugin, RegexBasedDetector
 from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString, HighEntropyStringsPlugin
 from detect_secrets.plugins.keyword import CONFIG_DENYLIST_REGEX_TO_GROUP, DENYLIST_REGEX, KeywordDetector
 from detect_secrets.plugins.private_key import PrivateKeyDetector
+from stdnum import iban, luhn
+from stdnum.us import ssn
 
-SECRET, EMAIL, PHONE = "<secret>", "<email>", "<phone>"
+SECRET, EMAIL, PHONE, CARD, IBAN, SSN = "<secret>", "<email>", "<phone>", "<card>", "<iban>", "<ssn>"
+# Numbers written without a country code are read as North American ones when nothing tells otherwise.
+DEFAULT_PHONE_REGIONS = ("US",)
 # Public IP addresses are not credentials, and a log paste is full of them.
 _SKIPPED_DETECTORS = frozenset({"IPPublicDetector"})
 _TOKEN_CHAR = re.compile(r"[A-Za-z0-9_\-+/=.~%]")
@@ -35,52 +53,147 @@ _KEY_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z")
 _PLAIN_WORD = re.compile(r"[A-Za-z]+")
 # An unquoted token this long, mixing cases and digits, with base64-like entropy is a key, not a word.
 _BARE_TOKEN = re.compile(r"(?<![\w+/=.-])(?=[\w+/=-]*[a-z])(?=[\w+/=-]*[A-Z])(?=[\w+/=-]*\d)[\w+/=-]{32,}")
-# Cheap tests first: most messages name no secret keyword and hold too few digits for a phone number.
+# Cheap tests first: most messages name no secret keyword and hold too few digits for a number.
 _KEYWORD = re.compile(DENYLIST_REGEX, re.IGNORECASE)
-_PHONE_MIN_DIGITS = 7
-_PHONE_REGION = "US"  # numbers without a country code are read as North American ones
+_MIN_DIGITS = 7
+
+# "my password is hunter2", "the wifi password for the office is 'open sesame'", "PIN: 4921".
+_PASSWORD = re.compile(
+    r"\b(?P<word>pass(?:word|wd|phrase|code)|pw|passwort|mot de passe|contrase[ñn]a|pin(?: code)?)\b"
+    r"(?:\s+(?:for|to|of|on|at)\s+(?:the\s+|my\s+|our\s+)?[\w.@/:-]+){0,2}"
+    r"(?:\s*(?::|=|->)\s*|(?:\s+(?:is|was|will be|ist|est|es)|['’]s)(?:\s+(?:now|still))?:?\s+)"
+    r"(?P<value>\"[^\"\n]{1,100}\"|'[^'\n]{1,100}'|`[^`\n]{1,100}`|“[^”\n]{1,100}”|\S+)",
+    re.IGNORECASE,
+)
+# What follows "the password is" in talk about passwords rather than in a password.
+_NOT_A_PASSWORD = frozenset(
+    """
+    a an the my your our their his her its this that these those it not no never still now in on at for
+    to of from with by being been too very so just also and or but if same different wrong right
+    correct incorrect invalid expired changed reset set required needed missing empty blank weak strong
+    long short there here above below attached pinned saved stored shared sent updated rotated ok okay
+    fine good bad great secure insecure case what which where how why who hidden encrypted hashed
+    somewhere something nothing stuck broken working locked unchanged known unknown easy hard simple
+    """.split()  # noqa: SIM905
+)
+
+_IBAN_CANDIDATE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]){11,30}")
+# Card numbers: 12 to 19 digits, bare or in groups split by one kind of separator.
+_CARD_CANDIDATE = re.compile(r"(?<![\w.,/:-])\d{4}(?:([ -]?)\d{2,6})(?:\1\d{1,6}){0,4}(?![\w-]|[.,:/]\d)")
+# Card networks' number prefixes (IIN ranges) and lengths; other numbers are order and account IDs.
+_CARD_NETWORKS: tuple[tuple[tuple[int, int], frozenset[int]], ...] = (
+    ((4, 4), frozenset({13, 16, 19})),  # Visa
+    ((51, 55), frozenset({16})),  # Mastercard
+    ((2221, 2720), frozenset({16})),  # Mastercard
+    ((34, 34), frozenset({15})),  # American Express
+    ((37, 37), frozenset({15})),
+    ((6011, 6011), frozenset(range(16, 20))),  # Discover
+    ((644, 649), frozenset(range(16, 20))),
+    ((65, 65), frozenset(range(16, 20))),
+    ((3528, 3589), frozenset(range(16, 20))),  # JCB
+    ((300, 305), frozenset(range(14, 20))),  # Diners Club
+    ((36, 36), frozenset(range(14, 20))),
+    ((38, 39), frozenset(range(16, 20))),
+    ((62, 62), frozenset(range(16, 20))),  # UnionPay
+    ((50, 50), frozenset(range(12, 20))),  # Maestro
+    ((56, 58), frozenset(range(12, 20))),
+)
+_SSN_CANDIDATE = re.compile(r"(?<![\w.,/:-])\d{3}(?P<sep>[- .]?)\d{2}(?P=sep)\d{4}(?![\w-]|[.,:/]\d)")
+# Presidio's context words for a US SSN; without one only the dashed form counts.
+_SSN_CONTEXT = re.compile(r"\b(?:ssns?|ss#|ssn#|social(?:\s+security)?|sozialversicherung\w*)", re.I)
+_SSN_CONTEXT_CHARS = 60
 # Valid numbers written in their country's digit groups: a log's "37.230937  1537" is no phone number.
 _PHONE_LENIENCY = phonenumbers.Leniency.STRICT_GROUPING
+# A bare ten-digit number starting with 1 reads as a Unix time in a log, not as a national phone number.
+_UNIX_TIME = re.compile(r"1\d{9}")
 
 
 class Scrubbed(NamedTuple):
     text: str
-    counts: Counter[str]  # kind ("secret", "email", "phone") -> replacements made
+    counts: Counter[str]  # kind ("secret", "email", "iban", "card", "ssn", "phone") -> replacements made
 
 
-def scrub_text(text: str) -> Scrubbed:
-    """`text` with every secret, email and phone number replaced by its placeholder, and the counts."""
+def scrub_text(text: str, regions: Iterable[str] = ()) -> Scrubbed:
+    """`text` with every secret and piece of personal data replaced by its placeholder, and the counts.
+
+    `regions`: ISO 3166 codes whose national phone formats are read (the author's, the workspace's);
+    none: `DEFAULT_PHONE_REGIONS`. Numbers with a country code are found whatever the regions."""
     counts: Counter[str] = Counter()
     if not text:
         return Scrubbed(text, counts)
-    spans = _secret_spans(text)
-    if spans:
-        text = _replace(text, spans, SECRET)
-        counts["secret"] += len(spans)
-    text, emails = _EMAIL.subn(EMAIL, text)
-    if emails:
-        counts["email"] += emails
-    phones: list[tuple[int, int]] = []
-    if sum(map(str.isdigit, text)) >= _PHONE_MIN_DIGITS:
-        matches = phonenumbers.PhoneNumberMatcher(text, _PHONE_REGION, leniency=_PHONE_LENIENCY)
-        phones = [(m.start, m.end) for m in matches]
-    if phones:
-        text = _replace(text, phones, PHONE)
-        counts["phone"] += len(phones)
+    wanted = tuple(dict.fromkeys(regions)) or DEFAULT_PHONE_REGIONS
+    steps: tuple[tuple[str, str, Callable[[str], list[tuple[int, int]]]], ...] = (
+        ("secret", SECRET, _secret_spans),
+        ("email", EMAIL, lambda t: [m.span() for m in _EMAIL.finditer(t)]),
+        ("iban", IBAN, _iban_spans),
+        ("card", CARD, _card_spans),
+        ("ssn", SSN, _ssn_spans),
+        ("phone", PHONE, lambda t: _phone_spans(t, wanted)),
+    )
+    for kind, placeholder, find in steps:
+        spans = _merge(find(text))
+        if spans:
+            text = _replace(text, spans, placeholder)
+            counts[kind] += len(spans)
     return Scrubbed(text, counts)
+
+
+def phone_regions(values: Iterable[str]) -> tuple[str, ...]:
+    """Region codes from configuration (`gb`, ` DE `), upper-cased; ValueError names one libphonenumber
+    does not know."""
+    regions = tuple(dict.fromkeys(v.strip().upper() for v in values if v.strip()))
+    unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
+    if unknown:
+        hint = "use an ISO 3166 country code such as GB or DE"
+        raise ValueError(f"unknown phone region {unknown[0]!r}: {hint}")
+    return regions
+
+
+def message_regions(workspace: Sequence[str], *timezones: str | None) -> tuple[str, ...]:
+    """The regions a message's national phone numbers are read in: the workspace's (`US` when not set),
+    then the country of each time zone given (its author's, the cloned person's)."""
+    found = (timezone_region(tz) for tz in timezones)
+    return tuple(dict.fromkeys([*(workspace or DEFAULT_PHONE_REGIONS), *(r for r in found if r)]))
+
+
+def timezone_region(tz: str | None) -> str | None:
+    """The country of an IANA time zone (a Slack user's `tz`, "Europe/London" -> "GB"), when it has one."""
+    return _zone_countries().get(tz or "")
+
+
+@cache
+def _zone_countries() -> dict[str, str]:
+    try:
+        table = resources.files("tzdata").joinpath("zoneinfo", "zone.tab").read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        system = Path("/usr/share/zoneinfo/zone.tab")
+        table = system.read_text(encoding="utf-8") if system.exists() else ""
+    rows = (line.split("\t") for line in table.splitlines() if line and not line.startswith("#"))
+    return {row[2]: row[0] for row in rows if len(row) >= 3 and row[0] in phonenumbers.SUPPORTED_REGIONS}
+
+
+class SlackAppTokenDetector(RegexBasedDetector):
+    """Slack tokens detect-secrets 1.5 does not know: app-level (`xapp-`) and refresh (`xoxe-`) tokens."""
+
+    secret_type = "Slack App-Level or Refresh Token"
+    denylist = (
+        re.compile(r"\bxapp-\d+-[A-Za-z0-9]+-\d+-[A-Za-z0-9]+"),
+        re.compile(r"\bxoxe-\d+-[A-Za-z0-9-]+"),
+    )
 
 
 @cache
 def _detectors() -> tuple[BasePlugin, ...]:
-    return tuple(
+    found = tuple(
         cls()
         for cls in get_mapping_from_secret_type_to_class().values()
         if cls.__name__ not in _SKIPPED_DETECTORS
     )
+    return (*found, SlackAppTokenDetector())
 
 
 def _secret_spans(text: str) -> list[tuple[int, int]]:
-    spans: list[tuple[int, int]] = []
+    spans = _password_spans(text)
     for detector in _detectors():
         if isinstance(detector, PrivateKeyDetector):
             for regex in detector.denylist:
@@ -112,7 +225,82 @@ def _secret_spans(text: str) -> list[tuple[int, int]]:
                 for match in _BARE_TOKEN.finditer(text):
                     if detector.calculate_shannon_entropy(match.group()) > detector.entropy_limit:
                         spans.append(match.span())
-    return _merge(spans)
+    return spans
+
+
+def _password_spans(text: str) -> list[tuple[int, int]]:
+    """The value of a password said in words; the words around it stay ("my password is <secret>")."""
+    spans = []
+    for match in _PASSWORD.finditer(text):
+        value = match.group("value")
+        word = value.strip("\"'`“”.,;:!?()").lower()
+        if len(word) < 3 or word in _NOT_A_PASSWORD:
+            continue
+        if match.group("word").lower().startswith("pin") and not any(c.isdigit() for c in value):
+            continue  # "the pin is stuck": a PIN is digits
+        spans.append(match.span("value"))
+    return spans
+
+
+def _iban_spans(text: str) -> list[tuple[int, int]]:
+    """IBANs, printed in groups or not; the candidate is cut back to the longest valid one (the pattern
+    also takes the words after it)."""
+    spans = []
+    for match in _IBAN_CANDIDATE.finditer(text):
+        start = match.start()
+        for end in range(match.end(), start + 14, -1):
+            at_boundary = text[end - 1].isalnum() and (end == len(text) or not text[end].isalnum())
+            if at_boundary and iban.is_valid(text[start:end]):
+                spans.append((start, end))
+                break
+    return spans
+
+
+def _card_spans(text: str) -> list[tuple[int, int]]:
+    if sum(map(str.isdigit, text)) < 12:
+        return []
+    spans = []
+    for match in _CARD_CANDIDATE.finditer(text):
+        # "4111 1111 1111 1111 2031": the card may be the first groups only.
+        groups = list(re.finditer(r"\d+", match.group()))
+        for count in range(len(groups), 0, -1):
+            digits = "".join(g.group() for g in groups[:count])
+            if len(digits) >= 12 and _card_network(digits) and luhn.is_valid(digits):
+                spans.append((match.start(), match.start() + groups[count - 1].end()))
+                break
+    return spans
+
+
+def _card_network(digits: str) -> bool:
+    for (low, high), lengths in _CARD_NETWORKS:
+        prefix = int(digits[: len(str(low))])
+        if low <= prefix <= high and len(digits) in lengths:
+            return True
+    return False
+
+
+def _ssn_spans(text: str) -> list[tuple[int, int]]:
+    spans = []
+    for match in _SSN_CANDIDATE.finditer(text):
+        if not ssn.is_valid(re.sub(r"\D", "", match.group())):
+            continue
+        if match.group("sep") != "-":
+            start, end = match.start() - _SSN_CONTEXT_CHARS, match.end() + _SSN_CONTEXT_CHARS
+            if not _SSN_CONTEXT.search(text[max(start, 0) : end]):
+                continue
+        spans.append(match.span())
+    return spans
+
+
+def _phone_spans(text: str, regions: Sequence[str]) -> list[tuple[int, int]]:
+    if sum(map(str.isdigit, text)) < _MIN_DIGITS:
+        return []
+    spans = []
+    for region in regions:
+        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=_PHONE_LENIENCY):
+            if not _UNIX_TIME.fullmatch(match.raw_string):
+                spans.append((match.start, match.end))
+    return spans
 
 
 def _value_span(match: re.Match[str]) -> tuple[int, int]:

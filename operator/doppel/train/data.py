@@ -47,6 +47,8 @@ class Sample:
     kind: str = "reply"  # meta.kind: "reply", or "opener" when the person opens a topic
     reply_offset: int = 0  # where the reply starts in the last turn (meta.reply_offset)
 
+    weight: int = 1  # meta.weight: seen this many times an epoch (the person's corrections weigh more)
+
     @property
     def reply(self) -> str:
         return self.messages[-1]["content"][self.reply_offset :]
@@ -57,6 +59,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     thread: str
+    weight: int = 1
 
 
 @dataclass
@@ -135,6 +138,9 @@ def load_samples(path: Path) -> list[Sample]:
                 raise BadInput(f"{path}:{lineno}: {problem}")
             messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
             meta = record.get("meta") or {}
+            weight = meta.get("weight", 1)
+            if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 10:
+                raise BadInput(f"{path}:{lineno}: meta.weight must be a whole number from 1 to 10")
             thread = _thread_key(meta, messages)
             first = first_line.setdefault(thread, float(lineno))
             ts = _float(meta.get("ts"), lineno)
@@ -147,6 +153,7 @@ def load_samples(path: Path) -> list[Sample]:
                     context_ts=min(_float(meta.get("context_ts"), first), ts),
                     kind=str(meta.get("kind") or "reply"),
                     reply_offset=_reply_offset(meta, messages),
+                    weight=weight,
                 )
             )
     return samples
@@ -221,7 +228,7 @@ def encode(
         for token, offset in zip(ids, offsets, strict=True)
     ]
     if len(ids) <= max_length:
-        return Encoded(ids, labels, sample.thread)
+        return Encoded(ids, labels, sample.thread, sample.weight)
 
     head = sum(1 for offset in offsets if offset[0] < head_end)
     target = sum(1 for offset in offsets if offset[0] >= target_start)
@@ -231,7 +238,7 @@ def encode(
         return None
     stats.clipped += 1
     keep = list(range(head)) + list(range(len(ids) - target - room, len(ids)))
-    return Encoded([ids[i] for i in keep], [labels[i] for i in keep], sample.thread)
+    return Encoded([ids[i] for i in keep], [labels[i] for i in keep], sample.thread, sample.weight)
 
 
 def _render(
@@ -314,6 +321,12 @@ def choose(samples: Sequence[Sample], count: int | None) -> list[Sample]:
     replies = [s for s in newest if s.kind != "opener"][: count - len(openers)]
     rest = [s for s in newest if s not in replies and s not in openers]
     return sorted([*replies, *openers, *rest][:count], key=lambda s: s.ts)
+
+
+def weighted(items: Sequence[Encoded]) -> list[Encoded]:
+    """Each training item as many times as its weight: a correction of weight 3 is learnt as three
+    ordinary messages are (held-out evaluation is not weighted)."""
+    return [item for item in items for _ in range(item.weight)]
 
 
 def collate(items: Sequence[Encoded]) -> Batch:

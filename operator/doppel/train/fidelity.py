@@ -187,7 +187,7 @@ def evaluate_adapter(
     report["replies"] = n
     report["classifier_base_replies"] = base_train_replies
     report["likeness"] = _likeness(
-        split, read_colleagues(Path(samples_path).parent / COLLEAGUES_FILE), base_train_replies, base_heldout,
+        split, _colleagues(Path(samples_path), config), base_train_replies, base_heldout,
         {"adapter": tuned, "prompted_base": prompted, "real": real},
     )  # fmt: skip
     report["relevance"] = {"adapter": relevance(tuned, real), "prompted_base": relevance(prompted, real)}
@@ -258,6 +258,15 @@ def _classifier_data(
     return texts, labels, tests
 
 
+def _colleagues(samples_path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """colleagues.jsonl beside the samples, or beside the scraped samples the training recorded (when it
+    trained on a derived file: memory, corrections)."""
+    for folder in (samples_path.parent, Path(str(config.get("data") or samples_path)).parent):
+        if (folder / COLLEAGUES_FILE).is_file():
+            return read_colleagues(folder / COLLEAGUES_FILE)
+    return []
+
+
 def _by_user(colleagues: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for message in sorted(colleagues, key=lambda m: float(m["ts"])):
@@ -281,7 +290,7 @@ def report_classifier(adapter: Path, samples_path: Path) -> AuthorClassifier | N
     config = _read_metrics(adapter).get("config") or {}
     tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
     split = split_samples(data.load_samples(samples_path), tokenizer, config)
-    colleagues = read_colleagues(Path(samples_path).parent / COLLEAGUES_FILE)
+    colleagues = _colleagues(Path(samples_path), config)
     texts, labels, _ = _classifier_data(split, colleagues, report.get("classifier_base_replies") or [])
     return AuthorClassifier.fit(texts, labels)
 

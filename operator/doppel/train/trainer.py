@@ -99,6 +99,7 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
             f"{held.straddling + held.leaking} next to them left out, {stats.dropped_too_long} longer than "
             f"--max-length {config.max_length}"
         )
+    split.train = data.weighted(split.train)
 
     if os.environ.get(REQUIRE_GPU_ENV) == "1" and not torch.cuda.is_available():
         # A pod given a GPU that sees none would train for hours in float32 on the CPU instead.

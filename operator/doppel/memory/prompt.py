@@ -1,0 +1,118 @@
+"""Memory in the prompt, the same way for serving and for training.
+
+Serving (`recall_for` then `build_conversation(..., memory=recall.lines())`): the message being answered
+(the context's last) is the query; the person's best matching messages go into the system prompt under
+the token budget, or, for a question none of them covers, the doppel abstains (`MemorySettings.abstain`).
+
+Training (`remember_samples`): each sample's system prompt gets the messages retrieved for the message it
+answers, from other conversations and older ones only (never the reply being trained, nor anything newer
+than it), so the adapter learns to use what is retrieved, neither copying it nor ignoring it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from doppel.errors import BadInput
+from doppel.memory.index import (
+    DEFAULT_BUDGET_TOKENS,
+    DEFAULT_K,
+    DEFAULT_MIN_COVERAGE,
+    MemoryIndex,
+    Recall,
+)
+from doppel.slack.conversation import ThreadMessage, system_prompt
+from doppel.slack.normalize import BOT_HANDLE
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    k: int = DEFAULT_K
+    budget_tokens: int = DEFAULT_BUDGET_TOKENS
+    min_coverage: float = (
+        DEFAULT_MIN_COVERAGE  # under it a message is not used; a question with none abstains
+    )
+    abstain: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MemorySettings:
+        """DOPPEL_MEMORY_MIN_COVERAGE, DOPPEL_MEMORY_BUDGET_TOKENS, DOPPEL_MEMORY_K, DOPPEL_MEMORY_ABSTAIN."""
+        env = os.environ if env is None else env
+        settings = cls()
+        try:
+            if env.get("DOPPEL_MEMORY_MIN_COVERAGE"):
+                settings = replace(settings, min_coverage=float(env["DOPPEL_MEMORY_MIN_COVERAGE"]))
+            if env.get("DOPPEL_MEMORY_BUDGET_TOKENS"):
+                settings = replace(settings, budget_tokens=int(env["DOPPEL_MEMORY_BUDGET_TOKENS"]))
+            if env.get("DOPPEL_MEMORY_K"):
+                settings = replace(settings, k=int(env["DOPPEL_MEMORY_K"]))
+        except ValueError as exc:
+            raise BadInput(f"DOPPEL_MEMORY_*: {exc}") from None
+        if env.get("DOPPEL_MEMORY_ABSTAIN", "").lower() in {"0", "false", "no", "off"}:
+            settings = replace(settings, abstain=False)
+        if not 0 <= settings.min_coverage <= 1 or settings.budget_tokens < 0 or settings.k < 0:
+            raise BadInput("DOPPEL_MEMORY_MIN_COVERAGE must be in [0, 1], the budget and k not negative")
+        return settings
+
+
+DEFAULT_SETTINGS = MemorySettings()
+
+
+def recall_for(
+    index: MemoryIndex | None, context: Sequence[ThreadMessage], settings: MemorySettings = DEFAULT_SETTINGS
+) -> Recall:
+    """What the person wrote that bears on the message being answered (`context[-1]`)."""
+    if index is None or not context:
+        return Recall()
+    recall = index.search(
+        query(context[-1].text),
+        k=settings.k,
+        budget_tokens=settings.budget_tokens,
+        min_coverage=settings.min_coverage,
+    )
+    return recall if settings.abstain else replace(recall, question=False)
+
+
+def query(text: str) -> str:
+    """What is searched for a message: its words, without the bot's own mention."""
+    return text.replace(BOT_HANDLE, " ")
+
+
+def remember_samples(
+    records: Iterable[dict[str, Any]], index: MemoryIndex, settings: MemorySettings = DEFAULT_SETTINGS
+) -> tuple[list[dict[str, Any]], int]:
+    """`records` (samples.jsonl) with memory in their system prompts; also how many got any."""
+    out, remembered = [], 0
+    for record in records:
+        lines = _lines_for(record, index, settings)
+        if lines:
+            messages = [dict(m) for m in record["messages"]]
+            messages[0]["content"] = system_prompt(record["meta"]["person"], memory=lines)
+            record = {**record, "messages": messages}
+            remembered += 1
+        out.append(record)
+    return out, remembered
+
+
+def _lines_for(record: dict[str, Any], index: MemoryIndex, settings: MemorySettings) -> list[str]:
+    messages, meta = record.get("messages") or [], record.get("meta") or {}
+    person = meta.get("person")
+    # Only a sample whose system prompt is the plain one (a scrape's) gets memory: never rewrite others.
+    if not person or "ts" not in meta or len(messages) < 3 or messages[0].get("role") != "system":
+        return []
+    if messages[0]["content"] != system_prompt(person) or messages[-2].get("role") != "user":
+        return []
+    asked = query(messages[-2]["content"].splitlines()[-1])
+    thread = f"{meta.get('channel_id') or ''}/{meta.get('thread_ts') or meta['ts']}"
+    recall = index.search(
+        asked,
+        k=settings.k,
+        budget_tokens=settings.budget_tokens,
+        min_coverage=settings.min_coverage,
+        before_ts=float(meta["ts"]),
+        exclude_thread=thread,
+    )
+    return recall.lines()

@@ -1,0 +1,226 @@
+"""Benchmark: the person's message index at 100,000 messages of one person.
+
+Prints:
+- the time to build the index and its size on disk (bytes per message too), and the time to load it (what
+  the bot pays once per adapter version);
+- the added latency of retrieval per reply (search, within the default budget, and the prompt lines), p50
+  and p99 over 2,000 questions, against the target of 20 ms, and as a ratio of the baseline: assembling the
+  same reply's prompt without retrieval (`build_conversation` over a ten-message thread);
+- the same with the training-time filters (older messages of other threads only), which training pays
+  once per sample.
+
+The messages are synthetic: words drawn from a Zipf distribution over a 30,000-word vocabulary (the shape
+of real text's word frequencies, which is what sets BM25's posting-list lengths), 8 to 60 words each, and
+each answers a question drawn the same way. Questions mix words of existing messages with unknown ones.
+
+With `abstention` as argument instead, on the real Hyperledger export (`../shared/real-exports`, skipped
+when absent): its most active person's messages, oldest 80% indexed, and the abstention rate at several
+thresholds on (a) the questions they were asked later (held out: most have a basis in what they wrote
+before, some do not) and (b) questions of other workspaces (the demo's and the small real exports': these
+have none, unless by coincidence of words).
+
+Run: .venv/bin/python tests/bench/bench_memory.py [MESSAGES | abstention]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
+
+from doppel.memory.index import Entry, MemoryIndex, write_index
+from doppel.slack.conversation import ThreadMessage, build_conversation
+
+MODE = sys.argv[1] if len(sys.argv) > 1 else "100000"
+MESSAGES = int(MODE) if MODE.isdigit() else 100_000
+# Beside the checkout, or where DOPPEL_REAL_EXPORTS says (a worktree elsewhere).
+REAL_EXPORTS = Path(
+    os.environ.get("DOPPEL_REAL_EXPORTS") or Path(__file__).resolve().parents[3] / "shared" / "real-exports"
+)
+THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4)
+VOCABULARY = 30_000
+QUESTIONS = 2_000
+TARGET_MS = 20.0
+T0 = 1_700_000_000.0
+
+
+def words(rng: np.random.Generator, vocabulary: list[str], n: int) -> str:
+    picks = np.minimum(rng.zipf(1.3, n), len(vocabulary)) - 1
+    return " ".join(vocabulary[i] for i in picks)
+
+
+def corpus(rng: np.random.Generator) -> tuple[list[Entry], list[str]]:
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "fi", "gu", "he", "ja"]
+    vocabulary = list(
+        dict.fromkeys("".join(rng.choice(syllables, rng.integers(2, 5))) for _ in range(VOCABULARY * 2))
+    )[:VOCABULARY]
+    entries = [
+        Entry(
+            text=words(rng, vocabulary, int(rng.integers(8, 60))),
+            channel=f"channel-{i % 40}",
+            channel_id=f"C{i % 40:03d}",
+            ts=f"{T0 + i * 60:.6f}",
+            thread_ts=f"{T0 + (i - i % 3) * 60:.6f}",
+            team="TBENCH",
+            answered="Bob: " + words(rng, vocabulary, int(rng.integers(4, 20))) + "?",
+        )
+        for i in range(MESSAGES)
+    ]
+    questions = [
+        words(rng, vocabulary, int(rng.integers(3, 12))) + " zzunknown" * int(rng.integers(0, 2)) + "?"
+        for _ in range(QUESTIONS)
+    ]
+    return entries, questions
+
+
+def thread(question: str) -> list[ThreadMessage]:
+    lines = [f"earlier message number {i} of the thread, of a usual length for Slack" for i in range(9)]
+    people = [ThreadMessage("U2", "Bob", text, T0 + i) for i, text in enumerate(lines)]
+    return [*people, ThreadMessage("U3", "Carol", question, T0 + 10)]
+
+
+def timed(fn, items: list[str]) -> list[float]:
+    times = []
+    for item in items:
+        started = time.perf_counter()
+        fn(item)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def p(times: list[float], q: float) -> float:
+    return float(np.percentile(times, q))
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    entries, questions = corpus(rng)
+    where = Path(tempfile.mkdtemp(prefix="bench-memory-")) / "memory"
+    try:
+        started = time.perf_counter()
+        write_index(entries, where, team="TBENCH", person_id="U1", person_name="Alice")
+        build_s = time.perf_counter() - started
+        size = sum(f.stat().st_size for f in where.rglob("*") if f.is_file())
+        started = time.perf_counter()
+        index = MemoryIndex.load(where, team="TBENCH", person_id="U1")
+        load_s = time.perf_counter() - started
+        print(
+            f"{MESSAGES:,} messages: index built in {build_s:.1f} s, {size / 2**20:.1f} MiB on disk "
+            f"({size / MESSAGES:.0f} bytes a message), loaded in {load_s * 1000:.0f} ms"
+        )
+
+        def baseline(question: str) -> None:
+            build_conversation("Alice", "U1", thread(question), channel="general")
+
+        def retrieval(question: str) -> None:
+            index.search(question).lines()
+
+        def training(question: str) -> None:
+            index.search(question, before_ts=T0 + MESSAGES * 30, exclude_thread=f"C001/{T0:.6f}")
+
+        for fn in (baseline, retrieval):  # warm up
+            timed(fn, questions[:50])
+        base = timed(baseline, questions)
+        added = timed(retrieval, questions)
+        train = timed(training, questions[:500])
+        hits = statistics.mean(len(index.search(q).hits) for q in questions[:200])
+        print(
+            f"prompt assembly without retrieval (baseline): p50 {p(base, 50):.3f} ms, "
+            f"p99 {p(base, 99):.3f} ms"
+        )
+        print(
+            f"added retrieval per reply: p50 {p(added, 50):.2f} ms, p99 {p(added, 99):.2f} ms "
+            f"(target < {TARGET_MS:.0f} ms: p99 at {p(added, 99) / TARGET_MS:.2f} of it); "
+            f"{p(added, 50) / p(base, 50):.1f}x the baseline's p50; {hits:.1f} messages retrieved on average"
+        )
+        print(
+            f"training-time retrieval (older, other threads): p50 {p(train, 50):.2f} ms, "
+            f"p99 {p(train, 99):.2f} ms a sample"
+        )
+    finally:
+        shutil.rmtree(where.parent, ignore_errors=True)
+
+
+def abstention() -> None:
+    import collections
+    import json
+    import zipfile
+
+    from doppel.demo.workspace import build_workspace
+    from doppel.memory.index import entries_from_samples, is_question
+    from doppel.memory.prompt import query
+    from doppel.slack.export import scrape_export
+    from doppel.slack.samples import ScrapeOptions
+
+    export = REAL_EXPORTS / "hyperledger-slack" / "hyperledger-slack.zip"
+    if not export.is_file():
+        print(f"skipped: {export} is missing")
+        return
+    archive = zipfile.ZipFile(export)
+    counts: collections.Counter[str] = collections.Counter()
+    for name in archive.namelist():
+        if name.endswith(".json") and "/" in name:
+            counts.update(m["user"] for m in json.loads(archive.read(name)) if m.get("user"))
+    users = {u["id"]: u for u in json.loads(archive.read("users.json"))}
+    person = users[counts.most_common(1)[0][0]]["name"]
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-real-"))
+    try:
+        options = ScrapeOptions(cutoff_days=36500, min_length=20, max_samples=1_000_000, now=time.time())
+        scrape_export(export, person, work / "data", options)
+        records = [json.loads(line) for line in (work / "data" / "samples.jsonl").read_text().splitlines()]
+        records.sort(key=lambda r: float(r["meta"]["ts"]))
+        cut = int(len(records) * 0.8)
+        meta = records[0]["meta"]
+        where = write_index(
+            entries_from_samples(records[:cut]),
+            work / "memory",
+            team=meta["team"],
+            person_id=meta["user"],
+            person_name=meta["person"],
+        )
+        index = MemoryIndex.load(where)
+        held = [
+            r["messages"][-2]["content"].splitlines()[-1] for r in records[cut:] if len(r["messages"]) > 2
+        ]
+        held = [query(q) for q in held if is_question(q)]
+        other = [
+            m.get("text", "")
+            for name, content in build_workspace().items()
+            if "/" in name
+            for m in content
+            if is_question(m.get("text", ""))
+        ]
+        for small in ("hfaran-slack-export-viewer/testarchive.zip", "rusq-slackdump/source_export.zip"):
+            with zipfile.ZipFile(REAL_EXPORTS / small) as zz:
+                for name in zz.namelist():
+                    if name.endswith(".json") and "/" in name:
+                        found = json.loads(zz.read(name))
+                        other += [
+                            m["text"] for m in found if isinstance(m, dict) and is_question(m.get("text", ""))
+                        ]
+        other = [query(q) for q in dict.fromkeys(other)]
+        print(
+            f"{person}: {len(records)} messages, {cut} indexed; {len(held)} held-out questions to them, "
+            f"{len(other)} questions of other workspaces"
+        )
+        for threshold in THRESHOLDS:
+            held_out = statistics.mean(index.search(q, min_coverage=threshold).abstain for q in held)
+            no_basis = statistics.mean(index.search(q, min_coverage=threshold).abstain for q in other)
+            print(
+                f"min coverage {threshold:.2f}: abstains on {held_out:.0%} of the held-out questions, "
+                f"{no_basis:.0%} of the other workspaces' questions"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    abstention() if MODE == "abstention" else main()

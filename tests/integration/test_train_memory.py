@@ -1,0 +1,100 @@
+"""`doppel train` with memory and feedback, on the demo workspace's real scrape and the tiny model: the index
+lands in the adapter directory (the person's and workspace's own), the samples are trained with memory
+from other, older conversations only, and the person's corrections are trained on, weighted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from doppel.cli import main
+from doppel.demo.workspace import EXPORTED_AT, MARGARET, TEAM_ID, write_export
+from doppel.memory.feedback import CORRECTION_WEIGHT, FeedbackStore
+from doppel.memory.index import MemoryIndex
+from doppel.slack.conversation import MEMORY_HEADING
+from doppel.slack.export import scrape_export
+from doppel.slack.samples import ScrapeOptions
+
+QUICK = ["--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--max-length", "384", "--no-eval"]
+
+
+def demo_samples(tmp_path: Path) -> Path:
+    export = write_export(tmp_path / "workspace.zip")
+    out = tmp_path / "data"
+    options = ScrapeOptions(cutoff_days=3650, min_length=20, now=EXPORTED_AT.timestamp())
+    scrape_export(export, MARGARET.name, out, options)
+    return out / "samples.jsonl"
+
+
+def test_train_writes_memory_beside_the_adapter_and_learns_the_corrections(tmp_path, tiny_model):
+    samples = demo_samples(tmp_path)
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    doppel_dir = tmp_path / "doppel"
+    store = FeedbackStore(doppel_dir)
+    for i, record in enumerate(records[:2]):
+        ts = f"17000000{i:02d}.000100"
+        store.record_reply(ts, messages=record["messages"][:-1], reply="Kind regards, Margaret")
+        store.correct(ts, MARGARET.id, "Ship it, no sign-off needed.")
+    out = tmp_path / "adapters" / "v1"
+
+    args = ["train", "--data", str(samples), "--base-model", str(tiny_model), "--out", str(out)]
+    result_file = tmp_path / "result.json"
+    result = CliRunner().invoke(
+        main,
+        [*args, "--feedback-from", str(doppel_dir), *QUICK],
+        env={"DOPPEL_RESULT_FILE": str(result_file)},
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result_file.read_text())
+    assert summary["corrections"] == 2
+    assert summary["memory"]["messages"] == len(records)
+    assert 0 < summary["memory"]["samples_with_memory"] < len(records)  # the oldest have nothing older
+    assert summary["preference"]["skipped"] == "2 preference pairs < 8"
+
+    # The index is the person's, of their workspace, inside the adapter: versioned and removed with it.
+    index = MemoryIndex.load(out / "memory", team=TEAM_ID, person_id=MARGARET.id)
+    assert len(index.entries) == len(records)
+    assert [p.name for p in out.parent.iterdir()] == ["v1"]  # no staging directory left
+
+    trained = [
+        json.loads(line) for line in (samples.parent / "samples.remembered.jsonl").read_text().splitlines()
+    ]
+    assert len(trained) == len(records) + 2
+    # Every remembered line is a message from another conversation, older than the reply being trained
+    # (the demo repeats some phrasings word for word: a line counts if any such message reads so).
+    lines: dict[str, list] = {}
+    for entry in index.entries:
+        lines.setdefault(entry.line(), []).append(entry)
+    for record in trained[: len(records)]:
+        system, meta = record["messages"][0]["content"], record["meta"]
+        if MEMORY_HEADING not in system:
+            continue
+        for line in system.split(MEMORY_HEADING + "\n", 1)[1].split("\n["):
+            line = line if line.startswith("[") else "[" + line
+            assert any(
+                float(e.ts) < float(meta["ts"]) and e.thread != f"{meta['channel_id']}/{meta['thread_ts']}"
+                for e in lines[line]
+            ), line
+    corrections = [r for r in trained if r["meta"].get("source") == "correction"]
+    assert [r["meta"]["weight"] for r in corrections] == [CORRECTION_WEIGHT] * 2
+    assert all(r["messages"][-1]["content"] == "Ship it, no sign-off needed." for r in corrections)
+
+
+def test_no_memory_leaves_the_adapter_as_before(tmp_path, tiny_model):
+    samples = demo_samples(tmp_path)
+    out = tmp_path / "adapters" / "v1"
+    args = [
+        "train",
+        "--data",
+        str(samples),
+        "--base-model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--no-memory",
+    ]
+    result = CliRunner().invoke(main, [*args, *QUICK])
+    assert result.exit_code == 0, result.output
+    assert not (out / "memory").exists() and not (samples.parent / "samples.remembered.jsonl").exists()
