@@ -30,7 +30,9 @@ ANNOTATION_DEACTIVATED = f"{GROUP}/person-deactivated"
 
 Phase = Literal["Pending", "Scraping", "Training", "Registering", "Ready", "Failed"]
 # StorageWritable: False when a Job could not write the shared volume (permissions, read-only, full).
-ConditionType = Literal["Scraped", "Trained", "Registered", "Ready", "PersonActive", "StorageWritable"]
+ConditionType = Literal[
+    "Scraped", "Trained", "Promoted", "Registered", "Ready", "PersonActive", "StorageWritable"
+]
 Retention = Literal["Delete", "Keep"]
 
 # Kubernetes object names (DNS-1123 subdomain / label) and Slack IDs.
@@ -169,6 +171,10 @@ class Training(_Model):
     )
     batch_size: int = Field(default=16, ge=1, le=1024, description="Effective batch size.")
     min_samples: int = Field(default=20, ge=1, le=100000, description="Fewer samples fail as bad input.")
+    force_promotion: bool = Field(
+        default=False,
+        description="Serve a retrained adapter even if its fidelity report is worse than the serving one's.",
+    )
 
 
 class Resources(_Model):
@@ -314,13 +320,28 @@ class EvalSummary(_Model):
 
     heldout_loss_base: float | None = None
     heldout_loss_adapter: float | None = None
-    style_match_adapter: float | None = Field(
-        default=None, ge=0, le=1, description="Share of held-out replies attributed to the person."
+    likeness_adapter: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of held-out replies the authorship classifier gives the person.",
     )
-    style_match_prompted_base: float | None = Field(
+    likeness_prompted_base: float | None = Field(
         default=None, ge=0, le=1, description="The same for the base model with a persona prompt."
     )
-    style_classifier_accuracy: float | None = Field(default=None, ge=0, le=1)
+    likeness_real: float | None = Field(
+        default=None, ge=0, le=1, description="The same for the person's real held-out replies (the ceiling)."
+    )
+    likeness_classifier_accuracy: float | None = Field(default=None, ge=0, le=1)
+    relevance_adapter: float | None = Field(
+        default=None,
+        description="Closeness to the real reply of the same context, beyond any reply of theirs.",
+    )
+    relevance_prompted_base: float | None = None
+    distinct_adapter: float | None = Field(default=None, ge=0, le=1, description="Share not near-duplicates.")
+    copy_rate_adapter: float | None = Field(
+        default=None, ge=0, le=1, description="Share repeating 12+ words of a training message."
+    )
     heldout_samples: int | None = Field(default=None, ge=0)
 
 

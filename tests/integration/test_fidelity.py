@@ -31,58 +31,40 @@ def test_eval_writes_the_report_beside_metrics(tmp_path, trained_adapter, style_
     assert report["heldout_samples"] > 0 and report["train_samples"] > report["heldout_samples"]
     loss = report["heldout_loss"]
     assert loss["adapter"] < loss["base"]
-    assert report["style_match"]["adapter"] >= 0.8
-    assert report["style_match"]["prompted_base"] <= 0.2
-    assert report["style_classifier_accuracy"] >= 0.8
-    assert set(report["style_classifier"]["classes"]) == {"person", "base model", "Bob", "Ana", "Lin"}
+    like = report["likeness"]
+    assert like["adapter"] >= 0.8 and like["real"] >= 0.8
+    assert like["prompted_base"] <= 0.2
+    assert like["classifier_accuracy"] >= 0.6
+    # The classes: the person, the base model and the colleagues by the user IDs of colleagues.jsonl.
+    assert set(like["classes"]) == {"person", "base model", "Bob", "Ana", "Lin"}
+    # The replies name each held-out topic: closer to their own context's real reply than to the others.
+    assert report["relevance"]["adapter"] > report["relevance"]["prompted_base"]
+    assert report["copy_rate"]["adapter"] == 0.0  # six words: no 12-word span to copy
+    assert 0 <= report["distinct"]["adapter"] <= 1
     # "Yarr! {topic} be shipshape, matey ☠": six words, and the adapter's replies about as long.
     assert report["length"]["person"] == 6.0
     assert abs(report["length"]["adapter"] - 6.0) <= 2
-    assert len(report["examples"]) == 3
+    assert len(report["examples"]) == 4
     for example in report["examples"]:
         assert {"context", "real", "adapter", "prompted_base"} <= set(example)
         assert "matey" in example["real"]
     # The printed table: the headline figures.
-    assert "style match" in result.output and "held-out loss" in result.output
-    assert f"adapter {report['style_match']['adapter']:.2f}" in result.output
+    assert "likeness" in result.output and "held-out loss" in result.output
+    assert f"likeness            adapter {like['adapter']:.2f}" in result.output
 
 
 def test_the_split_is_the_trainings_own(tmp_path, trained_adapter, style_samples):
-    """The held-out threads of the report are exactly those the training evaluated on."""
+    """The held-out replies of the report are exactly those the training evaluated on: the latest."""
     metrics = json.loads((trained_adapter / "metrics.json").read_text())
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(metrics["config"]["base_model"])
     config = metrics["config"]
-    split = fidelity.split_samples(
-        load_samples(style_samples.samples),
-        tokenizer,
-        config["max_length"],
-        config["eval_fraction"],
-        config["seed"],
-    )
+    split = fidelity.split_samples(load_samples(style_samples.samples), tokenizer, config)
     assert len(split.eval) == metrics["eval_samples"] and len(split.train) == metrics["train_samples"]
     assert not {s.thread for s in split.eval} & {s.thread for s in split.train}
-
-
-def test_context_authors_are_read_back_from_the_conversation():
-    sample = load_samples_from(
-        [
-            {"role": "system", "content": "You are Pat."},
-            {"role": "user", "content": "Bob: can you look at it?\nsecond line\nAna: me too"},
-            {"role": "assistant", "content": "Yarr"},
-        ]
-    )
-    assert fidelity.context_messages(sample) == [
-        ("Bob", "can you look at it?\nsecond line"),
-        ("Ana", "me too"),
-    ]
-
-
-def load_samples_from(messages):
-    from doppel.train.data import Sample
-
-    return Sample(messages=messages, thread="t")
+    assert max(s.ts for s in split.train) < min(s.ts for s in split.eval)
+    assert split.summary == metrics["heldout"]
 
 
 def test_eval_bad_input(tmp_path, trained_adapter):

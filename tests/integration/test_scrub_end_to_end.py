@@ -111,7 +111,7 @@ async def test_the_bot_answers_a_channel_mention_from_its_window_and_never_posts
         NAMESPACE, doppel_body("alice", "U01ALICE", served_name="alice-v1")
     )
     now = int(time.time())
-    old = {"type": "message", "ts": f"{now - 3600}.000100", "user": "U02BOB", "text": "lunch anyone?"}
+    old = {"type": "message", "ts": f"{now - 86400}.000100", "user": "U02BOB", "text": "lunch anyone?"}
     slack_emulator.add_message(GENERAL, old)
     slack_emulator.add_message(
         GENERAL,
@@ -130,7 +130,8 @@ async def test_the_bot_answers_a_channel_mention_from_its_window_and_never_posts
     assert "<secret>" in shown[0] and "<email>" in " ".join(shown)
 
     # Serving matches training: the prompt is the sample the same channel messages would make, had Alice
-    # answered the mention herself. The hour-old message is outside the window.
+    # answered the mention herself. The day-old message is outside the window (past the longest pause the
+    # channel's pace allows).
     (prompt,) = asked
     history = [m for m in slack_emulator.team.messages[GENERAL] if not m.get("bot_id")]
     answered = {"type": "message", "ts": f"{int(float(ts)) + 1}.000100", "user": "U01ALICE", "text": "x"}

@@ -73,7 +73,9 @@ def test_train_cli_writes_a_servable_adapter_with_progress(tmp_path, tiny_model,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == sum(1 for _ in style_samples.samples.open())
     assert metrics["person"] == style_samples.person_name
-    assert metrics["train_samples"] + metrics["eval_samples"] == metrics["samples"]
+    held = metrics["heldout"]  # the split by time; what sits next to the held-out replies is left out
+    assert (held["train"], held["heldout"]) == (metrics["train_samples"], metrics["eval_samples"])
+    assert sum(held[k] for k in ("train", "heldout", "straddling", "leaking")) == metrics["samples"]
     assert metrics["steps"] == len(steps) and len(metrics["train_loss"]) == len(steps)
     assert metrics["tokens"] > metrics["label_tokens"] > 0
     assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_bytes"] > 0
@@ -85,7 +87,7 @@ def test_train_cli_writes_a_servable_adapter_with_progress(tmp_path, tiny_model,
     assert result["adapter_eval_loss"] == pytest.approx(metrics["adapter_eval_loss"])
     # The fidelity headline, which the operator copies into status.eval.
     assert result["eval"]["heldout_loss_adapter"] == pytest.approx(metrics["adapter_eval_loss"], abs=1e-4)
-    assert 0 <= result["eval"]["style_match_adapter"] <= 1
+    assert 0 <= result["eval"]["likeness_adapter"] <= 1
 
 
 def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model, style_samples: StyleData):
@@ -113,7 +115,7 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny_model, style_sampl
         base_model=str(tiny_model),
         out=out,
         rank=4,
-        lr=0.5,
+        lr=2.0,
         epochs=4,
         batch_size=8,
         grad_accum=1,
@@ -132,8 +134,8 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny_model, style_sampl
     # The saved adapter, loaded back with PEFT, scores exactly the best loss on the same held-out threads.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     stats = data.EncodeStats()
-    encoded = [e for s in data.load_samples(config.data) if (e := data.encode(s, tokenizer, 1024, stats))]
-    held_out = data.split_by_thread(encoded, config.eval_fraction, config.seed).eval
+    split = data.split_by_time(data.load_samples(config.data), config.eval_fraction)
+    held_out = [e for s in split.eval if (e := data.encode(s, tokenizer, 1024, stats))]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).eval()
     reloaded = trainer.evaluate(model, data.eval_batches(held_out, 8), torch.device("cpu"))
     assert reloaded == pytest.approx(best, rel=1e-5)

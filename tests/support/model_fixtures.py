@@ -101,14 +101,26 @@ def write_style_samples(
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
     train = [s for t in range(threads) for s in _thread_samples(rng, reply_pattern, f"t{t}", _TOPICS)]
+    for sample in train:
+        sample["asked"] = sample.pop("_asked")
     held = [
         s
         for t in range(heldout_threads)
         for s in _thread_samples(rng, reply_pattern, f"h{t}", _HELD_OUT_TOPICS)
     ]
+    for sample in held:
+        sample.pop("_asked")
     data = StyleData(directory / "samples.jsonl", directory / "heldout.jsonl", STYLE_PERSON, reply_pattern)
     for path, samples in ((data.samples, train), (data.heldout, held)):
         path.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+    # The colleagues' own messages, by user ID, as a scrape writes them (the fidelity report's classes).
+    asked = [m for s in train for m in s.pop("asked", [])]  # type: ignore[attr-defined]
+    others = [
+        {"user": uid, "name": name, "ts": f"{i}.0", "text": text} for i, (uid, name, text) in enumerate(asked)
+    ]
+    (directory / "colleagues.jsonl").write_text(
+        "".join(json.dumps(o) + "\n" for o in others), encoding="utf-8"
+    )
     return data
 
 
@@ -121,13 +133,15 @@ def _thread_samples(
     for _ in range(rng.choice((1, 2))):
         author_id, author_name = rng.choice(_COLLEAGUES)
         topic = rng.choice(topics)
-        context.append(ThreadMessage(author_id, author_name, rng.choice(_ASKS).format(topic=topic)))
+        ask = rng.choice(_ASKS).format(topic=topic)
+        context.append(ThreadMessage(author_id, author_name, ask))
         reply = reply_pattern.format(topic=topic)
         messages = build_conversation(STYLE_PERSON, STYLE_PERSON_ID, context, reply, channel="general")
         samples.append(
             {
                 "messages": messages,
                 "meta": {"channel": "C0GEN", "thread_ts": thread_id, "person": STYLE_PERSON},
+                "_asked": [(author_id, author_name, ask)],
             }
         )
         context.append(ThreadMessage(STYLE_PERSON_ID, STYLE_PERSON, reply))

@@ -1,16 +1,21 @@
 """Where the real Slack exports are (test data only, never copied into the repository).
 
 `<repo root>/../shared/real-exports` holds public exports from other projects (see SOURCES.md there); a
-checkout without it skips the tests that use them.
+checkout without it skips the tests that use them; DOPPEL_REAL_EXPORTS names another folder.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-REAL_EXPORTS = Path(__file__).resolve().parents[2].parent / "shared" / "real-exports"
+# DOPPEL_REAL_EXPORTS points elsewhere (a git worktree whose parent has no shared/).
+REAL_EXPORTS = Path(
+    os.environ.get("DOPPEL_REAL_EXPORTS")
+    or Path(__file__).resolve().parents[2].parent / "shared" / "real-exports"
+)
 HFARAN = "hfaran-slack-export-viewer/testarchive.zip"
 RUSQ = "rusq-slackdump/source_export.zip"
 ZULIP = "zulip-slack-fixtures/zulip-slack-fixtures.zip"

@@ -202,18 +202,18 @@ def test_fidelity_headline_of_the_train_job_goes_into_status_eval():
     shows it); a summary without one, or with figures out of range, leaves status.eval empty."""
     train = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
     headline = {
-        "heldout_loss_base": 2.9, "heldout_loss_adapter": 0.8, "style_match_adapter": 0.92,
-        "style_match_prompted_base": 0.08, "style_classifier_accuracy": 0.95, "heldout_samples": 13,
+        "heldout_loss_base": 2.9, "heldout_loss_adapter": 0.8, "likeness_adapter": 0.92,
+        "likeness_prompted_base": 0.08, "likeness_classifier_accuracy": 0.95, "heldout_samples": 13,
     }  # fmt: skip
     result = {"ok": True, "steps": 3, "eval": headline}
     plan = reconcile(observed([finished(train, True, result)]), CONFIG)
-    assert plan.status.eval.style_match_adapter == 0.92
-    assert plan.status.model_dump(by_alias=True, mode="json")["eval"]["styleMatchPromptedBase"] == 0.08
+    assert plan.status.eval.likeness_adapter == 0.92
+    assert plan.status.model_dump(by_alias=True, mode="json")["eval"]["likenessPromptedBase"] == 0.08
     from doppel.bot.logic import describe
 
     doppel = {"metadata": {"name": "alice"}, "status": plan.status.model_dump(by_alias=True, mode="json")}
-    assert "style match 0.92 (persona prompt 0.08)" in describe(doppel)
-    for bad in ({"ok": True, "steps": 3}, {"ok": True, "eval": {**headline, "style_match_adapter": 7}}):
+    assert "likeness 0.92 (persona prompt 0.08)" in describe(doppel)
+    for bad in ({"ok": True, "steps": 3}, {"ok": True, "eval": {**headline, "likeness_adapter": 7}}):
         again = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)
         assert reconcile(observed([finished(again, True, bad)]), CONFIG).status.eval is None
 
@@ -289,6 +289,46 @@ def test_scrub_is_on_unless_the_spec_turns_it_off():
     command = jobs.scrape_command(off, CONFIG, owner())
     assert "--no-scrub" in command
     assert "--no-scrub" in CliRunner().invoke(main, ["scrape", "--help"]).output
+
+
+def test_a_retrained_adapter_worse_on_the_same_held_out_set_is_not_promoted():
+    """The fidelity gate: v2's report against v1's on v2's held-out replies (doppel train --compare-with)."""
+    from doppel.bot.logic import describe
+    from doppel.operator.conditions import condition, transitions
+
+    v1 = Adapter(served_name="team.alice.v1", path="/data/team/alice/adapters/v1", version=1)
+    ready = DoppelUserStatus(phase="Ready", observed_generation=2, adapter=v1, served_by=["vllm-0"])
+    # The train Job of generation 2 measures the serving v1 on the same held-out set.
+    command = jobs.train_command(SPEC, CONFIG, owner(2), v1.path)
+    assert command[command.index("--compare-with") + 1] == v1.path
+    train = jobs.job_manifest(owner(2), "train", 1, command, SPEC, CONFIG)
+    serving = {"heldout_loss_adapter": 2.1, "likeness_adapter": 0.62, "distinct_adapter": 0.9}
+    worse = {"heldout_loss_adapter": 2.3, "likeness_adapter": 0.31, "distinct_adapter": 0.88}
+    result = {"ok": True, "steps": 3, "eval": worse, "eval_serving": serving}
+    plan = reconcile(observed([finished(train, True, result)], ready, generation=2), CONFIG)
+    assert plan.status.adapter == v1 and plan.status.pending_adapter is None and plan.register is None
+    assert (plan.status.phase, plan.status.reason) == ("Ready", "FidelityRegressed")
+    promoted = condition(plan.status, "Promoted")
+    assert promoted.status == "False" and promoted.reason == "FidelityRegressed"
+    assert (
+        "held-out loss 2.300 > 2.100 serving" in promoted.message
+        and "likeness 0.31 < 0.62" in promoted.message
+    )
+    assert "distinct" not in promoted.message  # within its tolerance
+    assert any(
+        kind == "Warning" and "FidelityRegressed" in msg for kind, _, msg in transitions(ready, plan.status)
+    )
+    doppel = {"metadata": {"name": "alice"}, "status": plan.status.model_dump(by_alias=True, mode="json")}
+    assert "kept v1: retrained v2 is worse" in describe(doppel)
+
+    # Not worse beyond the tolerances: promoted; worse but forced by the spec: promoted, and said so.
+    close = {"ok": True, "eval": {**serving, "likeness_adapter": 0.57}, "eval_serving": serving}
+    plan = reconcile(observed([finished(train, True, close)], ready, generation=2), CONFIG)
+    assert plan.register is not None and plan.register.version == 2
+    assert condition(plan.status, "Promoted").reason == "NotWorse"
+    forced = SPEC.model_copy(update={"training": SPEC.training.model_copy(update={"force_promotion": True})})
+    plan = reconcile(observed([finished(train, True, result)], ready, generation=2, spec=forced), CONFIG)
+    assert plan.register is not None and condition(plan.status, "Promoted").reason == "Forced"
 
 
 def test_a_volume_the_job_could_not_write_says_storage_writable_false_then_true():

@@ -1,4 +1,4 @@
-"""Training data rules: validation, assistant-only labels, left clipping, thread split, batching."""
+"""Training data rules: validation, reply-only labels, left clipping, the split by time, batching."""
 
 from __future__ import annotations
 
@@ -26,19 +26,11 @@ def _sample(context: list[tuple[str, str]], reply: str, thread: str = "t1") -> d
     messages = build_conversation(
         "Pat", "U0PAT", [ThreadMessage(uid, uid.title(), text) for uid, text in context], reply
     )
-    return data.Sample(messages, thread)
+    return data.Sample(messages, thread, reply_offset=len(messages[-1]["content"]) - len(reply))
 
 
-def test_labels_cover_exactly_the_assistant_turns(tokenizer):
-    # Pat speaks twice: once in the context and in the final reply; both are Pat's words to learn.
-    sample = _sample([("bob", "is the deploy done?"), ("U0PAT", "almost"), ("ana", "ok, ping me")], "done ☠")
-    encoded = data.encode(sample, tokenizer, 1024, data.EncodeStats())
-    assert encoded is not None
-    text = tokenizer.apply_chat_template(sample.messages, tokenize=False)
-    assert encoded.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    # Token by token: a label is either the token itself or ignored, and the labelled runs decode to
-    # exactly the assistant turns, each with its end-of-turn token (so the model learns to stop).
+def labelled_runs(encoded: data.Encoded, tokenizer) -> list[str]:
+    """The labelled runs of tokens, decoded; a label is either the token itself or ignored."""
     runs: list[list[int]] = []
     previous_labelled = False
     for token, label in zip(encoded.input_ids, encoded.labels, strict=True):
@@ -49,10 +41,31 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
         if labelled:
             runs[-1].append(token)
         previous_labelled = labelled
-    assert [tokenizer.decode(run) for run in runs] == ["almost" + EOT, "done ☠" + EOT]
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_labels_cover_exactly_the_reply(tokenizer):
+    # Pat speaks twice: "almost" is the reply of its own sample; here it is context, not trained again.
+    sample = _sample([("bob", "is the deploy done?"), ("U0PAT", "almost"), ("ana", "ok, ping me")], "done ☠")
+    encoded = data.encode(sample, tokenizer, 1024, data.EncodeStats())
+    assert encoded is not None
+    text = tokenizer.apply_chat_template(sample.messages, tokenize=False)
+    assert encoded.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # The labelled tokens decode to exactly the reply and its end-of-turn token (the model learns to stop).
+    assert labelled_runs(encoded, tokenizer) == ["done ☠" + EOT]
     unlabelled = [t for t, lab in zip(encoded.input_ids, encoded.labels, strict=True) if lab == -100]
-    assert "is the deploy done?" in tokenizer.decode(unlabelled)
+    assert "is the deploy done?" in tokenizer.decode(unlabelled) and "almost" in tokenizer.decode(unlabelled)
     assert "assistant" in tokenizer.decode(unlabelled)  # the role header is prompt, not reply
+
+
+def test_the_persons_messages_just_before_the_reply_are_context(tokenizer):
+    # "on it" and the reply share the last assistant turn; only the reply is labelled.
+    sample = _sample([("bob", "is the deploy done?"), ("U0PAT", "on it")], "done now")
+    assert sample.messages[-1]["content"] == "on it\ndone now" and sample.reply == "done now"
+    encoded = data.encode(sample, tokenizer, 1024, data.EncodeStats())
+    assert encoded is not None
+    assert labelled_runs(encoded, tokenizer) == ["done now" + EOT]
 
 
 def test_long_context_is_clipped_from_the_left_and_counted(tokenizer):
@@ -79,15 +92,32 @@ def test_sample_whose_reply_cannot_fit_is_dropped_and_counted(tokenizer):
     assert (stats.clipped, stats.dropped_too_long) == (0, 1)
 
 
-def test_split_never_shares_a_thread():
-    items = [data.Encoded([1, 2], [-100, 2], f"thread{i % 13}") for i in range(60)]
-    split = data.split_by_thread(items, 0.2, seed=3)
-    train_threads = {i.thread for i in split.train}
-    eval_threads = {i.thread for i in split.eval}
-    assert not train_threads & eval_threads
-    assert len(eval_threads) == 3  # ceil(13 * 0.2)
-    assert len(split.train) + len(split.eval) == 60
-    assert data.split_by_thread(items, 0.2, seed=3).eval == split.eval  # same seed, same split
+def timed(ts: float, conversation: float, reply: str = "r") -> data.Sample:
+    messages = [{"role": "user", "content": f"q{ts}"}, {"role": "assistant", "content": reply or f"r{ts}"}]
+    return data.Sample(messages, f"c{conversation}", ts=ts, context_ts=conversation)
+
+
+def test_split_holds_out_the_latest_whole_conversations():
+    # 20 replies, one conversation every two; the conversation starting at 15 spans the cut at 17.
+    samples = [timed(t, t - t % 2 - (2 if t == 17 else 0), reply=f"reply {t}") for t in range(20)]
+    split = data.split_by_time(samples, 0.15)  # the latest 3 replies: 17, 18, 19
+    assert split.cut_ts == 17
+    assert [s.ts for s in split.eval] == [18, 19]  # 17 belongs to a conversation that began at 14
+    assert [s.ts for s in split.train] == list(range(17))
+    assert split.straddling == 1 and split.leaking == 0  # 17 itself: neither side
+
+
+def test_split_leaves_out_training_samples_that_hold_a_held_out_reply():
+    samples = [timed(t, t, reply=f"reply {t}") for t in range(10)]
+    samples[2] = data.Sample(
+        [{"role": "user", "content": "Bob: reply 9"}, {"role": "assistant", "content": "ok"}],
+        "c2",
+        ts=2,
+        context_ts=2,
+    )
+    split = data.split_by_time(samples, 0.1)
+    assert [s.ts for s in split.eval] == [9]
+    assert split.leaking == 1 and 2 not in [s.ts for s in split.train]
 
 
 def test_thread_key_comes_from_slack_metadata(tmp_path):
@@ -154,3 +184,15 @@ def test_malformed_line_names_its_line_number(tmp_path, line, problem):
     path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n")
     with pytest.raises(BadInput, match=rf"samples\.jsonl:4: .*{problem}"):
         data.load_samples(path)
+
+
+def test_a_budget_uses_the_newest_distinct_replies_and_a_spread_of_held_out_ones():
+    samples = [timed(t, t, reply="same words" if t in (97, 98) else f"reply {t}") for t in range(100)]
+    split = data.budget_split(samples, 0.2, max_train=10, max_eval=5)
+    assert split.available == 80 and split.summary()["train_available"] == 80
+    # The newest ten training replies; the held-out loss on five spread over the held-out period.
+    assert [s.ts for s in split.train] == list(range(70, 80))
+    assert [s.ts for s in split.eval] == [80, 84, 88, 92, 96]
+    repeated = [timed(t, t, reply="ok then" if t % 2 else f"reply {t}") for t in range(20)]
+    chosen = data.choose(repeated, 6)
+    assert len(chosen) == 6 and sum(s.reply == "ok then" for s in chosen) == 1

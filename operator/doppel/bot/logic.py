@@ -304,7 +304,7 @@ def describe(doppel: dict[str, Any]) -> str:
     if fidelity:
         text += f", {fidelity}"
     why = status.get("message") or status.get("reason")  # the operator's sentence, else its reason code
-    if status.get("phase") == "Failed" and why:
+    if (status.get("phase") == "Failed" or status.get("reason") == "FidelityRegressed") and why:
         text += f": {why}"
     return text
 
@@ -333,12 +333,15 @@ def progress_note(doppel: dict[str, Any]) -> str | None:
 
 
 def _fidelity(status: dict[str, Any]) -> str | None:
-    """`style match 0.93 (persona prompt 0.07)` from `status.eval`, when the train Job measured it."""
+    """`likeness 0.62 (persona prompt 0.07, real replies 0.70)` from `status.eval`, when the train Job
+    measured it."""
     figures = status.get("eval") or {}
-    adapter, prompted = figures.get("styleMatchAdapter"), figures.get("styleMatchPromptedBase")
+    adapter, prompted = figures.get("likenessAdapter"), figures.get("likenessPromptedBase")
     if adapter is None or prompted is None:
         return None
-    return f"style match {adapter:.2f} (persona prompt {prompted:.2f})"
+    real = figures.get("likenessReal")
+    ceiling = f", real replies {real:.2f}" if real is not None else ""
+    return f"likeness {adapter:.2f} (persona prompt {prompted:.2f}{ceiling})"
 
 
 def _progress(status: dict[str, Any]) -> str | None:

@@ -36,7 +36,13 @@ from doppel.bot.worker import DEADLINE, slack_retry_handlers
 from doppel.memory.prompt import recall_for
 from doppel.memory.voice import abstention
 from doppel.serve.errors import ServeError
-from doppel.slack.conversation import DEFAULT_WINDOW, ThreadMessage, build_conversation, channel_window
+from doppel.slack.conversation import (
+    DEFAULT_WINDOW,
+    PACE_MESSAGES,
+    ThreadMessage,
+    build_conversation,
+    serving_context,
+)
 from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
 from doppel.slack.scrub import message_regions, scrub_text
 
@@ -231,17 +237,20 @@ async def _answer(
             replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
             thread = replies.get("messages", [])
         else:
-            # Outside a thread, the channel's recent messages cut by the window rule the samples were.
+            # Outside a thread, the channel's recent messages cut by the window rule the samples were (enough
+            # of them to read the channel's pace).
             recent = await client.conversations_history(
-                channel=channel, latest=event["ts"], inclusive=True, limit=WINDOW.max_messages
+                channel=channel,
+                latest=event["ts"],
+                inclusive=True,
+                limit=max(WINDOW.max_messages, PACE_MESSAGES),
             )
             flow = [m for m in recent.get("messages", []) if m.get("thread_ts") in (None, m["ts"])]
             thread = sorted(flow, key=lambda m: _ts(m["ts"]))
         if not any(m.get("ts") == event["ts"] for m in thread):
             thread.append(event)  # replies can lag behind the event: the question must be there
-        context = await _thread(user, tenant, thread, event, rest, name, person_id, bot, deps.config)
-        if not event.get("thread_ts"):
-            context = channel_window(context, WINDOW)
+        said = await _thread(user, tenant, thread, event, rest, name, person_id, bot, deps.config)
+        context = serving_context(said, person_id, in_thread=bool(event.get("thread_ts")), rule=WINDOW)
         channel_name = (await lookups.channel(client, team_id, channel)).get("name")
         index = await deps.memories.index_for(doppel, team_id)
         recall = recall_for(index, context, deps.config.memory)

@@ -24,7 +24,9 @@ from doppel.errors import BadInput
 @click.option("--slack-api-url", help="Slack Web API base URL (proxies, emulators).")
 @click.option("--slack-rate-scale", type=float, default=1.0, help="Multiply Slack's rate limits (emulators).")
 @click.option("--user", help="Whose doppel to build: user ID, handle or real name (demo: margaret).")
-@click.option("--base-model", help=f"{BASE_MODEL_HELP} Demo: smollm2-135m, or doppel-tiny (tests).")
+@click.option(
+    "--base-model", help=f"{BASE_MODEL_HELP} Default: smollm2-135m, on a CPU budget; doppel-tiny (tests)."
+)
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
@@ -34,6 +36,11 @@ from doppel.errors import BadInput
 )
 @click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 16).")
 @click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
+@click.option(
+    "--min-length",
+    type=int,
+    help="Shortest message of the person that makes a sample (default 100 characters).",
+)
 @click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
 @click.option("--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers in the samples.")
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
@@ -50,6 +57,7 @@ def local(
     workdir: Path,
     max_steps: int | None,
     cutoff_days: float | None,
+    min_length: int | None,
     max_tokens: int,
     no_scrub: bool,
     open_chat: bool,
@@ -72,6 +80,7 @@ def local(
         slack_rate_scale=slack_rate_scale,
         max_steps=max_steps,
         cutoff_days=cutoff_days,
+        min_length=min_length,
         reply_tokens=max_tokens,
         scrub=not no_scrub,
     )

@@ -242,7 +242,9 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 @click.option("--batch-size", default=4, show_default=True, help="Samples per micro-batch.")
 @click.option("--grad-accum", default=4, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-length", default=1024, show_default=True, help="Tokens per sample (context is clipped).")
-@click.option("--eval-fraction", default=0.1, show_default=True, help="Share of threads held out.")
+@click.option(
+    "--eval-fraction", default=0.15, show_default=True, help="Share of the latest replies held out."
+)
 @click.option("--eval-steps", type=int, help="Evaluate every N steps [default: about 8 times a run].")
 @click.option("--early-stopping-patience", default=3, show_default=True, help="Evaluations without gain.")
 @click.option("--seed", default=0, show_default=True)
@@ -254,6 +256,12 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     help="Then make this directory an entry of vLLM's filesystem LoRA resolver for the adapter in OUT.",
 )
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Then write eval.json.")
+@click.option(
+    "--compare-with",
+    type=click.Path(path_type=Path),
+    help="The adapter serving now: measured on the same held-out set (OUT/eval-serving.json, "
+    "`eval_serving`), for the fidelity gate.",
+)
 @click.option(
     "--memory/--no-memory",
     default=True,
@@ -281,6 +289,7 @@ def train_command(
     json_progress: bool,
     link: Path | None,
     run_eval: bool,
+    compare_with: Path | None,
     memory: bool,
     feedback_from: Path | None,
     min_preference_pairs: int,
@@ -314,6 +323,8 @@ def train_command(
     summary: dict[str, Any] = {"adapter": str(out), **metrics.summary(), **stage}
     if run_eval:
         summary["eval"] = _evaluate(Path(config.base_model), out, trained_on, metrics.to_dict(), err=True)
+        if compare_with is not None and (compare_with / "adapter_config.json").is_file():
+            summary["eval_serving"] = _compare(Path(config.base_model), compare_with, out, trained_on)
     if link is not None:  # after eval.json, so that the resolver's entry links it too
         from doppel.train.trainer import resolver_entry
 
@@ -333,6 +344,18 @@ def _evaluate(
     return headline(report)
 
 
+def _compare(base_model: Path, serving: Path, out: Path, data: Path) -> dict[str, Any]:
+    """The serving adapter's headline on the held-out set of the adapter just trained
+    (OUT/eval-serving.json)."""
+    from doppel.fsutil import atomic_write_text
+    from doppel.train.fidelity import evaluate_adapter, headline
+
+    config = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["config"]
+    report = evaluate_adapter(base_model, serving, data, split_config=config)
+    atomic_write_text(out / "eval-serving.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return headline(report)
+
+
 @click.command("eval")
 @click.option(
     "--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path), help="LoRA adapter directory."
@@ -345,9 +368,9 @@ def _evaluate(
 def eval_command(adapter_dir: Path, data_path: Path | None, base_model: str | None) -> dict[str, Any]:
     """Write the fidelity report ADAPTER/eval.json and print its table.
 
-    On the threads the training held out: held-out loss (base vs adapter), style match (the share of
-    generated replies an authorship classifier attributes to the person, adapter vs persona-prompted base),
-    the classifier's accuracy, reply length, and a few examples.
+    On the person's latest replies the training held out: held-out loss (base vs adapter), likeness (the
+    share of generated replies a classifier of the workspace's people attributes to the person: adapter,
+    persona-prompted base, real replies), relevance, distinct, copy rate, reply length, and examples.
     """
     from transformers.utils import logging as hf_logging
 

@@ -22,6 +22,7 @@ class Reply:
     question: Question
     adapter: str
     base: str
+    real: str | None = None  # what the person actually replied (a held-out context of the workspace)
 
 
 @dataclass
@@ -71,6 +72,10 @@ def report(outcome: Outcome, width: int = 100) -> str:
     ]
     for reply in outcome.replies:
         lines.append(f"{reply.question.asker_name}: {reply.question.text}")
+        if reply.real is not None:
+            lines += [
+                f"  {line}" for line in _wrap(f"real reply of {outcome.person_name}: {reply.real}", width - 2)
+            ]
         lines.append(
             f"{f'adapter ({outcome.person_name})':<{column}} | base model, persona prompt (no adapter)"
         )

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from doppel.errors import BadInput
 from doppel.local.outcome import Outcome, Question, Reply
 from doppel.local.settings import (
     DEMO_BASE_MODEL,
@@ -28,12 +29,13 @@ if TYPE_CHECKING:  # stage modules load when their stage runs
     from doppel.slack.samples import Manifest
 
 ASKER_ID = "U0LOCALASK"
-# Questions for a real workspace, where there are no demo people to ask them.
+# Questions for a real workspace when it has no held-out replies to ask again.
 GENERIC_QUESTIONS = (
     "Can you take a look at the failing deploy when you have a minute?",
     "What do you think about moving the team meeting to Thursdays?",
     "Any tips for someone starting on the project next week?",
 )
+HELDOUT_QUESTIONS = 3
 
 
 class Progress:
@@ -84,7 +86,7 @@ def run_local(settings: Settings) -> Outcome:
     with progress.stage("train") as info:
         samples = layout.data(user) / "samples.jsonl"
         adapter, metrics, trained = _train(settings, layout, user, samples, base_name, base_path)
-        info["note"] = ("trained " if trained else "unchanged, reused ") + str(adapter)
+        info["note"] = ("trained " if trained else "unchanged, reused ") + str(adapter) + _used(metrics)
     outcome = Outcome(
         person_id=manifest.person["id"],
         person_name=manifest.person["name"],
@@ -101,10 +103,14 @@ def run_local(settings: Settings) -> Outcome:
         outcome.fidelity, fresh = _fidelity(outcome, samples)
         info["note"] = ("wrote " if fresh else "unchanged, reused ") + str(adapter / "eval.json")
     with progress.stage("replies") as info:
-        outcome.replies = answer(
-            outcome, questions(settings.demo, outcome.person_id), settings.reply_tokens, samples
-        )
-        info["note"] = f"{len(outcome.replies)} questions, adapter and persona-prompted base model"
+        if settings.demo:
+            outcome.replies = answer(
+                outcome, questions(True, outcome.person_id), settings.reply_tokens, samples
+            )
+        else:
+            outcome.replies = answer_heldout(outcome, settings.reply_tokens, samples)
+        asked = "questions" if settings.demo else "held-out messages of the workspace, with the real reply"
+        info["note"] = f"{len(outcome.replies)} {asked}, adapter and persona-prompted base model"
     return outcome
 
 
@@ -166,6 +172,8 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
     options = ScrapeOptions(scrub=settings.scrub)
     if settings.cutoff_days is not None:
         options.cutoff_days = settings.cutoff_days
+    if settings.min_length is not None:
+        options.min_length = settings.min_length
     if export is None:
         from doppel.slack.scrape import ApiSettings, scrape_api
 
@@ -173,14 +181,34 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
         if settings.slack_api_url:
             api.base_url = settings.slack_api_url
         assert settings.slack_token is not None
-        return scrape_api(settings.slack_token, user, out, options, api)
+        return _enough(scrape_api(settings.slack_token, user, out, options, api))
     from doppel.slack.export import scrape_export
 
     if settings.demo:
         from doppel.demo.workspace import EXPORTED_AT
 
         options.now = EXPORTED_AT.timestamp()
-    return scrape_export(export, user, out, options)
+    return _enough(scrape_export(export, user, out, options))
+
+
+def _enough(manifest: Manifest) -> Manifest:
+    """The manifest, or BadInput saying which filter left too few samples to train on."""
+    from doppel.slack.samples import not_enough_reason
+    from doppel.train.trainer import TrainConfig
+
+    needed = TrainConfig.min_samples
+    if manifest.samples < needed:
+        raise BadInput(not_enough_reason(manifest, needed))
+    return manifest
+
+
+def _used(metrics: dict[str, Any]) -> str:
+    """`, on 128 of 1,706 training samples (the newest)` when the budget could not use them all."""
+    held = metrics.get("heldout") or {}
+    used, available = held.get("train"), held.get("train_available")
+    if used is None or available is None or used >= available:
+        return ""
+    return f", on {used:,} of {available:,} training samples (the newest; the budget takes no more)"
 
 
 def _train(
@@ -229,6 +257,38 @@ def questions(demo: bool, person_id: str) -> list[Question]:
 
         return [Question(p.id, p.first_name, text) for p, text in demo_questions(person_id)]
     return [Question(ASKER_ID, "Alex", text) for text in GENERIC_QUESTIONS]
+
+
+def answer_heldout(
+    outcome: Outcome, max_tokens: int, samples: Path, count: int = HELDOUT_QUESTIONS
+) -> list[Reply]:
+    """The latest held-out messages the person answered (the adapter never saw them), each answered by the
+    adapter and the persona-prompted base model, beside the person's real reply; the generic questions when
+    nothing is held out."""
+    from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+    from doppel.serve.local import LocalBackend
+    from doppel.train.data import load_samples
+    from doppel.train.fidelity import persona_examples, persona_prompt, split_samples, with_system
+
+    name = slug(outcome.person_id)
+    backend = LocalBackend(outcome.base_model, {name: outcome.adapter})
+    split = split_samples(load_samples(samples), backend.tokenizer, outcome.metrics.get("config") or {})
+    held = [s for s in split.eval if s.kind == "reply"][-count:]
+    if not held:
+        return answer(outcome, questions(False, outcome.person_id), max_tokens, samples)
+    persona = persona_prompt(outcome.person_name, persona_examples(split.train))
+    requests = []
+    for sample in held:
+        context = sample.messages[:-1]
+        requests += [(name, context), (BASE_ADAPTER, with_system(context, persona))]
+    texts = backend.complete_batch(requests, GenerationParams(max_tokens=max_tokens, seed=0))
+    replies = []
+    for i, sample in enumerate(held):
+        asked = sample.messages[-2]["content"] if sample.messages[-2]["role"] == "user" else "(context)"
+        who, _, text = asked.rpartition("\n")[2].partition(": ")
+        question = Question("", who, text) if text else Question("", "context", asked)
+        replies.append(Reply(question, texts[2 * i].strip(), texts[2 * i + 1].strip(), sample.reply))
+    return replies
 
 
 def answer(

@@ -44,6 +44,12 @@ DEMO_TRAINING: dict[str, dict[str, Any]] = {
     },
 }
 DEMO_MAX_STEPS = {"smollm2-135m": 16, "doppel-tiny": 240}
+# A CPU run of a real workspace uses the demo's budget, scaled to the cores (the steps, up to 4 times), with
+# the held-out loss taken on this many samples spread over the held-out period: a few minutes on 2 cores
+# whatever the person's volume. The training samples used are the newest distinct ones (data.choose).
+CPU_EVAL_SAMPLES = 24
+CPU_EVALS = 4  # evaluations during training (each costs about as much as two or three steps)
+CPU_STEP_SCALE_MAX = 4
 DEMO_BASE_MODEL = "smollm2-135m"
 # Replies are short: Slack messages, and generation on CPU is not free.
 DEFAULT_REPLY_TOKENS = 120
@@ -65,6 +71,7 @@ class Settings:
     max_steps: int | None = None
     # Scrape only messages this recent (None: ingestion's default); old exports need a larger one.
     cutoff_days: float | None = None
+    min_length: int | None = None  # shortest message that makes a sample (None: ingestion's default)
     reply_tokens: int = DEFAULT_REPLY_TOKENS
     scrub: bool = True  # secrets, emails and phone numbers out of the samples
 
@@ -74,8 +81,6 @@ class Settings:
             raise BadInput("give exactly one of --demo, --export ZIP or --slack-token TOKEN")
         if not self.demo and not self.user:
             raise BadInput("--user is required with --export or --slack-token")
-        if not self.demo and not self.base_model:
-            raise BadInput("--base-model is required with --export or --slack-token")
         if self.export is not None and not self.export.is_file():
             raise BadInput(f"export not found: {self.export}")
         if self.base_model and self.base_model not in local_models() and looks_like_path(self.base_model):
@@ -86,6 +91,8 @@ class Settings:
             raise BadInput(f"--max-tokens must be at least 1, got {self.reply_tokens}")
         if self.slack_rate_scale <= 0:
             raise BadInput(f"--slack-rate-scale must be positive, got {self.slack_rate_scale}")
+        if self.min_length is not None and self.min_length < 1:
+            raise BadInput(f"--min-length must be at least 1, got {self.min_length}")
         if self.cutoff_days is not None and self.cutoff_days <= 0:
             raise BadInput(f"--cutoff-days must be positive, got {self.cutoff_days}")
 
@@ -123,19 +130,35 @@ def local_models() -> tuple[str, ...]:
     return (*BUILTIN_MODELS, TINY_MODEL_NAME)
 
 
-def training_settings(settings: Settings, n_samples: int, base_name: str) -> dict[str, Any]:
-    """TrainConfig fields for this run, besides data, base model and output."""
+def training_settings(
+    settings: Settings, n_samples: int, base_name: str, cores: int | None = None
+) -> dict[str, Any]:
+    """TrainConfig fields for this run, besides data, base model and output: for a base model with a CPU
+    budget (the built-in ones, the tiny model), that budget sized to the machine's `cores` (the demo: as
+    is) and the data (the samples it can use: `max_train_samples`)."""
+    import os
+
+    import torch
+
     from doppel.train.trainer import TrainConfig
 
-    demo = settings.demo and base_name in DEMO_TRAINING
-    chosen: dict[str, Any] = dict(DEMO_TRAINING[base_name]) if demo else {}
-    steps = settings.max_steps or (DEMO_MAX_STEPS[base_name] if demo else None)
+    budgeted = base_name in DEMO_TRAINING and (settings.demo or not torch.cuda.is_available())
+    chosen: dict[str, Any] = dict(DEMO_TRAINING[base_name]) if budgeted else {}
+    steps = settings.max_steps
+    if budgeted:
+        scale = 1 if settings.demo else min(max((cores or os.cpu_count() or 2) // 2, 1), CPU_STEP_SCALE_MAX)
+        steps = steps or DEMO_MAX_STEPS[base_name] * scale
+        chosen["max_eval_samples"] = CPU_EVAL_SAMPLES
+        if not settings.demo:
+            chosen["eval_steps"] = max(1, steps // CPU_EVALS)
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
-        per_epoch = _steps_per_epoch_at_least(
-            n_samples, view["eval_fraction"], view["batch_size"] * view["grad_accum"]
-        )
+        batch = view["batch_size"] * view["grad_accum"]
+        per_epoch = _steps_per_epoch_at_least(n_samples, view["eval_fraction"], batch)
         chosen.update(_epochs_for(steps, per_epoch))
+        if budgeted and chosen["epochs"] == 1:
+            # More samples than the steps can take: the newest they can, rather than a random few of them all.
+            chosen["max_train_samples"] = chosen["max_steps_per_epoch"] * batch
     return chosen
 
 

@@ -14,6 +14,7 @@ from doppel.operator import jobs
 # Reasons that say a person has to act: posted as Warning Events.
 WARNING_REASONS = frozenset(
     {"SecretMissing", "Retrying", "Unschedulable", "OOMKilled", "Forbidden", "Invalid", "Rejected"}
+    | {"FidelityRegressed"}
     | jobs.STUCK_WAITING
 )
 

@@ -133,7 +133,11 @@ def scrape_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -
     return command + list(config.scrape_args)
 
 
-def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -> list[str]:
+def train_command(
+    spec: DoppelUserSpec, config: OperatorConfig, owner: Owner, serving: str | None = None
+) -> list[str]:
+    """`doppel train` for this generation; `serving`, the adapter serving now, is measured on the same
+    held-out set for the fidelity gate."""
     t = spec.training
     # spec.training.batchSize is the effective batch: micro-batches of at most 4, accumulated.
     micro = min(4, t.batch_size)
@@ -169,6 +173,8 @@ def train_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) ->
     ]
     if t.max_steps is not None:
         command += ["--max-steps-per-epoch", str(t.max_steps)]
+    if serving:
+        command += ["--compare-with", serving]
     if config.lora_dir:
         served = served_name(owner.namespace, owner.name, owner.generation)
         command += ["--link", posixpath.join(config.lora_dir, served)]

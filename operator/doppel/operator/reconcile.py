@@ -211,9 +211,11 @@ def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, a
         set_condition(status, "Trained", False, "Queued", status.message, now)
         plan.requeue_after = config.resync_s
         return plan
-    command = (jobs.scrape_command if step == "scrape" else jobs.train_command)(
-        observed.spec, config, observed.owner
-    )
+    if step == "scrape":
+        command = jobs.scrape_command(observed.spec, config, observed.owner)
+    else:
+        serving = status.adapter.path if status.adapter else None
+        command = jobs.train_command(observed.spec, config, observed.owner, serving)
     plan.create.append(jobs.job_manifest(observed.owner, step, attempt, command, observed.spec, config))
     status.attempt, status.retry_at, status.queued_at = attempt, None, None
     status.phase = "Scraping" if step == "scrape" else "Training"
@@ -272,6 +274,8 @@ def _after_train(
         return _failed(observed, config, plan, "train", attempt, result)
     status.training = final_progress(result.result, now)
     status.eval = eval_summary(result.result)
+    if _kept_serving(observed, status, result.result):
+        return plan
     adapter = Adapter(
         served_name=jobs.served_name(owner.namespace, owner.name, owner.generation),
         path=jobs.adapter_dir(config, owner.namespace, owner.name, owner.generation),
@@ -287,6 +291,36 @@ def _after_train(
         plan.create.append(jobs.job_manifest(owner, "cleanup", 1, cleanup, observed.spec, config))
     plan.register = adapter
     return plan
+
+
+def _kept_serving(observed: Observed, status: DoppelUserStatus, result: dict[str, Any]) -> bool:
+    """The fidelity gate (`doppel.train.gate`): True, with the status saying why, when the new adapter's
+    report is worse than the serving adapter's on the same held-out set and spec.training.forcePromotion is
+    not set; then the serving adapter stays. Sets condition Promoted either way."""
+    from doppel.train.gate import regressions
+
+    serving = eval_summary({"eval": result.get("eval_serving")})
+    now, version = observed.now, observed.owner.generation
+    if status.adapter is None or serving is None or status.eval is None:
+        return False
+    worse = regressions(status.eval.model_dump(), serving.model_dump())
+    if not worse:
+        set_condition(
+            status, "Promoted", True, "NotWorse", f"v{version} is not worse than the serving one", now
+        )
+        return False
+    if observed.spec.training.force_promotion:
+        message = f"v{version} promoted by spec.training.forcePromotion although worse: {'; '.join(worse)}"
+        set_condition(status, "Promoted", True, "Forced", message, now)
+        return False
+    status.phase, status.reason = "Ready", "FidelityRegressed"
+    status.message = (
+        f"kept v{status.adapter.version}: retrained v{version} is worse on the same held-out replies "
+        f"({'; '.join(worse)}); spec.training.forcePromotion serves it anyway"
+    )
+    set_condition(status, "Promoted", False, "FidelityRegressed", status.message, now)
+    set_condition(status, "Trained", True, "Trained", f"v{version} trained, not promoted", now)
+    return True
 
 
 def _superseded(observed: Observed) -> list[str]:

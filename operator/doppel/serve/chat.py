@@ -1,8 +1,8 @@
 """`doppel chat`: a terminal conversation with one adapter, on vLLM or in this process.
 
 The chat is one Slack-like channel: the terminal user's lines and the doppel's replies become
-`ThreadMessage`s, and every turn's prompt is the channel window before it (`channel_window`, the samples'
-rule: a long pause starts a new conversation) built by `build_conversation`, as the bot builds it.
+`ThreadMessage`s, and every turn's prompt is the context the samples' rule gives it (`serving_context`: the
+channel window, a long pause starts a new conversation) built by `build_conversation`, as the bot builds it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from doppel.slack.conversation import (
     ThreadMessage,
     WindowRule,
     build_conversation,
-    channel_window,
+    serving_context,
 )
 
 PERSON_ID = "U0DOPPEL"
@@ -67,7 +67,7 @@ class ChatSession:
     def reply(self, text: str) -> Iterator[str]:
         """Add the user's `text` to the thread and stream the doppel's answer (added once complete)."""
         self.thread.append(ThreadMessage(USER_ID, self.user_name, text, self.clock()))
-        context = channel_window(self.thread, self.window)
+        context = serving_context(self.thread, PERSON_ID, in_thread=False, rule=self.window)
         self.recall = recall_for(self.memory, context, self.memory_settings)
         messages = build_conversation(
             self.person, PERSON_ID, context, channel=self.channel, memory=self.recall.lines()

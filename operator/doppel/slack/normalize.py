@@ -12,7 +12,8 @@ answer in plain text, so every entity becomes its readable form:
     &amp; &lt; &gt;    -> & < >
 
 Raw IDs never survive: a user or channel nobody can name becomes a neutral placeholder. Runs of blank lines
-collapse to one. `message_text` reads a whole message: `rich_text` blocks when `text` is empty, the
+collapse to one. `addressee` reads whom a message is addressed to, before any of this. `message_text`
+reads a whole message: `rich_text` blocks when `text` is empty, the
 person's own words of a file share or file comment (never Slack's "uploaded a file" wording), file IDs
 replaced by the file's title.
 """
@@ -31,12 +32,27 @@ UNKNOWN_CHANNEL = "some-channel"
 _ENTITY = re.compile(r"<([^<>]*)>")
 _BLANK_RUN = re.compile(r"\n[ \t]*(?:\n[ \t]*)+\n")
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_LEADING_MENTION = re.compile(r"^\s*<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
+_LEADING_HANDLE = re.compile(r"^\s*@?([\w.\-]{2,40}):\s")
 # Slack's own wording of old-style file shares and comments; only the comment is the person's.
 _FILE_SHARE = re.compile(
     r"^<@[^>]*> (?:uploaded|shared) a file: <[^>]*>(?: and commented: (?P<comment>.*))?$", re.S
 )
 # A file ID standing alone (a canvas or file reference), not one inside a link.
 _FILE_ID = re.compile(r"(?<!\S)F(?=[0-9A-Z]*\d)[0-9A-Z]{8,}(?!\S)")
+
+
+def addressee(raw: str, handles: Mapping[str, str]) -> str | None:
+    """The user a message is addressed to, from its raw Slack text: a mention (`<@U…>`) at its start, or a
+    known handle followed by a colon ("jyellick: …", common in older workspaces); `handles` maps casefolded
+    handles and display names to user IDs."""
+    match = _LEADING_MENTION.match(raw)
+    if match:
+        return match[1]
+    match = _LEADING_HANDLE.match(raw)
+    if match:
+        return handles.get(match[1].casefold())
+    return None
 
 
 def user_display_name(user: Mapping[str, Any]) -> str:

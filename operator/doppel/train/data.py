@@ -2,11 +2,14 @@
 
 Pure logic apart from the tokenizer: no torch here, so every rule is cheap to test.
 
-- Each sample is rendered by the tokenizer's own chat template; labels are the token ids of the assistant
-  turns (content and end-of-turn token, so the model learns to stop) and -100 everywhere else.
+- Each sample is rendered by the tokenizer's own chat template; labels are the token ids of its reply (the
+  last assistant turn from `meta.reply_offset`: content and end-of-turn token, so the model learns to stop)
+  and -100 everywhere else. The person's earlier turns in a context are context: each of their messages is
+  the reply of its own sample, trained once.
 - A sample longer than `max_length` keeps its system prompt and its final assistant turn whole and loses
   the oldest context tokens (counted as clipped); if even that does not fit it is dropped (counted).
-- Train and eval are split by thread, so no thread is seen in both.
+- Train and eval are split by time (`split_by_time`): the person's latest replies, whole conversations, are
+  held out; a training sample never holds the text of a held-out reply, as reply or in its context.
 - Batches are grouped by length, so padding is a few percent. (Padding-free packing needs varlen
   attention kernels; with a dense block-diagonal mask, as on CPU, attention cost grows with the square of
   the packed row and packing loses.)
@@ -39,7 +42,16 @@ class Sample:
     messages: list[dict[str, str]]
     thread: str
     person: str | None = None  # meta.person: whom the system prompt names
+    ts: float = 0.0  # when the reply was posted (meta.ts; else its line number)
+    context_ts: float = 0.0  # its conversation's start (meta.context_ts; else its thread's first line)
+    kind: str = "reply"  # meta.kind: "reply", or "opener" when the person opens a topic
+    reply_offset: int = 0  # where the reply starts in the last turn (meta.reply_offset)
+
     weight: int = 1  # meta.weight: seen this many times an epoch (the person's corrections weigh more)
+
+    @property
+    def reply(self) -> str:
+        return self.messages[-1]["content"][self.reply_offset :]
 
 
 @dataclass(frozen=True)
@@ -83,12 +95,36 @@ class Split:
     eval: list[Encoded] = field(default_factory=list)
 
 
+@dataclass
+class SampleSplit:
+    """Samples on either side of the held-out cut, and those left out so that none leaks."""
+
+    train: list[Sample] = field(default_factory=list)
+    eval: list[Sample] = field(default_factory=list)
+    cut_ts: float | None = None  # held out: conversations starting at or after this
+    straddling: int = 0  # replies before the cut in conversations that began before it and go on after it
+    leaking: int = 0  # training samples holding the text of a held-out reply (a message written twice)
+    available: int | None = None  # training samples before a budget chose among them (`budget_split`)
+
+    def summary(self) -> dict[str, Any]:
+        """What metrics.json records of the split."""
+        return {
+            "cut_ts": self.cut_ts,
+            "train": len(self.train),
+            "heldout": len(self.eval),
+            "straddling": self.straddling,
+            "leaking": self.leaking,
+            "train_available": self.available if self.available is not None else len(self.train),
+        }
+
+
 def load_samples(path: Path) -> list[Sample]:
     """Parse samples.jsonl; any malformed line is a `BadInput` naming its line number."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"data file not found: {path}")
     samples: list[Sample] = []
+    first_line: dict[str, float] = {}  # thread -> its first sample's line, for samples without meta
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
@@ -105,8 +141,36 @@ def load_samples(path: Path) -> list[Sample]:
             weight = meta.get("weight", 1)
             if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 10:
                 raise BadInput(f"{path}:{lineno}: meta.weight must be a whole number from 1 to 10")
-            samples.append(Sample(messages, _thread_key(meta, messages), meta.get("person"), weight))
+            thread = _thread_key(meta, messages)
+            first = first_line.setdefault(thread, float(lineno))
+            ts = _float(meta.get("ts"), lineno)
+            samples.append(
+                Sample(
+                    messages,
+                    thread,
+                    meta.get("person"),
+                    ts=ts,
+                    context_ts=min(_float(meta.get("context_ts"), first), ts),
+                    kind=str(meta.get("kind") or "reply"),
+                    reply_offset=_reply_offset(meta, messages),
+                    weight=weight,
+                )
+            )
     return samples
+
+
+def _float(value: Any, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float(default)
+
+
+def _reply_offset(meta: dict[str, Any], messages: list[dict[str, str]]) -> int:
+    offset = meta.get("reply_offset")
+    if isinstance(offset, int) and 0 <= offset < len(messages[-1]["content"]):
+        return offset
+    return 0
 
 
 def _sample_problem(record: Any) -> str | None:
@@ -146,13 +210,12 @@ def encode(
     """Token ids and assistant-only labels of a sample, clipped to `max_length`; None if it cannot fit."""
     messages = sample.messages
     text = _render(tokenizer, messages)
-    # Character spans of each assistant turn: the text a turn adds after its generation prompt.
-    spans: list[tuple[int, int]] = []
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start = len(_render(tokenizer, messages[:index], add_generation_prompt=True))
-            end = len(_render(tokenizer, messages[: index + 1]))
-            spans.append((start, end))
+    # The reply's character span: the text the last turn adds after its generation prompt, from where its
+    # content starts plus the reply's offset in it (the person's messages before it there are context).
+    turn_start = len(_render(tokenizer, messages[:-1], add_generation_prompt=True))
+    content_start = text.find(messages[-1]["content"], turn_start)
+    reply_start = turn_start if content_start < 0 else content_start + sample.reply_offset
+    spans = [(reply_start, len(text))]
     # Where the final turn begins (its header) and where the system prompt ends.
     target_start = len(_render(tokenizer, messages[:-1])) if len(messages) > 1 else 0
     head_end = len(_render(tokenizer, messages[:1])) if messages[0]["role"] == "system" else 0
@@ -188,17 +251,76 @@ def _render(
     )
 
 
-def split_by_thread(encoded: Sequence[Encoded], eval_fraction: float, seed: int) -> Split:
-    """Hold out about `eval_fraction` of the threads (at least one when there are two or more)."""
-    threads = sorted({item.thread for item in encoded})
-    random.Random(seed).shuffle(threads)
-    n_eval = math.ceil(len(threads) * eval_fraction) if eval_fraction > 0 and len(threads) > 1 else 0
-    n_eval = min(n_eval, len(threads) - 1)
-    held_out = set(threads[:n_eval])
-    split = Split()
-    for item in encoded:
-        (split.eval if item.thread in held_out else split.train).append(item)
+def split_by_time(samples: Sequence[Sample], eval_fraction: float) -> SampleSplit:
+    """Hold out the person's latest replies, about `eval_fraction` of the samples, whole conversations.
+
+    The cut is the time of the first of the latest `eval_fraction` replies. Held out: the samples whose
+    conversation (`context_ts`) starts at or after the cut; trained: the samples posted before it. So no
+    held-out message is in a training context by time; the few replies of conversations that span the cut
+    are used by neither (`straddling`), and a training sample that holds a held-out reply's text anyway (the
+    person wrote it twice) is left out too (`leaking`)."""
+    ordered = sorted(samples, key=lambda s: s.ts)
+    split = SampleSplit()
+    if eval_fraction <= 0 or len(ordered) < 2:
+        split.train = list(ordered)
+        return split
+    n_eval = min(max(math.ceil(len(ordered) * eval_fraction), 1), len(ordered) - 1)
+    cut = ordered[len(ordered) - n_eval].ts
+    held = [s for s in ordered if s.context_ts >= cut]
+    if not held:  # one conversation spans the cut: hold out its replies from the cut on
+        held = [s for s in ordered if s.ts >= cut]
+        cut = min(s.context_ts for s in held)
+    split.cut_ts, split.eval = cut, held
+    held_ids = {id(s) for s in held}
+    before = [s for s in ordered if s.ts < cut and id(s) not in held_ids]
+    split.straddling = len(ordered) - len(held) - len(before)
+    texts = [s.reply for s in held if s.reply.strip()]
+    corpus = "\x00".join(m["content"] for s in before for m in s.messages)
+    leaked = [t for t in texts if t in corpus]
+    for sample in before:
+        contents = [m["content"] for m in sample.messages]
+        if leaked and any(t in c for t in leaked for c in contents):
+            split.leaking += 1
+        else:
+            split.train.append(sample)
     return split
+
+
+def budget_split(
+    samples: Sequence[Sample], eval_fraction: float, max_train: int | None, max_eval: int | None
+) -> SampleSplit:
+    """`split_by_time`, then the training samples a budget uses (`choose`) and the held-out samples its loss
+    is taken on (`spread`): the trainer's split, which the fidelity report recomputes."""
+    split = split_by_time(samples, eval_fraction)
+    split.available = len(split.train)
+    split.train = choose(split.train, max_train)
+    split.eval = spread(split.eval, max_eval)
+    return split
+
+
+def spread(samples: Sequence[Sample], count: int | None) -> list[Sample]:
+    """At most `count` of `samples` (by time), evenly spaced: the held-out samples a loss is taken on, so
+    that a large held-out set costs a bounded evaluation and still spans the whole held-out period."""
+    ordered = sorted(samples, key=lambda s: s.ts)
+    if count is None or len(ordered) <= count:
+        return ordered
+    return [ordered[i * len(ordered) // count] for i in range(count)]
+
+
+def choose(samples: Sequence[Sample], count: int | None) -> list[Sample]:
+    """The training samples a budget of `count` uses: the most recent (the person as they write now), replies
+    before openers (at most a fifth openers, as answering is what the doppel does), one reply per text (a
+    message the person wrote many times would be learnt as a template). Oldest first."""
+    if count is None or len(samples) <= count:
+        return sorted(samples, key=lambda s: s.ts)
+    unique: dict[str, Sample] = {}
+    for sample in sorted(samples, key=lambda s: s.ts, reverse=True):
+        unique.setdefault(" ".join(sample.reply.split()).casefold(), sample)
+    newest = list(unique.values())
+    openers = [s for s in newest if s.kind == "opener"][: count // 5]
+    replies = [s for s in newest if s.kind != "opener"][: count - len(openers)]
+    rest = [s for s in newest if s not in replies and s not in openers]
+    return sorted([*replies, *openers, *rest][:count], key=lambda s: s.ts)
 
 
 def weighted(items: Sequence[Encoded]) -> list[Encoded]:

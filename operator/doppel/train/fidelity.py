@@ -1,28 +1,40 @@
 """The fidelity report (`eval.json`): does the adapter write like the person, better than a persona prompt?
 
-On the threads the training held out (the same split by thread, recomputed from the adapter's recorded
-settings), for an adapter and its base model:
+On the replies the training held out (`doppel.train.data.split_by_time`, recomputed from the adapter's
+recorded settings: the person's latest replies, whole conversations, none of their text in any training
+sample), for an adapter and its base model. Replies are generated greedily (temperature 0) for up to
+`EvalSettings.heldout_contexts` held-out contexts of kind `reply`, by the adapter, by the **persona-prompted**
+base model (the same base with a system prompt naming the person and quoting a few of their training
+messages: what a user would try without doppel); the plain base model replies to a few training contexts
+for the classifier's "base model" class. The measures are in
+`doppel.train.likeness`.
 
-- `heldout_loss`: mean loss per reply token, base model vs adapter;
-- `style_match`: the share of replies, generated for held-out contexts, that an authorship classifier
-  attributes to the person, for the adapter and for the **persona-prompted** base model (the same base with a
-  system prompt naming the person and quoting a few of their messages: what a user would try without
-  doppel). The classifier (scikit-learn: character n-gram TF-IDF, logistic regression) is fitted on the
-  training split only: the person's replies, the other people's messages of those threads (one class each),
-  and replies of the un-adapted base model as one more class, "the base model": without it fluent generic
-  prose goes to whoever writes most formally;
-- `style_classifier_accuracy`: its accuracy on held-out real messages and held-out base-model replies;
-- `length`: mean words of the adapter's, the prompted base's and the person's real held-out replies;
-- `examples`: a few held-out contexts with the real reply, the adapter's and the prompted base's.
+eval.json (every figure null when it cannot be measured):
 
-Generation is greedy (temperature 0), all replies in a few mixed-adapter batches of the in-process backend.
+    person, adapter                 whose adapter, where
+    train_samples, heldout_samples  the split's two sides (after dropping samples too long to train on)
+    split                           data.SampleSplit.summary(): cut_ts, train, heldout, straddling, leaking
+    heldout_loss    {base, adapter}                 mean loss per reply token on the held-out samples
+    likeness        {adapter, prompted_base, real,  share attributed to the person by the authorship
+                     classifier_accuracy, classes,  classifier (the person, each colleague of
+                     train_messages, test_messages} colleagues.jsonl, the base model); `real`: the real
+                                                    held-out replies (the ceiling); accuracy on held-out
+                                                    messages of every class
+    relevance       {adapter, prompted_base}        closer to the real reply of the same context than to
+                                                    the person's other held-out replies (> 0)
+    distinct        {adapter, prompted_base, real}  share not near-duplicates of another reply of the set
+    copy_rate       {adapter, prompted_base}        share repeating 12+ words of a training message
+    length          {adapter, prompted_base, person}  mean words per reply
+    replies                                         held-out contexts replied to
+    persona_prompt                                  the prompted base's system prompt
+    classifier_base_replies                         base-model replies of the classifier's "base model" class
+    examples        [{context, real, adapter, prompted_base}]  held-out contexts side by side
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +42,22 @@ from typing import Any
 
 from doppel.fsutil import atomic_write_text
 from doppel.train import data
+from doppel.train.likeness import (
+    BASE_CLASS,
+    PERSON_CLASS,
+    AuthorClassifier,
+    copy_rate,
+    distinct,
+    relevance,
+    word_spans,
+)
 
 EVAL_FILE = "eval.json"
-PERSON_CLASS = "person"
-BASE_CLASS = "base model"
-# A context line "Name: text" of build_conversation; continuation lines belong to the message above.
-_AUTHOR_LINE = re.compile(r"^([^\s:()][^:\n]{0,60}): (.*)$")
+COLLEAGUES_FILE = "colleagues.jsonl"  # written beside samples.jsonl by doppel.slack.samples.write_output
 PERSONA_EXAMPLES = 3
+# Colleagues' held-out messages per class in the classifier's test set.
+TEST_PER_COLLEAGUE = 40
+__all__ = ["BASE_CLASS", "PERSON_CLASS", "EvalSettings", "evaluate_adapter", "headline", "table"]
 
 
 @dataclass
@@ -44,9 +65,9 @@ class EvalSettings:
     # Held-out contexts replied to (adapter, prompted base, base), and training contexts the base model
     # replies to for the classifier's "base model" class.
     heldout_contexts: int = 12
-    base_train_replies: int = 16
+    base_train_replies: int = 12  # the last third tests the classifier, the rest trains it
     reply_tokens: int = 64
-    examples: int = 3
+    examples: int = 4
     batch_size: int = 16
     seed: int = 0
 
@@ -55,20 +76,25 @@ class EvalSettings:
 class SplitSamples:
     train: list[data.Sample] = field(default_factory=list)
     eval: list[data.Sample] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
-def split_samples(
-    samples: Sequence[data.Sample], tokenizer: Any, max_length: int, eval_fraction: float, seed: int
-) -> SplitSamples:
-    """The training's own split (`data.split_by_thread` on the encoded samples), as samples."""
+def split_samples(samples: Sequence[data.Sample], tokenizer: Any, config: dict[str, Any]) -> SplitSamples:
+    """The training's own split (`data.budget_split` with the adapter's recorded `config`, then the samples
+    it could encode)."""
+    max_length = int(config.get("max_length", 1024))
+    held = data.budget_split(
+        samples,
+        float(config.get("eval_fraction", 0.15)),
+        config.get("max_train_samples"),
+        config.get("max_eval_samples"),
+    )
     stats = data.EncodeStats()
-    pairs = [(s, e) for s in samples if (e := data.encode(s, tokenizer, max_length, stats)) is not None]
-    split = data.split_by_thread([e for _, e in pairs], eval_fraction, seed)
-    held_out = {e.thread for e in split.eval}
-    out = SplitSamples()
-    for sample, encoded in pairs:
-        (out.eval if encoded.thread in held_out else out.train).append(sample)
-    return out
+
+    def fits(sample: data.Sample) -> bool:
+        return data.encode(sample, tokenizer, max_length, stats) is not None
+
+    return SplitSamples([s for s in held.train if fits(s)], [s for s in held.eval if fits(s)], held.summary())
 
 
 def persona_prompt(person: str, examples: Sequence[str]) -> str:
@@ -82,7 +108,7 @@ def persona_prompt(person: str, examples: Sequence[str]) -> str:
 
 def persona_examples(samples: Sequence[data.Sample], count: int = PERSONA_EXAMPLES) -> list[str]:
     """A few of the person's replies (deterministic, from `samples`) for the persona prompt."""
-    replies = sorted({s.messages[-1]["content"] for s in samples})
+    replies = sorted({s.reply for s in samples})
     return random.Random(0).sample(replies, min(count, len(replies)))
 
 
@@ -92,23 +118,11 @@ def with_system(messages: Sequence[dict[str, str]], system: str) -> list[dict[st
     return [{"role": "system", "content": system}, *rest]
 
 
-def context_messages(sample: data.Sample) -> list[tuple[str, str]]:
-    """(author, text) of the other people's messages in a sample's context."""
-    found: list[tuple[str, str]] = []
-    for message in sample.messages[:-1]:
-        if message["role"] != "user":
-            continue
-        for line in message["content"].splitlines():
-            match = _AUTHOR_LINE.match(line)
-            if match:
-                found.append((match[1], match[2]))
-            elif found and line.strip():
-                found[-1] = (found[-1][0], found[-1][1] + "\n" + line)
-    return found
-
-
-def words(text: str) -> int:
-    return len(text.split())
+def read_colleagues(path: Path) -> list[dict[str, Any]]:
+    """colleagues.jsonl: {user, name, ts, text} per message; [] when absent."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def evaluate_adapter(
@@ -118,74 +132,74 @@ def evaluate_adapter(
     *,
     metrics: dict[str, Any] | None = None,
     settings: EvalSettings | None = None,
+    split_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fidelity report of `adapter` (see the module docstring). `metrics` is the adapter's
-    metrics.json (read from `adapter` when not given); its held-out losses are reused when present."""
+    metrics.json (read from `adapter` when not given); its held-out losses are reused when present.
+    `split_config` (another training's config) measures the adapter on that training's held-out set, as the
+    fidelity gate compares a serving adapter with its successor."""
     from doppel.serve.backend import BASE_ADAPTER, GenerationParams
     from doppel.serve.local import LocalBackend
 
     settings = settings or EvalSettings()
     metrics = metrics if metrics is not None else _read_metrics(adapter)
     config = metrics.get("config") or {}
+    if split_config is not None:
+        config, metrics = split_config, {"person": metrics.get("person")}  # its losses: another held-out set
     samples = data.load_samples(samples_path)
     person = metrics.get("person") or _person(samples)
     backend = LocalBackend(base_model, {"adapter": adapter})
-    split = split_samples(
-        samples,
-        backend.tokenizer,
-        int(config.get("max_length", 1024)),
-        float(config.get("eval_fraction", 0.1)),
-        int(config.get("seed", 0)),
-    )
+    split = split_samples(samples, backend.tokenizer, config)
     report: dict[str, Any] = {
         "person": person,
         "adapter": str(adapter),
         "train_samples": len(split.train),
         "heldout_samples": len(split.eval),
+        "split": split.summary,
         "heldout_loss": _heldout_loss(backend, split, metrics, config),
-        "style_match": None,
-        "style_classifier_accuracy": None,
-        "length": None,
+        **dict.fromkeys(("likeness", "relevance", "distinct", "copy_rate", "length"), None),
+        "replies": 0,
         "examples": [],
     }
     if not split.eval or not split.train:
         return report
 
     rng = random.Random(settings.seed)
-    heldout = _pick(split.eval, settings.heldout_contexts, rng)
+    replies = [s for s in split.eval if s.kind == "reply"] or split.eval
+    heldout = _pick(replies, settings.heldout_contexts, rng)
     base_train = _pick(split.train, settings.base_train_replies, rng)
     persona = persona_prompt(person or "the person", persona_examples(split.train))
     requests: list[tuple[str, list[dict[str, str]]]] = []
     for sample in heldout:
         context = sample.messages[:-1]
-        requests += [
-            ("adapter", context),
-            (BASE_ADAPTER, with_system(context, persona)),
-            (BASE_ADAPTER, context),
-        ]
+        requests += [("adapter", context), (BASE_ADAPTER, with_system(context, persona))]
     requests += [(BASE_ADAPTER, s.messages[:-1]) for s in base_train]
     params = GenerationParams(temperature=0.0, max_tokens=settings.reply_tokens, seed=settings.seed)
     texts = [t.strip() for t in _generate(backend, requests, params, settings.batch_size)]
     n = len(heldout)
-    adapter_replies, prompted, base_heldout = texts[0 : 3 * n : 3], texts[1 : 3 * n : 3], texts[2 : 3 * n : 3]
-    base_train_replies = texts[3 * n :]
+    tuned, prompted = texts[0 : 2 * n : 2], texts[1 : 2 * n : 2]
+    base_replies = texts[2 * n :]
+    # The base model's class: trained on two thirds of its replies, tested on the rest.
+    keep = len(base_replies) - len(base_replies) // 3
+    base_train_replies, base_heldout = base_replies[:keep], base_replies[keep:]
+    real = [s.reply for s in heldout]
 
+    report["replies"] = n
     report["classifier_base_replies"] = base_train_replies
-    classifier = StyleClassifier.fit(split.train, base_train_replies)
-    if classifier is None:  # e.g. a base model that said nothing at all: nothing to tell apart
-        return report
-    real = [s.messages[-1]["content"] for s in heldout]
-    test_texts, test_labels = _labelled(split.eval)
-    test_texts += base_heldout
-    test_labels += [BASE_CLASS] * len(base_heldout)
-    report["style_match"] = {
-        "adapter": classifier.person_share(adapter_replies),
-        "prompted_base": classifier.person_share(prompted),
+    report["likeness"] = _likeness(
+        split, _colleagues(Path(samples_path), config), base_train_replies, base_heldout,
+        {"adapter": tuned, "prompted_base": prompted, "real": real},
+    )  # fmt: skip
+    report["relevance"] = {"adapter": relevance(tuned, real), "prompted_base": relevance(prompted, real)}
+    report["distinct"] = {
+        "adapter": distinct(tuned),
+        "prompted_base": distinct(prompted),
+        "real": distinct(real),
     }
-    report["style_classifier_accuracy"] = classifier.accuracy(test_texts, test_labels)
-    report["style_classifier"] = {"classes": classifier.classes, "test_messages": len(test_texts)}
+    spans = word_spans(m["content"] for s in split.train for m in s.messages if m["role"] != "system")
+    report["copy_rate"] = {"adapter": copy_rate(tuned, spans), "prompted_base": copy_rate(prompted, spans)}
     report["length"] = {
-        "adapter": _mean_words(adapter_replies),
+        "adapter": _mean_words(tuned),
         "prompted_base": _mean_words(prompted),
         "person": _mean_words(real),
     }
@@ -194,7 +208,7 @@ def evaluate_adapter(
         {
             "context": _render_context(sample),
             "real": real[i],
-            "adapter": adapter_replies[i],
+            "adapter": tuned[i],
             "prompted_base": prompted[i],
         }
         for i, sample in enumerate(heldout[: settings.examples])
@@ -202,51 +216,72 @@ def evaluate_adapter(
     return report
 
 
-class StyleClassifier:
-    """Who wrote a message: the person, one of the other people, or the base model."""
-
-    def __init__(self, pipeline: Any) -> None:
-        self.pipeline = pipeline
-
-    @classmethod
-    def fit(cls, train: Sequence[data.Sample], base_replies: Sequence[str]) -> StyleClassifier | None:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-
-        texts, labels = _labelled(train)
-        texts += [t for t in base_replies if t]
-        labels += [BASE_CLASS] * (len(texts) - len(labels))
-        if len(set(labels)) < 2:
-            return None
-        pipeline = make_pipeline(
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, min_df=1),
-            LogisticRegression(max_iter=2000, class_weight="balanced", C=10.0),
-        )
-        pipeline.fit(texts, labels)
-        return cls(pipeline)
-
-    @property
-    def classes(self) -> list[str]:
-        return [str(c) for c in self.pipeline.classes_]
-
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        # An empty reply is nobody's style; the vectoriser would still place it somewhere.
-        return [
-            str(p) if t.strip() else ""
-            for p, t in zip(self.pipeline.predict(list(texts)), texts, strict=True)
-        ]
-
-    def person_share(self, texts: Sequence[str]) -> float:
-        predicted = self.predict(texts)
-        return round(sum(p == PERSON_CLASS for p in predicted) / max(len(predicted), 1), 4)
-
-    def accuracy(self, texts: Sequence[str], labels: Sequence[str]) -> float:
-        predicted = self.predict(texts)
-        return round(sum(p == y for p, y in zip(predicted, labels, strict=True)) / max(len(labels), 1), 4)
+def _likeness(
+    split: SplitSamples,
+    colleagues: Sequence[dict[str, Any]],
+    base_train: Sequence[str],
+    base_heldout: Sequence[str],
+    replies: dict[str, list[str]],
+) -> dict[str, Any] | None:
+    """Shares of `replies` the classifier attributes to the person, and its accuracy on held-out messages."""
+    texts, labels, tests = _classifier_data(split, colleagues, base_train)
+    classifier = AuthorClassifier.fit(texts, labels)
+    if classifier is None:
+        return None
+    test_texts = [s.reply for s in split.eval] + list(base_heldout) + [t for t, _ in tests]
+    test_labels = [PERSON_CLASS] * len(split.eval) + [BASE_CLASS] * len(base_heldout) + [y for _, y in tests]
+    return {
+        **{name: classifier.person_share(texts) for name, texts in replies.items()},
+        "classifier_accuracy": classifier.accuracy(test_texts, test_labels),
+        "classes": classifier.classes,
+        "train_messages": len(texts),
+        "test_messages": len(test_texts),
+    }
 
 
-def report_classifier(adapter: Path, samples_path: Path) -> StyleClassifier | None:
+def _classifier_data(
+    split: SplitSamples, colleagues: Sequence[dict[str, Any]], base_train: Sequence[str]
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """The classifier's training texts and labels (the person's training replies, the colleagues' messages
+    before the cut, the base model's replies), and the colleagues' held-out messages with their label.
+    Without real times in the samples, each colleague's last sixth is held out."""
+    cut = split.summary.get("cut_ts")
+    names = _colleague_labels(colleagues)
+    texts = [s.reply for s in split.train] + list(base_train)
+    labels = [PERSON_CLASS] * len(split.train) + [BASE_CLASS] * len(base_train)
+    tests: list[tuple[str, str]] = []
+    for user, messages in _by_user(colleagues).items():
+        at = sum(1 for m in messages if float(m["ts"]) < cut) if cut and cut > 1e9 else len(messages) * 5 // 6
+        texts += [m["text"] for m in messages[:at]]
+        labels += [names[user]] * at
+        tests += [(m["text"], names[user]) for m in messages[at:][:TEST_PER_COLLEAGUE]]
+    return texts, labels, tests
+
+
+def _colleagues(samples_path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """colleagues.jsonl beside the samples, or beside the scraped samples the training recorded (when it
+    trained on a derived file: memory, corrections)."""
+    for folder in (samples_path.parent, Path(str(config.get("data") or samples_path)).parent):
+        if (folder / COLLEAGUES_FILE).is_file():
+            return read_colleagues(folder / COLLEAGUES_FILE)
+    return []
+
+
+def _by_user(colleagues: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for message in sorted(colleagues, key=lambda m: float(m["ts"])):
+        grouped.setdefault(str(message["user"]), []).append(message)
+    return grouped
+
+
+def _colleague_labels(colleagues: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """User ID -> class name: the display name, with the ID when two share one."""
+    names = {str(m["user"]): str(m.get("name") or m["user"]) for m in colleagues}
+    taken = [*names.values(), PERSON_CLASS, BASE_CLASS]
+    return {user: name if taken.count(name) == 1 else f"{name} ({user})" for user, name in names.items()}
+
+
+def report_classifier(adapter: Path, samples_path: Path) -> AuthorClassifier | None:
     """The classifier of the adapter's eval.json, fitted again (the same data, so the same model), to
     attribute replies obtained elsewhere (a vLLM server, the bot)."""
     from transformers import AutoTokenizer
@@ -254,24 +289,10 @@ def report_classifier(adapter: Path, samples_path: Path) -> StyleClassifier | No
     report = json.loads((Path(adapter) / EVAL_FILE).read_text(encoding="utf-8"))
     config = _read_metrics(adapter).get("config") or {}
     tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
-    split = split_samples(
-        data.load_samples(samples_path),
-        tokenizer,
-        int(config.get("max_length", 1024)),
-        float(config.get("eval_fraction", 0.1)),
-        int(config.get("seed", 0)),
-    )
-    return StyleClassifier.fit(split.train, report.get("classifier_base_replies") or [])
-
-
-def _labelled(samples: Sequence[data.Sample]) -> tuple[list[str], list[str]]:
-    """Distinct real messages with their author class: the person's replies and the others' messages."""
-    seen: dict[str, str] = {}
-    for sample in samples:
-        seen.setdefault(sample.messages[-1]["content"], PERSON_CLASS)
-        for author, text in context_messages(sample):
-            seen.setdefault(text, author)
-    return list(seen), list(seen.values())
+    split = split_samples(data.load_samples(samples_path), tokenizer, config)
+    colleagues = _colleagues(Path(samples_path), config)
+    texts, labels, _ = _classifier_data(split, colleagues, report.get("classifier_base_replies") or [])
+    return AuthorClassifier.fit(texts, labels)
 
 
 def _heldout_loss(
@@ -323,11 +344,12 @@ def _pick(samples: Sequence[data.Sample], count: int, rng: random.Random) -> lis
 
 
 def _render_context(sample: data.Sample) -> str:
-    return "\n".join(m["content"] for m in sample.messages[1:-1])
+    last = sample.messages[-1]["content"][: sample.reply_offset].rstrip()
+    return "\n".join([*(m["content"] for m in sample.messages[1:-1]), *([last] if last else [])])
 
 
 def _mean_words(texts: Sequence[str]) -> float:
-    return round(sum(words(t) for t in texts) / max(len(texts), 1), 1)
+    return round(sum(len(t.split()) for t in texts) / max(len(texts), 1), 1)
 
 
 def _person(samples: Sequence[data.Sample]) -> str | None:
@@ -352,13 +374,19 @@ def write_report(adapter: Path, report: dict[str, Any]) -> Path:
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The figures a result file and `status.eval` carry (the fields of `doppel.api.EvalSummary`)."""
     loss = report.get("heldout_loss") or {}
-    match = report.get("style_match") or {}
+    like = report.get("likeness") or {}
+    rel = report.get("relevance") or {}
     return {
         "heldout_loss_base": _round(loss.get("base")),
         "heldout_loss_adapter": _round(loss.get("adapter")),
-        "style_match_adapter": match.get("adapter"),
-        "style_match_prompted_base": match.get("prompted_base"),
-        "style_classifier_accuracy": report.get("style_classifier_accuracy"),
+        "likeness_adapter": like.get("adapter"),
+        "likeness_prompted_base": like.get("prompted_base"),
+        "likeness_real": like.get("real"),
+        "likeness_classifier_accuracy": like.get("classifier_accuracy"),
+        "relevance_adapter": rel.get("adapter"),
+        "relevance_prompted_base": rel.get("prompted_base"),
+        "distinct_adapter": (report.get("distinct") or {}).get("adapter"),
+        "copy_rate_adapter": (report.get("copy_rate") or {}).get("adapter"),
         "heldout_samples": report.get("heldout_samples"),
     }
 
@@ -367,25 +395,39 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
+def _figure(value: float | None, form: str = ".2f") -> str:
+    return "-" if value is None else format(value, form)
+
+
 def table(report: dict[str, Any]) -> str:
     """The short table `doppel eval` and `doppel local` print."""
     loss = report.get("heldout_loss") or {}
-    lines = [f"fidelity on {report.get('heldout_samples', 0)} held-out samples (eval.json):"]
+    lines = [
+        f"fidelity on {report.get('heldout_samples', 0)} held-out samples, the person's latest "
+        f"({report.get('replies', 0)} replied to; eval.json):"
+    ]
     base, tuned = loss.get("base"), loss.get("adapter")
     if base is not None and tuned is not None:
         change = (tuned - base) / base * 100 if base else 0.0
         lines.append(f"  held-out loss       base {base:.3f}  adapter {tuned:.3f}  ({change:+.0f}%)")
-    match = report.get("style_match")
-    if not match:
-        lines.append("  style match         not measured (no held-out threads)")
+    like = report.get("likeness")
+    if not like:
+        lines.append("  likeness            not measured (no held-out replies or no one to tell apart)")
         return "\n".join(lines)
-    lines.append(
-        f"  style match         adapter {match['adapter']:.2f}  persona-prompted base "
-        f"{match['prompted_base']:.2f}  (classifier accuracy {report['style_classifier_accuracy']:.2f})"
-    )
+    rel, dist, copy = (report.get(k) or {} for k in ("relevance", "distinct", "copy_rate"))
     length = report.get("length") or {}
-    lines.append(
+    lines += [
+        f"  likeness            adapter {_figure(like.get('adapter'))}  persona-prompted base "
+        f"{_figure(like.get('prompted_base'))}  real replies {_figure(like.get('real'))}  "
+        f"(classifier accuracy {_figure(like.get('classifier_accuracy'))}, "
+        f"{len(like.get('classes', []))} classes)",
+        f"  relevance           adapter {_figure(rel.get('adapter'), '+.3f')}  persona-prompted base "
+        f"{_figure(rel.get('prompted_base'), '+.3f')}",
+        f"  distinct            adapter {_figure(dist.get('adapter'))}  persona-prompted base "
+        f"{_figure(dist.get('prompted_base'))}",
+        f"  copy rate           adapter {_figure(copy.get('adapter'))}  persona-prompted base "
+        f"{_figure(copy.get('prompted_base'))}",
         f"  mean reply words    adapter {length.get('adapter')}  persona-prompted base "
-        f"{length.get('prompted_base')}  real {length.get('person')}"
-    )
+        f"{length.get('prompted_base')}  real {length.get('person')}",
+    ]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ class Metrics:
     samples: int = 0
     train_samples: int = 0
     eval_samples: int = 0
+    heldout: dict[str, Any] = field(default_factory=dict)  # the split by time (data.SampleSplit.summary)
     # Samples whose oldest context was clipped to fit --max-length, and those too long even then.
     clipped: int = 0
     dropped_too_long: int = 0

@@ -63,12 +63,16 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 4
     max_length: int = 1024
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.15
     # Evaluate every this many steps; None: about EVALS_PER_RUN times per run.
     eval_steps: int | None = None
     early_stopping_patience: int = 3
     seed: int = 0
     min_samples: int = 20
+    # The budget's limits on samples: training samples used (`data.choose`: recent first), held-out samples
+    # the loss is taken on (`data.spread`); None: all.
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 64
     device: str | None = None
     progress_bar: bool = True
 
@@ -82,14 +86,19 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         raise BadInput(f"not enough data ({len(samples)} < {config.min_samples})")
     tokenizer = _load_tokenizer(config.base_model)
 
+    held = data.budget_split(samples, config.eval_fraction, config.max_train_samples, config.max_eval_samples)
     stats = data.EncodeStats()
-    encoded = [e for s in samples if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None]
-    if len(encoded) < config.min_samples:
+    split = data.Split(
+        [e for s in held.train if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None],
+        [e for s in held.eval if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None],
+    )
+    if len(split.train) < config.min_samples:
         raise BadInput(
-            f"not enough data ({len(encoded)} < {config.min_samples}) after dropping "
-            f"{stats.dropped_too_long} samples longer than --max-length {config.max_length}"
+            f"not enough data ({len(split.train)} training samples < {config.min_samples}): of "
+            f"{len(samples)}, {len(held.eval)} held out (--eval-fraction {config.eval_fraction:g}), "
+            f"{held.straddling + held.leaking} next to them left out, {stats.dropped_too_long} longer than "
+            f"--max-length {config.max_length}"
         )
-    split = data.split_by_thread(encoded, config.eval_fraction, config.seed)
     split.train = data.weighted(split.train)
 
     if os.environ.get(REQUIRE_GPU_ENV) == "1" and not torch.cuda.is_available():
@@ -107,6 +116,7 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         raise BadInput(OOM_HINT) from None
     metrics.samples = len(samples)
     metrics.person = _person(samples)
+    metrics.heldout = held.summary()
     metrics.wall_time_s = time.perf_counter() - started
     metrics.peak_memory_bytes = _peak_memory(device)
 

@@ -1,0 +1,85 @@
+"""The held-out set is honest, and replies are paired with what they answer, on the demo and on real exports.
+
+Each export is scraped as a user would (`doppel scrape --export`) for its most active person, then split
+as the training splits (`doppel.train.data.split_by_time`): no held-out reply's text is in any training
+sample, as reply or in its context, each of the person's messages is the reply of one sample at most, and
+replies opening with a `<@U…>` mention carry that user's message. Real exports skip when absent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from tests.support.real_exports import REAL_EXPORTS, real_export
+
+from doppel.cli import main
+from doppel.demo.workspace import MARGARET, write_export
+from doppel.train import data
+
+# (export, person): the demo's Margaret and the most active person of each real export with volume.
+REAL = [
+    ("hyperledger-slack/hyperledger-slack.zip", "U0KPFAZNF"),
+    ("haskell-jp-slack/haskell-jp-slack.zip", "U4LGTMTMK"),
+]
+
+
+@pytest.fixture(scope="module", params=["demo", *(name for name, _ in REAL)])
+def scraped(request, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scraped") / "out"
+    if request.param == "demo":
+        export, user = write_export(tmp_path_factory.mktemp("demo") / "workspace.zip"), MARGARET.id
+    else:
+        export, user = real_export(request.param), dict(REAL)[request.param]
+    argv = ["scrape", "--export", str(export), "--user", user, "--out", str(out), "--min-length", "20"]
+    result = CliRunner().invoke(main, [*argv, "--max-samples", "100000"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_no_held_out_reply_is_in_any_training_sample(scraped):
+    samples = data.load_samples(scraped / "samples.jsonl")
+    split = data.split_by_time(samples, 0.15)
+    assert split.eval and len(split.train) > 4 * len(split.eval)
+    assert len(split.eval) >= 0.1 * len(samples)  # about 15%, less what straddles the cut
+    corpus = "\x00".join(m["content"] for s in split.train for m in s.messages)
+    leaked = [s.reply for s in split.eval if s.reply in corpus]
+    assert not leaked, leaked[:3]
+    # The held-out replies are the latest: every training reply was posted before the first of them.
+    assert max(s.ts for s in split.train) < min(s.ts for s in split.eval)
+
+
+def test_each_message_of_the_person_is_trained_once(scraped):
+    rows = [json.loads(line) for line in (scraped / "samples.jsonl").read_text().splitlines()]
+    stamps = Counter((r["meta"]["channel_id"], r["meta"]["ts"]) for r in rows)
+    assert max(stamps.values()) == 1
+    for row, sample in zip(rows, data.load_samples(scraped / "samples.jsonl"), strict=True):
+        # The reply is the end of the last turn; the person's messages before it there are context only.
+        assert row["messages"][-1]["content"].endswith(sample.reply) and sample.reply.strip()
+        assert sample.kind in ("reply", "opener")
+
+
+def test_replies_carry_the_message_they_answer(scraped):
+    manifest = json.loads((scraped / "manifest.json").read_text())
+    pairing = manifest["pairing"]
+    assert pairing["replies"] > 0
+    if pairing["answered_known"] >= 20:
+        assert pairing["answered_in_sample"] >= 0.9, pairing
+    if pairing["mention_replies"] >= 20:
+        assert pairing["mention_in_sample"] >= 0.9, pairing
+    # The classifier's colleagues are named by the user IDs of their messages.
+    colleagues = [json.loads(line) for line in (scraped / "colleagues.jsonl").read_text().splitlines()]
+    assert colleagues and all(c["user"] != manifest["person"]["id"] for c in colleagues)
+
+
+def test_real_exports_are_all_covered():
+    """Every export with volume in ../shared is in REAL (add a new one with its most active person)."""
+    if not REAL_EXPORTS.is_dir():
+        pytest.skip("real Slack exports not available")
+    big = {
+        str(p.relative_to(REAL_EXPORTS)) for p in REAL_EXPORTS.glob("*/*.zip") if p.stat().st_size > 1_000_000
+    }
+    assert big <= {name for name, _ in REAL}

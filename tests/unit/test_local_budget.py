@@ -1,0 +1,31 @@
+"""`doppel local`'s training budget: the demo's as is, a real export's sized to the cores and the data."""
+
+from pathlib import Path
+
+from doppel.local.settings import CPU_EVAL_SAMPLES, Settings, training_settings
+
+
+def settings(**kwargs) -> Settings:
+    return Settings(workdir=Path("w"), **kwargs)
+
+
+def test_the_demo_uses_every_sample_over_its_sixteen_steps():
+    chosen = training_settings(settings(demo=True), 84, "smollm2-135m", cores=16)
+    assert chosen["epochs"] * chosen["max_steps_per_epoch"] == 16  # the demo's steps, whatever the cores
+    assert "max_train_samples" not in chosen  # 84 samples: several epochs over all of them
+    assert (chosen["rank"], chosen["batch_size"], chosen["max_length"]) == (16, 8, 512)
+
+
+def test_a_large_export_takes_the_newest_samples_its_steps_can():
+    two = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2)
+    assert (two["epochs"], two["max_steps_per_epoch"]) == (1, 16)
+    assert two["max_train_samples"] == 16 * 8 and two["max_eval_samples"] == CPU_EVAL_SAMPLES
+    assert two["eval_steps"] == 4  # four evaluations: on CPU each costs a few steps
+    eight = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=8)
+    assert eight["max_steps_per_epoch"] == 64 and eight["max_train_samples"] == 64 * 8
+    asked = training_settings(settings(export=Path("x.zip"), max_steps=10), 14_000, "smollm2-135m", cores=2)
+    assert asked["max_steps_per_epoch"] == 10 and asked["max_train_samples"] == 80
+
+
+def test_a_base_model_without_a_budget_gets_the_trainers_defaults():
+    assert training_settings(settings(export=Path("x.zip")), 500, "/models/mistral-7b", cores=2) == {}
