@@ -126,6 +126,11 @@ class BotMetrics:
         if self.enabled:
             self.mentions_waiting.set(count)
 
+    def held_one(self) -> None:
+        """A mention held just now (the next count replaces this guess): the pool wakes without waiting."""
+        if self.enabled:
+            self.mentions_waiting.inc()
+
     def error(self, kind: str) -> None:
         if self.enabled:
             self.errors.labels(kind).inc()
