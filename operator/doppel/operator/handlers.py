@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import Any
 
 import httpx
@@ -248,8 +249,10 @@ async def pipeline(
     failures = 0
     while not stopped:
         wake.clear()
+        started = time.monotonic()
         try:
             delay = await step(body, namespace, name, uid, _state(memo), logger, indexes)
+            _state(memo).metrics.reconciled(started)
             failures = 0
         except Exception as exc:  # an API hiccup must not end the loop: log, back off, go on
             failures += 1
