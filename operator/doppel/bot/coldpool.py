@@ -146,9 +146,9 @@ class ColdPool:
     ) -> bool:
         from doppel.bot.mentions import answer_mention, post_in_thread
 
+        client = await client_for(mention.tenant)  # before taking it: a failure here loses nothing
         if not await self.store.take(mention.key):
             return False  # another replica has it
-        client = await client_for(mention.tenant)
         if client is None:
             LOG.warning("held mention of team %s dropped: the workspace has no token", mention.tenant.team_id)
             return True
