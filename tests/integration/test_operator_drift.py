@@ -72,18 +72,20 @@ async def test_drift_checks_list_each_pod_once_per_interval(kube, operator_confi
     operator = OperatorProcess(config_with(operator_config, resync_s=INTERVAL_S))
     await operator.start()
     try:
-        await all_loaded(pods)
-        # Started together, 40 loops checked 3 pods: one listing per pod, shared (not 40).
-        assert [pod.count(LIST) for pod in pods] == [1] * PODS
+        took = await all_loaded(pods)
+        # Started together, 40 loops checked 3 pods: one listing per pod per interval, shared (not 40).
+        assert all(1 <= pod.count(LIST) <= 1 + took // INTERVAL_S for pod in pods), (took, pods[0].requests)
         assert [pod.count(LOAD) for pod in pods] == [USERS] * PODS
 
         for pod in pods:
             pod.reset_counts()
-        intervals = 5
-        await asyncio.sleep(intervals * INTERVAL_S)
+        window = time.monotonic()
+        await asyncio.sleep(5 * INTERVAL_S)
+        # (timed: on a loaded machine the sleep can last much longer than asked)
+        intervals = (time.monotonic() - window) / INTERVAL_S
         listings = [pod.count(LIST) for pod in pods]
         # At most one per interval, plus one for the window's edges (the old scheme: 40 per interval).
-        assert all(1 <= n <= intervals + 1 for n in listings), listings
+        assert all(1 <= n <= intervals + 1 for n in listings), (listings, intervals)
         assert sum(pod.count(LOAD) for pod in pods) == 0  # nothing drifted, nothing loaded
         requests = sum(sum(pod.requests.values()) for pod in pods)
         assert requests <= PODS * (intervals + 1)

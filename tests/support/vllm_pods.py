@@ -26,6 +26,7 @@ class AdapterApiPod:
         self.loaded: dict[str, str] = {}  # served name -> path
         self.requests: Counter[str] = Counter()  # "GET /v1/models" -> count
         self.listing_bytes = 0
+        self._listing: bytes | None = None  # the encoded /v1/models answer, until the adapters change
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -51,6 +52,7 @@ class AdapterApiPod:
         """The pod's vLLM restarted: every adapter loaded at runtime is gone."""
         with self._lock:
             self.loaded.clear()
+            self._listing = None
 
     def count(self, what: str) -> int:
         with self._lock:
@@ -77,7 +79,10 @@ class AdapterApiPod:
             if (method, path) == ("GET", "/health"):
                 return 200, None
             if (method, path) == ("GET", "/v1/models"):
-                return 200, self.models()
+                if self._listing is None:
+                    self._listing = json.dumps(self.models()).encode()
+                self.listing_bytes += len(self._listing)
+                return 200, self._listing
             name = str(body.get("lora_name") or "")
             if (method, path) == ("POST", "/v1/load_lora_adapter"):
                 if name in self.loaded and not body.get("load_inplace"):
@@ -87,11 +92,13 @@ class AdapterApiPod:
                     )
                     return 400, {"error": {"message": message, "type": "InvalidUserInput", "code": 400}}
                 self.loaded[name] = str(body.get("lora_path") or "")
+                self._listing = None
                 return 200, f"Success: LoRA adapter '{name}' added successfully."
             if (method, path) == ("POST", "/v1/unload_lora_adapter"):
                 if self.loaded.pop(name, None) is None:
                     message = f"The lora adapter '{name}' cannot be found."
                     return 404, {"error": {"message": message, "type": "NotFoundError", "code": 404}}
+                self._listing = None
                 return 200, f"Success: LoRA adapter '{name}' removed successfully."
             return 404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}}
 
@@ -105,10 +112,10 @@ class AdapterApiPod:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 status, answer = pod._answer(method, self.path.split("?")[0], json.loads(raw or b"{}"))
-                data = json.dumps(answer).encode() if not isinstance(answer, str) else answer.encode()
-                if method == "GET" and self.path.startswith("/v1/models"):
-                    with pod._lock:
-                        pod.listing_bytes += len(data)
+                if isinstance(answer, bytes):
+                    data = answer
+                else:
+                    data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
