@@ -1,4 +1,5 @@
-"""Mentions answered by the real vLLM CPU server, vLLM down and back, and the OAuth install.
+"""Mentions answered by the real vLLM CPU server, a slow vLLM, and the OAuth install (vLLM down and back:
+test_bot_coldpool.py, where such a mention is held and answered when vLLM is back).
 
 The bot runs under uvicorn on loopback; events are signed as Slack signs them; Web API calls go to the
 Slack emulator; DoppelUsers live in kmock. The Ready doppel's served name is the tiny base model's, which
@@ -24,7 +25,6 @@ from tests.support.bot_fixtures import (
     NAMESPACE,
     TEAM_ID,
     OAuthSlackEmulator,
-    TcpGate,
     bot_config,
     doppel_body,
     kube_for,
@@ -64,31 +64,6 @@ async def test_mention_answered_in_thread_under_the_doppels_name(
     assert all(p["text"].strip() for p in posts)
     replies = [c for c in slack_emulator.calls_to("conversations.replies") if c.params.get("ts") == root]
     assert replies, "the bot read the thread"
-
-
-@pytest.mark.vllm
-async def test_vllm_down_gets_an_apology_and_the_next_mention_works(
-    bot_harness, bot_kube, slack_emulator, vllm_server
-):
-    gate = TcpGate(vllm_server.port)
-    bot = await bot_harness(bot_config(vllm_url=gate.url))
-    kube = kube_for(bot_kube[1])
-    await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="doppel-tiny"))
-
-    first = say(slack_emulator, "U02BOB", f"<@{BOT_USER_ID}> hello?")
-    assert (await bot.event(mention_payload("x", first, event_id="EvDown1"))).status_code == 200
-    apology = (await bot.wait_posts(CHANNEL, 1, timeout=30))[0]
-    assert apology["thread_ts"] == first
-    assert "can't answer right now" in apology["text"] and "username" not in apology
-
-    await gate.open()
-    try:
-        second = say(slack_emulator, "U02BOB", f"<@{BOT_USER_ID}> and now?")
-        assert (await bot.event(mention_payload("y", second, event_id="EvDown2"))).status_code == 200
-        posts = await bot.wait_posts(CHANNEL, 2, timeout=240)
-        assert posts[1]["thread_ts"] == second and posts[1]["username"] == "alice-bot"
-    finally:
-        await gate.close()
 
 
 async def test_slow_vllm_gets_an_apology(bot_harness, bot_kube, slack_emulator):

@@ -7,6 +7,10 @@ when it is missing, unless $DOPPEL_REQUIRE_TOOLS=1 (as `make test` sets), in whi
     manifests = render_chart(set_values={"vllm": {"replicas": 3}})
     role = find_manifest(manifests, "Role", "operator")
     env = rendered_env(manifests, "bot")  # what `doppel bot` starts with
+    schema = third_party_crd_schema("keda/keda.sh_scaledobjects.yaml")  # KEDA's, strict
+
+Third-party CRDs (KEDA's) are read from ../shared/crds beside the checkout ($DOPPEL_SHARED_DIR/crds when
+set), never copied into the repository; tests that need them skip when they are absent.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "doppel"
 TOOLS_DIR_ENV = "DOPPEL_TOOLS_DIR"
 REQUIRE_TOOLS_ENV = "DOPPEL_REQUIRE_TOOLS"
+SHARED_DIR_ENV = "DOPPEL_SHARED_DIR"
 RELEASE = "doppel"
 NAMESPACE = "doppel"
 # The values the chart refuses to render without: a signing secret (the bot verifies every Slack request)
@@ -184,3 +189,26 @@ def rendered_env(
             value = pod[value["fieldRef"]["fieldPath"]]
         env[item["name"]] = value
     return env
+
+
+def third_party_crd_schema(relative: str) -> dict[str, Any]:
+    """The openAPIV3Schema of a third-party CRD under <shared>/crds (e.g. KEDA's ScaledObject), made strict:
+    unknown fields refused, as the API server's strict field validation does (the CRD itself only prunes
+    them). Skips the test when the file is absent."""
+    shared = Path(os.environ.get(SHARED_DIR_ENV) or REPO_ROOT.parent / "shared")
+    path = shared / "crds" / relative
+    if not path.is_file():
+        pytest.skip(f"third-party CRD not available ({path} is missing; set ${SHARED_DIR_ENV})")
+    crd = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return _strict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def _strict(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _strict(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out

@@ -1,6 +1,6 @@
 """What the bot runs beside serving Slack: the progress notifier (a direct message to whoever asked for a
-doppel when it reaches Training, Ready or Failed) and the sweeper of expired event claims.
-Neither is ever on the way of a mention.
+doppel when it reaches Training, Ready or Failed), the sweeper of expired event claims, and the waker of
+mentions held for a cold model pool (`doppel.bot.coldpool`). None is ever on the way of a mention.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,38 @@ async def sweep_claims(ledger: EventLedger, interval_s: float) -> None:
         except Exception as exc:
             LOG.warning("claim sweeper: %s: %s", type(exc).__name__, exc)
         await asyncio.sleep(interval_s)
+
+
+async def wake_held(bot: Bot) -> None:
+    """Every `wake_poll_s`, one tick of the cold pool on the answer worker (its HTTP clients, posting locks
+    and model slots live there); a tick still running is not doubled."""
+    cold, worker = bot.deps.cold, bot.deps.worker
+    if cold is None:
+        return
+    running = threading.Event()
+
+    async def client_for(tenant: Tenant) -> AsyncWebClient | None:
+        token = await bot.token_for(tenant)
+        if token is None:
+            return None
+        return AsyncWebClient(
+            token=token,
+            base_url=bot.app.client.base_url,
+            session=worker.session(),
+            retry_handlers=slack_retry_handlers(),
+        )
+
+    async def tick() -> None:
+        try:
+            await cold.tick(bot.deps, client_for)
+        finally:
+            running.clear()
+
+    while True:
+        if not running.is_set():
+            running.set()
+            worker.submit(tick(), "held mentions")
+        await asyncio.sleep(cold.poll_s)
 
 
 async def notify_progress(bot: Bot) -> None:

@@ -68,6 +68,12 @@ class BotConfig:
     token_secret: str = "slack-bot-token"
     # `spec.slack.rateProfile` of those DoppelUsers (DOPPEL_RATE_PROFILE); `new_doppel_rate_profile` if None.
     rate_profile: str | None = None
+    # A mention that finds no vLLM pod ready (the pool scaled to zero) is held and answered once one is:
+    # the thread is told to expect about `wake_estimate_s` (until a wake-up was measured), and gets an
+    # apology instead if none is ready `wake_deadline_s` after the mention (`doppel.bot.coldpool`).
+    wake_estimate_s: float = 180.0
+    wake_deadline_s: float = 900.0
+    wake_poll_s: float = 2.0  # how often held mentions look for a ready pod
     # Prometheus /metrics on this port, apart from the Slack-facing one (0: metrics off).
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
@@ -156,6 +162,12 @@ class BotConfig:
             base_model_path=get("DOPPEL_BASE_MODEL_PATH") or cls.base_model_path,
             token_secret=get("DOPPEL_TOKEN_SECRET") or cls.token_secret,
             rate_profile=_rate_profile(get("DOPPEL_RATE_PROFILE")),
+            wake_estimate_s=_number(
+                get("DOPPEL_WAKE_ESTIMATE_S"), "DOPPEL_WAKE_ESTIMATE_S", cls.wake_estimate_s
+            ),
+            wake_deadline_s=_number(
+                get("DOPPEL_WAKE_DEADLINE_S"), "DOPPEL_WAKE_DEADLINE_S", cls.wake_deadline_s
+            ),
             metrics_port=port_from_env(env),
             allow_guests=_flag(get("DOPPEL_ALLOW_GUESTS"), "DOPPEL_ALLOW_GUESTS", False),
             allow_shared_channels=_flag(

@@ -1,6 +1,6 @@
 """What the bot's listeners talk to (`Deps`): configuration, the doppels' directory, the event ledger, the
-model (`Chat`), the worker, Slack look-ups (`Lookups`, cached), metrics, and the per-channel posting locks.
-Tests and `doppel local` build their own.
+model (`Chat`) and its cold-pool path, the worker, Slack look-ups (`Lookups`, cached), metrics, and the
+per-channel posting locks. Tests and `doppel local` build their own.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from doppel.bot.chat import Chat
+from doppel.bot.coldpool import ColdPool
 from doppel.bot.config import BotConfig
 from doppel.bot.directory import Directory
 from doppel.bot.ledger import EventLedger
@@ -110,6 +111,8 @@ class Deps:
     metrics: BotMetrics = field(default_factory=lambda: BotMetrics(enabled=False))
     # (team, Grid org) pairs whose doppels know their org (`doppel.bot.doppels.adopt_org`).
     orgs_adopted: set[tuple[str, str]] = field(default_factory=set)
+    # Mentions that find no model server ready are held for one (None: the model is always there).
+    cold: ColdPool | None = None
     snapshots: Snapshots = field(init=False)
     # Where a doppel's feedback is kept; by default under the config's data root (none: no feedback).
     feedback_dir: FeedbackDir | None = None

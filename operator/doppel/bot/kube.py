@@ -235,6 +235,32 @@ class Kube:
         if await self._maybe(self.core.patch_namespaced_secret, name, namespace, body) is None:
             await self._call(self.core.create_namespaced_secret, namespace, body)
 
+    # --- labelled ConfigMaps of the bot's own (mentions held for a cold pool: doppel.bot.held) ---------
+    async def create_configmap(
+        self, namespace: str, name: str, labels: dict[str, str], data: dict[str, str]
+    ) -> bool:
+        """Create ConfigMap `name`: True if this call created it, False if it existed (atomic)."""
+        body = {"metadata": {"name": name, "namespace": namespace, "labels": labels}, "data": data}
+        try:
+            await self._call(self.core.create_namespaced_config_map, namespace, body, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    async def list_configmaps(self, namespace: str, selector: str) -> list[dict[str, str]]:
+        """The data of the ConfigMaps matching label `selector` (`key=value`)."""
+        key, _, value = selector.partition("=")
+        found = await self._call(self.core.list_namespaced_config_map, namespace, label_selector=selector)
+        return [
+            dict(item.data or {}) for item in found.items if (item.metadata.labels or {}).get(key) == value
+        ]
+
+    async def delete_configmap(self, namespace: str, name: str) -> bool:
+        """Delete ConfigMap `name`: True if this call deleted it, False if it was gone (atomic)."""
+        return await self._maybe(self.core.delete_namespaced_config_map, name, namespace) is not None
+
     # --- event claims (deduplication) ------------------------------------------------------------
     async def claim(self, namespace: str, key: str, ttl_s: int) -> bool:
         """Create ConfigMap `doppel-event-<key>`: True if this call created it, False if it existed.

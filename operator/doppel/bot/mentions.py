@@ -137,15 +137,10 @@ def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
     )
 
 
-async def answer_mention(
-    deps: Deps,
-    client: AsyncWebClient,
-    tenant: Tenant,
-    bot: tuple[str | None, str | None],
-    event: dict[str, Any],
-) -> None:
-    """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence.
-    `bot`: this app's bot user ID and bot ID."""
+def post_in_thread(
+    deps: Deps, client: AsyncWebClient, tenant: Tenant, event: dict[str, Any]
+) -> Callable[..., Awaitable[str | None]]:
+    """`post(text, **extra)`: a message in the mention's thread, one post at a time per channel."""
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
 
     async def post(text: str, **extra: Any) -> str | None:
@@ -164,9 +159,27 @@ async def answer_mention(
         deps.metrics.reply_posted(tenant.team_id, event["ts"])
         return posted.get("ts")
 
+    return post
+
+
+async def answer_mention(
+    deps: Deps,
+    client: AsyncWebClient,
+    tenant: Tenant,
+    bot: tuple[str | None, str | None],
+    event: dict[str, Any],
+    *,
+    hold: bool = True,
+) -> None:
+    """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence.
+    `bot`: this app's bot user ID and bot ID. With `hold`, a mention that finds the model pool cold is
+    held for it instead (`doppel.bot.coldpool`); a held mention, answered later, is not held again."""
+    channel = event["channel"]
+    post = post_in_thread(deps, client, tenant, event)
+
     deadline = DEADLINE.set(time.monotonic() + MENTION_DEADLINE_S)
     try:
-        await _answer(deps, client, tenant, bot, event, post)
+        await _answer(deps, client, tenant, bot, event, post, hold)
     except Exception as exc:
         limited = isinstance(exc, SlackApiError) and exc.response.status_code == 429
         LOG.exception("mention in %s of team %s could not be answered", channel, tenant.team_id)
@@ -192,6 +205,7 @@ async def _answer(
     bot: tuple[str | None, str | None],
     event: dict[str, Any],
     post: Callable[..., Awaitable[str | None]],
+    hold: bool = True,
 ) -> None:
     bot_user_id = bot[0]
     channel, thread_ts = event["channel"], event.get("thread_ts") or event["ts"]
@@ -212,6 +226,9 @@ async def _answer(
     model = logic.served_name(doppel)
     if model is None:
         await post(logic.not_ready_reply(doppel))
+        return
+    if hold and deps.cold is not None and not await deps.cold.probe.ready():
+        await deps.cold.hold(deps, post, tenant, bot, event, name)
         return
     target = doppel["spec"]["target"]
     person_id = target.get("userId") or ""

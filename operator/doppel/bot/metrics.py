@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from slack_sdk.errors import SlackApiError, SlackClientError
 
 from doppel.metrics import Exporter
@@ -77,6 +77,13 @@ class BotMetrics:
             registry=self.registry,
         )
 
+        self.mentions_waiting = Gauge(
+            "doppel_bot_mentions_waiting",
+            "Mentions held because no vLLM pod was ready (the pool scaled to zero), all replicas' alike: "
+            "the autoscaler wakes the pool on it (take the max over bot pods).",
+            registry=self.registry,
+        )
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve /metrics on `port` (0: any free port); returns the port."""
         self._exporter = Exporter(self.registry, port, addr)
@@ -113,6 +120,16 @@ class BotMetrics:
         if len(self._replied) > REMEMBERED:
             self._replied.popitem(last=False)
         self.first_reply_seconds.observe(max(0.0, time.time() - float(mention_ts)))
+
+    def held(self, count: int) -> None:
+        """How many mentions wait for a ready vLLM pod (the held store's count)."""
+        if self.enabled:
+            self.mentions_waiting.set(count)
+
+    def held_one(self) -> None:
+        """A mention held just now (the next count replaces this guess): the pool wakes without waiting."""
+        if self.enabled:
+            self.mentions_waiting.inc()
 
     def error(self, kind: str) -> None:
         if self.enabled:

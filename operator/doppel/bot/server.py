@@ -1,6 +1,7 @@
 """The bot's lifecycle: `create_bot` builds it from its configuration (single-workspace with a bot token,
 or multi-workspace OAuth), and `Bot` serves it, over HTTP (uvicorn: the intake, /healthz, /readyz, the
-OAuth pages) or Socket Mode, with its background tasks (progress notifier, claim sweeper) beside it.
+OAuth pages) or Socket Mode, with its background tasks (progress notifier, claim sweeper, held-mention
+waker) beside it.
 
 `doppel local --socket-mode` and the tests call `create_bot(config, chat=..., kube=...)` with their own
 pieces; `doppel bot` calls it with everything from the environment.
@@ -35,12 +36,14 @@ from starlette.routing import Route
 
 from doppel.bot import revocation
 from doppel.bot.app import build_app
-from doppel.bot.background import in_background, notify_progress, sweep_claims
+from doppel.bot.background import in_background, notify_progress, sweep_claims, wake_held
 from doppel.bot.chat import Chat, vllm_chat
+from doppel.bot.coldpool import ColdPool, PoolProbe
 from doppel.bot.config import BotConfig
 from doppel.bot.deps import Deps
 from doppel.bot.directory import Directory
 from doppel.bot.guard import GuardedHttpToolsProtocol
+from doppel.bot.held import HeldStore, KubeHeldStore, MemoryHeldStore, SqlHeldStore
 from doppel.bot.intake import Front, SlackIntake
 from doppel.bot.kube import Kube, api_client
 from doppel.bot.ledger import EventLedger, KubeEventLedger, MemoryEventLedger, SqlEventLedger
@@ -100,7 +103,7 @@ class Bot:
         @contextlib.asynccontextmanager
         async def lifespan(_: Starlette) -> AsyncIterator[None]:
             self.serve_metrics()
-            async with self.notifier(), self.sweeper():
+            async with self.notifier(), self.sweeper(), in_background(wake_held(self)):
                 yield
             await asyncio.to_thread(self.deps.worker.close)
             self.deps.metrics.close()
@@ -166,7 +169,7 @@ class Bot:
         _freeze_startup_objects()
         self.serve_metrics()
         try:
-            async with self.notifier(), self.sweeper():
+            async with self.notifier(), self.sweeper(), in_background(wake_held(self)):
                 await handler.start_async()
         finally:
             await handler.close_async()
@@ -229,11 +232,20 @@ def create_bot(
             ledger = KubeEventLedger(directory, config.bot_namespace, config.event_ttl_s)
         else:
             ledger = MemoryEventLedger()
+    cold: ColdPool | None = None
     if chat is None:
         timeout = httpx.Timeout(connect=5.0, read=config.vllm_timeout_s, write=30.0, pool=30.0)
         # Few retries: a person is waiting in the thread, and Slack shows nothing until we post.
         vllm = AsyncVllmClient(config.vllm_url, timeout=timeout, retry=RetryPolicy(attempts=2))
         chat = vllm_chat(vllm, DEFAULT_PARAMS.override(max_tokens=config.max_tokens))
+        # A pool of vLLM pods may be scaled to zero: mentions are then held for it, durably.
+        cold = ColdPool(
+            PoolProbe(config.vllm_url),
+            _held_store(config, directory),
+            estimate_s=config.wake_estimate_s,
+            deadline_s=config.wake_deadline_s,
+            poll_s=config.wake_poll_s,
+        )
     # Single-workspace mode: the client carries the one bot token (Bolt takes it from there).
     token = None if config.oauth else config.bot_token
     web = AsyncWebClient(
@@ -248,6 +260,7 @@ def create_bot(
         chat=chat,
         metrics=BotMetrics(config.metrics_port != 0),
         feedback_dir=feedback_dir,
+        cold=cold,
     )
     store: AsyncInstallationStoreAdapter | None = None
     flow: AsyncOAuthFlow | None = None
@@ -257,3 +270,12 @@ def create_bot(
         store, flow, authorize = oauth_wiring(config, web, installation_store, kube_client, reinstalled)
     app = build_app(deps, client=web, oauth_flow=flow, authorize=authorize, installation_store=store)
     return Bot(config=config, deps=deps, app=app, installation_store=store)
+
+
+def _held_store(config: BotConfig, directory: Directory) -> HeldStore:
+    """Where held mentions are kept: beside the event ledger (the database, else Kubernetes, else memory)."""
+    if config.database_url:
+        return SqlHeldStore(config.database_url)
+    if isinstance(directory, Kube):
+        return KubeHeldStore(directory, config.bot_namespace)
+    return MemoryHeldStore()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import Any
 
 import httpx
@@ -25,10 +26,14 @@ from doppel.operator.kube import ApiRefused, KubeApi
 from doppel.operator.metrics import OperatorMetrics
 from doppel.operator.pipeline import State, step
 from doppel.operator.reconcile import backoff, deactivation_unseen
-from doppel.operator.registration import matches, unload, vllm_pods
+from doppel.operator.registration import matches, pod_url, unload, vllm_pods
 
 MANAGED = dict(jobs.MANAGED_BY)
 FINALIZER = f"{GROUP}/finalizer"
+# Each loop's resync period is stretched by up to this share, at random: a thousand loops started together
+# (an operator restart) drift apart instead of checking the pods all at the same moment.
+RESYNC_JITTER = 0.2
+VLLM_DEFAULT_PORT = 8000
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -103,6 +108,7 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await _state(memo).models.aclose()
     if api := _state(memo).api:
         await _leave_terminating_namespaces(api, _config(memo), logger)
         await api.aclose()
@@ -189,6 +195,9 @@ def pod_changed(
     if jobs.L_UID in labels:
         _wake(memo, labels[jobs.L_UID])
         return
+    if (body.get("status") or {}).get("podIP"):
+        # Restarted, turned ready or gone: what it serves must be listed afresh.
+        _state(memo).models.forget(pod_url(dict(body), VLLM_DEFAULT_PORT))
     for entry in doppelusers.get("all", []):
         if entry["namespace"] == namespace and matches(entry["selector"], labels):
             _wake(memo, entry["uid"])
@@ -240,15 +249,18 @@ async def pipeline(
     failures = 0
     while not stopped:
         wake.clear()
+        started = time.monotonic()
         try:
             delay = await step(body, namespace, name, uid, _state(memo), logger, indexes)
+            _state(memo).metrics.reconciled(started)
             failures = 0
         except Exception as exc:  # an API hiccup must not end the loop: log, back off, go on
             failures += 1
             _state(memo).metrics.reconcile_failed()
             logger.warning(f"reconcile failed ({type(exc).__name__}: {exc}); retrying")
             delay = backoff(config, failures + 1)
-        timeout = config.resync_s if delay is None else min(delay, config.resync_s)
+        resync = config.resync_s * (1 + random.uniform(0, RESYNC_JITTER))
+        timeout = resync if delay is None else min(delay, resync)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout=max(timeout, 0.05))
     _state(memo).wakeups.pop(uid, None)
@@ -284,7 +296,7 @@ async def finalize(
     vllm = vllm_pods(with_vllm_selector(spec, config.vllm_selector), list(ready_pods.get(namespace, [])))
     for adapter in (status.adapter, status.pending_adapter):
         if adapter is not None:
-            await unload(adapter, vllm, logger)
+            await unload(_state(memo).models, adapter, vllm, logger)
     # Stop the object's Jobs first: they hold GPUs and slots, and a running one would write into the
     # directory the purge removes.
     running = [j for j in doppel_jobs.get(uid, []) if j["metadata"]["labels"].get(jobs.L_STEP) != "purge"]

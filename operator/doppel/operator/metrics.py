@@ -25,6 +25,7 @@ PHASES = ("Pending", "Scraping", "Training", "Registering", "Ready", "Failed")
 # Seconds to hours: a scrape takes seconds to minutes, a training minutes to hours.
 STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, float("inf"))
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
+RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
 
 
 def stage(status: DoppelUserStatus) -> str | None:
@@ -114,6 +115,12 @@ class OperatorMetrics:
             "Adapters reloaded on a vLLM pod that had lost them.",
             registry=self.registry,
         )
+        self.reconcile_seconds = Histogram(
+            "doppel_reconcile_duration_seconds",
+            "Time of one reconcile pass of a DoppelUser (a Ready one's is its drift check).",
+            buckets=RECONCILE_BUCKETS,
+            registry=self.registry,
+        )
         self.reconcile_errors = Counter(
             "doppel_reconcile_errors",
             "Reconcile passes that raised (retried with backoff).",
@@ -172,6 +179,11 @@ class OperatorMetrics:
         self.drift_detected.inc(len(repaired) + len(errors))
         self.drift_repairs.inc(len(repaired))
         self.unrepaired[meta["namespace"], meta["uid"]] = len(errors)
+
+    def reconciled(self, started: float) -> None:
+        """A pass that began at `started` (time.monotonic()) is over."""
+        if self.enabled:
+            self.reconcile_seconds.observe(time.monotonic() - started)
 
     def reconcile_failed(self) -> None:
         if self.enabled:

@@ -24,6 +24,7 @@ from doppel.operator.conditions import transitions
 from doppel.operator.config import OperatorConfig
 from doppel.operator.kube import ApiRefused, KubeApi
 from doppel.operator.metrics import OperatorMetrics
+from doppel.operator.podmodels import PodModels
 from doppel.operator.progress import (
     latest_progress,
     latest_scrape_progress,
@@ -69,6 +70,11 @@ class State:
     # uid -> API refusals in a row (403, 422...): the backoff before asking again.
     refusals: dict[str, int] = field(default_factory=dict)
     metrics: OperatorMetrics = field(default_factory=lambda: OperatorMetrics(enabled=False))
+    # What each vLLM pod serves: one listing per pod per resync interval, for all objects.
+    models: PodModels = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.models = PodModels(self.config.resync_s)
 
     @property
     def kube(self) -> KubeApi:
@@ -207,22 +213,22 @@ async def step(
         with_vllm_selector(spec, config.vllm_selector), list(indexes["ready_pods"].get(namespace, []))
     )
     if plan.unload is not None:
-        await unload(plan.unload, vllm, logger)
+        await unload(state.models, plan.unload, vllm, logger)
         logger.info(f"unloaded {plan.unload.served_name}: the person was deactivated")
     if plan.register is not None:
         # Say Registering while the loads run (they can take a while on busy pods).
         await _publish(state, body, current, new)
         current = new
-        new, old = await register(new, vllm, state.metrics, now)
+        new, old = await register(state.models, new, vllm, state.metrics, now)
         if old is not None:
             # Only now that every pod serves the new version and the status points at it.
             await _publish(state, body, current, new)
             current = new
-            await unload(old, vllm, logger)
+            await unload(state.models, old, vllm, logger)
         if new.pending_adapter is not None:
             delay = config.resync_s
     elif plan.active and new.phase == "Ready" and new.adapter is not None:
-        new = await repair_drift(new, vllm, state.metrics, body["metadata"], now)
+        new = await repair_drift(state.models, new, vllm, state.metrics, body["metadata"], now)
     new = with_next_time(new, spec, now)
     await _publish(state, body, current, new)
     requested = state.retrain_requested

@@ -1,7 +1,8 @@
 """The adapters on the vLLM pods: which ready pods serve a DoppelUser, loading its adapter on every one of
 them (registration of a new version, drift repair of the current one) and unloading old ones.
 
-The decisions (switch or not, what the status says) are promotion.py's; this module does the HTTP calls.
+The decisions (switch or not, what the status says) are promotion.py's; this module does the HTTP calls,
+through `PodModels` (podmodels.py): what each pod serves is listed once per interval for all DoppelUsers.
 """
 
 from __future__ import annotations
@@ -15,20 +16,17 @@ from typing import Any
 
 from doppel.api import Adapter, DoppelUserSpec, DoppelUserStatus
 from doppel.operator.metrics import OperatorMetrics
+from doppel.operator.podmodels import PodModels
 from doppel.operator.promotion import observe_serving, promote
 from doppel.serve.errors import ServeError
-from doppel.serve.vllm import AsyncVllmClient
-from doppel.serve.vllm_protocol import RetryPolicy
-
-# vLLM calls from the operator: fail fast, the loop retries on its own schedule.
-VLLM_RETRY = RetryPolicy(attempts=2, initial_delay=0.2, max_delay=1.0)
 
 
 def matches(selector: Mapping[str, str], labels: Any) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
 
-def _pod_url(pod: dict[str, Any], default_port: int) -> str:
+def pod_url(pod: dict[str, Any], default_port: int) -> str:
+    """The base URL of a pod's vLLM API: its `http` port, else its first, else `default_port`."""
     ports = [p for c in pod.get("spec", {}).get("containers", []) for p in c.get("ports") or []]
     port = next((p["containerPort"] for p in ports if p.get("name") == "http"), None)
     port = port or (ports[0]["containerPort"] if ports else default_port)
@@ -38,26 +36,26 @@ def _pod_url(pod: dict[str, Any], default_port: int) -> str:
 def vllm_pods(spec: DoppelUserSpec, ready: list[dict[str, Any]]) -> dict[str, str]:
     """The vLLM pods of this object among the `ready` pods of its namespace: pod name -> base URL."""
     return {
-        pod["metadata"]["name"]: _pod_url(pod, spec.vllm.port)
+        pod["metadata"]["name"]: pod_url(pod, spec.vllm.port)
         for pod in ready
         if matches(spec.vllm.selector, pod.get("metadata", {}).get("labels") or {})
     }
 
 
 async def ensure_loaded(
-    adapter: Adapter, pods: dict[str, str], loaded_now: list[str] | None = None
+    models: PodModels, adapter: Adapter, pods: dict[str, str], loaded_now: list[str] | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """Load `adapter` on every pod that lacks it (checking /v1/models first): (pods holding it, errors).
-    Pods it had to be loaded on are added to `loaded_now`."""
+    """Load `adapter` on every pod that lacks it (as its listing says): (pods holding it, errors). Pods it
+    had to be loaded on are added to `loaded_now`."""
 
     async def one(pod: str, url: str) -> str | None:
-        async with AsyncVllmClient(url, retry=VLLM_RETRY) as client:
-            try:
-                if any(card.id == adapter.served_name for card in await client.list_models()):
-                    return None
-                await client.load_adapter(adapter.served_name, adapter.path)
-            except ServeError as exc:
-                return str(exc)
+        try:
+            if adapter.served_name in await models.served(url):
+                return None
+            await models.client(url).load_adapter(adapter.served_name, adapter.path)
+        except ServeError as exc:
+            return str(exc)
+        models.loaded(url, adapter.served_name)
         if loaded_now is not None:
             loaded_now.append(pod)
         return None
@@ -67,30 +65,38 @@ async def ensure_loaded(
     return [pod for pod in pods if pod not in errors], errors
 
 
-async def unload(adapter: Adapter, pods: dict[str, str], logger: logging.Logger | Any) -> None:
+async def unload(
+    models: PodModels, adapter: Adapter, pods: dict[str, str], logger: logging.Logger | Any
+) -> None:
     async def one(pod: str, url: str) -> None:
-        async with AsyncVllmClient(url, retry=VLLM_RETRY) as client:
-            try:
-                await client.unload_adapter(adapter.served_name, missing_ok=True)
-            except ServeError as exc:
-                logger.warning(f"unloading {adapter.served_name} from {pod}: {exc}")
+        try:
+            await models.client(url).unload_adapter(adapter.served_name, missing_ok=True)
+        except ServeError as exc:
+            logger.warning(f"unloading {adapter.served_name} from {pod}: {exc}")
+            return
+        models.unloaded(url, adapter.served_name)
 
     await asyncio.gather(*(one(pod, url) for pod, url in pods.items()))
 
 
 async def register(
-    status: DoppelUserStatus, pods: dict[str, str], metrics: OperatorMetrics, now: datetime
+    models: PodModels,
+    status: DoppelUserStatus,
+    pods: dict[str, str],
+    metrics: OperatorMetrics,
+    now: datetime,
 ) -> tuple[DoppelUserStatus, Adapter | None]:
     """Load `status.pending_adapter` on every pod, then `promote`: the new status and the old adapter to
     unload once that status is published."""
     assert status.pending_adapter is not None
     started = time.monotonic()
-    loaded, errors = await ensure_loaded(status.pending_adapter, pods)
+    loaded, errors = await ensure_loaded(models, status.pending_adapter, pods)
     metrics.registered(started, loaded, errors)
     return promote(status, loaded, errors, now)
 
 
 async def repair_drift(
+    models: PodModels,
     status: DoppelUserStatus,
     pods: dict[str, str],
     metrics: OperatorMetrics,
@@ -101,6 +107,6 @@ async def repair_drift(
     where missing and record which pods serve it."""
     assert status.adapter is not None
     repaired: list[str] = []
-    loaded, errors = await ensure_loaded(status.adapter, pods, repaired)
+    loaded, errors = await ensure_loaded(models, status.adapter, pods, repaired)
     metrics.drift(meta, repaired, errors)
     return observe_serving(status, loaded, errors, now)

@@ -188,14 +188,19 @@ class AsyncVllmClient:
         *,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy = DEFAULT_RETRY,
+        http: httpx.AsyncClient | None = None,
     ) -> None:
+        """`http`: a pooled client shared with other servers' clients (the operator talks to every pod
+        through one: connections are kept, not set up again per call); it stays open on `aclose`."""
         self.base_url = base_url.rstrip("/")
         self.retry = retry
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        self._owned = http is None
+        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout)
         self._base: ModelCard | None = None
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._owned:
+            await self._http.aclose()
 
     async def __aenter__(self) -> AsyncVllmClient:
         return self
@@ -211,7 +216,7 @@ class AsyncVllmClient:
             if attempt:
                 await asyncio.sleep(self.retry.delay(attempt - 1))
             try:
-                request = self._http.build_request(method, path, json=body)
+                request = self._http.build_request(method, self.base_url + path, json=body)
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 error = ServerUnavailable(f"vLLM at {self.base_url} unreachable: {type(exc).__name__} {exc}")
@@ -230,7 +235,7 @@ class AsyncVllmClient:
 
     async def health(self) -> bool:
         try:
-            return (await self._http.get("/health", timeout=5.0)).status_code == 200
+            return (await self._http.get(f"{self.base_url}/health", timeout=5.0)).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -1,0 +1,91 @@
+"""What each vLLM pod serves, as every DoppelUser's loop sees it: one `/v1/models` listing per pod per
+interval, shared by all of them, through one pooled HTTP client.
+
+Each DoppelUser's loop checks, every resync interval, that every ready pod holds its adapter (a restarted
+pod loses the adapters loaded at runtime). Asked per user, that is users x pods listings per interval (of
+~280 KB each at a thousand adapters), each on a new connection; here the listing a pod gave is kept for the
+interval and concurrent askers share the one in flight, so the operator's requests to vLLM per interval are
+at most the number of pods, however many doppels there are. What the operator loads or unloads itself is
+written into the kept listing; a pod that restarts or turns ready again (a pod event) is forgotten, so its
+next check lists it afresh and the loops put its adapters back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from doppel.serve.errors import ServeError
+from doppel.serve.vllm import AsyncVllmClient
+from doppel.serve.vllm_protocol import RetryPolicy
+
+# vLLM calls from the operator: fail fast, the loop retries on its own schedule.
+VLLM_RETRY = RetryPolicy(attempts=2, initial_delay=0.2, max_delay=1.0)
+# Loading an adapter reads it from the volume: allow it time; a listing is quick.
+TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=30.0)
+# A pod that failed to answer is asked again after this long (not by every loop at once).
+ERROR_TTL_S = 5.0
+
+
+class PodModels:
+    """The served names of each pod (keyed by its base URL), listed at most once per `interval_s`."""
+
+    def __init__(self, interval_s: float, *, connections: int = 64) -> None:
+        self.interval_s = interval_s
+        self.connections = connections
+        self._http: httpx.AsyncClient | None = None  # made on the operator's loop, at first use
+        self._served: dict[str, tuple[float, set[str] | ServeError]] = {}  # url -> (expires, names)
+        self._listing: dict[str, asyncio.Future[set[str]]] = {}
+
+    def client(self, url: str) -> AsyncVllmClient:
+        """A client of the pod at `url` over the shared connection pool."""
+        if self._http is None:
+            limits = httpx.Limits(
+                max_connections=self.connections, max_keepalive_connections=self.connections
+            )
+            self._http = httpx.AsyncClient(timeout=TIMEOUT, limits=limits)
+        return AsyncVllmClient(url, retry=VLLM_RETRY, http=self._http)
+
+    async def served(self, url: str) -> set[str]:
+        """The names the pod serves (base model and adapters); raises ServeError if it cannot say."""
+        entry = self._served.get(url)
+        if entry is not None and time.monotonic() < entry[0]:
+            if isinstance(entry[1], ServeError):
+                raise entry[1]
+            return entry[1]
+        listing = self._listing.get(url)
+        if listing is None:
+            listing = asyncio.ensure_future(self._list(url))
+            self._listing[url] = listing
+            listing.add_done_callback(lambda _: self._listing.pop(url, None))
+        return await asyncio.shield(listing)
+
+    async def _list(self, url: str) -> set[str]:
+        try:
+            names = {card.id for card in await self.client(url).list_models()}
+        except ServeError as exc:
+            self._served[url] = (time.monotonic() + min(ERROR_TTL_S, self.interval_s), exc)
+            raise
+        self._served[url] = (time.monotonic() + self.interval_s, names)
+        return names
+
+    def loaded(self, url: str, name: str) -> None:
+        entry = self._served.get(url)
+        if entry is not None and not isinstance(entry[1], ServeError):
+            entry[1].add(name)
+
+    def unloaded(self, url: str, name: str) -> None:
+        entry = self._served.get(url)
+        if entry is not None and not isinstance(entry[1], ServeError):
+            entry[1].discard(name)
+
+    def forget(self, url: str) -> None:
+        """The pod changed (restarted, turned ready): list it afresh at its next check."""
+        self._served.pop(url, None)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
