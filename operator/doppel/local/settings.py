@@ -158,7 +158,8 @@ def training_settings(
         chosen.update(_epochs_for(steps, per_epoch))
         if budgeted and chosen["epochs"] == 1:
             # More samples than the steps can take: the newest they can, rather than a random few of them all.
-            chosen["max_train_samples"] = chosen["max_steps_per_epoch"] * batch
+            # Never below what training requires.
+            chosen["max_train_samples"] = max(chosen["max_steps_per_epoch"] * batch, view["min_samples"])
     return chosen
 
 
