@@ -521,7 +521,8 @@ async def test_doppels_from_slack_are_scheduled_like_ones_applied_with_kubectl(
         == (
             gpu_taint,
             None,
-            {"limits": {"nvidia.com/gpu": "1"}},
+            # The chart's training defaults: Burstable, memory limited to its request, one GPU.
+            {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"}},
         )
     )
     assert scheduling(own)[0] == own["tolerations"]  # an object's own choice wins
