@@ -1,6 +1,6 @@
 """Writes the generated reference pages of the documentation site from the code: the CLI reference from
 click's own `--help` of every command (`doppel.cli.main`), the CRD reference from the DoppelUser schema
-(`doppel.api.crd_manifest()`). `make docs` runs it before `mkdocs build`; tests/unit/test_docs.py fails when
+(`doppel.crd.crd_manifest()`). `make docs` runs it before `mkdocs build`; tests/unit/test_docs.py fails when
 the committed pages differ from what it writes.
 
     python docs/gen_reference.py [OUT_DIR]      # default: docs/reference
@@ -110,7 +110,7 @@ def _objects(path: str, node: dict) -> list[tuple[str, dict]]:
 
 
 def render_crd() -> str:
-    from doppel.api import crd_manifest
+    from doppel.crd import crd_manifest
 
     crd = crd_manifest()
     spec = crd["spec"]
@@ -118,7 +118,7 @@ def render_crd() -> str:
     schema = version["schema"]["openAPIV3Schema"]
     names = spec["names"]
     parts = [
-        HEADER.format(source="the DoppelUser schema (`doppel.api.crd_manifest()`)"),
+        HEADER.format(source="the DoppelUser schema (`doppel.crd.crd_manifest()`)"),
         "# DoppelUser reference\n\n",
         f"`{spec['group']}/{version['name']}`, kind `{names['kind']}`, plural `{names['plural']}`, "
         f"short name `{', '.join(names.get('shortNames', []))}`, {spec['scope'].lower()}. "

@@ -44,6 +44,7 @@ from doppel.bot.config import DEFAULT_SCOPES, BotConfig
 from doppel.bot.intake import EVENTS_PATH
 from doppel.bot.oauth import INSTALL_PATH, REDIRECT_PATH
 from doppel.cli import main
+from doppel.crd import crd_manifest
 
 SCALED_VALUES = CHART_DIR / "examples" / "values-scaled.yaml"
 EXAMPLE_DOPPELUSER = CHART_DIR / "examples" / "doppeluser.yaml"
@@ -137,7 +138,7 @@ def test_chart_crd_is_the_generated_crd(default_manifests: list[dict[str, Any]])
         for crd in find_manifests(default_manifests, "CustomResourceDefinition")
         if crd["spec"]["group"] == api.GROUP
     ]
-    assert rendered == api.crd_manifest()
+    assert rendered == crd_manifest()
 
 
 def test_example_doppeluser_fits_the_crd_and_the_default_install() -> None:

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from doppel.api import DoppelUserSpec, DoppelUserStatus, crd_manifest
+from doppel.api import DoppelUserSpec, DoppelUserStatus
+from doppel.crd import crd_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 

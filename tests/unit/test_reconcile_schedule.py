@@ -10,7 +10,8 @@ import pytest
 from pydantic import ValidationError
 from tests.unit.test_api import GOOD
 
-from doppel.api import DoppelUserSpec, DoppelUserStatus, crd_manifest
+from doppel.api import DoppelUserSpec, DoppelUserStatus
+from doppel.crd import crd_manifest
 from doppel.operator.schedule import next_time, previous_time, retrain_due, with_next_time
 
 

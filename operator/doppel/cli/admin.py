@@ -15,7 +15,7 @@ from doppel.errors import BadInput
 @click.command()
 def crd() -> None:
     """Print the DoppelUser CustomResourceDefinition (YAML), generated from doppel.api."""
-    from doppel.api import crd_yaml
+    from doppel.crd import crd_yaml
 
     click.echo(crd_yaml(), nl=False)
 

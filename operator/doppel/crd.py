@@ -1,0 +1,124 @@
+"""The DoppelUser CRD, generated from the pydantic models of `doppel.api` (`doppel crd`, `make crd`).
+
+The models' JSON schema becomes the structural OpenAPI v3 schema the API server validates with; a test
+fails when crds/doppelusers.yaml drifts from it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel
+
+from doppel.api import GROUP, KIND, PLURAL, SHORT_NAME, SINGULAR, VERSION, DoppelUserSpec, DoppelUserStatus
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """Rewrite a pydantic JSON schema into a Kubernetes structural schema.
+
+    Inline `$ref`s, turn `Optional[X]` (anyOf X|null) into X (optional = not required), drop titles,
+    and use OpenAPI v3.0's boolean exclusiveMinimum/Maximum.
+    """
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    while "$ref" in node or "anyOf" in node:
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node.pop("$ref").rsplit("/", 1)[-1]])
+            node = {**target, **node}
+        if "anyOf" in node:
+            branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+            if len(branches) != 1:
+                raise ValueError(f"cannot express anyOf {branches} structurally")
+            node = {**branches[0], **node}
+    node.pop("title", None)
+    for bound in ("Minimum", "Maximum"):
+        if f"exclusive{bound}" in node:
+            node[bound.lower()] = node.pop(f"exclusive{bound}")
+            node[f"exclusive{bound}"] = True
+    if node.get("default") is None:
+        node.pop("default", None)
+    if node.get("format") == "date-time":
+        node["type"] = "string"
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = _structural(value, defs)
+        elif key == "additionalProperties" and value is False:
+            continue  # structural schemas forbid it; the API server prunes unknown fields instead
+        else:
+            out[key] = value
+    return out
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a model, as used in the CRD."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    schema = _structural(raw, raw.pop("$defs", {}))
+    schema.pop("$defs", None)
+    return schema
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The CustomResourceDefinition of DoppelUser, generated from the models above."""
+    spec = openapi_schema(DoppelUserSpec)
+    spec["description"] = "What to clone, from where, and how to train and serve it."
+    status = openapi_schema(DoppelUserStatus)
+    status["description"] = "Observed state, written by the operator."
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": [SHORT_NAME],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Samples", "type": "integer", "jsonPath": ".status.samples"},
+                        {"name": "Adapter", "type": "string", "jsonPath": ".status.adapter.servedName"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A colleague cloned into a Slack bot.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as YAML, exactly as committed in crds/doppelusers.yaml."""
+    import yaml
+
+    header = "# Generated by `doppel crd` from operator/doppel/api.py. Do not edit; run `make crd`.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=110)
