@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import time
 import urllib.parse
 from dataclasses import replace
@@ -89,7 +90,9 @@ def acme(slack_workspace: dict[str, Any], enterprise: str | None = None) -> dict
 def chart_config(values: list[Any], set_values: dict[str, Any], secrets: dict[str, str]) -> BotConfig:
     """The bot's configuration exactly as `doppel bot` reads it from the environment the chart renders."""
     env = rendered_env(render_chart(values, set_values), "bot", secrets)
-    return replace(BotConfig.from_env(env), poll_interval_s=3600)
+    # The chart mounts the shared volume at DOPPEL_DATA_ROOT (/data): here a fresh directory stands in for it.
+    data_root = tempfile.mkdtemp(prefix="doppel-bot-data-")
+    return replace(BotConfig.from_env(env), poll_interval_s=3600, data_root=data_root)
 
 
 def command(text: str, *, user: str, team: str, channel: str, **extra: str) -> str:
@@ -227,7 +230,10 @@ async def test_two_workspaces_of_the_scaled_install_never_see_each_other(
         assert "now answers" in await run("switch @alice", ALICE_B, team_b, GENERAL_B)
         assert await run("status", BOB_B, team_b, GENERAL_B) == "*alice*: Pending"
         assert "No active doppel" in await run("status", BOB_A, team_a, GENERAL_A)
-        assert await run("status @alice", BOB_A, team_a, GENERAL_A) == "*alice*: Ready"
+        # A's alice answered once: its feedback line counts that reply alone (B's alice keeps its own).
+        assert await run("status @alice", BOB_A, team_a, GENERAL_A) == (
+            "*alice*: Ready\nFeedback: 0 👍, 0 👎, 0 corrections on 1 replies (the next training uses them)."
+        )
 
         # A consent request of B: A's alice cannot answer it (privately told), B's bob can.
         assert "Asked <@U0B2BOB>" in await run("train @bob", ALICE_B, team_b, GENERAL_B)

@@ -93,11 +93,14 @@ def source_days(sources: Sequence[dict[str, Any]]) -> list[str]:
 
 
 async def status_line(deps: Deps, namespace: str, doppel: dict[str, Any]) -> str:
-    """What `/doppel status` adds: the feedback and corrections the next training will use."""
+    """What `/doppel status` adds once the doppel has answered: the feedback and corrections the next
+    training will use."""
     store = deps.memories.store(namespace, doppel)
     if store is None:
         return ""
     counts = await asyncio.to_thread(store.counts)
+    if not (counts.replies or counts.up or counts.down or counts.corrections):
+        return ""  # nothing answered yet: nothing to say
     return (
         f"\nFeedback: {counts.up} 👍, {counts.down} 👎, {counts.corrections} correction"
         f"{'' if counts.corrections == 1 else 's'} on {counts.replies} replies (the next training uses them)."
