@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 from tests.support.bot_fixtures import CHANNEL, SIGNING_SECRET, BotHarness, mention_payload, say
-from tests.support.model_fixtures import STYLE_MARKER, STYLE_PERSON, STYLE_PERSON_ID
+from tests.support.model_fixtures import STYLE_PATTERN, STYLE_PERSON, STYLE_PERSON_ID
 from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID
 
 from doppel.cli import main
@@ -47,8 +47,10 @@ async def test_local_bot_answers_a_mention_with_the_adapter(slack_emulator, tiny
         await harness.stop()
     assert {p["username"] for p in posts} == {"pat-bot"}
     assert all(p["thread_ts"] == ts for p in posts)
-    # The adapter's trained style, which the bare base model never produces.
-    assert STYLE_MARKER in " ".join(p["text"] for p in posts).lower()
+    # The adapter's trained style ("Yarr! ... matey ☠"), which the bare base model never produces: its
+    # opening and its closing (at 24 tokens the tiny adapter sometimes leaves out the middle).
+    said = " ".join(p["text"] for p in posts).lower()
+    assert STYLE_PATTERN.split()[0].lower() in said and STYLE_PATTERN[-1] in said, said
 
 
 def test_socket_mode_config_defaults_the_bot_token_and_maps_every_team_to_one_place():
