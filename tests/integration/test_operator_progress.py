@@ -58,6 +58,9 @@ async def test_status_shows_training_progress_step_by_step(kube, operator_config
         # Frozen after its first step(s): the status shows exactly what the log shows, while Training.
         at_first = logged_steps(train_log(kube))[-1]
         obj = await kube.wait_for("alice", lambda o: training(o).get("step") == at_first, 30, "first steps")
+        # The step's own lines (its loss, then an evaluation at that step) may land in two patches.
+        await asyncio.sleep(1.0)
+        obj = await kube.kubectl.get("DoppelUser", "alice")
         seen = training(obj)
         assert obj["status"]["phase"] == "Training"
         assert at_first >= 1 and seen["totalSteps"] > at_first
