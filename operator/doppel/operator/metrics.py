@@ -25,7 +25,25 @@ PHASES = ("Pending", "Scraping", "Training", "Registering", "Ready", "Failed")
 # Seconds to hours: a scrape takes seconds to minutes, a training minutes to hours.
 STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, float("inf"))
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
-RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
+# Up to a minute: on an overloaded operator a pass waits for the event loop and the API server that long.
+RECONCILE_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    float("inf"),
+)
 
 
 def stage(status: DoppelUserStatus) -> str | None:

@@ -62,11 +62,16 @@ class LocalBackend:
             base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
             # Check before PEFT touches the model: a failed load can leave layers injected into it.
             _check_fits(base, path)
+            # PEFT upcasts bf16/fp16 adapters to float32 by default: on a bf16 base that doubles each
+            # adapter's GPU memory (measured: 308 MiB for a 154 MiB Qwen2.5-7B adapter) for no gain.
+            upcast = base.dtype == torch.float32
             try:
                 if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(str(path), adapter_name=name)
+                    self.model.load_adapter(str(path), adapter_name=name, autocast_adapter_dtype=upcast)
                 else:
-                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                    self.model = PeftModel.from_pretrained(
+                        self.model, str(path), adapter_name=name, autocast_adapter_dtype=upcast
+                    )
             except (ValueError, OSError, RuntimeError) as exc:
                 if isinstance(self.model, PeftModel) and name in self.model.peft_config:
                     self.model.delete_adapter(name)
