@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from doppel.serve.errors import ServeError
+from doppel.serve.errors import ServeError, ServerUnavailable
 from doppel.serve.vllm import AsyncVllmClient
 from doppel.serve.vllm_protocol import RetryPolicy
 
@@ -27,13 +27,19 @@ VLLM_RETRY = RetryPolicy(attempts=2, initial_delay=0.2, max_delay=1.0)
 TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=30.0)
 # A pod that failed to answer is asked again after this long (not by every loop at once).
 ERROR_TTL_S = 5.0
+# A listing answers in well under a second even at a thousand adapters (96 ms measured): a pod that takes
+# longer is hung, and every doppel's loop waiting on it would wait the load timeout (120 s) with it.
+LIST_TIMEOUT_S = 15.0
 
 
 class PodModels:
     """The served names of each pod (keyed by its base URL), listed at most once per `interval_s`."""
 
-    def __init__(self, interval_s: float, *, connections: int = 64) -> None:
+    def __init__(
+        self, interval_s: float, *, connections: int = 64, list_timeout_s: float = LIST_TIMEOUT_S
+    ) -> None:
         self.interval_s = interval_s
+        self.list_timeout_s = list_timeout_s
         self.connections = connections
         self._http: httpx.AsyncClient | None = None  # made on the operator's loop, at first use
         self._served: dict[str, tuple[float, set[str] | ServeError]] = {}  # url -> (expires, names)
@@ -64,7 +70,14 @@ class PodModels:
 
     async def _list(self, url: str) -> set[str]:
         try:
-            names = {card.id for card in await self.client(url).list_models()}
+            try:
+                async with asyncio.timeout(self.list_timeout_s):
+                    cards = await self.client(url).list_models()
+            except TimeoutError:
+                raise ServerUnavailable(
+                    f"vLLM at {url} did not list its models within {self.list_timeout_s:g} s"
+                ) from None
+            names = {card.id for card in cards}
         except ServeError as exc:
             self._served[url] = (time.monotonic() + min(ERROR_TTL_S, self.interval_s), exc)
             raise
