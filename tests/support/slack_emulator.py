@@ -355,6 +355,19 @@ class SlackEmulator:
         with self._lock:
             return [dict(m) for m in team.messages.get(channel_id, []) if m.get("bot_id") == team.bot_id]
 
+    def settle(self, quiet_s: float = 0.5, timeout_s: float = 10.0) -> None:
+        """Wait until no call has come for `quiet_s`: a client that gave up (a scrape that stopped at its
+        first error) may have requests in flight, which would take an error injected for the next run."""
+        deadline = time.monotonic() + timeout_s
+        seen = -1
+        while time.monotonic() < deadline:
+            with self._lock:
+                count = len(self.calls)
+            if count == seen:
+                return
+            seen = count
+            time.sleep(quiet_s)
+
     def calls_to(self, method: str) -> list[Call]:
         with self._lock:
             return [c for c in self.calls if c.method == method]
