@@ -16,7 +16,8 @@
 - `OperatorProcess`: the real operator (doppel.operator.handlers under kopf) in-process, started,
   killed and restarted by tests.
 - `vllm_pod(...)`: a pod object standing for a real vLLM server on 127.0.0.1.
-- fixtures `kube` (cluster + Job controller, namespace "team") and `operator_config`.
+- fixtures `kube` (cluster + Job controller, namespace "team") and `operator_config`; kmock's own `kmock`
+  fixture serves the same `Emulator`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ RESOURCES: list[tuple[str, str, bool, tuple[str, ...]]] = [
     ("v1/events", "Event", True, ()),
     ("v1/pods", "Pod", True, ("status", "log")),
     ("v1/secrets", "Secret", True, ()),
+    ("v1/configmaps", "ConfigMap", True, ()),
     ("batch/v1/jobs", "Job", True, ("status",)),
     # kopf's peering objects: replicas record themselves there and only the highest priority acts.
     ("kopf.dev/v1/kopfpeerings", "KopfPeering", True, ()),
@@ -81,6 +83,7 @@ PLURALS = {
     "Job": "jobs",
     "Pod": "pods",
     "Secret": "secrets",
+    "ConfigMap": "configmaps",
     "Namespace": "namespaces",
     "Event": "events",
     "KopfPeering": "kopfpeerings",
@@ -207,6 +210,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _inflight: set[int] | None = None
     refusals: list[Refusal] | None = None
     terminating: set[str] | None = None  # namespaces being deleted
+    _written: int | None = None  # writes so far: the last resourceVersion given
 
     def _refuse(self, request: Any) -> None:
         meta = request.data.get("metadata") or {}
@@ -239,6 +243,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self._refuse(request)
             meta.setdefault("creationTimestamp", _now())  # the API server's, on every object
         key = (request.resource, request.namespace, request.name)
+        self._version(request, key)
         changes_spec = isinstance(request.data, dict) and "spec" in request.data and not request.subresource
         if request.action == kmock.action.UPDATE and changes_spec and key in self.objects:
             # As the API server does: every spec change is a new generation.
@@ -254,6 +259,62 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             return await super()._handle(request)
         finally:
             self._inflight.discard(id(request))
+            self._forget_deleted(key)
+
+    def _version(self, request: Any, key: tuple[Any, str | None, str | None]) -> None:
+        """metadata.resourceVersion as the API server keeps it: a new one on every write, and a write that
+        names one the object no longer has refused with 409 (optimistic concurrency)."""
+        writes = (kmock.action.CREATE, kmock.action.UPDATE)
+        if request.action not in writes or not isinstance(request.data, dict):
+            return
+        meta = request.data.setdefault("metadata", {})
+        if request.action == kmock.action.UPDATE and meta.get("resourceVersion") and key in self.objects:
+            current = self.objects[key]
+            stored = None if current.deleted else (current.get("metadata") or {}).get("resourceVersion")
+            if stored is not None and meta["resourceVersion"] != stored:
+                plural = request.resource.plural if request.resource is not None else ""
+                raise kmock.KubernetesError(
+                    status=409,
+                    reason="Conflict",
+                    message=f'Operation cannot be fulfilled on {plural} "{request.name}": the object has '
+                    "been modified; please apply your changes to the latest version and try again",
+                    details={"name": request.name, "kind": plural},
+                )
+        self._written = (self._written or 0) + 1
+        meta["resourceVersion"] = str(self._written)
+
+    def _forget_deleted(self, key: tuple[Any, str | None, str | None]) -> None:
+        """Unrecorded, a deleted object goes with its history (a benchmark deletes thousands of Jobs), and a
+        live one keeps only its current version (kmock keeps every version of every object)."""
+        if key[0] is None or key[2] is None or key not in self.objects:
+            return
+        obj = self.objects[key]
+        if obj.deleted:
+            del self.objects[key]
+        elif len(obj.history) > 1:
+            del obj.history[:-1]
+
+    # kmock finds the object a request names by scanning every object it holds (a quadratic cost under a
+    # benchmark's thousands of objects): by key instead, with the same answers.
+    def _named(self, resource: Any, namespace: str | None, name: str | None) -> Any:
+        key = (resource, namespace, name)
+        return self.objects[key] if key in self.objects else None  # noqa: SIM401 (ObjectsArray has no get)
+
+    async def _serve_fetch(self, request: Any) -> Any:
+        obj = self._named(request.resource, request.namespace, request.name)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_create(self, request: Any) -> Any:
+        meta = request.data.get("metadata", {})
+        namespace, name = request.namespace or meta.get("namespace"), request.name or meta.get("name")
+        return self._named(request.resource, namespace, name).last.raw
+
+    async def _serve_update(self, request: Any) -> Any:
+        return self._named(request.resource, request.namespace, request.name).last.raw
+
+    _serve_delete = _serve_update
 
 
 class KubeCluster:
@@ -965,3 +1026,10 @@ async def kube(tmp_path: Path) -> AsyncIterator[Kube]:
     finally:
         await controller.stop()
         await cluster.stop()
+
+
+@pytest.fixture
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """kmock's own `kmock` fixture serves doppel's `Emulator` (resourceVersions, 409 on a stale one, names
+    from generateName): the bot's tests (bot_fixtures.bot_kube) race replicas on it."""
+    return {**kmock_options, "cls": Emulator}
