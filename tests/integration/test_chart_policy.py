@@ -144,7 +144,7 @@ def test_every_job_pod_the_operator_creates_is_restricted_and_valid(
     which, manifests = rendered
     config = job_config(manifests)
     for step, job in operator_jobs(config).items():
-        for version in ("1.29.0", "1.35.0"):
+        for version in ("1.33.0", "1.35.0"):
             kubernetes_validate.validate(job, version, strict=True)
         pod = job["spec"]["template"]["spec"]
         assert restricted_violations(pod) == [], f"{which}: {step}"
