@@ -343,3 +343,13 @@ def test_notes_say_what_was_installed() -> None:
         'Pod Security "restricted"',
     ):
         assert line in notes, line
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.32.4"])
+def test_the_chart_refuses_a_cluster_without_ordered_namespace_deletion(version: str) -> None:
+    """Before 1.33 a namespace's objects go in no set order: the operator's Role can go before the
+    DoppelUsers it must release, and the namespace would hang (docs/operator.md). Helm says so at install."""
+    with pytest.raises(HelmError) as caught:
+        template_chart(extra_args=["--kube-version", version])
+    assert ">=1.33.0-0" in str(caught.value) and version in str(caught.value)
+    template_chart(extra_args=["--kube-version", "1.33.0"])
