@@ -8,9 +8,16 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from tests.support.bot_fixtures import BOT_NAMESPACE, TEAM_ID, kube_for
+from tests.support.bot_fixtures import BOT_NAMESPACE, TEAM_ID
 
+from doppel.bot.kube import Kube, api_client
 from doppel.bot.ledger import SHARDS, KubeEventLedger
+
+
+def replica(url: str, ttl_s: int = 3600) -> KubeEventLedger:
+    """A bot replica's ledger; 4 threads each (not 16), so that three racing stay well inside the client's
+    2.5 s timeout on a loaded 2-core machine."""
+    return KubeEventLedger(Kube(api_client(url, connections=4), threads=4), BOT_NAMESPACE, ttl_s)
 
 
 def configmaps(kmock) -> dict[str, dict[str, str]]:
@@ -23,7 +30,7 @@ def configmaps(kmock) -> dict[str, dict[str, str]]:
 
 async def test_replicas_racing_on_many_events_claim_each_once_in_a_fixed_set_of_configmaps(bot_kube):
     kmock, url = bot_kube
-    replicas = [KubeEventLedger(kube_for(url), BOT_NAMESPACE, 3600) for _ in range(3)]
+    replicas = [replica(url) for _ in range(3)]
     events = [f"Ev{i:04d}" for i in range(120)]
     claims = [(event, replica) for event in events for replica in replicas]
     results = await asyncio.gather(*(replica.claim(TEAM_ID, event) for event, replica in claims))
@@ -37,7 +44,7 @@ async def test_replicas_racing_on_many_events_claim_each_once_in_a_fixed_set_of_
 
     # Claims past their expiry (written with a TTL already past) are dropped by the next writes: the
     # ledger holds only live claims, in no more objects.
-    old = KubeEventLedger(kube_for(url), BOT_NAMESPACE, -1)
+    old = replica(url, ttl_s=-1)
     assert all(await asyncio.gather(*(old.claim(TEAM_ID, f"EvOld{i:04d}") for i in range(120))))
     fresh = [f"EvNext{i:04d}" for i in range(120)]
     assert all(await asyncio.gather(*(replicas[0].claim(TEAM_ID, event) for event in fresh)))
