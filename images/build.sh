@@ -18,7 +18,7 @@
 #   PYTHON_IMAGE    base image of all three (python:3.11-slim-bookworm where Docker Hub is reachable)
 #   TORCH_PIP_ARGS  pip arguments for the worker's torch, e.g. "--index-url https://download.pytorch.org/whl/cpu"
 #   BUILD_VOLUMES   extra `--volume SRC:DST:ro` arguments for podman/buildah builds (space-separated)
-#   PUSH=1          push each image and record the registry's digest
+#   PUSH=1          push each image and record the registry's digest (else the local build's, podman/buildah)
 #   VALUES_OUT      values file written at the end, naming every image by digest (default images/built-values.yaml)
 set -euo pipefail
 
@@ -114,18 +114,31 @@ for target in "${TARGETS[@]}"; do
         fi
         digest="$(cat "$digestfile")"; rm -f "$digestfile"
     else
-        # Not pushed: a registry's digest is only known after the push (it may recompress the layers).
-        digest=""
+        # Not pushed: podman and buildah know the digest of the image's manifest as stored here, which an
+        # uncompressed OCI archive of it keeps (`podman save --format oci-archive --uncompressed`: what
+        # kind and k3s import). A registry may recompress the layers on push and name it by another digest
+        # (PUSH=1 records that one). Docker keeps no manifest for a local build: no digest.
+        case "$ENGINE" in
+            podman) digest="$(podman image inspect --format '{{.Digest}}' "$image")" ;;
+            buildah) digest="$(buildah inspect --type image --format '{{.FromImageDigest}}' "$image")" ;;
+            *) digest="" ;;
+        esac
     fi
-    size="$("$ENGINE" image inspect --format '{{.Size}}' "$image")"
-    echo "== built $image in $((SECONDS - start)) s, $((size / 1000000)) MB${digest:+, $digest}" >&2
+    if [ "$ENGINE" = buildah ]; then
+        size="$(buildah images --format '{{.Size}}' "$image")"
+    else
+        size="$("$ENGINE" image inspect --format '{{.Size}}' "$image")"
+    fi
+    [ "$ENGINE" = buildah ] && shown="$size" || shown="$((size / 1000000)) MB"
+    echo "== built $image in $((SECONDS - start)) s, $shown${digest:+, $digest}" >&2
     digests+=("$target $digest")
 done
 
 # Release values: the chart pulls exactly these builds (images.<name>.digest wins over the tag).
 {
-    echo "# Written by images/build.sh: the images it built (helm install -f this file); with PUSH=1 each is"
-    echo "# named by the digest the registry gave it, so every node runs exactly this build."
+    echo "# Written by images/build.sh: the images it built (helm install -f this file), each named by digest"
+    echo "# (with PUSH=1 the registry's; else the local build's, kept by an uncompressed OCI archive), so every"
+    echo "# node runs exactly this build."
     echo "images:"
     for entry in "${digests[@]}"; do
         read -r target digest <<<"$entry"

@@ -63,6 +63,7 @@ from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID, load_workspace
 from tests.support.vllm_fixtures import free_port
 
 from doppel.bot.kube import Kube, api_client
+from doppel.bot.ledger import KubeEventLedger
 
 EVENTS = 200
 # Bursts of events, each after a burst of GET /healthz: one pair of bursts moves with the machine's load.
@@ -290,9 +291,9 @@ async def measure(metrics_port: int) -> Run:
 
         # What the Kubernetes emulator alone takes for one claim per event (the dedup record each
         # mention writes), sent at once from here: the floor under the burst's overhead.
-        ledger = Kube(api_client(stack.kube_url))
+        ledger = KubeEventLedger(Kube(api_client(stack.kube_url)), BOT_NAMESPACE, 60)
         started = time.perf_counter()
-        await asyncio.gather(*(ledger.claim(BOT_NAMESPACE, f"baseline{i}", 60) for i in range(EVENTS)))
+        await asyncio.gather(*(ledger.claim(TEAM_ID, f"baseline{i}") for i in range(EVENTS)))
         kube_burst = time.perf_counter() - started
 
         posts_before = len(emulator.calls_to("chat.postMessage"))

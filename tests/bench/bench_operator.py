@@ -10,14 +10,17 @@ loopback. Nothing runs the Jobs: this measures the operator's reaction, not scra
 - the cost of metrics: the doppel operator twice, metrics off (`--metrics-port 0`) and on with /metrics
   scraped every 0.5 s (far more often than Prometheus would), and the on/off ratios (the aim: under 5%).
 
-The emulator forgets requests once served (kmock otherwise matches each request against its whole history,
-a quadratic cost of the emulator, not of the operator).
+The emulator forgets requests once served and deleted objects with their history, and finds objects by key
+(kmock otherwise matches each request against its whole history and scans every object it holds: quadratic
+costs of the emulator, not of the operator).
 
 And the operator's memory with many Jobs (`--users 500 --retrains 4`): every retrain of a DoppelUser leaves
-its Jobs (scrape, train, cleanup, prune) and their pods, which kopf's watches keep in memory. The operator's
-resident memory (VmRSS, after a GC-friendly pause) with none of them, with all of them kept (no
-ttlSecondsAfterFinished: 500 x 4 x 4 Jobs and pods), and with each round deleted before the next (what the
-TTL-after-finished controller does with the chart's jobs.ttlSecondsAfterFinished); per kept Job, in KiB.
+its Jobs (scrape, train, cleanup, prune) and their pods, which kopf's watches keep in memory. Two operators,
+each on its own emulator: the first keeps every round's Jobs (no ttlSecondsAfterFinished: 500 x 4 x 4 Jobs
+and pods at the end), the second sees each round deleted before the next (what the TTL-after-finished
+controller does with the chart's jobs.ttlSecondsAfterFinished). For each, its resident memory (VmRSS, once
+it has read every watch event) with the DoppelUsers and no Jobs (the baseline), after the retrains, and its
+peak (VmHWM); the ratios against the baseline and kept/TTL, and the cost per kept Job in KiB.
 
 Run: .venv/bin/python tests/bench/bench_operator.py [--objects N] [--users N --retrains N]
 """
@@ -33,13 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import aiohttp
 import httpx
-from tests.support.kube_fixtures import NAMESPACE, KubeCluster
+from tests.support.kube_fixtures import NAMESPACE, PLURALS, KubeCluster
 from tests.support.metrics import free_port
 
 BIN = Path(sys.executable).parent
@@ -245,8 +250,10 @@ def finished_jobs(user: int, round_: int) -> list[dict[str, Any]]:
     return objects
 
 
-async def memory_with_jobs(users: int, retrains: int) -> dict[str, float]:
-    """The operator's VmRSS (MiB) with `users` DoppelUsers and their finished Jobs kept, or deleted."""
+async def memory_with_jobs(users: int, retrains: int, ttl: bool) -> dict[str, float]:
+    """The operator's VmRSS (MiB) with `users` DoppelUsers and no Jobs ("none"), then after `retrains`
+    rounds of their finished Jobs ("jobs"), each round deleted before the next (`ttl`: what the
+    TTL-after-finished controller does) or all kept; and its peak (VmHWM)."""
     cluster = KubeCluster(record=False)
     await cluster.start()
     await cluster.kubectl.secret("slack-bot", {"token": "xoxb-bench"})
@@ -260,31 +267,34 @@ async def memory_with_jobs(users: int, retrains: int) -> dict[str, float]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "DOPPEL_DATA_ROOT": tmp},
         )
-        sem = asyncio.Semaphore(16)
+        # The load is sent with aiohttp, 16 requests at a time: httpx retries a missing optional import
+        # (sniffio) on every request, which cost the load generator more than the emulator.
+        http = aiohttp.ClientSession(cluster.url, connector=aiohttp.TCPConnector(limit=16))
 
         async def each(objects: list[dict[str, Any]], delete: bool = False) -> None:
             async def one(obj: dict[str, Any]) -> None:
-                async with sem:
-                    for attempt in range(
-                        5
-                    ):  # the emulator, not the operator, drops a connection now and then
-                        try:
-                            if delete:
-                                await cluster.kubectl.delete(obj["kind"], obj["metadata"]["name"])
-                            else:
-                                await cluster.kubectl.create(obj)
-                            return
-                        except httpx.TransportError:
-                            await asyncio.sleep(0.2 * (attempt + 1))
-                        except httpx.HTTPStatusError as exc:  # a retried create that had gone through
-                            if exc.response.status_code in (404, 409):
-                                return
-                            raise
+                meta = obj["metadata"]
+                plural = PLURALS[obj["kind"]]
+                base = f"/apis/{obj['apiVersion']}" if "/" in obj["apiVersion"] else "/api/v1"
+                path = f"{base}/namespaces/{meta['namespace']}/{plural}"
+                if delete:
+                    response = await http.delete(f"{path}/{meta['name']}")
+                else:
+                    created = {"uid": str(uuid.uuid4()), "generation": 1}  # what kubectl.create adds
+                    body = {**obj, "metadata": {**meta, **created}}
+                    response = await http.post(path, json=body)
+                async with response:
+                    if response.status >= 300:
+                        raise RuntimeError(f"{response.status} {await response.text()}")
 
             await asyncio.gather(*(one(obj) for obj in objects))
 
         async def settle() -> float:
-            await asyncio.sleep(5.0)  # the watches deliver the last events
+            # Until the operator has read every watch event, then a pause for it to handle the last.
+            buses = cluster.emulator._buses.values()  # kmock's per-resource watch buffers
+            while any(bus.buffer_size for bus in buses):
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(5.0)
             return rss_mib(proc.pid)
 
         try:
@@ -292,25 +302,28 @@ async def memory_with_jobs(users: int, retrains: int) -> dict[str, float]:
             suspended = [
                 {**doppeluser(i), "spec": {**doppeluser(i)["spec"], "suspend": True}} for i in range(users)
             ]
+            started = time.perf_counter()
             await each(suspended)
             figures["none"] = await settle()
-            # With TTL: each round's Jobs are deleted before the next round starts.
             for round_ in range(1, retrains + 1):
                 batch = [obj for i in range(users) for obj in finished_jobs(i, round_)]
                 await each(batch)
-                await each(batch, delete=True)
-            figures["ttl"] = await settle()
-            # Without: every round's Jobs stay.
-            for round_ in range(1, retrains + 1):
-                await each([obj for i in range(users) for obj in finished_jobs(i, round_)])
-            figures["kept"] = await settle()
-            figures["jobs"] = users * retrains * 4
+                if ttl:
+                    await each(batch, delete=True)
+                figures[f"round {round_}"] = await settle()
+            figures["jobs"] = figures[f"round {retrains}"]
+            figures["peak"] = peak_rss_mib(proc.pid)
+            figures["seconds"] = time.perf_counter() - started
+            if proc.poll() is not None:
+                raise RuntimeError(f"the operator exited: {(Path(tmp) / 'operator.log').read_text()[-2000:]}")
         finally:
+            await http.close()
             proc.terminate()
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
             log.close()
             await cluster.stop()
     return figures
@@ -323,14 +336,25 @@ def main() -> None:
     parser.add_argument("--retrains", type=int, default=4)
     parser.add_argument("--memory-only", action="store_true", help="only the memory-with-Jobs measurement")
     args = parser.parse_args()
-    memory = asyncio.run(memory_with_jobs(args.users, args.retrains))
-    per_job = (memory["kept"] - memory["none"]) * 1024 / memory["jobs"]
-    jobs = int(memory["jobs"])
+    kept = asyncio.run(memory_with_jobs(args.users, args.retrains, ttl=False))
+    ttl = asyncio.run(memory_with_jobs(args.users, args.retrains, ttl=True))
+    jobs = args.users * args.retrains * 4
+    per_job = (kept["jobs"] - kept["none"]) * 1024 / jobs
     print(
-        f"{args.users} DoppelUsers, {args.retrains} retrains each ({jobs} finished Jobs and as many pods): "
-        f"operator VmRSS {memory['none']:.0f} MiB with none, {memory['kept']:.0f} MiB with all kept "
-        f"({per_job:.1f} KiB per Job and its pod), {memory['ttl']:.0f} MiB with each round deleted "
-        f"(ttlSecondsAfterFinished): kept/ttl {memory['kept'] / memory['ttl']:.2f}x"
+        f"{args.users} DoppelUsers, {args.retrains} retrains each ({jobs} finished Jobs and as many pods), "
+        "operator VmRSS in MiB (peak VmHWM):"
+    )
+    for label, figures in (("all kept (no TTL)", kept), ("each round deleted (TTL)", ttl)):
+        rounds = ", ".join(f"{figures[f'round {r}']:.0f}" for r in range(1, args.retrains + 1))
+        print(
+            f"  {label:26} {figures['none']:5.0f} with no Jobs; after each retrain: {rounds} "
+            f"(peak {figures['peak']:.0f}); {figures['seconds']:.0f} s"
+        )
+    print(
+        f"  kept: {per_job:.1f} KiB per Job and its pod, {kept['jobs'] / kept['none']:.2f}x the baseline "
+        f"(no Jobs) at the end; TTL: {ttl['jobs'] / ttl['none']:.2f}x the baseline, "
+        f"{ttl['jobs'] / ttl['round 1']:.2f}x its size after the first retrain; kept/TTL "
+        f"{kept['jobs'] / ttl['jobs']:.2f}x"
     )
     if args.memory_only:
         return

@@ -1,16 +1,15 @@
 """Opt-in end-to-end test on a real cluster: the Helm chart installed once, DoppelUsers trained and served.
 
-Skipped unless KUBECONFIG is set. On a single-node kind or k3s cluster without a GPU (the values in
-tests/e2e/values-kind.yaml; any other cluster: your own values file in DOPPEL_E2E_VALUES):
+Skipped unless KUBECONFIG is set. On a single-node kind or k3s cluster (Kubernetes 1.33+) without a GPU
+(the values in tests/e2e/values-kind.yaml; any other cluster: your own values files in DOPPEL_E2E_VALUES,
+separated by ":", e.g. tests/e2e/values-kind.yaml:images/built-values.yaml to pull the builds by digest):
 
     make images                        # podman/buildah/docker; tags localhost/doppel-dev/*:0.1.0
-    # kind: load each image into the node
-    kind create cluster --name doppel
+    kind create cluster --name doppel  # kind 0.27+ (or k3s v1.33+)
     for i in doppel doppel-worker doppel-worker-cpu; do
-      podman save localhost/doppel-dev/$i:0.1.0 -o /tmp/$i.tar
-      kind load image-archive /tmp/$i.tar --name doppel
+      podman save --format oci-archive --uncompressed -o /tmp/$i.tar localhost/doppel-dev/$i:0.1.0
+      kind load image-archive /tmp/$i.tar --name doppel   # k3s: sudo k3s ctr images import /tmp/$i.tar
     done
-    # k3s instead: podman save localhost/doppel-dev/$i:0.1.0 | sudo k3s ctr images import -
     export KUBECONFIG=~/.kube/config
     export DOPPEL_E2E_SLACK_TOKEN=xoxb-...         # a bot token of a test workspace
     export DOPPEL_E2E_TEAM_ID=T0123ABC
@@ -66,7 +65,8 @@ def release() -> Any:
     config.load_kube_config()
     namespace = f"doppel-e2e-{uuid.uuid4().hex[:6]}"
     client.CoreV1Api().create_namespace({"metadata": {"name": namespace}})
-    values = ["-f", os.environ.get("DOPPEL_E2E_VALUES") or str(KIND_VALUES)]
+    files = (os.environ.get("DOPPEL_E2E_VALUES") or str(KIND_VALUES)).split(os.pathsep)
+    values = [arg for file in files for arg in ("-f", file)]
     # What the chart requires: the workspace served and a signing secret (the suite sends no events).
     values += ["--set", f"workspaces={{{env('DOPPEL_E2E_TEAM_ID')}}}", "--set", "slack.signingSecret=e2e"]
     values += ["--set", f"slack.botToken={env('DOPPEL_E2E_SLACK_TOKEN')}"]

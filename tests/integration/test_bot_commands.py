@@ -223,8 +223,9 @@ async def test_retries_of_one_event_are_answered_once_across_replicas_and_restar
     assert len(posts) == 1
     assert posts[0]["thread_ts"] == ts
     assert "alice's doppel is still training (Scraping)" in posts[0]["text"]
-    claims = [k for k in bot_kube[0].objects if k[1] == BOT_NAMESPACE and k[2].startswith("doppel-event-")]
-    assert len(claims) == 1
+    # One claim, in one of the ledger's fixed ConfigMaps (no object per event).
+    ledgers = [k for k in bot_kube[0].objects if k[1] == BOT_NAMESPACE and k[2].startswith("doppel-events-")]
+    assert len(ledgers) == 1 and len(bot_kube[0].objects[ledgers[0]]["data"]) == 1
 
 
 async def test_a_workspace_reaches_only_its_own_doppels(

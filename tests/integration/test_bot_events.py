@@ -48,7 +48,7 @@ from doppel.api import DoppelUserSpec, TrainDefaults
 from doppel.bot.config import DEFAULT_SCOPES
 from doppel.bot.held import LABEL_HELD
 from doppel.bot.kube import LABEL_EVENT
-from doppel.bot.ledger import KubeEventLedger
+from doppel.bot.ledger import KubeEventLedger, ledger_configmap
 from doppel.bot.logic import event_key
 from doppel.cli import main
 from doppel.operator.config import OperatorConfig
@@ -136,7 +136,7 @@ async def test_a_mention_edited_retried_and_redelivered_is_answered_once(
     assert [r.status_code for r in responses] == [200] * 4
     await settle()
     assert len(slack_emulator.posted(CHANNEL)) == 1 and len(asked) == 1
-    # Deduplication is one create per delivery; expired claims are swept elsewhere (never listed here).
+    # Deduplication is a read and a write per delivery; expired claims are swept elsewhere (never listed).
     requests = [r for r in list(bot_kube[0])[started:] if r.resource and r.resource.plural == "configmaps"]
     assert requests and not [r for r in requests if r.action == type(r.action).LIST]
 
@@ -466,28 +466,35 @@ async def test_public_endpoints_leave_bounded_state_and_claims_are_swept_off_the
         assert "still training" in (await bot.wait_posts(CHANNEL, 1, team=team))[0]["text"]
 
         # Claims past their expiry (another replica wrote them with a short TTL) go in the background,
-        # listed by label; a ConfigMap of someone else's in the namespace is left alone.
+        # listed by label, and so do the one-ConfigMap-per-event claims an earlier version left; a
+        # ConfigMap of someone else's in the namespace is left alone.
         assert await KubeEventLedger(kube, BOT_NAMESPACE, -1).claim(TEAM_ID, "EvOld")
-        other = {"metadata": {"name": "someone-elses", "annotations": {"doppel.dev/expires-at": "0"}}}
-        await asyncio.to_thread(kube.core.create_namespaced_config_map, BOT_NAMESPACE, other)
+        ledger = ledger_configmap(event_key(TEAM_ID, "EvOld"))
+        legacy = f"doppel-event-{event_key(TEAM_ID, 'EvLegacy')}"
+        for name, labels in ((legacy, {LABEL_EVENT: "seen"}), ("someone-elses", {})):
+            meta = {"name": name, "labels": labels, "annotations": {"doppel.dev/expires-at": "0"}}
+            await asyncio.to_thread(kube.core.create_namespaced_config_map, BOT_NAMESPACE, {"metadata": meta})
 
         def names() -> set[str]:
             keys = [key for key in list(kmock.objects) if key[1] == BOT_NAMESPACE]
             return {key[2] for key in keys if not kmock.objects[key].deleted}
 
-        old = f"doppel-event-{event_key(TEAM_ID, 'EvOld')}"  # (the sweep may already have taken it)
+        def swept() -> bool:
+            data = kmock.objects["v1/configmaps", BOT_NAMESPACE, ledger].get("data") or {}
+            return event_key(TEAM_ID, "EvOld") not in data and legacy not in names()
+
         for _ in range(100):
-            if old not in names():
+            if swept():
                 break
             await asyncio.sleep(0.1)
         else:
-            raise AssertionError("the expired claim was never swept")
+            raise AssertionError("the expired claims were never swept")
         assert "someone-elses" in names()
 
         lists = [r for r in kmock if r.resource is not None and r.resource.plural == "configmaps"]
         lists = [r for r in lists if r.action == type(r.action).LIST]
         # (and the held mentions of a cold model pool, by their own label)
-        selectors = {f"{LABEL_EVENT}=seen", f"{LABEL_HELD}=true"}
+        selectors = {f"{LABEL_EVENT}=ledger", f"{LABEL_EVENT}=seen", f"{LABEL_HELD}=true"}
         assert lists and all(r.params.get("labelSelector") in selectors for r in lists)
 
 

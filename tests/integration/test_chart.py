@@ -49,7 +49,7 @@ from doppel.crd import crd_manifest
 SCALED_VALUES = CHART_DIR / "examples" / "values-scaled.yaml"
 EXAMPLE_DOPPELUSER = CHART_DIR / "examples" / "doppeluser.yaml"
 # The chart's minimum (Chart.yaml kubeVersion) and the newest version kubectl from `make tools` speaks.
-KUBE_VERSIONS = ("1.29.0", "1.35.0")
+KUBE_VERSIONS = ("1.33.0", "1.35.0")
 # Custom resources the chart renders besides the CRDs (kopf's peering, Prometheus Operator objects).
 CUSTOM_GROUPS = {"kopf.dev", "monitoring.coreos.com"}
 # The scaled-out example is for several workspaces through OAuth, so it gets OAuth credentials.

@@ -144,7 +144,7 @@ def test_every_job_pod_the_operator_creates_is_restricted_and_valid(
     which, manifests = rendered
     config = job_config(manifests)
     for step, job in operator_jobs(config).items():
-        for version in ("1.29.0", "1.35.0"):
+        for version in ("1.33.0", "1.35.0"):
             kubernetes_validate.validate(job, version, strict=True)
         pod = job["spec"]["template"]["spec"]
         assert restricted_violations(pod) == [], f"{which}: {step}"
@@ -343,3 +343,13 @@ def test_notes_say_what_was_installed() -> None:
         'Pod Security "restricted"',
     ):
         assert line in notes, line
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.32.4"])
+def test_the_chart_refuses_a_cluster_without_ordered_namespace_deletion(version: str) -> None:
+    """Before 1.33 a namespace's objects go in no set order: the operator's Role can go before the
+    DoppelUsers it must release, and the namespace would hang (docs/operator.md). Helm says so at install."""
+    with pytest.raises(HelmError) as caught:
+        template_chart(extra_args=["--kube-version", version])
+    assert ">=1.33.0-0" in str(caught.value) and version in str(caught.value)
+    template_chart(extra_args=["--kube-version", "1.33.0"])

@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +43,7 @@ from tests.support.bot_fixtures import (
     say,
     sign,
 )
-from tests.support.helm import CHART_DIR, render_chart, rendered_env
+from tests.support.helm import CHART_DIR, find_manifest, render_chart, rendered_env
 from tests.support.pod_security import resource_violations, restricted_violations
 from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID, write_export_zip
 from tests.support.vllm_fixtures import free_port
@@ -80,8 +82,9 @@ def _engine() -> str:
 
 
 class Images:
-    def __init__(self, engine: str, names: dict[str, str], figures: dict[str, str]) -> None:
+    def __init__(self, engine: str, names: dict[str, str], figures: dict[str, str], values: Path) -> None:
         self.engine, self.names, self.figures = engine, names, figures
+        self.values = values  # the release values build.sh wrote (images by digest)
 
     def run(
         self, image: str, args: list[str], flags: tuple[str, ...] = ()
@@ -128,7 +131,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     print("\n".join(figures.values()))
     values = yaml.safe_load(Path(env["VALUES_OUT"]).read_text())["images"]
     names = {key: f"{v['repository']}:{v['tag']}" for key, v in values.items()}
-    return Images(engine, names, figures)
+    return Images(engine, names, figures, Path(env["VALUES_OUT"]))
 
 
 @pytest.fixture
@@ -152,6 +155,40 @@ def test_images_are_non_root_and_the_app_image_runs_read_only(images: Images) ->
         assert user == f"{UID}:{UID}", name
     ran = images.run("app", ["--version"])
     assert ran.returncode == 0 and "doppel" in ran.stdout, ran.stderr
+
+
+def test_the_release_values_name_each_build_by_the_digest_its_archive_keeps(images: Images, tmp_path) -> None:
+    """build.sh's values name each local build by digest; the image runs by that reference, an uncompressed
+    OCI archive of it (what kind and k3s import) keeps the digest, and the chart renders exactly it."""
+    if images.engine == "docker":
+        pytest.skip("docker keeps no manifest digest for a local build (PUSH=1 records the registry's)")
+    values = yaml.safe_load(images.values.read_text())["images"]
+    assert set(values) == {"app", "workerCpu", "worker"}
+    assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"]) for image in values.values()), values
+    cpu = values["workerCpu"]
+    by_digest = f"{cpu['repository']}@{cpu['digest']}"
+    ran = subprocess.run(
+        [images.engine, "run", "--rm", *POD_LIKE, by_digest, "--version"],
+        capture_output=True, text=True, env=_engine_env(), check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0 and "doppel" in ran.stdout, ran.stderr
+    archive = tmp_path / "worker-cpu.tar"
+    subprocess.run(
+        [images.engine, "save", "--format", "oci-archive", "--uncompressed", "-o", str(archive),
+         images.names["workerCpu"]],
+        capture_output=True, env=_engine_env(), check=True,
+    )  # fmt: skip
+    with tarfile.open(archive) as tar:
+        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+    assert [m["digest"] for m in index["manifests"]] == [cpu["digest"]]
+    manifests = render_chart([images.values])
+    (container,) = find_manifest(manifests, "Deployment", "operator")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert container["image"] == f"{values['app']['repository']}@{values['app']['digest']}"
+    env = rendered_env(manifests, "operator")
+    assert env["DOPPEL_WORKER_IMAGE"] == f"{values['worker']['repository']}@{values['worker']['digest']}"
+    assert by_digest in json.dumps(env)  # the scrape and cleanup Jobs' image
 
 
 async def test_the_bot_in_its_image_answers_a_signed_event(images: Images, bot_kube, slack_emulator) -> None:

@@ -32,7 +32,7 @@ def test_dry_run_prints_every_job_the_operator_would_create_with_the_chart_setti
     assert steps == ["scrape", "train", "cleanup", "purge"]
     for job in objects:
         assert job["kind"] == "Job" and job["metadata"]["namespace"] == "doppel"  # the chart's namespace
-        kubernetes_validate.validate(job, "1.29.0", strict=True)
+        kubernetes_validate.validate(job, "1.33.0", strict=True)
         pod = job["spec"]["template"]["spec"]
         assert restricted_violations(pod) == [] and resource_violations(pod) == []
         assert qos_class(pod) == "Burstable"

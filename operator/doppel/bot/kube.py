@@ -15,7 +15,6 @@ import concurrent.futures
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -261,54 +260,44 @@ class Kube:
         """Delete ConfigMap `name`: True if this call deleted it, False if it was gone (atomic)."""
         return await self._maybe(self.core.delete_namespaced_config_map, name, namespace) is not None
 
-    # --- event claims (deduplication) ------------------------------------------------------------
-    async def claim(self, namespace: str, key: str, ttl_s: int) -> bool:
-        """Create ConfigMap `doppel-event-<key>`: True if this call created it, False if it existed.
-
-        Create is atomic on the API server, so exactly one replica wins an event, even after restarts.
-        """
-        body = {
-            "metadata": {
-                "name": f"doppel-event-{key}",
-                "namespace": namespace,
-                "labels": {LABEL_EVENT: "seen"},
-                "annotations": {ANNOTATION_EXPIRES: str(int(time.time() + ttl_s))},
-            }
-        }
-        try:
-            # The answer is not needed: skip deserialising it (the client's costliest step).
-            await self._call(self.core.create_namespaced_config_map, namespace, body, _preload_content=False)
-        except ApiException as exc:
-            if exc.status == 409:
-                return await self._take_expired(namespace, body)
-            raise
-        return True
-
-    async def _take_expired(self, namespace: str, body: dict[str, Any]) -> bool:
-        """A claim that exists is someone's, unless it expired and is not swept yet: then renew it, on its
-        resourceVersion (a patch naming one fails with 409 if the object changed), so that of several
-        replicas only one takes it."""
-        name = body["metadata"]["name"]
+    async def read_configmap(self, namespace: str, name: str) -> tuple[dict[str, str], str] | None:
+        """ConfigMap `name`'s data and resourceVersion, or None if there is none."""
         found = await self._maybe(self.core.read_namespaced_config_map, name, namespace)
-        if found is None:
-            return False  # swept meanwhile: the event is old, leave it
-        if float((found.metadata.annotations or {}).get(ANNOTATION_EXPIRES, "0")) >= time.time():
-            return False
-        meta = {
-            "resourceVersion": found.metadata.resource_version,
-            "annotations": body["metadata"]["annotations"],
+        return None if found is None else (dict(found.data or {}), found.metadata.resource_version)
+
+    async def configmaps_with_versions(
+        self, namespace: str, selector: str
+    ) -> dict[str, tuple[dict[str, str], str]]:
+        """name -> (data, resourceVersion) of the ConfigMaps matching label `selector` (`key=value`)."""
+        key, _, value = selector.partition("=")
+        found = await self._call(self.core.list_namespaced_config_map, namespace, label_selector=selector)
+        return {
+            item.metadata.name: (dict(item.data or {}), item.metadata.resource_version)
+            for item in found.items
+            if (item.metadata.labels or {}).get(key) == value
         }
+
+    async def change_configmap(
+        self, namespace: str, name: str, changes: dict[str, str | None], version: str
+    ) -> bool:
+        """Merge `changes` into ConfigMap `name`'s data (None removes a key) if it is still at resourceVersion
+        `version`: False if it changed meanwhile (409) or is gone (404), and nothing was written."""
+        body = {"metadata": {"resourceVersion": version}, "data": changes}
         try:
-            await self._call(self.core.patch_namespaced_config_map, name, namespace, {"metadata": meta})
+            await self._call(
+                self.core.patch_namespaced_config_map, name, namespace, body, _preload_content=False
+            )
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False
             raise
         return True
 
+    # --- event claims of earlier versions (one ConfigMap per event): swept once expired ---------------
     async def expire_claims(self, namespace: str, now: float) -> int:
-        """Delete the claims past their expiry; returns how many went. Listed by label: the namespace's
-        other ConfigMaps are never read."""
+        """Delete the per-event claims past their expiry (doppel.bot.ledger keeps claims in a fixed set of
+        ConfigMaps now); returns how many went. Listed by label: the namespace's other ConfigMaps are never
+        read."""
         found = await self._call(
             self.core.list_namespaced_config_map, namespace, label_selector=f"{LABEL_EVENT}=seen"
         )
