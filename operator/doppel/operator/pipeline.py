@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -162,9 +162,6 @@ async def step(
     owner = jobs.Owner(namespace, name, uid, int(body.get("metadata", {}).get("generation") or 1))
     owned = list(indexes["doppel_jobs"].get(uid, []))
     pods = {j["metadata"]["name"]: list(indexes["job_pods"].get(j["metadata"]["name"], [])) for j in owned}
-    secret_problem = None
-    if not any(j["metadata"]["labels"].get(jobs.L_GENERATION) == str(owner.generation) for j in owned):
-        secret_problem = await _secret_problem(api, namespace, spec)
     seen = await _events(
         api,
         namespace,
@@ -179,11 +176,16 @@ async def step(
         pods=pods,
         now=now,
         may_train=lambda: _admission(state, uid, f"{namespace}/{name}", current, now, indexes),
-        secret_problem=secret_problem,
         person_deactivated=person_deactivated(body.get("metadata", {}).get("annotations")),
         events=seen,
     )
     plan = reconcile(observed, config)
+    # The token Secret is read only when a scrape Job is about to start: asked on every pass, a thousand
+    # Ready doppels (their Jobs gone after the TTL) cost the API server a thousand reads per interval.
+    if any(job["metadata"]["labels"].get(jobs.L_STEP) == "scrape" for job in plan.create):
+        secret_problem = await _secret_problem(api, namespace, spec)
+        if secret_problem is not None:
+            plan = reconcile(replace(observed, secret_problem=secret_problem), config)
     problem = await _carry_out(api, namespace, plan, logger, state.metrics)
     if problem == STALE:
         # A Job the plan meant to create exists already: the Job index is behind (a replica that just took
