@@ -13,8 +13,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
-from tests.support.kube_fixtures import NAMESPACE, TEST_AGENT, OperatorProcess, config_with, vllm_pod
+from tests.support.kube_fixtures import NAMESPACE, OperatorProcess, config_with, vllm_pod
+from tests.support.metrics import free_port
 from tests.support.vllm_pods import AdapterApiPod
 
 from doppel.operator.handlers import RESYNC_JITTER
@@ -120,12 +122,12 @@ async def test_an_operator_restart_lists_each_pod_once_not_once_per_doppel(kube,
     for pod in pods:
         pod.reset_counts()
     # Every loop starts again at once and checks every pod straight away.
-    passes = secret_reads(kube)
+    config = config_with(config, metrics_port=free_port())
     operator = OperatorProcess(config)
     await operator.start()
     try:
         started = time.monotonic()
-        while secret_reads(kube) < passes + USERS:  # each loop's first pass reads its token Secret
+        while await reconcile_passes(config.metrics_port) < USERS:  # each loop's first pass
             assert time.monotonic() - started < 60, "the loops did not all run"
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - started
@@ -137,14 +139,14 @@ async def test_an_operator_restart_lists_each_pod_once_not_once_per_doppel(kube,
         await operator.stop()
 
 
-def secret_reads(kube) -> int:
-    """GETs of the token Secret by the operator (one per pass of a loop whose Jobs are gone)."""
-    return sum(
-        1
-        for request in kube.cluster.emulator
-        if request.resource is not None
-        and request.resource.plural == "secrets"
-        and request.action is not None
-        and request.action.name == "FETCH"
-        and not request.headers.get("User-Agent", "").startswith(TEST_AGENT)
-    )
+async def reconcile_passes(port: int) -> float:
+    """Reconcile passes the operator finished, from its /metrics (0 before it serves them)."""
+    try:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+    except httpx.TransportError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("doppel_reconcile_duration_seconds_count "):
+            return float(line.split()[1])
+    return 0.0
