@@ -46,7 +46,7 @@ MEMORY_DIR = "memory"
 META_FILE = "memory.json"
 ENTRIES_FILE = "entries.jsonl"
 BM25_DIR = "bm25"
-FORMAT = 1
+FORMAT = 2  # 2: CJK text indexed as character pairs
 CHARS_PER_TOKEN = 3
 DEFAULT_K = 3
 DEFAULT_BUDGET_TOKENS = 256
@@ -54,8 +54,12 @@ DEFAULT_MIN_COVERAGE = 0.3
 ANSWERED_CHARS = 200  # of the message an entry answered, in the prompt line and the index
 _SPLIT = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default splitter
 _STOPWORDS = frozenset(STOPWORDS_EN)
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
+_CJK = re.compile(f"[{_CJK_CHARS}]")
+_CJK_SPLIT = re.compile(f"([{_CJK_CHARS}]+)")
+_HIRAGANA = re.compile("[\u3040-\u309f]+")
 _QUESTION = re.compile(
-    r"\?|^\s*(who|what|when|where|why|how|which|whose|is|are|was|were|do|does|did|can|could|should|"
+    r"[?？]|^\s*(who|what|when|where|why|how|which|whose|is|are|was|were|do|does|did|can|could|should|"
     r"would|will|have|has|any|anyone)\b",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -202,8 +206,23 @@ def write_index(
 
 def terms(text: str, stemmer: Any) -> list[str]:
     """The index terms of `text`: lower-cased words of two characters or more, English stop words out,
-    stemmed (what bm25s's own tokenizer does, without its growing vocabulary cache)."""
-    words = [w for w in _SPLIT.findall(text.lower()) if w not in _STOPWORDS]
+    stemmed (what bm25s's own tokenizer does, without its growing vocabulary cache). Chinese, Japanese and
+    Korean are written without spaces: a run of their characters gives its character pairs (the usual
+    n-gram indexing of CJK text), cut at hiragana (Japanese grammar: particles, endings), a lone character
+    itself."""
+    words: list[str] = []
+    for word in _SPLIT.findall(text.lower()):
+        if not _CJK.search(word):
+            if word not in _STOPWORDS:
+                words.append(word)
+            continue
+        for part in _CJK_SPLIT.split(word):
+            if not _CJK.search(part):
+                if len(part) > 1 and part not in _STOPWORDS:
+                    words.append(part)
+                continue
+            for piece in _HIRAGANA.split(part):
+                words += [piece[i : i + 2] for i in range(len(piece) - 1)] or ([piece] if piece else [])
     return stemmer.stemWords(words)
 
 

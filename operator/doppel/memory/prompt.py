@@ -82,12 +82,20 @@ def query(text: str) -> str:
 
 
 def remember_samples(
-    records: Iterable[dict[str, Any]], index: MemoryIndex, settings: MemorySettings = DEFAULT_SETTINGS
+    records: Iterable[dict[str, Any]],
+    index: MemoryIndex,
+    settings: MemorySettings = DEFAULT_SETTINGS,
+    *,
+    heldout_from: float | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """`records` (samples.jsonl) with memory in their system prompts; also how many got any."""
+    """`records` (samples.jsonl) with memory in their system prompts; also how many got any.
+
+    `heldout_from`: the training's held-out cut (`doppel.train.data.split_by_time`). A sample at or after
+    it retrieves only messages from before it, the training split: held-out evaluation never sees another
+    held-out message."""
     out, remembered = [], 0
     for record in records:
-        lines = _lines_for(record, index, settings)
+        lines = _lines_for(record, index, settings, heldout_from)
         if lines:
             messages = [dict(m) for m in record["messages"]]
             messages[0]["content"] = system_prompt(record["meta"]["person"], memory=lines)
@@ -97,7 +105,9 @@ def remember_samples(
     return out, remembered
 
 
-def _lines_for(record: dict[str, Any], index: MemoryIndex, settings: MemorySettings) -> list[str]:
+def _lines_for(
+    record: dict[str, Any], index: MemoryIndex, settings: MemorySettings, heldout_from: float | None
+) -> list[str]:
     messages, meta = record.get("messages") or [], record.get("meta") or {}
     person = meta.get("person")
     # Only a sample whose system prompt is the plain one (a scrape's) gets memory: never rewrite others.
@@ -107,12 +117,13 @@ def _lines_for(record: dict[str, Any], index: MemoryIndex, settings: MemorySetti
         return []
     asked = query(messages[-2]["content"].splitlines()[-1])
     thread = f"{meta.get('channel_id') or ''}/{meta.get('thread_ts') or meta['ts']}"
+    before = float(meta["ts"]) if heldout_from is None else min(float(meta["ts"]), heldout_from)
     recall = index.search(
         asked,
         k=settings.k,
         budget_tokens=settings.budget_tokens,
         min_coverage=settings.min_coverage,
-        before_ts=float(meta["ts"]),
+        before_ts=before,
         exclude_thread=thread,
     )
     return recall.lines()
