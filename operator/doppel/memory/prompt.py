@@ -11,6 +11,7 @@ than it), so the adapter learns to use what is retrieved, neither copying it nor
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ from doppel.memory.index import (
     MemoryIndex,
     Recall,
 )
+from doppel.memory.support import DEFAULT_MIN_SUPPORT
 from doppel.slack.conversation import ThreadMessage, system_prompt
 from doppel.slack.normalize import BOT_HANDLE
 
@@ -32,19 +34,21 @@ from doppel.slack.normalize import BOT_HANDLE
 class MemorySettings:
     k: int = DEFAULT_K
     budget_tokens: int = DEFAULT_BUDGET_TOKENS
-    min_coverage: float = (
-        DEFAULT_MIN_COVERAGE  # under it a message is not used; a question with none abstains
-    )
+    min_coverage: float = DEFAULT_MIN_COVERAGE  # under it a retrieved message is not used
+    min_support: float = DEFAULT_MIN_SUPPORT  # under it a question is abstained on (doppel.memory.support)
     abstain: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MemorySettings:
-        """DOPPEL_MEMORY_MIN_COVERAGE, DOPPEL_MEMORY_BUDGET_TOKENS, DOPPEL_MEMORY_K, DOPPEL_MEMORY_ABSTAIN."""
+        """DOPPEL_MEMORY_MIN_COVERAGE, DOPPEL_MEMORY_MIN_SUPPORT, DOPPEL_MEMORY_BUDGET_TOKENS,
+        DOPPEL_MEMORY_K, DOPPEL_MEMORY_ABSTAIN."""
         env = os.environ if env is None else env
         settings = cls()
         try:
             if env.get("DOPPEL_MEMORY_MIN_COVERAGE"):
                 settings = replace(settings, min_coverage=float(env["DOPPEL_MEMORY_MIN_COVERAGE"]))
+            if env.get("DOPPEL_MEMORY_MIN_SUPPORT"):
+                settings = replace(settings, min_support=float(env["DOPPEL_MEMORY_MIN_SUPPORT"]))
             if env.get("DOPPEL_MEMORY_BUDGET_TOKENS"):
                 settings = replace(settings, budget_tokens=int(env["DOPPEL_MEMORY_BUDGET_TOKENS"]))
             if env.get("DOPPEL_MEMORY_K"):
@@ -55,6 +59,8 @@ class MemorySettings:
             settings = replace(settings, abstain=False)
         if not 0 <= settings.min_coverage <= 1 or settings.budget_tokens < 0 or settings.k < 0:
             raise BadInput("DOPPEL_MEMORY_MIN_COVERAGE must be in [0, 1], the budget and k not negative")
+        if not math.isfinite(settings.min_support):
+            raise BadInput("DOPPEL_MEMORY_MIN_SUPPORT must be a number (log10 units, default -0.5)")
         return settings
 
 
@@ -72,6 +78,7 @@ def recall_for(
         k=settings.k,
         budget_tokens=settings.budget_tokens,
         min_coverage=settings.min_coverage,
+        min_support=settings.min_support,
     )
     return recall if settings.abstain else replace(recall, question=False)
 
