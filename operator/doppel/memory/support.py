@@ -1,8 +1,8 @@
 """Does the person write about what a question asks? The abstention measure.
 
 A question's *support* is how much more often the person uses its words than people do in general: for each
-content word w of the question (Slack mentions, links, emoji, stop words, words as common as "from" or
-"have" and the person's own name left out),
+content word w of the question (Slack mentions, links, emoji, stop words and the person's own name left out;
+common words such as "from" stay: a person of another language does not use them),
 
     log10( p_person(w) / p_general(w) ),   p_person(w) = (count(w) + MU * p_general(w)) / (total + MU)
 
@@ -33,7 +33,6 @@ MIN_WORDS = 2
 # general language. Measured on the real exports (docs/memory.md, tests/bench/bench_memory.py abstention).
 DEFAULT_MIN_SUPPORT = -0.5
 _FLOOR = 1e-8  # a word no list has: rarer than any listed
-FUNCTION_WORD = 1e-3  # a word this common ("from", "have", "any": Zipf 6 and up) says nothing of the subject
 _CJK_FLOOR = 1e-7  # a CJK character pair that is not a word of the list
 # Slack markup that says nothing of the subject: <@U123>, <#C123|name>, <!here>, <https://...>, :emoji:
 _MARKUP = re.compile(r"<[@#!][^>]*>|<https?://[^>]*>|https?://\S+|:[a-z0-9_+'-]+:", re.IGNORECASE)
@@ -68,8 +67,6 @@ def support(
     ratios = []
     for word, stem, cjk in words:
         general = background(word, cjk)
-        if general >= FUNCTION_WORD:
-            continue
         person = (count(stem) + MU * general) / (total + MU)
         ratios.append(math.log10(person / general))
     return sum(ratios) / len(ratios) if len(ratios) >= MIN_WORDS else None
