@@ -75,6 +75,36 @@ def answer(base_model: Path, adapter: Path, contexts: list[list[dict[str, str]]]
     return [t.strip() for t in texts]
 
 
+def pick_threads(
+    remembered: Path, corrected: int, measured: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Samples (the shape the adapter trained on and serves: memory in the system prompt) of distinct
+    threads: `corrected` from the oldest, `measured` from the newest, apart."""
+    records = [json.loads(line) for line in remembered.open()]
+    records = [r for r in records if r["meta"].get("kind", "reply") == "reply" and "ts" in r["meta"]]
+    records.sort(key=lambda r: float(r["meta"]["ts"]))
+    threads: dict[str, dict[str, Any]] = {}
+    for record in records:
+        threads.setdefault(f"{record['meta'].get('channel_id')}/{record['meta'].get('thread_ts')}", record)
+    firsts = list(threads.values())
+    assert len(firsts) >= corrected + measured, len(firsts)
+    return firsts[:corrected], firsts[-measured:]
+
+
+def correct(
+    store: FeedbackStore, base_model: Path, adapter: Path, samples: list[dict[str, Any]], reply_tokens: int
+) -> None:
+    """The doppel (`adapter`) answers each sample's context, as the bot records it; the person corrects
+    each reply, as the "Correct this" modal stores it: the same words, no sign-off."""
+    contexts = [r["messages"][:-1] for r in samples]
+    replies = answer(base_model, adapter, contexts, reply_tokens)
+    for i, (context, reply) in enumerate(zip(contexts, replies, strict=True)):
+        ts = f"{int(EXPORTED_AT.timestamp()) + 60 * i}.000100"
+        store.record_reply(ts, messages=context, reply=reply, adapter=adapter.name)
+        real = samples[i]["messages"][-1]["content"]
+        store.correct(ts, MARGARET.id, without_sign_off(reply) or without_sign_off(real))
+
+
 def run(
     base_model: Path,
     workdir: Path,
@@ -89,28 +119,10 @@ def run(
     started = time.perf_counter()
     train(samples, base_model, workdir / "v1", train_args, workdir / "v1.json")
     seconds["train_v1"] = time.perf_counter() - started
-    # The contexts in the shape the adapter trained on and serves (memory in the system prompt): the
-    # corrected ones from the older half of her threads, the measured ones from the newer, apart.
-    records = [json.loads(line) for line in samples.with_name("samples.remembered.jsonl").open()]
-    records = [r for r in records if r["meta"].get("kind", "reply") == "reply"]
-    records.sort(key=lambda r: float(r["meta"]["ts"]))
-    threads: dict[str, dict[str, Any]] = {}
-    for record in records:
-        threads.setdefault(f"{record['meta'].get('channel_id')}/{record['meta'].get('thread_ts')}", record)
-    firsts = list(threads.values())
-    to_correct, to_measure = firsts[:corrected], firsts[-measured:]
-    assert len(firsts) >= corrected + measured, len(firsts)
-
+    to_correct, to_measure = pick_threads(samples.with_name("samples.remembered.jsonl"), corrected, measured)
     started = time.perf_counter()
-    contexts = [r["messages"][:-1] for r in to_correct]
-    replies = answer(base_model, workdir / "v1", contexts, reply_tokens)
     store = FeedbackStore(workdir / "doppel")
-    for i, (context, reply) in enumerate(zip(contexts, replies, strict=True)):
-        ts = f"{int(EXPORTED_AT.timestamp()) + 60 * i}.000100"
-        store.record_reply(ts, messages=context, reply=reply, adapter="v1")
-        # Her correction: what she would have said, the same words with no sign-off.
-        real = to_correct[i]["messages"][-1]["content"]
-        store.correct(ts, MARGARET.id, without_sign_off(reply) or without_sign_off(real))
+    correct(store, base_model, workdir / "v1", to_correct, reply_tokens)
     measure = [r["messages"][:-1] for r in to_measure]
     before = answer(base_model, workdir / "v1", measure, reply_tokens)
     seconds["correct_and_measure_v1"] = time.perf_counter() - started
