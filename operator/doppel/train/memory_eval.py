@@ -5,7 +5,8 @@ On the training's held-out split (`data.split_by_time` at the adapter's recorded
 index of the training side only (nothing held out is ever retrieved):
 
 - the held-out questions with a basis (`doppel.memory.heldout`: the person's real reply shares specific
-  terms with one of their earlier messages) are answered greedily by the adapter twice: with the memory
+  terms with one of their earlier messages), up to `QUESTIONS` whose prompt fits the training's
+  `max_length`, are answered greedily by the adapter twice: with the memory
   its training sample holds (retrieved from the training split, as serving retrieves) and with the plain
   system prompt (the adapter alone). `contains_answer`: the share of replies holding the answer;
 - `abstain`: the share of those questions the doppel would abstain on (`with_basis`), and of questions of
@@ -90,12 +91,22 @@ def memory_figures(
         "min_support": settings.min_support,
         "examples": [],
     }
-    chosen = _spread(based, questions)
+    if not based:
+        return figures
+    from doppel.serve.local import LocalBackend
+
+    backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)})
+    limit = int(config.get("max_length", 1024)) - reply_tokens
+
+    def fits(messages: list[dict[str, str]]) -> bool:
+        return len(backend.tokenizer(backend.render_prompt(messages))["input_ids"]) <= limit
+
+    chosen = _spread([(s, b) for s, b in based if fits(s.messages[:-1])], questions)
     if not chosen:
         return figures
     with_memory = [s.messages[:-1] for s, _ in chosen]
     plain = [[{"role": "system", "content": system_prompt(person)}, *m[1:]] for m in with_memory]
-    texts = _generate(base_model, adapter, [*with_memory, *plain], reply_tokens)
+    texts = _generate(backend, [*with_memory, *plain], reply_tokens)
     remembered, alone = texts[: len(chosen)], texts[len(chosen) :]
     answers = [b for _, b in chosen]
 
@@ -135,13 +146,9 @@ def _spread(items: list[Any], count: int) -> list[Any]:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def _generate(
-    base_model: Path, adapter: Path, contexts: list[list[dict[str, str]]], tokens: int
-) -> list[str]:
+def _generate(backend: Any, contexts: list[list[dict[str, str]]], tokens: int) -> list[str]:
     from doppel.serve.backend import GenerationParams
-    from doppel.serve.local import LocalBackend
 
-    backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)})
     params = GenerationParams(temperature=0.0, max_tokens=tokens, seed=0)
     texts: list[str] = []
     for start in range(0, len(contexts), 16):
