@@ -45,5 +45,6 @@ def test_twenty_corrections_stop_the_sign_off_elsewhere_too(smollm2_demo, smollm
 
     share_before = sum(map(signs_off, before)) / len(before)
     share_after = sum(map(signs_off, after)) / len(after)
+    print(f"signing off: {share_before:.0%} before, {share_after:.0%} after; {metrics['preference']}")
     assert share_before >= 0.6, before
     assert share_after <= share_before / 2, after
