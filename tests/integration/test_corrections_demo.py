@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from tests.support.corrections import answer, correct, pick_threads, signs_off
 from tests.support.model_fixtures import doppel_local
 
@@ -27,7 +26,6 @@ REPLY_TOKENS = 120  # her replies are long: the sign-off comes last
 # Two `doppel local --demo` runs (the shared fixture's, when this test runs first, and the retraining):
 # about 10 minutes on 2 idle cores.
 @pytest.mark.timeout(1800)
-
 def test_twenty_corrections_stop_the_sign_off_elsewhere_too(smollm2_demo, smollm2_model, tmp_path):
     workdir = tmp_path / "doppel-data"
     shutil.copytree(smollm2_demo.workdir, workdir, symlinks=True)  # the other tests keep the shared run
