@@ -13,11 +13,13 @@ The messages are synthetic: words drawn from a Zipf distribution over a 30,000-w
 of real text's word frequencies, which is what sets BM25's posting-list lengths), 8 to 60 words each, and
 each answers a question drawn the same way. Questions mix words of existing messages with unknown ones.
 
-With `abstention` as argument instead, on the real Hyperledger export (`../shared/real-exports`, skipped
-when absent): its most active person's messages, oldest 80% indexed, and the abstention rate at several
-thresholds on (a) the questions they were asked later (held out: most have a basis in what they wrote
-before, some do not) and (b) questions of other workspaces (the demo's and the small real exports': these
-have none, unless by coincidence of words).
+With `abstention` as argument instead, on the real Hyperledger and haskell-jp exports
+(`../shared/real-exports`, skipped when absent): for each export's most active person, the samples split by
+time as training splits them (the latest 15% held out), the index built from the training side only, and
+the abstention rate at several support thresholds (`doppel.memory.support`) on (a) the held-out questions
+with a basis in what the person wrote before (`doppel.memory.heldout`: the real reply shares specific terms
+with one earlier message) and (b) questions with none: 300 questions of the other real export, the demo
+workspace's, the small real exports'.
 
 Run: .venv/bin/python tests/bench/bench_memory.py [MESSAGES | abstention]
 """
@@ -45,7 +47,15 @@ MESSAGES = int(MODE) if MODE.isdigit() else 100_000
 REAL_EXPORTS = Path(
     os.environ.get("DOPPEL_REAL_EXPORTS") or Path(__file__).resolve().parents[3] / "shared" / "real-exports"
 )
-THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4)
+SUPPORTS = (-1.0, -0.75, -0.5, -0.25, 0.0)
+REAL = ("hyperledger-slack", "haskell-jp-slack")
+SMALL = (
+    "hfaran-slack-export-viewer/testarchive.zip",
+    "rusq-slackdump/source_export.zip",
+    "zulip-slack-fixtures/zulip-slack-fixtures.zip",
+)
+EVAL_FRACTION = 0.15  # the trainer's default held-out share
+FOREIGN = 300
 VOCABULARY = 30_000
 QUESTIONS = 2_000
 TARGET_MS = 20.0
@@ -150,76 +160,105 @@ def main() -> None:
 
 
 def abstention() -> None:
+    """Abstention rates on the real exports (see the module docstring and docs/memory.md)."""
+    import json
+
+    import Stemmer
+
+    from doppel.memory.heldout import Earlier, asked, foreign_questions
+    from doppel.memory.index import entries_from_samples
+    from doppel.memory.prompt import query
+    from doppel.slack.export import scrape_export
+    from doppel.slack.samples import ScrapeOptions
+    from doppel.train.data import load_samples, split_by_time
+
+    exports = {name: REAL_EXPORTS / name / f"{name}.zip" for name in REAL}
+    if not all(path.is_file() for path in exports.values()):
+        print(f"skipped: the real exports are missing under {REAL_EXPORTS}")
+        return
+    stemmer = Stemmer.Stemmer("english")
+    for name, export in exports.items():
+        work = Path(tempfile.mkdtemp(prefix="bench-memory-real-"))
+        try:
+            person = most_active(export)
+            options = ScrapeOptions(cutoff_days=36500, min_length=20, max_samples=1_000_000, now=time.time())
+            scrape_export(export, person, work / "data", options)
+            path = work / "data" / "samples.jsonl"
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            split = split_by_time(load_samples(path), EVAL_FRACTION)
+            cut = split.cut_ts or float("inf")
+            # The index of the training split only, as a held-out evaluation must see it.
+            before = [r for r in records if float(r["meta"]["ts"]) < cut]
+            meta = records[0]["meta"]
+            where = write_index(
+                entries_from_samples(before),
+                work / "memory",
+                team=meta["team"],
+                person_id=meta["user"],
+                person_name=meta["person"],
+            )
+            index = MemoryIndex.load(where)
+            earlier = Earlier([e.text for e in index.entries], stemmer)
+            questions = [(q, s.reply) for s in split.eval if s.kind == "reply" and (q := asked(s.messages))]
+            sets = {"with basis (held out)": [b.question for q, r in questions if (b := earlier.basis(q, r))]}
+            for other in REAL:
+                if other != name:
+                    sets[f"no basis: {other}"] = export_questions(exports[other], seed=0)[:FOREIGN]
+            sets["no basis: demo workspace"] = foreign_questions(meta["team"])
+            small = [q for zz in SMALL for q in export_questions(REAL_EXPORTS / zz, seed=0)]
+            sets["no basis: small exports"] = small
+            print(
+                f"{name}, {person}: {len(records)} messages, {len(before)} before the held-out cut indexed; "
+                f"{len(questions)} held-out questions, " + ", ".join(f"{k} {len(v)}" for k, v in sets.items())
+            )
+            supports = {k: [index.support(query(q)) for q in v] for k, v in sets.items()}
+            judged = {k: [x for x in v if x is not None] for k, v in supports.items()}
+            print(
+                "  questions of two content words or more (others are never abstained on): "
+                + ", ".join(f"{k} {len(v)}" for k, v in judged.items())
+            )
+            for threshold in SUPPORTS:
+                rates = ", ".join(
+                    f"{k} {statistics.mean(x < threshold for x in v):.0%}" for k, v in judged.items() if v
+                )
+                print(f"  min support {threshold:+.2f}: abstains on {rates}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def most_active(export: Path) -> str:
     import collections
     import json
     import zipfile
 
-    from doppel.demo.workspace import build_workspace
-    from doppel.memory.index import entries_from_samples, is_question
-    from doppel.memory.prompt import query
-    from doppel.slack.export import scrape_export
-    from doppel.slack.samples import ScrapeOptions
+    with zipfile.ZipFile(export) as archive:
+        counts: collections.Counter[str] = collections.Counter()
+        for name in archive.namelist():
+            if name.endswith(".json") and "/" in name:
+                counts.update(m["user"] for m in json.loads(archive.read(name)) if m.get("user"))
+        users = {u["id"]: u for u in json.loads(archive.read("users.json"))}
+    return users[counts.most_common(1)[0][0]]["name"]
 
-    export = REAL_EXPORTS / "hyperledger-slack" / "hyperledger-slack.zip"
-    if not export.is_file():
-        print(f"skipped: {export} is missing")
-        return
-    archive = zipfile.ZipFile(export)
-    counts: collections.Counter[str] = collections.Counter()
-    for name in archive.namelist():
-        if name.endswith(".json") and "/" in name:
-            counts.update(m["user"] for m in json.loads(archive.read(name)) if m.get("user"))
-    users = {u["id"]: u for u in json.loads(archive.read("users.json"))}
-    person = users[counts.most_common(1)[0][0]]["name"]
-    work = Path(tempfile.mkdtemp(prefix="bench-memory-real-"))
-    try:
-        options = ScrapeOptions(cutoff_days=36500, min_length=20, max_samples=1_000_000, now=time.time())
-        scrape_export(export, person, work / "data", options)
-        records = [json.loads(line) for line in (work / "data" / "samples.jsonl").read_text().splitlines()]
-        records.sort(key=lambda r: float(r["meta"]["ts"]))
-        cut = int(len(records) * 0.8)
-        meta = records[0]["meta"]
-        where = write_index(
-            entries_from_samples(records[:cut]),
-            work / "memory",
-            team=meta["team"],
-            person_id=meta["user"],
-            person_name=meta["person"],
-        )
-        index = MemoryIndex.load(where)
-        held = [
-            r["messages"][-2]["content"].splitlines()[-1] for r in records[cut:] if len(r["messages"]) > 2
-        ]
-        held = [query(q) for q in held if is_question(q)]
-        other = [
-            m.get("text", "")
-            for name, content in build_workspace().items()
-            if "/" in name
-            for m in content
-            if is_question(m.get("text", ""))
-        ]
-        for small in ("hfaran-slack-export-viewer/testarchive.zip", "rusq-slackdump/source_export.zip"):
-            with zipfile.ZipFile(REAL_EXPORTS / small) as zz:
-                for name in zz.namelist():
-                    if name.endswith(".json") and "/" in name:
-                        found = json.loads(zz.read(name))
-                        other += [
-                            m["text"] for m in found if isinstance(m, dict) and is_question(m.get("text", ""))
-                        ]
-        other = [query(q) for q in dict.fromkeys(other)]
-        print(
-            f"{person}: {len(records)} messages, {cut} indexed; {len(held)} held-out questions to them, "
-            f"{len(other)} questions of other workspaces"
-        )
-        for threshold in THRESHOLDS:
-            held_out = statistics.mean(index.search(q, min_coverage=threshold).abstain for q in held)
-            no_basis = statistics.mean(index.search(q, min_coverage=threshold).abstain for q in other)
-            print(
-                f"min coverage {threshold:.2f}: abstains on {held_out:.0%} of the held-out questions, "
-                f"{no_basis:.0%} of the other workspaces' questions"
-            )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+def export_questions(export: Path, seed: int) -> list[str]:
+    """The questions people asked in `export` (messages with a question form), shuffled by `seed`."""
+    import json
+    import random
+    import zipfile
+
+    from doppel.memory.index import is_question
+
+    found: list[str] = []
+    with zipfile.ZipFile(export) as archive:
+        for name in archive.namelist():
+            if name.endswith(".json") and "/" in name:
+                for m in json.loads(archive.read(name)):
+                    usable = isinstance(m, dict) and m.get("user") and not m.get("subtype")
+                    if usable and is_question(m.get("text", "")):
+                        found.append(m["text"])
+    found = list(dict.fromkeys(found))
+    random.Random(seed).shuffle(found)
+    return found
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from doppel.memory.index import MemoryIndex
 from doppel.slack.conversation import MEMORY_HEADING
 from doppel.slack.export import scrape_export
 from doppel.slack.samples import ScrapeOptions
+from doppel.train.data import load_samples, split_by_time
 
 QUICK = ["--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--max-length", "384", "--no-eval"]
 
@@ -80,6 +81,21 @@ def test_train_writes_memory_beside_the_adapter_and_learns_the_corrections(tmp_p
     corrections = [r for r in trained if r["meta"].get("source") == "correction"]
     assert [r["meta"]["weight"] for r in corrections] == [CORRECTION_WEIGHT] * 2
     assert all(r["messages"][-1]["content"] == "Ship it, no sign-off needed." for r in corrections)
+
+    # Held-out evaluation sees only the training split: a held-out sample's memory is all from before the
+    # cut (never an older held-out message), and the corrections are trained on, never held out.
+    split = split_by_time(load_samples(samples.parent / "samples.remembered.jsonl"), 0.15)
+    assert split.cut_ts is not None and split.eval
+    held = [r for r in trained[: len(records)] if float(r["meta"]["ts"]) >= split.cut_ts]
+    remembered = [r for r in held if MEMORY_HEADING in r["messages"][0]["content"]]
+    assert remembered  # the demo repeats its subjects: held-out questions do find older answers
+    for record in remembered:
+        for line in record["messages"][0]["content"].split(MEMORY_HEADING + "\n", 1)[1].split("\n["):
+            line = line if line.startswith("[") else "[" + line
+            assert any(float(e.ts) < split.cut_ts for e in lines[line]), line
+    trained_replies = {s.messages[-1]["content"] for s in split.train}
+    assert "Ship it, no sign-off needed." in trained_replies
+    assert all(float(r["meta"]["ts"]) < split.cut_ts for r in corrections)
 
 
 def test_no_memory_leaves_the_adapter_as_before(tmp_path, tiny_model):

@@ -99,3 +99,30 @@ def test_a_bad_weight_is_refused_with_its_line(tmp_path, weight):
     path.write_text(json.dumps(bad) + "\n")
     with pytest.raises(BadInput, match=r"samples.jsonl:1: meta.weight"):
         load_samples(path)
+
+
+def test_corrected_contexts_closer_to_the_correction_is_counted_per_context():
+    from doppel.train.learning import closer_share, similarity, table_line
+
+    corrections = ["Ship it on Friday.", "Let's review the plan."]
+    before = ["Ship it on Friday.\nKind regards, Margaret", "Let's review the plan.\nKind regards, Margaret"]
+    after = ["Ship it on Friday.", "Let's review the plan.\nKind regards, Margaret"]  # one learnt, one same
+    figures = closer_share(corrections, before, after)
+    assert figures["contexts"] == 2 and figures["closer"] == 0.5  # a tie is not closer
+    assert figures["similarity_after"] > figures["similarity_before"]
+    assert similarity("A  b", "a b") == 1.0
+    assert "50% of 2" in table_line(figures) and table_line(None) is None
+
+
+def test_the_corrections_come_with_the_context_they_corrected(tmp_path):
+    store = FeedbackStore(tmp_path)
+    store.record_reply("1700000000.000100", messages=[{"role": "user", "content": "Bob: ok?"}], reply="Yes.")
+    store.correct("1700000000.000100", "U1", "Yes, ship it.")
+    assert store.corrections() == [
+        {
+            "reply_ts": "1700000000.000100",
+            "messages": [{"role": "user", "content": "Bob: ok?"}],
+            "reply": "Yes.",
+            "text": "Yes, ship it.",
+        }
+    ]

@@ -111,10 +111,11 @@ def test_the_abstention_names_the_person_without_a_mention_and_follows_their_hab
     assert casual[0].islower() and not casual.endswith(".") and "@" not in casual
 
 
-def test_the_threshold_is_configurable(index):
+def test_the_thresholds_are_configurable(index):
     query = "how long does the canary get after deploys?"
     assert index.search(query).hits
-    assert index.search(query, min_coverage=0.99).abstain
+    assert not index.search(query, min_coverage=0.99).hits  # the messages used
+    assert index.search(query, min_support=9).abstain  # the questions abstained on
 
 
 def test_retrieved_lines_stay_within_the_token_budget(index):

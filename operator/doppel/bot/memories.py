@@ -21,6 +21,7 @@ from typing import Any
 from doppel.errors import BadInput
 from doppel.memory.feedback import FeedbackStore
 from doppel.memory.index import MEMORY_DIR, MemoryIndex
+from doppel.memory.support import warm
 
 LOG = logging.getLogger(__name__)
 CACHED_INDEXES = 32
@@ -66,7 +67,9 @@ def _load(where: Path, team_id: str, person: str | None) -> MemoryIndex | None:
     if not where.is_dir():
         return None  # an adapter trained before memory existed, or a bot without the volume
     try:
-        return MemoryIndex.load(where, team=team_id, person_id=person)
+        index = MemoryIndex.load(where, team=team_id, person_id=person)
+        warm()  # the support's word list (about a second), here in a thread, not on the event loop
+        return index
     except (BadInput, OSError, ValueError) as exc:
         LOG.warning("memory at %s not used: %s", where, exc)
         return None

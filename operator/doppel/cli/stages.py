@@ -323,6 +323,10 @@ def train_command(
     summary: dict[str, Any] = {"adapter": str(out), **metrics.summary(), **stage}
     if run_eval:
         summary["eval"] = _evaluate(Path(config.base_model), out, trained_on, metrics.to_dict(), err=True)
+        if memory:
+            summary["memory_eval"] = _memory(Path(config.base_model), out, trained_on, metrics.to_dict())
+        if feedback_from is not None:
+            summary["corrected_contexts"] = _corrected(Path(config.base_model), out, feedback_from)
         if compare_with is not None and (compare_with / "adapter_config.json").is_file():
             summary["eval_serving"] = _compare(Path(config.base_model), compare_with, out, trained_on)
     if link is not None:  # after eval.json, so that the resolver's entry links it too
@@ -342,6 +346,32 @@ def _evaluate(
     write_report(adapter, report)
     click.echo(table(report), err=err)
     return headline(report)
+
+
+def _memory(base_model: Path, adapter: Path, data: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """eval.json's memory figures (`doppel.train.memory_eval`), printed; the headline of them."""
+    from doppel.memory.prompt import MemorySettings
+    from doppel.train.memory_eval import add_to_report, memory_figures, table_lines
+
+    figures = memory_figures(
+        base_model, adapter, data, metrics.get("config") or {}, settings=MemorySettings.from_env()
+    )
+    add_to_report(adapter, figures)
+    for line in table_lines(figures):
+        click.echo(line, err=True)
+    return {k: figures[k] for k in ("contains_answer", "abstain")} if figures else None
+
+
+def _corrected(base_model: Path, adapter: Path, feedback_from: Path) -> float | None:
+    """eval.json's corrected-contexts figure (`doppel.train.learning`), printed; the share closer."""
+    from doppel.memory.feedback import FeedbackStore
+    from doppel.train.learning import add_to_report, corrected_contexts, table_line
+
+    figures = corrected_contexts(base_model, adapter, FeedbackStore(feedback_from))
+    add_to_report(adapter, figures)
+    if line := table_line(figures):
+        click.echo(line, err=True)
+    return figures["closer"] if figures else None
 
 
 def _compare(base_model: Path, serving: Path, out: Path, data: Path) -> dict[str, Any]:

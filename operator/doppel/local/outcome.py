@@ -88,8 +88,10 @@ def report(outcome: Outcome, width: int = 100) -> str:
     lines.append(loss_line(outcome.metrics))
     if outcome.fidelity:
         from doppel.train.fidelity import table
+        from doppel.train.memory_eval import table_lines
 
         lines.append(table(outcome.fidelity))
+        lines += table_lines(outcome.fidelity.get("memory"))
     return "\n".join(lines)
 
 

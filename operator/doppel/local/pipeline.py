@@ -122,6 +122,14 @@ def _fidelity(outcome: Outcome, samples: Path) -> tuple[dict[str, Any], bool]:
     if existing.is_file():
         return json.loads(existing.read_text(encoding="utf-8")), False
     report = evaluate_adapter(outcome.base_model, outcome.adapter, samples, metrics=outcome.metrics)
+    if (outcome.adapter / "memory").is_dir():  # with the person's memory: its figures too
+        from doppel.train.memory_eval import REPORT_KEY, memory_figures
+
+        remembered = samples.with_name("samples.remembered.jsonl")
+        config = outcome.metrics.get("config") or {}
+        report[REPORT_KEY] = memory_figures(
+            outcome.base_model, outcome.adapter, remembered if remembered.is_file() else samples, config
+        )
     write_report(outcome.adapter, report)
     return report, True
 

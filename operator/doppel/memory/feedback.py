@@ -120,6 +120,19 @@ class FeedbackStore:
             if correction["text"].strip() != reply["reply"].strip()
         ]
 
+    def corrections(self) -> list[dict[str, Any]]:
+        """Each correction with its context: {reply_ts, messages (the prompt answered), reply (what the
+        doppel wrote), text (what the person would have said)}, oldest first."""
+        return [
+            {
+                "reply_ts": correction["reply_ts"],
+                "messages": reply["messages"],
+                "reply": reply["reply"],
+                "text": correction["text"],
+            }
+            for correction, reply in self._corrected()
+        ]
+
     def _corrected(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         pairs = []
         for correction in self._all("corrections"):

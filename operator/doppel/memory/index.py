@@ -10,13 +10,18 @@ Layout, inside the adapter directory (so it is versioned, written atomically and
     ADAPTER/memory/memory.json     who and what: team, person, entry count, build parameters
     ADAPTER/memory/entries.jsonl   one entry per message: text, the message it answered, channel, ts...
     ADAPTER/memory/bm25/           bm25s's arrays and vocabulary (numpy files, memory-mapped on load)
+    ADAPTER/memory/counts.npy      how often the person wrote each term (by vocabulary id), for the support
 
 Scores: a hit's `coverage` is its BM25 score over the query's own maximum for a typical message (the sum
 of the IDF of its terms the messages know: about the share of that information the message matches),
 times the share of the query's terms the messages know at all (a question about something never written
 about is mostly unknown words; a greeting or a typo costs a little). The person's own name is not a
-term: people address them by it. Hits under `min_coverage` are not used; a question with no hit left is
-one the person's messages do not cover, and the doppel abstains (`Recall.abstain`).
+term: people address them by it. Hits under `min_coverage` are not used.
+
+Abstention: a question whose *support* (`doppel.memory.support`: how much more often the person uses its
+words than people do in general, over wordfreq's lists) is under `min_support`, or none of whose words the
+person ever wrote, is one their messages do not cover, and the doppel abstains (`Recall.abstain`). The word
+counts the support needs are kept with the index.
 
 Budget: hits are taken best first while their prompt lines fit `budget_tokens`, counted as
 `ceil(chars / CHARS_PER_TOKEN)`: no tokenizer in the bot image, and English BPE tokens average about four
@@ -41,12 +46,14 @@ from bm25s.stopwords import STOPWORDS_EN
 
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
+from doppel.memory.support import DEFAULT_MIN_SUPPORT, clean, support
 
 MEMORY_DIR = "memory"
 META_FILE = "memory.json"
 ENTRIES_FILE = "entries.jsonl"
 BM25_DIR = "bm25"
-FORMAT = 1
+COUNTS_FILE = "counts.npy"
+FORMAT = 2  # 2: CJK text indexed as character pairs, term counts for the support
 CHARS_PER_TOKEN = 3
 DEFAULT_K = 3
 DEFAULT_BUDGET_TOKENS = 256
@@ -54,8 +61,12 @@ DEFAULT_MIN_COVERAGE = 0.3
 ANSWERED_CHARS = 200  # of the message an entry answered, in the prompt line and the index
 _SPLIT = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default splitter
 _STOPWORDS = frozenset(STOPWORDS_EN)
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
+_CJK = re.compile(f"[{_CJK_CHARS}]")
+_CJK_SPLIT = re.compile(f"([{_CJK_CHARS}]+)")
+_HIRAGANA = re.compile("[\u3040-\u309f]+")
 _QUESTION = re.compile(
-    r"\?|^\s*(who|what|when|where|why|how|which|whose|is|are|was|were|do|does|did|can|could|should|"
+    r"[?？]|^\s*(who|what|when|where|why|how|which|whose|is|are|was|were|do|does|did|can|could|should|"
     r"would|will|have|has|any|anyone)\b",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -109,11 +120,17 @@ class Recall:
     hits: list[Hit] = field(default_factory=list)
     coverage: float = 0.0  # the best message's, kept or not
     question: bool = False
+    support: float | None = None  # doppel.memory.support; None: too few content words to say
+    min_support: float = DEFAULT_MIN_SUPPORT
 
     @property
     def abstain(self) -> bool:
-        """A question none of the person's messages covers well enough."""
-        return self.question and not self.hits
+        """A question about something the person does not write about: its support is under the threshold,
+        or none of its words is in anything they wrote (what decides for a person of few messages, whose
+        support stays near 0 for want of evidence)."""
+        if not self.question or self.support is None:
+            return False
+        return self.support < self.min_support or self.coverage == 0
 
     def lines(self) -> list[str]:
         return [hit.entry.line() for hit in self.hits]
@@ -182,8 +199,15 @@ def write_index(
     corpus = [terms(f"{e.answered}\n{e.text}", stemmer) or [""] for e in entries]
     retriever = bm25s.BM25()
     retriever.index(corpus, show_progress=False)
+    vocab = retriever.vocab_dict
+    counts = np.zeros(len(vocab), dtype=np.int32)
+    for entry in entries:  # what the person wrote, not what they answered
+        for term in terms(entry.text, stemmer):
+            if term in vocab:
+                counts[vocab[term]] += 1
     with atomic_directory(Path(where), replace=True) as tmp:
         retriever.save(str(tmp / BM25_DIR), show_progress=False)
+        np.save(tmp / COUNTS_FILE, counts)
         with (tmp / ENTRIES_FILE).open("w", encoding="utf-8") as handle:
             for entry in entries:
                 handle.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
@@ -193,6 +217,7 @@ def write_index(
             "person_id": person_id,
             "person_name": person_name,
             "entries": len(entries),
+            "words": int(counts.sum()),
             "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "voice": voice_habits([e.text for e in entries]),
         }
@@ -202,8 +227,23 @@ def write_index(
 
 def terms(text: str, stemmer: Any) -> list[str]:
     """The index terms of `text`: lower-cased words of two characters or more, English stop words out,
-    stemmed (what bm25s's own tokenizer does, without its growing vocabulary cache)."""
-    words = [w for w in _SPLIT.findall(text.lower()) if w not in _STOPWORDS]
+    stemmed (what bm25s's own tokenizer does, without its growing vocabulary cache). Chinese, Japanese and
+    Korean are written without spaces: a run of their characters gives its character pairs (the usual
+    n-gram indexing of CJK text), cut at hiragana (Japanese grammar: particles, endings), a lone character
+    itself."""
+    words: list[str] = []
+    for word in _SPLIT.findall(text.lower()):
+        if not _CJK.search(word):
+            if word not in _STOPWORDS:
+                words.append(word)
+            continue
+        for part in _CJK_SPLIT.split(word):
+            if not _CJK.search(part):
+                if len(part) > 1 and part not in _STOPWORDS:
+                    words.append(part)
+                continue
+            for piece in _HIRAGANA.split(part):
+                words += [piece[i : i + 2] for i in range(len(piece) - 1)] or ([piece] if piece else [])
     return stemmer.stemWords(words)
 
 
@@ -221,8 +261,11 @@ def voice_habits(texts: Sequence[str]) -> dict[str, float]:
 class MemoryIndex:
     """A loaded index: read-only, safe to share between threads."""
 
-    def __init__(self, where: Path, meta: dict[str, Any], entries: list[Entry], retriever: Any) -> None:
+    def __init__(
+        self, where: Path, meta: dict[str, Any], entries: list[Entry], retriever: Any, counts: Any
+    ) -> None:
         self.where, self.meta, self.entries, self.retriever = where, meta, entries, retriever
+        self.counts = counts
         self.stemmer = Stemmer.Stemmer("english")
         indptr = np.asarray(retriever.scores["indptr"])
         self._df = np.diff(indptr)
@@ -254,7 +297,28 @@ class MemoryIndex:
         with (where / ENTRIES_FILE).open(encoding="utf-8") as handle:
             entries = [Entry(**json.loads(line)) for line in handle if line.strip()]
         retriever = bm25s.BM25.load(str(where / BM25_DIR), mmap=True, show_progress=False, verbosity=0)
-        return cls(where, meta, entries, retriever)
+        return cls(where, meta, entries, retriever, np.load(where / COUNTS_FILE, mmap_mode="r"))
+
+    def support(self, query: str) -> float | None:
+        """How much more often the person uses the words of `query` than people do in general
+        (`doppel.memory.support`); None for a question of fewer than two content words."""
+        vocab = self.retriever.vocab_dict
+        words: dict[str, tuple[str, str, bool]] = {}
+        for word in _SPLIT.findall(clean(query).lower()):
+            if _CJK.search(word):
+                found = [(t, t, True) for t in terms(word, self.stemmer)]
+            elif word not in _STOPWORDS:
+                found = [(word, self.stemmer.stemWord(word), False)]
+            else:
+                found = []
+            for item in found:
+                if item[1] not in self._name:
+                    words.setdefault(item[1], item)
+
+        def count(stem: str) -> int:
+            return int(self.counts[vocab[stem]]) if stem in vocab else 0
+
+        return support(list(words.values()), count, int(self.meta.get("words") or 0))
 
     def search(
         self,
@@ -263,13 +327,16 @@ class MemoryIndex:
         k: int = DEFAULT_K,
         budget_tokens: int = DEFAULT_BUDGET_TOKENS,
         min_coverage: float = DEFAULT_MIN_COVERAGE,
+        min_support: float = DEFAULT_MIN_SUPPORT,
         before_ts: float | None = None,
         exclude_thread: str | None = None,
     ) -> Recall:
         """The person's messages most relevant to `query`, best first, at most `k` and within
-        `budget_tokens`. `before_ts` and `exclude_thread` (training) keep out the message being trained on,
-        its thread and anything newer."""
+        `budget_tokens`; for a question, its support (abstention under `min_support`). `before_ts` and
+        `exclude_thread` (training) keep out the message being trained on, its thread and anything newer."""
         question = is_question(query)
+        backing = self.support(query) if question else None  # only a question is abstained on
+        query = clean(query)
         stems = [s for s in dict.fromkeys(terms(query, self.stemmer)) if s not in self._name]
         vocab = self.retriever.vocab_dict
         # A term in over half the messages says little (its IDF is under log 2) and costs the most to sum:
@@ -278,7 +345,7 @@ class MemoryIndex:
         stems = [s for s in stems if s not in vocab or self._df[vocab[s]] * 2 <= self._n]
         ids = [vocab[s] for s in known]
         if not ids or self._n == 0:
-            return Recall([], 0.0, question)
+            return Recall([], 0.0, question, backing, min_support)
         scores = self.retriever.get_scores_from_ids(ids)
         mask = np.ones(self._n, dtype=bool)
         if before_ts is not None:
@@ -305,7 +372,7 @@ class MemoryIndex:
                 continue  # a shorter one further down may still fit
             hits.append(Hit(entry, round(share, 4)))
             used += cost
-        return Recall(hits, round(coverage, 4), question)
+        return Recall(hits, round(coverage, 4), question, backing, min_support)
 
     def _typical(self, df: int) -> float:
         """A term's score in a message of average length holding it once, under bm25s's default ("lucene")

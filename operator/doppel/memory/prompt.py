@@ -11,6 +11,7 @@ than it), so the adapter learns to use what is retrieved, neither copying it nor
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ from doppel.memory.index import (
     MemoryIndex,
     Recall,
 )
+from doppel.memory.support import DEFAULT_MIN_SUPPORT
 from doppel.slack.conversation import ThreadMessage, system_prompt
 from doppel.slack.normalize import BOT_HANDLE
 
@@ -32,19 +34,21 @@ from doppel.slack.normalize import BOT_HANDLE
 class MemorySettings:
     k: int = DEFAULT_K
     budget_tokens: int = DEFAULT_BUDGET_TOKENS
-    min_coverage: float = (
-        DEFAULT_MIN_COVERAGE  # under it a message is not used; a question with none abstains
-    )
+    min_coverage: float = DEFAULT_MIN_COVERAGE  # under it a retrieved message is not used
+    min_support: float = DEFAULT_MIN_SUPPORT  # under it a question is abstained on (doppel.memory.support)
     abstain: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MemorySettings:
-        """DOPPEL_MEMORY_MIN_COVERAGE, DOPPEL_MEMORY_BUDGET_TOKENS, DOPPEL_MEMORY_K, DOPPEL_MEMORY_ABSTAIN."""
+        """DOPPEL_MEMORY_MIN_COVERAGE, DOPPEL_MEMORY_MIN_SUPPORT, DOPPEL_MEMORY_BUDGET_TOKENS,
+        DOPPEL_MEMORY_K, DOPPEL_MEMORY_ABSTAIN."""
         env = os.environ if env is None else env
         settings = cls()
         try:
             if env.get("DOPPEL_MEMORY_MIN_COVERAGE"):
                 settings = replace(settings, min_coverage=float(env["DOPPEL_MEMORY_MIN_COVERAGE"]))
+            if env.get("DOPPEL_MEMORY_MIN_SUPPORT"):
+                settings = replace(settings, min_support=float(env["DOPPEL_MEMORY_MIN_SUPPORT"]))
             if env.get("DOPPEL_MEMORY_BUDGET_TOKENS"):
                 settings = replace(settings, budget_tokens=int(env["DOPPEL_MEMORY_BUDGET_TOKENS"]))
             if env.get("DOPPEL_MEMORY_K"):
@@ -55,6 +59,8 @@ class MemorySettings:
             settings = replace(settings, abstain=False)
         if not 0 <= settings.min_coverage <= 1 or settings.budget_tokens < 0 or settings.k < 0:
             raise BadInput("DOPPEL_MEMORY_MIN_COVERAGE must be in [0, 1], the budget and k not negative")
+        if not math.isfinite(settings.min_support):
+            raise BadInput("DOPPEL_MEMORY_MIN_SUPPORT must be a number (log10 units, default -0.5)")
         return settings
 
 
@@ -72,6 +78,7 @@ def recall_for(
         k=settings.k,
         budget_tokens=settings.budget_tokens,
         min_coverage=settings.min_coverage,
+        min_support=settings.min_support,
     )
     return recall if settings.abstain else replace(recall, question=False)
 
@@ -82,12 +89,20 @@ def query(text: str) -> str:
 
 
 def remember_samples(
-    records: Iterable[dict[str, Any]], index: MemoryIndex, settings: MemorySettings = DEFAULT_SETTINGS
+    records: Iterable[dict[str, Any]],
+    index: MemoryIndex,
+    settings: MemorySettings = DEFAULT_SETTINGS,
+    *,
+    heldout_from: float | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """`records` (samples.jsonl) with memory in their system prompts; also how many got any."""
+    """`records` (samples.jsonl) with memory in their system prompts; also how many got any.
+
+    `heldout_from`: the training's held-out cut (`doppel.train.data.split_by_time`). A sample at or after
+    it retrieves only messages from before it, the training split: held-out evaluation never sees another
+    held-out message."""
     out, remembered = [], 0
     for record in records:
-        lines = _lines_for(record, index, settings)
+        lines = _lines_for(record, index, settings, heldout_from)
         if lines:
             messages = [dict(m) for m in record["messages"]]
             messages[0]["content"] = system_prompt(record["meta"]["person"], memory=lines)
@@ -97,7 +112,9 @@ def remember_samples(
     return out, remembered
 
 
-def _lines_for(record: dict[str, Any], index: MemoryIndex, settings: MemorySettings) -> list[str]:
+def _lines_for(
+    record: dict[str, Any], index: MemoryIndex, settings: MemorySettings, heldout_from: float | None
+) -> list[str]:
     messages, meta = record.get("messages") or [], record.get("meta") or {}
     person = meta.get("person")
     # Only a sample whose system prompt is the plain one (a scrape's) gets memory: never rewrite others.
@@ -107,12 +124,13 @@ def _lines_for(record: dict[str, Any], index: MemoryIndex, settings: MemorySetti
         return []
     asked = query(messages[-2]["content"].splitlines()[-1])
     thread = f"{meta.get('channel_id') or ''}/{meta.get('thread_ts') or meta['ts']}"
+    before = float(meta["ts"]) if heldout_from is None else min(float(meta["ts"]), heldout_from)
     recall = index.search(
         asked,
         k=settings.k,
         budget_tokens=settings.budget_tokens,
         min_coverage=settings.min_coverage,
-        before_ts=float(meta["ts"]),
+        before_ts=before,
         exclude_thread=thread,
     )
     return recall.lines()

@@ -1,10 +1,11 @@
 """What `doppel train` runs around the fine-tuning: the person's memory and what they taught their doppel.
 
 1. The memory index of the person's messages (`doppel.memory.index`) is built from the samples.
-2. The samples get their memory (retrieved from other, older conversations: `remember_samples`) and the
-   person's corrections are added, weighted (`doppel.memory.feedback`); they are written beside the
-   samples as `samples.remembered.jsonl`, which the adapter trains and is evaluated on (the same prompt
-   shape as serving).
+2. The samples get their memory (retrieved from other, older conversations: `remember_samples`; a
+   held-out sample only from the training split) and the person's corrections are added, weighted
+   (`doppel.memory.feedback`), timed just before the held-out cut: always on the training side, and the
+   newest a budget takes. They are written beside the samples as `samples.remembered.jsonl`, which the
+   adapter trains and is evaluated on (the same prompt shape as serving).
 3. The LoRA adapter is trained (`doppel.train.trainer`).
 4. With enough corrections, preference tuning (`doppel.train.preference`) refines that adapter.
 5. The index goes into the adapter directory (`ADAPTER/memory`), so it is versioned and removed with it.
@@ -53,9 +54,12 @@ def train_stage(
     shutil.rmtree(staging, ignore_errors=True)
     summary: dict[str, Any] = {"corrections": len(corrections)}
     try:
+        cut = _heldout_cut(records, corrections, config.eval_fraction, staging.with_suffix(".cut"))
+        if corrections and cut is not None:
+            corrections = [_before(c, cut) for c in corrections]
         index = _index(records, staging) if options.memory else None
         if index is not None:
-            records, remembered = remember_samples(records, index, options.settings)
+            records, remembered = remember_samples(records, index, options.settings, heldout_from=cut)
             summary["memory"] = {"messages": len(index.entries), "samples_with_memory": remembered}
         data = Path(config.data)
         if index is not None or corrections:
@@ -98,6 +102,30 @@ def _read(path: Path) -> list[dict[str, Any]]:
                 except json.JSONDecodeError as exc:
                     raise BadInput(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     return records
+
+
+def _heldout_cut(
+    records: list[dict[str, Any]], corrections: list[dict[str, Any]], eval_fraction: float, scratch: Path
+) -> float | None:
+    """The time the trainer's split (`data.split_by_time`) will hold out from, on the samples with the
+    corrections (counted, and placed before everything: they are never held out)."""
+    from doppel.train.data import load_samples, split_by_time
+
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    lines += [json.dumps(_before(c, 0.0), ensure_ascii=False) for c in corrections]
+    try:
+        atomic_write_text(scratch, "\n".join(lines) + "\n")
+        return split_by_time(load_samples(scratch), eval_fraction).cut_ts
+    except BadInput:
+        return None  # the trainer says what is wrong with the samples
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _before(correction: dict[str, Any], cut: float) -> dict[str, Any]:
+    """The correction timed just before `cut`: trained on, never held out, and the newest a budget takes."""
+    ts = max(cut - 1e-3, 0.0)
+    return {**correction, "meta": {**correction["meta"], "ts": ts, "context_ts": ts}}
 
 
 def _person(records: list[dict[str, Any]]) -> str | None:

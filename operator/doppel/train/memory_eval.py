@@ -1,0 +1,182 @@
+"""eval.json's memory figures: does memory bring the person's own answers into the replies, and does the
+doppel abstain where it should?
+
+On the training's held-out split (`data.split_by_time` at the adapter's recorded `eval_fraction`), with an
+index of the training side only (nothing held out is ever retrieved):
+
+- the held-out questions with a basis (`doppel.memory.heldout`: the person's real reply shares specific
+  terms with one of their earlier messages), up to `QUESTIONS` whose prompt fits the training's
+  `max_length`, are answered greedily by the adapter twice: with the memory
+  its training sample holds (retrieved from the training split, as serving retrieves) and with the plain
+  system prompt (the adapter alone). `contains_answer`: the share of replies holding the answer;
+- `abstain`: the share of those questions the doppel would abstain on (`with_basis`), and of questions of
+  another workspace (`no_basis`: `heldout.foreign_questions`, none for the demo workspace's own person).
+
+eval.json gains (`add_to_report`; null figures when there is nothing to measure):
+
+    memory  {questions, contains_answer: {with_memory, without_memory}, abstain: {with_basis, no_basis},
+             no_basis_questions, min_support, replied,
+             examples: [{question, answer, real, with_memory, without_memory}]}
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from doppel.fsutil import atomic_write_text
+from doppel.memory.heldout import Earlier, asked, contains_answer, foreign_questions
+from doppel.memory.index import MemoryIndex, entries_from_samples, write_index
+from doppel.memory.prompt import DEFAULT_SETTINGS, MemorySettings, query
+from doppel.slack.conversation import system_prompt
+from doppel.train import data
+
+REPORT_KEY = "memory"
+QUESTIONS = 16  # answered twice each: a bounded cost on CPU
+EXAMPLES = 3
+
+
+def memory_figures(
+    base_model: Path,
+    adapter: Path,
+    samples_path: Path,
+    config: dict[str, Any],
+    *,
+    settings: MemorySettings = DEFAULT_SETTINGS,
+    questions: int = QUESTIONS,
+    reply_tokens: int = 64,
+) -> dict[str, Any] | None:
+    """The figures (see the module docstring), or None when the samples hold no person's messages."""
+    records = [
+        json.loads(line) for line in Path(samples_path).read_text(encoding="utf-8").splitlines() if line
+    ]
+    samples = data.load_samples(samples_path)
+    split = data.split_by_time(samples, float(config.get("eval_fraction", 0.15)))
+    cut = split.cut_ts if split.cut_ts is not None else float("inf")
+    scraped = [r for r in records if (r.get("meta") or {}).get("source") != "correction"]
+    before = [r for r in scraped if float((r.get("meta") or {}).get("ts", 0)) < cut]
+    entries = entries_from_samples(before)
+    metas = [r.get("meta") or {} for r in scraped]
+    if not entries or not metas:
+        return None
+    meta = metas[0]
+    person = str(meta.get("person") or "")
+    with tempfile.TemporaryDirectory(prefix="doppel-memory-eval-") as scratch:
+        where = write_index(
+            entries,
+            Path(scratch) / "memory",
+            team=str(meta.get("team") or ""),
+            person_id=str(meta.get("user") or ""),
+            person_name=person,
+        )
+        index = MemoryIndex.load(where)
+    earlier = Earlier([e.text for e in index.entries], index.stemmer)
+    based = []
+    for sample in split.eval:
+        question = asked(sample.messages) if sample.kind == "reply" else None
+        basis = earlier.basis(question, sample.reply) if question else None
+        if basis:
+            based.append((sample, basis))
+    foreign = foreign_questions(str(meta.get("team") or ""))
+    figures: dict[str, Any] = {
+        "questions": len(based),
+        "contains_answer": {"with_memory": None, "without_memory": None},
+        "abstain": {
+            "with_basis": _abstained(index, [b.question for _, b in based], settings),
+            "no_basis": _abstained(index, foreign, settings),
+        },
+        "no_basis_questions": len(foreign),
+        "min_support": settings.min_support,
+        "examples": [],
+    }
+    if not based:
+        return figures
+    from doppel.serve.local import LocalBackend
+
+    backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)})
+    limit = int(config.get("max_length", 1024)) - reply_tokens
+
+    def fits(messages: list[dict[str, str]]) -> bool:
+        return len(backend.tokenizer(backend.render_prompt(messages))["input_ids"]) <= limit
+
+    chosen = _spread([(s, b) for s, b in based if fits(s.messages[:-1])], questions)
+    if not chosen:
+        return figures
+    with_memory = [s.messages[:-1] for s, _ in chosen]
+    plain = [[{"role": "system", "content": system_prompt(person)}, *m[1:]] for m in with_memory]
+    texts = _generate(backend, [*with_memory, *plain], reply_tokens)
+    remembered, alone = texts[: len(chosen)], texts[len(chosen) :]
+    answers = [b for _, b in chosen]
+
+    def holding(replies: list[str]) -> float | None:
+        return _share([contains_answer(t, b, index.stemmer) for t, b in zip(replies, answers, strict=True)])
+
+    figures["contains_answer"] = {"with_memory": holding(remembered), "without_memory": holding(alone)}
+    figures["replied"] = len(chosen)
+    figures["examples"] = [
+        {
+            "question": b.question,
+            "answer": list(b.answer),
+            "real": b.reply,
+            "with_memory": r,
+            "without_memory": a,
+        }
+        for (_, b), r, a in list(zip(chosen, remembered, alone, strict=True))[:EXAMPLES]
+    ]
+    return figures
+
+
+def _abstained(index: MemoryIndex, questions: list[str], settings: MemorySettings) -> float | None:
+    """The share of `questions` the doppel abstains on, among those it judges (two content words or more)."""
+    judged = [index.search(query(q), min_support=settings.min_support) for q in questions]
+    judged = [r for r in judged if r.support is not None]
+    return _share([r.abstain for r in judged])
+
+
+def _share(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def _spread(items: list[Any], count: int) -> list[Any]:
+    """At most `count` of `items` (in time order), evenly spaced over the held-out period."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
+def _generate(backend: Any, contexts: list[list[dict[str, str]]], tokens: int) -> list[str]:
+    from doppel.serve.backend import GenerationParams
+
+    params = GenerationParams(temperature=0.0, max_tokens=tokens, seed=0)
+    texts: list[str] = []
+    for start in range(0, len(contexts), 16):
+        chunk = contexts[start : start + 16]
+        texts += [t.strip() for t in backend.complete_batch([("adapter", c) for c in chunk], params)]
+    return texts
+
+
+def add_to_report(adapter: Path, figures: dict[str, Any] | None) -> None:
+    """Put `figures` into ADAPTER/eval.json under `memory`."""
+    path = Path(adapter) / "eval.json"
+    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    report[REPORT_KEY] = figures
+    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+
+def table_lines(figures: dict[str, Any] | None) -> list[str]:
+    """The printed report's lines."""
+    if not figures:
+        return []
+    answer, abstain = figures["contains_answer"], figures["abstain"]
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    return [
+        f"  memory              answer in the reply on {figures.get('replied', 0)} held-out questions with a "
+        f"basis: with memory {pct(answer['with_memory'])}, adapter alone {pct(answer['without_memory'])}",
+        f"  abstention          on questions with a basis {pct(abstain['with_basis'])}, with none (another "
+        f"workspace's) {pct(abstain['no_basis'])} (min support {figures['min_support']:+.2f})",
+    ]
