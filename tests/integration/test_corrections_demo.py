@@ -11,6 +11,7 @@ the old and the new adapter: the share of replies that sign off must fall.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,10 @@ REPLY_TOKENS = 120  # her replies are long: the sign-off comes last
 
 
 # Two `doppel local --demo` runs (the shared fixture's, when this test runs first, and the retraining):
-# about 10 minutes on 2 idle cores.
+# about 10 minutes on 2 idle cores, too long for `make test`'s budget beside the other demo tests.
+@pytest.mark.skipif(
+    os.environ.get("DOPPEL_LONG_TESTS") != "1", reason="a second demo training: opt-in, DOPPEL_LONG_TESTS=1"
+)
 @pytest.mark.timeout(1800)
 def test_twenty_corrections_stop_the_sign_off_elsewhere_too(smollm2_demo, smollm2_model, tmp_path):
     workdir = tmp_path / "doppel-data"
