@@ -196,3 +196,25 @@ def test_a_budget_uses_the_newest_distinct_replies_and_a_spread_of_held_out_ones
     repeated = [timed(t, t, reply="ok then" if t % 2 else f"reply {t}") for t in range(20)]
     chosen = data.choose(repeated, 6)
     assert len(chosen) == 6 and sum(s.reply == "ok then" for s in chosen) == 1
+
+
+def test_a_budget_prefers_the_replies_most_like_the_person_among_the_recent_ones():
+    """Against colleagues' messages from before the cut, the person's characteristic replies (here their
+    habit of 'yarr' and lower case) are chosen over generic ones of the same period."""
+    habit = [f"yarr the {w} is fine, ship it" for w in ("build", "test", "docs", "lint", "deploy", "merge")]
+    generic = [
+        f"The {w} looks good to me. Thanks!" for w in ("build", "test", "docs", "lint", "deploy", "merge")
+    ]
+    replies = [text for pair in zip(habit, generic, strict=True) for text in pair] * 3
+    samples = [timed(t, t, reply=f"{text} ({t})") for t, text in enumerate(replies)] + [
+        timed(100 + t, 100 + t, reply=f"later {t}") for t in range(8)
+    ]
+    others = [
+        (float(t), f"The {w} looks good to me. Thanks! ({t})") for t, w in enumerate(["a", "b", "c"] * 8)
+    ]
+    split = data.budget_split(samples, 0.2, max_train=8, max_eval=None, colleagues=others)
+    assert len(split.train) == 8 and sum("yarr" in s.reply for s in split.train) >= 7
+    # Without colleagues to compare with, the newest are taken.
+    assert [s.ts for s in data.budget_split(samples, 0.2, max_train=8, max_eval=None).train] == list(
+        range(27, 35)
+    )

@@ -86,16 +86,26 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         raise BadInput(f"not enough data ({len(samples)} < {config.min_samples})")
     tokenizer = _load_tokenizer(config.base_model)
 
-    held = data.budget_split(samples, config.eval_fraction, None, config.max_eval_samples)
     stats = data.EncodeStats()
-    encoded = {
-        id(s): e for s in held.train if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None
-    }
+    encoded: dict[int, data.Encoded] = {}
+
+    def fits(sample: data.Sample) -> bool:
+        item = data.encode(sample, tokenizer, config.max_length, stats)
+        if item is not None:
+            encoded[id(sample)] = item
+        return item is not None
+
     # The budget chooses among the samples that fit --max-length, so a cut never leaves too few of them.
-    chosen = data.choose([s for s in held.train if id(s) in encoded], config.max_train_samples)
-    held.train = chosen  # what metrics.json reports as used (`train_available` keeps the whole split)
+    held = data.budget_split(
+        samples,
+        config.eval_fraction,
+        config.max_train_samples,
+        config.max_eval_samples,
+        fits=fits,
+        colleagues=data.read_colleagues(Path(config.data).parent),
+    )
     split = data.Split(
-        [encoded[id(s)] for s in chosen],
+        [encoded[id(s)] for s in held.train],
         [e for s in held.eval if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None],
     )
     if len(split.train) < config.min_samples:
