@@ -49,11 +49,14 @@ def test_with_nobody_to_address_an_invented_addressee_is_dropped():
     assert set(alone.banned_words()) == {"@Margaret Okafor", "Margaret Okafor:", "@Margaret", "Margaret:"}
 
 
-def test_a_stream_holds_back_only_its_opening():
+def test_a_stream_holds_back_only_what_could_be_an_addressee():
     addressing = Addressing.of(conversation())
     pieces = ["@gh", "askins", " yes, the toolchain", "\nsecond line", " and more"]
     assert "".join(addressing.repair_stream(pieces)) == "Yes, the toolchain\nsecond line and more"
     assert list(addressing.repair_stream(["@ca", "rol ok"])) == ["@Bob Smith ok"]
+    assert list(addressing.repair_stream(["gh", "askins: ", "yes"])) == ["Yes"]
+    # Anything else streams as it comes.
+    assert list(addressing.repair_stream(["Be", "ep", " boop"])) == ["Be", "ep", " boop"]
 
 
 def test_the_vllm_request_bans_the_self_address_and_its_answer_is_repaired():

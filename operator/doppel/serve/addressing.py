@@ -10,7 +10,7 @@ person ("You are NAME, …") and user lines prefixed with their author's name ("
 - `repair(reply)`: what a constraint cannot express, on the finished text: an opening `@someone` who is not
   among the speakers (an invented addressee) becomes the latest speaker; an opening that addresses the
   person (`@NAME`, `NAME:`), should one get through, is dropped;
-- `repair_stream(pieces)`: the same on a stream, holding back only the opening until it is decided.
+- `repair_stream(pieces)`: the same on a stream, holding back only what could still be an addressee.
 
 Pure string logic apart from the tokenizer handed to `banned_token_ids`.
 """
@@ -29,8 +29,6 @@ _SPEAKER = re.compile(r"^(?P<name>[^:\n]{1,60}): ", re.M)
 _MENTION = re.compile(r"^(?P<lead>\s*)@(?P<word>[\w.\-]+)")
 _HANDLE = re.compile(r"^(?P<lead>\s*)(?P<word>[\w.\- ]{1,60}):\s*")
 _SEPARATOR = re.compile(r"^[\s,:;.\-–]*")
-# A streamed opening is decided once this much text (or a line break) has come.
-OPENING_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -88,21 +86,33 @@ class Addressing:
         return reply
 
     def repair_stream(self, pieces: Iterable[str]) -> Iterator[str]:
-        """`pieces` with the opening repaired: held back until `OPENING_CHARS` or a line break have come."""
+        """`pieces` with the opening repaired, holding back only what could still turn out to be an addressee
+        (an `@` and a name's length, or the start of "NAME:")."""
         opening = ""
-        decided = False
+        decided = not self.person
         for piece in pieces:
             if decided:
                 yield piece
                 continue
             opening += piece
-            if len(opening) >= OPENING_CHARS or "\n" in opening.lstrip():
+            if not self._undecided(opening):
                 decided = True
                 fixed = self.repair(opening)
                 if fixed:
                     yield fixed
         if not decided and opening:
             yield self.repair(opening)
+
+    def _undecided(self, text: str) -> bool:
+        start = text.lstrip()
+        if not start:
+            return True
+        if "\n" in start:
+            return False
+        if start.startswith("@"):
+            longest = max(len(n) for n in (*self.speakers, *self._names()))
+            return len(start) <= longest + 2  # the @, the name and what follows it
+        return any(f"{n}: ".casefold().startswith(start.casefold()) for n in self._names())
 
 
 def _starts_with(text: str, names: Iterable[str]) -> str | None:
