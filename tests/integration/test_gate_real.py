@@ -3,7 +3,7 @@ successor is worse on the same held-out replies (and says why), and serves the s
 it. The adapters are trained and measured by `doppel scrape` and `doppel train --compare-with`, as the
 operator's Jobs run them; their result files go to the reconciler as the Jobs' termination messages.
 
-Cheap on purpose (about two minutes on 2 cores): 200 samples, 256-token sequences, the serving adapter trained
+Cheap on purpose: 100 samples, 256-token sequences, the serving adapter trained
 for 6 steps, its successor for 1 step at a learning rate that leaves it the base model."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_a_worse_retrained_adapter_is_not_promoted_and_a_forced_one_is(tmp_path,
     export = real_export(HYPERLEDGER)
     data = tmp_path / "data"
     doppel("scrape", "--export", str(export), "--user", PERSON, "--out", str(data),
-           "--max-samples", "200", result=tmp_path / "scrape.json")  # fmt: skip
+           "--max-samples", "100", result=tmp_path / "scrape.json")  # fmt: skip
     samples = str(data / "samples.jsonl")
     v1, v2 = tmp_path / "v1", tmp_path / "v2"
     base = ["--data", samples, "--base-model", str(smollm2_model), "--base-model-name", "smollm2-135m"]
