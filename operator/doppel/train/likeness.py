@@ -88,16 +88,17 @@ def characteristic_scores(person: Sequence[str], others: Sequence[str], folds: i
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
 
-    pipeline = make_pipeline(
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, max_features=100_000),
-        LogisticRegression(max_iter=1000, class_weight="balanced", C=10.0),
-    )
     texts = [t or " " for t in (*person, *others)]
     labels = [1] * len(person) + [0] * len(others)
+    # The vocabulary and its weights come from every text (no label in them); only the classifier is fitted
+    # out of fold, which keeps this a few seconds on a CPU.
+    vectors = TfidfVectorizer(
+        analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, max_features=100_000
+    ).fit_transform(texts)
+    classifier = LogisticRegression(class_weight="balanced", C=10.0, solver="liblinear")
     folding = StratifiedKFold(folds, shuffle=True, random_state=0)
-    proba = cross_val_predict(pipeline, texts, labels, cv=folding, method="predict_proba")
+    proba = cross_val_predict(classifier, vectors, labels, cv=folding, method="predict_proba")
     return [round(float(p), 6) for p in proba[: len(person), 1]]
 
 
