@@ -209,8 +209,8 @@ def _used(metrics: dict[str, Any]) -> str:
     if used is None or available is None or used >= available:
         return ""
     return (
-        f", on {used:,} of {available:,} training samples (the budget takes no more: the most like the person "
-        "of the newest)"
+        f", on {used:,} of {available:,} training samples (the budget takes no more: the most like the "
+        "person of the newest)"
     )
 
 
