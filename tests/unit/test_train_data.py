@@ -167,6 +167,22 @@ def test_length_grouping_wastes_little_on_padding():
     assert data.epoch_batches(items, 8, random.Random(2)) != grouped  # and still shuffled
 
 
+def test_micro_batches_split_the_steps_without_changing_them():
+    """Accumulating gradients saves memory only: with 2 x 4 a step holds the samples a batch of 8 holds."""
+    rng = random.Random(0)
+    items = [data.Encoded([1] * rng.randint(20, 400), [1], f"t{i}") for i in range(100)]
+
+    def rows(batch: data.Batch) -> list[list[int]]:
+        return [row[: sum(mask)] for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+
+    whole = data.epoch_batches(items, 8, random.Random(1))
+    steps = data.epoch_steps(items, 2, 4, random.Random(1))
+    assert len(steps) == len(whole) == 13
+    for batch, step in zip(whole, steps, strict=True):
+        assert all(len(micro.input_ids) <= 2 for micro in step)
+        assert [row for micro in step for row in rows(micro)] == rows(batch)
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [

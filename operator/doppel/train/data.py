@@ -390,15 +390,33 @@ def epoch_batches(
     Samples are shuffled, cut into windows of `group` micro-batches, sorted by length within a window
     and split; the batches are shuffled again so lengths do not follow a schedule.
     """
+    return [collate(chunk) for chunk in _epoch_chunks(items, batch_size, rng, group)]
+
+
+def epoch_steps(
+    items: Sequence[Encoded], batch_size: int, grad_accum: int, rng: random.Random
+) -> list[list[Batch]]:
+    """The optimizer steps of an epoch: the batches `epoch_batches` makes of `batch_size` x `grad_accum`
+    samples, each split into `grad_accum` micro-batches. Accumulating gradients is then only a way to save
+    memory: a step sees the same samples, and learns the same, whatever the micro-batch size."""
+    steps = []
+    for chunk in _epoch_chunks(items, batch_size * grad_accum, rng, LENGTH_GROUP):
+        steps.append([collate(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)])
+    return steps
+
+
+def _epoch_chunks(
+    items: Sequence[Encoded], batch_size: int, rng: random.Random, group: int
+) -> list[list[Encoded]]:
     order = list(items)
     rng.shuffle(order)
     window = batch_size * group
-    batches: list[Batch] = []
+    chunks: list[list[Encoded]] = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda item: len(item.input_ids))
-        batches += [collate(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+        ordered = sorted(order[start : start + window], key=lambda item: len(item.input_ids))
+        chunks += [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    rng.shuffle(chunks)
+    return chunks
 
 
 def eval_batches(items: Sequence[Encoded], batch_size: int) -> list[Batch]:

@@ -226,8 +226,8 @@ def _fit(
     on_progress: ProgressCallback | None,
 ) -> Metrics:
     rng = random.Random(config.seed)
-    micro_per_epoch = math.ceil(len(split.train) / config.batch_size)
-    steps_per_epoch = min(math.ceil(micro_per_epoch / config.grad_accum), config.max_steps_per_epoch)
+    per_step = config.batch_size * config.grad_accum
+    steps_per_epoch = min(math.ceil(len(split.train) / per_step), config.max_steps_per_epoch)
     total_steps = steps_per_epoch * config.epochs
     eval_every = config.eval_steps or max(1, total_steps // EVALS_PER_RUN)
     eval_batches = data.eval_batches(split.eval, config.batch_size)
@@ -259,11 +259,8 @@ def _fit(
     stop = False
     model.train()
     for _ in range(config.epochs):
-        batches = data.epoch_batches(split.train, config.batch_size, rng)
-        for start in range(0, steps_per_epoch * config.grad_accum, config.grad_accum):
-            group = batches[start : start + config.grad_accum]
-            if not group:
-                break
+        steps = data.epoch_steps(split.train, config.batch_size, config.grad_accum, rng)
+        for group in steps[:steps_per_epoch]:
             tick = time.perf_counter()
             loss = _train_step(model, group, device)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
