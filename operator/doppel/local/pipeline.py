@@ -99,12 +99,8 @@ def run_local(settings: Settings) -> Outcome:
         metrics=metrics,
         data_dir=layout.data(user),
     )
-    # Evaluated and asked in the shape it was trained on (with memory and corrections, as the bot prompts).
-    trained_on = Path((metrics.get("config") or {}).get("data") or samples)
-    if not trained_on.is_file():
-        trained_on = samples
     with progress.stage("eval") as info:
-        outcome.fidelity, fresh = _fidelity(outcome, trained_on)
+        outcome.fidelity, fresh = _fidelity(outcome, samples)
         info["note"] = ("wrote " if fresh else "unchanged, reused ") + str(adapter / "eval.json")
     with progress.stage("replies") as info:
         if settings.demo:
@@ -112,7 +108,7 @@ def run_local(settings: Settings) -> Outcome:
                 outcome, questions(True, outcome.person_id), settings.reply_tokens, samples
             )
         else:
-            outcome.replies = answer_heldout(outcome, settings.reply_tokens, trained_on)
+            outcome.replies = answer_heldout(outcome, settings.reply_tokens, samples)
         asked = "questions" if settings.demo else "held-out messages of the workspace, with the real reply"
         info["note"] = f"{len(outcome.replies)} {asked}, adapter and persona-prompted base model"
     return outcome
