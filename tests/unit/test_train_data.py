@@ -167,6 +167,22 @@ def test_length_grouping_wastes_little_on_padding():
     assert data.epoch_batches(items, 8, random.Random(2)) != grouped  # and still shuffled
 
 
+def test_micro_batches_split_the_steps_without_changing_them():
+    """Accumulating gradients saves memory only: with 2 x 4 a step holds the samples a batch of 8 holds."""
+    rng = random.Random(0)
+    items = [data.Encoded([1] * rng.randint(20, 400), [1], f"t{i}") for i in range(100)]
+
+    def rows(batch: data.Batch) -> list[list[int]]:
+        return [row[: sum(mask)] for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+
+    whole = data.epoch_batches(items, 8, random.Random(1))
+    steps = data.epoch_steps(items, 2, 4, random.Random(1))
+    assert len(steps) == len(whole) == 13
+    for batch, step in zip(whole, steps, strict=True):
+        assert all(len(micro.input_ids) <= 2 for micro in step)
+        assert [row for micro in step for row in rows(micro)] == rows(batch)
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
@@ -196,3 +212,25 @@ def test_a_budget_uses_the_newest_distinct_replies_and_a_spread_of_held_out_ones
     repeated = [timed(t, t, reply="ok then" if t % 2 else f"reply {t}") for t in range(20)]
     chosen = data.choose(repeated, 6)
     assert len(chosen) == 6 and sum(s.reply == "ok then" for s in chosen) == 1
+
+
+def test_a_budget_prefers_the_replies_most_like_the_person_among_the_recent_ones():
+    """Against colleagues' messages from before the cut, the person's characteristic replies (here their
+    habit of 'yarr' and lower case) are chosen over generic ones of the same period."""
+    habit = [f"yarr the {w} is fine, ship it" for w in ("build", "test", "docs", "lint", "deploy", "merge")]
+    generic = [
+        f"The {w} looks good to me. Thanks!" for w in ("build", "test", "docs", "lint", "deploy", "merge")
+    ]
+    replies = [text for pair in zip(habit, generic, strict=True) for text in pair] * 3
+    samples = [timed(t, t, reply=f"{text} ({t})") for t, text in enumerate(replies)] + [
+        timed(100 + t, 100 + t, reply=f"later {t}") for t in range(8)
+    ]
+    others = [
+        (float(t), f"The {w} looks good to me. Thanks! ({t})") for t, w in enumerate(["a", "b", "c"] * 8)
+    ]
+    split = data.budget_split(samples, 0.2, max_train=8, max_eval=None, colleagues=others)
+    assert len(split.train) == 8 and sum("yarr" in s.reply for s in split.train) >= 7
+    # Without colleagues to compare with, the newest are taken.
+    assert [s.ts for s in data.budget_split(samples, 0.2, max_train=8, max_eval=None).train] == list(
+        range(27, 35)
+    )

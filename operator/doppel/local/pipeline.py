@@ -211,12 +211,15 @@ def _enough(manifest: Manifest) -> Manifest:
 
 
 def _used(metrics: dict[str, Any]) -> str:
-    """`, on 128 of 1,706 training samples (the newest)` when the budget could not use them all."""
+    """`, on 128 of 1,706 training samples (...)` when the budget could not use them all."""
     held = metrics.get("heldout") or {}
     used, available = held.get("train"), held.get("train_available")
     if used is None or available is None or used >= available:
         return ""
-    return f", on {used:,} of {available:,} training samples (the newest; the budget takes no more)"
+    return (
+        f", on {used:,} of {available:,} training samples (the budget takes no more: the most like the "
+        "person of the newest)"
+    )
 
 
 def _train(

@@ -18,6 +18,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextIteratorStreamer
 
+from doppel.serve.addressing import Addressing, banned_token_ids, banned_words
 from doppel.serve.backend import BASE_ADAPTER, DEFAULT_PARAMS, GenerationParams, Messages
 from doppel.serve.errors import AdapterNotFound, BaseModelMismatch, InvalidAdapter, UnknownModel
 
@@ -109,7 +110,8 @@ class LocalBackend:
                 torch.manual_seed(params.seed)
             output = self.model.generate(**kwargs)
         prompt_len = kwargs["input_ids"].shape[1]
-        return self.tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
+        return [Addressing.of(m).repair(t) for (_, m), t in zip(requests, texts, strict=True)]
 
     def stream(
         self, adapter: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS
@@ -130,9 +132,7 @@ class LocalBackend:
 
         thread = threading.Thread(target=generate, name="doppel-generate", daemon=True)
         thread.start()
-        for piece in streamer:
-            if piece:
-                yield piece
+        yield from Addressing.of(messages).repair_stream(piece for piece in streamer if piece)
         thread.join()
         if failure:
             raise failure[0]
@@ -164,6 +164,9 @@ class LocalBackend:
         }
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        banned = banned_token_ids(self.tokenizer, banned_words(conversations))
+        if banned:  # the person never addresses themself (doppel.serve.addressing)
+            kwargs["bad_words_ids"] = banned
         if isinstance(self.model, PeftModel):
             kwargs["adapter_names"] = list(adapters)
         return kwargs

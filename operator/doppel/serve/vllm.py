@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from doppel.serve.addressing import Addressing
 from doppel.serve.backend import BASE_ADAPTER, DEFAULT_PARAMS, GenerationParams, Messages
 from doppel.serve.errors import AdapterAlreadyLoaded, ServeError, ServerUnavailable, UnknownModel
 from doppel.serve.vllm_protocol import (
@@ -138,7 +139,8 @@ class VllmClient:
 
     def chat(self, model: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS) -> str:
         return parse_chat(
-            self._send("POST", CHAT_PATH, self._chat_body(model, messages, params, stream=False)).json()
+            self._send("POST", CHAT_PATH, self._chat_body(model, messages, params, stream=False)).json(),
+            messages,
         )
 
     def stream_chat(
@@ -278,7 +280,7 @@ class AsyncVllmClient:
     async def chat(self, model: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS) -> str:
         body = await self._chat_body(model, messages, params, stream=False)
         response = await self._send("POST", CHAT_PATH, body)
-        return parse_chat(response.json())
+        return parse_chat(response.json(), messages)
 
     async def stream_chat(
         self, model: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS
@@ -317,4 +319,5 @@ class VllmBackend:
     def stream(
         self, adapter: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS
     ) -> Iterator[str]:
-        return self.client.stream_chat(self.model_name(adapter), messages, params)
+        pieces = self.client.stream_chat(self.model_name(adapter), messages, params)
+        return Addressing.of(messages).repair_stream(pieces)

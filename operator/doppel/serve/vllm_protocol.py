@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from doppel.serve.addressing import Addressing
 from doppel.serve.backend import GenerationParams, Messages
 from doppel.serve.errors import (
     AdapterAlreadyLoaded,
@@ -142,6 +143,9 @@ def chat_body(
     }
     if params.seed is not None:
         body["seed"] = params.seed
+    banned = Addressing.of(messages).banned_words()
+    if banned:  # vLLM's extension: never generated (it tries them with and without a leading space)
+        body["bad_words"] = banned
     return body
 
 
@@ -154,8 +158,9 @@ def parse_models(data: dict[str, Any]) -> list[ModelCard]:
     ]
 
 
-def parse_chat(data: dict[str, Any]) -> str:
-    return str(data["choices"][0]["message"].get("content") or "")
+def parse_chat(data: dict[str, Any], messages: Messages = ()) -> str:
+    """The reply's text, its opening addressee repaired for `messages` (`Addressing.repair`)."""
+    return Addressing.of(messages).repair(str(data["choices"][0]["message"].get("content") or ""))
 
 
 def parse_sse_line(line: str) -> str | None:

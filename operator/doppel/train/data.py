@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ LENGTH_GROUP = 16
 # Any id will do for padding: it is masked out of attention and loss.
 PAD_ID = 0
 ROLES = ("system", "user", "assistant")
+COLLEAGUES_FILE = "colleagues.jsonl"  # beside samples.jsonl: doppel.slack.samples.write_output
+# A budget's samples: the most characteristic of the newest this many times as many as it uses.
+CHOICE_POOL = 3
 
 
 @dataclass(frozen=True)
@@ -287,15 +290,46 @@ def split_by_time(samples: Sequence[Sample], eval_fraction: float) -> SampleSpli
 
 
 def budget_split(
-    samples: Sequence[Sample], eval_fraction: float, max_train: int | None, max_eval: int | None
+    samples: Sequence[Sample],
+    eval_fraction: float,
+    max_train: int | None,
+    max_eval: int | None,
+    *,
+    fits: Callable[[Sample], bool] | None = None,
+    colleagues: Sequence[tuple[float, str]] = (),
 ) -> SampleSplit:
-    """`split_by_time`, then the training samples a budget uses (`choose`) and the held-out samples its loss
-    is taken on (`spread`): the trainer's split, which the fidelity report recomputes."""
+    """`split_by_time`, then the training samples a budget uses (`choose` among those that `fits` the
+    sequence length: the most characteristic of the person against `colleagues`' messages (ts, text) from
+    before the cut) and the held-out samples its loss is taken on (`spread`): the trainer's split, which the
+    fidelity report recomputes."""
     split = split_by_time(samples, eval_fraction)
     split.available = len(split.train)
-    split.train = choose(split.train, max_train)
+    train = [s for s in split.train if fits is None or fits(s)]
+    score = None
+    if max_train is not None and len(train) > max_train and colleagues:
+        before = [text for ts, text in colleagues if split.cut_ts is None or ts < split.cut_ts]
+        score = characteristic(train, before)
+    split.train = choose(train, max_train, score)
     split.eval = spread(split.eval, max_eval)
     return split
+
+
+def read_colleagues(folder: Path) -> list[tuple[float, str]]:
+    """(ts, text) of the colleagues' messages the scrape wrote beside the samples (`COLLEAGUES_FILE`)."""
+    path = Path(folder) / COLLEAGUES_FILE
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [(_float(r.get("ts"), 0.0), str(r.get("text") or "")) for r in records if isinstance(r, dict)]
+
+
+def characteristic(samples: Sequence[Sample], others: Sequence[str]) -> dict[int, float]:
+    """id(sample) -> how much its reply reads as the person's rather than `others`' (out of fold)."""
+    from doppel.train.likeness import characteristic_scores
+
+    scores = characteristic_scores([s.reply for s in samples], others)
+    return {id(s): score for s, score in zip(samples, scores, strict=True)}
 
 
 def spread(samples: Sequence[Sample], count: int | None) -> list[Sample]:
@@ -307,16 +341,23 @@ def spread(samples: Sequence[Sample], count: int | None) -> list[Sample]:
     return [ordered[i * len(ordered) // count] for i in range(count)]
 
 
-def choose(samples: Sequence[Sample], count: int | None) -> list[Sample]:
-    """The training samples a budget of `count` uses: the most recent (the person as they write now), replies
-    before openers (at most a fifth openers, as answering is what the doppel does), one reply per text (a
-    message the person wrote many times would be learnt as a template). Oldest first."""
+def choose(
+    samples: Sequence[Sample], count: int | None, score: Mapping[int, float] | None = None
+) -> list[Sample]:
+    """The training samples a budget of `count` uses: recent (the person as they write now) and, given a
+    `score` (id(sample) -> how characteristic of the person it is), the most characteristic `count` of the
+    newest `CHOICE_POOL` x `count`; replies before openers (at most a fifth openers, as answering is what the
+    doppel does), one reply per text (a message the person wrote many times would be learnt as a template).
+    Oldest first."""
     if count is None or len(samples) <= count:
         return sorted(samples, key=lambda s: s.ts)
     unique: dict[str, Sample] = {}
     for sample in sorted(samples, key=lambda s: s.ts, reverse=True):
         unique.setdefault(" ".join(sample.reply.split()).casefold(), sample)
     newest = list(unique.values())
+    if score:
+        pool = newest[: CHOICE_POOL * count]
+        newest = sorted(pool, key=lambda s: -score.get(id(s), 0.0)) + newest[len(pool) :]
     openers = [s for s in newest if s.kind == "opener"][: count // 5]
     replies = [s for s in newest if s.kind != "opener"][: count - len(openers)]
     rest = [s for s in newest if s not in replies and s not in openers]
@@ -349,15 +390,33 @@ def epoch_batches(
     Samples are shuffled, cut into windows of `group` micro-batches, sorted by length within a window
     and split; the batches are shuffled again so lengths do not follow a schedule.
     """
+    return [collate(chunk) for chunk in _epoch_chunks(items, batch_size, rng, group)]
+
+
+def epoch_steps(
+    items: Sequence[Encoded], batch_size: int, grad_accum: int, rng: random.Random
+) -> list[list[Batch]]:
+    """The optimizer steps of an epoch: the batches `epoch_batches` makes of `batch_size` x `grad_accum`
+    samples, each split into `grad_accum` micro-batches. Accumulating gradients is then only a way to save
+    memory: a step sees the same samples, and learns the same, whatever the micro-batch size."""
+    steps = []
+    for chunk in _epoch_chunks(items, batch_size * grad_accum, rng, LENGTH_GROUP):
+        steps.append([collate(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)])
+    return steps
+
+
+def _epoch_chunks(
+    items: Sequence[Encoded], batch_size: int, rng: random.Random, group: int
+) -> list[list[Encoded]]:
     order = list(items)
     rng.shuffle(order)
     window = batch_size * group
-    batches: list[Batch] = []
+    chunks: list[list[Encoded]] = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda item: len(item.input_ids))
-        batches += [collate(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+        ordered = sorted(order[start : start + window], key=lambda item: len(item.input_ids))
+        chunks += [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    rng.shuffle(chunks)
+    return chunks
 
 
 def eval_batches(items: Sequence[Encoded], batch_size: int) -> list[Batch]:

@@ -79,22 +79,28 @@ class SplitSamples:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def split_samples(samples: Sequence[data.Sample], tokenizer: Any, config: dict[str, Any]) -> SplitSamples:
-    """The training's own split (`data.budget_split` with the adapter's recorded `config`, then the samples
-    it could encode)."""
+def split_samples(
+    samples: Sequence[data.Sample], tokenizer: Any, config: dict[str, Any], folder: Path | None = None
+) -> SplitSamples:
+    """The training's own split (`data.budget_split` with the adapter's recorded `config` and the colleagues'
+    messages it chose samples against, from `folder` or beside the recorded data), then the held-out samples
+    it could encode."""
     max_length = int(config.get("max_length", 1024))
-    held = data.budget_split(
-        samples,
-        float(config.get("eval_fraction", 0.15)),
-        config.get("max_train_samples"),
-        config.get("max_eval_samples"),
-    )
     stats = data.EncodeStats()
 
     def fits(sample: data.Sample) -> bool:
         return data.encode(sample, tokenizer, max_length, stats) is not None
 
-    return SplitSamples([s for s in held.train if fits(s)], [s for s in held.eval if fits(s)], held.summary())
+    recorded = Path(str(config["data"])).parent if config.get("data") else None
+    held = data.budget_split(
+        samples,
+        float(config.get("eval_fraction", 0.15)),
+        config.get("max_train_samples"),
+        config.get("max_eval_samples"),
+        fits=fits,
+        colleagues=data.read_colleagues(folder or recorded) if (folder or recorded) else (),
+    )
+    return SplitSamples(held.train, [s for s in held.eval if fits(s)], held.summary())
 
 
 def persona_prompt(person: str, examples: Sequence[str]) -> str:
@@ -149,7 +155,7 @@ def evaluate_adapter(
     samples = data.load_samples(samples_path)
     person = metrics.get("person") or _person(samples)
     backend = LocalBackend(base_model, {"adapter": adapter})
-    split = split_samples(samples, backend.tokenizer, config)
+    split = split_samples(samples, backend.tokenizer, config, _colleagues_folder(Path(samples_path), config))
     report: dict[str, Any] = {
         "person": person,
         "adapter": str(adapter),
@@ -258,13 +264,19 @@ def _classifier_data(
     return texts, labels, tests
 
 
-def _colleagues(samples_path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """colleagues.jsonl beside the samples, or beside the scraped samples the training recorded (when it
+def _colleagues_folder(samples_path: Path, config: dict[str, Any]) -> Path | None:
+    """Where colleagues.jsonl is: beside the samples, or beside the samples the training recorded (when it
     trained on a derived file: memory, corrections)."""
     for folder in (samples_path.parent, Path(str(config.get("data") or samples_path)).parent):
         if (folder / COLLEAGUES_FILE).is_file():
-            return read_colleagues(folder / COLLEAGUES_FILE)
-    return []
+            return folder
+    return None
+
+
+def _colleagues(samples_path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """colleagues.jsonl's messages (`_colleagues_folder`), [] without one."""
+    folder = _colleagues_folder(samples_path, config)
+    return read_colleagues(folder / COLLEAGUES_FILE) if folder else []
 
 
 def _by_user(colleagues: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -289,7 +301,9 @@ def report_classifier(adapter: Path, samples_path: Path) -> AuthorClassifier | N
     report = json.loads((Path(adapter) / EVAL_FILE).read_text(encoding="utf-8"))
     config = _read_metrics(adapter).get("config") or {}
     tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
-    split = split_samples(data.load_samples(samples_path), tokenizer, config)
+    split = split_samples(
+        data.load_samples(samples_path), tokenizer, config, _colleagues_folder(Path(samples_path), config)
+    )
     colleagues = _colleagues(Path(samples_path), config)
     texts, labels, _ = _classifier_data(split, colleagues, report.get("classifier_base_replies") or [])
     return AuthorClassifier.fit(texts, labels)

@@ -10,7 +10,9 @@ Pure scikit-learn and standard-library logic over strings, so each measure is ch
 - `distinct`: the share of replies that are not near-duplicates (difflib ratio >= `NEAR_DUPLICATE`) of
   another reply of the same set;
 - `copy_rate`: the share of replies that repeat a span of `COPY_SPAN_WORDS` or more words of a training
-  message.
+  message;
+- `characteristic_scores`: how much each of the person's messages reads as theirs rather than their
+  colleagues' (the training budget's choice of samples, `doppel.train.data.choose`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,29 @@ class AuthorClassifier:
             return None
         predicted = self.predict(texts)
         return round(sum(p == y for p, y in zip(predicted, labels, strict=True)) / len(labels), 4)
+
+
+def characteristic_scores(person: Sequence[str], others: Sequence[str], folds: int = 3) -> list[float]:
+    """For each of `person`'s messages, the probability that a person-vs-colleagues classifier (character
+    n-grams, as `AuthorClassifier`) gives the person, out of fold: no message is scored by a model that saw
+    it. 0.5 each when there are too few messages to tell anyone apart."""
+    if min(len(person), len(others)) < folds:
+        return [0.5] * len(person)
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    texts = [t or " " for t in (*person, *others)]
+    labels = [1] * len(person) + [0] * len(others)
+    # The vocabulary and its weights come from every text (no label in them); only the classifier is fitted
+    # out of fold, which keeps this a few seconds on a CPU.
+    vectors = TfidfVectorizer(
+        analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, max_features=100_000
+    ).fit_transform(texts)
+    classifier = LogisticRegression(class_weight="balanced", C=10.0, solver="liblinear")
+    folding = StratifiedKFold(folds, shuffle=True, random_state=0)
+    proba = cross_val_predict(classifier, vectors, labels, cv=folding, method="predict_proba")
+    return [round(float(p), 6) for p in proba[: len(person), 1]]
 
 
 def relevance(replies: Sequence[str], real: Sequence[str]) -> float | None:

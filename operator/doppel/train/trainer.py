@@ -86,16 +86,26 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         raise BadInput(f"not enough data ({len(samples)} < {config.min_samples})")
     tokenizer = _load_tokenizer(config.base_model)
 
-    held = data.budget_split(samples, config.eval_fraction, None, config.max_eval_samples)
     stats = data.EncodeStats()
-    encoded = {
-        id(s): e for s in held.train if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None
-    }
+    encoded: dict[int, data.Encoded] = {}
+
+    def fits(sample: data.Sample) -> bool:
+        item = data.encode(sample, tokenizer, config.max_length, stats)
+        if item is not None:
+            encoded[id(sample)] = item
+        return item is not None
+
     # The budget chooses among the samples that fit --max-length, so a cut never leaves too few of them.
-    chosen = data.choose([s for s in held.train if id(s) in encoded], config.max_train_samples)
-    held.train = chosen  # what metrics.json reports as used (`train_available` keeps the whole split)
+    held = data.budget_split(
+        samples,
+        config.eval_fraction,
+        config.max_train_samples,
+        config.max_eval_samples,
+        fits=fits,
+        colleagues=data.read_colleagues(Path(config.data).parent),
+    )
     split = data.Split(
-        [encoded[id(s)] for s in chosen],
+        [encoded[id(s)] for s in held.train],
         [e for s in held.eval if (e := data.encode(s, tokenizer, config.max_length, stats)) is not None],
     )
     if len(split.train) < config.min_samples:
@@ -216,8 +226,8 @@ def _fit(
     on_progress: ProgressCallback | None,
 ) -> Metrics:
     rng = random.Random(config.seed)
-    micro_per_epoch = math.ceil(len(split.train) / config.batch_size)
-    steps_per_epoch = min(math.ceil(micro_per_epoch / config.grad_accum), config.max_steps_per_epoch)
+    per_step = config.batch_size * config.grad_accum
+    steps_per_epoch = min(math.ceil(len(split.train) / per_step), config.max_steps_per_epoch)
     total_steps = steps_per_epoch * config.epochs
     eval_every = config.eval_steps or max(1, total_steps // EVALS_PER_RUN)
     eval_batches = data.eval_batches(split.eval, config.batch_size)
@@ -249,11 +259,8 @@ def _fit(
     stop = False
     model.train()
     for _ in range(config.epochs):
-        batches = data.epoch_batches(split.train, config.batch_size, rng)
-        for start in range(0, steps_per_epoch * config.grad_accum, config.grad_accum):
-            group = batches[start : start + config.grad_accum]
-            if not group:
-                break
+        steps = data.epoch_steps(split.train, config.batch_size, config.grad_accum, rng)
+        for group in steps[:steps_per_epoch]:
             tick = time.perf_counter()
             loss = _train_step(model, group, device)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
