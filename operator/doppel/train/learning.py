@@ -15,13 +15,12 @@ eval.json gains `corrected_contexts` (`add_to_report`):
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from doppel.fsutil import atomic_write_text
 from doppel.memory.feedback import FeedbackStore
+from doppel.train.report_sections import add_section, greedy_replies
 
 REPORT_KEY = "corrected_contexts"
 EXAMPLES = 3
@@ -53,16 +52,10 @@ def corrected_contexts(
     corrected = store.corrections()
     if not corrected:
         return None
-    from doppel.serve.backend import GenerationParams
     from doppel.serve.local import LocalBackend
 
     backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)})
-    params = GenerationParams(temperature=0.0, max_tokens=reply_tokens, seed=0)
-    after: list[str] = []
-    for start in range(0, len(corrected), batch_size):
-        chunk = corrected[start : start + batch_size]
-        texts = backend.complete_batch([("adapter", c["messages"]) for c in chunk], params)
-        after += [t.strip() for t in texts]
+    after = greedy_replies(backend, [c["messages"] for c in corrected], reply_tokens, batch_size)
     texts, before = [c["text"] for c in corrected], [c["reply"] for c in corrected]
     figures = closer_share(texts, before, after)
     figures["examples"] = [
@@ -74,10 +67,7 @@ def corrected_contexts(
 
 def add_to_report(adapter: Path, figures: dict[str, Any] | None) -> None:
     """Put `figures` into ADAPTER/eval.json (written by the fidelity report) under `corrected_contexts`."""
-    path = Path(adapter) / "eval.json"
-    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    report[REPORT_KEY] = figures
-    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    add_section(adapter, REPORT_KEY, figures)
 
 
 def table_line(figures: dict[str, Any] | None) -> str | None:

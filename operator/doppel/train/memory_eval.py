@@ -26,12 +26,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from doppel.fsutil import atomic_write_text
 from doppel.memory.heldout import Earlier, asked, contains_answer, foreign_questions
 from doppel.memory.index import MemoryIndex, entries_from_samples, write_index
 from doppel.memory.prompt import DEFAULT_SETTINGS, MemorySettings, query
 from doppel.slack.conversation import system_prompt
 from doppel.train import data
+from doppel.train.report_sections import add_section, greedy_replies
 
 REPORT_KEY = "memory"
 QUESTIONS = 16  # answered twice each: a bounded cost on CPU
@@ -106,7 +106,7 @@ def memory_figures(
         return figures
     with_memory = [s.messages[:-1] for s, _ in chosen]
     plain = [[{"role": "system", "content": system_prompt(person)}, *m[1:]] for m in with_memory]
-    texts = _generate(backend, [*with_memory, *plain], reply_tokens)
+    texts = greedy_replies(backend, [*with_memory, *plain], reply_tokens)
     remembered, alone = texts[: len(chosen)], texts[len(chosen) :]
     answers = [b for _, b in chosen]
 
@@ -146,23 +146,9 @@ def _spread(items: list[Any], count: int) -> list[Any]:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def _generate(backend: Any, contexts: list[list[dict[str, str]]], tokens: int) -> list[str]:
-    from doppel.serve.backend import GenerationParams
-
-    params = GenerationParams(temperature=0.0, max_tokens=tokens, seed=0)
-    texts: list[str] = []
-    for start in range(0, len(contexts), 16):
-        chunk = contexts[start : start + 16]
-        texts += [t.strip() for t in backend.complete_batch([("adapter", c) for c in chunk], params)]
-    return texts
-
-
 def add_to_report(adapter: Path, figures: dict[str, Any] | None) -> None:
     """Put `figures` into ADAPTER/eval.json under `memory`."""
-    path = Path(adapter) / "eval.json"
-    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    report[REPORT_KEY] = figures
-    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    add_section(adapter, REPORT_KEY, figures)
 
 
 def table_lines(figures: dict[str, Any] | None) -> list[str]:
