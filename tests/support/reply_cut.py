@@ -53,25 +53,33 @@ class ReplyCutProxy:
             return
         threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
         received, sent, cut = b"", 0, False
-        with contextlib.suppress(OSError), client, upstream:
-            while data := upstream.recv(65536):
-                if cut:
-                    continue  # held back: it dies with the server
-                received += data
-                until = len(received)
-                match = _FIRST_TEXT.search(received, max(0, sent - 64))
-                if match is not None:
-                    end = received.find(b"\n\n", match.end())
-                    if end < 0:
-                        until = max(sent, match.start())  # the event is not whole yet
-                    else:
-                        until = end + 2
-                        if received[until : until + 2] == b"\r\n":  # the end of its HTTP chunk
-                            until += 2
-                        cut = True
-                        self.cuts += 1
-                client.sendall(received[sent:until])
-                sent = until
+        try:
+            with contextlib.suppress(OSError):
+                while data := upstream.recv(65536):
+                    if cut:
+                        continue  # held back: it dies with the server
+                    received += data
+                    until = len(received)
+                    match = _FIRST_TEXT.search(received, max(0, sent - 64))
+                    if match is not None:
+                        end = received.find(b"\n\n", match.end())
+                        if end < 0:
+                            until = max(sent, match.start())  # the event is not whole yet
+                        else:
+                            until = end + 2
+                            if received[until : until + 2] == b"\r\n":  # the end of its HTTP chunk
+                                until += 2
+                            cut = True
+                            self.cuts += 1
+                    client.sendall(received[sent:until])
+                    sent = until
+        finally:
+            # shutdown, not only close: the other thread's recv on `client` keeps the connection open
+            # after a close, and the client would wait out its read timeout instead of seeing the cut.
+            for side in (client, upstream):
+                with contextlib.suppress(OSError):
+                    side.shutdown(socket.SHUT_RDWR)
+                side.close()
 
     @staticmethod
     def _requests(client: socket.socket, upstream: socket.socket) -> None:
