@@ -189,18 +189,38 @@ def job_changed(labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event("", "v1", "pods")
 def pod_changed(
-    body: kopf.Body, labels: kopf.Labels, namespace: str, memo: kopf.Memo, doppelusers: kopf.Index, **_: Any
+    body: kopf.Body,
+    labels: kopf.Labels,
+    namespace: str,
+    type: str | None,  # kopf's name for the watch event's type
+    memo: kopf.Memo,
+    doppelusers: kopf.Index,
+    **_: Any,
 ) -> None:
-    """A Job's pod finished, or a vLLM pod (re)appeared: wake whoever cares, within seconds."""
+    """A Job's pod finished, or a vLLM pod appeared, restarted, turned ready or went: wake whoever cares,
+    within seconds."""
     if jobs.L_UID in labels:
         _wake(memo, labels[jobs.L_UID])
         return
-    if (body.get("status") or {}).get("podIP"):
-        # Restarted, turned ready or gone: what it serves must be listed afresh.
-        _state(memo).models.forget(pod_url(dict(body), VLLM_DEFAULT_PORT))
+    status = body.get("status") or {}
+    if not status.get("podIP"):
+        return  # not serving yet: its "ready" event comes later
+    fingerprint = None if type == "DELETED" else _pod_state(body)
+    if not _state(memo).models.seen(pod_url(dict(body), VLLM_DEFAULT_PORT), fingerprint):
+        return
     for entry in doppelusers.get("all", []):
         if entry["namespace"] == namespace and matches(entry["selector"], labels):
             _wake(memo, entry["uid"])
+
+
+def _pod_state(body: kopf.Body) -> tuple[Any, ...]:
+    """What a pod event must change for its doppels to look again: the pod itself, its address, readiness
+    and container restarts."""
+    status = body.get("status") or {}
+    conditions = status.get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    restarts = tuple(c.get("restartCount", 0) for c in status.get("containerStatuses") or [])
+    return (body.get("metadata", {}).get("uid"), status.get("podIP"), ready, restarts)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Hashable
 
 import httpx
 
@@ -25,6 +26,7 @@ from doppel.serve.vllm_protocol import RetryPolicy
 VLLM_RETRY = RetryPolicy(attempts=2, initial_delay=0.2, max_delay=1.0)
 # Loading an adapter reads it from the volume: allow it time; a listing is quick.
 TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=30.0)
+_UNSEEN = object()
 # A pod that failed to answer is asked again after this long (not by every loop at once).
 ERROR_TTL_S = 5.0
 # A listing answers in well under a second even at a thousand adapters (96 ms measured): a pod that takes
@@ -44,6 +46,7 @@ class PodModels:
         self._http: httpx.AsyncClient | None = None  # made on the operator's loop, at first use
         self._served: dict[str, tuple[float, set[str] | ServeError]] = {}  # url -> (expires, names)
         self._listing: dict[str, asyncio.Future[set[str]]] = {}
+        self._fingerprints: dict[str, Hashable] = {}  # url -> the pod's state at its last event
 
     def client(self, url: str) -> AsyncVllmClient:
         """A client of the pod at `url` over the shared connection pool."""
@@ -97,6 +100,22 @@ class PodModels:
     def forget(self, url: str) -> None:
         """The pod changed (restarted, turned ready): list it afresh at its next check."""
         self._served.pop(url, None)
+
+    def seen(self, url: str, fingerprint: Hashable | None) -> bool:
+        """A pod event for `url` (`fingerprint`: what identifies the pod's state, None: it is gone). Returns
+        whether its doppels must look at it: a new pod, or one that restarted, turned ready or not, or went
+        (its listing is then forgotten). A pod event that changes none of that (a label, an annotation, the
+        re-listing of a watch or an operator restart) costs no listing and wakes nobody."""
+        before = self._fingerprints.get(url, _UNSEEN)
+        if fingerprint is None:
+            self._fingerprints.pop(url, None)
+        else:
+            self._fingerprints[url] = fingerprint
+        if before == fingerprint:
+            return False
+        if before is not _UNSEEN:
+            self.forget(url)
+        return True
 
     async def aclose(self) -> None:
         if self._http is not None:
