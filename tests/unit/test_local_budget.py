@@ -23,6 +23,8 @@ def test_a_large_export_takes_the_newest_samples_its_steps_can():
     assert (two["epochs"], two["max_steps_per_epoch"]) == (1, 16)
     assert two["max_train_samples"] == 16 * 8 and two["max_eval_samples"] == CPU_EVAL_SAMPLES
     assert two["eval_steps"] == 8  # two evaluations: on CPU each costs about a step
+    # Many varied samples, each seen once, learn at a higher rate than the demo's few, seen again and again.
+    assert two["lr"] > training_settings(settings(demo=True), 84, "smollm2-135m", cores=2)["lr"]
     eight = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=8)
     assert eight["max_steps_per_epoch"] == 64 and eight["max_train_samples"] == 64 * 8
     asked = training_settings(settings(export=Path("x.zip"), max_steps=10), 14_000, "smollm2-135m", cores=2)
