@@ -75,6 +75,23 @@ def test_replies_carry_the_message_they_answer(scraped):
     assert colleagues and all(c["user"] != manifest["person"]["id"] for c in colleagues)
 
 
+def test_colleagues_come_from_the_person_s_own_time(tmp_path):
+    # simon (hyperledger) stopped writing months before the export ends: the colleagues' latest messages of
+    # the whole export would all come after his held-out cut, and the report's classifier would learn no
+    # colleague at all (it did: person against the base model only, accuracy 0.07).
+    export = real_export(REAL[0][0])
+    out = tmp_path / "simon"
+    result = CliRunner().invoke(
+        main, ["scrape", "--export", str(export), "--user", "U0XR6J961", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    samples = data.load_samples(out / "samples.jsonl")
+    cut = data.split_by_time(samples, 0.15).cut_ts
+    colleagues = [json.loads(line) for line in (out / "colleagues.jsonl").read_text().splitlines()]
+    before = Counter(c["user"] for c in colleagues if float(c["ts"]) < cut)
+    assert sum(1 for n in before.values() if n >= 20) >= 3, before
+
+
 def test_real_exports_are_all_covered():
     """Every export with volume in ../shared is in REAL (add a new one with its most active person)."""
     if not REAL_EXPORTS.is_dir():

@@ -172,12 +172,30 @@ def colleague_messages(
 ) -> list[dict[str, Any]]:
     """The messages of the most active other people, as long as the person's samples must be (so length
     alone tells nobody apart): the `MAX_COLLEAGUES` with at least `MIN_COLLEAGUE_MESSAGES`, each's latest
-    `MAX_COLLEAGUE_MESSAGES`, oldest first. Authors are message user IDs, never names read from text."""
+    `MAX_COLLEAGUE_MESSAGES`, oldest first. Authors are message user IDs, never names read from text.
+
+    Only messages up to the person's latest one that long: someone who stopped writing long before the
+    export ends gets colleagues of their own time, so the report's classifier has some on both sides of its
+    held-out cut (the export's latest messages would all be after it)."""
+    person_last = max(
+        (
+            float(item.message["ts"])
+            for _, items in read
+            for item in items
+            if item.said and item.said.author_id == person_id and len(item.said.text) >= min_length
+        ),
+        default=float("inf"),
+    )
     by_author: dict[str, list[dict[str, Any]]] = {}
     for _, items in read:
         for item in items:
             said = item.said
-            if said and said.author_id != person_id and len(said.text) >= min_length:
+            if (
+                said
+                and said.author_id != person_id
+                and len(said.text) >= min_length
+                and float(item.message["ts"]) <= person_last
+            ):
                 by_author.setdefault(said.author_id, []).append(
                     {
                         "user": said.author_id,
