@@ -5,7 +5,8 @@ samples (Slack-like threads of very different lengths, rendered and labelled by 
 its own process so their peak memory is their own. The baseline is what one writes first:
 `transformers.Trainer`, random batches padded to the longest sample, no length grouping. Throughput counts
 real tokens only (padding is work, not progress). Prints tokens/s of each, the ratio (target >= 1.5x),
-padding share and peak memory.
+padding share and peak memory. On a CPU that computes bfloat16 natively, the trainer steps in bfloat16
+autocast; there it is also run in float32, and that ratio printed too.
 
 Run: .venv/bin/python tests/bench/bench_train.py          SmolLM2-135M-Instruct (the built-in model), CPU
      .venv/bin/python tests/bench/bench_train.py --tiny   the tiny random model (mechanics, seconds)
@@ -89,7 +90,7 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, cpu_bf16: bool | None = None) -> dict[str, Any]:
     from doppel.train.trainer import TrainConfig, train_adapter
 
     metrics = train_adapter(
@@ -105,6 +106,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             grad_accum=args.grad_accum,
             eval_fraction=0.0,
             min_samples=1,
+            cpu_bf16=cpu_bf16,
             device=args.device,
             progress_bar=False,
         )
@@ -200,8 +202,10 @@ def matmul_flops(device: str) -> float:
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    run = run_ours if args.worker == "ours" else run_baseline
-    result = run(args)
+    if args.worker == "ours-float32":
+        result = run_ours(args, cpu_bf16=False)
+    else:
+        result = run_ours(args) if args.worker == "ours" else run_baseline(args)
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
 
@@ -230,7 +234,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, help="Micro-batches a step [default: 1; SmolLM2 CPU: 4].")
     parser.add_argument("--rank", type=int, default=32)
     # Internal: one measured run in this process.
-    parser.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "ours-float32", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -280,6 +284,14 @@ def main() -> None:
         print(
             f"speed-up (tokens/s, doppel / baseline): {ours['tokens_per_s'] / baseline['tokens_per_s']:.2f}x"
         )
+        from doppel.train.trainer import cpu_has_bf16
+
+        if args.device == "cpu" and cpu_has_bf16():
+            fp32 = spawn(args, "ours-float32")
+            print(
+                f"doppel train in float32: {fp32['tokens_per_s']:.0f} tokens/s; bfloat16 autocast (this CPU "
+                f"has it natively) / float32: {ours['tokens_per_s'] / fp32['tokens_per_s']:.2f}x"
+            )
         if args.device == "cuda":
             from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -19,16 +19,29 @@ def test_the_demo_uses_every_sample_over_its_sixteen_steps():
 
 
 def test_a_large_export_takes_the_newest_samples_its_steps_can():
-    two = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2)
+    two = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=False)
     assert (two["epochs"], two["max_steps_per_epoch"]) == (1, 16)
     assert two["max_train_samples"] == 16 * 8 and two["max_eval_samples"] == CPU_EVAL_SAMPLES
     assert two["eval_steps"] == 8  # two evaluations: on CPU each costs about a step
     # Many varied samples, each seen once, learn at a higher rate than the demo's few, seen again and again.
     assert two["lr"] > training_settings(settings(demo=True), 84, "smollm2-135m", cores=2)["lr"]
-    eight = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=8)
+    # The threads the replies answer are learnt too, at a quarter of a reply token's weight.
+    assert two["context_weight"] == 0.25
+    eight = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=8, bf16=False)
     assert eight["max_steps_per_epoch"] == 64 and eight["max_train_samples"] == 64 * 8
     asked = training_settings(settings(export=Path("x.zip"), max_steps=10), 14_000, "smollm2-135m", cores=2)
     assert asked["max_steps_per_epoch"] == 10 and asked["max_train_samples"] == 80
+
+
+def test_a_cpu_that_computes_bfloat16_takes_half_as_many_steps_again():
+    fast = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=True)
+    assert fast["cpu_bf16"] is True and fast["max_steps_per_epoch"] == 24 and fast["max_train_samples"] == 192
+    assert fast["eval_steps"] == 12
+    plain = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=False)
+    assert plain["cpu_bf16"] is False  # named in the settings: the adapter's fingerprint tells them apart
+    # The demo keeps its sixteen steps: faster, not longer.
+    demo = training_settings(settings(demo=True), 84, "smollm2-135m", cores=2, bf16=True)
+    assert demo["epochs"] * demo["max_steps_per_epoch"] == 16 and "context_weight" not in demo
 
 
 def test_a_base_model_without_a_budget_gets_the_trainers_defaults():

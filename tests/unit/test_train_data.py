@@ -68,6 +68,29 @@ def test_the_persons_messages_just_before_the_reply_are_context(tokenizer):
     assert labelled_runs(encoded, tokenizer) == ["done now" + EOT]
 
 
+def test_a_context_weight_also_teaches_the_context_at_that_weight(tokenizer):
+    sample = _sample([("bob", "is the deploy done?"), ("ana", "ok, ping me")], "done now")
+    plain = data.encode(sample, tokenizer, 1024, data.EncodeStats())
+    weighted = data.encode(sample, tokenizer, 1024, data.EncodeStats(), context_weight=0.25)
+    assert plain is not None and weighted is not None and weighted.input_ids == plain.input_ids
+    assert plain.weights is None
+    # Every token but the first is a target now: the reply's weigh 1, the rest of the thread 0.25.
+    assert weighted.labels == [data.IGNORE_INDEX, *weighted.input_ids[1:]]
+    assert weighted.weights is not None and weighted.weights[0] == 0.0
+    reply = [w for w, label in zip(weighted.weights, plain.labels, strict=True) if label != data.IGNORE_INDEX]
+    context = [w for w, label in zip(weighted.weights[1:], plain.labels[1:], strict=True) if label == -100]
+    assert reply and set(reply) == {1.0}
+    assert context and set(context) == {0.25}
+    # A batch weighs its labels (the loss's normaliser); an unweighted sample beside it weighs 1 a label.
+    batch = data.collate([weighted, plain])
+    assert batch.label_weight == pytest.approx(2 * len(reply) + 0.25 * len(context))
+    shorter = len(plain.input_ids) - 3
+    clipped = data.encode(sample, tokenizer, shorter, data.EncodeStats(), context_weight=0.25)
+    assert clipped is not None and clipped.weights is not None
+    assert len(clipped.weights) == len(clipped.labels) == len(clipped.input_ids)
+    assert clipped.weights[-len(reply) :] == [1.0] * len(reply)
+
+
 def test_long_context_is_clipped_from_the_left_and_counted(tokenizer):
     context = [("bob", f"message number {i} about the release plan") for i in range(40)]
     sample = _sample(context, "the final reply stays whole")

@@ -100,3 +100,20 @@ def test_the_loss_over_labelled_positions_equals_the_models_own(tiny_model: Path
     assert batch.label_tokens == 6
     with torch.no_grad(), model.disable_adapter():
         assert torch.allclose(token_loss_sum(model, batch, device), model(**tensors).loss * 6, rtol=1e-5)
+
+
+def test_weighted_labels_weigh_their_token_losses(tiny_model: Path):
+    """A context weight scales each context token's cross-entropy; the reply's count whole."""
+    from doppel.train import data
+    from doppel.train.trainer import token_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = [5, 9, 14, 3, 7, 8, 2]
+    weights = [0.0, 0.25, 0.25, 1.0, 1.0, 1.0, 1.0]
+    batch = data.collate([data.Encoded(ids, [data.IGNORE_INDEX, *ids[1:]], "t", weights=weights)])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        each = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+        ours = token_loss_sum(model, batch, torch.device("cpu"))
+    assert torch.allclose(ours, (each * torch.tensor(weights[1:])).sum(), rtol=1e-5)
+    assert batch.label_weight == sum(weights)

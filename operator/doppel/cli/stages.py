@@ -243,6 +243,23 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 @click.option("--grad-accum", default=4, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-length", default=1024, show_default=True, help="Tokens per sample (context is clipped).")
 @click.option(
+    "--train-max-length",
+    type=click.IntRange(min=1),
+    help="Tokens per training sample, clipped shorter than held-out ones [default: --max-length].",
+)
+@click.option(
+    "--context-weight",
+    type=click.FloatRange(min=0, max=1),
+    default=0.0,
+    show_default=True,
+    help="Also learn the context's tokens, each weighing this much (the reply's weigh 1).",
+)
+@click.option(
+    "--cpu-bf16/--no-cpu-bf16",
+    default=None,
+    help="Train in bfloat16 autocast on CPU [default: when the CPU computes bfloat16 natively].",
+)
+@click.option(
     "--eval-fraction", default=0.15, show_default=True, help="Share of the latest replies held out."
 )
 @click.option("--eval-steps", type=int, help="Evaluate every N steps [default: about 8 times a run].")

@@ -59,6 +59,13 @@ CPU_STEP_SCALE_MAX = 4
 # so a higher learning rate does not fit one template (measured on hyperledger's ghaskins, 16 steps of 8:
 # held-out loss -9.6% at 1e-3, -11.7% at 3e-3; the demo's 67 samples, seen several times, copy at 3e-3).
 EXPORT_LR = {"smollm2-135m": 3e-3}
+# On a CPU that computes bfloat16 natively, training steps run in bfloat16 autocast, 1.3x as fast on 2 cores
+# (tests/bench/bench_train.py): a real workspace's budget takes that many more steps in the same time.
+CPU_BF16_STEP_SCALE = 1.5
+# A real workspace's budget also learns the threads its replies answer, at this weight a token (the reply's
+# weigh 1): the person's replies are a tenth of a sample's tokens, and their colleagues' messages and their
+# own retrieved ones teach the workspace's language (ghaskins, 16 steps: -11.7% -> -12.5%).
+EXPORT_CONTEXT_WEIGHT = 0.25
 DEMO_BASE_MODEL = "smollm2-135m"
 # Replies are short: Slack messages, and generation on CPU is not free.
 DEFAULT_REPLY_TOKENS = 120
@@ -140,27 +147,32 @@ def local_models() -> tuple[str, ...]:
 
 
 def training_settings(
-    settings: Settings, n_samples: int, base_name: str, cores: int | None = None
+    settings: Settings, n_samples: int, base_name: str, cores: int | None = None, bf16: bool | None = None
 ) -> dict[str, Any]:
     """TrainConfig fields for this run, besides data, base model and output: for a base model with a CPU
-    budget (the built-in ones, the tiny model), that budget sized to the machine's `cores` (the demo: as
-    is) and the data (the samples it can use: `max_train_samples`)."""
+    budget (the built-in ones, the tiny model), that budget sized to the machine (its `cores`; whether it
+    computes `bf16` natively; the demo: as is) and the data (the samples it can use: `max_train_samples`)."""
     import os
 
     import torch
 
-    from doppel.train.trainer import TrainConfig
+    from doppel.train.trainer import TrainConfig, cpu_has_bf16
 
     budgeted = base_name in DEMO_TRAINING and (settings.demo or not torch.cuda.is_available())
     chosen: dict[str, Any] = dict(DEMO_TRAINING[base_name]) if budgeted else {}
     steps = settings.max_steps
     if budgeted:
+        bf16 = cpu_has_bf16() if bf16 is None else bf16
+        chosen["cpu_bf16"] = bf16  # named, so that the fingerprint tells the two kinds of CPU apart
         scale = 1 if settings.demo else min(max((cores or os.cpu_count() or 2) // 2, 1), CPU_STEP_SCALE_MAX)
-        steps = steps or DEMO_MAX_STEPS[base_name] * scale
+        if bf16 and not settings.demo:
+            scale *= CPU_BF16_STEP_SCALE
+        steps = steps or round(DEMO_MAX_STEPS[base_name] * scale)
         chosen["max_eval_samples"] = CPU_EVAL_SAMPLES
         if not settings.demo:
             chosen["eval_steps"] = max(1, steps // CPU_EVALS)
             chosen["lr"] = EXPORT_LR.get(base_name, chosen["lr"])
+            chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
         batch = view["batch_size"] * view["grad_accum"]

@@ -56,7 +56,9 @@ COUNTS_FILE = "counts.npy"
 FORMAT = 2  # 2: CJK text indexed as character pairs, term counts for the support
 CHARS_PER_TOKEN = 3
 DEFAULT_K = 3
-DEFAULT_BUDGET_TOKENS = 256
+# Memory in a prompt crowds out the conversation it answers: with 512-token samples (the CPU budget), 256
+# tokens of it raised SmolLM2's held-out loss on hyperledger's ghaskins by 9% (3.55 -> 3.87) against 128.
+DEFAULT_BUDGET_TOKENS = 128
 DEFAULT_MIN_COVERAGE = 0.3
 ANSWERED_CHARS = 200  # of the message an entry answered, in the prompt line and the index
 _SPLIT = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default splitter

@@ -63,6 +63,8 @@ class Encoded:
     labels: list[int]
     thread: str
     weight: int = 1
+    # Per-token loss weights where `labels` are set (None: 1 each): the context's weigh less than the reply's.
+    weights: list[float] | None = None
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Batch:
     input_ids: list[list[int]]
     labels: list[list[int]]
     attention_mask: list[list[int]]
+    weights: list[list[float]] | None = None  # per-token loss weights (None: every label weighs 1)
 
     @property
     def tokens(self) -> int:
@@ -90,6 +93,13 @@ class Batch:
     @property
     def label_tokens(self) -> int:
         return sum(1 for row in self.labels for label in row if label != IGNORE_INDEX)
+
+    @property
+    def label_weight(self) -> float:
+        """What the batch's labels weigh together: the loss's normaliser."""
+        if self.weights is None:
+            return float(self.label_tokens)
+        return sum(sum(row) for row in self.weights)
 
 
 @dataclass
@@ -208,9 +218,14 @@ def _thread_key(meta: dict[str, Any], messages: list[dict[str, str]]) -> str:
 
 
 def encode(
-    sample: Sample, tokenizer: PreTrainedTokenizerBase, max_length: int, stats: EncodeStats
+    sample: Sample,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    stats: EncodeStats,
+    context_weight: float = 0.0,
 ) -> Encoded | None:
-    """Token ids and assistant-only labels of a sample, clipped to `max_length`; None if it cannot fit."""
+    """Token ids and labels of a sample, clipped to `max_length`; None if it cannot fit. The reply's
+    tokens are labelled; with a `context_weight`, so are the context's, weighing that much each."""
     messages = sample.messages
     text = _render(tokenizer, messages)
     # The reply's character span: the text the last turn adds after its generation prompt, from where its
@@ -226,12 +241,14 @@ def encode(
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoding["input_ids"]
     offsets: list[tuple[int, int]] = encoding["offset_mapping"]
-    labels = [
-        token if any(lo <= offset[0] < hi for lo, hi in spans) else IGNORE_INDEX
-        for token, offset in zip(ids, offsets, strict=True)
-    ]
+    in_reply = [any(lo <= offset[0] < hi for lo, hi in spans) for offset in offsets]
+    labels = [token if reply else IGNORE_INDEX for token, reply in zip(ids, in_reply, strict=True)]
+    weights = None
+    if context_weight > 0:
+        labels = [IGNORE_INDEX, *ids[1:]]
+        weights = [0.0] + [1.0 if reply else context_weight for reply in in_reply[1:]]
     if len(ids) <= max_length:
-        return Encoded(ids, labels, sample.thread, sample.weight)
+        return Encoded(ids, labels, sample.thread, sample.weight, weights)
 
     head = sum(1 for offset in offsets if offset[0] < head_end)
     target = sum(1 for offset in offsets if offset[0] >= target_start)
@@ -241,7 +258,9 @@ def encode(
         return None
     stats.clipped += 1
     keep = list(range(head)) + list(range(len(ids) - target - room, len(ids)))
-    return Encoded([ids[i] for i in keep], [labels[i] for i in keep], sample.thread, sample.weight)
+    kept_weights = None if weights is None else [weights[i] for i in keep]
+    kept = [ids[i] for i in keep], [labels[i] for i in keep]
+    return Encoded(*kept, sample.thread, sample.weight, kept_weights)
 
 
 def _render(
@@ -373,13 +392,16 @@ def weighted(items: Sequence[Encoded]) -> list[Encoded]:
 def collate(items: Sequence[Encoded]) -> Batch:
     """Right-pad `items` to the longest; padding is masked out of attention and loss."""
     width = max(len(item.input_ids) for item in items)
-    input_ids, labels, attention_mask = [], [], []
+    input_ids, labels, attention_mask, weights = [], [], [], []
     for item in items:
         pad = width - len(item.input_ids)
         input_ids.append(item.input_ids + [PAD_ID] * pad)
         labels.append(item.labels + [IGNORE_INDEX] * pad)
         attention_mask.append([1] * len(item.input_ids) + [0] * pad)
-    return Batch(input_ids, labels, attention_mask)
+        row = item.weights or [1.0 if label != IGNORE_INDEX else 0.0 for label in item.labels]
+        weights.append(row + [0.0] * pad)
+    weighted = any(item.weights is not None for item in items)
+    return Batch(input_ids, labels, attention_mask, weights if weighted else None)
 
 
 def epoch_batches(
