@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -369,32 +370,52 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"
 
 
 def token_loss_sum(model: torch.nn.Module, batch: data.Batch, device: torch.device) -> torch.Tensor:
-    """The summed cross-entropy of every assistant token of `batch`.
+    """The summed (weighted) cross-entropy of every labelled token of `batch`.
 
-    The LM head runs only where the next token is labelled (the replies, about a tenth of a Slack thread's
-    tokens): the logits of every position, [tokens x vocabulary] in float32 and as much again for their
-    gradient, would be most of a step's memory and a fifth of its FLOPs, for positions nobody learns from.
-    Other architectures go through the model's own loss.
+    The LM head runs only where the next token is labelled (without a context weight, the replies: about a
+    tenth of a Slack thread's tokens), and in chunks of `HEAD_CHUNK` positions whose logits are recomputed
+    for the backward pass rather than kept: [tokens x vocabulary] in float32, and as much again for their
+    gradient, would be most of a step's memory. Other architectures go through the model's own logits.
     """
     tensors = _tensors(batch, device)
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     targets = tensors["labels"][:, 1:]
     learned = targets != data.IGNORE_INDEX
+    weights = (
+        torch.tensor(batch.weights, device=device)[:, 1:][learned]
+        if batch.weights is not None
+        else torch.ones(int(learned.sum()), device=device)
+    )
     if getattr(causal_lm.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         if batch.weights is None:
             n = batch.label_tokens
             return model(**tensors, num_items_in_batch=n).loss * n
         out = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"])
-        logits = out.logits[:, :-1][learned].float()
-    else:
-        hidden = causal_lm.get_decoder()(
-            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
-        ).last_hidden_state
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][learned]).float()
-    if batch.weights is None:
-        return torch.nn.functional.cross_entropy(logits, targets[learned], reduction="sum")
-    losses = torch.nn.functional.cross_entropy(logits, targets[learned], reduction="none")
-    weights = torch.tensor(batch.weights, device=device)[:, 1:][learned]
+        return _weighted_loss(out.logits[:, :-1][learned], targets[learned], weights)
+    hidden = causal_lm.get_decoder()(
+        input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+    ).last_hidden_state[:, :-1][learned]
+    head = causal_lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        part = slice(start, start + HEAD_CHUNK)
+        total = total + checkpoint(
+            _head_loss, head, hidden[part], targets[learned][part], weights[part], use_reentrant=False
+        )
+    return total
+
+
+HEAD_CHUNK = 256  # positions whose logits exist at once: 256 x 49,152 x 4 bytes = 50 MB for SmolLM2
+
+
+def _head_loss(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    return _weighted_loss(head(hidden), targets, weights)
+
+
+def _weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     return (losses * weights).sum()
 
 
