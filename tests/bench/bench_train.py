@@ -97,7 +97,7 @@ def run_ours(args: argparse.Namespace, cpu_bf16: bool | None = None) -> dict[str
         TrainConfig(
             data=args.samples,
             base_model=str(args.model),
-            out=args.workdir / "ours",
+            out=args.workdir / ("ours" if cpu_bf16 is None else "ours-float32"),
             rank=args.rank,
             alpha=2 * args.rank,
             epochs=1,
