@@ -67,7 +67,13 @@ def test_export_gives_the_same_samples_as_the_api(slack_emulator, slack_workspac
         "Still at five. The review only moved the retro to Friday, "
         "so nothing at all changes for the deploy now."
     )
-    for ts, user, text in ((now - 200, "U02BOB", question), (now - 140, "U01ALICE", answer)):
+    short = "Yes, after the retro on Friday."  # under --min-length: remembered, never a sample
+    for ts, user, text in (
+        (now - 200, "U02BOB", question),
+        (now - 140, "U01ALICE", answer),
+        (now - 100, "U02BOB", "and the retro itself?"),
+        (now - 90, "U01ALICE", short),
+    ):
         message = {"type": "message", "ts": f"{ts}.000100", "user": user, "text": text}
         slack_emulator.add_message("C01GENERAL", message)
         slack_workspace["messages"]["general"].append(message)
@@ -84,6 +90,16 @@ def test_export_gives_the_same_samples_as_the_api(slack_emulator, slack_workspac
     ).read_bytes()
     (windowed,) = [s for s in read_samples(tmp_path / "api") if s["messages"][-1]["content"] == answer]
     assert windowed["messages"][-2] == {"role": "user", "content": f"bobby: {question}"}
+    # The person's memory holds their messages, the short ones too, each with the message it answered.
+    memory = (tmp_path / "api" / "memory.jsonl").read_bytes()
+    assert memory == (tmp_path / "export" / "memory.jsonl").read_bytes()
+    remembered = [json.loads(line) for line in memory.decode().splitlines()]
+    assert not any(s["messages"][-1]["content"] == short for s in read_samples(tmp_path / "api"))
+    (said,) = [m for m in remembered if m["text"] == short]
+    assert said["answered"] == "bobby: and the retro itself?" and said["channel"] == "general"
+    assert {m["ts"] for m in remembered} >= {s["meta"]["ts"] for s in read_samples(tmp_path / "api")}
+    manifest = json.loads((tmp_path / "api" / "manifest.json").read_text())
+    assert manifest["memory"] == len(remembered) > manifest["samples"]
 
 
 def test_channel_lists_and_cutoff(slack_emulator, tmp_path):
@@ -118,6 +134,8 @@ def test_second_run_fetches_only_newer_messages(slack_emulator, tmp_path):
     assert len(samples) == 9 and [s["meta"]["ts"] for s in samples].count(newer) == 1
     assert len({(s["meta"]["channel_id"], s["meta"]["ts"]) for s in samples}) == 9
     assert json.loads((out / "manifest.json").read_text())["added"] == 1
+    remembered = [json.loads(line)["ts"] for line in (out / "memory.jsonl").read_text().splitlines()]
+    assert remembered.count(newer) == 1 and len(remembered) == len(set(remembered))
 
 
 LATE_REPLY = "Coming back to this a few days later: the rollback plan worked, and " + "y" * 60

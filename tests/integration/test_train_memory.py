@@ -114,3 +114,23 @@ def test_no_memory_leaves_the_adapter_as_before(tmp_path, tiny_model):
     result = CliRunner().invoke(main, [*args, *QUICK])
     assert result.exit_code == 0, result.output
     assert not (out / "memory").exists() and not (samples.parent / "samples.remembered.jsonl").exists()
+
+
+def test_memory_holds_the_persons_messages_too_short_to_train_on(tmp_path, tiny_model):
+    export = write_export(tmp_path / "workspace.zip")
+    out = tmp_path / "data"
+    manifest = scrape_export(export, MARGARET.name, out, ScrapeOptions(now=EXPORTED_AT.timestamp()))
+    samples = out / "samples.jsonl"
+    adapter = tmp_path / "adapters" / "v1"
+    args = ["train", "--data", str(samples), "--base-model", str(tiny_model), "--out", str(adapter)]
+    result = CliRunner().invoke(main, [*args, *QUICK])
+    assert result.exit_code == 0, result.output
+
+    index = MemoryIndex.load(adapter / "memory", team=TEAM_ID, person_id=MARGARET.id)
+    assert len(index.entries) == manifest.memory > manifest.samples
+    trained = {json.loads(line)["meta"]["ts"] for line in samples.read_text().splitlines()}
+    short = [e for e in index.entries if e.ts not in trained]
+    assert short and all(20 <= len(e.text) < 100 for e in short)
+    # A short message is retrieved like any other, with the message it answered.
+    hits = index.search(short[-1].text, budget_tokens=10_000, min_coverage=0.0).hits
+    assert any(h.entry.ts not in trained and h.entry.answered for h in hits)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from doppel.cli import main
 from doppel.errors import BadInput
-from doppel.memory.index import MemoryIndex, entries_from_samples, tokens, write_index
+from doppel.memory.index import MemoryIndex, entries_from_samples, person_entries, tokens, write_index
 from doppel.memory.voice import abstention
 from doppel.slack.conversation import system_prompt
 
@@ -183,3 +183,30 @@ def test_forget_removes_the_index_with_the_adapter_and_leaves_other_doppels(tmp_
     assert result.exit_code == 0, result.output
     assert not alice.exists()
     assert MemoryIndex.load(bob / "adapters" / "v1" / "memory", person_id="U2").entries
+
+
+def test_memory_holds_the_scrapes_messages_and_the_samples_it_lacks(tmp_path):
+    short = {
+        "text": "Postgres 16, partitioned by month.",
+        "channel": "billing",
+        "channel_id": "CBILLING",
+        "ts": f"{T0 - 60:.6f}",
+        "thread_ts": f"{T0 - 60:.6f}",
+        "team": "T1",
+        "answered": "Bob: db?",
+    }
+    memory = tmp_path / "memory.jsonl"
+    memory.write_text(json.dumps(short) + "\n")
+    entries = person_entries(RECORDS[:2], memory)
+    assert [e.text for e in entries] == [short["text"], *(r["messages"][-1]["content"] for r in RECORDS[:2])]
+    # The same message in both is kept once, as the scrape's memory has it.
+    memory.write_text(memory.read_text() + json.dumps({**short, "ts": RECORDS[0]["meta"]["ts"]}) + "\n")
+    assert len(person_entries(RECORDS[:2], memory)) == 3
+    assert person_entries(RECORDS[:2], tmp_path / "absent.jsonl") == entries_from_samples(RECORDS[:2])
+
+
+def test_a_malformed_memory_file_is_refused_in_one_line(tmp_path):
+    memory = tmp_path / "memory.jsonl"
+    memory.write_text('{"text": "hi"}\n')
+    with pytest.raises(BadInput, match=r"memory.jsonl:1: not a memory entry"):
+        person_entries(RECORDS, memory)

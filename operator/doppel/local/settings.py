@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.errors import BadInput
+from doppel.slack.samples import MEMORY_FILE
 from doppel.train.base_models import check_model_dir, looks_like_path
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -202,8 +203,12 @@ def _epochs_for(steps: int, per_epoch: int) -> dict[str, int]:
 
 
 def fingerprint(samples: Path, base_model: Path, train: dict[str, Any]) -> str:
-    """A hash of what determines the adapter: the samples, the base model's files and the settings."""
+    """A hash of what determines the adapter: the samples and the person's memory beside them, the base
+    model's files and the settings."""
     digest = hashlib.sha256(Path(samples).read_bytes())
+    memory = Path(samples).with_name(MEMORY_FILE)
+    if memory.is_file():
+        digest.update(memory.read_bytes())
     model_files = sorted(
         (p.name, p.stat().st_size) for p in Path(base_model).iterdir() if p.is_file() and p.suffix != ".lock"
     )

@@ -187,6 +187,26 @@ def entries_from_samples(records: Iterable[Mapping[str, Any]]) -> list[Entry]:
     return entries
 
 
+def person_entries(records: Iterable[Mapping[str, Any]], memory_file: Path | None = None) -> list[Entry]:
+    """Everything the person's memory holds: the messages of `memory_file` (memory.jsonl, written beside
+    the samples by the scrape: their messages, short ones too, beyond the newest samples a training takes)
+    and those of the samples `records` it lacks (an older scrape's, or one without it), oldest first."""
+    entries: dict[tuple[str, str], Entry] = {}
+    if memory_file is not None and Path(memory_file).is_file():
+        with Path(memory_file).open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = Entry(**json.loads(line))
+                except (json.JSONDecodeError, TypeError) as exc:
+                    raise BadInput(f"{memory_file}:{lineno}: not a memory entry ({exc})") from None
+                entries[(entry.channel_id, entry.ts)] = entry
+    for entry in entries_from_samples(records):
+        entries.setdefault((entry.channel_id, entry.ts), entry)
+    return sorted(entries.values(), key=lambda e: float(e.ts))
+
+
 def write_index(
     entries: Sequence[Entry], where: Path, *, team: str, person_id: str, person_name: str
 ) -> Path:

@@ -34,6 +34,10 @@ from doppel.slack.selection import Person, skip_reason
 MIN_COLLEAGUE_MESSAGES = 20
 MAX_COLLEAGUES = 8
 MAX_COLLEAGUE_MESSAGES = 300
+# The person's memory keeps messages too short to train on ("it's in the v1.0 branch" says what they know),
+# not greetings and acknowledgements ("thanks!", "ok, will do").
+MEMORY_MIN_CHARS = 20
+MEMORY_ANSWERED_CHARS = 400
 
 if TYPE_CHECKING:
     from doppel.slack.samples import Manifest, ScrapeOptions, Thread
@@ -126,6 +130,7 @@ def build_samples(
     stamps = {channel: [m.ts for m in flow] for channel, flow in flows.items()}
 
     samples: list[dict[str, Any]] = []
+    remembered: list[dict[str, Any]] = []  # the person's messages for their memory (doppel.memory.index)
     for thread, items in read:
         flow = flows.get(thread.channel_id, [])
         earlier: list[ThreadMessage] = []  # the thread so far
@@ -138,18 +143,26 @@ def build_samples(
                     pass  # a dropped paste, counted
                 elif not item.text:
                     counts["dropped"]["empty"] += 1
-                elif len(item.text) < options.min_length:
-                    counts["dropped"]["too_short"] += 1
-                else:
+                elif len(item.text) >= min(options.min_length, MEMORY_MIN_CHARS):
                     assert said is not None
                     before = flow[: bisect.bisect_left(stamps.get(thread.channel_id, []), said.ts)]
                     in_thread = item.message["ts"] != thread.ts
-                    samples.append(
-                        _sample(
-                            thread, item, said, before, earlier if in_thread else None, person, team, options
-                        )
+                    context = reply_context(
+                        said,
+                        before,
+                        options.window_rule(),
+                        thread=earlier if in_thread else None,
+                        person_id=person.id,
+                        budget_chars=options.budget_chars,
                     )
-                    _count_pairing(counts["pairing"], samples[-1], said, before, earlier, in_thread, item)
+                    remembered.append(_memory_entry(thread, item, said, context, person.id, team))
+                    if len(item.text) < options.min_length:
+                        counts["dropped"]["too_short"] += 1
+                    else:
+                        samples.append(_sample(thread, item, said, context, person, team, options))
+                        _count_pairing(counts["pairing"], samples[-1], said, before, earlier, in_thread, item)
+                else:
+                    counts["dropped"]["too_short"] += 1
             if said:
                 earlier.append(said)
     samples.sort(key=sample_order)
@@ -164,6 +177,7 @@ def build_samples(
     manifest.person_messages = {**counts["own"], "newest": iso(float(newest_own)) if newest_own else None}
     manifest.colleague_messages = colleague_messages(read, person.id, options.min_length)
     manifest.colleagues = dict(Counter(m["name"] for m in manifest.colleague_messages).most_common())
+    manifest.memory_entries = remembered
     return samples, manifest
 
 
@@ -219,20 +233,11 @@ def _sample(
     thread: Thread,
     item: _Read,
     said: ThreadMessage,
-    before: Sequence[ThreadMessage],
-    earlier: Sequence[ThreadMessage] | None,
+    context: Sequence[ThreadMessage],
     person: Person,
     team: str,
     options: ScrapeOptions,
 ) -> dict[str, Any]:
-    context = reply_context(
-        said,
-        before,
-        options.window_rule(),
-        thread=earlier,
-        person_id=person.id,
-        budget_chars=options.budget_chars,
-    )
     messages = build_conversation(
         person.name,
         person.id,
@@ -259,6 +264,29 @@ def _sample(
     if item.message.get("subtype"):
         meta["subtype"] = item.message["subtype"]
     return {"messages": messages, "meta": meta}
+
+
+def _memory_entry(
+    thread: Thread,
+    item: _Read,
+    said: ThreadMessage,
+    context: Sequence[ThreadMessage],
+    person_id: str,
+    team: str,
+) -> dict[str, Any]:
+    """The person's message as their memory keeps it (`doppel.memory.index.Entry`'s fields): what they
+    wrote, where, and the message it answered (the latest of someone else in its context, as its training
+    sample's last user line reads)."""
+    answered = next((m for m in reversed(context) if m.author_id != person_id), None)
+    return {
+        "text": said.text,
+        "channel": thread.channel_name,
+        "channel_id": thread.channel_id,
+        "ts": item.message["ts"],
+        "thread_ts": thread.ts,
+        "team": team,
+        "answered": f"{answered.author_name}: {answered.text}"[:MEMORY_ANSWERED_CHARS] if answered else "",
+    }
 
 
 def _count_pairing(

@@ -61,6 +61,10 @@ __all__ = [
 SAMPLES_FILE = "samples.jsonl"
 # Other people's messages, by user ID: the authorship classes of the fidelity report.
 COLLEAGUES_FILE = "colleagues.jsonl"
+# The person's messages, short ones too, for their memory index (`doppel.memory.index`): what they know,
+# beyond the newest samples a training takes.
+MEMORY_FILE = "memory.jsonl"
+MEMORY_MAX_MESSAGES = 100_000
 MANIFEST_FILE = "manifest.json"
 SECONDS_PER_DAY = 86400
 
@@ -128,11 +132,13 @@ class Manifest:
     time_range: dict[str, str | None] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     colleagues: dict[str, int] = field(default_factory=dict)  # name -> messages in colleagues.jsonl
+    memory: int = 0  # the person's messages in memory.jsonl
 
     def __post_init__(self) -> None:
-        # The colleagues' messages (`doppel.slack.pairing.colleague_messages`), written beside the samples;
-        # not a field: the manifest does not carry them.
+        # The colleagues' messages (`doppel.slack.pairing.colleague_messages`) and the person's own for
+        # their memory, written beside the samples; not fields: the manifest does not carry them.
         self.colleague_messages: list[dict[str, Any]] = []
+        self.memory_entries: list[dict[str, Any]] = []
 
     def summary(self, out: Path) -> dict[str, Any]:
         """The CLI's result summary."""
@@ -208,8 +214,10 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
 def write_output(
     out: Path, samples: Sequence[dict[str, Any]], manifest: Manifest, max_samples: int
 ) -> Manifest:
-    """Merge `samples` into OUT's earlier ones (no duplicates, newest `max_samples` kept), then write
-    samples.jsonl and manifest.json atomically. Refuses to mix two people in one directory."""
+    """Merge `samples` into OUT's earlier ones (no duplicates, newest `max_samples` kept), and the person's
+    messages into memory.jsonl's (newest `MEMORY_MAX_MESSAGES` kept), then write samples.jsonl,
+    colleagues.jsonl, memory.jsonl and manifest.json, each atomically. Refuses to mix two people in one
+    directory."""
     out = Path(out)
     previous_manifest = out / MANIFEST_FILE
     if previous_manifest.exists():
@@ -249,8 +257,24 @@ def write_output(
             json.dumps(m, ensure_ascii=False, sort_keys=True) + "\n" for m in manifest.colleague_messages
         )
         atomic_write_text(out / COLLEAGUES_FILE, others)
+    remembered = _merge_memory(out / MEMORY_FILE, manifest.memory_entries)
+    if remembered:
+        atomic_write_text(
+            out / MEMORY_FILE,
+            "".join(json.dumps(m, ensure_ascii=False, sort_keys=True) + "\n" for m in remembered),
+        )
+    manifest.memory = len(remembered)
     atomic_write_text(out / MANIFEST_FILE, json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _merge_memory(path: Path, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """memory.jsonl's earlier entries with `entries` (no duplicates, a message's newest reading wins),
+    oldest first, the newest `MEMORY_MAX_MESSAGES`."""
+    merged = {(e["team"], e["channel_id"], e["ts"]): e for e in read_samples(path)}
+    merged.update({(e["team"], e["channel_id"], e["ts"]): e for e in entries})
+    ordered = sorted(merged.values(), key=lambda e: (ts_key(e["ts"]), e["channel_id"]))
+    return ordered[-MEMORY_MAX_MESSAGES:]
 
 
 def no_samples_reason(manifest: Manifest) -> str:

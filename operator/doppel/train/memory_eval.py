@@ -2,7 +2,8 @@
 doppel abstain where it should?
 
 On the training's held-out split (`data.split_by_time` at the adapter's recorded `eval_fraction`), with an
-index of the training side only (nothing held out is ever retrieved):
+index of the person's messages before its cut only (memory.jsonl's and the samples': nothing held out is
+ever retrieved):
 
 - the held-out questions with a basis (`doppel.memory.heldout`: the person's real reply shares specific
   terms with one of their earlier messages), up to `QUESTIONS` whose prompt fits the training's
@@ -26,10 +27,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from doppel.memory.heldout import Earlier, asked, contains_answer, foreign_questions
-from doppel.memory.index import MemoryIndex, entries_from_samples, write_index
+from doppel.memory.heldout import Basis, Earlier, asked, contains_answer, foreign_questions
+from doppel.memory.index import Entry, MemoryIndex, is_question, person_entries, write_index
 from doppel.memory.prompt import DEFAULT_SETTINGS, MemorySettings, query
 from doppel.slack.conversation import system_prompt
+from doppel.slack.samples import MEMORY_FILE
 from doppel.train import data
 from doppel.train.report_sections import add_section, greedy_replies
 
@@ -56,8 +58,8 @@ def memory_figures(
     split = data.split_by_time(samples, float(config.get("eval_fraction", 0.15)))
     cut = split.cut_ts if split.cut_ts is not None else float("inf")
     scraped = [r for r in records if (r.get("meta") or {}).get("source") != "correction"]
-    before = [r for r in scraped if float((r.get("meta") or {}).get("ts", 0)) < cut]
-    entries = entries_from_samples(before)
+    remembered = person_entries(scraped, Path(samples_path).with_name(MEMORY_FILE))
+    entries = [e for e in remembered if float(e.ts) < cut]
     metas = [r.get("meta") or {} for r in scraped]
     if not entries or not metas:
         return None
@@ -73,12 +75,12 @@ def memory_figures(
         )
         index = MemoryIndex.load(where)
     earlier = Earlier([e.text for e in index.entries], index.stemmer)
-    based = []
-    for sample in split.eval:
-        question = asked(sample.messages) if sample.kind == "reply" else None
-        basis = earlier.basis(question, sample.reply) if question else None
-        if basis:
-            based.append((sample, basis))
+    held = {s.ts: s for s in split.eval}
+    based = [
+        found
+        for entry in remembered
+        if float(entry.ts) >= cut and (found := _with_basis(entry, held, index, earlier, settings, person))
+    ]
     foreign = foreign_questions(str(meta.get("team") or ""))
     figures: dict[str, Any] = {
         "questions": len(based),
@@ -101,19 +103,19 @@ def memory_figures(
     def fits(messages: list[dict[str, str]]) -> bool:
         return len(backend.tokenizer(backend.render_prompt(messages))["input_ids"]) <= limit
 
-    chosen = _spread([(s, b) for s, b in based if fits(s.messages[:-1])], questions)
+    chosen = _spread([(m, b) for m, b in based if fits(m)], questions)
     if not chosen:
         return figures
-    with_memory = [s.messages[:-1] for s, _ in chosen]
+    with_memory = [m for m, _ in chosen]
     plain = [[{"role": "system", "content": system_prompt(person)}, *m[1:]] for m in with_memory]
     texts = greedy_replies(backend, [*with_memory, *plain], reply_tokens)
-    remembered, alone = texts[: len(chosen)], texts[len(chosen) :]
+    helped, alone = texts[: len(chosen)], texts[len(chosen) :]
     answers = [b for _, b in chosen]
 
     def holding(replies: list[str]) -> float | None:
         return _share([contains_answer(t, b, index.stemmer) for t, b in zip(replies, answers, strict=True)])
 
-    figures["contains_answer"] = {"with_memory": holding(remembered), "without_memory": holding(alone)}
+    figures["contains_answer"] = {"with_memory": holding(helped), "without_memory": holding(alone)}
     figures["replied"] = len(chosen)
     figures["examples"] = [
         {
@@ -123,9 +125,44 @@ def memory_figures(
             "with_memory": r,
             "without_memory": a,
         }
-        for (_, b), r, a in list(zip(chosen, remembered, alone, strict=True))[:EXAMPLES]
+        for (_, b), r, a in list(zip(chosen, helped, alone, strict=True))[:EXAMPLES]
     ]
     return figures
+
+
+def _with_basis(
+    entry: Entry,
+    held: dict[float, data.Sample],
+    index: MemoryIndex,
+    earlier: Earlier,
+    settings: MemorySettings,
+    person: str,
+) -> tuple[list[dict[str, str]], Basis] | None:
+    """A message the person wrote after the cut, as a question with a basis: the prompt that asks it (its
+    held-out sample's, with the memory it holds; else the question alone, with the memory retrieved for it)
+    and its basis; None when it answers no question, or one without a basis."""
+    sample = held.get(float(entry.ts))
+    if sample is not None:
+        question = asked(sample.messages) if sample.kind == "reply" else None
+        basis = earlier.basis(question, sample.reply) if question else None
+        return (sample.messages[:-1], basis) if basis else None
+    _, said, question = entry.answered.partition(": ")
+    if not said or not is_question(question):
+        return None
+    basis = earlier.basis(question, entry.text)
+    if basis is None:
+        return None
+    found = index.search(
+        query(question),
+        k=settings.k,
+        budget_tokens=settings.budget_tokens,
+        min_coverage=settings.min_coverage,
+    )
+    prompt = [
+        {"role": "system", "content": system_prompt(person, memory=found.lines())},
+        {"role": "user", "content": entry.answered},
+    ]
+    return prompt, basis
 
 
 def _abstained(index: MemoryIndex, questions: list[str], settings: MemorySettings) -> float | None:

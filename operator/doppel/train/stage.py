@@ -1,6 +1,7 @@
 """What `doppel train` runs around the fine-tuning: the person's memory and what they taught their doppel.
 
-1. The memory index of the person's messages (`doppel.memory.index`) is built from the samples.
+1. The memory index of the person's messages (`doppel.memory.index`) is built from memory.jsonl beside the
+   samples (all their messages the scrape kept) and the samples.
 2. The samples get their memory (retrieved from other, older conversations: `remember_samples`; a
    held-out sample only from the training split) and the person's corrections are added, weighted
    (`doppel.memory.feedback`), timed just before the held-out cut: always on the training side, and the
@@ -23,8 +24,9 @@ from typing import Any
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_write_text
 from doppel.memory.feedback import FeedbackStore
-from doppel.memory.index import MEMORY_DIR, MemoryIndex, entries_from_samples, write_index
+from doppel.memory.index import MEMORY_DIR, MemoryIndex, person_entries, write_index
 from doppel.memory.prompt import MemorySettings, remember_samples
+from doppel.slack.samples import MEMORY_FILE
 from doppel.train.preference import PreferenceConfig, prefer
 from doppel.train.trainer import ProgressCallback, TrainConfig, train_adapter
 
@@ -57,7 +59,8 @@ def train_stage(
         cut = _heldout_cut(records, corrections, config.eval_fraction, staging.with_suffix(".cut"))
         if corrections and cut is not None:
             corrections = [_before(c, cut) for c in corrections]
-        index = _index(records, staging) if options.memory else None
+        memory_file = Path(config.data).with_name(MEMORY_FILE)
+        index = _index(records, memory_file, staging) if options.memory else None
         if index is not None:
             records, remembered = remember_samples(records, index, options.settings, heldout_from=cut)
             summary["memory"] = {"messages": len(index.entries), "samples_with_memory": remembered}
@@ -133,9 +136,10 @@ def _person(records: list[dict[str, Any]]) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
-def _index(records: list[dict[str, Any]], where: Path) -> MemoryIndex | None:
-    """The person's index, or None when the samples do not say whose and where they are."""
-    entries = entries_from_samples(r for r in records if isinstance(r, dict))
+def _index(records: list[dict[str, Any]], memory_file: Path, where: Path) -> MemoryIndex | None:
+    """The person's index (`memory_file`'s messages and the samples'), or None when the samples do not say
+    whose and where they are."""
+    entries = person_entries((r for r in records if isinstance(r, dict)), memory_file)
     metas = [r.get("meta") or {} for r in records if isinstance(r, dict)]
     teams = {m.get("team") or "" for m in metas}
     people = {(m.get("user"), m.get("person")) for m in metas}
