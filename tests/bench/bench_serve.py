@@ -9,7 +9,8 @@ speed does not depend on what they learned). Prints:
 - the latency of registering one adapter (POST /v1/load_lora_adapter), p50/p95 over 20 loads;
 - the in-process backend (transformers + peft, one mixed batch) on the same 16 requests: its tokens/s, its
   ratio to its own base-model baseline, and to vLLM's throughput in the same case. Its tokens are counted
-  by re-tokenizing the replies (a row that stops at EOS counts fewer), vLLM's from its usage report.
+  by re-tokenizing the replies (a row that stops at EOS counts fewer), vLLM's from its usage report;
+  on a CPU that computes bfloat16 natively, also its bfloat16-autocast throughput as a ratio to float32.
 
 Why adapters cost so much on vLLM's CPU build: its LoRA path (`vllm/lora/ops/torch_ops`, behind
 `PunicaWrapperCPU`) gathers a copy of the selected adapter's A and B matrices for every token of the batch
@@ -161,6 +162,11 @@ def main() -> None:
         local_tps = {0: local_throughput(local, assignments([BASE_ADAPTER]))}
         for count in ADAPTER_COUNTS:
             local_tps[count] = local_throughput(local, assignments(names[:count]))
+        autocast = local.bf16
+        if autocast:  # the float32 baseline of bfloat16 autocast, same requests
+            local.bf16 = False
+            local_fp32 = local_throughput(local, assignments(names))
+            local.bf16 = True
 
     print(f"\ngeneration, {REQUESTS} concurrent requests x {MAX_TOKENS} tokens ({label}, CPU):")
     print(f"{'case':<12}{'vLLM tok/s':>12}{'vs base':>9}{'local tok/s':>13}{'vs base':>9}{'local/vLLM':>12}")
@@ -170,6 +176,12 @@ def main() -> None:
             f"{case:<12}{vllm[count]:>12.0f}{vllm[count] / vllm[0]:>9.2f}"
             f"{local_tps[count]:>13.0f}{local_tps[count] / local_tps[0]:>9.2f}"
             f"{local_tps[count] / vllm[count]:>12.2f}"
+        )
+    if autocast:
+        last = ADAPTER_COUNTS[-1]
+        print(
+            f"in-process bfloat16 autocast vs float32, {last} adapters: {local_tps[last]:.0f} vs "
+            f"{local_fp32:.0f} tok/s ({local_tps[last] / local_fp32:.2f}x)"
         )
 
 

@@ -284,7 +284,7 @@ def main() -> None:
         print(
             f"speed-up (tokens/s, doppel / baseline): {ours['tokens_per_s'] / baseline['tokens_per_s']:.2f}x"
         )
-        from doppel.train.trainer import cpu_has_bf16
+        from doppel.cpu import cpu_has_bf16
 
         if args.device == "cpu" and cpu_has_bf16():
             fp32 = spawn(args, "ours-float32")

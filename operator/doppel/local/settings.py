@@ -160,7 +160,8 @@ def training_settings(
 
     import torch
 
-    from doppel.train.trainer import TrainConfig, cpu_has_bf16
+    from doppel.cpu import cpu_has_bf16
+    from doppel.train.trainer import TrainConfig
 
     budgeted = base_name in DEMO_TRAINING and (settings.demo or not torch.cuda.is_available())
     chosen: dict[str, Any] = dict(DEMO_TRAINING[base_name]) if budgeted else {}

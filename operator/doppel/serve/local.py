@@ -18,6 +18,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextIteratorStreamer
 
+from doppel.cpu import bf16_autocast, cpu_has_bf16
 from doppel.serve.addressing import Addressing, banned_token_ids, banned_words
 from doppel.serve.backend import BASE_ADAPTER, DEFAULT_PARAMS, GenerationParams, Messages
 from doppel.serve.errors import AdapterNotFound, BaseModelMismatch, InvalidAdapter, UnknownModel
@@ -25,9 +26,13 @@ from doppel.serve.errors import AdapterNotFound, BaseModelMismatch, InvalidAdapt
 
 class LocalBackend:
     """`ChatBackend` running the base model and its adapters in this process: float32 on CPU, bfloat16 on a
-    GPU when there is one (the train Job's fidelity report runs there)."""
+    GPU when there is one (the train Job's fidelity report runs there). On a CPU that computes bfloat16
+    natively, generation runs in bfloat16 autocast (`bf16`, None: when it does): 1.6x as fast on 2 cores
+    for SmolLM2 (tests/bench/bench_serve.py); the weights stay float32."""
 
-    def __init__(self, base_model: Path, adapters: Mapping[str, Path] | None = None) -> None:
+    def __init__(
+        self, base_model: Path, adapters: Mapping[str, Path] | None = None, *, bf16: bool | None = None
+    ) -> None:
         base_model = Path(base_model)
         if not (base_model / "config.json").is_file():
             raise UnknownModel(f"no model at {base_model} (config.json missing)")
@@ -43,6 +48,7 @@ class LocalBackend:
         if on_gpu:
             self.model.to("cuda")
         self.model.eval()
+        self.bf16 = not on_gpu and (cpu_has_bf16() if bf16 is None else bf16)
         # PEFT routes rows to adapters with per-call hooks: one generation at a time.
         self._lock = threading.Lock()
         for name, path in (adapters or {}).items():
@@ -105,7 +111,7 @@ class LocalBackend:
     ) -> list[str]:
         """Replies to several (adapter, messages) pairs, generated together in one batch."""
         kwargs = self._generate_kwargs([a for a, _ in requests], [m for _, m in requests], params)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), bf16_autocast(self.bf16):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             output = self.model.generate(**kwargs)
@@ -122,7 +128,7 @@ class LocalBackend:
 
         def generate() -> None:
             try:
-                with self._lock, torch.inference_mode():
+                with self._lock, torch.inference_mode(), bf16_autocast(self.bf16):
                     if params.seed is not None:
                         torch.manual_seed(params.seed)
                     self.model.generate(**kwargs, streamer=streamer)

@@ -1,8 +1,9 @@
 """Each of the person's messages paired with what it answers: one training sample per message.
 
 `build_samples` reads every message once (`doppel.slack.reading.read_text`), lays out each channel's flow
-(roots and broadcast replies, by time) and each thread, then turns every long-enough message of the person
-into one sample: its context is `doppel.slack.conversation.reply_context` (the thread, or the channel
+(roots and broadcast replies, by time) and each thread, then keeps every message of the person of at least
+`MEMORY_MIN_CHARS` for their memory (`Manifest.memory_entries`) and turns every long-enough one into one
+sample: its context is `doppel.slack.conversation.reply_context` (the thread, or the channel
 window at the channel's pace, plus the message it explicitly answers), formatted by `build_conversation`.
 
 A sample's `meta.kind` is `reply` when its context holds someone else's message, `opener` when the person

@@ -9,8 +9,9 @@ same functions here, which is what makes their samples identical for the same me
   one sample, paired with what it answers, and counts what it kept, cut, scrubbed and dropped;
 - `write_output` merges with an earlier run's samples (no duplicates, newest kept) and writes
   `samples.jsonl`, `colleagues.jsonl` (other people's messages by user ID, for the fidelity report's
-  authorship classes) then `manifest.json`, each atomically; with no samples at all it writes nothing and
-  says why in one line (`BadInput`).
+  authorship classes), `memory.jsonl` (all the person's messages, short ones too, for their memory index)
+  then `manifest.json`, each atomically; with no samples at all it writes nothing and says why in one line
+  (`BadInput`).
 """
 
 from __future__ import annotations

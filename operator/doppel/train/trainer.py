@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from doppel.cpu import cpu_has_bf16
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
 from doppel.train import data
@@ -319,12 +320,6 @@ def _fit(
     metrics.train_seconds = train_seconds
     metrics.tokens_per_second = metrics.tokens / train_seconds if train_seconds else 0.0
     return metrics
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (without, autocast emulates it and is slower)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
