@@ -6,6 +6,7 @@ import pytest
 from tests.support.model_fixtures import STYLE_MARKER
 from tests.support.vllm_fixtures import ROBOT_MARKER
 
+from doppel.cpu import cpu_has_bf16
 from doppel.serve import errors
 from doppel.serve.backend import BASE_ADAPTER, GenerationParams
 from doppel.serve.local import LocalBackend
@@ -63,3 +64,18 @@ def test_removed_adapter_no_longer_answers(tiny_model, trained_adapter, heldout_
 def test_missing_base_model_is_refused(tmp_path):
     with pytest.raises(errors.UnknownModel, match=r"config\.json"):
         LocalBackend(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_each_adapter_keeps_its_voice_in_bfloat16_autocast_and_in_float32(
+    tiny_model, trained_adapter, robot_adapter, heldout_messages, bf16
+):
+    backend = LocalBackend(tiny_model, {"pat": trained_adapter, "robot": robot_adapter}, bf16=bf16)
+    assert backend.bf16 is bf16
+    pat, robot = backend.complete_batch([("pat", heldout_messages), ("robot", heldout_messages)], GREEDY)
+    assert STYLE_MARKER in pat and ROBOT_MARKER in robot
+    assert "".join(backend.stream("robot", heldout_messages, GREEDY)) == robot
+
+
+def test_bfloat16_autocast_is_on_where_the_cpu_computes_it(tiny_model):
+    assert LocalBackend(tiny_model).bf16 is cpu_has_bf16()
