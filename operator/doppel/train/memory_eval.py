@@ -5,11 +5,13 @@ On the training's held-out split (`data.split_by_time` at the adapter's recorded
 index of the person's messages before its cut only (memory.jsonl's and the samples': nothing held out is
 ever retrieved):
 
-- the held-out questions with a basis (`doppel.memory.heldout`: the person's real reply shares specific
-  terms with one of their earlier messages), up to `QUESTIONS` whose prompt fits the training's
-  `max_length`, are answered greedily by the adapter twice: with the memory
-  its training sample holds (retrieved from the training split, as serving retrieves) and with the plain
-  system prompt (the adapter alone). `contains_answer`: the share of replies holding the answer;
+- the held-out questions are those the person answered after the cut: in a held-out sample (asked with
+  its prompt and the memory it holds, retrieved from the training split as serving retrieves), or in a
+  message of memory.jsonl too short to be a sample (the question alone, with the memory retrieved for
+  it). Those with a basis (`doppel.memory.heldout`: the person's real reply shares specific terms with
+  one of their earlier messages), up to `QUESTIONS` whose prompt fits the training's `max_length`, are
+  answered greedily by the adapter twice: with that memory and with the plain system prompt (the adapter
+  alone). `contains_answer`: the share of replies holding the answer;
 - `abstain`: the share of those questions the doppel would abstain on (`with_basis`), and of questions of
   another workspace (`no_basis`: `heldout.foreign_questions`, none for the demo workspace's own person).
 
