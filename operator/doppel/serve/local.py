@@ -27,8 +27,9 @@ from doppel.serve.errors import AdapterNotFound, BaseModelMismatch, InvalidAdapt
 class LocalBackend:
     """`ChatBackend` running the base model and its adapters in this process: float32 on CPU, bfloat16 on a
     GPU when there is one (the train Job's fidelity report runs there). On a CPU that computes bfloat16
-    natively, generation runs in bfloat16 autocast (`bf16`, None: when it does): 1.6x as fast on 2 cores
-    for SmolLM2 (tests/bench/bench_serve.py); the weights stay float32."""
+    natively, generation runs in bfloat16 autocast (`bf16`, None: when it does): 1.5x as fast on 2 cores
+    for SmolLM2 (tests/bench/bench_serve.py); the weights stay float32. Reports pass `bf16=False`: greedy
+    replies differ a little between the two, and a figure must not depend on the CPU."""
 
     def __init__(
         self, base_model: Path, adapters: Mapping[str, Path] | None = None, *, bf16: bool | None = None

@@ -154,7 +154,8 @@ def evaluate_adapter(
         config, metrics = split_config, {"person": metrics.get("person")}  # its losses: another held-out set
     samples = data.load_samples(samples_path)
     person = metrics.get("person") or _person(samples)
-    backend = LocalBackend(base_model, {"adapter": adapter})
+    # float32 replies: the figures must not depend on whether the CPU computes bfloat16 (LocalBackend).
+    backend = LocalBackend(base_model, {"adapter": adapter}, bf16=False)
     split = split_samples(samples, backend.tokenizer, config, _colleagues_folder(Path(samples_path), config))
     report: dict[str, Any] = {
         "person": person,

@@ -54,7 +54,7 @@ def corrected_contexts(
         return None
     from doppel.serve.local import LocalBackend
 
-    backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)})
+    backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)}, bf16=False)  # as the report
     after = greedy_replies(backend, [c["messages"] for c in corrected], reply_tokens, batch_size)
     texts, before = [c["text"] for c in corrected], [c["reply"] for c in corrected]
     figures = closer_share(texts, before, after)

@@ -99,7 +99,7 @@ def memory_figures(
         return figures
     from doppel.serve.local import LocalBackend
 
-    backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)})
+    backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)}, bf16=False)  # as the report
     limit = int(config.get("max_length", 1024)) - reply_tokens
 
     def fits(messages: list[dict[str, str]]) -> bool:
