@@ -144,7 +144,9 @@ def build_samples(
                     pass  # a dropped paste, counted
                 elif not item.text:
                     counts["dropped"]["empty"] += 1
-                elif len(item.text) >= min(options.min_length, MEMORY_MIN_CHARS):
+                elif len(item.text) < options.min_length:
+                    counts["dropped"]["too_short"] += 1  # still remembered when long enough for memory
+                if item.text and len(item.text) >= min(options.min_length, MEMORY_MIN_CHARS):
                     assert said is not None
                     before = flow[: bisect.bisect_left(stamps.get(thread.channel_id, []), said.ts)]
                     in_thread = item.message["ts"] != thread.ts
@@ -157,13 +159,9 @@ def build_samples(
                         budget_chars=options.budget_chars,
                     )
                     remembered.append(_memory_entry(thread, item, said, context, person.id, team))
-                    if len(item.text) < options.min_length:
-                        counts["dropped"]["too_short"] += 1
-                    else:
+                    if len(item.text) >= options.min_length:
                         samples.append(_sample(thread, item, said, context, person, team, options))
                         _count_pairing(counts["pairing"], samples[-1], said, before, earlier, in_thread, item)
-                else:
-                    counts["dropped"]["too_short"] += 1
             if said:
                 earlier.append(said)
     samples.sort(key=sample_order)
