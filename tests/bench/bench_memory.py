@@ -14,12 +14,14 @@ of real text's word frequencies, which is what sets BM25's posting-list lengths)
 each answers a question drawn the same way. Questions mix words of existing messages with unknown ones.
 
 With `abstention` as argument instead, on the real Hyperledger and haskell-jp exports
-(`../shared/real-exports`, skipped when absent): for each export's most active person, the samples split by
-time as training splits them (the latest 15% held out), the index built from the training side only, and
-the abstention rate at several support thresholds (`doppel.memory.support`) on (a) the held-out questions
-with a basis in what the person wrote before (`doppel.memory.heldout`: the real reply shares specific terms
-with one earlier message) and (b) questions with none: 300 questions of the other real export, the demo
-workspace's, the small real exports'.
+(`../shared/real-exports`, skipped when absent): for each export's most active people (`PEOPLE` of each),
+the samples split by time as training splits them (the latest 15% held out), the index built from what they
+wrote before the cut only (memory.jsonl and the samples, as `doppel train`'s held-out evaluation builds
+it), and the abstention rate at several support thresholds (`doppel.memory.support`) and relatedness
+shares (`doppel.memory.meaning`) on (a) the questions colleagues asked them after the cut, all of them and
+those with a basis in what the person wrote before (`doppel.memory.heldout`: the real reply shares specific
+terms with one earlier message), and (b) questions with none: 300 questions of the other real export, the
+demo workspace's, the small real exports'.
 
 Run: .venv/bin/python tests/bench/bench_memory.py [MESSAGES | abstention]
 """
@@ -38,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
 
+from doppel.memory import meaning
 from doppel.memory.index import Entry, MemoryIndex, write_index
 from doppel.slack.conversation import ThreadMessage, build_conversation
 
@@ -47,7 +50,9 @@ MESSAGES = int(MODE) if MODE.isdigit() else 100_000
 REAL_EXPORTS = Path(
     os.environ.get("DOPPEL_REAL_EXPORTS") or Path(__file__).resolve().parents[3] / "shared" / "real-exports"
 )
-SUPPORTS = (-1.0, -0.75, -0.5, -0.25, 0.0)
+SUPPORTS = (-0.75, -0.5, -0.25)
+RELATEDNESS = (0.0, 0.1, 0.15, 0.2)
+PEOPLE = 5
 REAL = ("hyperledger-slack", "haskell-jp-slack")
 SMALL = (
     "hfaran-slack-export-viewer/testarchive.zip",
@@ -161,72 +166,91 @@ def main() -> None:
 
 def abstention() -> None:
     """Abstention rates on the real exports (see the module docstring and docs/memory.md)."""
-    import json
-
-    import Stemmer
-
-    from doppel.memory.heldout import Earlier, asked, foreign_questions
-    from doppel.memory.index import entries_from_samples
-    from doppel.memory.prompt import query
-    from doppel.slack.export import scrape_export
-    from doppel.slack.samples import ScrapeOptions
-    from doppel.train.data import load_samples, split_by_time
-
     exports = {name: REAL_EXPORTS / name / f"{name}.zip" for name in REAL}
     if not all(path.is_file() for path in exports.values()):
         print(f"skipped: the real exports are missing under {REAL_EXPORTS}")
         return
-    stemmer = Stemmer.Stemmer("english")
+    from doppel.memory.heldout import foreign_questions
+
+    foreign = {name: export_questions(path, seed=0)[:FOREIGN] for name, path in exports.items()}
+    small = [q for zz in SMALL for q in export_questions(REAL_EXPORTS / zz, seed=0)]
     for name, export in exports.items():
-        work = Path(tempfile.mkdtemp(prefix="bench-memory-real-"))
-        try:
-            person = most_active(export)
-            options = ScrapeOptions(cutoff_days=36500, min_length=20, max_samples=1_000_000, now=time.time())
-            scrape_export(export, person, work / "data", options)
-            path = work / "data" / "samples.jsonl"
-            records = [json.loads(line) for line in path.read_text().splitlines()]
-            split = split_by_time(load_samples(path), EVAL_FRACTION)
-            cut = split.cut_ts or float("inf")
-            # The index of the training split only, as a held-out evaluation must see it.
-            before = [r for r in records if float(r["meta"]["ts"]) < cut]
-            meta = records[0]["meta"]
-            where = write_index(
-                entries_from_samples(before),
-                work / "memory",
-                team=meta["team"],
-                person_id=meta["user"],
-                person_name=meta["person"],
-            )
-            index = MemoryIndex.load(where)
-            earlier = Earlier([e.text for e in index.entries], stemmer)
-            questions = [(q, s.reply) for s in split.eval if s.kind == "reply" and (q := asked(s.messages))]
-            sets = {"with basis (held out)": [b.question for q, r in questions if (b := earlier.basis(q, r))]}
-            for other in REAL:
-                if other != name:
-                    sets[f"no basis: {other}"] = export_questions(exports[other], seed=0)[:FOREIGN]
-            sets["no basis: demo workspace"] = foreign_questions(meta["team"])
-            small = [q for zz in SMALL for q in export_questions(REAL_EXPORTS / zz, seed=0)]
+        for person in most_active(export, PEOPLE):
+            sets = {f"no basis: {other}": foreign[other] for other in REAL if other != name}
+            sets["no basis: demo workspace"] = foreign_questions("")
             sets["no basis: small exports"] = small
-            print(
-                f"{name}, {person}: {len(records)} messages, {len(before)} before the held-out cut indexed; "
-                f"{len(questions)} held-out questions, " + ", ".join(f"{k} {len(v)}" for k, v in sets.items())
-            )
-            supports = {k: [index.support(query(q)) for q in v] for k, v in sets.items()}
-            judged = {k: [x for x in v if x is not None] for k, v in supports.items()}
-            print(
-                "  questions of two content words or more (others are never abstained on): "
-                + ", ".join(f"{k} {len(v)}" for k, v in judged.items())
-            )
-            for threshold in SUPPORTS:
-                rates = ", ".join(
-                    f"{k} {statistics.mean(x < threshold for x in v):.0%}" for k, v in judged.items() if v
+            abstention_of(export, person, sets)
+
+
+def abstention_of(export: Path, person: str, foreign: dict[str, list[str]]) -> None:
+    """One person's rates (see `abstention`)."""
+    import json
+
+    import Stemmer
+
+    from doppel.memory.heldout import Earlier
+    from doppel.memory.index import asked_question, is_question, person_entries
+    from doppel.memory.prompt import query
+    from doppel.slack.export import scrape_export
+    from doppel.slack.samples import MEMORY_FILE, ScrapeOptions
+    from doppel.train.data import load_samples, split_by_time
+
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-real-"))
+    try:
+        options = ScrapeOptions(cutoff_days=36500, now=time.time())
+        scrape_export(export, person, work / "data", options)
+        path = work / "data" / "samples.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        cut = split_by_time(load_samples(path), EVAL_FRACTION).cut_ts or float("inf")
+        remembered = person_entries(records, work / "data" / MEMORY_FILE)
+        # The index of what they wrote before the cut only, as a held-out evaluation must see it.
+        before = [e for e in remembered if float(e.ts) < cut]
+        meta = records[0]["meta"]
+        where = write_index(
+            before, work / "memory", team=meta["team"], person_id=meta["user"], person_name=meta["person"]
+        )
+        index = MemoryIndex.load(where)
+        earlier = Earlier([e.text for e in index.entries], Stemmer.Stemmer("english"))
+        later = [(asked_question(e), e.text) for e in remembered if float(e.ts) >= cut and e.answered]
+        later = [(q, reply) for q, reply in later if is_question(q)]
+        sets = {
+            "with basis": [q for q, reply in later if earlier.basis(q, reply)],
+            "all asked after the cut": [q for q, _ in later],
+            **foreign,
+        }
+        # Each question judged (two content words or more) as (support, coverage, relatedness).
+        judged: dict[str, list[tuple[float, float, float]]] = {}
+        for k, questions in sets.items():
+            recalls = [(q, index.search(query(q), min_relatedness=0)) for q in questions]
+            judged[k] = [
+                (r.support, r.coverage, index.relatedness(query(q)) or 0.0)
+                for q, r in recalls
+                if r.support is not None
+            ]
+        floors = {share: meaning.threshold(index.calibration, share) for share in RELATEDNESS}
+        print(
+            f"{export.stem}, {person}: {len(before)} messages indexed (of {len(remembered)}), "
+            f"{len(index.calibration)} questions calibrate; judged (two content words or more): "
+            + ", ".join(f"{k} {len(v)}" for k, v in judged.items())
+        )
+        for threshold in SUPPORTS:
+            for share, floor in floors.items():
+                rates = []
+                for k, found in judged.items():
+                    out = [
+                        sup < threshold or cov == 0 or (floor is not None and rel < floor)
+                        for sup, cov, rel in found
+                    ]
+                    if out:
+                        rates.append(f"{k} {statistics.mean(out):.0%}")
+                print(
+                    f"  min support {threshold:+.2f}, relatedness {share:.2f}: abstains on {', '.join(rates)}"
                 )
-                print(f"  min support {threshold:+.2f}: abstains on {rates}")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def most_active(export: Path) -> str:
+def most_active(export: Path, count: int) -> list[str]:
     import collections
     import json
     import zipfile
@@ -237,7 +261,7 @@ def most_active(export: Path) -> str:
             if name.endswith(".json") and "/" in name:
                 counts.update(m["user"] for m in json.loads(archive.read(name)) if m.get("user"))
         users = {u["id"]: u for u in json.loads(archive.read("users.json"))}
-    return users[counts.most_common(1)[0][0]]["name"]
+    return [users[user]["name"] for user, _ in counts.most_common(count) if user in users]
 
 
 def export_questions(export: Path, seed: int) -> list[str]:

