@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.errors import BadInput
+from doppel.memory import meaning
 from doppel.memory.feedback import FeedbackStore
 from doppel.memory.index import MEMORY_DIR, MemoryIndex
 from doppel.memory.support import warm
@@ -69,6 +70,7 @@ def _load(where: Path, team_id: str, person: str | None) -> MemoryIndex | None:
     try:
         index = MemoryIndex.load(where, team=team_id, person_id=person)
         warm()  # the support's word list (about a second), here in a thread, not on the event loop
+        meaning.model()  # and the embedding model (under a second)
         return index
     except (BadInput, OSError, ValueError) as exc:
         LOG.warning("memory at %s not used: %s", where, exc)

@@ -270,7 +270,8 @@ async def _answer(
         context = serving_context(said, person_id, in_thread=bool(event.get("thread_ts")), rule=WINDOW)
         channel_name = (await lookups.channel(client, team_id, channel)).get("name")
         index = await deps.memories.index_for(doppel, team_id)
-        recall = recall_for(index, context, deps.config.memory)
+        # In a thread: a question's relatedness embeds it and scores every message (milliseconds at 100,000)
+        recall = await asyncio.to_thread(recall_for, index, context, deps.config.memory)
         messages = build_conversation(person, person_id, context, channel=channel_name, memory=recall.lines())
         if recall.abstain and index is not None:
             reply = abstention(person, index.meta.get("voice"))  # nothing of theirs covers it: no guessing

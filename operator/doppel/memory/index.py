@@ -434,8 +434,9 @@ class MemoryIndex:
             mask &= self._ts < before_ts
         if exclude_thread is not None and exclude_thread in self._thread_ids:
             mask &= self._threads != self._thread_ids[exclude_thread]
+        filtered = before_ts is not None or exclude_thread is not None
         floor = meaning.threshold(self.calibration, min_relatedness) if backing is not None else None
-        related = self.relatedness(query, mask) if floor is not None else None
+        related = self.relatedness(query, mask if filtered else None) if floor is not None else None
         query = clean(query)
         stems = [s for s in dict.fromkeys(terms(query, self.stemmer)) if s not in self._name]
         vocab = self.retriever.vocab_dict
@@ -447,7 +448,7 @@ class MemoryIndex:
         if not ids or self._n == 0:
             return Recall([], 0.0, question, backing, min_support, related, floor)
         scores = self.retriever.get_scores_from_ids(ids)
-        if before_ts is not None or exclude_thread is not None:
+        if filtered:
             scores = np.where(mask, scores, 0.0)
         # The best score a typical message could have, stretched by the share of unknown terms.
         ceiling = sum(self._typical(int(self._df[vocab[s]])) for s in known) * len(stems) / len(known)

@@ -139,6 +139,7 @@ def _lines_for(
         k=settings.k,
         budget_tokens=settings.budget_tokens,
         min_coverage=settings.min_coverage,
+        min_relatedness=0,  # training uses the lines only: no abstention, no embedding to compute
         before_ts=before,
         exclude_thread=thread,
     )
