@@ -55,3 +55,6 @@ def test_memory_figures_ask_the_persons_later_questions_from_their_earlier_messa
     assert any(e["real"] not in held_replies for e in figures["examples"])
     assert all(0.0 <= figures["contains_answer"][k] <= 1.0 for k in ("with_memory", "without_memory"))
     assert figures["abstain"]["no_basis"] is not None and figures["no_basis_questions"] > 0
+    # What abstention costs in the person's own workspace: every question asked of them after the cut.
+    assert figures["asked_questions"] >= figures["questions"] and 0.0 <= figures["abstain"]["asked"] <= 1.0
+    assert "all asked after the cut" in trained.output

@@ -12,13 +12,16 @@ ever retrieved):
   one of their earlier messages), up to `QUESTIONS` whose prompt fits the training's `max_length`, are
   answered greedily by the adapter twice: with that memory and with the plain system prompt (the adapter
   alone). `contains_answer`: the share of replies holding the answer;
-- `abstain`: the share of those questions the doppel would abstain on (`with_basis`), and of questions of
-  another workspace (`no_basis`: `heldout.foreign_questions`, none for the demo workspace's own person).
+- `abstain`: the share of those questions the doppel would abstain on (`with_basis`), of every question
+  colleagues asked the person after the cut (`asked`: what abstention costs in their own workspace), and
+  of questions of another workspace (`no_basis`: `heldout.foreign_questions`, none for the demo
+  workspace's own person).
 
 eval.json gains (`add_to_report`; null figures when there is nothing to measure):
 
-    memory  {questions, contains_answer: {with_memory, without_memory}, abstain: {with_basis, no_basis},
-             no_basis_questions, min_support, replied,
+    memory  {questions, contains_answer: {with_memory, without_memory},
+             abstain: {with_basis, asked, no_basis}, asked_questions, no_basis_questions, min_support,
+             min_relatedness, replied,
              examples: [{question, answer, real, with_memory, without_memory}]}
 """
 
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.memory.heldout import Basis, Earlier, asked, contains_answer, foreign_questions
-from doppel.memory.index import Entry, MemoryIndex, is_question, person_entries, write_index
+from doppel.memory.index import Entry, MemoryIndex, asked_question, is_question, person_entries, write_index
 from doppel.memory.prompt import DEFAULT_SETTINGS, MemorySettings, query
 from doppel.slack.conversation import system_prompt
 from doppel.slack.samples import MEMORY_FILE
@@ -84,13 +87,17 @@ def memory_figures(
         if float(entry.ts) >= cut and (found := _with_basis(entry, held, index, earlier, settings, person))
     ]
     foreign = foreign_questions(str(meta.get("team") or ""))
+    asked_later = [asked_question(e) for e in remembered if float(e.ts) >= cut and e.answered]
+    later = [q for q in asked_later if is_question(q)]
     figures: dict[str, Any] = {
         "questions": len(based),
         "contains_answer": {"with_memory": None, "without_memory": None},
         "abstain": {
             "with_basis": _abstained(index, [b.question for _, b in based], settings),
+            "asked": _abstained(index, later, settings),
             "no_basis": _abstained(index, foreign, settings),
         },
+        "asked_questions": len(later),
         "no_basis_questions": len(foreign),
         "min_support": settings.min_support,
         "min_relatedness": settings.min_relatedness,
@@ -206,7 +213,7 @@ def table_lines(figures: dict[str, Any] | None) -> list[str]:
     return [
         f"  memory              answer in the reply on {figures.get('replied', 0)} held-out questions with a "
         f"basis: with memory {pct(answer['with_memory'])}, adapter alone {pct(answer['without_memory'])}",
-        f"  abstention          on questions with a basis {pct(abstain['with_basis'])}, with none (another "
-        f"workspace's) {pct(abstain['no_basis'])} (min support {figures['min_support']:+.2f}, "
-        f"min relatedness {figures.get('min_relatedness', 0):.2f})",
+        f"  abstention          on questions with a basis {pct(abstain['with_basis'])}, all asked after the "
+        f"cut {pct(abstain.get('asked'))}, another workspace's {pct(abstain['no_basis'])} (min support "
+        f"{figures['min_support']:+.2f}, min relatedness {figures.get('min_relatedness', 0):.2f})",
     ]
