@@ -12,7 +12,7 @@ Layout, inside the adapter directory (so it is versioned, written atomically and
     ADAPTER/memory/entries.jsonl   one entry per message: text, the message it answered, channel, ts...
     ADAPTER/memory/bm25/           bm25s's arrays and vocabulary (numpy files, memory-mapped on load)
     ADAPTER/memory/counts.npy      how often the person wrote each term (by vocabulary id), for the support
-    ADAPTER/memory/embeddings.npy  each entry's embedding (float16), for the relatedness
+    ADAPTER/memory/embeddings.npy  each entry's embedding (float32, memory-mapped), for the relatedness
     ADAPTER/memory/calibration.npy the relatedness of the questions the person answered: their threshold
 
 Scores: a hit's `coverage` is its BM25 score over the query's own maximum for a typical message (the sum
@@ -58,7 +58,9 @@ META_FILE = "memory.json"
 ENTRIES_FILE = "entries.jsonl"
 BM25_DIR = "bm25"
 COUNTS_FILE = "counts.npy"
-EMBEDDINGS_FILE = "embeddings.npy"  # doppel.memory.meaning, float16, one row per entry
+# doppel.memory.meaning, one row per entry. float32 on disk, memory-mapped: the bot keeps many indexes
+# (page cache the kernel can reclaim, not its own memory), and numpy's float16 product is ten times slower.
+EMBEDDINGS_FILE = "embeddings.npy"
 CALIBRATION_FILE = "calibration.npy"  # the relatedness of the questions the person answered, sorted
 FORMAT = 2  # 2: CJK text indexed as character pairs, term counts for the support
 CHARS_PER_TOKEN = 3
@@ -246,7 +248,7 @@ def write_index(
     with atomic_directory(Path(where), replace=True) as tmp:
         retriever.save(str(tmp / BM25_DIR), show_progress=False)
         np.save(tmp / COUNTS_FILE, counts)
-        np.save(tmp / EMBEDDINGS_FILE, embeddings.astype(np.float16))
+        np.save(tmp / EMBEDDINGS_FILE, embeddings.astype(np.float32))
         np.save(tmp / CALIBRATION_FILE, calibration)
         with (tmp / ENTRIES_FILE).open("w", encoding="utf-8") as handle:
             for entry in entries:
@@ -339,9 +341,8 @@ class MemoryIndex:
         self.counts = counts
         # (embeddings memory-mapped, calibration): an index built before relatedness existed has neither,
         # and the support alone decides
-        self._stored = stored
+        self._embeddings = stored[0] if stored else None
         self.calibration = stored[1] if stored else None
-        self._embeddings: np.ndarray | None = None  # in float32, made on the first question
         self.stemmer = Stemmer.Stemmer("english")
         indptr = np.asarray(retriever.scores["indptr"])
         self._df = np.diff(indptr)
@@ -382,11 +383,8 @@ class MemoryIndex:
     def relatedness(self, query: str, mask: np.ndarray | None = None) -> float | None:
         """How close `query` is in meaning to the person's messages (doppel.memory.meaning); None for an
         index without embeddings."""
-        if self._stored is None:
-            return None
         if self._embeddings is None:
-            # float16 on disk (half the size), float32 in memory: numpy's float16 product is ten times slower
-            self._embeddings = np.asarray(self._stored[0], dtype=np.float32)
+            return None
         return meaning.relatedness(meaning.embed([clean(query)])[0], self._embeddings, mask)
 
     def support(self, query: str) -> float | None:
