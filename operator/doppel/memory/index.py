@@ -248,7 +248,7 @@ def write_index(
     with atomic_directory(Path(where), replace=True) as tmp:
         retriever.save(str(tmp / BM25_DIR), show_progress=False)
         np.save(tmp / COUNTS_FILE, counts)
-        np.save(tmp / EMBEDDINGS_FILE, embeddings.astype(np.float32))
+        np.save(tmp / EMBEDDINGS_FILE, embeddings)  # float32, as meaning.embed returns it
         np.save(tmp / CALIBRATION_FILE, calibration)
         with (tmp / ENTRIES_FILE).open("w", encoding="utf-8") as handle:
             for entry in entries:
@@ -427,14 +427,9 @@ class MemoryIndex:
         thread and anything newer."""
         question = is_question(query)
         backing = self.support(query) if question else None  # only a question is abstained on
-        mask = np.ones(self._n, dtype=bool)
-        if before_ts is not None:
-            mask &= self._ts < before_ts
-        if exclude_thread is not None and exclude_thread in self._thread_ids:
-            mask &= self._threads != self._thread_ids[exclude_thread]
-        filtered = before_ts is not None or exclude_thread is not None
+        mask = self._allowed(before_ts, exclude_thread)
         floor = meaning.threshold(self.calibration, min_relatedness) if backing is not None else None
-        related = self.relatedness(query, mask if filtered else None) if floor is not None else None
+        related = self.relatedness(query, mask) if floor is not None else None
         query = clean(query)
         stems = [s for s in dict.fromkeys(terms(query, self.stemmer)) if s not in self._name]
         vocab = self.retriever.vocab_dict
@@ -446,7 +441,7 @@ class MemoryIndex:
         if not ids or self._n == 0:
             return Recall([], 0.0, question, backing, min_support, related, floor)
         scores = self.retriever.get_scores_from_ids(ids)
-        if filtered:
+        if mask is not None:
             scores = np.where(mask, scores, 0.0)
         # The best score a typical message could have, stretched by the share of unknown terms.
         ceiling = sum(self._typical(int(self._df[vocab[s]])) for s in known) * len(stems) / len(known)
@@ -467,6 +462,18 @@ class MemoryIndex:
             hits.append(Hit(entry, round(share, 4)))
             used += cost
         return Recall(hits, round(coverage, 4), question, backing, min_support, related, floor)
+
+    def _allowed(self, before_ts: float | None, exclude_thread: str | None) -> np.ndarray | None:
+        """The messages older than `before_ts` and outside `exclude_thread`; None when both are None (all of
+        them, and no array to build on a reply's path)."""
+        if before_ts is None and exclude_thread is None:
+            return None
+        mask = np.ones(self._n, dtype=bool)
+        if before_ts is not None:
+            mask &= self._ts < before_ts
+        if exclude_thread is not None and exclude_thread in self._thread_ids:
+            mask &= self._threads != self._thread_ids[exclude_thread]
+        return mask
 
     def _typical(self, df: int) -> float:
         """A term's score in a message of average length holding it once, under bm25s's default ("lucene")
