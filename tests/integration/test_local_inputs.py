@@ -178,6 +178,12 @@ def test_through_the_slack_api_then_incrementally(tmp_path, tiny_model):
         # The replies stage asks the workspace's own held-out messages, beside what Margaret replied.
         assert first.stdout.count("real reply of Margaret Okafor: ") == 3
         old_adapter = Path(summary["adapter"])
+        # They are the fidelity report's own examples, not generated a second time.
+        examples = json.loads((old_adapter / "eval.json").read_text())["examples"][:3]
+        shown = " ".join(first.stdout.split())
+        for example in examples:
+            assert " ".join(example["real"].split()[:3]) in shown
+            assert " ".join(example["context"].splitlines()[-1].split()[:3]) in shown
 
         # Margaret says something new: the next run fetches only that, and trains a new adapter.
         general = next(c for c in team.channels.values() if c["name"] == "general")

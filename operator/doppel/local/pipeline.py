@@ -36,6 +36,7 @@ GENERIC_QUESTIONS = (
     "Any tips for someone starting on the project next week?",
 )
 HELDOUT_QUESTIONS = 3
+MAX_NAME = 40  # longer before ": " is not a display name but a sentence
 
 
 class Progress:
@@ -273,33 +274,24 @@ def questions(demo: bool, person_id: str) -> list[Question]:
 def answer_heldout(
     outcome: Outcome, max_tokens: int, samples: Path, count: int = HELDOUT_QUESTIONS
 ) -> list[Reply]:
-    """The latest held-out messages the person answered (the adapter never saw them), each answered by the
-    adapter and the persona-prompted base model, beside the person's real reply; the generic questions when
-    nothing is held out."""
-    from doppel.serve.backend import BASE_ADAPTER, GenerationParams
-    from doppel.serve.local import LocalBackend
-    from doppel.train.data import load_samples
-    from doppel.train.fidelity import persona_examples, persona_prompt, split_samples, with_system
-
-    name = slug(outcome.person_id)
-    backend = LocalBackend(outcome.base_model, {name: outcome.adapter})
-    split = split_samples(load_samples(samples), backend.tokenizer, outcome.metrics.get("config") or {})
-    held = [s for s in split.eval if s.kind == "reply"][-count:]
-    if not held:
+    """The held-out messages the person answered (the adapter never saw them), as the fidelity report
+    answered them: the adapter's reply and the persona-prompted base model's beside the person's real one
+    (generated once, for the report); the generic questions when the report has none."""
+    examples = outcome.fidelity.get("examples") or []
+    if not examples:
         return answer(outcome, questions(False, outcome.person_id), max_tokens, samples)
-    persona = persona_prompt(outcome.person_name, persona_examples(split.train))
-    requests = []
-    for sample in held:
-        context = sample.messages[:-1]
-        requests += [(name, context), (BASE_ADAPTER, with_system(context, persona))]
-    texts = backend.complete_batch(requests, GenerationParams(max_tokens=max_tokens, seed=0))
-    replies = []
-    for i, sample in enumerate(held):
-        asked = sample.messages[-2]["content"] if sample.messages[-2]["role"] == "user" else "(context)"
-        who, _, text = asked.rpartition("\n")[2].partition(": ")
-        question = Question("", who, text) if text else Question("", "context", asked)
-        replies.append(Reply(question, texts[2 * i].strip(), texts[2 * i + 1].strip(), sample.reply))
-    return replies
+    return [
+        Reply(_asked(example["context"]), example["adapter"], example["prompted_base"], example["real"])
+        for example in examples[:count]
+    ]
+
+
+def _asked(context: str) -> Question:
+    """The message a held-out reply answered: the context's last line, "name: text" as the samples write
+    it."""
+    last = context.rstrip().rpartition("\n")[2]
+    who, _, text = last.partition(": ")
+    return Question("", who, text) if text and len(who) <= MAX_NAME else Question("", "context", last)
 
 
 def answer(
