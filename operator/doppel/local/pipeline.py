@@ -118,19 +118,21 @@ def run_local(settings: Settings) -> Outcome:
 def _fidelity(outcome: Outcome, samples: Path) -> tuple[dict[str, Any], bool]:
     """The adapter's fidelity report: eval.json if this adapter has one, else computed and written."""
     from doppel.train.fidelity import EVAL_FILE, evaluate_adapter, write_report
+    from doppel.train.stage import REMEMBERED_FILE
 
     existing = outcome.adapter / EVAL_FILE
     if existing.is_file():
         return json.loads(existing.read_text(encoding="utf-8")), False
-    report = evaluate_adapter(outcome.base_model, outcome.adapter, samples, metrics=outcome.metrics)
+    # What the adapter was trained on (its memory in the prompts, its corrections): evaluated in the shape
+    # it was trained in and is served in, as `doppel train` does.
+    remembered = samples.with_name(REMEMBERED_FILE)
+    trained_on = remembered if remembered.is_file() else samples
+    report = evaluate_adapter(outcome.base_model, outcome.adapter, trained_on, metrics=outcome.metrics)
     if (outcome.adapter / "memory").is_dir():  # with the person's memory: its figures too
         from doppel.train.memory_eval import REPORT_KEY, memory_figures
 
-        remembered = samples.with_name("samples.remembered.jsonl")
         config = outcome.metrics.get("config") or {}
-        report[REPORT_KEY] = memory_figures(
-            outcome.base_model, outcome.adapter, remembered if remembered.is_file() else samples, config
-        )
+        report[REPORT_KEY] = memory_figures(outcome.base_model, outcome.adapter, trained_on, config)
     write_report(outcome.adapter, report)
     return report, True
 

@@ -22,7 +22,7 @@ eval.json (every figure null when it cannot be measured):
                                                     messages of every class
     relevance       {adapter, prompted_base}        closer to the real reply of the same context than to
                                                     the person's other held-out replies (> 0)
-    distinct        {adapter, prompted_base, real}  share not near-duplicates of another reply of the set
+    distinct        {adapter, prompted_base, real}  share not near-duplicates of another reply of the set (to another context)
     copy_rate       {adapter, prompted_base}        share repeating 12+ words of a training message
     length          {adapter, prompted_base, person}  mean words per reply
     replies                                         held-out contexts replied to
@@ -198,10 +198,11 @@ def evaluate_adapter(
         {"adapter": tuned, "prompted_base": prompted, "real": real},
     )  # fmt: skip
     report["relevance"] = {"adapter": relevance(tuned, real), "prompted_base": relevance(prompted, real)}
+    contexts = [_render_context(sample) for sample in heldout]
     report["distinct"] = {
-        "adapter": distinct(tuned),
-        "prompted_base": distinct(prompted),
-        "real": distinct(real),
+        "adapter": distinct(tuned, contexts),
+        "prompted_base": distinct(prompted, contexts),
+        "real": distinct(real, contexts),
     }
     spans = word_spans(m["content"] for s in split.train for m in s.messages if m["role"] != "system")
     report["copy_rate"] = {"adapter": copy_rate(tuned, spans), "prompted_base": copy_rate(prompted, spans)}

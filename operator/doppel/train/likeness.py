@@ -8,7 +8,7 @@ Pure scikit-learn and standard-library logic over strings, so each measure is ch
 - `relevance`: TF-IDF cosine of each reply to the real reply of its context minus its mean cosine to the
   person's other held-out replies: above 0 when a reply is closer to what was actually said there;
 - `distinct`: the share of replies that are not near-duplicates (difflib ratio >= `NEAR_DUPLICATE`) of
-  another reply of the same set;
+  another reply of the same set to another context (the same question asked twice may get the same reply);
 - `copy_rate`: the share of replies that repeat a span of `COPY_SPAN_WORDS` or more words of a training
   message;
 - `characteristic_scores`: how much each of the person's messages reads as theirs rather than their
@@ -119,18 +119,29 @@ def relevance(replies: Sequence[str], real: Sequence[str]) -> float | None:
     return round(float(sum(scores) / n), 4)
 
 
-def distinct(replies: Sequence[str]) -> float | None:
-    """Share of `replies` that are not near-duplicates of another one of them."""
+def distinct(replies: Sequence[str], contexts: Sequence[str] | None = None) -> float | None:
+    """Share of `replies` that are not near-duplicates of another one of them. Given the `contexts` they
+    answer, two replies to near-duplicate contexts (the same question asked twice) may be alike: a template
+    is the same reply to different questions."""
     if not replies:
         return None
-    normal = [" ".join(r.lower().split()) for r in replies]
+    normal = [_normal(r) for r in replies]
+    asked = [_normal(c) for c in contexts] if contexts is not None else None
     duplicate = [False] * len(normal)
     for i in range(len(normal)):
         for j in range(i + 1, len(normal)):
-            matcher = difflib.SequenceMatcher(None, normal[i], normal[j], autojunk=False)
-            if matcher.real_quick_ratio() >= NEAR_DUPLICATE and matcher.ratio() >= NEAR_DUPLICATE:
+            if _near(normal[i], normal[j]) and not (asked is not None and _near(asked[i], asked[j])):
                 duplicate[i] = duplicate[j] = True
     return round(1 - sum(duplicate) / len(normal), 4)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _near(a: str, b: str) -> bool:
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return matcher.real_quick_ratio() >= NEAR_DUPLICATE and matcher.ratio() >= NEAR_DUPLICATE
 
 
 def word_spans(texts: Iterable[str], size: int = COPY_SPAN_WORDS) -> set[int]:
