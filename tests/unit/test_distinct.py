@@ -15,7 +15,7 @@ def test_a_template_given_to_different_questions_is_not_distinct():
 
 def test_the_same_question_asked_twice_may_get_the_same_reply():
     replies = [TEMPLATE, TEMPLATE, "we should roll back the deploy first, then look at the logs"]
-    contexts = ["Sam: @Margaret can we ship friday?", "Sam: all: can we ship friday?", "Ana: the deploy failed"]
+    contexts = ["Sam: @Margaret can we ship friday?", "Sam: all: can we ship friday?", "Ana: deploy failed"]
     assert distinct(replies, contexts) == 1.0
     assert distinct(replies) == round(1 / 3, 4)  # without the contexts, as before
 

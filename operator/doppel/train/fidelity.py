@@ -22,7 +22,8 @@ eval.json (every figure null when it cannot be measured):
                                                     messages of every class
     relevance       {adapter, prompted_base}        closer to the real reply of the same context than to
                                                     the person's other held-out replies (> 0)
-    distinct        {adapter, prompted_base, real}  share not near-duplicates of another reply of the set (to another context)
+    distinct        {adapter, prompted_base, real}  share not near-duplicates of another reply of the set
+                                                    (to another context)
     copy_rate       {adapter, prompted_base}        share repeating 12+ words of a training message
     length          {adapter, prompted_base, person}  mean words per reply
     replies                                         held-out contexts replied to
