@@ -65,7 +65,7 @@ __all__ = ["BASE_CLASS", "PERSON_CLASS", "EvalSettings", "evaluate_adapter", "he
 class EvalSettings:
     # Held-out contexts replied to (adapter, prompted base, base), and training contexts the base model
     # replies to for the classifier's "base model" class.
-    heldout_contexts: int = 12
+    heldout_contexts: int = 24
     base_train_replies: int = 12  # the last third tests the classifier, the rest trains it
     reply_tokens: int = 64
     examples: int = 4
