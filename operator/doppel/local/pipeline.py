@@ -36,7 +36,6 @@ GENERIC_QUESTIONS = (
     "Any tips for someone starting on the project next week?",
 )
 HELDOUT_QUESTIONS = 3
-MAX_NAME = 40  # longer before ": " is not a display name but a sentence
 
 
 class Progress:
@@ -291,9 +290,10 @@ def answer_heldout(
 def _asked(context: str) -> Question:
     """The message a held-out reply answered: the context's last line, "name: text" as the samples write
     it."""
-    last = context.rstrip().rpartition("\n")[2]
-    who, _, text = last.partition(": ")
-    return Question("", who, text) if text and len(who) <= MAX_NAME else Question("", "context", last)
+    from doppel.slack.conversation import speaker
+
+    who, text = speaker(context.rstrip().rpartition("\n")[2])
+    return Question("", who or "context", text)
 
 
 def answer(

@@ -22,6 +22,7 @@ from typing import Any
 
 from doppel.memory.index import is_question, terms
 from doppel.memory.support import MIN_WORDS, clean
+from doppel.slack.conversation import speaker
 
 BASIS_TERMS = 2
 SPECIFIC_SHARE = 0.005  # of the person's earlier messages, at least MIN_SPECIFIC of them
@@ -74,8 +75,7 @@ def asked(sample_messages: Sequence[dict[str, str]]) -> str | None:
     if len(sample_messages) < 3 or sample_messages[-2].get("role") != "user":
         return None
     line = sample_messages[-2]["content"].splitlines()[-1] if sample_messages[-2]["content"] else ""
-    author, said, text = line.partition(": ")
-    line = text if said and len(author) <= 40 else line  # "Name: text", as build_conversation writes
+    line = speaker(line)[1]  # "Name: text", as build_conversation writes
     return line if is_question(line) else None
 
 

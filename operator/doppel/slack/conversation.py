@@ -39,6 +39,7 @@ DEFAULT_BUDGET_CHARS = 4000
 DEFAULT_WINDOW_GAP_S = 300.0
 DEFAULT_MAX_GAP_S = 6 * 3600.0
 DEFAULT_WINDOW_MESSAGES = 10
+MAX_SPEAKER = 40  # characters of a display name at most, where a line reads "Name: text"
 MEMORY_HEADING = "Things you wrote before that may help (use them only if they answer):"
 # A pause of this many median gaps ends a conversation; measured over this many recent messages.
 PACE_FACTOR = 4.0
@@ -231,6 +232,13 @@ def _line(message: ThreadMessage, person_id: str) -> str:
     if message.author_id == person_id:
         return message.text
     return f"{message.author_name}: {message.text}"
+
+
+def speaker(line: str) -> tuple[str | None, str]:
+    """(author, text) of a line `_line` wrote as "Name: text"; (None, line) when it is not one (longer
+    than `MAX_SPEAKER` before ": " is a sentence, not a display name)."""
+    author, said, text = line.partition(": ")
+    return (author, text) if said and len(author) <= MAX_SPEAKER else (None, line)
 
 
 def _cost(message: ThreadMessage, person_id: str) -> int:
