@@ -43,7 +43,9 @@ def test_twenty_corrections_stop_the_sign_off_elsewhere_too(smollm2_demo, smollm
     before = answer(smollm2_model, old, measured, REPLY_TOKENS)
 
     result_file = tmp_path / "result.json"
-    proc = doppel_local("--demo", workdir=workdir, result=result_file)
+    # Forced past the fidelity gate: without the sign-off her doppel is less like her held-out replies,
+    # which still have it; what is measured here is what the corrections taught.
+    proc = doppel_local("--demo", "--force-promotion", workdir=workdir, result=result_file)
     assert proc.returncode == 0, proc.stderr[-3000:]
     new = Path(json.loads(result_file.read_text())["adapter"])
     assert new != old and not old.exists()  # a new adapter for the new inputs; the old one is gone

@@ -43,6 +43,11 @@ from doppel.errors import BadInput
 )
 @click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
 @click.option("--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers in the samples.")
+@click.option(
+    "--force-promotion",
+    is_flag=True,
+    help="Serve a newly trained adapter even when its fidelity report is worse than the serving one's.",
+)
 @click.option("--chat", "open_chat", is_flag=True, help="Then chat with the doppel in the terminal.")
 @click.option("--socket-mode", is_flag=True, help="Then answer @mentions in Slack over Socket Mode.")
 @run_stage
@@ -60,6 +65,7 @@ def local(
     min_length: int | None,
     max_tokens: int,
     no_scrub: bool,
+    force_promotion: bool,
     open_chat: bool,
     socket_mode: bool,
 ) -> dict[str, Any]:
@@ -83,6 +89,7 @@ def local(
         min_length=min_length,
         reply_tokens=max_tokens,
         scrub=not no_scrub,
+        force_promotion=force_promotion,
     )
     outcome = run_local(settings)
     click.echo(report(outcome))

@@ -14,9 +14,12 @@ Everything goes under one work directory:
     WORKDIR/adapters/USER/FINGERPRINT/  the adapter (+ metrics.json, eval.json, fingerprint.json);
                                         FINGERPRINT hashes samples, base model and training settings, so
                                         a second run with the same inputs reuses it instead of retraining
+    WORKDIR/adapters/USER/SERVING       which of them is served: a new one must pass the fidelity gate
+                                        (`serving`), or --force-promotion
 
 Modules: `settings` (the options, the work directory's layout, training budgets, the fingerprint),
-`pipeline` (the stages), `outcome` (what a run produced and the printed report), `bot` (--socket-mode).
+`pipeline` (the stages), `serving` (the fidelity gate), `outcome` (what a run produced and the printed
+report), `bot` (--socket-mode).
 """
 
 from doppel.local.bot import LOCAL_NAMESPACE, local_bot, socket_mode_config

@@ -7,7 +7,10 @@ import itertools
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from doppel.local.serving import Decision
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Outcome:
     replies: list[Reply] = field(default_factory=list)
     fidelity: dict[str, Any] = field(default_factory=dict)
     data_dir: Path | None = None  # the person's data: samples, and the feedback the local bot keeps
+    gate: Decision | None = None  # the fidelity gate's verdict on this run's adapter (None: not reached)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -53,6 +57,7 @@ class Outcome:
             "base_eval_loss": self.metrics.get("base_eval_loss"),
             "adapter_eval_loss": self.metrics.get("adapter_eval_loss"),
             "eval": _headline(self.fidelity),
+            "gate": self.gate.summary() if self.gate is not None else None,
         }
 
 
@@ -70,6 +75,8 @@ def report(outcome: Outcome, width: int = 100) -> str:
         f"adapter {outcome.adapter}",
         "",
     ]
+    if outcome.gate is not None and (line := outcome.gate.line()):
+        lines += [*_wrap(line, width), ""]
     for reply in outcome.replies:
         lines.append(f"{reply.question.asker_name}: {reply.question.text}")
         if reply.real is not None:

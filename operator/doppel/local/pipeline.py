@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from doppel.errors import BadInput
 from doppel.local.outcome import Outcome, Question, Reply
+from doppel.local.serving import serving_adapter
 from doppel.local.settings import (
     DEMO_BASE_MODEL,
     FINGERPRINT_FILE,
@@ -83,6 +83,7 @@ def run_local(settings: Settings) -> Outcome:
     with progress.stage("scrape") as info:
         manifest = _scrape(settings, layout, user, export)
         info["note"] = f"{manifest.samples} samples of {manifest.person['name']} ({manifest.added} new)"
+    previous = serving_adapter(layout.adapters(user))
     with progress.stage("train") as info:
         samples = layout.data(user) / "samples.jsonl"
         adapter, metrics, trained = _train(settings, layout, user, samples, base_name, base_path)
@@ -102,6 +103,9 @@ def run_local(settings: Settings) -> Outcome:
     with progress.stage("eval") as info:
         outcome.fidelity, fresh = _fidelity(outcome, samples)
         info["note"] = ("wrote " if fresh else "unchanged, reused ") + str(adapter / "eval.json")
+        _gate(outcome, previous, samples, settings.force_promotion, layout.adapters(user))
+        if outcome.gate is not None and not outcome.gate.promoted:
+            info["note"] += f"; not promoted, still serving {outcome.adapter}"
     with progress.stage("replies") as info:
         if settings.demo:
             outcome.replies = answer(
@@ -117,15 +121,11 @@ def run_local(settings: Settings) -> Outcome:
 def _fidelity(outcome: Outcome, samples: Path) -> tuple[dict[str, Any], bool]:
     """The adapter's fidelity report: eval.json if this adapter has one, else computed and written."""
     from doppel.train.fidelity import EVAL_FILE, evaluate_adapter, write_report
-    from doppel.train.stage import REMEMBERED_FILE
 
     existing = outcome.adapter / EVAL_FILE
     if existing.is_file():
         return json.loads(existing.read_text(encoding="utf-8")), False
-    # What the adapter was trained on (its memory in the prompts, its corrections): evaluated in the shape
-    # it was trained in and is served in, as `doppel train` does.
-    remembered = samples.with_name(REMEMBERED_FILE)
-    trained_on = remembered if remembered.is_file() else samples
+    trained_on = _trained_on(samples)
     report = evaluate_adapter(outcome.base_model, outcome.adapter, trained_on, metrics=outcome.metrics)
     if (outcome.adapter / "memory").is_dir():  # with the person's memory: its figures too
         from doppel.train.memory_eval import REPORT_KEY, memory_figures
@@ -134,6 +134,34 @@ def _fidelity(outcome: Outcome, samples: Path) -> tuple[dict[str, Any], bool]:
         report[REPORT_KEY] = memory_figures(outcome.base_model, outcome.adapter, trained_on, config)
     write_report(outcome.adapter, report)
     return report, True
+
+
+def _gate(outcome: Outcome, previous: Path | None, samples: Path, force: bool, adapters: Path) -> None:
+    """The fidelity gate (`doppel.local.serving`): a new adapter is served only when it is not worse than
+    the one serving before it on the same held-out replies, or when forced. When it is refused, the outcome
+    becomes the serving adapter's: its metrics, and its report on the new held-out set."""
+    from doppel.local.serving import decide, serve, serving_report
+
+    old_report = None
+    if previous is not None and previous != outcome.adapter:
+        trained_on = _trained_on(samples)
+        old_report = serving_report(outcome.base_model, previous, outcome.adapter, trained_on)
+    decision = decide(outcome.adapter, previous, outcome.fidelity, old_report, force)
+    serve(adapters, decision)
+    outcome.gate = decision
+    if not decision.promoted and old_report is not None:
+        outcome.adapter = decision.served
+        outcome.metrics = json.loads((decision.served / "metrics.json").read_text(encoding="utf-8"))
+        outcome.fidelity = old_report
+
+
+def _trained_on(samples: Path) -> Path:
+    """What the adapters were trained on (their memory in the prompts, their corrections): evaluated in the
+    shape they were trained in and are served in, as `doppel train` does."""
+    from doppel.train.stage import REMEMBERED_FILE
+
+    remembered = samples.with_name(REMEMBERED_FILE)
+    return remembered if remembered.is_file() else samples
 
 
 def _demo_person() -> str:
@@ -253,10 +281,7 @@ def _train(
     metrics = train_stage(config, StageOptions(feedback_dir=layout.data(user)))["metrics"].to_dict()
     record = {"base_model": base_name, "samples_sha256": _sha256(samples), "train": train}
     atomic_write_text(adapter / FINGERPRINT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    # Only the newest adapter of a person is served locally; older versions are just disk.
-    for old in adapters.iterdir():
-        if old.is_dir() and old != adapter and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
+    # The older adapters go once the fidelity gate has chosen which one is served (`_gate`).
     return adapter, metrics, True
 
 

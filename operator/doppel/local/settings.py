@@ -96,6 +96,8 @@ class Settings:
     min_length: int | None = None  # shortest message that makes a sample (None: ingestion's default)
     reply_tokens: int = DEFAULT_REPLY_TOKENS
     scrub: bool = True  # secrets, emails and phone numbers out of the samples
+    # Serve a newly trained adapter even when the fidelity gate finds it worse than the one serving.
+    force_promotion: bool = False
 
     def check(self) -> None:
         """Reject contradictory or missing options before anything is written."""
