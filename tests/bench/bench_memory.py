@@ -24,7 +24,10 @@ those with a basis in what the person wrote before (`doppel.memory.heldout`: the
 terms with one earlier message), and (b) questions with none: 300 questions of the other real export, the
 demo workspace's, the small real exports'.
 
-Run: .venv/bin/python tests/bench/bench_memory.py [MESSAGES | abstention]
+With `answers`, on the Hyperledger export: for each held-out question with a basis, where retrieval (BM25,
+WordLlama) ranks the earliest-ranked earlier message that holds its answer.
+
+Run: .venv/bin/python tests/bench/bench_memory.py [MESSAGES | abstention | answers]
 """
 
 from __future__ import annotations
@@ -186,37 +189,44 @@ def abstention() -> None:
             abstention_of(export, person, sets)
 
 
-def abstention_of(export: Path, person: str, foreign: dict[str, list[str]]) -> None:
-    """One person's rates (see `abstention`)."""
+def person_index(export: Path, person: str, work: Path) -> tuple[MemoryIndex, list[tuple[Entry, str]]]:
+    """The index of what `person` wrote before the held-out cut (as a held-out evaluation must see it),
+    and the questions colleagues asked them after it (the entry of each reply, and the question)."""
     import json
 
-    import Stemmer
-
-    from doppel.memory.heldout import Earlier
     from doppel.memory.index import asked_question, is_question, person_entries
-    from doppel.memory.prompt import query
     from doppel.slack.export import scrape_export
     from doppel.slack.samples import MEMORY_FILE, ScrapeOptions
     from doppel.train.data import load_samples, split_by_time
 
+    options = ScrapeOptions(cutoff_days=36500, now=time.time())
+    scrape_export(export, person, work / "data", options)
+    path = work / "data" / "samples.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    cut = split_by_time(load_samples(path), EVAL_FRACTION).cut_ts or float("inf")
+    remembered = person_entries(records, work / "data" / MEMORY_FILE)
+    before = [e for e in remembered if float(e.ts) < cut]
+    meta = records[0]["meta"]
+    where = write_index(
+        before, work / "memory", team=meta["team"], person_id=meta["user"], person_name=meta["person"]
+    )
+    later = [(e, asked_question(e)) for e in remembered if float(e.ts) >= cut and e.answered]
+    return MemoryIndex.load(where), [(e, q) for e, q in later if is_question(q)]
+
+
+def abstention_of(export: Path, person: str, foreign: dict[str, list[str]]) -> None:
+    """One person's rates (see `abstention`)."""
+    import Stemmer
+
+    from doppel.memory.heldout import Earlier
+    from doppel.memory.prompt import query
+
     work = Path(tempfile.mkdtemp(prefix="bench-memory-real-"))
     try:
-        options = ScrapeOptions(cutoff_days=36500, now=time.time())
-        scrape_export(export, person, work / "data", options)
-        path = work / "data" / "samples.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        cut = split_by_time(load_samples(path), EVAL_FRACTION).cut_ts or float("inf")
-        remembered = person_entries(records, work / "data" / MEMORY_FILE)
-        # The index of what they wrote before the cut only, as a held-out evaluation must see it.
-        before = [e for e in remembered if float(e.ts) < cut]
-        meta = records[0]["meta"]
-        where = write_index(
-            before, work / "memory", team=meta["team"], person_id=meta["user"], person_name=meta["person"]
-        )
-        index = MemoryIndex.load(where)
+        index, asked = person_index(export, person, work)
+        before = index.entries
         earlier = Earlier([e.text for e in index.entries], Stemmer.Stemmer("english"))
-        later = [(asked_question(e), e.text) for e in remembered if float(e.ts) >= cut and e.answered]
-        later = [(q, reply) for q, reply in later if is_question(q)]
+        later = [(q, e.text) for e, q in asked]
         sets = {
             "with basis": [q for q, reply in later if earlier.basis(q, reply)],
             "all asked after the cut": [q for q, _ in later],
@@ -233,7 +243,7 @@ def abstention_of(export: Path, person: str, foreign: dict[str, list[str]]) -> N
             ]
         floors = {share: meaning.threshold(index.calibration, share) for share in RELATEDNESS}
         print(
-            f"{export.stem}, {meta['person']}: {len(before)} messages indexed (of {len(remembered)}), "
+            f"{export.stem}, {index.person_name}: {len(before)} messages indexed, "
             f"{len(index.calibration)} questions calibrate; judged (two content words or more): "
             + ", ".join(f"{k} {len(v)}" for k, v in judged.items())
         )
@@ -252,6 +262,52 @@ def abstention_of(export: Path, person: str, foreign: dict[str, list[str]]) -> N
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def answers() -> None:
+    """Where retrieval ranks the earlier messages that hold the answer of a held-out question with a basis
+    (`doppel.memory.heldout`: two or more of the specific terms of the real reply), for hyperledger's most
+    active people: by the index's BM25 over the question, and by WordLlama's cosine to it."""
+    import Stemmer
+
+    from doppel.memory.heldout import Earlier
+    from doppel.memory.index import terms
+    from doppel.memory.support import clean
+
+    export = REAL_EXPORTS / REAL[0] / f"{REAL[0]}.zip"
+    if not export.is_file():
+        print(f"skipped: the real exports are missing under {REAL_EXPORTS}")
+        return
+    stemmer = Stemmer.Stemmer("english")
+    ranks: dict[str, list[int]] = {"BM25": [], "WordLlama": []}
+    for person in most_active(export, PEOPLE):
+        work = Path(tempfile.mkdtemp(prefix="bench-memory-answers-"))
+        try:
+            index, asked = person_index(export, person, work)
+            earlier = Earlier([e.text for e in index.entries], stemmer)
+            vocab = index.retriever.vocab_dict
+            embeddings = np.load(index.where / "embeddings.npy")
+            for entry, question in asked:
+                basis = earlier.basis(question, entry.text)
+                if basis is None:
+                    continue
+                holding = [i for i, m in enumerate(earlier.messages) if len(set(basis.answer) & m) >= 2]
+                ids = [vocab[t] for t in dict.fromkeys(terms(clean(question), stemmer)) if t in vocab]
+                bm25 = index.retriever.get_scores_from_ids(ids) if ids else np.zeros(len(index.entries))
+                cosine = embeddings @ meaning.embed([clean(question)])[0]
+                for name, scores in (("BM25", bm25), ("WordLlama", cosine)):
+                    order = np.argsort(-scores, kind="stable")
+                    position = np.empty(len(order), dtype=int)
+                    position[order] = np.arange(len(order))
+                    ranks[name].append(int(position[holding].min()))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    for name, found in ranks.items():
+        print(
+            f"{name}: of {len(found)} questions with a basis, a message holding the answer is in the top 3 "
+            f"for {sum(r < 3 for r in found)}, top 10 for {sum(r < 10 for r in found)}, top 50 for "
+            f"{sum(r < 50 for r in found)}; median rank {statistics.median(found) + 1:.0f}"
+        )
 
 
 def most_active(export: Path, count: int) -> list[str]:
@@ -290,4 +346,4 @@ def export_questions(export: Path, seed: int) -> list[str]:
 
 
 if __name__ == "__main__":
-    abstention() if MODE == "abstention" else main()
+    {"abstention": abstention, "answers": answers}.get(MODE, main)()
