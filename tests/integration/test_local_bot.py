@@ -10,12 +10,20 @@ from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
-from tests.support.bot_fixtures import CHANNEL, SIGNING_SECRET, BotHarness, mention_payload, say
+from tests.support.bot_fixtures import (
+    CHANNEL,
+    SIGNING_SECRET,
+    BotHarness,
+    command_form,
+    mention_payload,
+    say,
+)
 from tests.support.model_fixtures import STYLE_PATTERN, STYLE_PERSON, STYLE_PERSON_ID
 from tests.support.slack_fixtures import ACME_TOKEN, BOT_USER_ID
 
 from doppel.cli import main
 from doppel.local import LOCAL_NAMESPACE, Outcome, local_bot, socket_mode_config
+from doppel.local.serving import Decision
 
 
 def env(**values: str) -> dict[str, str]:
@@ -51,6 +59,37 @@ async def test_local_bot_answers_a_mention_with_the_adapter(slack_emulator, tiny
     # opening and its closing (at 24 tokens the tiny adapter sometimes leaves out the middle).
     said = " ".join(p["text"] for p in posts).lower()
     assert STYLE_PATTERN.split()[0].lower() in said and STYLE_PATTERN[-1] in said, said
+
+
+async def test_slash_commands_say_the_fidelity_gate_kept_the_old_adapter(
+    slack_emulator, tiny_model, trained_adapter, tmp_path
+):
+    """`doppel local` kept serving the old adapter: `/doppel list` (and status) in Slack say so, with the
+    figures."""
+    config = socket_mode_config(ACME_TOKEN, env(SLACK_APP_TOKEN="xapp-1-local"))
+    refused = Decision(tmp_path / "candidate", trained_adapter, ["likeness 0.41 < 0.62 serving"])
+    report = {"likeness": {"adapter": 0.62, "prompted_base": 0.1, "real": 0.7}}
+    outcome = Outcome(
+        person_id=STYLE_PERSON_ID,
+        person_name=STYLE_PERSON,
+        handle="pat",
+        samples=40,
+        added_samples=0,
+        base_model=tiny_model,
+        adapter=trained_adapter,
+        trained=True,
+        metrics={},
+        fidelity=report,
+        gate=refused,
+    )
+    bot = local_bot(outcome, replace(config, slack_api_url=slack_emulator.base_url))
+    harness = await BotHarness(bot, slack_emulator).start()
+    try:
+        listed = await harness.form(command_form("list", user="U02BOB"))
+    finally:
+        await harness.stop()
+    assert "*pat*: Ready, 40 samples, likeness 0.62 (persona prompt 0.10, real replies 0.70)" in listed.text
+    assert "NOT PROMOTED" in listed.text and "likeness 0.41 < 0.62 serving" in listed.text
 
 
 def test_socket_mode_config_defaults_the_bot_token_and_maps_every_team_to_one_place():

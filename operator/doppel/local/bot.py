@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from doppel.errors import BadInput
 from doppel.local.outcome import Outcome
@@ -56,14 +56,31 @@ def local_bot(outcome: Outcome, config: BotConfig) -> Bot:
             "kind": "DoppelUser",
             "metadata": {"name": object_name(outcome.handle), "namespace": config.namespace_for("")},
             "spec": {"target": {"userId": outcome.person_id, "realName": outcome.person_name}},
-            "status": {
-                "phase": "Ready",
-                "samples": outcome.samples,
-                "adapter": {"servedName": served, "path": str(outcome.adapter), "version": 1},
-            },
+            "status": _status(outcome, served),
         }
     )
     chat = backend_chat(backend, DEFAULT_PARAMS.override(max_tokens=config.max_tokens))
     data_dir = outcome.data_dir
     # Feedback and the person's corrections go to their data directory, where the next run trains on them.
     return create_bot(config, chat=chat, kube=directory, feedback_dir=lambda _ns, _doppel: data_dir)
+
+
+def _status(outcome: Outcome, served: str) -> dict[str, Any]:
+    """The status the operator would have written: Ready with the served adapter and its report's
+    headline (camelCase, as `status.eval`), and the fidelity gate's refusal when this run's adapter was
+    worse than the one serving (`/doppel status` says so)."""
+    from doppel.api import EvalSummary
+    from doppel.local.outcome import headline_of
+
+    status: dict[str, Any] = {
+        "phase": "Ready",
+        "samples": outcome.samples,
+        "adapter": {"servedName": served, "path": str(outcome.adapter), "version": 1},
+    }
+    figures = headline_of(outcome.fidelity)
+    if figures:
+        status["eval"] = EvalSummary.model_validate(figures).model_dump(by_alias=True, exclude_none=True)
+    gate = outcome.gate
+    if gate is not None and not gate.promoted:
+        status["reason"], status["message"] = "FidelityRegressed", gate.line()
+    return status

@@ -56,12 +56,13 @@ class Outcome:
             "steps": self.metrics.get("steps"),
             "base_eval_loss": self.metrics.get("base_eval_loss"),
             "adapter_eval_loss": self.metrics.get("adapter_eval_loss"),
-            "eval": _headline(self.fidelity),
+            "eval": headline_of(self.fidelity),
             "gate": self.gate.summary() if self.gate is not None else None,
         }
 
 
-def _headline(report: dict[str, Any]) -> dict[str, Any] | None:
+def headline_of(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The report's headline figures (`doppel.train.fidelity.headline`); None without a report."""
     from doppel.train.fidelity import headline
 
     return headline(report) if report else None
