@@ -67,6 +67,22 @@ def test_the_split_is_the_trainings_own(tmp_path, trained_adapter, style_samples
     assert split.summary == metrics["heldout"]
 
 
+def test_the_classifier_knows_the_person_from_every_reply_before_the_cut(trained_adapter, style_samples):
+    """A CPU budget trains on a few of the person's replies (the most characteristic); the classifier that
+    judges likeness learns the person from all of their replies before the cut, so that it does not favour
+    the adapter that imitates the chosen few."""
+    metrics = json.loads((trained_adapter / "metrics.json").read_text())
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(metrics["config"]["base_model"])
+    budget = {**metrics["config"], "max_train_samples": 5}
+    split = fidelity.split_samples(load_samples(style_samples.samples), tokenizer, budget)
+    assert len(split.train) == 5 and len(split.before_cut) > 5
+    texts, labels, _ = fidelity._classifier_data(split, [], [])
+    assert labels.count(fidelity.PERSON_CLASS) == len(split.before_cut)
+    assert sorted(texts) == sorted(s.reply for s in split.before_cut)
+
+
 def test_eval_bad_input(tmp_path, trained_adapter):
     missing = run("eval", "--adapter", str(tmp_path / "nope"))
     assert missing.exit_code == 2 and "does not exist" in missing.output

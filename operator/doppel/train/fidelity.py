@@ -75,9 +75,13 @@ class EvalSettings:
 
 @dataclass
 class SplitSamples:
-    train: list[data.Sample] = field(default_factory=list)
+    train: list[data.Sample] = field(default_factory=list)  # what the adapter was trained on
     eval: list[data.Sample] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    # Every sample before the cut, before a budget chose its training samples among them: the person as
+    # the classifier knows them (a budget chooses the most characteristic; the classifier must not learn
+    # the person from the very replies the adapter imitates).
+    before_cut: list[data.Sample] = field(default_factory=list)
 
 
 def split_samples(
@@ -101,7 +105,8 @@ def split_samples(
         fits=fits,
         colleagues=data.read_colleagues(folder or recorded) if (folder or recorded) else (),
     )
-    return SplitSamples(held.train, [s for s in held.eval if fits(s)], held.summary())
+    everything = data.split_by_time(samples, float(config.get("eval_fraction", 0.15))).train
+    return SplitSamples(held.train, [s for s in held.eval if fits(s)], held.summary(), everything)
 
 
 def persona_prompt(person: str, examples: Sequence[str]) -> str:
@@ -251,13 +256,15 @@ def _likeness(
 def _classifier_data(
     split: SplitSamples, colleagues: Sequence[dict[str, Any]], base_train: Sequence[str]
 ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """The classifier's training texts and labels (the person's training replies, the colleagues' messages
-    before the cut, the base model's replies), and the colleagues' held-out messages with their label.
-    Without real times in the samples, each colleague's last sixth is held out."""
+    """The classifier's training texts and labels (the person's replies before the cut, all of them, not
+    only those a budget trained on; the colleagues' messages before the cut; the base model's replies), and
+    the colleagues' held-out messages with their label. Without real times in the samples, each
+    colleague's last sixth is held out."""
     cut = split.summary.get("cut_ts")
     names = _colleague_labels(colleagues)
-    texts = [s.reply for s in split.train] + list(base_train)
-    labels = [PERSON_CLASS] * len(split.train) + [BASE_CLASS] * len(base_train)
+    person = split.before_cut or split.train
+    texts = [s.reply for s in person] + list(base_train)
+    labels = [PERSON_CLASS] * len(person) + [BASE_CLASS] * len(base_train)
     tests: list[tuple[str, str]] = []
     for user, messages in _by_user(colleagues).items():
         at = sum(1 for m in messages if float(m["ts"]) < cut) if cut and cut > 1e9 else len(messages) * 5 // 6
