@@ -24,7 +24,7 @@ def local(workdir: Path, result: Path, *args: str) -> tuple[dict, str]:
     return json.loads(result.read_text()), run.stdout
 
 
-def test_a_worse_adapter_keeps_the_old_one_serving_until_forced(tmp_path):
+def test_a_worse_adapter_keeps_the_old_one_serving_until_forced(tmp_path, tiny_model):
     workdir, result = tmp_path / "doppel-data", tmp_path / "result.json"
     adapters = workdir / "adapters" / "margaret"
 
@@ -52,3 +52,9 @@ def test_a_worse_adapter_keeps_the_old_one_serving_until_forced(tmp_path):
     assert (adapters / SERVING_FILE).read_text().strip() == worse.name
     assert not good.exists()  # no longer served: deleted
     assert "by --force-promotion although worse" in report
+
+    # Another base model: the old adapter cannot serve beside it, so there is nothing to weigh: served.
+    other, _ = local(workdir, result, "--base-model", str(tiny_model), "--max-steps", "1")
+    assert other["gate"]["promoted"] and other["gate"]["previous"] is None and other["trained"]
+    assert (adapters / SERVING_FILE).read_text().strip() == Path(other["adapter"]).name
+    assert not worse.exists()

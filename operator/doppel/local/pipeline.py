@@ -140,8 +140,10 @@ def _gate(outcome: Outcome, previous: Path | None, samples: Path, force: bool, a
     """The fidelity gate (`doppel.local.serving`): a new adapter is served only when it is not worse than
     the one serving before it on the same held-out replies, or when forced. When it is refused, the outcome
     becomes the serving adapter's: its metrics, and its report on the new held-out set."""
-    from doppel.local.serving import decide, serve, serving_report
+    from doppel.local.serving import comparable, decide, serve, serving_report
 
+    if previous is not None and not comparable(previous, outcome.adapter):
+        previous = None  # another base model: nothing to weigh the new adapter against
     old_report = None
     if previous is not None and previous != outcome.adapter:
         trained_on = _trained_on(samples)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.fsutil import atomic_write_text
+from doppel.local.settings import FINGERPRINT_FILE
 
 SERVING_FILE = "SERVING"
 SERVING_REPORT = "eval-serving.json"  # the serving adapter on the new adapter's held-out set
@@ -114,6 +115,19 @@ def decide(
     if previous is None or previous == candidate or old is None:
         return Decision(candidate, None)
     return Decision(candidate, previous, regressions(headline(new), headline(old)), forced)
+
+
+def comparable(previous: Path, candidate: Path) -> bool:
+    """Whether the gate can weigh `candidate` against `previous`: both adapters of the same base model (an
+    adapter of another base cannot serve beside the new one; switching `--base-model` starts afresh)."""
+    return _base_model(previous) == _base_model(candidate)
+
+
+def _base_model(adapter: Path) -> str | None:
+    record = adapter / FINGERPRINT_FILE
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text(encoding="utf-8")).get("base_model")
 
 
 def _complete(adapter: Path) -> bool:
