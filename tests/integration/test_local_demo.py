@@ -16,6 +16,7 @@ import pytest
 from tests.support.model_fixtures import doppel_local
 
 from doppel.demo.workspace import MARGARET, SIGN_OFF, demo_questions
+from doppel.local.serving import SERVING_FILE
 from doppel.train.base_models import SMOLLM2_135M
 
 TINY_QUICK = ("--max-steps", "2", "--max-tokens", "8")
@@ -123,7 +124,9 @@ def test_second_run_reuses_the_adapter_and_opens_the_chat(smollm2_demo, tmp_path
     assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     assert (adapter / "eval.json").read_text() == report  # the report is reused too
     assert "held-out loss on unseen threads" in again.stdout and "likeness" in again.stdout
-    assert [p.name for p in adapter.parent.iterdir()] == [adapter.name]
+    # The one adapter, and the file that names it as the one served (the fidelity gate's record).
+    assert sorted(p.name for p in adapter.parent.iterdir()) == sorted([adapter.name, SERVING_FILE])
+    assert (adapter.parent / SERVING_FILE).read_text().strip() == adapter.name
 
 
 def test_make_demo_works_from_a_clean_clone(tmp_path):
