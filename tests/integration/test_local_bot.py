@@ -30,19 +30,25 @@ def env(**values: str) -> dict[str, str]:
     return {"SLACK_SIGNING_SECRET": SIGNING_SECRET, **values}
 
 
+def pat_outcome(tiny_model, trained_adapter, **changes) -> Outcome:
+    """What `doppel local` produced for the style person "pat" on the tiny model."""
+    values = {
+        "person_id": STYLE_PERSON_ID,
+        "person_name": STYLE_PERSON,
+        "handle": "pat",
+        "samples": 40,
+        "added_samples": 0,
+        "base_model": tiny_model,
+        "adapter": trained_adapter,
+        "trained": False,
+        "metrics": {},
+    }
+    return Outcome(**{**values, **changes})
+
+
 async def test_local_bot_answers_a_mention_with_the_adapter(slack_emulator, tiny_model, trained_adapter):
     config = socket_mode_config(ACME_TOKEN, env(SLACK_APP_TOKEN="xapp-1-local", DOPPEL_MAX_TOKENS="24"))
-    outcome = Outcome(
-        person_id=STYLE_PERSON_ID,
-        person_name=STYLE_PERSON,
-        handle="pat",
-        samples=40,
-        added_samples=0,
-        base_model=tiny_model,
-        adapter=trained_adapter,
-        trained=False,
-        metrics={},
-    )
+    outcome = pat_outcome(tiny_model, trained_adapter)
     bot = local_bot(outcome, replace(config, slack_api_url=slack_emulator.base_url))
     harness = await BotHarness(bot, slack_emulator).start()
     try:
@@ -69,19 +75,7 @@ async def test_slash_commands_say_the_fidelity_gate_kept_the_old_adapter(
     config = socket_mode_config(ACME_TOKEN, env(SLACK_APP_TOKEN="xapp-1-local"))
     refused = Decision(tmp_path / "candidate", trained_adapter, ["likeness 0.41 < 0.62 serving"])
     report = {"likeness": {"adapter": 0.62, "prompted_base": 0.1, "real": 0.7}}
-    outcome = Outcome(
-        person_id=STYLE_PERSON_ID,
-        person_name=STYLE_PERSON,
-        handle="pat",
-        samples=40,
-        added_samples=0,
-        base_model=tiny_model,
-        adapter=trained_adapter,
-        trained=True,
-        metrics={},
-        fidelity=report,
-        gate=refused,
-    )
+    outcome = pat_outcome(tiny_model, trained_adapter, trained=True, fidelity=report, gate=refused)
     bot = local_bot(outcome, replace(config, slack_api_url=slack_emulator.base_url))
     harness = await BotHarness(bot, slack_emulator).start()
     try:
