@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from doppel.cli import main
@@ -81,6 +83,50 @@ def test_the_classifier_knows_the_person_from_every_reply_before_the_cut(trained
     texts, labels, _ = fidelity._classifier_data(split, [], [])
     assert labels.count(fidelity.PERSON_CLASS) == len(split.before_cut)
     assert sorted(texts) == sorted(s.reply for s in split.before_cut)
+
+
+def test_the_gates_measure_of_the_serving_adapter_replies_only_with_that_adapter(
+    tmp_path, trained_adapter, style_samples, train_style_adapter, monkeypatch
+):
+    """The fidelity gate measures the serving adapter on its successor's held-out replies. The prompted
+    base's and the base model's replies do not depend on the adapter: they are taken from the successor's
+    report, so only the serving adapter replies; its own figures are those a whole report gives."""
+    from doppel.serve.local import LocalBackend
+
+    candidate = tmp_path / "candidate"
+    shutil.copytree(trained_adapter, candidate)
+    assert run("eval", "--adapter", str(candidate)).exit_code == 0
+    new = json.loads((candidate / "eval.json").read_text())
+    serving = train_style_adapter("gate-serving", "Ahoy {topic}, all hands on deck")  # another style
+    base_model = Path(json.loads((candidate / "metrics.json").read_text())["config"]["base_model"])
+
+    requested: list[str] = []
+    complete_batch = LocalBackend.complete_batch
+
+    def counting(self, requests, params):
+        requested.extend(adapter for adapter, _ in requests)
+        return complete_batch(self, requests, params)
+
+    monkeypatch.setattr(LocalBackend, "complete_batch", counting)
+    quick = fidelity.evaluate_serving(base_model, serving, candidate, style_samples.samples)
+    assert requested == ["adapter"] * new["replies"]  # the serving adapter's replies, nothing else
+    requested.clear()
+    config = json.loads((candidate / "metrics.json").read_text())["config"]
+    whole = fidelity.evaluate_adapter(base_model, serving, style_samples.samples, split_config=config)
+    assert len(requested) == 2 * new["replies"] + len(new["baseline"]["base"])
+
+    assert quick["baseline"] == new["baseline"]  # the successor's, reused
+    assert quick["heldout_loss"]["base"] == new["heldout_loss"]["base"]
+    assert quick["heldout_loss"]["adapter"] == pytest.approx(whole["heldout_loss"]["adapter"], rel=1e-4)
+    assert [e["adapter"] for e in quick["examples"]] == [e["adapter"] for e in whole["examples"]]
+    assert "Ahoy" in quick["examples"][0]["adapter"]  # the serving adapter's own style, not the successor's
+    assert quick["likeness"] == whole["likeness"] and quick["relevance"] == whole["relevance"]
+    # A report without the baseline (an older eval.json) is measured whole.
+    del new["baseline"]
+    (candidate / "eval.json").write_text(json.dumps(new))
+    requested.clear()
+    fidelity.evaluate_serving(base_model, serving, candidate, style_samples.samples)
+    assert len(requested) == 2 * new["replies"] + len(whole["baseline"]["base"])
 
 
 def test_eval_bad_input(tmp_path, trained_adapter):

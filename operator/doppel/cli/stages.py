@@ -395,10 +395,9 @@ def _compare(base_model: Path, serving: Path, out: Path, data: Path) -> dict[str
     """The serving adapter's headline on the held-out set of the adapter just trained
     (OUT/eval-serving.json)."""
     from doppel.fsutil import atomic_write_text
-    from doppel.train.fidelity import evaluate_adapter, headline
+    from doppel.train.fidelity import evaluate_serving, headline
 
-    config = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["config"]
-    report = evaluate_adapter(base_model, serving, data, split_config=config)
+    report = evaluate_serving(base_model, serving, out, data)
     atomic_write_text(out / "eval-serving.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return headline(report)
 

@@ -97,10 +97,9 @@ def serving_report(base_model: Path, previous: Path, candidate: Path, trained_on
         report: dict[str, Any] = json.loads(existing.read_text(encoding="utf-8"))
         if report.get("adapter") == str(previous):
             return report
-    from doppel.train.fidelity import evaluate_adapter
+    from doppel.train.fidelity import evaluate_serving
 
-    config = json.loads((candidate / "metrics.json").read_text(encoding="utf-8"))["config"]
-    report = evaluate_adapter(base_model, previous, trained_on, split_config=config)
+    report = evaluate_serving(base_model, previous, candidate, trained_on)
     atomic_write_text(existing, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 

@@ -29,7 +29,15 @@ eval.json (every figure null when it cannot be measured):
     replies                                         held-out contexts replied to
     persona_prompt                                  the prompted base's system prompt
     classifier_base_replies                         base-model replies of the classifier's "base model" class
+    baseline        {contexts, prompted_base, base} the replies that do not depend on the adapter: the
+                                                    held-out contexts replied to (thread@ts), the prompted
+                                                    base's replies to them, the base model's (all); reused
+                                                    when another adapter is measured on the same contexts
     examples        [{context, real, adapter, prompted_base}]  held-out contexts side by side
+
+The fidelity gate measures the serving adapter on its successor's held-out set (`evaluate_serving`): the
+prompted base's and the base model's replies and held-out loss are the same for both, so only the serving
+adapter replies and is scored then.
 """
 
 from __future__ import annotations
@@ -58,7 +66,15 @@ COLLEAGUES_FILE = "colleagues.jsonl"  # written beside samples.jsonl by doppel.s
 PERSONA_EXAMPLES = 3
 # Colleagues' held-out messages per class in the classifier's test set.
 TEST_PER_COLLEAGUE = 40
-__all__ = ["BASE_CLASS", "PERSON_CLASS", "EvalSettings", "evaluate_adapter", "headline", "table"]
+__all__ = [
+    "BASE_CLASS",
+    "PERSON_CLASS",
+    "EvalSettings",
+    "evaluate_adapter",
+    "evaluate_serving",
+    "headline",
+    "table",
+]
 
 
 @dataclass
@@ -145,11 +161,13 @@ def evaluate_adapter(
     metrics: dict[str, Any] | None = None,
     settings: EvalSettings | None = None,
     split_config: dict[str, Any] | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fidelity report of `adapter` (see the module docstring). `metrics` is the adapter's
     metrics.json (read from `adapter` when not given); its held-out losses are reused when present.
     `split_config` (another training's config) measures the adapter on that training's held-out set, as the
-    fidelity gate compares a serving adapter with its successor."""
+    fidelity gate compares a serving adapter with its successor; `baseline`, that training's report, then
+    gives the replies and loss that do not depend on the adapter, when they are of the same contexts."""
     from doppel.serve.backend import BASE_ADAPTER, GenerationParams
     from doppel.serve.local import LocalBackend
 
@@ -169,29 +187,37 @@ def evaluate_adapter(
         "train_samples": len(split.train),
         "heldout_samples": len(split.eval),
         "split": split.summary,
-        "heldout_loss": _heldout_loss(backend, split, metrics, config),
+        "heldout_loss": None,
         **dict.fromkeys(("likeness", "relevance", "distinct", "copy_rate", "length"), None),
         "replies": 0,
         "examples": [],
     }
-    if not split.eval or not split.train:
-        return report
-
     rng = random.Random(settings.seed)
     replies = [s for s in split.eval if s.kind == "reply"] or split.eval
     heldout = _pick(replies, settings.heldout_contexts, rng)
     base_train = _pick(split.train, settings.base_train_replies, rng)
     persona = persona_prompt(person or "the person", persona_examples(split.train))
+    reused = _reusable(baseline, heldout, len(base_train), persona)
+    base_loss = ((baseline or {}).get("heldout_loss") or {}).get("base") if reused else None
+    report["heldout_loss"] = _heldout_loss(backend, split, metrics, config, base_loss)
+    if not split.eval or not split.train:
+        return report
+
     requests: list[tuple[str, list[dict[str, str]]]] = []
     for sample in heldout:
         context = sample.messages[:-1]
-        requests += [("adapter", context), (BASE_ADAPTER, with_system(context, persona))]
-    requests += [(BASE_ADAPTER, s.messages[:-1]) for s in base_train]
+        requests.append(("adapter", context))
+        if reused is None:
+            requests.append((BASE_ADAPTER, with_system(context, persona)))
+    if reused is None:
+        requests += [(BASE_ADAPTER, s.messages[:-1]) for s in base_train]
     params = GenerationParams(temperature=0.0, max_tokens=settings.reply_tokens, seed=settings.seed)
     texts = [t.strip() for t in _generate(backend, requests, params, settings.batch_size)]
     n = len(heldout)
-    tuned, prompted = texts[0 : 2 * n : 2], texts[1 : 2 * n : 2]
-    base_replies = texts[2 * n :]
+    if reused is None:
+        tuned, prompted, base_replies = texts[0 : 2 * n : 2], texts[1 : 2 * n : 2], texts[2 * n :]
+    else:
+        tuned, prompted, base_replies = texts, reused["prompted_base"], reused["base"]
     # The base model's class: trained on two thirds of its replies, tested on the rest.
     keep = len(base_replies) - len(base_replies) // 3
     base_train_replies, base_heldout = base_replies[:keep], base_replies[keep:]
@@ -218,6 +244,7 @@ def evaluate_adapter(
         "person": _mean_words(real),
     }
     report["persona_prompt"] = persona
+    report["baseline"] = {"contexts": _keys(heldout), "prompted_base": prompted, "base": base_replies}
     report["examples"] = [
         {
             "context": _render_context(sample),
@@ -228,6 +255,42 @@ def evaluate_adapter(
         for i, sample in enumerate(heldout[: settings.examples])
     ]
     return report
+
+
+def evaluate_serving(base_model: Path, serving: Path, candidate: Path, samples_path: Path) -> dict[str, Any]:
+    """The report of `serving` (the adapter served now) on the held-out set of `candidate` (its retrained
+    successor, whose eval.json is written): what the fidelity gate weighs the candidate against. The
+    prompted base's and base model's replies and loss are the candidate report's (the same contexts and
+    prompts): only the serving adapter replies."""
+    config = _read_metrics(candidate).get("config") or {}
+    if not config:
+        raise FileNotFoundError(f"no metrics.json with the training's config in {candidate}")
+    baseline_path = Path(candidate) / EVAL_FILE
+    baseline = json.loads(baseline_path.read_text(encoding="utf-8")) if baseline_path.is_file() else None
+    return evaluate_adapter(base_model, serving, samples_path, split_config=config, baseline=baseline)
+
+
+def _keys(samples: Sequence[data.Sample]) -> list[str]:
+    """Names of held-out contexts that survive a reload of the samples: thread and reply time."""
+    return [f"{s.thread}@{s.ts}" for s in samples]
+
+
+def _reusable(
+    baseline: dict[str, Any] | None, heldout: Sequence[data.Sample], base_count: int, persona: str
+) -> dict[str, list[str]] | None:
+    """`baseline`'s replies that do not depend on the adapter, when they are of exactly these contexts,
+    this persona prompt and as many base-model replies; None otherwise (an older eval.json, another split)."""
+    kept = (baseline or {}).get("baseline")
+    if not isinstance(kept, dict) or (baseline or {}).get("persona_prompt") != persona:
+        return None
+    if kept.get("contexts") != _keys(heldout):
+        return None
+    prompted, base = kept.get("prompted_base"), kept.get("base")
+    if not isinstance(prompted, list) or len(prompted) != len(heldout):
+        return None
+    if not isinstance(base, list) or len(base) != base_count:
+        return None
+    return {"prompted_base": [str(t) for t in prompted], "base": [str(t) for t in base]}
 
 
 def _likeness(
@@ -320,8 +383,14 @@ def report_classifier(adapter: Path, samples_path: Path) -> AuthorClassifier | N
 
 
 def _heldout_loss(
-    backend: Any, split: SplitSamples, metrics: dict[str, Any], config: dict[str, Any]
+    backend: Any,
+    split: SplitSamples,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    base_loss: float | None = None,
 ) -> dict[str, float | None]:
+    """The held-out losses: the training's own when they are of this split; else computed (the base
+    model's only when not known: `base_loss`)."""
     if metrics.get("base_eval_loss") is not None and metrics.get("eval_samples") == len(split.eval):
         return {"base": metrics["base_eval_loss"], "adapter": metrics.get("adapter_eval_loss")}
     if not split.eval:
@@ -335,8 +404,9 @@ def _heldout_loss(
     model = backend.model
     device = next(model.parameters()).device
     adapter_loss = evaluate(model, batches, device)
-    with model.disable_adapter():
-        base_loss = evaluate(model, batches, device)
+    if base_loss is None:
+        with model.disable_adapter():
+            base_loss = evaluate(model, batches, device)
     return {"base": base_loss, "adapter": adapter_loss}
 
 
