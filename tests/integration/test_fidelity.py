@@ -121,6 +121,11 @@ def test_the_gates_measure_of_the_serving_adapter_replies_only_with_that_adapter
     assert [e["adapter"] for e in quick["examples"]] == [e["adapter"] for e in whole["examples"]]
     assert "Ahoy" in quick["examples"][0]["adapter"]  # the serving adapter's own style, not the successor's
     assert quick["likeness"] == whole["likeness"] and quick["relevance"] == whole["relevance"]
+    # Reply by reply, on the same contexts: what the gate's paired tests weigh.
+    pairs = fidelity.paired(new, quick)
+    assert pairs is not None and len(pairs.person_new) == len(pairs.person_serving) == new["replies"]
+    assert sum(pairs.person_new) / new["replies"] == pytest.approx(new["likeness"]["adapter"], abs=1e-3)
+    assert len(pairs.relevance_serving) == new["replies"]
     # A report without the baseline (an older eval.json) is measured whole.
     del new["baseline"]
     (candidate / "eval.json").write_text(json.dumps(new))

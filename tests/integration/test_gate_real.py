@@ -55,6 +55,8 @@ def test_a_worse_retrained_adapter_is_not_promoted_and_a_forced_one_is(tmp_path,
     # Both on v2's held-out replies: v2 is the base model there, v1 learnt something of the person.
     assert (v2 / "eval-serving.json").is_file()
     assert serving["heldout_loss_adapter"] < new["heldout_loss_adapter"] * 0.98, (serving, new)
+    # The Job judged it, reply by reply where it could: the operator takes its verdict.
+    assert any(worse.startswith("held-out loss") for worse in result["gate_regressions"])
 
     adapter = Adapter(served_name="team.alice.v1", path=str(v1), version=1)
     ready = DoppelUserStatus(phase="Ready", observed_generation=2, adapter=adapter, served_by=["vllm-0"])

@@ -330,6 +330,15 @@ def test_a_retrained_adapter_worse_on_the_same_held_out_set_is_not_promoted():
     plan = reconcile(observed([finished(train, True, result)], ready, generation=2, spec=forced), CONFIG)
     assert plan.register is not None and condition(plan.status, "Promoted").reason == "Forced"
 
+    # The train Job judged reply by reply (its result's gate_regressions): its verdict, not the headlines'.
+    judged = {**result, "gate_regressions": []}
+    plan = reconcile(observed([finished(train, True, judged)], ready, generation=2), CONFIG)
+    assert plan.register is not None and condition(plan.status, "Promoted").reason == "NotWorse"
+    noise = "likeness 0.50 < 0.62 serving (6 replies no longer taken for the person's, 0 newly; p=0.016)"
+    judged = {**close, "gate_regressions": [noise]}
+    plan = reconcile(observed([finished(train, True, judged)], ready, generation=2), CONFIG)
+    assert plan.register is None and noise in condition(plan.status, "Promoted").message
+
 
 def test_a_volume_the_job_could_not_write_says_storage_writable_false_then_true():
     """A Job's storage failure (`doppel` reports kind "storage") is retried like any failure and also sets

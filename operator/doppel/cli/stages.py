@@ -277,7 +277,7 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     "--compare-with",
     type=click.Path(path_type=Path),
     help="The adapter serving now: measured on the same held-out set (OUT/eval-serving.json, "
-    "`eval_serving`), for the fidelity gate.",
+    "`eval_serving`), for the fidelity gate (what is worse: `gate_regressions`).",
 )
 @click.option(
     "--memory/--no-memory",
@@ -345,7 +345,9 @@ def train_command(
         if feedback_from is not None:
             summary["corrected_contexts"] = _corrected(Path(config.base_model), out, feedback_from)
         if compare_with is not None and (compare_with / "adapter_config.json").is_file():
-            summary["eval_serving"] = _compare(Path(config.base_model), compare_with, out, trained_on)
+            summary["eval_serving"], summary["gate_regressions"] = _compare(
+                Path(config.base_model), compare_with, out, trained_on
+            )
     if link is not None:  # after eval.json, so that the resolver's entry links it too
         from doppel.train.trainer import resolver_entry
 
@@ -391,15 +393,18 @@ def _corrected(base_model: Path, adapter: Path, feedback_from: Path) -> float | 
     return figures["closer"] if figures else None
 
 
-def _compare(base_model: Path, serving: Path, out: Path, data: Path) -> dict[str, Any]:
+def _compare(base_model: Path, serving: Path, out: Path, data: Path) -> tuple[dict[str, Any], list[str]]:
     """The serving adapter's headline on the held-out set of the adapter just trained
-    (OUT/eval-serving.json)."""
+    (OUT/eval-serving.json), and what the fidelity gate finds worse in the new one: judged here, where both
+    reports' per-reply figures are (the operator only sees the result's headlines)."""
     from doppel.fsutil import atomic_write_text
-    from doppel.train.fidelity import evaluate_serving, headline
+    from doppel.train.fidelity import EVAL_FILE, evaluate_serving, headline, paired
+    from doppel.train.gate import regressions
 
     report = evaluate_serving(base_model, serving, out, data)
     atomic_write_text(out / "eval-serving.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return headline(report)
+    new = json.loads((out / EVAL_FILE).read_text(encoding="utf-8"))
+    return headline(report), regressions(headline(new), headline(report), paired(new, report))
 
 
 @click.command("eval")

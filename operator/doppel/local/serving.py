@@ -108,12 +108,12 @@ def decide(
     candidate: Path, previous: Path | None, new: dict[str, Any], old: dict[str, Any] | None, forced: bool
 ) -> Decision:
     """The gate on the two reports (`doppel.train.fidelity` reports, the same held-out set)."""
-    from doppel.train.fidelity import headline
+    from doppel.train.fidelity import headline, paired
     from doppel.train.gate import regressions
 
     if previous is None or previous == candidate or old is None:
         return Decision(candidate, None)
-    return Decision(candidate, previous, regressions(headline(new), headline(old)), forced)
+    return Decision(candidate, previous, regressions(headline(new), headline(old), paired(new, old)), forced)
 
 
 def comparable(previous: Path, candidate: Path) -> bool:

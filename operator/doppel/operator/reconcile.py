@@ -303,7 +303,14 @@ def _kept_serving(observed: Observed, status: DoppelUserStatus, result: dict[str
     now, version = observed.now, observed.owner.generation
     if status.adapter is None or serving is None or status.eval is None:
         return False
-    worse = regressions(status.eval.model_dump(), serving.model_dump())
+    judged = result.get(
+        "gate_regressions"
+    )  # by the train Job, reply by reply (`doppel train --compare-with`)
+    worse = (
+        [str(w) for w in judged]
+        if isinstance(judged, list)
+        else regressions(status.eval.model_dump(), serving.model_dump())
+    )
     if not worse:
         set_condition(
             status, "Promoted", True, "NotWorse", f"v{version} is not worse than the serving one", now

@@ -29,6 +29,8 @@ eval.json (every figure null when it cannot be measured):
     replies                                         held-out contexts replied to
     persona_prompt                                  the prompted base's system prompt
     classifier_base_replies                         base-model replies of the classifier's "base model" class
+    per_reply       {contexts, taken_for_person,    the adapter's reply to each held-out context: taken for
+                     relevance}                     the person's, its relevance (the gate's paired tests)
     baseline        {contexts, prompted_base, base} the replies that do not depend on the adapter: the
                                                     held-out contexts replied to (thread@ts), the prompted
                                                     base's replies to them, the base model's (all); reused
@@ -52,6 +54,7 @@ from typing import Any
 
 from doppel.fsutil import atomic_write_text
 from doppel.train import data
+from doppel.train.gate import Paired
 from doppel.train.likeness import (
     BASE_CLASS,
     PERSON_CLASS,
@@ -59,6 +62,7 @@ from doppel.train.likeness import (
     copy_rate,
     distinct,
     relevance,
+    relevance_scores,
     word_spans,
 )
 
@@ -74,6 +78,7 @@ __all__ = [
     "evaluate_adapter",
     "evaluate_serving",
     "headline",
+    "paired",
     "table",
 ]
 
@@ -226,11 +231,18 @@ def evaluate_adapter(
 
     report["replies"] = n
     report["classifier_base_replies"] = base_train_replies
-    report["likeness"] = _likeness(
+    likeness = _likeness(
         split, _colleagues(Path(samples_path), config), base_train_replies, base_heldout,
         {"adapter": tuned, "prompted_base": prompted, "real": real},
     )  # fmt: skip
-    report["relevance"] = {"adapter": relevance(tuned, real), "prompted_base": relevance(prompted, real)}
+    taken = likeness.pop("taken_for_person") if likeness else None
+    report["likeness"] = likeness
+    scores = relevance_scores(tuned, real)
+    report["relevance"] = {
+        "adapter": None if scores is None else round(sum(scores) / len(scores), 4),
+        "prompted_base": relevance(prompted, real),
+    }
+    report["per_reply"] = {"contexts": _keys(heldout), "taken_for_person": taken, "relevance": scores}
     contexts = [_render_context(sample) for sample in heldout]
     report["distinct"] = {
         "adapter": distinct(tuned, contexts),
@@ -269,6 +281,22 @@ def evaluate_serving(base_model: Path, serving: Path, candidate: Path, samples_p
     baseline_path = Path(candidate) / EVAL_FILE
     baseline = json.loads(baseline_path.read_text(encoding="utf-8")) if baseline_path.is_file() else None
     return evaluate_adapter(base_model, serving, samples_path, split_config=config, baseline=baseline)
+
+
+def paired(new: dict[str, Any], serving: dict[str, Any]) -> Paired | None:
+    """The two reports' per-reply figures for the fidelity gate, when both have them for the same held-out
+    contexts (`evaluate_serving` replies to the new report's); None otherwise (an older report)."""
+    a, b = new.get("per_reply") or {}, serving.get("per_reply") or {}
+    if not a.get("contexts") or a.get("contexts") != b.get("contexts"):
+        return None
+    if a.get("taken_for_person") is None or b.get("taken_for_person") is None:
+        return None
+    return Paired(
+        person_new=a["taken_for_person"],
+        person_serving=b["taken_for_person"],
+        relevance_new=a.get("relevance") or (),
+        relevance_serving=b.get("relevance") or (),
+    )
 
 
 def _keys(samples: Sequence[data.Sample]) -> list[str]:
@@ -310,6 +338,7 @@ def _likeness(
     test_labels = [PERSON_CLASS] * len(split.eval) + [BASE_CLASS] * len(base_heldout) + [y for _, y in tests]
     return {
         **{name: classifier.person_share(texts) for name, texts in replies.items()},
+        "taken_for_person": classifier.taken_for_person(replies["adapter"]),
         "classifier_accuracy": classifier.accuracy(test_texts, test_labels),
         "classes": classifier.classes,
         "train_messages": len(texts),

@@ -66,11 +66,14 @@ class AuthorClassifier:
             for p, t in zip(self.pipeline.predict(list(texts)), texts, strict=True)
         ]
 
+    def taken_for_person(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each of `texts` is attributed to the person."""
+        return [p == PERSON_CLASS for p in self.predict(texts)]
+
     def person_share(self, texts: Sequence[str]) -> float | None:
         if not texts:
             return None
-        predicted = self.predict(texts)
-        return round(sum(p == PERSON_CLASS for p in predicted) / len(predicted), 4)
+        return round(sum(self.taken_for_person(texts)) / len(texts), 4)
 
     def accuracy(self, texts: Sequence[str], labels: Sequence[str]) -> float | None:
         if not texts:
@@ -104,6 +107,12 @@ def characteristic_scores(person: Sequence[str], others: Sequence[str], folds: i
 
 def relevance(replies: Sequence[str], real: Sequence[str]) -> float | None:
     """Mean over contexts of cos(reply, its real reply) - mean cos(reply, the other real replies)."""
+    scores = relevance_scores(replies, real)
+    return None if scores is None else round(sum(scores) / len(scores), 4)
+
+
+def relevance_scores(replies: Sequence[str], real: Sequence[str]) -> list[float] | None:
+    """Per context: cos(reply, its real reply) - mean cos(reply, the other real replies)."""
     if len(real) < 2 or len(replies) != len(real):
         return None
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -115,8 +124,7 @@ def relevance(replies: Sequence[str], real: Sequence[str]) -> float | None:
         return None
     sims = cosine_similarity(vectors.transform(replies), vectors.transform(real))
     n = len(real)
-    scores = [sims[i, i] - (sims[i].sum() - sims[i, i]) / (n - 1) for i in range(n)]
-    return round(float(sum(scores) / n), 4)
+    return [round(float(sims[i, i] - (sims[i].sum() - sims[i, i]) / (n - 1)), 6) for i in range(n)]
 
 
 def distinct(replies: Sequence[str], contexts: Sequence[str] | None = None) -> float | None:
