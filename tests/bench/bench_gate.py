@@ -56,12 +56,13 @@ def main() -> None:
         data = workdir / "data" / PERSON
         trained_on = data / REMEMBERED_FILE if (data / REMEMBERED_FILE).is_file() else data / "samples.jsonl"
         config = json.loads((candidate / "metrics.json").read_text())["config"]
+        new = json.loads((candidate / "eval.json").read_text())
 
         started = time.perf_counter()
         whole = evaluate_adapter(base_model, serving, trained_on, split_config=config)
         whole_s = time.perf_counter() - started
         started = time.perf_counter()
-        reused = evaluate_serving(base_model, serving, candidate, trained_on)
+        reused = evaluate_serving(base_model, serving, candidate, trained_on, new)
         reused_s = time.perf_counter() - started
 
     replies = reused["replies"]

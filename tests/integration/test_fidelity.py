@@ -108,7 +108,7 @@ def test_the_gates_measure_of_the_serving_adapter_replies_only_with_that_adapter
         return complete_batch(self, requests, params)
 
     monkeypatch.setattr(LocalBackend, "complete_batch", counting)
-    quick = fidelity.evaluate_serving(base_model, serving, candidate, style_samples.samples)
+    quick = fidelity.evaluate_serving(base_model, serving, candidate, style_samples.samples, new)
     assert requested == ["adapter"] * new["replies"]  # the serving adapter's replies, nothing else
     requested.clear()
     config = json.loads((candidate / "metrics.json").read_text())["config"]
@@ -128,9 +128,8 @@ def test_the_gates_measure_of_the_serving_adapter_replies_only_with_that_adapter
     assert len(pairs.relevance_serving) == new["replies"]
     # A report without the baseline (an older eval.json) is measured whole.
     del new["baseline"]
-    (candidate / "eval.json").write_text(json.dumps(new))
     requested.clear()
-    fidelity.evaluate_serving(base_model, serving, candidate, style_samples.samples)
+    fidelity.evaluate_serving(base_model, serving, candidate, style_samples.samples, new)
     assert len(requested) == 2 * new["replies"] + len(whole["baseline"]["base"])
 
 

@@ -317,6 +317,7 @@ def train_command(
     from transformers.utils import logging as hf_logging
 
     from doppel.train.base_models import resolve_base_model
+    from doppel.train.fidelity import headline
     from doppel.train.stage import StageOptions, train_stage
     from doppel.train.trainer import TrainConfig
 
@@ -339,14 +340,15 @@ def train_command(
     trained_on = Path(stage.pop("data"))  # with memory and corrections: evaluated in the same shape
     summary: dict[str, Any] = {"adapter": str(out), **metrics.summary(), **stage}
     if run_eval:
-        summary["eval"] = _evaluate(Path(config.base_model), out, trained_on, metrics.to_dict(), err=True)
+        report = _evaluate(Path(config.base_model), out, trained_on, metrics.to_dict(), err=True)
+        summary["eval"] = headline(report)
         if memory:
             summary["memory_eval"] = _memory(Path(config.base_model), out, trained_on, metrics.to_dict())
         if feedback_from is not None:
             summary["corrected_contexts"] = _corrected(Path(config.base_model), out, feedback_from)
         if compare_with is not None and (compare_with / "adapter_config.json").is_file():
             summary["eval_serving"], summary["gate_regressions"] = _compare(
-                Path(config.base_model), compare_with, out, trained_on
+                Path(config.base_model), compare_with, out, trained_on, report
             )
     if link is not None:  # after eval.json, so that the resolver's entry links it too
         from doppel.train.trainer import resolver_entry
@@ -358,13 +360,13 @@ def train_command(
 def _evaluate(
     base_model: Path, adapter: Path, data: Path, metrics: dict[str, Any], err: bool
 ) -> dict[str, Any]:
-    """Write ADAPTER/eval.json, print its table, return its headline figures."""
-    from doppel.train.fidelity import evaluate_adapter, headline, table, write_report
+    """Write ADAPTER/eval.json, print its table, return the report."""
+    from doppel.train.fidelity import evaluate_adapter, table, write_report
 
     report = evaluate_adapter(base_model, adapter, data, metrics=metrics)
     write_report(adapter, report)
     click.echo(table(report), err=err)
-    return headline(report)
+    return report
 
 
 def _memory(base_model: Path, adapter: Path, data: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -393,17 +395,18 @@ def _corrected(base_model: Path, adapter: Path, feedback_from: Path) -> float | 
     return figures["closer"] if figures else None
 
 
-def _compare(base_model: Path, serving: Path, out: Path, data: Path) -> tuple[dict[str, Any], list[str]]:
-    """The serving adapter's headline on the held-out set of the adapter just trained
-    (OUT/eval-serving.json), and what the fidelity gate finds worse in the new one: judged here, where both
-    reports' per-reply figures are (the operator only sees the result's headlines)."""
+def _compare(
+    base_model: Path, serving: Path, out: Path, data: Path, new: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """The serving adapter's headline on the held-out set of the adapter just trained (OUT/eval-serving.json;
+    `new`: that adapter's report), and what the fidelity gate finds worse in the new one: judged here, where
+    both reports' per-reply figures are (the operator only sees the result's headlines)."""
     from doppel.fsutil import atomic_write_text
-    from doppel.train.fidelity import EVAL_FILE, evaluate_serving, headline, paired
+    from doppel.train.fidelity import evaluate_serving, headline, paired
     from doppel.train.gate import regressions
 
-    report = evaluate_serving(base_model, serving, out, data)
+    report = evaluate_serving(base_model, serving, out, data, new)
     atomic_write_text(out / "eval-serving.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    new = json.loads((out / EVAL_FILE).read_text(encoding="utf-8"))
     return headline(report), regressions(headline(new), headline(report), paired(new, report))
 
 
@@ -427,6 +430,7 @@ def eval_command(adapter_dir: Path, data_path: Path | None, base_model: str | No
 
     from doppel.serve.chat import check_adapter_dir
     from doppel.train.base_models import resolve_base_model
+    from doppel.train.fidelity import headline
 
     hf_logging.disable_progress_bar()
     adapter = check_adapter_dir(adapter_dir)
@@ -442,4 +446,4 @@ def eval_command(adapter_dir: Path, data_path: Path | None, base_model: str | No
     if not base_model:
         raise BadInput("the base model is not recorded in metrics.json: pass --base-model")
     base_dir = resolve_base_model(base_model)
-    return {"eval": _evaluate(base_dir, adapter, data_path, metrics, err=False)}
+    return {"eval": headline(_evaluate(base_dir, adapter, data_path, metrics, err=False))}

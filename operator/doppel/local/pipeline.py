@@ -147,7 +147,9 @@ def _gate(outcome: Outcome, previous: Path | None, samples: Path, force: bool, a
     old_report = None
     if previous is not None and previous != outcome.adapter:
         trained_on = _trained_on(samples)
-        old_report = serving_report(outcome.base_model, previous, outcome.adapter, trained_on)
+        old_report = serving_report(
+            outcome.base_model, previous, outcome.adapter, trained_on, outcome.fidelity
+        )
     decision = decide(outcome.adapter, previous, outcome.fidelity, old_report, force)
     serve(adapters, decision)
     outcome.gate = decision

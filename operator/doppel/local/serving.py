@@ -89,9 +89,11 @@ def serve(adapters: Path, decision: Decision) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def serving_report(base_model: Path, previous: Path, candidate: Path, trained_on: Path) -> dict[str, Any]:
-    """The previous adapter's fidelity report on the candidate's held-out set: CANDIDATE/eval-serving.json,
-    computed once."""
+def serving_report(
+    base_model: Path, previous: Path, candidate: Path, trained_on: Path, new: dict[str, Any]
+) -> dict[str, Any]:
+    """The previous adapter's fidelity report on the candidate's held-out set (`new`: the candidate's
+    report): CANDIDATE/eval-serving.json, computed once."""
     existing = candidate / SERVING_REPORT
     if existing.is_file():
         report: dict[str, Any] = json.loads(existing.read_text(encoding="utf-8"))
@@ -99,7 +101,7 @@ def serving_report(base_model: Path, previous: Path, candidate: Path, trained_on
             return report
     from doppel.train.fidelity import evaluate_serving
 
-    report = evaluate_serving(base_model, previous, candidate, trained_on)
+    report = evaluate_serving(base_model, previous, candidate, trained_on, new)
     atomic_write_text(existing, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 

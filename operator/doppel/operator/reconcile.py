@@ -303,9 +303,8 @@ def _kept_serving(observed: Observed, status: DoppelUserStatus, result: dict[str
     now, version = observed.now, observed.owner.generation
     if status.adapter is None or serving is None or status.eval is None:
         return False
-    judged = result.get(
-        "gate_regressions"
-    )  # by the train Job, reply by reply (`doppel train --compare-with`)
+    # Judged by the train Job, reply by reply (`doppel train --compare-with`); from the headlines otherwise.
+    judged = result.get("gate_regressions")
     worse = (
         [str(w) for w in judged]
         if isinstance(judged, list)

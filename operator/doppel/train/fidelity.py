@@ -61,6 +61,7 @@ from doppel.train.likeness import (
     AuthorClassifier,
     copy_rate,
     distinct,
+    mean_relevance,
     relevance,
     relevance_scores,
     word_spans,
@@ -231,17 +232,12 @@ def evaluate_adapter(
 
     report["replies"] = n
     report["classifier_base_replies"] = base_train_replies
-    likeness = _likeness(
+    report["likeness"], taken = _likeness(
         split, _colleagues(Path(samples_path), config), base_train_replies, base_heldout,
         {"adapter": tuned, "prompted_base": prompted, "real": real},
     )  # fmt: skip
-    taken = likeness.pop("taken_for_person") if likeness else None
-    report["likeness"] = likeness
     scores = relevance_scores(tuned, real)
-    report["relevance"] = {
-        "adapter": None if scores is None else round(sum(scores) / len(scores), 4),
-        "prompted_base": relevance(prompted, real),
-    }
+    report["relevance"] = {"adapter": mean_relevance(scores), "prompted_base": relevance(prompted, real)}
     report["per_reply"] = {"contexts": _keys(heldout), "taken_for_person": taken, "relevance": scores}
     contexts = [_render_context(sample) for sample in heldout]
     report["distinct"] = {
@@ -270,17 +266,17 @@ def evaluate_adapter(
     return report
 
 
-def evaluate_serving(base_model: Path, serving: Path, candidate: Path, samples_path: Path) -> dict[str, Any]:
+def evaluate_serving(
+    base_model: Path, serving: Path, candidate: Path, samples_path: Path, new: dict[str, Any]
+) -> dict[str, Any]:
     """The report of `serving` (the adapter served now) on the held-out set of `candidate` (its retrained
-    successor, whose eval.json is written): what the fidelity gate weighs the candidate against. The
-    prompted base's and base model's replies and loss are the candidate report's (the same contexts and
-    prompts): only the serving adapter replies."""
+    successor, whose report is `new`): what the fidelity gate weighs the candidate against. The prompted
+    base's and base model's replies and loss are `new`'s (the same contexts and prompts): only the serving
+    adapter replies."""
     config = _read_metrics(candidate).get("config") or {}
     if not config:
         raise FileNotFoundError(f"no metrics.json with the training's config in {candidate}")
-    baseline_path = Path(candidate) / EVAL_FILE
-    baseline = json.loads(baseline_path.read_text(encoding="utf-8")) if baseline_path.is_file() else None
-    return evaluate_adapter(base_model, serving, samples_path, split_config=config, baseline=baseline)
+    return evaluate_adapter(base_model, serving, samples_path, split_config=config, baseline=new)
 
 
 def paired(new: dict[str, Any], serving: dict[str, Any]) -> Paired | None:
@@ -328,22 +324,23 @@ def _likeness(
     base_train: Sequence[str],
     base_heldout: Sequence[str],
     replies: dict[str, list[str]],
-) -> dict[str, Any] | None:
-    """Shares of `replies` the classifier attributes to the person, and its accuracy on held-out messages."""
+) -> tuple[dict[str, Any] | None, list[bool] | None]:
+    """Shares of `replies` the classifier attributes to the person, and its accuracy on held-out messages;
+    and which of the adapter's replies it attributes to the person."""
     texts, labels, tests = _classifier_data(split, colleagues, base_train)
     classifier = _fitted(tuple(texts), tuple(labels))
     if classifier is None:
-        return None
+        return None, None
     test_texts = [s.reply for s in split.eval] + list(base_heldout) + [t for t, _ in tests]
     test_labels = [PERSON_CLASS] * len(split.eval) + [BASE_CLASS] * len(base_heldout) + [y for _, y in tests]
-    return {
+    figures = {
         **{name: classifier.person_share(texts) for name, texts in replies.items()},
-        "taken_for_person": classifier.taken_for_person(replies["adapter"]),
         "classifier_accuracy": classifier.accuracy(test_texts, test_labels),
         "classes": classifier.classes,
         "train_messages": len(texts),
         "test_messages": len(test_texts),
     }
+    return figures, classifier.taken_for_person(replies["adapter"])
 
 
 @functools.lru_cache(maxsize=1)

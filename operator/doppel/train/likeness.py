@@ -107,8 +107,12 @@ def characteristic_scores(person: Sequence[str], others: Sequence[str], folds: i
 
 def relevance(replies: Sequence[str], real: Sequence[str]) -> float | None:
     """Mean over contexts of cos(reply, its real reply) - mean cos(reply, the other real replies)."""
-    scores = relevance_scores(replies, real)
-    return None if scores is None else round(sum(scores) / len(scores), 4)
+    return mean_relevance(relevance_scores(replies, real))
+
+
+def mean_relevance(scores: Sequence[float] | None) -> float | None:
+    """The relevance of a set of replies from its per-context scores (`relevance_scores`)."""
+    return None if not scores else round(sum(scores) / len(scores), 4)
 
 
 def relevance_scores(replies: Sequence[str], real: Sequence[str]) -> list[float] | None:
