@@ -52,3 +52,23 @@ def test_every_subcommand_has_help():
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
         assert "Usage:" in result.output
+
+
+def test_a_result_over_the_termination_message_limit_loses_its_largest_entries_first(tmp_path, monkeypatch):
+    # A train Job's result that grew past what Kubernetes keeps: the operator must still read the outcome,
+    # the losses and the gate's verdict; the bulky entry goes, and the result says so.
+    from doppel.cli.common import RESULT_FILE_LIMIT, write_result
+
+    monkeypatch.setenv("DOPPEL_RESULT_FILE", str(tmp_path / "r"))
+    verdict = ["likeness 0.40 < 0.70 serving (6 replies no longer taken for the person's, 0 newly; p=0.016)"]
+    write_result({"ok": True, "steps": 20, "adapter_eval_loss": 3.366, "gate_regressions": verdict,
+                  "memory_eval": {"examples": ["x" * 300] * 20}})  # fmt: skip
+    text = (tmp_path / "r").read_text()
+    assert len(text.encode()) <= RESULT_FILE_LIMIT
+    assert json.loads(text) == {"ok": True, "steps": 20, "adapter_eval_loss": 3.366,
+                                "gate_regressions": verdict, "truncated": ["memory_eval"]}  # fmt: skip
+
+    write_result({"ok": False, "kind": "error", "reason": "RuntimeError: " + "y" * 10_000})
+    failure = json.loads((tmp_path / "r").read_text())
+    assert (failure["ok"], failure["kind"]) == (False, "error")
+    assert failure["reason"].startswith("RuntimeError: yyy")

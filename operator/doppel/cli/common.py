@@ -27,6 +27,7 @@ from doppel.errors import BadInput
 RESULT_FILE_ENV = "DOPPEL_RESULT_FILE"
 # Kubernetes keeps at most 4096 bytes of a termination message.
 RESULT_FILE_LIMIT = 4096
+_ESSENTIAL = ("ok", "reason", "kind")
 BASE_MODEL_HELP = "Built-in model name (smollm2-135m), local model directory or Hugging Face model id."
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,10 +38,33 @@ def write_result(result: dict[str, Any]) -> None:
     target = os.environ.get(RESULT_FILE_ENV)
     if not target:
         return
-    text = json.dumps(result, separators=(",", ":"), sort_keys=True, default=str)
-    if len(text.encode()) > RESULT_FILE_LIMIT:
-        text = json.dumps({k: result[k] for k in ("ok", "reason", "kind") if k in result})
-    Path(target).write_text(text, encoding="utf-8")
+    Path(target).write_text(_within_limit(result), encoding="utf-8")
+
+
+def _within_limit(result: dict[str, Any]) -> str:
+    """`result` as compact JSON of at most RESULT_FILE_LIMIT bytes: over it, the largest entries are left
+    out first (named under "truncated"), so that the outcome and the small figures the operator reads
+    (steps, losses, the gate's verdict) survive a result that grew."""
+    kept = dict(result)
+    dropped: list[str] = []
+
+    def encoded() -> str:
+        shown = {**kept, "truncated": dropped} if dropped else kept
+        return json.dumps(shown, separators=(",", ":"), sort_keys=True, default=str)
+
+    def size(key: str) -> int:
+        return len(json.dumps(kept[key], default=str).encode())
+
+    text = encoded()
+    while len(text.encode()) > RESULT_FILE_LIMIT:
+        optional = [k for k in kept if k not in _ESSENTIAL]
+        if not optional:
+            return json.dumps({**kept, "reason": str(kept.get("reason", ""))[: RESULT_FILE_LIMIT // 2]})
+        largest = max(optional, key=size)
+        del kept[largest]
+        dropped.append(largest)
+        text = encoded()
+    return text
 
 
 # A volume that refuses writes: no permission, mounted read-only, or full.
