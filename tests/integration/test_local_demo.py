@@ -51,6 +51,8 @@ def test_demo_shows_each_stage_with_its_time(smollm2_demo):
     assert "base model done in" in stderr and ": smollm2-135m" in stderr
     steps = smollm2_demo.result["steps"]
     assert f"{steps}/{steps}" in stderr  # the trainer's own progress bar
+    # Only doppel's lines: no library's log records or deprecation warnings among the stages.
+    assert not re.search(r"^(DEBUG|INFO|WARNING):|FutureWarning", stderr, re.MULTILINE), stderr[-3000:]
 
 
 def test_demo_answers_each_question_beside_the_persona_prompted_base(smollm2_demo):

@@ -15,6 +15,8 @@ Stage modules are imported inside the commands so that `doppel --help` stays fas
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from doppel import __version__
@@ -44,6 +46,9 @@ def main(debug: bool) -> None:
     Scrape a person's Slack messages, fine-tune a LoRA adapter, serve it on vLLM and answer @mentions in
     their voice. `doppel local --demo` runs the whole pipeline offline on this machine.
     """
+    # PEFT and TRL read an attribute transformers 5 deprecated, on every adapter they load: not the user's
+    # concern, and it would print between the stages' lines.
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 
 for _command in (

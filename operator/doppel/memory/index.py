@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,6 +53,10 @@ from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
 from doppel.memory import meaning
 from doppel.memory.support import DEFAULT_MIN_SUPPORT, MIN_WORDS, clean, support
+
+# bm25s sets its own logger to DEBUG on import: each index build's "Building index from tokens" would reach
+# whatever handler the root logger has (the CLI's stage lines, the bot's log).
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 MEMORY_DIR = "memory"
 META_FILE = "memory.json"

@@ -15,7 +15,6 @@ import random
 import resource
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -220,10 +219,7 @@ def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     try:
-        with warnings.catch_warnings():
-            # PEFT 0.21 calls an attribute transformers 5 deprecated; not the user's concern.
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            return get_peft_model(model, lora)
+        return get_peft_model(model, lora)
     except ValueError as exc:
         raise BadInput(f"--target-modules: {_first_line(exc)}") from None
 
