@@ -35,7 +35,11 @@ from doppel.errors import BadInput
     help="Where everything is written; a second run reuses what is there.",
 )
 @click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 16).")
-@click.option("--cutoff-days", type=float, help="Learn from messages this recent (default 365).")
+@click.option(
+    "--cutoff-days",
+    type=float,
+    help="Learn from messages this recent (default 365; in an export: before the person's last message).",
+)
 @click.option(
     "--min-length",
     type=int,

@@ -39,7 +39,13 @@ def _phone_regions(ctx: click.Context, param: click.Parameter, value: tuple[str,
 @click.option("--team", help="Team ID the token must belong to (recorded in each sample).")
 @click.option("--channel", "channels", multiple=True, help="Only this channel (name or ID); repeatable.")
 @click.option("--exclude-channel", "exclude", multiple=True, help="Skip this channel; repeatable.")
-@click.option("--cutoff-days", type=click.FloatRange(min=0), default=365, show_default=True)
+@click.option(
+    "--cutoff-days",
+    type=click.FloatRange(min=0),
+    default=365,
+    show_default=True,
+    help="Learn from messages this recent (in an export, days before the person's newest message).",
+)
 @click.option("--min-length", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--budget-chars", type=click.IntRange(min=1), default=4000, show_default=True)

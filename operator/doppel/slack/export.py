@@ -5,7 +5,7 @@ for private channels, group DMs and DMs when the export includes them) and one f
 JSON file per day, each a list of messages. Replies sit in the day they were posted, linked to their thread
 by `thread_ts`, so threads are rebuilt by grouping on it; from there the same functions as the API scrape
 make the samples. Archived channels are taken by default (they are part of the person's history), and the
-cutoff counts back from the export's newest message rather than from today.
+cutoff counts back from the person's newest message in the export rather than from today.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.errors import BadInput
+from doppel.slack.normalize import message_author
 from doppel.slack.samples import (
     Manifest,
     ScrapeOptions,
@@ -80,9 +81,7 @@ def _scrape(
         for c in channels
     }
     if options.now is None:
-        # The cutoff counts back from the export's newest message: an export is a snapshot of its day.
-        stamps = [ts_key(str(m["ts"])) for c in chosen for m in messages[c["id"]] if m.get("ts")]
-        options = replace(options, now=float("{}.{:06d}".format(*max(stamps))) if stamps else None)
+        options = replace(options, now=_last_written(chosen, messages, person.id))
     threads = []
     for channel in chosen:
         threads += threads_from_messages(channel["id"], channel["name"], messages[channel["id"]], 0)
@@ -92,6 +91,23 @@ def _scrape(
     )
     list_channels(manifest, channels, options, messages)
     return write_output(out, samples, manifest, options.max_samples)
+
+
+def _last_written(
+    channels: list[dict[str, Any]], messages: dict[str, list[dict[str, Any]]], person_id: str
+) -> float | None:
+    """Where an export's cutoff counts back from: the person's newest message in `channels`, else the
+    export's. An export is a snapshot of its day, and the person may have left the workspace years before
+    it was taken: their last year is the person as they wrote last, not a year without them."""
+    stamps = [
+        (message_author(m) == person_id, ts_key(str(m["ts"])))
+        for c in channels
+        for m in messages[c["id"]]
+        if m.get("ts")
+    ]
+    own = [stamp for theirs, stamp in stamps if theirs]
+    newest = max(own or [stamp for _, stamp in stamps], default=None)
+    return float("{}.{:06d}".format(*newest)) if newest else None
 
 
 def _conversation(entry: dict[str, Any], kind: str, users: list[dict[str, Any]]) -> dict[str, Any]:

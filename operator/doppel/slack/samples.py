@@ -93,7 +93,7 @@ class ScrapeOptions:
     phone_regions: Sequence[str] = ()
     team: str | None = None
     bot_user_id: str | None = None  # the bot's own mention becomes BOT_HANDLE
-    now: float | None = None  # fixed clock for reproducible cutoffs (an export: its newest message)
+    now: float | None = None  # the cutoff's clock (an export: the person's newest message in it)
 
     def cutoff_ts(self) -> float:
         now = self.now if self.now is not None else dt.datetime.now(dt.UTC).timestamp()
