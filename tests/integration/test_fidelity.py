@@ -121,6 +121,9 @@ def test_the_gates_measure_of_the_serving_adapter_replies_only_with_that_adapter
     assert [e["adapter"] for e in quick["examples"]] == [e["adapter"] for e in whole["examples"]]
     assert "Ahoy" in quick["examples"][0]["adapter"]  # the serving adapter's own style, not the successor's
     assert quick["likeness"] == whole["likeness"] and quick["relevance"] == whole["relevance"]
+    # Every reply the same, not just the figures: an adapter's batches hold its own requests only, so its
+    # replies do not depend on whether the base model's were asked beside them.
+    assert quick["per_reply"] == whole["per_reply"]
     # Reply by reply, on the same contexts: what the gate's paired tests weigh.
     pairs = fidelity.paired(new, quick)
     assert pairs is not None and len(pairs.person_new) == len(pairs.person_serving) == new["replies"]

@@ -448,16 +448,19 @@ def _heldout_loss(
 def _generate(
     backend: Any, requests: list[tuple[str, list[dict[str, str]]]], params: Any, size: int
 ) -> list[str]:
-    """Replies in request order, generated in batches of similar prompt length (less padding)."""
+    """Replies in request order, generated in batches of similar prompt length (less padding), one adapter
+    a batch: padding changes a batched reply's floats, so an adapter's replies must not depend on what else
+    was asked (the fidelity gate measures a serving adapter without the base model's requests)."""
     lengths = [len(backend.render_prompt(m)) for _, m in requests]
-    order = sorted(range(len(requests)), key=lengths.__getitem__)
     texts = [""] * len(requests)
-    for start in range(0, len(order), size):
-        chunk = order[start : start + size]
-        for index, text in zip(
-            chunk, backend.complete_batch([requests[i] for i in chunk], params), strict=True
-        ):
-            texts[index] = text
+    for adapter in dict.fromkeys(a for a, _ in requests):
+        order = sorted((i for i, (a, _) in enumerate(requests) if a == adapter), key=lengths.__getitem__)
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            for index, text in zip(
+                chunk, backend.complete_batch([requests[i] for i in chunk], params), strict=True
+            ):
+                texts[index] = text
     return texts
 
 
