@@ -5,6 +5,8 @@ Bad input must end with exit code 2, one line on stderr, and nothing half-writte
 
 import json
 import re
+import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -107,9 +109,9 @@ def test_contradictory_options(tmp_path, args, reason):
     assert not workdir.exists()
 
 
-def test_old_export_cutoff_counts_back_from_its_newest_message(tmp_path, export, tiny_model):
-    """The demo export is from 2024: the cutoff counts back from its newest message, not from today, and a
-    cutoff that leaves Margaret nothing says why."""
+def test_old_export_cutoff_counts_back_from_the_persons_newest_message(tmp_path, export, tiny_model):
+    """The demo export is from 2024: the cutoff counts back from Margaret's newest message in it, not from
+    today, and a cutoff that leaves her nothing says why."""
     workdir = tmp_path / "data"
     args = ("--export", str(export), "--user", "margaret", "--base-model", str(tiny_model))
     result = local(workdir, *args, "--cutoff-days", "0.01")
@@ -120,6 +122,33 @@ def test_old_export_cutoff_counts_back_from_its_newest_message(tmp_path, export,
     assert not (workdir / "adapters" / "margaret").exists() or not any(
         (workdir / "adapters" / "margaret").iterdir()
     )
+
+
+def test_a_person_who_wrote_little_in_their_last_year_is_learnt_from_further_back(tmp_path, tiny_model):
+    """Margaret writes once more two years after the demo workspace's last day: her last 365 days hold one
+    message, too few to train on, so `doppel local` (its cutoff not chosen) reaches back through the
+    export and says so; a cutoff the user chose is kept (test_too_few_samples_says_what_each_filter...)."""
+    files = build_workspace()
+    newest = max(float(m["ts"]) for name, day in files.items() if "/" in name for m in day)
+    later = newest + 2 * 365 * 86400
+    text = "Coming back to this after two years away: the board wants the roadmap by Friday, please."
+    name = f"general/{datetime.fromtimestamp(later, UTC):%Y-%m-%d}.json"
+    files[name] = [{"type": "message", "user": MARGARET.id, "text": text, "ts": f"{later:.6f}"}]
+    export = tmp_path / "left.zip"
+    with zipfile.ZipFile(export, "w") as archive:
+        for path, content in files.items():
+            archive.writestr(path, json.dumps(content))
+    workdir, result_file = tmp_path / "data", tmp_path / "result.json"
+    args = ["local", "--export", str(export), "--user", "margaret", "--base-model", str(tiny_model)]
+    args += ["--max-steps", "1", "--max-tokens", "16", "--workdir", str(workdir)]
+    result = CliRunner(env={"DOPPEL_RESULT_FILE": str(result_file)}).invoke(main, args)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert re.search(
+        r"scrape done in [\d.]+s: \d+ samples of Margaret Okafor \(\d+ new\), since 2024-0\d-\d\d: "
+        r"their last 365 days held too few",
+        result.stderr,
+    ), result.stderr
+    assert json.loads(result_file.read_text())["samples"] > 20
 
 
 def emulated_demo_workspace() -> dict:

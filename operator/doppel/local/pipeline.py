@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # stage modules load when their stage runs
     from doppel.slack.samples import Manifest
 
 ASKER_ID = "U0LOCALASK"
+# The cutoff that takes all of an export (a century), when its default left the person too few samples.
+WHOLE_EXPORT_DAYS = 36500.0
 # Questions for a real workspace when it has no held-out replies to ask again.
 GENERIC_QUESTIONS = (
     "Can you take a look at the failing deploy when you have a minute?",
@@ -82,7 +84,7 @@ def run_local(settings: Settings) -> Outcome:
         info["note"] = base_name
     with progress.stage("scrape") as info:
         manifest = _scrape(settings, layout, user, export)
-        info["note"] = f"{manifest.samples} samples of {manifest.person['name']} ({manifest.added} new)"
+        info["note"] = _scrape_note(settings, manifest)
     previous = serving_adapter(layout.adapters(user))
     with progress.stage("train") as info:
         samples = layout.data(user) / "samples.jsonl"
@@ -230,7 +232,41 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
         from doppel.demo.workspace import EXPORTED_AT
 
         options.now = EXPORTED_AT.timestamp()
-    return _enough(scrape_export(export, user, out, options))
+    from doppel.slack.samples import NoSamples
+
+    try:
+        manifest = scrape_export(export, user, out, options)
+    except NoSamples as exc:
+        if not _reach_back(settings, exc.manifest):
+            raise
+        manifest = exc.manifest
+    if _reach_back(settings, manifest):
+        # An export is a snapshot: someone who wrote too little in their last year is learnt from further
+        # back (the newest samples still first) rather than refused. Merged into the first run's output.
+        options.cutoff_days = WHOLE_EXPORT_DAYS
+        manifest = scrape_export(export, user, out, options)
+    return _enough(manifest)
+
+
+def _reach_back(settings: Settings, manifest: Manifest) -> bool:
+    """Whether an export's scrape at the default cutoff left too few samples, and older messages, left out
+    by the cutoff, may make up for it (never when the user chose the cutoff)."""
+    from doppel.train.trainer import TrainConfig
+
+    if settings.cutoff_days is not None or settings.demo or manifest.samples >= TrainConfig.min_samples:
+        return False
+    return bool(manifest.person_messages.get("before_cutoff"))
+
+
+def _scrape_note(settings: Settings, manifest: Manifest) -> str:
+    """The scrape stage's line: how many samples, and how far back when the default cutoff was widened."""
+    from doppel.slack.samples import ScrapeOptions
+
+    note = f"{manifest.samples} samples of {manifest.person['name']} ({manifest.added} new)"
+    if settings.cutoff_days is None and manifest.options.get("cutoff_days") == WHOLE_EXPORT_DAYS:
+        since = (manifest.time_range.get("oldest") or "")[:10]
+        note += f", since {since}: their last {ScrapeOptions.cutoff_days:g} days held too few"
+    return note
 
 
 def _enough(manifest: Manifest) -> Manifest:

@@ -235,7 +235,7 @@ def write_output(
         merged.setdefault(_sample_key(sample), sample)
     ordered = sorted(merged.values(), key=sample_order)
     if not ordered:
-        raise BadInput(no_samples_reason(manifest))
+        raise NoSamples(manifest)
     if len(ordered) > max_samples:
         manifest.dropped["over_max_samples"] = manifest.dropped.get("over_max_samples", 0) + (
             len(ordered) - max_samples
@@ -276,6 +276,14 @@ def _merge_memory(path: Path, entries: Sequence[dict[str, Any]]) -> list[dict[st
     merged.update({(e["team"], e["channel_id"], e["ts"]): e for e in entries})
     ordered = sorted(merged.values(), key=lambda e: (ts_key(e["ts"]), e["channel_id"]))
     return ordered[-MEMORY_MAX_MESSAGES:]
+
+
+class NoSamples(BadInput):
+    """A scrape that found no sample of the person: the reason, and the manifest that says what it saw."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__(no_samples_reason(manifest))
+        self.manifest = manifest
 
 
 def no_samples_reason(manifest: Manifest) -> str:
