@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from peft import PeftModel
 from safetensors.torch import load_file
-from tests.support.model_fixtures import StyleData
+from tests.support.model_fixtures import StyleData, train_quick_adapter, write_style_samples
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from doppel.cli import main
@@ -139,6 +139,33 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny_model, style_sampl
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).eval()
     reloaded = trainer.evaluate(model, data.eval_batches(held_out, 8), torch.device("cpu"))
     assert reloaded == pytest.approx(best, rel=1e-5)
+
+
+def test_an_adapter_worse_than_the_base_model_is_kept_and_reported_as_worse(tmp_path, tiny_model):
+    # The person's latest threads (held out) are in a style the base model already writes, unlike all
+    # their earlier replies: an adapter that learnt those does worse there than the base model. It is still
+    # the adapter written (the base model under the adapter's name would be a doppel that learnt nothing),
+    # and its loss says worse.
+    earlier = write_style_samples(tmp_path / "earlier", "Ahoy {topic}, all hands on deck")
+    later = write_style_samples(tmp_path / "later", "Per my last email on {topic}: regards", seed=1)
+    tuned = train_quick_adapter(tiny_model, later.samples, tmp_path / "later-adapter")
+    base = tmp_path / "base"
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tuned)
+    merged.merge_and_unload().save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(earlier.samples.read_text() + later.heldout.read_text())
+    out = tmp_path / "out"
+    config = trainer.TrainConfig(
+        data=samples, base_model=str(base), out=out, rank=8, alpha=16, lr=5e-3, epochs=6,
+        batch_size=16, grad_accum=1, eval_steps=5, early_stopping_patience=100, progress_bar=False,
+    )  # fmt: skip
+    metrics = trainer.train_adapter(config)
+    assert metrics.adapter_eval_loss > metrics.base_eval_loss
+    assert metrics.best_step >= 1
+    assert metrics.adapter_eval_loss == min(p["loss"] for p in metrics.eval_loss)
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any(bool(t.abs().sum()) for k, t in weights.items() if "lora_B" in k)
 
 
 # --- bad input: exit 2, one line, nothing written ------------------------------------------------------

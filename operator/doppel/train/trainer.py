@@ -256,9 +256,10 @@ def _fit(
     )
     with model.disable_adapter():
         metrics.base_eval_loss = evaluate(model, eval_batches, device)
-    best_loss = metrics.base_eval_loss  # an untrained LoRA adapter is the base model
-    best_state = _snapshot(model)
-    best_step = 0
+    # The best of the trained adapters, never the untrained one: an adapter is asked for even when it does
+    # not beat the base model on the held-out replies (a person of few samples, a budget too short), and
+    # the report must say so rather than measure the base model under the adapter's name.
+    best_loss, best_state, best_step = math.inf, _snapshot(model), 0
     evals_without_gain = 0
 
     bar = tqdm(total=total_steps, disable=not config.progress_bar, file=sys.stderr, desc="train")
