@@ -168,6 +168,24 @@ def test_an_adapter_worse_than_the_base_model_is_kept_and_reported_as_worse(tmp_
     assert any(bool(t.abs().sum()) for k, t in weights.items() if "lora_B" in k)
 
 
+def test_a_token_budget_takes_fewer_steps_of_longer_samples(tmp_path, tiny_model, style_samples: StyleData):
+    # The same samples and steps asked: a budget of tokens that the first epoch's steps would exceed ends
+    # training early, at the step the budget reaches, with the learning rate's schedule fitted to it.
+    def run(name: str, budget: int | None) -> trainer.Metrics:
+        config = trainer.TrainConfig(
+            data=style_samples.samples, base_model=str(tiny_model), out=tmp_path / name, rank=4, epochs=2,
+            max_steps_per_epoch=4, batch_size=4, grad_accum=1, max_train_tokens=budget, progress_bar=False,
+        )  # fmt: skip
+        return trainer.train_adapter(config)
+
+    free = run("free", None)
+    assert free.steps == free.total_steps == 8
+    per_step = free.tokens / free.steps
+    budgeted = run("budgeted", int(per_step * 3.5))
+    assert budgeted.steps == budgeted.total_steps == 3
+    assert budgeted.eval_loss[-1]["step"] == 3  # evaluated at its own last step
+
+
 # --- bad input: exit 2, one line, nothing written ------------------------------------------------------
 
 
@@ -245,7 +263,7 @@ def test_gpu_out_of_memory_names_the_flags(tmp_path, tiny_model, style_samples: 
 def test_out_of_range_budget_flags_are_refused(tmp_path, tiny_model, style_samples: StyleData):
     out = tmp_path / "out"
     base = ["--data", str(style_samples.samples), "--base-model", str(tiny_model), "--out", str(out)]
-    for flag, value in (("--context-weight", "2"), ("--train-max-length", "0")):
+    for flag, value in (("--context-weight", "2"), ("--train-max-length", "0"), ("--max-train-tokens", "0")):
         result = _train(*base, flag, value)
         assert result.exit_code == 2 and flag in result.output
         assert not out.exists()

@@ -37,11 +37,14 @@ def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
     fast = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=True)
     assert fast["cpu_bf16"] is True and fast["max_steps_per_epoch"] == 20 and fast["max_train_samples"] == 160
     assert fast["eval_steps"] == 20
+    # Steps of 8 samples of 400 tokens on average at most: longer samples take fewer steps, not more time.
+    assert fast["max_train_tokens"] == 20 * 8 * 400
     plain = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=False)
     assert plain["cpu_bf16"] is False  # named in the settings: the adapter's fingerprint tells them apart
     # The demo keeps its sixteen steps: faster, not longer.
     demo = training_settings(settings(demo=True), 84, "smollm2-135m", cores=2, bf16=True)
     assert demo["epochs"] * demo["max_steps_per_epoch"] == 16 and "context_weight" not in demo
+    assert "max_train_tokens" not in demo
 
 
 def test_a_base_model_without_a_budget_gets_the_trainers_defaults():

@@ -254,6 +254,11 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     help="Tokens per training sample, clipped shorter than held-out ones [default: --max-length].",
 )
 @click.option(
+    "--max-train-tokens",
+    type=click.IntRange(min=1),
+    help="Stop after about this many tokens trained (fewer steps for longer samples) [default: no limit].",
+)
+@click.option(
     "--context-weight",
     type=click.FloatRange(min=0, max=1),
     default=0.0,

@@ -72,6 +72,11 @@ CPU_BF16_STEP_SCALE = 1.25
 # weigh 1): the person's replies are a tenth of a sample's tokens, and their colleagues' messages and their
 # own retrieved ones teach the workspace's language (ghaskins, 16 steps: -11.7% -> -12.5%).
 EXPORT_CONTEXT_WEIGHT = 0.25
+# A real workspace's budget also bounds the tokens trained: its steps' cost is their tokens, and a person
+# whose samples are longer (Japanese, which SmolLM2's tokenizer cuts into about a token a byte; long threads)
+# would otherwise take longer than the budget's minutes. At most this many a sample on average: hyperledger's
+# five most active average 300 to 390, haskell-jp's kakkun61 about 420.
+CPU_TOKENS_PER_SAMPLE = 400
 DEMO_BASE_MODEL = "smollm2-135m"
 # Replies are short: Slack messages, and generation on CPU is not free.
 DEFAULT_REPLY_TOKENS = 120
@@ -182,6 +187,8 @@ def training_settings(
             chosen["eval_steps"] = max(1, steps // CPU_EVALS)
             chosen["lr"] = EXPORT_LR.get(base_name, chosen["lr"])
             chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
+            batch = chosen["batch_size"] * chosen["grad_accum"]
+            chosen["max_train_tokens"] = steps * batch * CPU_TOKENS_PER_SAMPLE
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
         batch = view["batch_size"] * view["grad_accum"]

@@ -77,6 +77,9 @@ class TrainConfig:
     # the loss is taken on (`data.spread`); None: all.
     max_train_samples: int | None = None
     max_eval_samples: int | None = 64
+    # The budget's limit on the tokens trained: a step costs its tokens, so samples longer on average (a
+    # language the tokenizer cuts finely, long threads) take fewer steps in the same time; None: no limit.
+    max_train_tokens: int | None = None
     # Loss weight of the context's tokens (the reply's weigh 1; 0: the reply alone is learnt).
     context_weight: float = 0.0
     # Training steps in bfloat16 autocast on a CPU that computes it natively (AVX512-BF16 or AMX: about 1.5x
@@ -166,6 +169,8 @@ def _check_config(config: TrainConfig) -> None:
     for name in ("rank", "alpha", "epochs", "max_steps_per_epoch", "batch_size", "grad_accum", "max_length"):
         if getattr(config, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
+    if config.max_train_tokens is not None and config.max_train_tokens < 1:
+        raise BadInput("--max-train-tokens must be at least 1")
     if not 0 <= config.eval_fraction < 1:
         raise BadInput("--eval-fraction must be in [0, 1)")
     if not config.target_modules:
@@ -236,6 +241,9 @@ def _fit(
     per_step = config.batch_size * config.grad_accum
     steps_per_epoch = min(math.ceil(len(split.train) / per_step), config.max_steps_per_epoch)
     total_steps = steps_per_epoch * config.epochs
+    if config.max_train_tokens is not None:
+        mean_tokens = sum(len(item.input_ids) for item in split.train) / len(split.train)
+        total_steps = max(1, min(total_steps, int(config.max_train_tokens / (per_step * mean_tokens))))
     eval_every = config.eval_steps or max(1, total_steps // EVALS_PER_RUN)
     eval_batches = data.eval_batches(split.eval, config.batch_size)
 
@@ -297,9 +305,9 @@ def _fit(
                 else:
                     evals_without_gain += 1
                     stop = evals_without_gain >= config.early_stopping_patience
-            if stop:
+            if stop or step == total_steps:
                 break
-        if stop:
+        if stop or step == total_steps:
             break
     bar.close()
 
