@@ -149,6 +149,10 @@ def test_a_person_who_wrote_little_in_their_last_year_is_learnt_from_further_bac
         result.stderr,
     ), result.stderr
     assert json.loads(result_file.read_text())["samples"] > 20
+    # The next run keeps reaching back (the same samples, colleagues and memory): the adapter is reused.
+    again = CliRunner(env={"DOPPEL_RESULT_FILE": str(result_file)}).invoke(main, args)
+    assert again.exit_code == 0, (again.stderr, again.exception)
+    assert "their last 365 days held too few" in again.stderr and "unchanged, reused" in again.stderr
 
 
 def emulated_demo_workspace() -> dict:

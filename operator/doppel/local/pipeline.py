@@ -234,6 +234,8 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
         options.now = EXPORTED_AT.timestamp()
     from doppel.slack.samples import NoSamples
 
+    if settings.cutoff_days is None and _reached_back(out):
+        options.cutoff_days = WHOLE_EXPORT_DAYS  # as the first run chose, or this run would narrow it again
     try:
         manifest = scrape_export(export, user, out, options)
     except NoSamples as exc:
@@ -256,6 +258,18 @@ def _reach_back(settings: Settings, manifest: Manifest) -> bool:
     if settings.cutoff_days is not None or settings.demo or manifest.samples >= TrainConfig.min_samples:
         return False
     return bool(manifest.person_messages.get("before_cutoff"))
+
+
+def _reached_back(data: Path) -> bool:
+    """Whether an earlier run's scrape into `data` reached back through the whole export."""
+    from doppel.slack.samples import MANIFEST_FILE
+
+    try:
+        earlier = json.loads((data / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    options = earlier.get("options") if isinstance(earlier, dict) else None
+    return isinstance(options, dict) and options.get("cutoff_days") == WHOLE_EXPORT_DAYS
 
 
 def _scrape_note(settings: Settings, manifest: Manifest) -> str:
