@@ -128,6 +128,27 @@ def test_retrieved_lines_stay_within_the_token_budget(index):
         assert len(narrow.hits) < len(wide.hits)
 
 
+def test_the_budget_holds_in_real_tokens_for_japanese_as_for_english(tmp_path, smollm2_model):
+    # Counted in characters, Japanese memory took three times its share of a 512-token prompt (a character
+    # is about a token for SmolLM2, not a third of one) and crowded out the conversation it answers.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
+    said = {
+        "en": ("The deploy pipeline runs the flaky integration tests twice before paging.", "Lunch at noon."),
+        "ja": ("デプロイのパイプラインでは不安定な結合テストを二回実行します。", "お昼ご飯は十二時です。"),
+    }
+    for language, (text, other) in said.items():
+        records = [sample(f"{text} ({i})", "Bob: how?", "general", T0 + i) for i in range(10)]
+        records += [sample(f"{other} ({i})", "Bob: lunch?", "random", T0 + 100 + i) for i in range(30)]
+        entries = entries_from_samples(records)
+        where = write_index(entries, tmp_path / language, team="T1", person_id="U1", person_name="A")
+        recall = MemoryIndex.load(where).search(text, k=10, budget_tokens=128, min_support=-99)
+        assert recall.hits, language
+        real = sum(len(tokenizer(line, add_special_tokens=False)["input_ids"]) for line in recall.lines())
+        assert real <= 128 * 1.25, (language, real)
+
+
 def test_training_retrieval_sees_neither_the_thread_being_trained_nor_anything_newer(index):
     billing = entries_from_samples(RECORDS[:1])[0]
     recall = index.search("which database does billing use?", before_ts=T0 + 1, exclude_thread=billing.thread)

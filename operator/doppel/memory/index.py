@@ -28,8 +28,10 @@ question whose *relatedness* (`doppel.memory.meaning`: its meaning against their
 threshold. The word counts and embeddings these need are kept with the index.
 
 Budget: hits are taken best first while their prompt lines fit `budget_tokens`, counted as
-`ceil(chars / CHARS_PER_TOKEN)`: no tokenizer in the bot image, and English BPE tokens average about four
-characters, so three over-counts on purpose.
+`ceil(UTF-8 bytes / BYTES_PER_TOKEN)`: no tokenizer in the bot image, and English BPE tokens average about
+four characters, so three over-counts on purpose. Bytes, not characters: a Japanese or Chinese character is
+three bytes and about a token (SmolLM2: 0.9 characters a token on haskell-jp, 3.6 on hyperledger), so a
+budget counted in characters let Japanese memory take three times its share of the prompt.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ COUNTS_FILE = "counts.npy"
 EMBEDDINGS_FILE = "embeddings.npy"
 CALIBRATION_FILE = "calibration.npy"  # the relatedness of the questions the person answered, sorted
 FORMAT = 2  # 2: CJK text indexed as character pairs, term counts for the support
-CHARS_PER_TOKEN = 3
+BYTES_PER_TOKEN = 3
 DEFAULT_K = 3
 # Memory in a prompt crowds out the conversation it answers: with 512-token samples (the CPU budget), 256
 # tokens of it raised SmolLM2's held-out loss on hyperledger's ghaskins by 9% (3.55 -> 3.87) against 128.
@@ -170,7 +172,7 @@ def is_question(text: str) -> bool:
 
 def tokens(text: str) -> int:
     """Tokens `text` is counted as against a budget."""
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
+    return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
 
 
 def permalink(workspace_url: str, entry: Entry) -> str:
