@@ -47,5 +47,17 @@ def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
     assert "max_train_tokens" not in demo
 
 
+def test_a_person_of_few_samples_is_passed_over_three_times_at_most():
+    few = training_settings(settings(export=Path("x.zip")), 26, "smollm2-135m", cores=2, bf16=True)
+    # 26 samples, 2 steps of 8 an epoch (the held-out ones aside): 6 steps, not the budget's 20.
+    assert few["epochs"] * few["max_steps_per_epoch"] == 6 and few["eval_steps"] == 6
+    assert few["max_train_tokens"] == 6 * 8 * 400
+    many = training_settings(settings(export=Path("x.zip")), 120, "smollm2-135m", cores=2, bf16=True)
+    assert many["epochs"] * many["max_steps_per_epoch"] == 20
+    # Steps the user asked for are theirs.
+    asked = training_settings(settings(export=Path("x.zip"), max_steps=12), 26, "smollm2-135m", cores=2)
+    assert asked["epochs"] * asked["max_steps_per_epoch"] == 12
+
+
 def test_a_base_model_without_a_budget_gets_the_trainers_defaults():
     assert training_settings(settings(export=Path("x.zip")), 500, "/models/mistral-7b", cores=2) == {}

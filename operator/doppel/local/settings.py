@@ -72,6 +72,10 @@ CPU_BF16_STEP_SCALE = 1.25
 # weigh 1): the person's replies are a tenth of a sample's tokens, and their colleagues' messages and their
 # own retrieved ones teach the workspace's language (ghaskins, 16 steps: -11.7% -> -12.5%).
 EXPORT_CONTEXT_WEIGHT = 0.25
+# A real workspace's budget passes over a person's few samples at most this many times: the steps a large
+# export needs would learn a small one by heart (haskell-jp's fumieval, 22 training samples: held-out loss
+# -10.9% at 6 steps, about 2 passes; -10.7% at 10; -2.5% at 20, 7 passes).
+CPU_MAX_EPOCHS = 3
 # A real workspace's budget also bounds the tokens trained: its steps' cost is their tokens, and a person
 # whose samples are longer (Japanese, which SmolLM2's tokenizer cuts into about a token a byte; long threads)
 # would otherwise take longer than the budget's minutes. At most this many a sample on average: hyperledger's
@@ -181,8 +185,13 @@ def training_settings(
         scale = 1 if settings.demo else min(max((cores or os.cpu_count() or 2) // 2, 1), CPU_STEP_SCALE_MAX)
         if bf16 and not settings.demo:
             scale *= CPU_BF16_STEP_SCALE
-        steps = steps or round(DEMO_MAX_STEPS[base_name] * scale)
         chosen["max_eval_samples"] = CPU_EVAL_SAMPLES
+        if steps is None:
+            steps = round(DEMO_MAX_STEPS[base_name] * scale)
+            if not settings.demo:
+                batch = chosen["batch_size"] * chosen["grad_accum"]
+                per_epoch = _steps_per_epoch_at_least(n_samples, chosen["eval_fraction"], batch)
+                steps = min(steps, CPU_MAX_EPOCHS * per_epoch)
         if not settings.demo:
             chosen["eval_steps"] = max(1, steps // CPU_EVALS)
             chosen["lr"] = EXPORT_LR.get(base_name, chosen["lr"])
