@@ -85,6 +85,41 @@ def test_the_classifier_knows_the_person_from_every_reply_before_the_cut(trained
     assert sorted(texts) == sorted(s.reply for s in split.before_cut)
 
 
+def test_long_held_out_contexts_are_prompted_as_training_clipped_them(
+    tmp_path, trained_adapter, style_samples, monkeypatch
+):
+    """A thread longer than the training's sequence (a Japanese one of 4,000 characters is 4,400 tokens) is
+    replied to from its newest messages, as the adapter learnt it: not from thousands of tokens at once."""
+    from doppel.serve.local import LocalBackend
+
+    records = [json.loads(line) for line in style_samples.samples.read_text().splitlines()]
+    chatter = "\n".join(f"Bob: an old remark about the weather, number {i}" for i in range(300))
+    for record in records[-20:]:  # the held-out ones and a few before them
+        turn = next(m for m in record["messages"] if m["role"] == "user")
+        turn["content"] = f"{chatter}\n{turn['content']}"
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in records))
+    shutil.copy(style_samples.samples.with_name("colleagues.jsonl"), tmp_path / "colleagues.jsonl")
+    config = json.loads((trained_adapter / "metrics.json").read_text())["config"]
+    room = config["max_length"] - fidelity.EvalSettings().reply_tokens
+
+    asked: list[list[dict[str, str]]] = []
+    complete_batch = LocalBackend.complete_batch
+
+    def recording(self, requests, params):
+        asked.extend(messages for _, messages in requests)
+        assert all(len(self.prompt_token_ids(messages)) <= room for _, messages in requests)
+        return complete_batch(self, requests, params)
+
+    monkeypatch.setattr(LocalBackend, "complete_batch", recording)
+    base_model = Path(config["base_model"])
+    report = fidelity.evaluate_adapter(base_model, trained_adapter, samples, split_config=config)
+    assert report["replies"] > 0 and len(asked) >= report["replies"]
+    held = [m for m in asked if "number 299" in json.dumps(m)]  # the newest of the old remarks is kept
+    assert held and not any('number 0"' in json.dumps(m) for m in held)  # the oldest are not
+    assert report["likeness"]["adapter"] >= 0.8  # the newest message still asks what the adapter answers
+
+
 def test_the_gates_measure_of_the_serving_adapter_replies_only_with_that_adapter(
     tmp_path, trained_adapter, style_samples, train_style_adapter, monkeypatch
 ):

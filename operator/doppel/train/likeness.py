@@ -25,6 +25,9 @@ from typing import Any
 PERSON_CLASS = "person"
 BASE_CLASS = "base model"
 NEAR_DUPLICATE = 0.8
+# What a reply answers is the end of its context: compared there only (difflib is quadratic in the length,
+# and a long thread's whole context took minutes to compare).
+ASKED_CHARS = 500
 COPY_SPAN_WORDS = 12
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -138,7 +141,7 @@ def distinct(replies: Sequence[str], contexts: Sequence[str] | None = None) -> f
     if not replies:
         return None
     normal = [_normal(r) for r in replies]
-    asked = [_normal(c) for c in contexts] if contexts is not None else None
+    asked = [_normal(c)[-ASKED_CHARS:] for c in contexts] if contexts is not None else None
     duplicate = [False] * len(normal)
     for i in range(len(normal)):
         for j in range(i + 1, len(normal)):
