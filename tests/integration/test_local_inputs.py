@@ -131,7 +131,10 @@ def test_a_person_who_wrote_little_in_their_last_year_is_learnt_from_further_bac
     files = build_workspace()
     newest = max(float(m["ts"]) for name, day in files.items() if "/" in name for m in day)
     later = newest + 2 * 365 * 86400
-    text = "Coming back to this after two years away: the board wants the roadmap by Friday, please."
+    text = (
+        "Coming back to this after two years away: the board wants the quarterly roadmap by Friday, "
+        "so please send me your estimates before Thursday."
+    )  # a sample of its own: the first scrape writes one, and the line counts it among the new
     name = f"general/{datetime.fromtimestamp(later, UTC):%Y-%m-%d}.json"
     files[name] = [{"type": "message", "user": MARGARET.id, "text": text, "ts": f"{later:.6f}"}]
     export = tmp_path / "left.zip"
@@ -144,7 +147,7 @@ def test_a_person_who_wrote_little_in_their_last_year_is_learnt_from_further_bac
     result = CliRunner(env={"DOPPEL_RESULT_FILE": str(result_file)}).invoke(main, args)
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert re.search(
-        r"scrape done in [\d.]+s: \d+ samples of Margaret Okafor \(\d+ new\), since 2024-0\d-\d\d: "
+        r"scrape done in [\d.]+s: (\d+) samples of Margaret Okafor \(\1 new\), since 2024-0\d-\d\d: "
         r"their last 365 days held too few",
         result.stderr,
     ), result.stderr

@@ -246,7 +246,9 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
         # An export is a snapshot: someone who wrote too little in their last year is learnt from further
         # back (the newest samples still first) rather than refused. Merged into the first run's output.
         options.cutoff_days = WHOLE_EXPORT_DAYS
+        added = manifest.added
         manifest = scrape_export(export, user, out, options)
+        manifest.added += added  # new to this run: the first scrape's too
     return _enough(manifest)
 
 
