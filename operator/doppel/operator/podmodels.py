@@ -46,6 +46,9 @@ class PodModels:
         self._http: httpx.AsyncClient | None = None  # made on the operator's loop, at first use
         self._served: dict[str, tuple[float, set[str] | ServeError]] = {}  # url -> (expires, names)
         self._listing: dict[str, asyncio.Future[set[str]]] = {}
+        # What the operator loaded (True) or unloaded (False) on a pod while its listing was in flight: the
+        # pod may have answered before that change, and its answer must not undo it.
+        self._changed: dict[str, dict[str, bool]] = {}
         self._fingerprints: dict[str, Hashable] = {}  # url -> the pod's state at its last event
 
     def client(self, url: str) -> AsyncVllmClient:
@@ -66,12 +69,13 @@ class PodModels:
             return entry[1]
         listing = self._listing.get(url)
         if listing is None:
-            listing = asyncio.ensure_future(self._list(url))
-            self._listing[url] = listing
-            listing.add_done_callback(lambda _: self._listing.pop(url, None))
+            changed: dict[str, bool] = {}
+            listing = asyncio.ensure_future(self._list(url, changed))
+            self._listing[url], self._changed[url] = listing, changed
+            listing.add_done_callback(lambda done: self._listed(url, done))
         return await asyncio.shield(listing)
 
-    async def _list(self, url: str) -> set[str]:
+    async def _list(self, url: str, changed: dict[str, bool]) -> set[str]:
         try:
             try:
                 async with asyncio.timeout(self.list_timeout_s):
@@ -80,26 +84,42 @@ class PodModels:
                 raise ServerUnavailable(
                     f"vLLM at {url} did not list its models within {self.list_timeout_s:g} s"
                 ) from None
-            names = {card.id for card in cards}
         except ServeError as exc:
-            self._served[url] = (time.monotonic() + min(ERROR_TTL_S, self.interval_s), exc)
+            self._keep(url, min(ERROR_TTL_S, self.interval_s), exc)
             raise
-        self._served[url] = (time.monotonic() + self.interval_s, names)
+        names = {card.id for card in cards}
+        names -= {name for name, loaded in changed.items() if not loaded}
+        names |= {name for name, loaded in changed.items() if loaded}
+        self._keep(url, self.interval_s, names)
         return names
 
+    def _keep(self, url: str, ttl_s: float, answer: set[str] | ServeError) -> None:
+        # Unless the pod was forgotten while it was listed: the answer may be from before its restart.
+        if self._listing.get(url) is asyncio.current_task():
+            self._served[url] = (time.monotonic() + ttl_s, answer)
+
+    def _listed(self, url: str, listing: asyncio.Future[set[str]]) -> None:
+        if self._listing.get(url) is listing:
+            del self._listing[url], self._changed[url]
+
     def loaded(self, url: str, name: str) -> None:
-        entry = self._served.get(url)
-        if entry is not None and not isinstance(entry[1], ServeError):
-            entry[1].add(name)
+        self._note(url, name, loaded=True)
 
     def unloaded(self, url: str, name: str) -> None:
+        self._note(url, name, loaded=False)
+
+    def _note(self, url: str, name: str, *, loaded: bool) -> None:
+        if url in self._changed:
+            self._changed[url][name] = loaded
         entry = self._served.get(url)
         if entry is not None and not isinstance(entry[1], ServeError):
-            entry[1].discard(name)
+            (entry[1].add if loaded else entry[1].discard)(name)
 
     def forget(self, url: str) -> None:
         """The pod changed (restarted, turned ready): list it afresh at its next check."""
         self._served.pop(url, None)
+        self._listing.pop(url, None)
+        self._changed.pop(url, None)
 
     def seen(self, url: str, fingerprint: Hashable | None) -> bool:
         """A pod event for `url` (`fingerprint`: what identifies the pod's state, None: it is gone). Returns
