@@ -13,6 +13,7 @@ from tests.support.real_exports import real_export
 
 from doppel.cli import main
 from doppel.train import data
+from doppel.train.memory_eval import QUESTIONS
 
 HYPERLEDGER = "hyperledger-slack/hyperledger-slack.zip"
 PERSON = "U0KPFAZNF"  # its most active person
@@ -48,7 +49,8 @@ def test_memory_figures_ask_the_persons_later_questions_from_their_earlier_messa
         for line in (out / "memory.jsonl").read_text().splitlines()
         if float((m := json.loads(line))["ts"]) >= split.cut_ts
     }
-    assert figures["questions"] >= figures["replied"] >= 3
+    # Every question with a basis is answered, up to the cap: a long one clipped as the report clips it.
+    assert figures["replied"] == min(figures["questions"], QUESTIONS) >= 3
     for example in figures["examples"]:
         assert example["real"] in later  # the person's reply, written after the cut
     # Not only the held-out samples: messages too short to train on ask questions too.

@@ -108,11 +108,27 @@ def test_long_context_is_clipped_from_the_left_and_counted(tokenizer):
     assert clipped.input_ids[-40:] == full.input_ids[-40:]
 
 
-def test_sample_whose_reply_cannot_fit_is_dropped_and_counted(tokenizer):
+def test_a_reply_too_long_to_fit_keeps_its_beginning_after_the_newest_context(tokenizer):
+    context = [("bob", f"message number {i} about the release plan") for i in range(40)]
+    reply = "first the plan: " + " ".join(f"step {i} of the long write-up." for i in range(60))
+    stats = data.EncodeStats()
+    cut = data.encode(_sample(context, reply), tokenizer, 200, stats)
+    assert cut is not None and len(cut.input_ids) == 200
+    assert (stats.clipped, stats.reply_cut, stats.dropped_too_long) == (0, 1, 0)
+    decoded = tokenizer.decode(cut.input_ids)
+    assert decoded.startswith("<|begin_of_text|><|start_header_id|>system")  # system prompt kept
+    assert "message number 39" in decoded and "message number 30 " not in decoded  # a quarter: the newest
+    (learnt,) = labelled_runs(cut, tokenizer)
+    assert learnt.startswith("first the plan: step 0") and "step 59" not in learnt and EOT not in learnt
+    assert sum(label != data.IGNORE_INDEX for label in cut.labels) > 200 // 3  # most of the sample
+
+
+def test_sample_whose_system_prompt_leaves_no_room_for_its_reply_is_dropped_and_counted(tokenizer):
     stats = data.EncodeStats()
     sample = _sample([("bob", "hi")], "a very long reply " * 30)
-    assert data.encode(sample, tokenizer, 64, stats) is None
-    assert (stats.clipped, stats.dropped_too_long) == (0, 1)
+    head = len(tokenizer.apply_chat_template(sample.messages[:1], tokenize=True))
+    assert data.encode(sample, tokenizer, head + 8, stats) is None
+    assert (stats.clipped, stats.reply_cut, stats.dropped_too_long) == (0, 0, 1)
 
 
 def timed(ts: float, conversation: float, reply: str = "r") -> data.Sample:

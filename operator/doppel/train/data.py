@@ -7,7 +7,10 @@ Pure logic apart from the tokenizer: no torch here, so every rule is cheap to te
   and -100 everywhere else. The person's earlier turns in a context are context: each of their messages is
   the reply of its own sample, trained once.
 - A sample longer than `max_length` keeps its system prompt and its final assistant turn whole and loses
-  the oldest context tokens (counted as clipped); if even that does not fit it is dropped (counted).
+  the oldest context tokens (counted as clipped). A reply too long to fit even then (a long write-up, a
+  pasted log) keeps its beginning after the newest quarter-sample of context (counted as reply_cut): what
+  someone who writes at length opens with is theirs too. Only a sample whose system prompt leaves no room
+  is dropped (counted).
 - Train and eval are split by time (`split_by_time`): the person's latest replies, whole conversations, are
   held out; a training sample never holds the text of a held-out reply, as reply or in its context.
 - Batches are grouped by length, so padding is a few percent. (Padding-free packing needs varlen
@@ -70,7 +73,14 @@ class Encoded:
 @dataclass
 class EncodeStats:
     clipped: int = 0
+    reply_cut: int = 0
     dropped_too_long: int = 0
+
+
+# A cut reply keeps at most this share of the sample for the context before it, and at least this many
+# tokens of its own beginning (fewer teach nothing of the reply: the sample is dropped instead).
+CUT_REPLY_CONTEXT_SHARE = 0.25
+CUT_REPLY_MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -224,8 +234,9 @@ def encode(
     stats: EncodeStats,
     context_weight: float = 0.0,
 ) -> Encoded | None:
-    """Token ids and labels of a sample, clipped to `max_length`; None if it cannot fit. The reply's
-    tokens are labelled; with a `context_weight`, so are the context's, weighing that much each."""
+    """Token ids and labels of a sample, clipped to `max_length` (the module says how); None if it cannot
+    fit. The reply's tokens are labelled; with a `context_weight`, so are the context's, weighing that much
+    each."""
     messages = sample.messages
     text = _render(tokenizer, messages)
     # The reply's character span: the text the last turn adds after its generation prompt, from where its
@@ -253,11 +264,21 @@ def encode(
     head = sum(1 for offset in offsets if offset[0] < head_end)
     target = sum(1 for offset in offsets if offset[0] >= target_start)
     room = max_length - head - target
-    if room < 0:
-        stats.dropped_too_long += 1
-        return None
-    stats.clipped += 1
-    keep = list(range(head)) + list(range(len(ids) - target - room, len(ids)))
+    if room >= 0:
+        stats.clipped += 1
+        keep = list(range(head)) + list(range(len(ids) - target - room, len(ids)))
+    else:
+        context = min(len(ids) - target - head, int(max_length * CUT_REPLY_CONTEXT_SHARE))
+        reply_room = max_length - head - context
+        turn_header = sum(1 for offset in offsets[len(ids) - target :] if offset[0] < reply_start)
+        if reply_room - turn_header < CUT_REPLY_MIN_TOKENS:
+            stats.dropped_too_long += 1
+            return None
+        stats.reply_cut += 1
+        first = len(ids) - target
+        keep = (
+            list(range(head)) + list(range(first - context, first)) + list(range(first, first + reply_room))
+        )
     kept_weights = None if weights is None else [weights[i] for i in keep]
     kept = [ids[i] for i in keep], [labels[i] for i in keep]
     return Encoded(*kept, sample.thread, sample.weight, kept_weights)

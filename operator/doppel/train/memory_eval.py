@@ -9,9 +9,10 @@ ever retrieved):
   its prompt and the memory it holds, retrieved from the training split as serving retrieves), or in a
   message of memory.jsonl too short to be a sample (the question alone, with the memory retrieved for
   it). Those with a basis (`doppel.memory.heldout`: the person's real reply shares specific terms with
-  one of their earlier messages), up to `QUESTIONS` whose prompt fits the training's `max_length`, are
-  answered greedily by the adapter twice: with that memory and with the plain system prompt (the adapter
-  alone). `contains_answer`: the share of replies holding the answer;
+  one of their earlier messages), up to `QUESTIONS` (their prompts clipped of the oldest lines to fit the
+  training's `max_length`, as the report clips a held-out context), are answered greedily by the adapter
+  twice: with that memory and with the plain system prompt (the adapter alone). `contains_answer`: the
+  share of replies holding the answer;
 - `abstain`: the share of those questions the doppel would abstain on (`with_basis`), of every question
   colleagues asked the person after the cut (`asked`: what abstention costs in their own workspace), and
   of questions of another workspace (`no_basis`: `heldout.foreign_questions`, none for the demo
@@ -38,6 +39,7 @@ from doppel.memory.prompt import DEFAULT_SETTINGS, MemorySettings, query
 from doppel.slack.conversation import system_prompt
 from doppel.slack.samples import MEMORY_FILE
 from doppel.train import data
+from doppel.train.fidelity import clipped
 from doppel.train.report_sections import add_section, greedy_replies
 
 REPORT_KEY = "memory"
@@ -109,14 +111,9 @@ def memory_figures(
 
     backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)}, bf16=False)  # as the report
     limit = int(config.get("max_length", 1024)) - reply_tokens
-
-    def fits(messages: list[dict[str, str]]) -> bool:
-        return len(backend.tokenizer(backend.render_prompt(messages))["input_ids"]) <= limit
-
-    chosen = _spread([(m, b) for m, b in based if fits(m)], questions)
-    if not chosen:
-        return figures
-    with_memory = [m for m, _ in chosen]
+    chosen = _spread(based, questions)
+    # Prompted as the report prompts a held-out context: clipped of its oldest lines, as training clips.
+    with_memory = [clipped(m, backend.prompt_token_ids, limit) for m, _ in chosen]
     plain = [[{"role": "system", "content": system_prompt(person)}, *m[1:]] for m in with_memory]
     texts = greedy_replies(backend, [*with_memory, *plain], reply_tokens)
     helped, alone = texts[: len(chosen)], texts[len(chosen) :]

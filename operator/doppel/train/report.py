@@ -19,8 +19,10 @@ class Metrics:
     train_samples: int = 0
     eval_samples: int = 0
     heldout: dict[str, Any] = field(default_factory=dict)  # the split by time (data.SampleSplit.summary)
-    # Samples whose oldest context was clipped to fit --max-length, and those too long even then.
+    # Samples whose oldest context was clipped to fit --max-length, those whose reply was too (its
+    # beginning kept), and those too long even then.
     clipped: int = 0
+    reply_cut: int = 0
     dropped_too_long: int = 0
     # Tokens fed to the model (prompt and reply), and the assistant tokens the loss was taken on.
     tokens: int = 0

@@ -257,6 +257,7 @@ def _fit(
         eval_samples=len(split.eval),
         total_steps=total_steps,
         clipped=stats.clipped,
+        reply_cut=stats.reply_cut,
         dropped_too_long=stats.dropped_too_long,
         device=device.type,
         dtype="bfloat16" if device.type == "cuda" else "float32",
