@@ -1,7 +1,8 @@
 """The kmock Kubernetes emulator as doppel's tests and benchmarks use it, and a user's view of it.
 
 - `Emulator`: kmock's `KubernetesEmulator` plus the API-server duties doppel relies on (names from
-  generateName, a new generation on spec changes, resourceVersions with 409 on a stale one, refusals such as
+  generateName, a new generation on spec changes, resourceVersions with 409 on a stale one and 422 on a
+  JSON patch whose `test` fails (kopf's optimistic concurrency), refusals such as
   quotas, a Terminating namespace refusing new content), objects found by key, and, unrecorded, requests and
   deleted objects forgotten (a benchmark's thousands of them).
 - `KubeCluster`: that emulator served over HTTP on loopback with the resources doppel uses declared (the
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonpatch
+import jsonpointer
 import kmock
 import yaml
 
@@ -226,6 +229,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             meta.setdefault("creationTimestamp", _now())  # the API server's, on every object
         key = (request.resource, request.namespace, request.name)
         self._version(request, key)
+        self._json_patch(request, key)
         changes_spec = isinstance(request.data, dict) and "spec" in request.data and not request.subresource
         if request.action == kmock.action.UPDATE and changes_spec and key in self.objects:
             # As the API server does: every spec change is a new generation.
@@ -264,6 +268,32 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 )
         self._written = (self._written or 0) + 1
         meta["resourceVersion"] = str(self._written)
+
+    def _json_patch(self, request: Any, key: tuple[Any, str | None, str | None]) -> None:
+        """A JSON patch as the API server applies it: refused with 422 when one of its `test` operations fails
+        (kopf tests the resourceVersion it read, and on a 422 patches again at its next cycle; kmock alone
+        answers 500, which kopf retries with the same stale test for minutes), a new resourceVersion when it
+        applies."""
+        if (
+            request.action != kmock.action.UPDATE
+            or not isinstance(request.data, list)
+            or key not in self.objects
+        ):
+            return
+        current = self.objects[key]
+        tests = [op for op in request.data if isinstance(op, dict) and op.get("op") == "test"]
+        try:
+            jsonpatch.JsonPatch(tests).apply(dict(current), in_place=False)
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+            plural = request.resource.plural if request.resource is not None else ""
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message=f"the server rejected our request due to an error in our request: {exc}",
+                details={"name": request.name, "kind": plural},
+            ) from None
+        self._written = (self._written or 0) + 1
+        request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(self._written)})
 
     def _forget_deleted(self, key: tuple[Any, str | None, str | None]) -> None:
         """Unrecorded, a deleted object goes with its history (a benchmark deletes thousands of Jobs), and a
