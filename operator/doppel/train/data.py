@@ -268,14 +268,14 @@ def encode(
         stats.clipped += 1
         keep = list(range(head)) + list(range(len(ids) - target - room, len(ids)))
     else:
-        context = min(len(ids) - target - head, int(max_length * CUT_REPLY_CONTEXT_SHARE))
+        first = len(ids) - target  # the final turn's first token
+        context = min(first - head, int(max_length * CUT_REPLY_CONTEXT_SHARE))
         reply_room = max_length - head - context
-        turn_header = sum(1 for offset in offsets[len(ids) - target :] if offset[0] < reply_start)
+        turn_header = sum(1 for offset in offsets[first:] if offset[0] < reply_start)
         if reply_room - turn_header < CUT_REPLY_MIN_TOKENS:
             stats.dropped_too_long += 1
             return None
         stats.reply_cut += 1
-        first = len(ids) - target
         keep = (
             list(range(head)) + list(range(first - context, first)) + list(range(first, first + reply_room))
         )
