@@ -60,3 +60,15 @@ def test_memory_figures_ask_the_persons_later_questions_from_their_earlier_messa
     # What abstention costs in the person's own workspace: every question asked of them after the cut.
     assert figures["asked_questions"] >= figures["questions"] and 0.0 <= figures["abstain"]["asked"] <= 1.0
     assert "all asked after the cut" in trained.output
+
+    # `doppel eval` of the same adapter writes the same memory figures (the questions, answers and
+    # abstention do not depend on the run that computes them).
+    report = json.loads((adapter / "eval.json").read_text())
+    del report["memory"]
+    (adapter / "eval.json").write_text(json.dumps(report))
+    evaluated = CliRunner().invoke(main, ["eval", "--adapter", str(adapter)])
+    assert evaluated.exit_code == 0, evaluated.output
+    again = json.loads((adapter / "eval.json").read_text())["memory"]
+    assert "answer in the reply on" in evaluated.output
+    for key in ("questions", "replied", "abstain", "asked_questions", "no_basis_questions"):
+        assert again[key] == figures[key], key

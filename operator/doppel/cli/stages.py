@@ -380,7 +380,9 @@ def _evaluate(
     return report
 
 
-def _memory(base_model: Path, adapter: Path, data: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+def _memory(
+    base_model: Path, adapter: Path, data: Path, metrics: dict[str, Any], err: bool = True
+) -> dict[str, Any] | None:
     """eval.json's memory figures (`doppel.train.memory_eval`), printed; the headline of them."""
     from doppel.memory.prompt import MemorySettings
     from doppel.train.memory_eval import add_to_report, memory_figures, table_lines
@@ -390,7 +392,7 @@ def _memory(base_model: Path, adapter: Path, data: Path, metrics: dict[str, Any]
     )
     add_to_report(adapter, figures)
     for line in table_lines(figures):
-        click.echo(line, err=True)
+        click.echo(line, err=err)
     return {k: figures[k] for k in ("contains_answer", "abstain")} if figures else None
 
 
@@ -435,7 +437,8 @@ def eval_command(adapter_dir: Path, data_path: Path | None, base_model: str | No
 
     On the person's latest replies the training held out: held-out loss (base vs adapter), likeness (the
     share of generated replies a classifier of the workspace's people attributes to the person: adapter,
-    persona-prompted base, real replies), relevance, distinct, copy rate, reply length, and examples.
+    persona-prompted base, real replies), relevance, distinct, copy rate, reply length, and examples; for an
+    adapter trained with the person's memory, what memory adds (answers, abstention).
     """
     from transformers.utils import logging as hf_logging
 
@@ -457,4 +460,7 @@ def eval_command(adapter_dir: Path, data_path: Path | None, base_model: str | No
     if not base_model:
         raise BadInput("the base model is not recorded in metrics.json: pass --base-model")
     base_dir = resolve_base_model(base_model)
-    return {"eval": headline(_evaluate(base_dir, adapter, data_path, metrics, err=False))}
+    summary: dict[str, Any] = {"eval": headline(_evaluate(base_dir, adapter, data_path, metrics, err=False))}
+    if (adapter / "memory").is_dir():  # trained with the person's memory: its figures too, as training writes
+        summary["memory_eval"] = _memory(base_dir, adapter, data_path, metrics, err=False)
+    return summary
