@@ -37,6 +37,13 @@ def test_eval_writes_the_report_beside_metrics(tmp_path, trained_adapter, style_
     assert like["adapter"] >= 0.8 and like["real"] >= 0.8
     assert like["prompted_base"] <= 0.2
     assert like["classifier_accuracy"] >= 0.6
+    # What chance could move: intervals that hold each share, and a gap over the prompted base beyond them.
+    spread = report["uncertainty"]
+    for name in ("adapter", "prompted_base", "real"):
+        low, high = spread["likeness"][name]
+        assert low <= like[name] <= high
+    assert spread["likeness_adapter_minus_prompted_base"]["interval"][0] > 0
+    assert "adapter - prompted  likeness +" in result.output
     # The classes: the person, the base model and the colleagues by the user IDs of colleagues.jsonl.
     assert set(like["classes"]) == {"person", "base model", "Bob", "Ana", "Lin"}
     # The replies name each held-out topic: closer to their own context's real reply than to the others.

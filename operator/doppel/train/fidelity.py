@@ -31,6 +31,10 @@ eval.json (every figure null when it cannot be measured):
     classifier_base_replies                         base-model replies of the classifier's "base model" class
     per_reply       {contexts, taken_for_person,    the adapter's reply to each held-out context: taken for
                      relevance}                     the person's, its relevance (the gate's paired tests)
+    uncertainty     {confidence, likeness,          what chance alone could move (`doppel.train.uncertainty`):
+                     likeness_adapter_minus_        Wilson intervals of the likeness shares; the adapter
+                     prompted_base, relevance_      minus the prompted base reply by reply, mean and
+                     adapter_minus_prompted_base}   bootstrap interval
     baseline        {contexts, prompted_base, base} the replies that do not depend on the adapter: the
                                                     held-out contexts replied to (thread@ts), the prompted
                                                     base's replies to them, the base model's (all); reused
@@ -62,10 +66,10 @@ from doppel.train.likeness import (
     copy_rate,
     distinct,
     mean_relevance,
-    relevance,
     relevance_scores,
     word_spans,
 )
+from doppel.train.uncertainty import describe, report_section
 
 EVAL_FILE = "eval.json"
 COLLEAGUES_FILE = "colleagues.jsonl"  # written beside samples.jsonl by doppel.slack.samples.write_output
@@ -241,9 +245,17 @@ def evaluate_adapter(
         split, _colleagues(Path(samples_path), config), base_train_replies, base_heldout,
         {"adapter": tuned, "prompted_base": prompted, "real": real},
     )  # fmt: skip
-    scores = relevance_scores(tuned, real)
-    report["relevance"] = {"adapter": mean_relevance(scores), "prompted_base": relevance(prompted, real)}
-    report["per_reply"] = {"contexts": _keys(heldout), "taken_for_person": taken, "relevance": scores}
+    scores, prompted_scores = relevance_scores(tuned, real), relevance_scores(prompted, real)
+    report["relevance"] = {
+        "adapter": mean_relevance(scores),
+        "prompted_base": mean_relevance(prompted_scores),
+    }
+    report["per_reply"] = {
+        "contexts": _keys(heldout),
+        "taken_for_person": taken["adapter"] if taken else None,
+        "relevance": scores,
+    }
+    report["uncertainty"] = report_section(taken or {}, {"adapter": scores, "prompted_base": prompted_scores})
     contexts = [_render_context(sample) for sample in heldout]
     report["distinct"] = {
         "adapter": distinct(tuned, contexts),
@@ -329,9 +341,9 @@ def _likeness(
     base_train: Sequence[str],
     base_heldout: Sequence[str],
     replies: dict[str, list[str]],
-) -> tuple[dict[str, Any] | None, list[bool] | None]:
+) -> tuple[dict[str, Any] | None, dict[str, list[bool]] | None]:
     """Shares of `replies` the classifier attributes to the person, and its accuracy on held-out messages;
-    and which of the adapter's replies it attributes to the person."""
+    and which of each set's replies it attributes to the person."""
     texts, labels, tests = _classifier_data(split, colleagues, base_train)
     classifier = _fitted(tuple(texts), tuple(labels))
     if classifier is None:
@@ -345,7 +357,7 @@ def _likeness(
         "train_messages": len(texts),
         "test_messages": len(test_texts),
     }
-    return figures, classifier.taken_for_person(replies["adapter"])
+    return figures, {name: classifier.taken_for_person(texts) for name, texts in replies.items()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -597,4 +609,12 @@ def table(report: dict[str, Any]) -> str:
         f"  mean reply words    adapter {length.get('adapter')}  persona-prompted base "
         f"{length.get('prompted_base')}  real {length.get('person')}",
     ]
+    spread = report.get("uncertainty") or {}
+    likeness_gap = spread.get("likeness_adapter_minus_prompted_base")
+    relevance_gap = spread.get("relevance_adapter_minus_prompted_base")
+    if likeness_gap or relevance_gap:
+        lines.append(
+            f"  adapter - prompted  likeness {describe(likeness_gap, '+.2f')}  relevance "
+            f"{describe(relevance_gap, '+.3f')}  (mean, 95% interval over {report.get('replies', 0)} replies)"
+        )
     return "\n".join(lines)
