@@ -33,10 +33,16 @@ def test_a_consistent_gain_is_told_apart_from_noise():
     assert paired_difference(noisy, base) == same  # a fixed seed: the same report gives the same interval
 
 
-def test_equal_or_unpaired_sets():
-    assert paired_difference([0.1, 0.2], [0.1, 0.2]) == {"mean": 0.0, "interval": [0.0, 0.0]}
-    assert paired_difference([0.1], [0.2]) is None
+def test_equal_few_or_unpaired_sets():
+    assert paired_difference([0.1] * 18, [0.1] * 18) == {"mean": 0.0, "interval": [0.0, 0.0]}
+    # Three replies alike in both sets say nothing of a difference: the mean, no interval.
+    assert paired_difference([1.0, 0.0, 0.0], [1.0, 0.0, 0.0]) == {"mean": 0.0, "interval": None}
     assert paired_difference([0.1, 0.2], [0.2]) is None
+    assert paired_difference([], []) is None
+    few = {"adapter": [True, False, False], "prompted_base": [True, False, False]}
+    report = {"replies": 3, "likeness": {"adapter": 1 / 3, "prompted_base": 1 / 3, "real": 1.0}}
+    report["uncertainty"] = report_section(few, {})
+    assert "likeness +0.00 [too few replies]" in table(report)
 
 
 def test_the_report_section_and_its_table_line():

@@ -21,6 +21,9 @@ from typing import Any
 CONFIDENCE = 0.95
 RESAMPLES = 4000
 SEED = 0
+# Under this many pairs a bootstrap interval means nothing (3 replies alike in both sets would read "0
+# [0, 0]"): the mean difference is given without one.
+MIN_PAIRS = 8
 
 
 def share_interval(hits: int, total: int) -> list[float] | None:
@@ -34,15 +37,17 @@ def share_interval(hits: int, total: int) -> list[float] | None:
 
 
 def paired_difference(first: Sequence[float], second: Sequence[float]) -> dict[str, Any] | None:
-    """The mean of `first[i] - second[i]` and its bootstrap interval; None unless both are the same length
-    and at least two."""
-    if len(first) != len(second) or len(first) < 2:
+    """The mean of `first[i] - second[i]` and its bootstrap interval (None under `MIN_PAIRS` pairs); None
+    unless both are the same length and not empty."""
+    if len(first) != len(second) or not first:
         return None
     import numpy as np
     from scipy.stats import bootstrap
 
     differences = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)
     mean = float(differences.mean())
+    if len(differences) < MIN_PAIRS:
+        return {"mean": round(mean, 4), "interval": None}
     if np.ptp(differences) == 0:  # every pair differs alike: nothing to resample
         low = high = mean
     else:
@@ -78,8 +83,11 @@ def report_section(
 
 
 def describe(difference: dict[str, Any] | None, form: str) -> str:
-    """ "+0.650 [+0.400, +0.850]" (`form`: the figure's format), "-" without a difference."""
+    """ "+0.650 [+0.400, +0.850]" (`form`: the figure's format), "+0.000 [too few replies]" without an
+    interval, "-" without a difference."""
     if not difference:
         return "-"
+    if difference["interval"] is None:
+        return f"{difference['mean']:{form}} [too few replies]"
     low, high = difference["interval"]
     return f"{difference['mean']:{form}} [{low:{form}}, {high:{form}}]"
