@@ -350,14 +350,15 @@ def _likeness(
         return None, None
     test_texts = [s.reply for s in split.eval] + list(base_heldout) + [t for t, _ in tests]
     test_labels = [PERSON_CLASS] * len(split.eval) + [BASE_CLASS] * len(base_heldout) + [y for _, y in tests]
+    taken = {name: classifier.taken_for_person(texts) for name, texts in replies.items()}
     figures = {
-        **{name: classifier.person_share(texts) for name, texts in replies.items()},
+        **{name: classifier.person_share(flags) for name, flags in taken.items()},
         "classifier_accuracy": classifier.accuracy(test_texts, test_labels),
         "classes": classifier.classes,
         "train_messages": len(texts),
         "test_messages": len(test_texts),
     }
-    return figures, {name: classifier.taken_for_person(texts) for name, texts in replies.items()}
+    return figures, taken
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,7 +5,7 @@ Pure scikit-learn and standard-library logic over strings, so each measure is ch
 - `AuthorClassifier`: character n-gram TF-IDF and logistic regression over the workspace's real people (the
   person, each colleague with enough messages, authors from message user IDs) plus the base model as one
   more class, so that "not the base model's voice" is not enough to be taken for the person;
-- `relevance`: TF-IDF cosine of each reply to the real reply of its context minus its mean cosine to the
+- `relevance_scores`: TF-IDF cosine of each reply to the real reply of its context minus its mean cosine to
   person's other held-out replies: above 0 when a reply is closer to what was actually said there;
 - `distinct`: the share of replies that are not near-duplicates (difflib ratio >= `NEAR_DUPLICATE`) of
   another reply of the same set to another context (the same question asked twice may get the same reply);
@@ -73,10 +73,12 @@ class AuthorClassifier:
         """Whether each of `texts` is attributed to the person."""
         return [p == PERSON_CLASS for p in self.predict(texts)]
 
-    def person_share(self, texts: Sequence[str]) -> float | None:
-        if not texts:
+    @staticmethod
+    def person_share(taken: Sequence[bool]) -> float | None:
+        """The share of replies taken for the person's, from `taken_for_person`'s flags."""
+        if not taken:
             return None
-        return round(sum(self.taken_for_person(texts)) / len(texts), 4)
+        return round(sum(taken) / len(taken), 4)
 
     def accuracy(self, texts: Sequence[str], labels: Sequence[str]) -> float | None:
         if not texts:
@@ -106,11 +108,6 @@ def characteristic_scores(person: Sequence[str], others: Sequence[str], folds: i
     folding = StratifiedKFold(folds, shuffle=True, random_state=0)
     proba = cross_val_predict(classifier, vectors, labels, cv=folding, method="predict_proba")
     return [round(float(p), 6) for p in proba[: len(person), 1]]
-
-
-def relevance(replies: Sequence[str], real: Sequence[str]) -> float | None:
-    """Mean over contexts of cos(reply, its real reply) - mean cos(reply, the other real replies)."""
-    return mean_relevance(relevance_scores(replies, real))
 
 
 def mean_relevance(scores: Sequence[float] | None) -> float | None:
