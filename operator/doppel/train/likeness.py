@@ -6,7 +6,7 @@ Pure scikit-learn and standard-library logic over strings, so each measure is ch
   person, each colleague with enough messages, authors from message user IDs) plus the base model as one
   more class, so that "not the base model's voice" is not enough to be taken for the person;
 - `relevance_scores`: TF-IDF cosine of each reply to the real reply of its context minus its mean cosine to
-  person's other held-out replies: above 0 when a reply is closer to what was actually said there;
+  the person's other held-out replies: above 0 when a reply is closer to what was actually said there;
 - `distinct`: the share of replies that are not near-duplicates (difflib ratio >= `NEAR_DUPLICATE`) of
   another reply of the same set to another context (the same question asked twice may get the same reply);
 - `copy_rate`: the share of replies that repeat a span of `COPY_SPAN_WORDS` or more words of a training
