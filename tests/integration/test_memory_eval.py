@@ -56,6 +56,8 @@ def test_memory_figures_ask_the_persons_later_questions_from_their_earlier_messa
     # Not only the held-out samples: messages too short to train on ask questions too.
     assert any(e["real"] not in held_replies for e in figures["examples"])
     assert all(0.0 <= figures["contains_answer"][k] <= 1.0 for k in ("with_memory", "without_memory"))
+    # Whether retrieval put the answer within reach, beside whether the replies hold it.
+    assert 0.0 <= figures["retrieved_answer"] <= 1.0 and "the memory retrieved holds it for" in trained.output
     assert figures["abstain"]["no_basis"] is not None and figures["no_basis_questions"] > 0
     # What abstention costs in the person's own workspace: every question asked of them after the cut.
     assert figures["asked_questions"] >= figures["questions"] and 0.0 <= figures["abstain"]["asked"] <= 1.0
@@ -70,5 +72,12 @@ def test_memory_figures_ask_the_persons_later_questions_from_their_earlier_messa
     assert evaluated.exit_code == 0, evaluated.output
     again = json.loads((adapter / "eval.json").read_text())["memory"]
     assert "answer in the reply on" in evaluated.output
-    for key in ("questions", "replied", "abstain", "asked_questions", "no_basis_questions"):
+    for key in (
+        "questions",
+        "replied",
+        "retrieved_answer",
+        "abstain",
+        "asked_questions",
+        "no_basis_questions",
+    ):
         assert again[key] == figures[key], key

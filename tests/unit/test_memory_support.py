@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import Stemmer
 
-from doppel.memory.heldout import Earlier, asked, contains_answer, foreign_questions
+from doppel.memory.heldout import Earlier, asked, contains_answer, foreign_questions, memory_holds_answer
 from doppel.memory.index import MemoryIndex, entries_from_samples, terms, write_index
 from doppel.memory.prompt import MemorySettings
 from doppel.memory.support import clean
@@ -109,6 +109,34 @@ def test_a_held_out_question_has_a_basis_when_the_real_reply_shares_specific_ter
     # Repeating the question's words is no answer; a word used all the time says nothing.
     assert earlier.basis("should we pin protobuf?", "pin protobuf, yes") is None
     assert earlier.basis("what do you think of it all?", "thanks, looks good") is None
+
+
+def test_the_answer_counts_as_retrieved_only_when_the_memory_lines_hold_it():
+    stemmer = Stemmer.Stemmer("english")
+    earlier = Earlier(
+        ["the fix is to pin protobuf to 3.19", *(f"thanks, looks good {i}" for i in range(400))], stemmer
+    )
+    basis = earlier.basis("why does the build break on the generated code?", "pin protobuf: 3.19 works")
+    assert basis is not None
+    question = {"role": "user", "content": "Bob: why does the build break on the generated code?"}
+    remembered = [
+        {
+            "role": "system",
+            "content": system_prompt("Alice", memory=["[#dev, 3 Mar] the fix is to pin protobuf"]),
+        },
+        question,
+    ]
+    assert memory_holds_answer(remembered, basis, stemmer)
+    # Memory that misses it, or none at all, does not count, even when the conversation holds the answer.
+    elsewhere = {"role": "user", "content": "Bob: pin protobuf? why does the build break on generated code?"}
+    missed = [
+        {"role": "system", "content": system_prompt("Alice", memory=["[#dev, 3 Mar] lunch at noon"])},
+        elsewhere,
+    ]
+    assert not memory_holds_answer(missed, basis, stemmer)
+    assert not memory_holds_answer(
+        [{"role": "system", "content": system_prompt("Alice")}, elsewhere], basis, stemmer
+    )
 
 
 def test_the_question_a_sample_answered_and_another_workspaces_questions():

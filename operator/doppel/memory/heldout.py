@@ -22,7 +22,7 @@ from typing import Any
 
 from doppel.memory.index import is_question, terms
 from doppel.memory.support import MIN_WORDS, clean
-from doppel.slack.conversation import speaker
+from doppel.slack.conversation import memory_of, speaker
 
 BASIS_TERMS = 2
 SPECIFIC_SHARE = 0.005  # of the person's earlier messages, at least MIN_SPECIFIC of them
@@ -67,6 +67,13 @@ class Earlier:
 def contains_answer(reply: str, basis: Basis, stemmer: Any) -> bool:
     """Whether `reply` holds at least one term of the answer."""
     return bool(set(terms(clean(reply), stemmer)) & set(basis.answer))
+
+
+def memory_holds_answer(prompt: Sequence[dict[str, str]], basis: Basis, stemmer: Any) -> bool:
+    """Whether the memory in `prompt`'s system prompt holds at least one term of the answer: what retrieval
+    put within the model's reach (the conversation itself does not count)."""
+    system = prompt[0]["content"] if prompt and prompt[0].get("role") == "system" else ""
+    return contains_answer(memory_of(system), basis, stemmer)
 
 
 def asked(sample_messages: Sequence[dict[str, str]]) -> str | None:

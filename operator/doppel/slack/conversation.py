@@ -195,6 +195,13 @@ def system_prompt(person_name: str, *, memory: Sequence[str] = ()) -> str:
     return prompt
 
 
+def memory_of(system: str) -> str:
+    """The memory a system prompt holds (its lines after `MEMORY_HEADING`, as `system_prompt` wrote them),
+    or "" when it holds none."""
+    _, heading, memory = system.partition(f"\n\n{MEMORY_HEADING}\n")
+    return memory if heading else ""
+
+
 def opening_line(channel: str | None) -> str:
     return f"(a new thread in #{channel})" if channel else "(a new thread)"
 

@@ -12,7 +12,9 @@ ever retrieved):
   one of their earlier messages), up to `QUESTIONS` (their prompts clipped of the oldest lines to fit the
   training's `max_length`, as the report clips a held-out context), are answered greedily by the adapter
   twice: with that memory and with the plain system prompt (the adapter alone). `contains_answer`: the
-  share of replies holding the answer;
+  share of replies holding the answer; `retrieved_answer`: the share of those questions whose memory holds
+  it (what retrieval put within the model's reach: below it, memory cannot help; above it and no better
+  with memory than without, the model does not use what it is given);
 - `abstain`: the share of those questions the doppel would abstain on (`with_basis`), of every question
   colleagues asked the person after the cut (`asked`: what abstention costs in their own workspace), and
   of questions of another workspace (`no_basis`: `heldout.foreign_questions`, none for the demo
@@ -20,7 +22,7 @@ ever retrieved):
 
 eval.json gains (`add_to_report`; null figures when there is nothing to measure):
 
-    memory  {questions, contains_answer: {with_memory, without_memory},
+    memory  {questions, contains_answer: {with_memory, without_memory}, retrieved_answer,
              abstain: {with_basis, asked, no_basis}, asked_questions, no_basis_questions, min_support,
              min_relatedness, replied,
              examples: [{question, answer, real, with_memory, without_memory}]}
@@ -33,7 +35,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from doppel.memory.heldout import Basis, Earlier, asked, contains_answer, foreign_questions
+from doppel.memory.heldout import (
+    Basis,
+    Earlier,
+    asked,
+    contains_answer,
+    foreign_questions,
+    memory_holds_answer,
+)
 from doppel.memory.index import Entry, MemoryIndex, asked_question, is_question, person_entries, write_index
 from doppel.memory.prompt import DEFAULT_SETTINGS, MemorySettings, query
 from doppel.slack.conversation import system_prompt
@@ -94,6 +103,7 @@ def memory_figures(
     figures: dict[str, Any] = {
         "questions": len(based),
         "contains_answer": {"with_memory": None, "without_memory": None},
+        "retrieved_answer": None,
         "abstain": {
             "with_basis": _abstained(index, [b.question for _, b in based], settings),
             "asked": _abstained(index, later, settings),
@@ -123,6 +133,9 @@ def memory_figures(
         return _share([contains_answer(t, b, index.stemmer) for t, b in zip(replies, answers, strict=True)])
 
     figures["contains_answer"] = {"with_memory": holding(helped), "without_memory": holding(alone)}
+    figures["retrieved_answer"] = _share(
+        [memory_holds_answer(m, b, index.stemmer) for m, b in zip(with_memory, answers, strict=True)]
+    )
     figures["replied"] = len(chosen)
     figures["examples"] = [
         {
@@ -209,7 +222,8 @@ def table_lines(figures: dict[str, Any] | None) -> list[str]:
 
     return [
         f"  memory              answer in the reply on {figures.get('replied', 0)} held-out questions with a "
-        f"basis: with memory {pct(answer['with_memory'])}, adapter alone {pct(answer['without_memory'])}",
+        f"basis: with memory {pct(answer['with_memory'])}, adapter alone {pct(answer['without_memory'])} "
+        f"(the memory retrieved holds it for {pct(figures.get('retrieved_answer'))})",
         f"  abstention          on questions with a basis {pct(abstain['with_basis'])}, all asked after the "
         f"cut {pct(abstain.get('asked'))}, another workspace's {pct(abstain['no_basis'])} (min support "
         f"{figures['min_support']:+.2f}, min relatedness {figures.get('min_relatedness', 0):.2f})",
