@@ -393,7 +393,7 @@ def _memory(
     add_to_report(adapter, figures)
     for line in table_lines(figures):
         click.echo(line, err=err)
-    return {k: figures[k] for k in ("contains_answer", "abstain")} if figures else None
+    return {k: figures[k] for k in ("contains_answer", "retrieved_answer", "abstain")} if figures else None
 
 
 def _corrected(base_model: Path, adapter: Path, feedback_from: Path) -> float | None:
