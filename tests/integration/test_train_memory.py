@@ -13,7 +13,7 @@ from doppel.cli import main
 from doppel.demo.workspace import EXPORTED_AT, MARGARET, TEAM_ID, write_export
 from doppel.memory.feedback import CORRECTION_WEIGHT, FeedbackStore
 from doppel.memory.index import MemoryIndex
-from doppel.slack.conversation import MEMORY_HEADING
+from doppel.slack.conversation import memory_of
 from doppel.slack.export import scrape_export
 from doppel.slack.samples import ScrapeOptions
 from doppel.train.data import load_samples, split_by_time
@@ -70,9 +70,9 @@ def test_train_writes_memory_beside_the_adapter_and_learns_the_corrections(tmp_p
         lines.setdefault(entry.line(), []).append(entry)
     for record in trained[: len(records)]:
         system, meta = record["messages"][0]["content"], record["meta"]
-        if MEMORY_HEADING not in system:
+        if not memory_of(system):
             continue
-        for line in system.split(MEMORY_HEADING + "\n", 1)[1].split("\n["):
+        for line in memory_of(system).split("\n["):
             line = line if line.startswith("[") else "[" + line
             assert any(
                 float(e.ts) < float(meta["ts"]) and e.thread != f"{meta['channel_id']}/{meta['thread_ts']}"
@@ -87,10 +87,10 @@ def test_train_writes_memory_beside_the_adapter_and_learns_the_corrections(tmp_p
     split = split_by_time(load_samples(samples.parent / "samples.remembered.jsonl"), 0.15)
     assert split.cut_ts is not None and split.eval
     held = [r for r in trained[: len(records)] if float(r["meta"]["ts"]) >= split.cut_ts]
-    remembered = [r for r in held if MEMORY_HEADING in r["messages"][0]["content"]]
+    remembered = [r for r in held if memory_of(r["messages"][0]["content"])]
     assert remembered  # the demo repeats its subjects: held-out questions do find older answers
     for record in remembered:
-        for line in record["messages"][0]["content"].split(MEMORY_HEADING + "\n", 1)[1].split("\n["):
+        for line in memory_of(record["messages"][0]["content"]).split("\n["):
             line = line if line.startswith("[") else "[" + line
             assert any(float(e.ts) < split.cut_ts for e in lines[line]), line
     trained_replies = {s.messages[-1]["content"] for s in split.train}
