@@ -43,7 +43,7 @@ _PAGES = {
     "conversations.history": 200,
     "conversations.replies": 200,
 }
-# Spacing calls at the limit exactly invites 429s from clock jitter; start a little under it.
+# Spacing calls at the limit exactly invites 429s from network and clock jitter; keep a little under it.
 HEADROOM = 0.95
 # Nothing Slack documents is slower than Tier 1 (1 per minute): a learned interval never exceeds that
 # (plus a second for Retry-After's rounding up to whole seconds).
@@ -139,7 +139,9 @@ class Budget:
             entry["slack"] = 0.0  # Slack takes no call early: from now on none goes early
             if entry["last_ok"] > 0:
                 # The last accepted call took the last token; the next one is `wait` after this refusal.
-                seen = sent + wait - entry["last_ok"]
+                # Calls spaced at exactly that meet 429s whenever one request travels faster than the one
+                # before it, so the learned interval keeps the same headroom as the starting one.
+                seen = (sent + wait - entry["last_ok"]) / HEADROOM
                 entry["interval"] = min(max(entry["interval"], seen), SLOWEST_INTERVAL / self.time_scale)
             return float(entry["interval"])
 
