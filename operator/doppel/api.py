@@ -146,10 +146,17 @@ class Slack(_Model):
     )
 
 
+# The newest samples kept. Distinct replies teach more than passes over the same ones: hyperledger's ghaskins,
+# the same held-out replies, one pass each: 425 samples -17.5% held-out loss, 925 -20.2%; two passes over
+# the 425, -18.7% at best (docs/fidelity.md). A GPU trains thousands in minutes; `doppel local`'s CPU
+# budget keeps fewer (local.settings.LOCAL_MAX_SAMPLES).
+MAX_SAMPLES = 2000  # spec.data.maxSamples, `doppel scrape --max-samples`
+
+
 class Data(_Model):
     cutoff_days: int = Field(default=365, ge=1, le=3650, description="Only messages newer than this.")
     min_length: int = Field(default=100, ge=1, le=10000, description="Shortest message kept as a target.")
-    max_samples: int = Field(default=500, ge=1, le=100000, description="Newest samples kept at most.")
+    max_samples: int = Field(default=MAX_SAMPLES, ge=1, le=100000, description="Newest samples kept at most.")
     scrub: bool = Field(
         default=True,
         description="Replace secrets, emails and phone numbers with placeholders before training.",

@@ -50,6 +50,7 @@ def test_scrape_through_the_api(slack_emulator, tmp_path, monkeypatch):
     assert manifest["samples"] == 8 and manifest["person"]["id"] == "U01ALICE"
     assert manifest["dropped"] == {"too_short": 2}
     assert manifest["channels"]["general"]["samples"] == 4
+    assert manifest["options"]["max_samples"] == 2000  # the newest 2,000 kept unless told otherwise
     summary = json.loads(result_file.read_text())
     assert summary["ok"] is True and summary["samples"] == 8
     assert summary["channels"] == ["design", "engineering", "general"]

@@ -67,8 +67,10 @@ def test_first_reconcile_creates_the_scrape_job_with_owner_and_secret():
     assert job["metadata"]["name"] == jobs.job_name(owner(), "scrape", 1)
     assert job["metadata"]["ownerReferences"][0]["uid"] == owner().uid
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:2] == ["doppel", "scrape"]
-    assert "/data/team/alice/g1" in container["command"]
+    command = container["command"]
+    assert command[:2] == ["doppel", "scrape"] and "/data/team/alice/g1" in command
+    # spec.data left out: the defaults, the newest 2,000 samples among them.
+    assert command[command.index("--max-samples") + 1] == "2000"
     env = {e["name"]: e for e in container["env"]}
     assert env["DOPPEL_RESULT_FILE"]["value"] == "/dev/termination-log"
     assert env["SLACK_BOT_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "slack", "key": "token"}

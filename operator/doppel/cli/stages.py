@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from doppel.api import MAX_SAMPLES
 from doppel.cli.common import BASE_MODEL_HELP, run_stage
 from doppel.errors import BadInput
 
@@ -47,7 +48,7 @@ def _phone_regions(ctx: click.Context, param: click.Parameter, value: tuple[str,
     help="Learn from messages this recent (in an export, days before the person's newest message).",
 )
 @click.option("--min-length", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--max-samples", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=MAX_SAMPLES, show_default=True)
 @click.option("--budget-chars", type=click.IntRange(min=1), default=4000, show_default=True)
 @click.option(
     "--window-gap-minutes",

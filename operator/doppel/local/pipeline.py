@@ -18,6 +18,7 @@ from doppel.local.serving import serving_adapter
 from doppel.local.settings import (
     DEMO_BASE_MODEL,
     FINGERPRINT_FILE,
+    LOCAL_MAX_SAMPLES,
     Layout,
     Settings,
     fingerprint,
@@ -213,7 +214,7 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
     from doppel.slack.samples import ScrapeOptions
 
     out = layout.data(user)
-    options = ScrapeOptions(scrub=settings.scrub)
+    options = ScrapeOptions(scrub=settings.scrub, max_samples=LOCAL_MAX_SAMPLES)
     if settings.cutoff_days is not None:
         options.cutoff_days = settings.cutoff_days
     if settings.min_length is not None:

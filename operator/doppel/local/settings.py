@@ -81,6 +81,10 @@ CPU_MAX_EPOCHS = 3
 # would otherwise take longer than the budget's minutes. At most this many a sample on average: hyperledger's
 # five most active average 300 to 390, haskell-jp's kakkun61 about 420.
 CPU_TOKENS_PER_SAMPLE = 400
+# The newest samples `doppel local` keeps (the operator and `doppel scrape`: api.MAX_SAMPLES). Its CPU budget
+# trains at most 160, chosen among the newest 480 (data.CHOICE_POOL), and the held-out cut is a share of
+# them all: more would move the cut back without training on more.
+LOCAL_MAX_SAMPLES = 500
 DEMO_BASE_MODEL = "smollm2-135m"
 # Replies are short: Slack messages, and generation on CPU is not free.
 DEFAULT_REPLY_TOKENS = 120

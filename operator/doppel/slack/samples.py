@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doppel.api import MAX_SAMPLES
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_write_text
 from doppel.slack.conversation import (
@@ -78,7 +79,7 @@ class ScrapeOptions:
     exclude_channels: Sequence[str] = ()
     cutoff_days: float = 365
     min_length: int = 100
-    max_samples: int = 500
+    max_samples: int = MAX_SAMPLES
     budget_chars: int = DEFAULT_BUDGET_CHARS
     window_gap_s: float = DEFAULT_WINDOW_GAP_S
     window_messages: int = DEFAULT_WINDOW_MESSAGES
