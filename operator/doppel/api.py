@@ -16,6 +16,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from doppel.defaults import MAX_SAMPLES
+
 GROUP = "doppel.dev"
 VERSION = "v1alpha1"
 KIND = "DoppelUser"
@@ -144,13 +146,6 @@ class Slack(_Model):
         description="The kind of Slack app the token belongs to, whose rate limits the scrape starts from "
         "(non-marketplace: 1 history/replies call a minute); it learns the real ones from Slack's 429s.",
     )
-
-
-# The newest samples kept. Distinct replies teach more than passes over the same ones: hyperledger's ghaskins,
-# the same held-out replies, one pass each: 425 samples -17.5% held-out loss, 925 -20.2%; two passes over
-# the 425, -18.7% at best (docs/fidelity.md). A GPU trains thousands in minutes; `doppel local`'s CPU
-# budget keeps fewer (local.settings.LOCAL_MAX_SAMPLES).
-MAX_SAMPLES = 2000  # spec.data.maxSamples, `doppel scrape --max-samples`
 
 
 class Data(_Model):

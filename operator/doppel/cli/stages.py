@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from doppel.api import MAX_SAMPLES
 from doppel.cli.common import BASE_MODEL_HELP, run_stage
+from doppel.defaults import MAX_SAMPLES
 from doppel.errors import BadInput
 
 

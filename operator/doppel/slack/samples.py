@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from doppel.api import MAX_SAMPLES
+from doppel.defaults import MAX_SAMPLES
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_write_text
 from doppel.slack.conversation import (
