@@ -186,6 +186,31 @@ def test_a_token_budget_takes_fewer_steps_of_longer_samples(tmp_path, tiny_model
     assert budgeted.eval_loss[-1]["step"] == 3  # evaluated at its own last step
 
 
+def test_max_steps_pass_over_every_sample_before_any_again(tmp_path, tiny_model, style_samples: StyleData):
+    # `--max-steps` is the steps in all: a whole pass over the training samples, then the next pass cut short,
+    # not epochs of a random part of them each.
+    config = trainer.TrainConfig(
+        data=style_samples.samples, base_model=str(tiny_model), out=tmp_path / "pass", rank=4, epochs=1,
+        batch_size=4, grad_accum=1, progress_bar=False,
+    )  # fmt: skip
+    one_pass = trainer.train_adapter(config)
+    out = tmp_path / "more"
+    result = _train(
+        "--data", str(style_samples.samples), "--base-model", str(tiny_model), "--out", str(out),
+        "--rank", "4", "--batch-size", "4", "--grad-accum", "1", "--max-steps", str(one_pass.steps + 3),
+        "--no-eval", "--no-memory", "--json-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e.get("event") == "progress"]
+    assert [e["step"] for e in progress] == list(range(1, one_pass.steps + 4))
+    assert progress[one_pass.steps - 1]["epoch"] == 1.0  # the first pass is every sample, once
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == metrics["total_steps"] == one_pass.steps + 3
+    assert metrics["tokens"] > one_pass.tokens
+    assert 1 < metrics["epochs"] < 2
+
+
 # --- bad input: exit 2, one line, nothing written ------------------------------------------------------
 
 

@@ -11,8 +11,8 @@ def settings(**kwargs) -> Settings:
 
 def test_the_demo_uses_every_sample_over_its_sixteen_steps():
     chosen = training_settings(settings(demo=True), 84, "smollm2-135m", cores=16)
-    assert chosen["epochs"] * chosen["max_steps_per_epoch"] == 16  # the demo's steps, whatever the cores
-    assert "max_train_samples" not in chosen  # 84 samples: several epochs over all of them
+    assert chosen["max_steps"] == 16  # the demo's steps, whatever the cores
+    assert "max_train_samples" not in chosen  # 84 samples: whole passes over all of them
     assert (chosen["rank"], chosen["batch_size"] * chosen["grad_accum"], chosen["max_length"]) == (16, 8, 512)
     # Micro-batches of 2 x 512 tokens: 8 x 512 at once took 8.6 GB of activations on CPU.
     assert chosen["batch_size"] == 2
@@ -43,20 +43,30 @@ def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
     assert plain["cpu_bf16"] is False  # named in the settings: the adapter's fingerprint tells them apart
     # The demo keeps its sixteen steps: faster, not longer.
     demo = training_settings(settings(demo=True), 84, "smollm2-135m", cores=2, bf16=True)
-    assert demo["epochs"] * demo["max_steps_per_epoch"] == 16 and "context_weight" not in demo
+    assert demo["max_steps"] == 16 and "context_weight" not in demo
     assert "max_train_tokens" not in demo
 
 
 def test_a_person_of_few_samples_is_passed_over_three_times_at_most():
     few = training_settings(settings(export=Path("x.zip")), 26, "smollm2-135m", cores=2, bf16=True)
     # 26 samples, 2 steps of 8 an epoch (the held-out ones aside): 6 steps, not the budget's 20.
-    assert few["epochs"] * few["max_steps_per_epoch"] == 6 and few["eval_steps"] == 6
+    assert few["max_steps"] == 6 and few["eval_steps"] == 6 and "max_train_samples" not in few
     assert few["max_train_tokens"] == 6 * 8 * 400
     many = training_settings(settings(export=Path("x.zip")), 120, "smollm2-135m", cores=2, bf16=True)
-    assert many["epochs"] * many["max_steps_per_epoch"] == 20
+    assert many["max_steps"] == 20
     # Steps the user asked for are theirs.
     asked = training_settings(settings(export=Path("x.zip"), max_steps=12), 26, "smollm2-135m", cores=2)
-    assert asked["epochs"] * asked["max_steps_per_epoch"] == 12
+    assert asked["max_steps"] == 12
+
+
+def test_more_steps_than_a_pass_go_over_every_sample_before_any_again():
+    # 500 samples hold about 53 steps of 8 after the held-out cut: 54 asked are every sample once, not a
+    # random half of them twice.
+    asked = training_settings(settings(export=Path("x.zip"), max_steps=54), 500, "smollm2-135m", cores=2)
+    assert asked["max_steps"] == 54 and "max_train_samples" not in asked and "epochs" not in asked
+    # Fewer steps than a pass holds: one pass over the samples they can take.
+    within = training_settings(settings(export=Path("x.zip"), max_steps=40), 500, "smollm2-135m", cores=2)
+    assert (within["epochs"], within["max_steps_per_epoch"], within["max_train_samples"]) == (1, 40, 320)
 
 
 def test_a_base_model_without_a_budget_gets_the_trainers_defaults():

@@ -34,7 +34,12 @@ from doppel.errors import BadInput
     show_default=True,
     help="Where everything is written; a second run reuses what is there.",
 )
-@click.option("--max-steps", type=int, help="Optimizer steps to train (demo default 16).")
+@click.option(
+    "--max-steps",
+    type=int,
+    help="Optimizer steps to train (demo default 16); more than the samples hold pass over every one of "
+    "them before any again.",
+)
 @click.option(
     "--cutoff-days",
     type=float,

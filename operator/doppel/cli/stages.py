@@ -246,6 +246,12 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 @click.option("--lr", default=3e-4, show_default=True, help="Peak learning rate (cosine, with warm-up).")
 @click.option("--epochs", default=2, show_default=True)
 @click.option("--max-steps-per-epoch", default=200, show_default=True)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    help="Optimizer steps in all, over as many passes of the samples as they take (the last cut short); "
+    "overrides --epochs and --max-steps-per-epoch.",
+)
 @click.option("--batch-size", default=4, show_default=True, help="Samples per micro-batch.")
 @click.option("--grad-accum", default=4, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-length", default=1024, show_default=True, help="Tokens per sample (context is clipped).")

@@ -205,12 +205,16 @@ def training_settings(
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
         batch = view["batch_size"] * view["grad_accum"]
-        per_epoch = _steps_per_epoch_at_least(n_samples, view["eval_fraction"], batch)
-        chosen.update(_epochs_for(steps, per_epoch))
-        if budgeted and chosen["epochs"] == 1:
-            # More samples than the steps can take: the newest they can, rather than a random few of them all.
-            # Never below what training requires.
-            chosen["max_train_samples"] = max(chosen["max_steps_per_epoch"] * batch, view["min_samples"])
+        if steps <= _steps_per_epoch_at_least(n_samples, view["eval_fraction"], batch):
+            chosen.update(epochs=1, max_steps_per_epoch=steps)
+            if budgeted:
+                # More samples than the steps can take: the newest they can, rather than a random few of them
+                # all. Never below what training requires.
+                chosen["max_train_samples"] = max(steps * batch, view["min_samples"])
+        else:
+            # More steps than a pass: whole passes over every sample, the last cut short, so that each of
+            # the person's replies is learnt once before any is learnt again.
+            chosen["max_steps"] = steps
     return chosen
 
 
@@ -218,13 +222,6 @@ def _steps_per_epoch_at_least(n_samples: int, eval_fraction: float, batch: int) 
     """A safe lower bound on the optimizer steps of one epoch (the thread split holds out a bit more
     than `eval_fraction` of the samples when threads are uneven)."""
     return max(1, int(n_samples * (1 - eval_fraction - 0.1)) // batch)
-
-
-def _epochs_for(steps: int, per_epoch: int) -> dict[str, int]:
-    """`epochs` x `max_steps_per_epoch` == `steps` exactly, with epochs no longer than the data allows:
-    the largest divisor of `steps` that fits in one epoch."""
-    cap = next(d for d in range(min(steps, per_epoch), 0, -1) if steps % d == 0)
-    return {"epochs": steps // cap, "max_steps_per_epoch": cap}
 
 
 def fingerprint(samples: Path, base_model: Path, train: dict[str, Any]) -> str:

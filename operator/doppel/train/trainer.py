@@ -61,6 +61,9 @@ class TrainConfig:
     lr: float = 3e-4
     epochs: int = 2
     max_steps_per_epoch: int = 200
+    # Optimizer steps in all, over as many whole passes of the samples as they take, the last one cut short;
+    # None: `epochs` x `max_steps_per_epoch`. Steps a pass holds are each a sample never seen before.
+    max_steps: int | None = None
     batch_size: int = 4
     grad_accum: int = 4
     max_length: int = 1024
@@ -169,6 +172,8 @@ def _check_config(config: TrainConfig) -> None:
     for name in ("rank", "alpha", "epochs", "max_steps_per_epoch", "batch_size", "grad_accum", "max_length"):
         if getattr(config, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise BadInput("--max-steps must be at least 1")
     if config.max_train_tokens is not None and config.max_train_tokens < 1:
         raise BadInput("--max-train-tokens must be at least 1")
     if not 0 <= config.eval_fraction < 1:
@@ -239,8 +244,14 @@ def _fit(
 ) -> Metrics:
     rng = random.Random(config.seed)
     per_step = config.batch_size * config.grad_accum
-    steps_per_epoch = min(math.ceil(len(split.train) / per_step), config.max_steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        steps_per_epoch = math.ceil(len(split.train) / per_step)
+        total_steps = config.max_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    else:
+        steps_per_epoch = min(math.ceil(len(split.train) / per_step), config.max_steps_per_epoch)
+        total_steps = steps_per_epoch * config.epochs
+        epochs = config.epochs
     if config.max_train_tokens is not None:
         mean_tokens = sum(len(item.input_ids) for item in split.train) / len(split.train)
         total_steps = max(1, min(total_steps, int(config.max_train_tokens / (per_step * mean_tokens))))
@@ -276,7 +287,7 @@ def _fit(
     step = 0
     stop = False
     model.train()
-    for _ in range(config.epochs):
+    for _ in range(epochs):
         steps = data.epoch_steps(split.train, config.batch_size, config.grad_accum, rng)
         for group in steps[:steps_per_epoch]:
             tick = time.perf_counter()
