@@ -194,12 +194,15 @@ def person_index(export: Path, person: str, work: Path) -> tuple[MemoryIndex, li
     and the questions colleagues asked them after it (the entry of each reply, and the question)."""
     import json
 
+    from doppel.local.settings import LOCAL_MAX_SAMPLES
     from doppel.memory.index import asked_question, is_question, person_entries
     from doppel.slack.export import scrape_export
     from doppel.slack.samples import MEMORY_FILE, ScrapeOptions
     from doppel.train.data import load_samples, split_by_time
 
-    options = ScrapeOptions(cutoff_days=36500, now=time.time())
+    # `doppel local`'s samples, whose held-out cut docs/memory.md's figures are of (a scrape's default 2,000
+    # put the cut months earlier: fewer messages indexed, more questions after it).
+    options = ScrapeOptions(cutoff_days=36500, now=time.time(), max_samples=LOCAL_MAX_SAMPLES)
     scrape_export(export, person, work / "data", options)
     path = work / "data" / "samples.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
