@@ -288,7 +288,12 @@ def test_gpu_out_of_memory_names_the_flags(tmp_path, tiny_model, style_samples: 
 def test_out_of_range_budget_flags_are_refused(tmp_path, tiny_model, style_samples: StyleData):
     out = tmp_path / "out"
     base = ["--data", str(style_samples.samples), "--base-model", str(tiny_model), "--out", str(out)]
-    for flag, value in (("--context-weight", "2"), ("--train-max-length", "0"), ("--max-train-tokens", "0")):
+    for flag, value in (
+        ("--context-weight", "2"),
+        ("--train-max-length", "0"),
+        ("--max-train-tokens", "0"),
+        ("--max-steps", "0"),
+    ):
         result = _train(*base, flag, value)
         assert result.exit_code == 2 and flag in result.output
         assert not out.exists()

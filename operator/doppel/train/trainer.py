@@ -244,14 +244,12 @@ def _fit(
 ) -> Metrics:
     rng = random.Random(config.seed)
     per_step = config.batch_size * config.grad_accum
-    if config.max_steps is not None:
-        steps_per_epoch = math.ceil(len(split.train) / per_step)
-        total_steps = config.max_steps
-        epochs = math.ceil(total_steps / steps_per_epoch)
+    pass_steps = math.ceil(len(split.train) / per_step)
+    if config.max_steps is not None:  # steps in all, over whole passes
+        steps_per_epoch, total_steps = pass_steps, config.max_steps
     else:
-        steps_per_epoch = min(math.ceil(len(split.train) / per_step), config.max_steps_per_epoch)
+        steps_per_epoch = min(pass_steps, config.max_steps_per_epoch)
         total_steps = steps_per_epoch * config.epochs
-        epochs = config.epochs
     if config.max_train_tokens is not None:
         mean_tokens = sum(len(item.input_ids) for item in split.train) / len(split.train)
         total_steps = max(1, min(total_steps, int(config.max_train_tokens / (per_step * mean_tokens))))
@@ -287,7 +285,7 @@ def _fit(
     step = 0
     stop = False
     model.train()
-    for _ in range(epochs):
+    for _ in range(math.ceil(total_steps / steps_per_epoch)):
         steps = data.epoch_steps(split.train, config.batch_size, config.grad_accum, rng)
         for group in steps[:steps_per_epoch]:
             tick = time.perf_counter()
