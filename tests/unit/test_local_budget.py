@@ -63,7 +63,12 @@ def test_more_steps_than_a_pass_go_over_every_sample_before_any_again():
     # 500 samples hold about 53 steps of 8 after the held-out cut: 54 asked are every sample once, not a
     # random half of them twice.
     asked = training_settings(settings(export=Path("x.zip"), max_steps=54), 500, "smollm2-135m", cores=2)
-    assert asked["max_steps"] == 54 and "max_train_samples" not in asked and "epochs" not in asked
+    assert asked["max_steps"] == 54 and "epochs" not in asked
+    assert asked["max_train_samples"] == 54 * 8  # more than the 425 or so before the cut: all of them
+    # Between the bound on a pass and a true pass: the newest, most characteristic samples 50 steps hold,
+    # not a random 400 of the first pass.
+    near = training_settings(settings(export=Path("x.zip"), max_steps=50), 500, "smollm2-135m", cores=2)
+    assert near["max_steps"] == 50 and near["max_train_samples"] == 400
     # Fewer steps than a pass holds: one pass over the samples they can take.
     within = training_settings(settings(export=Path("x.zip"), max_steps=40), 500, "smollm2-135m", cores=2)
     assert (within["epochs"], within["max_steps_per_epoch"], within["max_train_samples"]) == (1, 40, 320)

@@ -212,9 +212,13 @@ def training_settings(
                 # all. Never below what training requires.
                 chosen["max_train_samples"] = max(steps * batch, view["min_samples"])
         else:
-            # More steps than a pass: whole passes over every sample, the last cut short, so that each of
+            # More steps than the bound: whole passes over every sample, the last cut short, so that each of
             # the person's replies is learnt once before any is learnt again.
             chosen["max_steps"] = steps
+            if budgeted and steps * batch < n_samples:
+                # The bound is conservative: steps between it and a true pass take the samples they can
+                # hold, chosen as above, not a random part of the first pass.
+                chosen["max_train_samples"] = steps * batch
     return chosen
 
 
