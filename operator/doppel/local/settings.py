@@ -207,18 +207,15 @@ def training_settings(
         batch = view["batch_size"] * view["grad_accum"]
         if steps <= _steps_per_epoch_at_least(n_samples, view["eval_fraction"], batch):
             chosen.update(epochs=1, max_steps_per_epoch=steps)
-            if budgeted:
-                # More samples than the steps can take: the newest they can, rather than a random few of them
-                # all. Never below what training requires.
-                chosen["max_train_samples"] = max(steps * batch, view["min_samples"])
         else:
             # More steps than the bound: whole passes over every sample, the last cut short, so that each of
             # the person's replies is learnt once before any is learnt again.
             chosen["max_steps"] = steps
-            if budgeted and steps * batch < n_samples:
-                # The bound is conservative: steps between it and a true pass take the samples they can
-                # hold, chosen as above, not a random part of the first pass.
-                chosen["max_train_samples"] = steps * batch
+        if budgeted and steps * batch < n_samples:
+            # More samples than the steps can take (the bound on a pass is conservative, so this holds a
+            # little beyond it too): the newest, most characteristic they can, rather than a random part of
+            # them all. Never below what training requires.
+            chosen["max_train_samples"] = max(steps * batch, view["min_samples"])
     return chosen
 
 
