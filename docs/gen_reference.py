@@ -76,10 +76,12 @@ def _constraints(node: dict) -> list[str]:
         said.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
     if "default" in node and not isinstance(node["default"], dict | list):
         said.append(f"default `{json.dumps(node['default'])}`")
+    # OpenAPI v3.0 (a CRD's schema) marks an exclusive bound with a boolean beside minimum/maximum.
+    low = "more than" if node.get("exclusiveMinimum") is True else "at least"
+    high = "less than" if node.get("exclusiveMaximum") is True else "at most"
     for key, word in [
-        ("minimum", "at least"),
-        ("exclusiveMinimum", "more than"),
-        ("maximum", "at most"),
+        ("minimum", low),
+        ("maximum", high),
         ("minLength", "at least {} characters"),
         ("maxLength", "at most {} characters"),
         ("minProperties", "at least {} field(s)"),

@@ -150,7 +150,13 @@ class Slack(_Model):
 
 class Data(_Model):
     cutoff_days: int = Field(default=365, ge=1, le=3650, description="Only messages newer than this.")
-    min_length: int = Field(default=100, ge=1, le=10000, description="Shortest message kept as a target.")
+    min_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="Shortest message kept as a target, in characters; unset: the person's median message "
+        "length, from 20 to 100.",
+    )
     max_samples: int = Field(default=MAX_SAMPLES, ge=1, le=100000, description="Newest samples kept at most.")
     scrub: bool = Field(
         default=True,
@@ -166,7 +172,13 @@ class BaseModelRef(_Model):
 class Training(_Model):
     rank: int = Field(default=32, ge=1, le=256, description="LoRA rank (at most vLLM's --max-lora-rank).")
     alpha: int = Field(default=64, ge=1, le=1024)
-    learning_rate: float = Field(default=3e-4, gt=0, le=1)
+    learning_rate: float = Field(
+        default=3e-4,
+        gt=0,
+        le=1,
+        description="Peak learning rate (cosine schedule). The default suits base models of a billion "
+        "parameters or more; SmolLM2-135M learns best at 0.003.",
+    )
     epochs: int = Field(default=2, ge=1, le=100)
     max_steps: int | None = Field(
         default=None, ge=1, le=1000000, description="Optimizer steps per epoch, at most."

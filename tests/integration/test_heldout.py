@@ -75,14 +75,19 @@ def test_replies_carry_the_message_they_answer(scraped):
     assert colleagues and all(c["user"] != manifest["person"]["id"] for c in colleagues)
 
 
-def test_colleagues_come_from_the_person_s_own_time(tmp_path):
+@pytest.mark.parametrize(
+    "options", [[], ["--min-length", "30", "--max-samples", "500"]], ids=["default", "short"]
+)
+def test_colleagues_come_from_the_person_s_own_time(tmp_path, options):
     # simon (hyperledger) stopped writing months before the export ends: the colleagues' latest messages of
     # the whole export would all come after his held-out cut, and the report's classifier would learn no
-    # colleague at all (it did: person against the base model only, accuracy 0.07).
+    # colleague at all (it did: person against the base model only, accuracy 0.07). With his shorter
+    # messages too, his 500 newest samples span four months, and his colleagues' latest 300 messages each
+    # were all of the last two, after the cut: they are spread over the samples' span.
     export = real_export(REAL[0][0])
     out = tmp_path / "simon"
     result = CliRunner().invoke(
-        main, ["scrape", "--export", str(export), "--user", "U0XR6J961", "--out", str(out)]
+        main, ["scrape", "--export", str(export), "--user", "U0XR6J961", "--out", str(out), *options]
     )
     assert result.exit_code == 0, result.output
     samples = data.load_samples(out / "samples.jsonl")

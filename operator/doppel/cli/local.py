@@ -48,7 +48,8 @@ from doppel.errors import BadInput
 @click.option(
     "--min-length",
     type=int,
-    help="Shortest message of the person that makes a sample (default 100 characters).",
+    help="Shortest message of the person that makes a sample, in characters (default: their median message "
+    "length, from 20 to 100).",
 )
 @click.option("--max-tokens", type=int, default=120, show_default=True, help="Longest demo reply (tokens).")
 @click.option("--no-scrub", is_flag=True, help="Keep secrets, emails and phone numbers in the samples.")

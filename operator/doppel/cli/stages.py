@@ -47,7 +47,12 @@ def _phone_regions(ctx: click.Context, param: click.Parameter, value: tuple[str,
     show_default=True,
     help="Learn from messages this recent (in an export, days before the person's newest message).",
 )
-@click.option("--min-length", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--min-length",
+    type=click.IntRange(min=1),
+    help="Shortest message of the person that makes a sample, in characters "
+    "[default: their median message length, from 20 to 100].",
+)
 @click.option("--max-samples", type=click.IntRange(min=1), default=MAX_SAMPLES, show_default=True)
 @click.option("--budget-chars", type=click.IntRange(min=1), default=4000, show_default=True)
 @click.option(
@@ -128,7 +133,7 @@ def scrape(
     channels: tuple[str, ...],
     exclude: tuple[str, ...],
     cutoff_days: float,
-    min_length: int,
+    min_length: int | None,
     max_samples: int,
     budget_chars: int,
     window_gap_minutes: float,

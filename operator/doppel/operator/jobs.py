@@ -126,7 +126,9 @@ def scrape_command(spec: DoppelUserSpec, config: OperatorConfig, owner: Owner) -
         command += ["--channel", channel]
     for channel in slack.channels.exclude:
         command += ["--exclude-channel", channel]
-    command += ["--cutoff-days", str(data.cutoff_days), "--min-length", str(data.min_length)]
+    command += ["--cutoff-days", str(data.cutoff_days)]
+    if data.min_length is not None:
+        command += ["--min-length", str(data.min_length)]
     command += ["--max-samples", str(data.max_samples), "--json-progress"]
     if not data.scrub:
         command.append("--no-scrub")

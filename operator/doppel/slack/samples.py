@@ -78,7 +78,7 @@ class ScrapeOptions:
     channels: Sequence[str] = ()  # names or IDs to include (then private/archived/shared allowed)
     exclude_channels: Sequence[str] = ()
     cutoff_days: float = 365
-    min_length: int = 100
+    min_length: int | None = None  # None: the person's own (`doppel.slack.pairing.person_min_length`)
     max_samples: int = MAX_SAMPLES
     budget_chars: int = DEFAULT_BUDGET_CHARS
     window_gap_s: float = DEFAULT_WINDOW_GAP_S
@@ -311,8 +311,7 @@ def no_samples_reason(manifest: Manifest) -> str:
         )
     short = manifest.dropped.get("too_short", 0)
     if short == after:
-        limit = options.get("min_length")
-        return f"all {short} messages of {name} after the cutoff are shorter than --min-length {limit}"
+        return f"all {short} messages of {name} after the cutoff are shorter than {min_length_flag(options)}"
     why = ", ".join(f"{k}: {v}" for k, v in manifest.dropped.items())
     return f"none of {name}'s {after} messages after the cutoff makes a sample ({why})"
 
@@ -322,7 +321,7 @@ def not_enough_reason(manifest: Manifest, needed: int) -> str:
     messages, and the flag that changes it."""
     own, dropped, options = manifest.person_messages, manifest.dropped, manifest.options
     parts = [
-        (dropped.get("too_short", 0), f"shorter than --min-length {options.get('min_length')}"),
+        (dropped.get("too_short", 0), f"shorter than {min_length_flag(options)}"),
         (dropped.get("paste", 0), "code or log pastes (--paste-action cut keeps their start)"),
         (dropped.get("empty", 0), "without text"),
         (own.get("before_cutoff", 0), f"before the cutoff (--cutoff-days {options.get('cutoff_days'):g})"),
@@ -334,6 +333,12 @@ def not_enough_reason(manifest: Manifest, needed: int) -> str:
         f"not enough data: {manifest.samples} samples of {manifest.person['name']}, {needed} needed; "
         f"of their {total} messages: {removed or 'none removed by a filter'}"
     )
+
+
+def min_length_flag(options: Mapping[str, Any]) -> str:
+    """The minimum length a scrape used, as the flag that sets it: "--min-length 35 (their median)"."""
+    chosen = "" if options.get("min_length_given") else " (their median message)"
+    return f"--min-length {options.get('min_length')}{chosen}"
 
 
 def iso(ts: float) -> str:
