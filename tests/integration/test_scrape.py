@@ -120,11 +120,15 @@ def test_channel_lists_and_cutoff(slack_emulator, tmp_path):
 def test_second_run_fetches_only_newer_messages(slack_emulator, tmp_path):
     out = tmp_path / "out"
     assert scrape(slack_emulator, out).exit_code == 0
+    chosen = json.loads((out / "manifest.json").read_text())["options"]["min_length"]
     state = json.loads((out / "state.json").read_text())
     latest = state["channels"]["C02ENG"]["latest"]
     newer = f"{int(float(latest)) + 60}.000100"
     text = "A brand new message after the first scrape, long enough to be a sample: " + "x" * 40
     slack_emulator.add_message("C02ENG", {"type": "message", "ts": newer, "user": "U01ALICE", "text": text})
+    for seconds, short in ((70, "ok, merged it a minute ago"), (80, "will look at the logs later")):
+        ts = f"{int(float(latest)) + seconds}.000100"
+        slack_emulator.add_message("C02ENG", {"type": "message", "ts": ts, "user": "U01ALICE", "text": short})
     start = len(slack_emulator.calls)
     result = scrape(slack_emulator, out, "--rescan-days", "0")
     assert result.exit_code == 0, result.output
@@ -134,7 +138,11 @@ def test_second_run_fetches_only_newer_messages(slack_emulator, tmp_path):
     samples = read_samples(out)
     assert len(samples) == 9 and [s["meta"]["ts"] for s in samples].count(newer) == 1
     assert len({(s["meta"]["channel_id"], s["meta"]["ts"]) for s in samples}) == 9
-    assert json.loads((out / "manifest.json").read_text())["added"] == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["added"] == 1
+    # The length the first run chose (alice's median) holds, not the median of this run's new messages,
+    # which would have made the two short ones samples.
+    assert manifest["options"]["min_length"] == chosen and not manifest["options"]["min_length_given"]
     remembered = [json.loads(line)["ts"] for line in (out / "memory.jsonl").read_text().splitlines()]
     assert remembered.count(newer) == 1 and len(remembered) == len(set(remembered))
 
@@ -483,3 +491,33 @@ def test_a_later_run_keeps_the_window_across_the_runs(slack_emulator, tmp_path):
     assert result.exit_code == 0, result.output
     (sample,) = [s for s in read_samples(out) if s["messages"][-1]["content"] == answer]
     assert sample["messages"][-2] == {"role": "user", "content": f"bobby: {question}"}
+
+
+def test_a_person_of_one_liners_is_learnt_from_their_own_length(tmp_path):
+    # The demo's Dev writes one-liners (median 14 characters, none of 100): at a fixed 100 there is nothing
+    # to learn. By default a person's samples are their messages of at least their median length (20 to 100
+    # characters), so Dev is learnt from what Dev writes, and Margaret (median 216) as before.
+    from doppel.demo.workspace import write_export
+
+    export = tmp_path / "demo.zip"
+    write_export(export)
+
+    def run(user, *args):
+        out = tmp_path / f"{user}{len(args)}"
+        result = CliRunner().invoke(
+            main, ["scrape", "--export", str(export), "--user", user, "--out", str(out), *args]
+        )
+        return result, out
+
+    fixed, out = run("dev", "--min-length", "100")
+    assert fixed.exit_code == 2
+    assert "shorter than --min-length 100" in fixed.output and not out.exists()
+    chosen, out = run("dev")
+    assert chosen.exit_code == 0, chosen.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["min_length"] == 20 and manifest["options"]["min_length_given"] is False
+    lengths = sorted(len(r) for r in replies(out))
+    assert len(lengths) == manifest["samples"] >= 10 and 20 <= lengths[0] < 40
+    assert manifest["dropped"]["too_short"] > 0  # "ok", "on it": not samples
+    chosen, out = run("margaret")
+    assert json.loads((out / "manifest.json").read_text())["options"]["min_length"] == 100

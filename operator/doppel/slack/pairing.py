@@ -133,7 +133,7 @@ def build_samples(
         read.append((thread, items))
     for flow in flows.values():
         flow.sort(key=lambda m: m.ts)
-    min_length = options.min_length or person_min_length(read, person.id)
+    min_length = options.min_length or options.earlier_min_length or person_min_length(read, person.id)
     manifest.options.update(min_length=min_length, min_length_given=options.min_length is not None)
     stamps = {channel: [m.ts for m in flow] for channel, flow in flows.items()}
 

@@ -79,6 +79,9 @@ class ScrapeOptions:
     exclude_channels: Sequence[str] = ()
     cutoff_days: float = 365
     min_length: int | None = None  # None: the person's own (`doppel.slack.pairing.person_min_length`)
+    # What an earlier run chose when `min_length` is None: a Web API run fetches only what is new since, and
+    # a median of a day's messages would make that day's samples by another rule.
+    earlier_min_length: int | None = None
     max_samples: int = MAX_SAMPLES
     budget_chars: int = DEFAULT_BUDGET_CHARS
     window_gap_s: float = DEFAULT_WINDOW_GAP_S
@@ -333,6 +336,16 @@ def not_enough_reason(manifest: Manifest, needed: int) -> str:
         f"not enough data: {manifest.samples} samples of {manifest.person['name']}, {needed} needed; "
         f"of their {total} messages: {removed or 'none removed by a filter'}"
     )
+
+
+def chosen_min_length(out: Path) -> int | None:
+    """The minimum length an earlier run into `out` chose itself (no --min-length given), if any."""
+    try:
+        options = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8")).get("options", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    chosen = options.get("min_length")
+    return chosen if isinstance(chosen, int) and options.get("min_length_given") is False else None
 
 
 def min_length_flag(options: Mapping[str, Any]) -> str:

@@ -48,6 +48,7 @@ from doppel.slack.samples import (
     ScrapeOptions,
     Thread,
     build_samples,
+    chosen_min_length,
     list_channels,
     read_samples,
     resolve_person,
@@ -154,6 +155,8 @@ class _Scraper:
         chosen = select_channels(channels, options)
         state_path = self.settings.state_path or out / "state.json"
         state = load_state(state_path, team, person.id)
+        if state and options.min_length is None:
+            options = replace(options, earlier_min_length=chosen_min_length(out))
         output = _Output(out, person, users, channels, options, team)
         cutoff = max(0.0, options.cutoff_ts())  # Slack takes no negative timestamps (invalid_ts_oldest)
         now = options.now if options.now is not None else time.time()
