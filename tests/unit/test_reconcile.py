@@ -293,6 +293,14 @@ def test_scrub_is_on_unless_the_spec_turns_it_off():
     assert "--no-scrub" in CliRunner().invoke(main, ["scrape", "--help"]).output
 
 
+def test_the_scrape_job_chooses_the_person_s_length_unless_the_spec_gives_one():
+    """Without `spec.data.minLength` the scrape Job passes no --min-length: the person's median decides."""
+    assert SPEC.data.min_length is None and "--min-length" not in jobs.scrape_command(SPEC, CONFIG, owner())
+    given = SPEC.model_copy(update={"data": SPEC.data.model_copy(update={"min_length": 40})})
+    command = jobs.scrape_command(given, CONFIG, owner())
+    assert command[command.index("--min-length") + 1] == "40"
+
+
 def test_a_retrained_adapter_worse_on_the_same_held_out_set_is_not_promoted():
     """The fidelity gate: v2's report against v1's on v2's held-out replies (doppel train --compare-with)."""
     from doppel.bot.logic import describe
