@@ -147,7 +147,8 @@ def test_a_person_who_wrote_little_in_their_last_year_is_learnt_from_further_bac
     result = CliRunner(env={"DOPPEL_RESULT_FILE": str(result_file)}).invoke(main, args)
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert re.search(
-        r"scrape done in [\d.]+s: (\d+) samples of Margaret Okafor \(\1 new\), since 2024-0\d-\d\d: "
+        r"scrape done in [\d.]+s: (\d+) samples of Margaret Okafor \(\1 new\), "
+        r"--min-length 100 \(from their median message length\), since 2024-0\d-\d\d: "
         r"their last 365 days held too few",
         result.stderr,
     ), result.stderr

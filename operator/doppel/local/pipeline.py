@@ -277,9 +277,11 @@ def _reached_back(data: Path) -> bool:
 
 def _scrape_note(settings: Settings, manifest: Manifest) -> str:
     """The scrape stage's line: how many samples, and how far back when the default cutoff was widened."""
-    from doppel.slack.samples import ScrapeOptions
+    from doppel.slack.samples import ScrapeOptions, min_length_flag
 
     note = f"{manifest.samples} samples of {manifest.person['name']} ({manifest.added} new)"
+    if not manifest.options.get("min_length_given"):
+        note += f", {min_length_flag(manifest.options)}"
     if settings.cutoff_days is None and manifest.options.get("cutoff_days") == WHOLE_EXPORT_DAYS:
         since = (manifest.time_range.get("oldest") or "")[:10]
         note += f", since {since}: their last {ScrapeOptions.cutoff_days:g} days held too few"

@@ -349,8 +349,9 @@ def chosen_min_length(out: Path) -> int | None:
 
 
 def min_length_flag(options: Mapping[str, Any]) -> str:
-    """The minimum length a scrape used, as the flag that sets it: "--min-length 35 (their median)"."""
-    chosen = "" if options.get("min_length_given") else " (their median message)"
+    """The minimum length a scrape used, as the flag that sets it: "--min-length 35 (from their median message
+    length)" when the scrape chose it."""
+    chosen = "" if options.get("min_length_given") else " (from their median message length)"
     return f"--min-length {options.get('min_length')}{chosen}"
 
 
