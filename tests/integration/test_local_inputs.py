@@ -124,19 +124,26 @@ def test_old_export_cutoff_counts_back_from_the_persons_newest_message(tmp_path,
     )
 
 
-def test_a_person_who_wrote_little_in_their_last_year_is_learnt_from_further_back(tmp_path, tiny_model):
-    """Margaret writes once more two years after the demo workspace's last day: her last 365 days hold one
-    message, too few to train on, so `doppel local` (its cutoff not chosen) reaches back through the
-    export and says so; a cutoff the user chose is kept (test_too_few_samples_says_what_each_filter...)."""
+@pytest.mark.parametrize("later_messages", [1, 22])
+def test_a_person_who_wrote_little_in_their_last_year_is_learnt_from_further_back(
+    tmp_path, tiny_model, later_messages
+):
+    """Margaret writes again two years after the demo workspace's last day: her last 365 days hold one
+    message, or 22 of which the held-out share leaves 18 to train on, too few, so `doppel local` (its
+    cutoff not chosen) reaches back through the export and says so; a cutoff the user chose is kept
+    (test_too_few_samples_says_what_each_filter...)."""
     files = build_workspace()
     newest = max(float(m["ts"]) for name, day in files.items() if "/" in name for m in day)
-    later = newest + 2 * 365 * 86400
-    text = (
-        "Coming back to this after two years away: the board wants the quarterly roadmap by Friday, "
-        "so please send me your estimates before Thursday."
-    )  # a sample of its own: the first scrape writes one, and the line counts it among the new
-    name = f"general/{datetime.fromtimestamp(later, UTC):%Y-%m-%d}.json"
-    files[name] = [{"type": "message", "user": MARGARET.id, "text": text, "ts": f"{later:.6f}"}]
+    for i in range(later_messages):  # an hour apart: each its own conversation, each a sample of its own
+        later = newest + 2 * 365 * 86400 + i * 3600
+        text = (
+            f"Coming back to this after two years away ({i}): the board wants the quarterly roadmap by "
+            "Friday, so please send me your estimates before Thursday."
+        )
+        name = f"general/{datetime.fromtimestamp(later, UTC):%Y-%m-%d}.json"
+        files.setdefault(name, []).append(
+            {"type": "message", "user": MARGARET.id, "text": text, "ts": f"{later:.6f}"}
+        )
     export = tmp_path / "left.zip"
     with zipfile.ZipFile(export, "w") as archive:
         for path, content in files.items():

@@ -240,10 +240,10 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
     try:
         manifest = scrape_export(export, user, out, options)
     except NoSamples as exc:
-        if not _reach_back(settings, exc.manifest):
+        if not _reach_back(settings, exc.manifest, out):
             raise
         manifest = exc.manifest
-    if _reach_back(settings, manifest):
+    if _reach_back(settings, manifest, out):
         # An export is a snapshot: someone who wrote too little in their last year is learnt from further
         # back (the newest samples still first) rather than refused. Merged into the first run's output.
         options.cutoff_days = WHOLE_EXPORT_DAYS
@@ -253,14 +253,20 @@ def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) 
     return _enough(manifest)
 
 
-def _reach_back(settings: Settings, manifest: Manifest) -> bool:
-    """Whether an export's scrape at the default cutoff left too few samples, and older messages, left out
-    by the cutoff, may make up for it (never when the user chose the cutoff)."""
+def _reach_back(settings: Settings, manifest: Manifest, out: Path) -> bool:
+    """Whether an export's scrape at the default cutoff left too few samples to train on, once the
+    training has held out its share, and older messages, left out by the cutoff, may make up for it (never
+    when the user chose the cutoff)."""
+    from doppel.slack.samples import SAMPLES_FILE
+    from doppel.train import data
     from doppel.train.trainer import TrainConfig
 
-    if settings.cutoff_days is not None or settings.demo or manifest.samples >= TrainConfig.min_samples:
+    if settings.cutoff_days is not None or settings.demo or not manifest.person_messages.get("before_cutoff"):
         return False
-    return bool(manifest.person_messages.get("before_cutoff"))
+    if not (out / SAMPLES_FILE).is_file():
+        return True
+    samples = data.load_samples(out / SAMPLES_FILE)
+    return len(data.split_by_time(samples, TrainConfig.eval_fraction).train) < TrainConfig.min_samples
 
 
 def _reached_back(data: Path) -> bool:
