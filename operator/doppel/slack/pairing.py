@@ -181,8 +181,12 @@ def build_samples(
     manifest.scrubbed = dict(sorted(counts["scrubbed"].items()))
     manifest.pairing = pairing_figures(counts["pairing"])
     manifest.person_messages = {**counts["own"], "newest": iso(float(newest_own)) if newest_own else None}
-    since = float(samples[0]["meta"]["ts"]) if samples else 0.0
-    manifest.colleague_messages = colleague_messages(read, person.id, min_length, since)
+    span = (
+        (float(samples[0]["meta"]["ts"]), float(samples[-1]["meta"]["ts"]))
+        if samples
+        else (0.0, float("inf"))
+    )
+    manifest.colleague_messages = colleague_messages(read, person.id, min_length, span)
     manifest.colleagues = dict(Counter(m["name"] for m in manifest.colleague_messages).most_common())
     manifest.memory_entries = remembered
     return samples, manifest
@@ -202,27 +206,22 @@ def person_min_length(read: Sequence[tuple[Thread, list[_Read]]], person_id: str
 
 
 def colleague_messages(
-    read: Sequence[tuple[Thread, list[_Read]]], person_id: str, min_length: int, since: float = 0.0
+    read: Sequence[tuple[Thread, list[_Read]]],
+    person_id: str,
+    min_length: int,
+    span: tuple[float, float] = (0.0, float("inf")),
 ) -> list[dict[str, Any]]:
     """The messages of the most active other people, as long as the person's samples must be (so length
     alone tells nobody apart): the `MAX_COLLEAGUES` with at least `MIN_COLLEAGUE_MESSAGES`, each's
     `MAX_COLLEAGUE_MESSAGES` spread evenly over the time the person's samples span, oldest first. Authors
     are message user IDs, never names read from text.
 
-    The span is from `since` (the oldest sample kept) to the person's latest message that long, so the
-    report's classifier has colleagues on both sides of its held-out cut, which falls among the person's
-    samples: someone who stopped writing long before the export ends gets colleagues of their own time, and
-    someone whose samples are many weeks' worth gets colleagues of all those weeks, not only of the last few
-    (an active colleague's latest 300 messages can all be after the cut)."""
-    person_last = max(
-        (
-            float(item.message["ts"])
-            for _, items in read
-            for item in items
-            if item.said and item.said.author_id == person_id and len(item.said.text) >= min_length
-        ),
-        default=float("inf"),
-    )
+    `span` is the time of the person's oldest and newest sample kept, so the report's classifier has
+    colleagues on both sides of its held-out cut, which falls among the person's samples: someone who
+    stopped writing long before the export ends gets colleagues of their own time, and someone whose samples
+    are many weeks' worth gets colleagues of all those weeks, not only of the last few (an active colleague's
+    latest 300 messages can all be after the cut)."""
+    since, until = span
     by_author: dict[str, list[dict[str, Any]]] = {}
     for _, items in read:
         for item in items:
@@ -231,7 +230,7 @@ def colleague_messages(
                 said
                 and said.author_id != person_id
                 and len(said.text) >= min_length
-                and since <= float(item.message["ts"]) <= person_last
+                and since <= float(item.message["ts"]) <= until
             ):
                 by_author.setdefault(said.author_id, []).append(
                     {
