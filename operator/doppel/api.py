@@ -172,12 +172,12 @@ class BaseModelRef(_Model):
 class Training(_Model):
     rank: int = Field(default=32, ge=1, le=256, description="LoRA rank (at most vLLM's --max-lora-rank).")
     alpha: int = Field(default=64, ge=1, le=1024)
-    learning_rate: float = Field(
-        default=3e-4,
+    learning_rate: float | None = Field(
+        default=None,
         gt=0,
         le=1,
-        description="Peak learning rate (cosine schedule). The default suits base models of a billion "
-        "parameters or more; SmolLM2-135M learns best at 0.003.",
+        description="Peak learning rate (cosine schedule); unset: the base model's own, 0.003 for the "
+        "built-in SmolLM2-135M, else 0.0003 (for base models of a billion parameters or more).",
     )
     epochs: int = Field(default=2, ge=1, le=100)
     max_steps: int | None = Field(

@@ -168,3 +168,23 @@ def test_built_model_is_reused_and_is_a_plain_hf_directory(smollm2_model):
     proc = doppel("base-model", "smollm2-135m", env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(smollm2_model)
+
+
+@pytest.mark.timeout(600)
+def test_train_learns_at_the_base_model_s_own_rate(tmp_path, smollm2_model, tiny_model, style_samples):
+    """Without --lr, `doppel train` takes the built-in SmolLM2's measured rate (3e-3), whether it is named
+    or reached by its directory (as the operator's Jobs pass it); any other base model the usual 3e-4."""
+    cheap = ["--data", str(style_samples.samples), "--max-steps", "1", "--max-length", "256", "--rank", "2"]
+    cheap += ["--batch-size", "1", "--grad-accum", "1"]
+    cheap += ["--no-eval", "--no-memory"]
+    cases = [
+        ("smollm2-135m", [], 3e-3),
+        (str(smollm2_model), [], 3e-3),
+        (str(tiny_model), [], 3e-4),
+        (str(tiny_model), ["--lr", "1e-3"], 1e-3),
+    ]
+    for i, (model, given, expected) in enumerate(cases):
+        out = tmp_path / f"adapter-{i}"
+        proc = doppel("train", *cheap, "--base-model", model, "--out", str(out), *given, env={})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((out / "metrics.json").read_text())["config"]["lr"] == expected, model

@@ -385,3 +385,12 @@ def test_jobs_gone_after_their_ttl_change_nothing_the_status_remembers():
     assert failed.status.phase == "Failed"
     gone = reconcile(observed([], failed.status), CONFIG)
     assert gone.create == [] and gone.status.phase == "Failed" and "no such user" in gone.status.message
+
+
+def test_the_train_job_leaves_the_learning_rate_to_the_base_model_unless_the_spec_gives_one():
+    """Without `spec.training.learningRate` the train Job passes no --lr: `doppel train` takes the base
+    model's own (SmolLM2 learns best at ten times the rate of a billion-parameter model)."""
+    assert SPEC.training.learning_rate is None and "--lr" not in jobs.train_command(SPEC, CONFIG, owner())
+    given = SPEC.model_copy(update={"training": SPEC.training.model_copy(update={"learning_rate": 0.002})})
+    command = jobs.train_command(given, CONFIG, owner())
+    assert command[command.index("--lr") + 1] == "0.002"

@@ -248,7 +248,12 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     show_default=True,
     help="Comma-separated module names to adapt.",
 )
-@click.option("--lr", default=3e-4, show_default=True, help="Peak learning rate (cosine, with warm-up).")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Peak learning rate (cosine, with warm-up) [default: 3e-3 for the built-in smollm2-135m, 3e-4 for "
+    "other base models].",
+)
 @click.option("--epochs", default=2, show_default=True)
 @click.option("--max-steps-per-epoch", default=200, show_default=True)
 @click.option(
@@ -339,7 +344,7 @@ def train_command(
     (eval.json, as `doppel eval` writes it) to OUT."""
     from transformers.utils import logging as hf_logging
 
-    from doppel.train.base_models import resolve_base_model
+    from doppel.train.base_models import learning_rate_for, resolve_base_model
     from doppel.train.fidelity import headline
     from doppel.train.stage import StageOptions, train_stage
     from doppel.train.trainer import TrainConfig
@@ -348,9 +353,12 @@ def train_command(
     hf_logging.disable_progress_bar()
     if out.exists():  # before a base model is built for nothing
         raise BadInput(f"output directory already exists: {out}")
+    model_dir = resolve_base_model(base_model)
+    if options.get("lr") is None:
+        options["lr"] = learning_rate_for(model_dir)
     config = TrainConfig(
         data=data_path,
-        base_model=str(resolve_base_model(base_model)),
+        base_model=str(model_dir),
         out=out,
         base_model_name=base_model_name or base_model,
         target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),

@@ -13,7 +13,7 @@ from typing import Any
 
 from doppel.errors import BadInput
 from doppel.slack.samples import MEMORY_FILE
-from doppel.train.base_models import check_model_dir, looks_like_path
+from doppel.train.base_models import BUILTIN_MODELS, check_model_dir, looks_like_path
 
 FINGERPRINT_FILE = "fingerprint.json"
 # The demo's training budget per base model. SmolLM2 (the default) trains at ~100-200 tokens/s on 2 cores, so
@@ -59,10 +59,10 @@ CPU_EVAL_SAMPLES = 24
 # cosine schedule's last step is the adapter to keep, and the held-out set then chooses nothing it reports on.
 CPU_EVALS = 1
 CPU_STEP_SCALE_MAX = 4
-# A real workspace's budget learns faster than the demo's: its samples are many and varied, each seen once,
-# so a higher learning rate does not fit one template (measured on hyperledger's ghaskins, 16 steps of 8:
-# held-out loss -9.6% at 1e-3, -11.7% at 3e-3; the demo's 67 samples, seen several times, copy at 3e-3).
-EXPORT_LR = {"smollm2-135m": 3e-3}
+# A real workspace's budget learns at the built-in model's own rate (BuiltinModel.learning_rate), faster than
+# the demo's: its samples are many and varied, each seen once, so a higher rate does not fit one template
+# (ghaskins, 16 steps of 8: held-out loss -9.6% at 1e-3, -11.7% at 3e-3; the demo's 67 samples, seen several
+# times, copy at 3e-3).
 # On a CPU that computes bfloat16 natively, training steps run in bfloat16 autocast, 1.3x as fast on 2 cores
 # (tests/bench/bench_train.py): a real workspace's budget takes more steps in the same time. A quarter more,
 # not the whole 1.3x: the memory in every sample (all the person's messages, memory.jsonl) makes samples
@@ -161,7 +161,6 @@ def slug(text: str) -> str:
 
 def local_models() -> tuple[str, ...]:
     """Base model names `doppel local` knows without a path: the built-in ones and the tiny model."""
-    from doppel.train.base_models import BUILTIN_MODELS
     from doppel.train.tiny import TINY_MODEL_NAME
 
     return (*BUILTIN_MODELS, TINY_MODEL_NAME)
@@ -198,7 +197,8 @@ def training_settings(
                 steps = min(steps, CPU_MAX_EPOCHS * per_epoch)
         if not settings.demo:
             chosen["eval_steps"] = max(1, steps // CPU_EVALS)
-            chosen["lr"] = EXPORT_LR.get(base_name, chosen["lr"])
+            if base_name in BUILTIN_MODELS:
+                chosen["lr"] = BUILTIN_MODELS[base_name].learning_rate
             chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
             batch = chosen["batch_size"] * chosen["grad_accum"]
             chosen["max_train_tokens"] = steps * batch * CPU_TOKENS_PER_SAMPLE

