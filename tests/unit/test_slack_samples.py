@@ -298,3 +298,14 @@ def test_channel_policy_says_why_a_channel_is_not_taken():
     assert every["old"] == "archived (--exclude-archived)" and every["priv"] is every["dm"] is None
     assert taken(channels=["ext"], exclude_channels=["pub"])["ext"] is None
     assert taken(exclude_channels=["pub"])["pub"] == "excluded (--exclude-channel)"
+
+
+def test_the_reasons_name_the_length_and_who_chose_it():
+    """A reason says "from their median" only for a length the scrape chose, not for one the user gave nor
+    for a manifest written before the scrape chose lengths (it was a fixed 100 then)."""
+    from doppel.slack.samples import min_length_flag
+
+    chosen = min_length_flag({"min_length": 35, "min_length_given": False})
+    assert chosen == "--min-length 35 (from their median message length)"
+    assert min_length_flag({"min_length": 60, "min_length_given": True}) == "--min-length 60"
+    assert min_length_flag({"min_length": 100}) == "--min-length 100"

@@ -350,8 +350,8 @@ def chosen_min_length(out: Path) -> int | None:
 
 def min_length_flag(options: Mapping[str, Any]) -> str:
     """The minimum length a scrape used, as the flag that sets it: "--min-length 35 (from their median message
-    length)" when the scrape chose it."""
-    chosen = "" if options.get("min_length_given") else " (from their median message length)"
+    length)" when the scrape chose it (a manifest of a doppel before that choice existed says neither)."""
+    chosen = " (from their median message length)" if options.get("min_length_given") is False else ""
     return f"--min-length {options.get('min_length')}{chosen}"
 
 
