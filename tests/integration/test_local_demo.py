@@ -89,6 +89,10 @@ def test_fidelity_report_of_the_demo(smollm2_demo):
     assert headline["likeness_adapter"] == like["adapter"]
     assert headline["heldout_loss_adapter"] == pytest.approx(loss["adapter"], abs=1e-4)
     assert f"likeness            adapter {like['adapter']:.2f}" in smollm2_demo.proc.stdout
+    # Beside the adapter's, the real replies' own distinct share: the person's templates are theirs.
+    distinct = report["distinct"]
+    line = next(x for x in smollm2_demo.proc.stdout.splitlines() if x.strip().startswith("distinct"))
+    assert f"adapter {distinct['adapter']:.2f}" in line and f"real replies {distinct['real']:.2f}" in line
 
 
 def test_everything_is_under_the_workdir_but_the_shared_model(smollm2_demo, smollm2_model):

@@ -604,7 +604,7 @@ def table(report: dict[str, Any]) -> str:
         f"  relevance           adapter {_figure(rel.get('adapter'), '+.3f')}  persona-prompted base "
         f"{_figure(rel.get('prompted_base'), '+.3f')}",
         f"  distinct            adapter {_figure(dist.get('adapter'))}  persona-prompted base "
-        f"{_figure(dist.get('prompted_base'))}",
+        f"{_figure(dist.get('prompted_base'))}  real replies {_figure(dist.get('real'))}",
         f"  copy rate           adapter {_figure(copy.get('adapter'))}  persona-prompted base "
         f"{_figure(copy.get('prompted_base'))}",
         f"  mean reply words    adapter {length.get('adapter')}  persona-prompted base "
