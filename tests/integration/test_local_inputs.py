@@ -124,6 +124,16 @@ def test_old_export_cutoff_counts_back_from_the_persons_newest_message(tmp_path,
     )
 
 
+def test_a_built_in_model_s_directory_is_that_model(tmp_path, export, smollm2_model):
+    """The directory `doppel base-model` prints, given as --base-model, is the built-in SmolLM2 (its CPU
+    budget, not hours of the GPU recipe's steps), as its name is."""
+    workdir = tmp_path / "data"
+    args = ("--export", str(export), "--user", "margaret", "--base-model", str(smollm2_model))
+    result = local(workdir, *args, "--cutoff-days", "0.01")  # stops at the scrape, after the base model
+    assert_bad_input(result, "is after the cutoff", after_stages=True)
+    assert re.search(r"\[2/6\] base model done in [\d.]+s: smollm2-135m$", result.stderr, re.M), result.stderr
+
+
 @pytest.mark.parametrize("later_messages", [1, 22])
 def test_a_person_who_wrote_little_in_their_last_year_is_learnt_from_further_back(
     tmp_path, tiny_model, later_messages

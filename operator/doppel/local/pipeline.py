@@ -198,8 +198,9 @@ def _workspace(settings: Settings, layout: Layout) -> Path:
 
 
 def _base_model(settings: Settings, layout: Layout) -> tuple[str, Path]:
-    """The base model's name (as given) and a local directory holding it."""
-    from doppel.train.base_models import resolve_base_model
+    """The base model's name and a local directory holding it: a directory built from a built-in model
+    (`doppel base-model` prints it) is named as that model, so that its CPU budget applies."""
+    from doppel.train.base_models import builtin_of, resolve_base_model
     from doppel.train.tiny import TINY_MODEL_NAME, make_tiny_model
 
     name = settings.base_model or DEMO_BASE_MODEL
@@ -207,7 +208,9 @@ def _base_model(settings: Settings, layout: Layout) -> tuple[str, Path]:
         if not (layout.tiny_model / "config.json").is_file():
             make_tiny_model(layout.tiny_model)
         return TINY_MODEL_NAME, layout.tiny_model
-    return name, resolve_base_model(name)
+    path = resolve_base_model(name)
+    builtin = builtin_of(path)
+    return (builtin.name if builtin else name), path
 
 
 def _scrape(settings: Settings, layout: Layout, user: str, export: Path | None) -> Manifest:

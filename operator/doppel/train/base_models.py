@@ -179,14 +179,20 @@ def resolve_base_model(name: str) -> Path:
     return check_model_dir(local)
 
 
-def learning_rate_for(model_dir: Path) -> float:
-    """The default peak learning rate for the base model in `model_dir`: a built-in model's own (its
-    directory says which it is built from, whatever name or path reached it), else DEFAULT_LEARNING_RATE."""
+def builtin_of(model_dir: Path) -> BuiltinModel | None:
+    """The built-in model `model_dir` was built from (its SOURCE_FILE says), whatever name or path reached
+    it; None for any other model directory."""
     try:
         source = json.loads((Path(model_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return DEFAULT_LEARNING_RATE
-    builtin = BUILTIN_MODELS.get(source.get("builtin")) if isinstance(source, dict) else None
+        return None
+    return BUILTIN_MODELS.get(source.get("builtin")) if isinstance(source, dict) else None
+
+
+def learning_rate_for(model_dir: Path) -> float:
+    """The default peak learning rate for the base model in `model_dir`: a built-in model's own, else
+    DEFAULT_LEARNING_RATE."""
+    builtin = builtin_of(model_dir)
     return builtin.learning_rate if builtin else DEFAULT_LEARNING_RATE
 
 
