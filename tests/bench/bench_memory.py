@@ -32,7 +32,6 @@ Run: .venv/bin/python tests/bench/bench_memory.py [MESSAGES | abstention | answe
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import sys
@@ -43,6 +42,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.support.real_exports import REAL_EXPORTS, most_active
 
 from doppel.memory import meaning
 from doppel.memory.index import Entry, MemoryIndex, write_index
@@ -50,10 +52,6 @@ from doppel.slack.conversation import ThreadMessage, build_conversation
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "100000"
 MESSAGES = int(MODE) if MODE.isdigit() else 100_000
-# Beside the checkout, or where DOPPEL_REAL_EXPORTS says (a worktree elsewhere).
-REAL_EXPORTS = Path(
-    os.environ.get("DOPPEL_REAL_EXPORTS") or Path(__file__).resolve().parents[3] / "shared" / "real-exports"
-)
 SUPPORTS = (-0.75, -0.5, -0.25)
 RELATEDNESS = (0.0, 0.1, 0.15, 0.2)
 PEOPLE = 5
@@ -311,20 +309,6 @@ def answers() -> None:
             f"for {sum(r < 3 for r in found)}, top 10 for {sum(r < 10 for r in found)}, top 50 for "
             f"{sum(r < 50 for r in found)}; median rank {statistics.median(found) + 1:.0f}"
         )
-
-
-def most_active(export: Path, count: int) -> list[str]:
-    import collections
-    import json
-    import zipfile
-
-    with zipfile.ZipFile(export) as archive:
-        counts: collections.Counter[str] = collections.Counter()
-        for name in archive.namelist():
-            if name.endswith(".json") and "/" in name:
-                counts.update(m["user"] for m in json.loads(archive.read(name)) if m.get("user"))
-        users = {u["id"]: u for u in json.loads(archive.read("users.json"))}
-    return [user for user, _ in counts.most_common(count) if user in users]  # IDs: names can be ambiguous
 
 
 def export_questions(export: Path, seed: int) -> list[str]:

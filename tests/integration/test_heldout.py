@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tests.support.real_exports import REAL_EXPORTS, real_export
+from tests.support.real_exports import REAL_EXPORTS, real_export, volume_exports
 
 from doppel.cli import main
 from doppel.demo.workspace import MARGARET, write_export
@@ -101,7 +101,5 @@ def test_real_exports_are_all_covered():
     """Every export with volume in ../shared is in REAL (add a new one with its most active person)."""
     if not REAL_EXPORTS.is_dir():
         pytest.skip("real Slack exports not available")
-    big = {
-        str(p.relative_to(REAL_EXPORTS)) for p in REAL_EXPORTS.glob("*/*.zip") if p.stat().st_size > 1_000_000
-    }
+    big = {str(p.relative_to(REAL_EXPORTS)) for p in volume_exports()}
     assert big <= {name for name, _ in REAL}
