@@ -76,3 +76,13 @@ def test_more_steps_than_a_pass_go_over_every_sample_before_any_again():
 
 def test_a_base_model_without_a_budget_gets_the_trainers_defaults():
     assert training_settings(settings(export=Path("x.zip")), 500, "/models/mistral-7b", cores=2) == {}
+
+
+def test_on_a_gpu_a_real_export_has_no_budget_but_the_built_in_model_s_rate(monkeypatch):
+    """With a GPU, `doppel local` trains with `doppel train`'s recipe, at SmolLM2's own rate as it would."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    chosen = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2)
+    assert chosen == {"lr": 3e-3}
+    assert "lr" not in training_settings(settings(export=Path("x.zip")), 14_000, "/models/qwen", cores=2)

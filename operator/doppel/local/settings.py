@@ -197,11 +197,12 @@ def training_settings(
                 steps = min(steps, CPU_MAX_EPOCHS * per_epoch)
         if not settings.demo:
             chosen["eval_steps"] = max(1, steps // CPU_EVALS)
-            if base_name in BUILTIN_MODELS:
-                chosen["lr"] = BUILTIN_MODELS[base_name].learning_rate
             chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
             batch = chosen["batch_size"] * chosen["grad_accum"]
             chosen["max_train_tokens"] = steps * batch * CPU_TOKENS_PER_SAMPLE
+    if base_name in BUILTIN_MODELS and not settings.demo:
+        # A real workspace, on a CPU budget or a GPU: the built-in model's own rate, as `doppel train` has it.
+        chosen["lr"] = BUILTIN_MODELS[base_name].learning_rate
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
         batch = view["batch_size"] * view["grad_accum"]
