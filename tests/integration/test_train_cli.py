@@ -293,6 +293,8 @@ def test_out_of_range_budget_flags_are_refused(tmp_path, tiny_model, style_sampl
         ("--train-max-length", "0"),
         ("--max-train-tokens", "0"),
         ("--max-steps", "0"),
+        ("--lr", "0"),
+        ("--lr", "-1e-3"),
     ):
         result = _train(*base, flag, value)
         assert result.exit_code == 2 and flag in result.output
