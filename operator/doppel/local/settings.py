@@ -59,10 +59,6 @@ CPU_EVAL_SAMPLES = 24
 # cosine schedule's last step is the adapter to keep, and the held-out set then chooses nothing it reports on.
 CPU_EVALS = 1
 CPU_STEP_SCALE_MAX = 4
-# A real workspace's budget learns at the built-in model's own rate (BuiltinModel.learning_rate), faster than
-# the demo's: its samples are many and varied, each seen once, so a higher rate does not fit one template
-# (ghaskins, 16 steps of 8: held-out loss -9.6% at 1e-3, -11.7% at 3e-3; the demo's 67 samples, seen several
-# times, copy at 3e-3).
 # On a CPU that computes bfloat16 natively, training steps run in bfloat16 autocast, 1.3x as fast on 2 cores
 # (tests/bench/bench_train.py): a real workspace's budget takes more steps in the same time. A quarter more,
 # not the whole 1.3x: the memory in every sample (all the person's messages, memory.jsonl) makes samples
@@ -201,7 +197,10 @@ def training_settings(
             batch = chosen["batch_size"] * chosen["grad_accum"]
             chosen["max_train_tokens"] = steps * batch * CPU_TOKENS_PER_SAMPLE
     if base_name in BUILTIN_MODELS and not settings.demo:
-        # A real workspace, on a CPU budget or a GPU: the built-in model's own rate, as `doppel train` has it.
+        # A real workspace, on a CPU budget or a GPU, learns at the built-in model's own rate, as
+        # `doppel train` does; faster than the demo's: its samples are many and varied, each seen once, so a
+        # higher rate does not fit one template (ghaskins, 16 steps of 8: held-out loss -9.6% at 1e-3, -11.7%
+        # at 3e-3; the demo's 67 samples, seen several times, copy at 3e-3).
         chosen["lr"] = BUILTIN_MODELS[base_name].learning_rate
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen

@@ -36,6 +36,8 @@ from doppel.slack.selection import Person, skip_reason
 MIN_COLLEAGUE_MESSAGES = 20
 MAX_COLLEAGUES = 8
 MAX_COLLEAGUE_MESSAGES = 300
+# A person with no samples: colleagues of any time.
+ALL_TIME = (0.0, float("inf"))
 # A person's samples are their messages of at least their median length, within these bounds: the longer
 # half of what they write, so that someone who mostly writes one-liners is learnt from one-liners too, not
 # from their few long messages only (hyperledger's simon: median 35 characters, 6% of 100 or more).
@@ -181,11 +183,7 @@ def build_samples(
     manifest.scrubbed = dict(sorted(counts["scrubbed"].items()))
     manifest.pairing = pairing_figures(counts["pairing"])
     manifest.person_messages = {**counts["own"], "newest": iso(float(newest_own)) if newest_own else None}
-    span = (
-        (float(samples[0]["meta"]["ts"]), float(samples[-1]["meta"]["ts"]))
-        if samples
-        else (0.0, float("inf"))
-    )
+    span = (float(samples[0]["meta"]["ts"]), float(samples[-1]["meta"]["ts"])) if samples else ALL_TIME
     manifest.colleague_messages = colleague_messages(read, person.id, min_length, span)
     manifest.colleagues = dict(Counter(m["name"] for m in manifest.colleague_messages).most_common())
     manifest.memory_entries = remembered
@@ -209,7 +207,7 @@ def colleague_messages(
     read: Sequence[tuple[Thread, list[_Read]]],
     person_id: str,
     min_length: int,
-    span: tuple[float, float] = (0.0, float("inf")),
+    span: tuple[float, float],
 ) -> list[dict[str, Any]]:
     """The messages of the most active other people, as long as the person's samples must be (so length
     alone tells nobody apart): the `MAX_COLLEAGUES` with at least `MIN_COLLEAGUE_MESSAGES`, each's
