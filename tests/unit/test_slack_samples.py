@@ -52,7 +52,7 @@ def test_ambiguous_handle_names_every_candidate(slack_workspace):
 def test_unknown_person_and_bots_are_bad_input(slack_workspace):
     with pytest.raises(BadInput, match=r"no user 'alicia'.*Alice Martin"):
         resolve_person(slack_workspace["users"], "alicia")
-    with pytest.raises(BadInput, match="no user"):
+    with pytest.raises(BadInput, match=r"'deploybot' is a bot \(U07DEPLOY\), not a person"):
         resolve_person(slack_workspace["users"], "deploybot")
 
 

@@ -1,17 +1,26 @@
 """Import a standard Slack export ZIP (`doppel scrape --export workspace.zip`).
 
-The export holds `users.json`, `channels.json` (public channels; `groups.json`, `mpims.json` and `dms.json`
-for private channels, group DMs and DMs when the export includes them) and one folder per channel with one
-JSON file per day, each a list of messages. Replies sit in the day they were posted, linked to their thread
-by `thread_ts`, so threads are rebuilt by grouping on it; from there the same functions as the API scrape
-make the samples. Archived channels are taken by default (they are part of the person's history), and the
-cutoff counts back from the person's newest message in the export rather than from today.
+The export holds `users.json` (`org_users.json` in an Enterprise Grid organisation's export), `channels.json`
+(public channels; `groups.json`, `mpims.json` and `dms.json` for private channels, group DMs and DMs when the
+export includes them) and one folder per channel with one JSON file per day, each a list of messages.
+Replies sit in the day they were posted, linked to their thread by `thread_ts`, so threads are rebuilt by
+grouping on it; from there the same functions as the API scrape make the samples. Archived channels are
+taken by default (they are part of the person's history), and the cutoff counts back from the person's
+newest message in the export rather than from today.
+
+An export is often re-zipped before it reaches doppel: inside a top folder, with macOS's `__MACOSX/` entries,
+with Windows' backslashes, or with UTF-8 names the ZIP does not flag as such (macOS's Archive Utility), which
+Python would read as cp437. Entry names are taken back to the export's own ('/'-separated, UTF-8, NFC), so a
+channel named in another script keeps its messages. What cannot be read (a password, Deflate64, two exports
+in one ZIP, a timestamp that is not one) is refused with the reason, before anything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import replace
@@ -32,7 +41,15 @@ from doppel.slack.samples import (
     write_output,
 )
 
-_DAY_FILE = re.compile(r"^(?:.*/)?([^/]+)/(\d{4}-\d{2}-\d{2})\.json$")
+_DAY_FILE = re.compile(r"^([^/]+)/(\d{4}-\d{2}-\d{2})\.json$")  # from the export's folder
+_USER_LISTS = ("users.json", "org_users.json")
+# What Python's zipfile decompresses: Windows Explorer writes large ZIPs in Deflate64 (method 9), which it
+# cannot.
+_READABLE = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
+_METHOD_NAMES = {9: "Deflate64", 98: "PPMd", 95: "XZ", 93: "Zstandard"}
+_ENCRYPTED = 0x1  # general purpose flag bits of a ZIP entry
+_UTF8_NAME = 0x800
+_SLACK_TS = re.compile(r"^\d+(?:\.\d+)?$")
 
 
 def scrape_export(zip_path: Path, user: str, out: Path, options: ScrapeOptions | None = None) -> Manifest:
@@ -43,40 +60,31 @@ def scrape_export(zip_path: Path, user: str, out: Path, options: ScrapeOptions |
         raise BadInput(f"{zip_path}: no such file")
     try:
         with zipfile.ZipFile(zip_path) as archive:
+            _check_readable(archive, zip_path)
             if archive.testzip() is not None:
                 raise BadInput(f"{zip_path}: the ZIP is corrupt")
-            return _scrape(archive, zip_path, user, Path(out), options)
+            return _scrape(_Export(archive, zip_path), user, Path(out), options)
     except (zipfile.BadZipFile, zlib.error) as exc:
         raise BadInput(f"{zip_path}: not a Slack export ZIP ({exc})") from None
 
 
-def _scrape(
-    archive: zipfile.ZipFile, zip_path: Path, user: str, out: Path, options: ScrapeOptions
-) -> Manifest:
-    names = archive.namelist()
-    prefix = _root_prefix(names, zip_path)
-    users = _read_list(archive, prefix + "users.json", zip_path)
-    channels = _read_list(archive, prefix + "channels.json", zip_path)
+def _scrape(export: _Export, user: str, out: Path, options: ScrapeOptions) -> Manifest:
+    users = export.users()
+    channels = export.read_list("channels.json")
     for listing, kind in (("groups.json", "is_private"), ("mpims.json", "is_mpim"), ("dms.json", "is_im")):
-        if prefix + listing in names:
-            channels += [
-                _conversation(c, kind, users) for c in _read_list(archive, prefix + listing, zip_path)
-            ]
+        if export.has(listing):
+            channels += [_conversation(c, kind, users) for c in export.read_list(listing)]
     person = resolve_person(users, user)
     team = options.team or _team_of(users, person.id)
-    days: dict[str, list[str]] = {}
-    for name in names:
-        match = _DAY_FILE.match(name)
-        if match and name.startswith(prefix):
-            days.setdefault(match.group(1), []).append(name)
+    days = export.day_files()
     # In an export, archived channels are part of the person's history.
     options = replace(options, include_archived=options.include_archived is not False)
     chosen = select_channels(channels, options)
     messages = {
         c["id"]: [
             m
-            for day in sorted(days.get(c.get("folder", c["name"]), []))
-            for m in _read_list(archive, day, zip_path)
+            for day in sorted(days.get(_nfc(str(c.get("folder", c["name"]))), []))
+            for m in export.messages(day)
         ]
         for c in channels
     }
@@ -87,7 +95,7 @@ def _scrape(
         threads += threads_from_messages(channel["id"], channel["name"], messages[channel["id"]], 0)
     channel_names = {c["id"]: c["name"] for c in channels}
     samples, manifest = build_samples(
-        threads, person, users, channel_names, options, team=team, source=f"export:{zip_path.name}"
+        threads, person, users, channel_names, options, team=team, source=f"export:{export.path.name}"
     )
     list_channels(manifest, channels, options, messages)
     return write_output(out, samples, manifest, options.max_samples)
@@ -121,26 +129,116 @@ def _conversation(entry: dict[str, Any], kind: str, users: list[dict[str, Any]])
     return channel
 
 
-def _root_prefix(names: list[str], zip_path: Path) -> str:
-    """Exports are sometimes re-zipped inside a top folder; find the folder holding users.json."""
-    candidates = sorted((n for n in names if n.rsplit("/", 1)[-1] == "users.json"), key=len)
-    if not candidates:
+def _check_readable(archive: zipfile.ZipFile, zip_path: Path) -> None:
+    """Refuse, with the way out, a ZIP whose entries Python cannot open."""
+    for info in archive.infolist():
+        if info.flag_bits & _ENCRYPTED:
+            raise BadInput(
+                f"{zip_path}: the ZIP is password-protected; unzip it and zip the folder again without one"
+            )
+        if info.compress_type not in _READABLE:
+            method = _METHOD_NAMES.get(info.compress_type, f"method {info.compress_type}")
+            raise BadInput(
+                f"{zip_path}: {info.filename} is compressed with {method}, which doppel cannot read; "
+                "unzip the export and zip the folder again (zip -r, or Python's zipfile)"
+            )
+
+
+def _entry_name(info: zipfile.ZipInfo) -> str:
+    """The path the export gave an entry: UTF-8 even where the ZIP tool did not flag it (zipfile then reads
+    it as cp437), '/'-separated, in NFC (macOS writes decomposed accents)."""
+    name = info.filename
+    if not info.flag_bits & _UTF8_NAME:
+        with contextlib.suppress(UnicodeError):  # else a name truly in cp437
+            name = name.encode("cp437").decode("utf-8")
+    return _nfc(name.replace("\\", "/"))
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+class _Export:
+    """The export inside a ZIP: its files by their path from the export's own folder."""
+
+    def __init__(self, archive: zipfile.ZipFile, path: Path) -> None:
+        self.archive = archive
+        self.path = path
+        entries = {_entry_name(info): info for info in archive.infolist() if not info.is_dir()}
+        root = _export_root(list(entries), path)
+        self.entries = {name[len(root) :]: info for name, info in entries.items() if name.startswith(root)}
+
+    def has(self, name: str) -> bool:
+        return name in self.entries
+
+    def users(self) -> list[dict[str, Any]]:
+        """users.json and, in an Enterprise Grid organisation's export, org_users.json: each user once."""
+        found: dict[str, dict[str, Any]] = {}
+        for listing in _USER_LISTS:
+            if not self.has(listing):
+                continue
+            for number, user in enumerate(self.read_list(listing), 1):
+                if not isinstance(user.get("id"), str) or not user["id"]:
+                    raise BadInput(f"{self.path}: {listing}: user {number} has no id")
+                found.setdefault(user["id"], user)
+        return list(found.values())
+
+    def day_files(self) -> dict[str, list[str]]:
+        """Each channel folder's day files."""
+        days: dict[str, list[str]] = {}
+        for name in self.entries:
+            match = _DAY_FILE.match(name)
+            if match:
+                days.setdefault(match.group(1), []).append(name)
+        return days
+
+    def messages(self, day: str) -> list[dict[str, Any]]:
+        """A day file's messages, their timestamps as Slack writes them (a string of seconds.micros)."""
+        messages = self.read_list(day)
+        for number, message in enumerate(messages, 1):
+            for key in ("ts", "thread_ts"):
+                value = message.get(key)
+                if value in (None, "") or (isinstance(value, str) and _SLACK_TS.match(value)):
+                    continue
+                if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                    message[key] = f"{value:.6f}"  # a converter that wrote the number, not the string
+                else:
+                    raise BadInput(
+                        f"{self.path}: {day}: message {number} has {key} {value!r}, not a Slack timestamp"
+                    )
+        return messages
+
+    def read_list(self, name: str) -> list[dict[str, Any]]:
+        if name not in self.entries:
+            raise BadInput(f"{self.path}: not a Slack export (no {name})")
+        try:
+            data = json.loads(self.archive.read(self.entries[name]))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{self.path}: {name} is not valid JSON ({exc})") from None
+        except zipfile.BadZipFile as exc:
+            raise BadInput(f"{self.path}: the ZIP is corrupt ({exc})") from None
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise BadInput(f"{self.path}: {name} is not a list of objects")
+        return data
+
+
+def _export_root(names: list[str], zip_path: Path) -> str:
+    """The folder holding the export: the ZIP's top, or one folder it was re-zipped inside. Two exports in
+    one ZIP are refused rather than one of them read."""
+    roots = sorted(
+        {
+            name[: -len(base)]
+            for name in names
+            for base in _USER_LISTS
+            if (name == base or name.endswith("/" + base)) and not name.startswith("__MACOSX/")
+        }
+    )
+    if not roots:
         raise BadInput(f"{zip_path}: not a Slack export (no users.json)")
-    return candidates[0][: -len("users.json")]
-
-
-def _read_list(archive: zipfile.ZipFile, name: str, zip_path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(archive.read(name))
-    except KeyError:
-        raise BadInput(f"{zip_path}: not a Slack export (no {name})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{zip_path}: {name} is not valid JSON ({exc})") from None
-    except zipfile.BadZipFile as exc:
-        raise BadInput(f"{zip_path}: the ZIP is corrupt ({exc})") from None
-    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-        raise BadInput(f"{zip_path}: {name} is not a list of objects")
-    return data
+    if len(roots) > 1:
+        shown = ", ".join(root or "the top of the ZIP" for root in roots)
+        raise BadInput(f"{zip_path}: holds {len(roots)} exports ({shown}); give doppel one export a ZIP")
+    return roots[0]
 
 
 def _team_of(users: list[dict[str, Any]], person_id: str) -> str:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,8 +32,9 @@ class Person:
 
 def resolve_person(users: Iterable[Mapping[str, Any]], query: str) -> Person:
     """The one human user whose ID, handle (display or account name) or real name is `query`."""
-    humans = [u for u in users if not u.get("is_bot") and u.get("id") != "USLACKBOT"]
-    wanted = query.strip().lstrip("@").casefold()
+    users = list(users)
+    humans = [u for u in users if not _is_bot(u)]
+    wanted = _fold(query.strip().lstrip("@"))
     for matcher in (_by_id, _by_handle, _by_real_name):
         found = [u for u in humans if wanted in matcher(u)]
         if len(found) == 1:
@@ -43,23 +45,35 @@ def resolve_person(users: Iterable[Mapping[str, Any]], query: str) -> Person:
         if len(found) > 1:
             names = ", ".join(f"{u['id']} ({_describe(u)})" for u in found)
             raise BadInput(f"user {query!r} is ambiguous: {names}; pass a user ID")
-    close = sorted(_describe(u) for u in humans if wanted[:3] and wanted[:3] in _describe(u).casefold())
+    bots = [u for u in users if _is_bot(u) and any(wanted in m(u) for m in (_by_id, _by_handle))]
+    if bots:
+        raise BadInput(f"{query!r} is a bot ({bots[0].get('id')}), not a person: doppel clones people")
+    close = sorted(_describe(u) for u in humans if wanted[:3] and wanted[:3] in _fold(_describe(u)))
     hint = f"; similar: {', '.join(close[:5])}" if close else ""
     raise BadInput(f"no user {query!r} in this workspace{hint}")
 
 
+def _is_bot(user: Mapping[str, Any]) -> bool:
+    return bool(user.get("is_bot")) or user.get("id") == "USLACKBOT"
+
+
+def _fold(name: str) -> str:
+    """A name as compared: case and Unicode composition aside (macOS types "é" as e + an accent)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def _by_id(user: Mapping[str, Any]) -> set[str]:
-    return {str(user.get("id", "")).casefold()}
+    return {_fold(str(user.get("id", "")))}
 
 
 def _by_handle(user: Mapping[str, Any]) -> set[str]:
     profile = user.get("profile") or {}
-    return {str(n).casefold() for n in (profile.get("display_name"), user.get("name")) if n}
+    return {_fold(str(n)) for n in (profile.get("display_name"), user.get("name")) if n}
 
 
 def _by_real_name(user: Mapping[str, Any]) -> set[str]:
     profile = user.get("profile") or {}
-    return {str(n).casefold() for n in (profile.get("real_name"), user.get("real_name")) if n}
+    return {_fold(str(n)) for n in (profile.get("real_name"), user.get("real_name")) if n}
 
 
 def _describe(user: Mapping[str, Any]) -> str:
