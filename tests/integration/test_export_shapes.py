@@ -198,3 +198,20 @@ def test_a_person_is_found_however_their_name_is_composed_and_a_bot_is_not_one(p
     assert json.loads((tmp_path / "found" / "manifest.json").read_text())["person"]["id"] == "U01ALICE"
     bot = "'deploybot' is a bot (U07DEPLOY), not a person"
     assert_refused(export, tmp_path / "out", bot, user="deploybot")
+
+
+def test_someone_of_another_organisation_is_never_cloned_and_told_so(plain, tmp_path):
+    export, _ = plain
+
+    def external(name: str, content: Any) -> None:
+        if name == "users.json":  # Carol writes in a Slack Connect channel but is of another organisation
+            content[:] = [u for u in content if u["id"] != "U03CAROL"]
+
+    variant = rezip(export, tmp_path / "connect.zip", edit=external)
+    assert_refused(
+        variant,
+        tmp_path / "out",
+        "U03CAROL wrote in this export but is not one of its people",
+        user="U03CAROL",
+    )
+    assert_refused(variant, tmp_path / "out", "no user 'U09NOBODY'", user="U09NOBODY")

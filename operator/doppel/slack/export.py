@@ -49,6 +49,7 @@ _READABLE = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZI
 _METHOD_NAMES = {9: "Deflate64", 98: "PPMd", 95: "XZ", 93: "Zstandard"}
 _ENCRYPTED = 0x1  # general purpose flag bits of a ZIP entry
 _UTF8_NAME = 0x800
+_USER_ID = re.compile(r"^[UW][A-Z0-9]{6,}$")
 _SLACK_TS = re.compile(r"^\d+(?:\.\d+)?$")
 
 
@@ -74,7 +75,15 @@ def _scrape(export: _Export, user: str, out: Path, options: ScrapeOptions) -> Ma
     for listing, kind in (("groups.json", "is_private"), ("mpims.json", "is_mpim"), ("dms.json", "is_im")):
         if export.has(listing):
             channels += [_conversation(c, kind, users) for c in export.read_list(listing)]
-    person = resolve_person(users, user)
+    try:
+        person = resolve_person(users, user)
+    except BadInput:
+        if _writes_here(export, user):
+            raise BadInput(
+                f"{user} wrote in this export but is not one of its people ({' or '.join(_USER_LISTS)}): "
+                "someone of another organisation, in a Slack Connect channel, is never cloned"
+            ) from None
+        raise
     team = options.team or _team_of(users, person.id)
     days = export.day_files()
     # In an export, archived channels are part of the person's history.
@@ -127,6 +136,19 @@ def _conversation(entry: dict[str, Any], kind: str, users: list[dict[str, Any]])
         members = "-".join(sorted(str(handles.get(m, "someone")) for m in set(entry.get("members") or [])))
         channel.update(name=f"dm-{members}", folder=entry["id"])
     return channel
+
+
+def _writes_here(export: _Export, user_id: str) -> bool:
+    """Whether messages of the export are by `user_id` (read only to explain a person not found)."""
+    wanted = user_id.strip().lstrip("@").upper()
+    if not _USER_ID.match(wanted):
+        return False
+    return any(
+        m.get("user") == wanted
+        for days in export.day_files().values()
+        for day in days
+        for m in export.messages(day)
+    )
 
 
 def _check_readable(archive: zipfile.ZipFile, zip_path: Path) -> None:
