@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from tests.support.slack_fixtures import write_export_zip
+from tests.support.slack_fixtures import assert_bad_input, write_export_zip
 
 from doppel.cli import main
 
@@ -32,13 +32,8 @@ def samples(out: Path) -> list[tuple[str, str, str]]:
 
 
 def assert_refused(export: Path, out: Path, *needles: str, user: str = "alice") -> None:
-    result = scrape(export, out, user)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("doppel: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert not out.exists() or not any(out.iterdir())
+    assert_bad_input(scrape(export, out, user), out, *needles)
+    assert not out.exists() or not any(out.iterdir())  # nothing at all, not even a state file
 
 
 def rezip(

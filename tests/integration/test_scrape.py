@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 from click.testing import CliRunner
-from tests.support.slack_fixtures import ACME_TOKEN, write_export_zip
+from tests.support.slack_fixtures import ACME_TOKEN, assert_bad_input, write_export_zip
 
 from doppel.cli import main
 from doppel.slack.samples import ScrapeOptions
@@ -297,16 +297,6 @@ def test_a_burst_of_5xx_is_retried(slack_emulator, tmp_path):
     result = scrape(slack_emulator, tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert len(read_samples(tmp_path / "out")) == 8
-
-
-def assert_bad_input(result, out, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("doppel: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0]
-    assert not (out / "samples.jsonl").exists()
-    assert not (out / "manifest.json").exists()
 
 
 def test_5xx_storm_is_transient_not_bad_input(slack_emulator, tmp_path):

@@ -5,7 +5,9 @@
 - `slack_emulator`: a started `SlackEmulator` serving that workspace as team `T0ACME001` with bot token
   `ACME_TOKEN` and bot user `U0DOPPEL`, rate limits scaled up for speed; stopped after the test.
   Add more teams with `slack_emulator.add_team(workspace, token=...)`.
-- `write_export_zip(workspace, path)`: the same workspace as a standard Slack export ZIP.
+- `write_export_zip(workspace, path)`: the same workspace as a standard Slack export ZIP;
+- `assert_bad_input(result, out, *needles)`: a `doppel scrape` refused in one line holding `needles`, exit 2,
+  with no samples or manifest written to `out`.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def write_export_zip(workspace: dict[str, Any], path: Path) -> Path:
             for day, content in days.items():
                 archive.writestr(f"{name}/{day}.json", json.dumps(content, indent=1))
     return path
+
+
+def assert_bad_input(result: Any, out: Path, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("doppel: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert not (out / "samples.jsonl").exists()
+    assert not (out / "manifest.json").exists()
 
 
 @pytest.fixture

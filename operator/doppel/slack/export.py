@@ -117,7 +117,7 @@ def _last_written(
     export's. An export is a snapshot of its day, and the person may have left the workspace years before
     it was taken: their last year is the person as they wrote last, not a year without them."""
     stamps = [
-        (message_author(m) == person_id, ts_key(str(m["ts"])))
+        (message_author(m) == person_id, ts_key(m["ts"]))  # a string: `_Export.messages`
         for c in channels
         for m in messages[c["id"]]
         if m.get("ts")
