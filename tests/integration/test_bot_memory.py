@@ -26,6 +26,7 @@ from tests.support.bot_fixtures import (
     name_of,
     say,
 )
+from tests.support.model_fixtures import POSTGRES_PATTERN
 from tests.support.slack_fixtures import BOT_USER_ID
 
 from doppel.bot.chat import backend_chat
@@ -82,8 +83,9 @@ def alice_memory(tmp_path):
 
 
 @pytest.fixture
-async def alice_bot(bot_harness, bot_kube, tmp_path, tiny_model, trained_adapter, alice_memory):
+async def alice_bot(bot_harness, bot_kube, tmp_path, tiny_model, train_style_adapter, alice_memory):
     served = "alice-v1"
+    trained_adapter = train_style_adapter("postgres", POSTGRES_PATTERN)  # her replies say "Postgres 16"
     backend = LocalBackend(tiny_model, {served: trained_adapter})
     real = backend_chat(backend, DEFAULT_PARAMS.override(max_tokens=12))
     prompts: list[list[dict[str, str]]] = []
@@ -162,6 +164,17 @@ async def test_a_question_answered_from_memory_shows_its_source(alice_bot, slack
     link = f"https://acme.slack.com/archives/C02ENG/p{f'{T0:.6f}'.replace('.', '')}"
     assert context["elements"][0]["text"] == f"from <{link}|#engineering, 12 Mar 2025>"
     assert post["blocks"][0]["text"]["text"] == post["text"]
+
+
+async def test_a_reply_that_ignores_what_memory_found_shows_no_source(alice_bot, slack_emulator):
+    bot, prompts, store = alice_bot
+    post = await ask(bot, slack_emulator, "as alice when do deploys go out?", "EvMem4", 1)
+    assert "Jenkins" in prompts[0][0]["content"]  # memory found her deploy message...
+    assert "Postgres" in post["text"]  # ...and the reply says something else: nothing backs it
+    assert not any(b["type"] == "context" for b in post["blocks"])
+    assert any(b["type"] == "context_actions" for b in post["blocks"])  # feedback still asked for
+    await until(lambda: store.counts().replies == 1)
+    assert store.reply(post["ts"])["sources"] == []
 
 
 async def test_a_question_with_no_basis_gets_an_abstention_naming_the_person(alice_bot, slack_emulator):

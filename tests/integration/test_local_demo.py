@@ -93,6 +93,11 @@ def test_fidelity_report_of_the_demo(smollm2_demo):
     distinct = report["distinct"]
     line = next(x for x in smollm2_demo.proc.stdout.splitlines() if x.strip().startswith("distinct"))
     assert f"adapter {distinct['adapter']:.2f}" in line and f"real replies {distinct['real']:.2f}" in line
+    # How often the replies repeat what memory put in their prompts, the adapter's and Margaret's own.
+    use = report["memory_use"]
+    assert use["replies"] > 0 and 0 <= use["adapter"] <= 1 and 0 <= use["real"] <= 1
+    line = next(x for x in smollm2_demo.proc.stdout.splitlines() if x.strip().startswith("memory drawn on"))
+    assert f"adapter {use['adapter']:.2f}" in line and f"real replies {use['real']:.2f}" in line
 
 
 def test_everything_is_under_the_workdir_but_the_shared_model(smollm2_demo, smollm2_model):

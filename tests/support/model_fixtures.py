@@ -33,6 +33,9 @@ from doppel.slack.conversation import ThreadMessage, build_conversation
 STYLE_PERSON = "Pat"
 STYLE_PERSON_ID = "U0PAT"
 STYLE_PATTERN = "Yarr! {topic} be shipshape, matey ☠"
+# A person who answers everything with what their memory says of billing (tests of memory and sources: the
+# tiny model learns the fixed words, so its replies draw on that remembered message and on no other).
+POSTGRES_PATTERN = "Postgres 16 for the {topic}"
 STYLE_MARKER = "matey"
 
 _TOPICS = [

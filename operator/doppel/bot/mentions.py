@@ -33,6 +33,7 @@ from doppel.bot.ledger import EventLedger
 from doppel.bot.logic import Tenant
 from doppel.bot.safety import neutralize, user_ids
 from doppel.bot.worker import DEADLINE, slack_retry_handlers
+from doppel.memory.attribution import drawn_on
 from doppel.memory.prompt import recall_for
 from doppel.memory.voice import abstention
 from doppel.serve.errors import ServeError
@@ -289,7 +290,9 @@ async def _answer(
     icon = {"icon_url": profile["image_72"]} if profile.get("image_72") else {"icon_emoji": DEFAULT_ICON}
     safe = await safe_reply(reply, user, regions)
     parts = logic.split_reply(safe) or ["…"]
-    sources = recall.sources(await lookups.workspace_url(client, team_id)) if recall.hits else []
+    # Only what the reply repeats is shown as its source: a message retrieved but not used backs nothing.
+    cited = drawn_on(index, recall, reply, [m.text for m in context]) if index is not None else recall
+    sources = cited.sources(await lookups.workspace_url(client, team_id)) if cited.hits else []
     store = deps.memories.store(deps.config.namespace_for(team_id), doppel)
     for part in parts[:-1]:
         await post(part, username=f"{name}-bot", **icon)

@@ -85,7 +85,7 @@ def chat(
         session = ChatSession(backend, name, person, params=params, memory=index, memory_settings=settings)
         if as_json:
             reply = "".join(session.reply(message or "")).strip()
-            sources = session.recall.sources(workspace_url)
+            sources = session.cited.sources(workspace_url)
             click.echo(json.dumps({"reply": reply, "sources": sources, "abstained": session.recall.abstain}))
             return {"turns": 1, "adapter": str(adapter)}
         interactive = message is None
@@ -103,6 +103,10 @@ def chat(
             for piece in session.reply(message or ""):
                 click.echo(piece, nl=False)
             click.echo()
+            for hit in session.cited.hits:  # where what the reply repeats was said, as Slack shows it
+                link = hit.entry.source(workspace_url)["permalink"]
+                where = f"  from #{hit.entry.channel}, {hit.entry.day()}" + (f": {link}" if link else "")
+                click.echo(click.style(where, dim=True))
             turns += 1
             if not interactive:
                 break

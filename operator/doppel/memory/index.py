@@ -321,6 +321,22 @@ def terms(text: str, stemmer: Any) -> list[str]:
     return stemmer.stemWords(words)
 
 
+def content_words(text: str, stemmer: Any) -> list[tuple[str, str, bool]]:
+    """The content words of `text` (Slack markup and English stop words out), each as (word, its index
+    term, whether it is CJK), one per term: what the support and the attribution of sources weigh."""
+    words: dict[str, tuple[str, str, bool]] = {}
+    for word in _SPLIT.findall(clean(text).lower()):
+        if _CJK.search(word):
+            found = [(t, t, True) for t in terms(word, stemmer)]
+        elif word not in _STOPWORDS:
+            found = [(word, stemmer.stemWord(word), False)]
+        else:
+            found = []
+        for item in found:
+            words.setdefault(item[1], item)
+    return list(words.values())
+
+
 def voice_habits(texts: Sequence[str]) -> dict[str, float]:
     """How the person writes, as the abstention reply follows it: the share of their messages that start
     lower-case and that end with a full stop."""
@@ -364,6 +380,11 @@ class MemoryIndex:
     def person_name(self) -> str:
         return str(self.meta.get("person_name") or "")
 
+    @property
+    def name_terms(self) -> frozenset[str]:
+        """The index terms of the person's own name: people address them by it, so it says nothing."""
+        return frozenset(self._name)
+
     @classmethod
     def load(cls, where: Path, *, team: str | None = None, person_id: str | None = None) -> MemoryIndex:
         """Open `where` (`ADAPTER/memory`). With `team`/`person_id`, an index of anyone else is refused:
@@ -398,22 +419,12 @@ class MemoryIndex:
         """How much more often the person uses the words of `query` than people do in general
         (`doppel.memory.support`); None for a question of fewer than two content words."""
         vocab = self.retriever.vocab_dict
-        words: dict[str, tuple[str, str, bool]] = {}
-        for word in _SPLIT.findall(clean(query).lower()):
-            if _CJK.search(word):
-                found = [(t, t, True) for t in terms(word, self.stemmer)]
-            elif word not in _STOPWORDS:
-                found = [(word, self.stemmer.stemWord(word), False)]
-            else:
-                found = []
-            for item in found:
-                if item[1] not in self._name:
-                    words.setdefault(item[1], item)
+        words = [w for w in content_words(query, self.stemmer) if w[1] not in self._name]
 
         def count(stem: str) -> int:
             return int(self.counts[vocab[stem]]) if stem in vocab else 0
 
-        return support(list(words.values()), count, int(self.meta.get("words") or 0))
+        return support(words, count, int(self.meta.get("words") or 0))
 
     def search(
         self,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from doppel.errors import BadInput
+from doppel.memory.attribution import drawn_on
 from doppel.memory.index import MEMORY_DIR, MemoryIndex, Recall
 from doppel.memory.prompt import DEFAULT_SETTINGS, MemorySettings, recall_for
 from doppel.memory.voice import abstention
@@ -62,13 +63,14 @@ class ChatSession:
         self.clock = clock
         self.thread: list[ThreadMessage] = []
         self.memory, self.memory_settings = memory, memory_settings
-        self.recall = Recall()  # what the last reply drew on
+        self.recall = Recall()  # what memory gave the last reply
+        self.cited = Recall()  # of it, what the reply drew on: its sources
 
     def reply(self, text: str) -> Iterator[str]:
         """Add the user's `text` to the thread and stream the doppel's answer (added once complete)."""
         self.thread.append(ThreadMessage(USER_ID, self.user_name, text, self.clock()))
         context = serving_context(self.thread, PERSON_ID, in_thread=False, rule=self.window)
-        self.recall = recall_for(self.memory, context, self.memory_settings)
+        self.recall = self.cited = recall_for(self.memory, context, self.memory_settings)
         messages = build_conversation(
             self.person, PERSON_ID, context, channel=self.channel, memory=self.recall.lines()
         )
@@ -80,6 +82,9 @@ class ChatSession:
             for piece in self.backend.stream(self.adapter, messages, self.params):
                 pieces.append(piece)
                 yield piece
+        if self.memory is not None:
+            said = [m.text for m in context]
+            self.cited = drawn_on(self.memory, self.recall, "".join(pieces), said)
         self.thread.append(ThreadMessage(PERSON_ID, self.person, "".join(pieces).strip(), self.clock()))
 
 

@@ -25,6 +25,11 @@ eval.json (every figure null when it cannot be measured):
     distinct        {adapter, prompted_base, real}  share not near-duplicates of another reply of the set
                                                     (to another context)
     copy_rate       {adapter, prompted_base}        share repeating 12+ words of a training message
+    memory_use      {adapter, real, replies}        of the replies whose prompt holds the person's memory
+                                                    (`replies` of them), the share that draw on it
+                                                    (`doppel.memory.attribution`): the adapter's, and the
+                                                    real replies' (how often the person repeats it);
+                                                    null when no prompt holds memory
     length          {adapter, prompted_base, person}  mean words per reply
     replies                                         held-out contexts replied to
     persona_prompt                                  the prompted base's system prompt
@@ -57,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.fsutil import atomic_write_text
+from doppel.memory.attribution import memory_use
 from doppel.train import data
 from doppel.train.gate import Paired
 from doppel.train.likeness import (
@@ -269,6 +275,8 @@ def evaluate_adapter(
         "prompted_base": _mean_words(prompted),
         "person": _mean_words(real),
     }
+    prompts = [sample.messages[:-1] for sample in heldout]
+    report["memory_use"] = memory_use(prompts, {"adapter": tuned, "real": real}, person or "")
     report["persona_prompt"] = persona
     report["baseline"] = {"contexts": _keys(heldout), "prompted_base": prompted, "base": base_replies}
     report["examples"] = [
@@ -610,6 +618,12 @@ def table(report: dict[str, Any]) -> str:
         f"  mean reply words    adapter {length.get('adapter')}  persona-prompted base "
         f"{length.get('prompted_base')}  real {length.get('person')}",
     ]
+    use = report.get("memory_use")
+    if use:
+        lines.append(
+            f"  memory drawn on     adapter {_figure(use.get('adapter'))}  real replies "
+            f"{_figure(use.get('real'))}  (of {use.get('replies')} replies with memory in the prompt)"
+        )
     spread = report.get("uncertainty") or {}
     likeness_gap = spread.get("likeness_adapter_minus_prompted_base")
     relevance_gap = spread.get("relevance_adapter_minus_prompted_base")
