@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import Stemmer
-from tests.unit.test_memory_index import RECORDS
+from tests.unit.test_memory_index import alice_index
 
 from doppel.memory.attribution import drawn_on, draws_on, memory_use
-from doppel.memory.index import MemoryIndex, entries_from_samples, write_index
+from doppel.memory.index import MemoryIndex
 from doppel.slack.conversation import system_prompt
 
 STEMMER = Stemmer.Stemmer("english")
@@ -57,14 +57,7 @@ def test_japanese_is_compared_by_character_pairs():
 
 @pytest.fixture
 def index(tmp_path) -> MemoryIndex:
-    where = write_index(
-        entries_from_samples(RECORDS),
-        tmp_path / "memory",
-        team="T1",
-        person_id="U1",
-        person_name="Alice Smith",
-    )
-    return MemoryIndex.load(where)
+    return alice_index(tmp_path / "memory")
 
 
 def test_drawn_on_keeps_the_hits_the_reply_used_and_the_rest_of_the_recall(index):

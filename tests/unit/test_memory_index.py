@@ -66,11 +66,16 @@ RECORDS = [
 ]
 
 
+def alice_index(where: Path) -> MemoryIndex:
+    """Alice's index of RECORDS, written to `where` and loaded as her doppel loads it."""
+    entries = entries_from_samples(RECORDS)
+    write_index(entries, where, team="T1", person_id="U1", person_name="Alice Smith")
+    return MemoryIndex.load(where, team="T1", person_id="U1")
+
+
 @pytest.fixture
 def index(tmp_path: Path) -> MemoryIndex:
-    entries = entries_from_samples(RECORDS)
-    where = write_index(entries, tmp_path / "memory", team="T1", person_id="U1", person_name="Alice Smith")
-    return MemoryIndex.load(where, team="T1", person_id="U1")
+    return alice_index(tmp_path / "memory")
 
 
 def test_a_question_the_person_answered_before_finds_their_message_with_its_source(index):

@@ -4,24 +4,17 @@ from other, older conversations only, and the threshold and budget come from the
 from __future__ import annotations
 
 import pytest
-from tests.unit.test_memory_index import RECORDS, T0, sample
+from tests.unit.test_memory_index import RECORDS, T0, alice_index, sample
 
 from doppel.errors import BadInput
-from doppel.memory.index import MemoryIndex, entries_from_samples, write_index
+from doppel.memory.index import MemoryIndex
 from doppel.memory.prompt import MemorySettings, recall_for, remember_samples
 from doppel.slack.conversation import MEMORY_HEADING, ThreadMessage, build_conversation, system_prompt
 
 
 @pytest.fixture
 def index(tmp_path) -> MemoryIndex:
-    where = write_index(
-        entries_from_samples(RECORDS),
-        tmp_path / "memory",
-        team="T1",
-        person_id="U1",
-        person_name="Alice Smith",
-    )
-    return MemoryIndex.load(where)
+    return alice_index(tmp_path / "memory")
 
 
 def test_without_memory_the_prompt_is_unchanged():
