@@ -76,6 +76,27 @@ def test_the_split_is_the_trainings_own(tmp_path, trained_adapter, style_samples
     assert split.summary == metrics["heldout"]
 
 
+def test_the_split_is_the_trainings_own_when_training_clipped_its_samples(
+    tmp_path, tiny_model, style_samples
+):
+    """A CPU budget trains samples clipped shorter than the held-out ones (`train_max_length`): the report
+    chooses among the samples that fit the training's length, as the trainer did."""
+    from transformers import AutoTokenizer
+
+    from doppel.train.trainer import TrainConfig, train_adapter
+
+    config = TrainConfig(
+        data=style_samples.samples, base_model=str(tiny_model), out=tmp_path / "adapter", rank=4, alpha=8,
+        epochs=1, max_steps_per_epoch=1, batch_size=4, grad_accum=1, max_length=256, train_max_length=68,
+        progress_bar=False,
+    )  # fmt: skip
+    metrics = train_adapter(config)  # 68 tokens: a third of the samples cannot be clipped to fit
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    split = fidelity.split_samples(load_samples(style_samples.samples), tokenizer, metrics.config)
+    assert len(split.train) == metrics.train_samples < len(split.before_cut)
+    assert len(split.eval) == metrics.eval_samples and split.summary == metrics.heldout
+
+
 def test_the_classifier_knows_the_person_from_every_reply_before_the_cut(trained_adapter, style_samples):
     """A CPU budget trains on a few of the person's replies (the most characteristic); the classifier that
     judges likeness learns the person from all of their replies before the cut, so that it does not favour
