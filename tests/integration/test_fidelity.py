@@ -76,11 +76,12 @@ def test_the_split_is_the_trainings_own(tmp_path, trained_adapter, style_samples
     assert split.summary == metrics["heldout"]
 
 
-def test_the_split_is_the_trainings_own_when_training_clipped_its_samples(
+def test_a_budget_that_clips_training_samples_loses_none_and_the_report_sees_its_split(
     tmp_path, tiny_model, style_samples
 ):
-    """A CPU budget trains samples clipped shorter than the held-out ones (`train_max_length`): the report
-    chooses among the samples that fit the training's length, as the trainer did."""
+    """A CPU budget clips its training samples shorter than the held-out ones (`train_max_length`); a sample
+    that cannot be cut that short is trained at `max_length` rather than lost, and the report's split is the
+    training's own."""
     from transformers import AutoTokenizer
 
     from doppel.train.trainer import TrainConfig, train_adapter
@@ -90,10 +91,11 @@ def test_the_split_is_the_trainings_own_when_training_clipped_its_samples(
         epochs=1, max_steps_per_epoch=1, batch_size=4, grad_accum=1, max_length=256, train_max_length=68,
         progress_bar=False,
     )  # fmt: skip
-    metrics = train_adapter(config)  # 68 tokens: a third of the samples cannot be clipped to fit
+    metrics = train_adapter(config)  # 68 tokens: a third of the samples cannot be cut that short
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     split = fidelity.split_samples(load_samples(style_samples.samples), tokenizer, metrics.config)
-    assert len(split.train) == metrics.train_samples < len(split.before_cut)
+    assert metrics.train_samples == len(split.train) == len(split.before_cut)  # every sample before the cut
+    assert metrics.clipped > 0 and metrics.dropped_too_long == 0
     assert len(split.eval) == metrics.eval_samples and split.summary == metrics.heldout
 
 

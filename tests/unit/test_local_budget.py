@@ -20,24 +20,28 @@ def test_the_demo_uses_every_sample_over_its_sixteen_steps():
 
 def test_a_large_export_takes_the_newest_samples_its_steps_can():
     two = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=False)
-    assert (two["epochs"], two["max_steps_per_epoch"]) == (1, 16)
-    assert two["max_train_samples"] == 16 * 8 and two["max_eval_samples"] == CPU_EVAL_SAMPLES
-    assert two["eval_steps"] == 16  # one evaluation, at the end: the held-out set chooses no checkpoint
+    # The tokens of 16 steps of 8 samples of 400 tokens, in steps of samples clipped to 320 tokens (290 on
+    # average): 22 of them.
+    assert (two["epochs"], two["max_steps_per_epoch"]) == (1, 22) and two["train_max_length"] == 320
+    assert two["max_train_samples"] == 22 * 8 and two["max_eval_samples"] == CPU_EVAL_SAMPLES
+    assert two["max_length"] == 512  # what the held-out samples keep
+    assert two["max_train_tokens"] == 16 * 8 * 400  # the time: samples longer on average take fewer steps
+    assert two["eval_steps"] == 22  # one evaluation, at the end: the held-out set chooses no checkpoint
     # Many varied samples, each seen once, learn at a higher rate than the demo's few, seen again and again.
     assert two["lr"] > training_settings(settings(demo=True), 84, "smollm2-135m", cores=2)["lr"]
     # The threads the replies answer are learnt too, at a quarter of a reply token's weight.
     assert two["context_weight"] == 0.25
     eight = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=8, bf16=False)
-    assert eight["max_steps_per_epoch"] == 64 and eight["max_train_samples"] == 64 * 8
+    assert eight["max_steps_per_epoch"] == 88 and eight["max_train_samples"] == 88 * 8
     asked = training_settings(settings(export=Path("x.zip"), max_steps=10), 14_000, "smollm2-135m", cores=2)
     assert asked["max_steps_per_epoch"] == 10 and asked["max_train_samples"] == 80
 
 
 def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
     fast = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=True)
-    assert fast["cpu_bf16"] is True and fast["max_steps_per_epoch"] == 20 and fast["max_train_samples"] == 160
-    assert fast["eval_steps"] == 20
-    # Steps of 8 samples of 400 tokens on average at most: longer samples take fewer steps, not more time.
+    assert fast["cpu_bf16"] is True and fast["max_steps_per_epoch"] == 27 and fast["max_train_samples"] == 216
+    assert fast["eval_steps"] == 27
+    # The budget's time in tokens: 20 steps of 8 samples of 400 on average.
     assert fast["max_train_tokens"] == 20 * 8 * 400
     plain = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=False)
     assert plain["cpu_bf16"] is False  # named in the settings: the adapter's fingerprint tells them apart
@@ -49,11 +53,11 @@ def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
 
 def test_a_person_of_few_samples_is_passed_over_three_times_at_most():
     few = training_settings(settings(export=Path("x.zip")), 26, "smollm2-135m", cores=2, bf16=True)
-    # 26 samples, 2 steps of 8 an epoch (the held-out ones aside): 6 steps, not the budget's 20.
+    # 26 samples, 2 steps of 8 an epoch (the held-out ones aside): 6 steps, not the budget's 27.
     assert few["max_steps"] == 6 and few["eval_steps"] == 6 and "max_train_samples" not in few
-    assert few["max_train_tokens"] == 6 * 8 * 400
+    assert few["max_train_tokens"] == 6 * 8 * 320
     many = training_settings(settings(export=Path("x.zip")), 120, "smollm2-135m", cores=2, bf16=True)
-    assert many["max_steps"] == 20
+    assert many["max_steps"] == 27
     # Steps the user asked for are theirs.
     asked = training_settings(settings(export=Path("x.zip"), max_steps=12), 26, "smollm2-135m", cores=2)
     assert asked["max_steps"] == 12

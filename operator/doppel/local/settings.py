@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +73,19 @@ EXPORT_CONTEXT_WEIGHT = 0.25
 # export needs would learn a small one by heart (haskell-jp's fumieval, 22 training samples: held-out loss
 # -10.9% at 6 steps, about 2 passes; -10.7% at 10; -2.5% at 20, 7 passes).
 CPU_MAX_EPOCHS = 3
-# A real workspace's budget also bounds the tokens trained: its steps' cost is their tokens, and a person
-# whose samples are longer (Japanese, which SmolLM2's tokenizer cuts into about a token a byte; long threads)
-# would otherwise take longer than the budget's minutes. At most this many a sample on average: hyperledger's
-# five most active average 300 to 390, haskell-jp's kakkun61 about 420.
+# A real workspace's budget is a number of tokens, its steps' cost: its steps at this many a sample (at 512
+# tokens, hyperledger's five most active average 300 to 390, haskell-jp's kakkun61 about 420)...
 CPU_TOKENS_PER_SAMPLE = 400
+# ...spent on training samples clipped to this many tokens, their oldest context first (the held-out ones
+# keep the budget's 512), in as many steps as those tokens hold: more of the person in the same time, and a
+# person whose samples are longer (Japanese, which SmolLM2's tokenizer cuts into about a token a byte; long
+# threads) takes no longer. ghaskins, about 63,000 tokens each: 192 samples of up to 512 tokens -18.2%; 216
+# of up to 320, -19.3%; 256 of up to 256, -19.0% (their memory and the message answered crowd the rest out).
+CPU_TRAIN_MAX_LENGTH = 320
+# What samples clipped to CPU_TRAIN_MAX_LENGTH average (ghaskins 293): the steps the budget's tokens hold.
+CPU_CLIPPED_SAMPLE_TOKENS = 290
 # The newest samples `doppel local` keeps (the operator and `doppel scrape`: api.MAX_SAMPLES). Its CPU budget
-# trains at most 160, chosen among the newest 480 (data.CHOICE_POOL), and the held-out cut is a share of
+# trains at most 200, chosen among the newest 600 (data.CHOICE_POOL), and the held-out cut is a share of
 # them all: more would move the cut back without training on more.
 LOCAL_MAX_SAMPLES = 500
 DEMO_BASE_MODEL = "smollm2-135m"
@@ -178,6 +185,7 @@ def training_settings(
     budgeted = base_name in DEMO_TRAINING and (settings.demo or not torch.cuda.is_available())
     chosen: dict[str, Any] = dict(DEMO_TRAINING[base_name]) if budgeted else {}
     steps = settings.max_steps
+    budget_tokens = None  # the tokens (time) of the budget's own steps
     if budgeted:
         bf16 = cpu_has_bf16() if bf16 is None else bf16
         chosen["cpu_bf16"] = bf16  # named, so that the fingerprint tells the two kinds of CPU apart
@@ -188,14 +196,18 @@ def training_settings(
         if steps is None:
             steps = round(DEMO_MAX_STEPS[base_name] * scale)
             if not settings.demo:
+                # The tokens of the budget's steps, in as many steps of clipped samples as they hold.
                 batch = chosen["batch_size"] * chosen["grad_accum"]
+                budget_tokens = steps * batch * CPU_TOKENS_PER_SAMPLE
+                steps = budget_tokens // (batch * CPU_CLIPPED_SAMPLE_TOKENS)
                 per_epoch = _steps_per_epoch_at_least(n_samples, chosen["eval_fraction"], batch)
                 steps = min(steps, CPU_MAX_EPOCHS * per_epoch)
         if not settings.demo:
             chosen["eval_steps"] = max(1, steps // CPU_EVALS)
             chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
+            chosen["train_max_length"] = CPU_TRAIN_MAX_LENGTH
             batch = chosen["batch_size"] * chosen["grad_accum"]
-            chosen["max_train_tokens"] = steps * batch * CPU_TOKENS_PER_SAMPLE
+            chosen["max_train_tokens"] = min(steps * batch * CPU_TRAIN_MAX_LENGTH, budget_tokens or math.inf)
     if base_name in BUILTIN_MODELS and not settings.demo:
         # A real workspace, on a CPU budget or a GPU, learns at the built-in model's own rate, as
         # `doppel train` does; faster than the demo's: its samples are many and varied, each seen once, so a

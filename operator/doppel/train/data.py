@@ -284,6 +284,26 @@ def encode(
     return Encoded(*kept, sample.thread, sample.weight, kept_weights)
 
 
+def encode_for_training(
+    sample: Sample,
+    tokenizer: PreTrainedTokenizerBase,
+    train_length: int,
+    max_length: int,
+    stats: EncodeStats,
+    context_weight: float = 0.0,
+) -> Encoded | None:
+    """`encode` at a budget's shorter `train_length`, or at `max_length` for a sample that cannot be cut
+    that short (its memory and reply leave no room: a Japanese one, a long reply), rather than lose it."""
+    if train_length < max_length:
+        tried = EncodeStats()
+        item = encode(sample, tokenizer, train_length, tried, context_weight)
+        if item is not None:
+            stats.clipped += tried.clipped
+            stats.reply_cut += tried.reply_cut
+            return item
+    return encode(sample, tokenizer, max_length, stats, context_weight)
+
+
 def _render(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[dict[str, str]],

@@ -124,12 +124,10 @@ def split_samples(
     messages it chose samples against, from `folder` or beside the recorded data), then the held-out samples
     it could encode."""
     max_length = int(config.get("max_length", 1024))
-    # The budget chose among the samples that fit its training length, as the trainer does.
-    train_length = min(int(config.get("train_max_length") or max_length), max_length)
     stats = data.EncodeStats()
 
     def fits(sample: data.Sample) -> bool:
-        return data.encode(sample, tokenizer, train_length, stats) is not None
+        return data.encode(sample, tokenizer, max_length, stats) is not None
 
     recorded = Path(str(config["data"])).parent if config.get("data") else None
     held = data.budget_split(
@@ -141,8 +139,7 @@ def split_samples(
         colleagues=data.read_colleagues(folder or recorded) if (folder or recorded) else (),
     )
     everything = data.split_by_time(samples, float(config.get("eval_fraction", 0.15))).train
-    heldout = [s for s in held.eval if data.encode(s, tokenizer, max_length, stats) is not None]
-    return SplitSamples(held.train, heldout, held.summary(), everything)
+    return SplitSamples(held.train, [s for s in held.eval if fits(s)], held.summary(), everything)
 
 
 def persona_prompt(person: str, examples: Sequence[str]) -> str:

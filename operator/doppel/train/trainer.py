@@ -107,7 +107,9 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
     train_length = min(config.train_max_length or config.max_length, config.max_length)
 
     def fits(sample: data.Sample) -> bool:
-        item = data.encode(sample, tokenizer, train_length, stats, config.context_weight)
+        item = data.encode_for_training(
+            sample, tokenizer, train_length, config.max_length, stats, config.context_weight
+        )
         if item is not None:
             encoded[id(sample)] = item
         return item is not None
