@@ -85,7 +85,7 @@ CPU_TRAIN_MAX_LENGTH = 320
 # What samples clipped to CPU_TRAIN_MAX_LENGTH average (ghaskins 293): the steps the budget's tokens hold.
 CPU_CLIPPED_SAMPLE_TOKENS = 290
 # The newest samples `doppel local` keeps (the operator and `doppel scrape`: api.MAX_SAMPLES). Its CPU budget
-# trains at most 200, chosen among the newest 600 (data.CHOICE_POOL), and the held-out cut is a share of
+# trains at most 216, chosen among the newest 648 (data.CHOICE_POOL), and the held-out cut is a share of
 # them all: more would move the cut back without training on more.
 LOCAL_MAX_SAMPLES = 500
 DEMO_BASE_MODEL = "smollm2-135m"

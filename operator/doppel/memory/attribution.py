@@ -13,7 +13,7 @@ conversation did not already say, namely
   "think" or "today" never count).
 
 Words are compared as the index compares them (stemmed, stop words and the person's own name out; CJK text
-as character pairs), so "merged" draws on "merge".
+as character pairs), so "parsers" in a reply repeats "parser" of a message.
 """
 
 from __future__ import annotations
