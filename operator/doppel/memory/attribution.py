@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,25 +40,15 @@ def drawn_on(index: MemoryIndex, recall: Recall, reply: str, conversation: Itera
     """`recall` with only the hits `reply` draws on; the rest of the recall (abstention, support) as is."""
     if not recall.hits:
         return recall
-    said = list(conversation)
-    name = index.name_terms
-    return replace(
-        recall,
-        hits=[h for h in recall.hits if draws_on(reply, h.entry.text, said, index.stemmer, exclude=name)],
-    )
+    drawn = _drawing_on(reply, list(conversation), index.stemmer, index.name_terms)
+    return replace(recall, hits=[h for h in recall.hits if drawn(h.entry.text)])
 
 
 def draws_on(
     reply: str, source: str, conversation: Sequence[str], stemmer: Any, *, exclude: Iterable[str] = ()
 ) -> bool:
     """Whether `reply` repeats something of `source` that `conversation` did not say (see the module)."""
-    links = _links(reply) & _links(source) - set().union(*map(_links, conversation))
-    if links:
-        return True
-    known = set(exclude).union(*(_zipfs(text, stemmer) for text in conversation))
-    written = _zipfs(reply, stemmer)
-    shared = [written[t] for t in _zipfs(source, stemmer).keys() & written.keys() - known]
-    return any(z < RARE_ZIPF for z in shared) or sum(z < COMMON_ZIPF for z in shared) >= 2
+    return _drawing_on(reply, conversation, stemmer, exclude)(source)
 
 
 def memory_use(
@@ -77,18 +67,29 @@ def memory_use(
             with_memory.append((i, lines, [m["content"] for m in prompt[1:]]))
     if not with_memory:
         return None
-    shares = {
-        key: round(
-            sum(
-                any(draws_on(texts[i], line, said, stemmer, exclude=name) for line in lines)
-                for i, lines, said in with_memory
-            )
-            / len(with_memory),
-            4,
-        )
-        for key, texts in replies.items()
-    }
+    shares: dict[str, Any] = {}
+    for key, texts in replies.items():
+        drew = [any(map(_drawing_on(texts[i], said, stemmer, name), lines)) for i, lines, said in with_memory]
+        shares[key] = round(sum(drew) / len(drew), 4)
     return {**shares, "replies": len(with_memory)}
+
+
+def _drawing_on(
+    reply: str, conversation: Sequence[str], stemmer: Any, exclude: Iterable[str]
+) -> Callable[[str], bool]:
+    """The test of whether `reply` draws on a message, with what the reply and the conversation say taken
+    apart once for all the messages it is put to."""
+    links = _links(reply) - set().union(*map(_links, conversation))
+    known = set(exclude).union(*(_zipfs(text, stemmer) for text in conversation))
+    written = {term: zipf for term, zipf in _zipfs(reply, stemmer).items() if term not in known}
+
+    def drawn(source: str) -> bool:
+        if links & _links(source):
+            return True
+        shared = [written[term] for term in _zipfs(source, stemmer).keys() & written.keys()]
+        return any(z < RARE_ZIPF for z in shared) or sum(z < COMMON_ZIPF for z in shared) >= 2
+
+    return drawn
 
 
 def _links(text: str) -> set[str]:
