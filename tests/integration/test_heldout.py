@@ -9,6 +9,7 @@ replies opening with a `<@U…>` mention carry that user's message. Real exports
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +19,14 @@ from tests.support.real_exports import REAL_EXPORTS, real_export, volume_exports
 
 from doppel.cli import main
 from doppel.demo.workspace import MARGARET, write_export
+from doppel.memory.index import MemoryIndex, person_entries, write_index
+from doppel.memory.prompt import remember_samples
+from doppel.slack.conversation import memory_of
+from doppel.slack.samples import MEMORY_FILE
 from doppel.train import data
+
+# A memory line of the prompt: "[#channel, day] (answering Bob: ...) what the person wrote".
+MEMORY_LINE = re.compile(r"^\[[^\]]*\] (\(answering [^)]*\) )?")
 
 # (export, person): the demo's Margaret and the most active person of each real export with volume.
 REAL = [
@@ -60,6 +68,31 @@ def test_each_message_of_the_person_is_trained_once(scraped):
         # The reply is the end of the last turn; the person's messages before it there are context only.
         assert row["messages"][-1]["content"].endswith(sample.reply) and sample.reply.strip()
         assert sample.kind in ("reply", "opener")
+
+
+def test_no_training_sample_remembers_its_own_conversation(scraped, tmp_path):
+    # Memory as `doppel train` gives it (doppel.train.stage): the person's messages (memory.jsonl, each Slack
+    # message apart) from before the sample's conversation began; never a part of its reply or context.
+    records = [json.loads(line) for line in (scraped / "samples.jsonl").read_text().splitlines()]
+    entries = person_entries(records, scraped / MEMORY_FILE)
+    meta = records[0]["meta"]
+    write_index(entries, tmp_path, team=meta["team"], person_id=meta["user"], person_name=meta["person"])
+    cut = data.split_by_time(data.load_samples(scraped / "samples.jsonl"), 0.15).cut_ts
+    remembered, count = remember_samples(records, MemoryIndex.load(tmp_path), heldout_from=cut)
+    assert count >= 0.3 * len(records)
+    first_written: dict[str, float] = {}
+    for entry in entries:
+        first_written.setdefault(entry.text.strip(), float(entry.ts))
+    own = []
+    for record in remembered:
+        conversation = "\n".join(m["content"] for m in record["messages"][1:])
+        started = min(float(record["meta"].get("context_ts") or "inf"), float(record["meta"]["ts"]))
+        for line in memory_of(record["messages"][0]["content"]).splitlines():
+            said = MEMORY_LINE.sub("", line).strip()
+            # A line the conversation holds that the person had not written before it began: its own.
+            if line.startswith("[#") and said in conversation and first_written.get(said, 0.0) >= started:
+                own.append(said)
+    assert not own, own[:3]
 
 
 def test_replies_carry_the_message_they_answer(scraped):

@@ -7,7 +7,7 @@ import pytest
 from tests.unit.test_memory_index import RECORDS, T0, alice_index, sample
 
 from doppel.errors import BadInput
-from doppel.memory.index import MemoryIndex
+from doppel.memory.index import Entry, MemoryIndex, entries_from_samples, write_index
 from doppel.memory.prompt import MemorySettings, recall_for, remember_samples
 from doppel.slack.conversation import MEMORY_HEADING, ThreadMessage, build_conversation, system_prompt
 
@@ -58,6 +58,39 @@ def test_training_samples_get_memory_from_other_older_conversations_only(index):
     assert "Postgres 16" in system  # the older message of another thread
     assert "version 17" not in system  # never the reply being trained
     assert records[2]["messages"][1:] == later["messages"][1:]
+
+
+def test_a_reply_of_several_slack_messages_never_finds_its_own_first_one_in_memory(tmp_path):
+    # In channel flow the person answers in two messages; the memory holds each (memory.jsonl), and the
+    # sample's reply is both, timed by the last. Memory comes from before the conversation began.
+    first_half = Entry(
+        text="Billing moves to Postgres 17 next week.",
+        channel="billing",
+        channel_id="CBILLING",
+        ts=f"{T0 + 50_000:.6f}",
+        thread_ts=f"{T0 + 50_000:.6f}",
+        answered="Dan: is billing moving off that database?",
+        team="T1",
+    )
+    write_index(
+        [*entries_from_samples(RECORDS), first_half],
+        tmp_path,
+        team="T1",
+        person_id="U1",
+        person_name="Alice Smith",
+    )
+    index = MemoryIndex.load(tmp_path, team="T1", person_id="U1")
+    turn = sample(
+        "Billing moves to Postgres 17 next week.\nThe replicas follow a day later.",
+        "Dan: is billing moving off that database?",
+        "billing",
+        T0 + 50_030,
+    )
+    turn["meta"]["context_ts"] = f"{T0 + 49_990:.6f}"
+    [record], remembered = remember_samples([turn], index)
+    system = record["messages"][0]["content"]
+    assert remembered == 1 and "Postgres 16" in system  # what she wrote before, in another thread
+    assert "Postgres 17" not in system  # the first message of the very reply being trained
 
 
 def test_settings_from_the_environment():

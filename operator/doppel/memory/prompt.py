@@ -133,7 +133,10 @@ def _lines_for(
         return []
     asked = query(messages[-2]["content"].splitlines()[-1])
     thread = f"{meta.get('channel_id') or ''}/{meta.get('thread_ts') or meta['ts']}"
-    before = float(meta["ts"]) if heldout_from is None else min(float(meta["ts"]), heldout_from)
+    # Only what the person wrote before the conversation began: a reply turn is often several Slack messages
+    # (the memory holds each), and its earlier ones, or the person's earlier turns, are the conversation.
+    started = _started(meta)
+    before = started if heldout_from is None else min(started, heldout_from)
     recall = index.search(
         asked,
         k=settings.k,
@@ -144,3 +147,12 @@ def _lines_for(
         exclude_thread=thread,
     )
     return recall.lines()
+
+
+def _started(meta: Mapping[str, Any]) -> float:
+    """When a sample's conversation began: `meta.context_ts`, else its reply's own time."""
+    ts = float(meta["ts"])
+    try:
+        return min(float(meta.get("context_ts") or ts), ts)
+    except (TypeError, ValueError):
+        return ts
