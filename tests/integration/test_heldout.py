@@ -2,8 +2,9 @@
 
 Each export is scraped as a user would (`doppel scrape --export`) for its most active person, then split
 as the training splits (`doppel.train.data.split_by_time`): no held-out reply's text is in any training
-sample, as reply or in its context, each of the person's messages is the reply of one sample at most, and
-replies opening with a `<@U…>` mention carry that user's message. Real exports skip when absent.
+sample, as reply or in its context, each of the person's messages is the reply of one sample at most, no
+training sample's memory holds a message of its own conversation, and replies opening with a `<@U…>` mention
+carry that user's message. Real exports skip when absent.
 """
 
 from __future__ import annotations

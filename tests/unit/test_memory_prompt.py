@@ -62,24 +62,15 @@ def test_training_samples_get_memory_from_other_older_conversations_only(index):
 
 def test_a_reply_of_several_slack_messages_never_finds_its_own_first_one_in_memory(tmp_path):
     # In channel flow the person answers in two messages; the memory holds each (memory.jsonl), and the
-    # sample's reply is both, timed by the last. Memory comes from before the conversation began.
-    first_half = Entry(
-        text="Billing moves to Postgres 17 next week.",
-        channel="billing",
-        channel_id="CBILLING",
-        ts=f"{T0 + 50_000:.6f}",
-        thread_ts=f"{T0 + 50_000:.6f}",
-        answered="Dan: is billing moving off that database?",
-        team="T1",
-    )
-    write_index(
-        [*entries_from_samples(RECORDS), first_half],
-        tmp_path,
-        team="T1",
-        person_id="U1",
-        person_name="Alice Smith",
-    )
-    index = MemoryIndex.load(tmp_path, team="T1", person_id="U1")
+    # sample's reply is both, timed by the last. Its conversation is never its memory; what the person wrote
+    # meanwhile elsewhere may be.
+    def entry(text: str, channel: str, ts: float, answered: str) -> Entry:
+        return Entry(text, channel, f"C{channel.upper()}", f"{ts:.6f}", f"{ts:.6f}", "T1", answered)
+
+    first_half = entry("Billing moves to Postgres 17 next week.", "billing", T0 + 50_000, "Dan: moving?")
+    elsewhere = entry("The billing database backups run nightly.", "ops", T0 + 50_010, "Eve: backups?")
+    entries = [*entries_from_samples(RECORDS), first_half, elsewhere]
+    write_index(entries, tmp_path, team="T1", person_id="U1", person_name="Alice Smith")
     turn = sample(
         "Billing moves to Postgres 17 next week.\nThe replicas follow a day later.",
         "Dan: is billing moving off that database?",
@@ -87,9 +78,10 @@ def test_a_reply_of_several_slack_messages_never_finds_its_own_first_one_in_memo
         T0 + 50_030,
     )
     turn["meta"]["context_ts"] = f"{T0 + 49_990:.6f}"
-    [record], remembered = remember_samples([turn], index)
+    [record], remembered = remember_samples([turn], MemoryIndex.load(tmp_path))
     system = record["messages"][0]["content"]
     assert remembered == 1 and "Postgres 16" in system  # what she wrote before, in another thread
+    assert "backups run nightly" in system  # meanwhile, in another channel
     assert "Postgres 17" not in system  # the first message of the very reply being trained
 
 

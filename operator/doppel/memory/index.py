@@ -374,6 +374,9 @@ class MemoryIndex:
         threads: dict[str, int] = {}
         self._threads = np.array([threads.setdefault(e.thread, len(threads)) for e in entries])
         self._thread_ids = threads
+        channels: dict[str, int] = {}
+        self._channels = np.array([channels.setdefault(e.channel_id, len(channels)) for e in entries])
+        self._channel_ids = channels
         self._name = set(terms(str(meta.get("person_name") or ""), self.stemmer))
 
     @property
@@ -437,15 +440,17 @@ class MemoryIndex:
         min_relatedness: float = meaning.DEFAULT_MIN_RELATEDNESS,
         before_ts: float | None = None,
         exclude_thread: str | None = None,
+        exclude_since: tuple[str, float] | None = None,
     ) -> Recall:
         """The person's messages most relevant to `query`, best first, at most `k` and within
         `budget_tokens`; for a question, its support and relatedness (abstention under `min_support`, or
         under the relatedness of the least related `min_relatedness` share of the questions the person
-        answered). `before_ts` and `exclude_thread` (training) keep out the message being trained on, its
-        thread and anything newer."""
+        answered). `before_ts`, `exclude_thread` and `exclude_since` (training) keep out the message being
+        trained on, anything newer, its thread and its conversation in the channel flow (channel ID, start):
+        a reply of several Slack messages is several entries, the first ones older than the reply."""
         question = is_question(query)
         backing = self.support(query) if question else None  # only a question is abstained on
-        mask = self._allowed(before_ts, exclude_thread)
+        mask = self._allowed(before_ts, exclude_thread, exclude_since)
         floor = meaning.threshold(self.calibration, min_relatedness) if backing is not None else None
         related = self.relatedness(query, mask) if floor is not None else None
         query = clean(query)
@@ -481,16 +486,22 @@ class MemoryIndex:
             used += cost
         return Recall(hits, round(coverage, 4), question, backing, min_support, related, floor)
 
-    def _allowed(self, before_ts: float | None, exclude_thread: str | None) -> np.ndarray | None:
-        """The messages older than `before_ts` and outside `exclude_thread`; None when both are None (all of
-        them, and no array to build on a reply's path)."""
-        if before_ts is None and exclude_thread is None:
+    def _allowed(
+        self, before_ts: float | None, exclude_thread: str | None, exclude_since: tuple[str, float] | None
+    ) -> np.ndarray | None:
+        """The messages older than `before_ts`, outside `exclude_thread` and not in channel `exclude_since[0]`
+        from `exclude_since[1]` on; None when all are None (all of them, and no array to build on a reply's
+        path)."""
+        if before_ts is None and exclude_thread is None and exclude_since is None:
             return None
         mask = np.ones(self._n, dtype=bool)
         if before_ts is not None:
             mask &= self._ts < before_ts
         if exclude_thread is not None and exclude_thread in self._thread_ids:
             mask &= self._threads != self._thread_ids[exclude_thread]
+        if exclude_since is not None and exclude_since[0] in self._channel_ids:
+            channel, since = exclude_since
+            mask &= (self._channels != self._channel_ids[channel]) | (self._ts < since)
         return mask
 
     def _typical(self, df: int) -> float:

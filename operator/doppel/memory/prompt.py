@@ -133,10 +133,10 @@ def _lines_for(
         return []
     asked = query(messages[-2]["content"].splitlines()[-1])
     thread = f"{meta.get('channel_id') or ''}/{meta.get('thread_ts') or meta['ts']}"
-    # Only what the person wrote before the conversation began: a reply turn is often several Slack messages
-    # (the memory holds each), and its earlier ones, or the person's earlier turns, are the conversation.
-    started = _started(meta)
-    before = started if heldout_from is None else min(started, heldout_from)
+    before = float(meta["ts"]) if heldout_from is None else min(float(meta["ts"]), heldout_from)
+    # Never the sample's own conversation: a reply turn is often several Slack messages (the memory holds
+    # each, the first ones older than the reply), and in the channel flow no thread keeps them out.
+    conversation = (str(meta.get("channel_id") or ""), _started(meta))
     recall = index.search(
         asked,
         k=settings.k,
@@ -145,6 +145,7 @@ def _lines_for(
         min_relatedness=0,  # training uses the lines only: no abstention, no embedding to compute
         before_ts=before,
         exclude_thread=thread,
+        exclude_since=conversation,
     )
     return recall.lines()
 
