@@ -73,7 +73,7 @@ def test_each_message_of_the_person_is_trained_once(scraped):
 
 def test_no_training_sample_remembers_its_own_conversation(scraped, tmp_path):
     # Memory as `doppel train` gives it (doppel.train.stage): the person's messages (memory.jsonl, each Slack
-    # message apart) from before the sample's conversation began; never a part of its reply or context.
+    # message apart) of other conversations; never a part of the sample's reply or context.
     records = [json.loads(line) for line in (scraped / "samples.jsonl").read_text().splitlines()]
     entries = person_entries(records, scraped / MEMORY_FILE)
     meta = records[0]["meta"]
