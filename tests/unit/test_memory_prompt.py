@@ -85,6 +85,19 @@ def test_a_reply_of_several_slack_messages_never_finds_its_own_first_one_in_memo
     assert "Postgres 17" not in system  # the first message of the very reply being trained
 
 
+def test_a_sample_with_an_unreadable_conversation_start_still_gets_its_memory(index):
+    later = sample(
+        "Still Postgres, moved to 17 last week.",
+        "Dan: is billing still on that database?",
+        "billing",
+        T0 + 50_000,
+    )
+    later["meta"]["context_ts"] = "yesterday"  # not a Slack timestamp: the reply's own time stands in
+    [record], remembered = remember_samples([later], index)
+    assert remembered == 1 and "Postgres 16" in record["messages"][0]["content"]
+    assert record["messages"][1:] == later["messages"][1:]
+
+
 def test_settings_from_the_environment():
     settings = MemorySettings.from_env(
         {

@@ -43,6 +43,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -374,9 +375,6 @@ class MemoryIndex:
         threads: dict[str, int] = {}
         self._threads = np.array([threads.setdefault(e.thread, len(threads)) for e in entries])
         self._thread_ids = threads
-        channels: dict[str, int] = {}
-        self._channels = np.array([channels.setdefault(e.channel_id, len(channels)) for e in entries])
-        self._channel_ids = channels
         self._name = set(terms(str(meta.get("person_name") or ""), self.stemmer))
 
     @property
@@ -499,10 +497,15 @@ class MemoryIndex:
             mask &= self._ts < before_ts
         if exclude_thread is not None and exclude_thread in self._thread_ids:
             mask &= self._threads != self._thread_ids[exclude_thread]
-        if exclude_since is not None and exclude_since[0] in self._channel_ids:
+        if exclude_since is not None:
             channel, since = exclude_since
-            mask &= (self._channels != self._channel_ids[channel]) | (self._ts < since)
+            mask &= (self._channels != channel) | (self._ts < since)
         return mask
+
+    @cached_property
+    def _channels(self) -> np.ndarray:
+        """Each entry's channel ID; only training excludes by channel, so a serving load never builds it."""
+        return np.array([e.channel_id for e in self.entries], dtype=object)
 
     def _typical(self, df: int) -> float:
         """A term's score in a message of average length holding it once, under bm25s's default ("lucene")
