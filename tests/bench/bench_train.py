@@ -8,8 +8,14 @@ real tokens only (padding is work, not progress). Prints tokens/s of each, the r
 padding share and peak memory. On a CPU that computes bfloat16 natively, the trainer steps in bfloat16
 autocast; there it is also run in float32, and that ratio printed too.
 
+With --replies it compares instead the two ways `doppel local`'s CPU budget could train a real workspace's
+samples (clipped to 320 tokens, rank 16, 8 samples a step): whole samples with the context learnt at a
+quarter weight (2 x 4 micro-batches), and the reply alone with the context run without gradient (4 x 2), the
+budget's way; it prints samples/s of each, their ratio, and the ratio `data.train_cost` predicts.
+
 Run: .venv/bin/python tests/bench/bench_train.py          SmolLM2-135M-Instruct (the built-in model), CPU
      .venv/bin/python tests/bench/bench_train.py --tiny   the tiny random model (mechanics, seconds)
+     .venv/bin/python tests/bench/bench_train.py --replies   whole samples against replies alone (SmolLM2)
 GPU (not run in CI): .venv/bin/python tests/bench/bench_train.py --device cuda --llama-1b
   trains a randomly initialised model with Llama-3.2-1B's dimensions in bf16 and also prints model FLOPs
   utilisation: LoRA training costs about 4 x parameters x tokens FLOPs (forward 2, backward through frozen
@@ -90,29 +96,41 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(args: argparse.Namespace, cpu_bf16: bool | None = None) -> dict[str, Any]:
+# `doppel local`'s budget for a real workspace (doppel.local.settings), whole samples or the replies alone.
+BUDGET = {"rank": 16, "alpha": 32, "max_length": 512, "train_max_length": 320}
+WHOLE = {**BUDGET, "batch_size": 2, "grad_accum": 4, "context_weight": 0.25}
+REPLIES = {**BUDGET, "batch_size": 4, "grad_accum": 2, "context_gradient": False}
+
+
+def run_ours(args: argparse.Namespace, cpu_bf16: bool | None = None, **budget: Any) -> dict[str, Any]:
     from doppel.train.trainer import TrainConfig, train_adapter
 
+    settings: dict[str, Any] = {
+        "rank": args.rank,
+        "alpha": 2 * args.rank,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        **budget,
+    }
     metrics = train_adapter(
         TrainConfig(
             data=args.samples,
             base_model=str(args.model),
-            out=args.workdir / ("ours" if cpu_bf16 is None else "ours-float32"),
-            rank=args.rank,
-            alpha=2 * args.rank,
+            out=args.workdir / args.worker,
             epochs=1,
             max_steps_per_epoch=args.steps,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
             eval_fraction=0.0,
             min_samples=1,
             cpu_bf16=cpu_bf16,
             device=args.device,
             progress_bar=False,
+            **settings,
         )
     )
     return {
         "tokens": metrics.tokens,
+        "label_tokens": metrics.label_tokens,
+        "samples": metrics.steps * settings["batch_size"] * settings["grad_accum"],
         "seconds": metrics.train_seconds,
         "padding": metrics.padding_tokens,
         "peak_memory": peak_memory(args.device),
@@ -204,6 +222,8 @@ def matmul_flops(device: str) -> float:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker == "ours-float32":
         result = run_ours(args, cpu_bf16=False)
+    elif args.worker in ("whole", "replies"):
+        result = run_ours(args, **(WHOLE if args.worker == "whole" else REPLIES))
     else:
         result = run_ours(args) if args.worker == "ours" else run_baseline(args)
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
@@ -223,6 +243,29 @@ def spawn(args: argparse.Namespace, which: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def replies_against_whole(args: argparse.Namespace, label: str) -> None:
+    """The budget's two ways on the same samples and steps: samples a second, measured and predicted."""
+    args.steps = args.steps or 8
+    print(f"model: {label}; device {args.device}; {args.steps} steps of 8 samples clipped to 320 tokens")
+    runs = {which: spawn(args, which) for which in ("whole", "replies")}
+    for which, result in runs.items():
+        rate = result["samples"] / result["seconds"]
+        print(
+            f"{which:8s} {rate:6.2f} samples/s  {result['tokens_per_s']:6.0f} tokens/s  "
+            f"peak memory {result['peak_memory'] / 2**20:6.0f} MiB"
+        )
+    whole, replies = runs["whole"], runs["replies"]
+    measured = (replies["samples"] / replies["seconds"]) / (whole["samples"] / whole["seconds"])
+    context = replies["tokens"] - replies["label_tokens"]
+    cost = data.CACHED_CONTEXT_TOKEN_COST * context + data.REPLY_PART_TOKEN_COST * replies["label_tokens"]
+    predicted = (whole["tokens"] / whole["samples"]) / (cost / replies["samples"])
+    print(
+        f"replies {replies['label_tokens'] / replies['tokens']:.1%} of the tokens; samples a second, replies "
+        f"alone / whole: {measured:.2f}x measured, {predicted:.2f}x as data.train_cost predicts (what the "
+        "budget's steps are sized by)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -233,8 +276,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="Micro-batch [default: 16; SmolLM2 on CPU: 4].")
     parser.add_argument("--grad-accum", type=int, help="Micro-batches a step [default: 1; SmolLM2 CPU: 4].")
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--replies", action="store_true", help="Whole samples against the replies alone.")
     # Internal: one measured run in this process.
-    parser.add_argument("--worker", choices=("ours", "ours-float32", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=("ours", "ours-float32", "baseline", "whole", "replies"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -267,6 +313,9 @@ def main() -> None:
             args.batch_size = 4 if real_on_cpu else 16
         if args.grad_accum is None:
             args.grad_accum = 4 if real_on_cpu else 1
+        if args.replies:
+            replies_against_whole(args, label)
+            return
         print(f"model: {label}; device {args.device}; LoRA rank {args.rank} on all projections")
         print(
             f"{args.steps} steps x {args.grad_accum} micro-batches of {args.batch_size}, "

@@ -186,6 +186,27 @@ def test_a_token_budget_takes_fewer_steps_of_longer_samples(tmp_path, tiny_model
     assert budgeted.eval_loss[-1]["step"] == 3  # evaluated at its own last step
 
 
+def test_the_reply_alone_can_be_trained_with_its_context_run_without_gradient(
+    tmp_path, tiny_model, style_samples: StyleData
+):
+    """`--no-context-gradient` (the CPU budget's way): the adapter still learns the person's replies, every
+    reply token of the samples is trained, and a context weight, which would need the context's
+    gradient, is refused before anything is written."""
+    base = ["--data", str(style_samples.samples), "--base-model", str(tiny_model), "--rank", "4", *QUICK]
+    out = tmp_path / "replies"
+    result = _train(*base, "--out", str(out), "--no-context-gradient", "--no-eval")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["context_gradient"] is False
+    assert metrics["base_eval_loss"] > metrics["adapter_eval_loss"]
+    whole = tmp_path / "whole"
+    assert _train(*base, "--out", str(whole), "--no-eval").exit_code == 0
+    assert json.loads((whole / "metrics.json").read_text())["label_tokens"] == metrics["label_tokens"]
+    refused = tmp_path / "refused"
+    result = _train(*base, "--out", str(refused), "--no-context-gradient", "--context-weight", "0.25")
+    _assert_bad_input(result, "--context-weight learns the context", refused)
+
+
 def test_max_steps_pass_over_every_sample_before_any_again(tmp_path, tiny_model, style_samples: StyleData):
     # `--max-steps` is the steps in all: a whole pass over the training samples, then the next pass cut short,
     # not epochs of a random part of them each.

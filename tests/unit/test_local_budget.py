@@ -20,27 +20,29 @@ def test_the_demo_uses_every_sample_over_its_sixteen_steps():
 
 def test_a_large_export_takes_the_newest_samples_its_steps_can():
     two = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=False)
-    # The tokens of 16 steps of 8 samples of 400 tokens, in steps of samples clipped to 320 tokens (290 on
-    # average): 22 of them.
-    assert (two["epochs"], two["max_steps_per_epoch"]) == (1, 22) and two["train_max_length"] == 320
-    assert two["max_train_samples"] == 22 * 8 and two["max_eval_samples"] == CPU_EVAL_SAMPLES
+    # The tokens of 16 steps of 8 samples of 400 tokens, in steps of samples clipped to 320 tokens whose
+    # context runs without gradient (140 tokens trained whole, on average): 45 of them.
+    assert (two["epochs"], two["max_steps_per_epoch"]) == (1, 45) and two["train_max_length"] == 320
+    assert two["max_train_samples"] == 45 * 8 and two["max_eval_samples"] == CPU_EVAL_SAMPLES
     assert two["max_length"] == 512  # what the held-out samples keep
-    assert two["max_train_tokens"] == 16 * 8 * 400  # the time: samples longer on average take fewer steps
-    assert two["eval_steps"] == 22  # one evaluation, at the end: the held-out set chooses no checkpoint
+    assert two["max_train_tokens"] == 16 * 8 * 400  # the time: samples costlier on average take fewer steps
+    assert two["eval_steps"] == 45  # one evaluation, at the end: the held-out set chooses no checkpoint
     # Many varied samples, each seen once, learn at a higher rate than the demo's few, seen again and again.
     assert two["lr"] > training_settings(settings(demo=True), 84, "smollm2-135m", cores=2)["lr"]
-    # The threads the replies answer are learnt too, at a quarter of a reply token's weight.
-    assert two["context_weight"] == 0.25
+    # The replies alone are backpropagated, 8 samples a step in micro-batches of 4 of similar reply length.
+    assert two["context_gradient"] is False and "context_weight" not in two
+    assert (two["batch_size"], two["grad_accum"]) == (4, 2)
     eight = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=8, bf16=False)
-    assert eight["max_steps_per_epoch"] == 88 and eight["max_train_samples"] == 88 * 8
+    assert eight["max_steps_per_epoch"] == 182 and eight["max_train_samples"] == 182 * 8
     asked = training_settings(settings(export=Path("x.zip"), max_steps=10), 14_000, "smollm2-135m", cores=2)
     assert asked["max_steps_per_epoch"] == 10 and asked["max_train_samples"] == 80
+    assert "max_train_tokens" not in asked  # the steps asked for, whatever their samples cost
 
 
 def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
     fast = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=True)
-    assert fast["cpu_bf16"] is True and fast["max_steps_per_epoch"] == 27 and fast["max_train_samples"] == 216
-    assert fast["eval_steps"] == 27
+    assert fast["cpu_bf16"] is True and fast["max_steps_per_epoch"] == 57 and fast["max_train_samples"] == 456
+    assert fast["eval_steps"] == 57
     # The budget's time in tokens: 20 steps of 8 samples of 400 on average.
     assert fast["max_train_tokens"] == 20 * 8 * 400
     plain = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2, bf16=False)
@@ -48,16 +50,15 @@ def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
     # The demo keeps its sixteen steps: faster, not longer.
     demo = training_settings(settings(demo=True), 84, "smollm2-135m", cores=2, bf16=True)
     assert demo["max_steps"] == 16 and "context_weight" not in demo
-    assert "max_train_tokens" not in demo
+    assert "max_train_tokens" not in demo and "context_gradient" not in demo
 
 
 def test_a_person_of_few_samples_is_passed_over_three_times_at_most():
     few = training_settings(settings(export=Path("x.zip")), 26, "smollm2-135m", cores=2, bf16=True)
-    # 26 samples, 2 steps of 8 an epoch (the held-out ones aside): 6 steps, not the budget's 27.
+    # 26 samples, 2 steps of 8 an epoch (the held-out ones aside): 6 steps, not the budget's 57.
     assert few["max_steps"] == 6 and few["eval_steps"] == 6 and "max_train_samples" not in few
-    assert few["max_train_tokens"] == 6 * 8 * 320
     many = training_settings(settings(export=Path("x.zip")), 120, "smollm2-135m", cores=2, bf16=True)
-    assert many["max_steps"] == 27
+    assert many["max_steps"] == 33  # 11 steps a pass at least, three passes
     # Steps the user asked for are theirs.
     asked = training_settings(settings(export=Path("x.zip"), max_steps=12), 26, "smollm2-135m", cores=2)
     assert asked["max_steps"] == 12

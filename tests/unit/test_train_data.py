@@ -222,6 +222,52 @@ def test_micro_batches_split_the_steps_without_changing_them():
         assert [row for micro in step for row in rows(micro)] == rows(batch)
 
 
+def test_without_the_contexts_gradient_steps_group_samples_by_reply_length():
+    """Split where the replies start: every sample of the epoch once, contexts left-padded to end together,
+    replies right-padded after them, and little of the replies' part (what a step pays for) is padding."""
+    rng = random.Random(0)
+    ignore = data.IGNORE_INDEX
+    items = []
+    for i in range(200):
+        context, reply = rng.randint(20, 300), rng.choice([rng.randint(3, 30), rng.randint(60, 200)])
+        ids = [rng.randint(5, 900) for _ in range(context + reply)]
+        items.append(data.Encoded(ids, [ignore] * context + ids[context:], f"t{i}"))
+    steps = data.epoch_steps(items, 4, 2, random.Random(1), context_gradient=False)
+    micro = [batch for step in steps for batch in step]
+    assert all(isinstance(b, data.ReplyBatch) and len(b.reply_ids) <= 4 for b in micro)
+    assert sum(b.tokens for b in micro) == sum(len(i.input_ids) for i in items)
+    assert sum(b.label_tokens for b in micro) == sum(data.reply_tokens(i) for i in items)
+    seen = []
+    for b in micro:
+        for context, cmask, reply, rmask in zip(
+            b.context_ids, b.context_mask, b.reply_ids, b.reply_mask, strict=True
+        ):
+            assert cmask[-1] == 1 and rmask[0] == 1  # left-padded contexts, right-padded replies
+            seen.append(tuple(t for t, m in zip(context + reply, cmask + rmask, strict=True) if m))
+    assert sorted(seen) == sorted(tuple(i.input_ids) for i in items)
+    reply_padding = sum(
+        len(r) - sum(m) for b in micro for r, m in zip(b.reply_ids, b.reply_mask, strict=True)
+    )
+    assert reply_padding / sum(sum(m) for b in micro for m in b.reply_mask) < 0.1
+    # Each target is the token after its position, the reply's first predicted from the context's last.
+    one = data.collate_replies([items[0]])
+    start = data.reply_start(items[0])
+    assert one.context_ids[0] == items[0].input_ids[: start - 1]
+    assert one.targets[0][:-1] == items[0].input_ids[start:] and one.targets[0][-1] == ignore
+    # What a step costs: the context its forward pass alone, the replies' part more than a whole sample's.
+    assert data.train_cost(items[0]) == len(items[0].input_ids)
+    cheaper = data.train_cost(items[0], context_gradient=False)
+    assert cheaper == pytest.approx(
+        data.CACHED_CONTEXT_TOKEN_COST * start + data.REPLY_PART_TOKEN_COST * data.reply_tokens(items[0])
+    )
+
+
+def test_a_context_learnt_with_a_weight_cannot_be_split_off():
+    item = data.Encoded([1, 2, 3, 4], [data.IGNORE_INDEX, 2, 3, 4], "t", weights=[0.0, 0.25, 1.0, 1.0])
+    with pytest.raises(ValueError, match="needs its gradient"):
+        data.collate_replies([item])
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,3 +118,63 @@ def test_weighted_labels_weigh_their_token_losses(tiny_model: Path):
         ours = token_loss_sum(model, batch, torch.device("cpu"))
     assert torch.allclose(ours, (each * torch.tensor(weights[1:])).sum(), rtol=1e-5)
     assert batch.label_weight == sum(weights)
+
+
+def test_training_the_reply_without_the_contexts_gradient_takes_the_same_loss(tiny_model: Path):
+    """With the context run once without gradient (left-padded, its keys and values cached), the replies'
+    loss is the model's own on the whole samples, padded or not; the adapter learns only through the
+    replies' positions, and a step learns the same whatever the micro-batch size."""
+    from peft import LoraConfig, get_peft_model
+
+    from doppel.train import data
+    from doppel.train.trainer import reply_loss_sum, token_loss_sum
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    ignore = data.IGNORE_INDEX
+    items = [
+        data.Encoded([5, 9, 14, 3, 7, 8, 2], [ignore, ignore, ignore, 3, 7, 8, 2], "t1"),
+        data.Encoded([4, 6, 11, 12], [ignore, ignore, 11, 12], "t2"),
+        data.Encoded([4, 6, 10, 11, 13, 15, 12, 7, 9], [ignore] * 7 + [7, 9], "t3"),
+    ]
+    device = torch.device("cpu")
+    whole = token_loss_sum(model, data.collate(items), device)
+    together = reply_loss_sum(model, data.collate_replies(items), device)
+    apart = sum(reply_loss_sum(model, data.collate_replies([item]), device) for item in items)
+    assert data.collate_replies(items).label_tokens == 8
+    assert torch.allclose(together, whole, rtol=1e-5)
+    assert torch.allclose(apart, whole, rtol=1e-5)
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    batched = gradients(reply_loss_sum(model, data.collate_replies(items), device))
+    single = gradients(sum(reply_loss_sum(model, data.collate_replies([i]), device) for i in items))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(batched, single, strict=True))
+    assert any(g.abs().sum() > 0 for g in batched)
+    # Through the replies alone: not the whole samples' gradient, which also flows through the contexts.
+    full = gradients(token_loss_sum(model, data.collate(items), device))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(batched, full, strict=True))
+
+
+def test_training_without_the_contexts_gradient_refuses_a_context_weight(tmp_path, tiny_model: Path):
+    from doppel.errors import BadInput
+    from doppel.train.trainer import TrainConfig, train_adapter
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("", encoding="utf-8")
+    config = TrainConfig(
+        data=samples,
+        base_model=str(tiny_model),
+        out=tmp_path / "a",
+        context_weight=0.25,
+        context_gradient=False,
+    )
+    with pytest.raises(BadInput, match="--context-weight learns the context"):
+        train_adapter(config)

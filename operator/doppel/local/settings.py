@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +64,12 @@ CPU_STEP_SCALE_MAX = 4
 # not the whole 1.3x: the memory in every sample (all the person's messages, memory.jsonl) makes samples
 # longer, and hyperledger's jyellick, the slowest of the real exports' people, took 8:31 at 24 steps.
 CPU_BF16_STEP_SCALE = 1.25
-# A real workspace's budget also learns the threads its replies answer, at this weight a token (the reply's
-# weigh 1): the person's replies are a tenth of a sample's tokens, and their colleagues' messages and their
-# own retrieved ones teach the workspace's language (ghaskins, 16 steps: -11.7% -> -12.5%).
-EXPORT_CONTEXT_WEIGHT = 0.25
+# A real workspace's budget runs each sample's context once without gradient and backpropagates its reply
+# alone (TrainConfig.context_gradient): the replies are a tenth of a sample's tokens, so the same minutes
+# train about twice the samples (ghaskins, 216 samples learnt with their context at a quarter weight:
+# held-out loss -18.8%; his 425, replies alone: -19.9%). In micro-batches of this many samples of
+# similar reply length: as fast as 8 at once, 1.4 GB less at the peak for hyperledger's jyellick.
+CPU_REPLY_MICRO_BATCH = 4
 # A real workspace's budget passes over a person's few samples at most this many times: the steps a large
 # export needs would learn a small one by heart (haskell-jp's fumieval, 22 training samples: held-out loss
 # -10.9% at 6 steps, about 2 passes; -10.7% at 10; -2.5% at 20, 7 passes).
@@ -82,8 +83,9 @@ CPU_TOKENS_PER_SAMPLE = 400
 # threads) takes no longer. ghaskins, about 63,000 tokens each: 192 samples of up to 512 tokens -18.2%; 216
 # of up to 320, -19.3%; 256 of up to 256, -19.0% (their memory and the message answered crowd the rest out).
 CPU_TRAIN_MAX_LENGTH = 320
-# What samples clipped to CPU_TRAIN_MAX_LENGTH average (ghaskins 293): the steps the budget's tokens hold.
-CPU_CLIPPED_SAMPLE_TOKENS = 290
+# What samples clipped to CPU_TRAIN_MAX_LENGTH cost on average, their context without gradient, in tokens
+# trained whole (`data.train_cost`; hyperledger's five most active 111 to 183): the steps the budget holds.
+CPU_CLIPPED_SAMPLE_COST = 140
 # The newest samples `doppel local` keeps (the operator and `doppel scrape`: api.MAX_SAMPLES). Its CPU budget
 # trains at most 216, chosen among the newest 648 (data.CHOICE_POOL), and the held-out cut is a share of
 # them all: more would move the cut back without training on more.
@@ -199,15 +201,18 @@ def training_settings(
                 # The tokens of the budget's steps, in as many steps of clipped samples as they hold.
                 batch = chosen["batch_size"] * chosen["grad_accum"]
                 budget_tokens = steps * batch * CPU_TOKENS_PER_SAMPLE
-                steps = budget_tokens // (batch * CPU_CLIPPED_SAMPLE_TOKENS)
+                steps = budget_tokens // (batch * CPU_CLIPPED_SAMPLE_COST)
                 per_epoch = _steps_per_epoch_at_least(n_samples, chosen["eval_fraction"], batch)
                 steps = min(steps, CPU_MAX_EPOCHS * per_epoch)
         if not settings.demo:
             chosen["eval_steps"] = max(1, steps // CPU_EVALS)
-            chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
+            chosen["context_gradient"] = False
             chosen["train_max_length"] = CPU_TRAIN_MAX_LENGTH
             batch = chosen["batch_size"] * chosen["grad_accum"]
-            chosen["max_train_tokens"] = min(steps * batch * CPU_TRAIN_MAX_LENGTH, budget_tokens or math.inf)
+            chosen["batch_size"] = min(batch, CPU_REPLY_MICRO_BATCH)
+            chosen["grad_accum"] = batch // chosen["batch_size"]
+            if budget_tokens is not None:
+                chosen["max_train_tokens"] = budget_tokens
     if base_name in BUILTIN_MODELS and not settings.demo:
         # A real workspace, on a CPU budget or a GPU, learns at the built-in model's own rate, as
         # `doppel train` does; faster than the demo's: its samples are many and varied, each seen once, so a

@@ -16,6 +16,9 @@ Pure logic apart from the tokenizer: no torch here, so every rule is cheap to te
 - Batches are grouped by length, so padding is a few percent. (Padding-free packing needs varlen
   attention kernels; with a dense block-diagonal mask, as on CPU, attention cost grows with the square of
   the packed row and packing loses.)
+- Where the context is run without gradient (`ReplyBatch`), a sample is split where its reply starts: the
+  contexts left-padded so that they end together, the replies right-padded after them, and the batches
+  grouped by the replies' length, which is what the trained part costs.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ ROLES = ("system", "user", "assistant")
 COLLEAGUES_FILE = "colleagues.jsonl"  # beside samples.jsonl: doppel.slack.samples.write_output
 # A budget's samples: the most characteristic of the newest this many times as many as it uses.
 CHOICE_POOL = 3
+# With the context run without gradient, what a token costs against one trained with its context's gradient
+# (bfloat16 on 2 cores, SmolLM2-135M; tests/bench/bench_train.py --replies): a context token its forward
+# pass alone; a token of the replies' part more than a whole sample's, for their small batches.
+CACHED_CONTEXT_TOKEN_COST = 0.3
+REPLY_PART_TOKEN_COST = 2.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,37 @@ class Batch:
         if self.weights is None:
             return float(self.label_tokens)
         return sum(sum(row) for row in self.weights)
+
+
+@dataclass(frozen=True)
+class ReplyBatch:
+    """A micro-batch split where each reply starts: `context_ids` left-padded (run once without gradient,
+    keys and values cached), `reply_ids` right-padded after them (the trained part). A reply's part starts
+    at the context's last token, whose output predicts the reply's first; `targets` are the next token of
+    each position of that part (IGNORE_INDEX where there is none)."""
+
+    context_ids: list[list[int]]
+    context_mask: list[list[int]]
+    reply_ids: list[list[int]]
+    reply_mask: list[list[int]]
+    targets: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(sum, self.context_mask)) + sum(map(sum, self.reply_mask))
+
+    @property
+    def padding(self) -> int:
+        width = len(self.context_ids[0]) + len(self.reply_ids[0])
+        return width * len(self.context_ids) - self.tokens
+
+    @property
+    def label_tokens(self) -> int:
+        return sum(1 for row in self.targets for label in row if label != IGNORE_INDEX)
+
+    @property
+    def label_weight(self) -> float:
+        return float(self.label_tokens)
 
 
 @dataclass
@@ -445,6 +484,47 @@ def collate(items: Sequence[Encoded]) -> Batch:
     return Batch(input_ids, labels, attention_mask, weights if weighted else None)
 
 
+def reply_start(item: Encoded) -> int:
+    """Where `item`'s reply starts: its first labelled token."""
+    return next(i for i, label in enumerate(item.labels) if label != IGNORE_INDEX)
+
+
+def reply_tokens(item: Encoded) -> int:
+    return len(item.input_ids) - reply_start(item)
+
+
+def collate_replies(items: Sequence[Encoded]) -> ReplyBatch:
+    """`items` split where their replies start, for training with the context run without gradient.
+    The context must not be learnt (no per-token weights)."""
+    if any(item.weights is not None for item in items):
+        raise ValueError("a context learnt with a weight needs its gradient")
+    # The part trained starts one token before the reply: that token's output predicts the reply's first.
+    cuts = [max(reply_start(item) - 1, 1) for item in items]
+    width = max(cuts)
+    reply_width = max(len(item.input_ids) - cut for item, cut in zip(items, cuts, strict=True))
+    batch = ReplyBatch([], [], [], [], [])
+    for item, cut in zip(items, cuts, strict=True):
+        pad, part = width - cut, item.input_ids[cut:]
+        batch.context_ids.append([PAD_ID] * pad + item.input_ids[:cut])
+        batch.context_mask.append([0] * pad + [1] * cut)
+        right = reply_width - len(part)
+        batch.reply_ids.append(part + [PAD_ID] * right)
+        batch.reply_mask.append([1] * len(part) + [0] * right)
+        batch.targets.append(item.labels[cut + 1 :] + [IGNORE_INDEX] * (right + 1))
+    return batch
+
+
+def train_cost(item: Encoded, context_gradient: bool = True) -> float:
+    """What training on `item` costs, in tokens trained with their context's gradient (a budget's unit).
+    Run without gradient, a context token costs its forward pass alone; the replies' part, in small
+    batches that use the CPU less well than whole samples, costs more a token (measured on 2 cores:
+    tests/bench/bench_train.py --replies)."""
+    if context_gradient:
+        return float(len(item.input_ids))
+    reply = reply_tokens(item)
+    return CACHED_CONTEXT_TOKEN_COST * (len(item.input_ids) - reply) + REPLY_PART_TOKEN_COST * reply
+
+
 def epoch_batches(
     items: Sequence[Encoded], batch_size: int, rng: random.Random, group: int = LENGTH_GROUP
 ) -> list[Batch]:
@@ -457,11 +537,21 @@ def epoch_batches(
 
 
 def epoch_steps(
-    items: Sequence[Encoded], batch_size: int, grad_accum: int, rng: random.Random
-) -> list[list[Batch]]:
+    items: Sequence[Encoded],
+    batch_size: int,
+    grad_accum: int,
+    rng: random.Random,
+    context_gradient: bool = True,
+) -> list[list[Batch]] | list[list[ReplyBatch]]:
     """The optimizer steps of an epoch: the batches `epoch_batches` makes of `batch_size` x `grad_accum`
     samples, each split into `grad_accum` micro-batches. Accumulating gradients is then only a way to save
-    memory: a step sees the same samples, and learns the same, whatever the micro-batch size."""
+    memory: a step sees the same samples, and learns the same, whatever the micro-batch size. Without the
+    context's gradient, the samples are grouped by their replies' length and split where the replies start."""
+    if not context_gradient:
+        chunks = _epoch_chunks(items, batch_size * grad_accum, rng, LENGTH_GROUP, key=reply_tokens)
+        return [
+            [collate_replies(c[i : i + batch_size]) for i in range(0, len(c), batch_size)] for c in chunks
+        ]
     steps = []
     for chunk in _epoch_chunks(items, batch_size * grad_accum, rng, LENGTH_GROUP):
         steps.append([collate(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)])
@@ -469,14 +559,18 @@ def epoch_steps(
 
 
 def _epoch_chunks(
-    items: Sequence[Encoded], batch_size: int, rng: random.Random, group: int
+    items: Sequence[Encoded],
+    batch_size: int,
+    rng: random.Random,
+    group: int,
+    key: Callable[[Encoded], int] = lambda item: len(item.input_ids),
 ) -> list[list[Encoded]]:
     order = list(items)
     rng.shuffle(order)
     window = batch_size * group
     chunks: list[list[Encoded]] = []
     for start in range(0, len(order), window):
-        ordered = sorted(order[start : start + window], key=lambda item: len(item.input_ids))
+        ordered = sorted(order[start : start + window], key=key)
         chunks += [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     rng.shuffle(chunks)
     return chunks
