@@ -36,7 +36,7 @@ def test_a_large_export_takes_the_newest_samples_its_steps_can():
     assert eight["max_steps_per_epoch"] == 182 and eight["max_train_samples"] == 182 * 8
     asked = training_settings(settings(export=Path("x.zip"), max_steps=10), 14_000, "smollm2-135m", cores=2)
     assert asked["max_steps_per_epoch"] == 10 and asked["max_train_samples"] == 80
-    assert "max_train_tokens" not in asked  # the steps asked for, whatever their samples cost
+    assert asked["context_weight"] == 0.25  # steps asked for train whole samples, as many as asked
 
 
 def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
@@ -55,10 +55,14 @@ def test_a_cpu_that_computes_bfloat16_takes_a_quarter_more_steps():
 
 def test_a_person_of_few_samples_is_passed_over_three_times_at_most():
     few = training_settings(settings(export=Path("x.zip")), 26, "smollm2-135m", cores=2, bf16=True)
-    # 26 samples, 2 steps of 8 an epoch (the held-out ones aside): 6 steps, not the budget's 57.
+    # 26 samples, 2 steps of 8 an epoch (the held-out ones aside): 6 steps, not the budget's 27.
     assert few["max_steps"] == 6 and few["eval_steps"] == 6 and "max_train_samples" not in few
+    assert few["max_train_tokens"] == 6 * 8 * 320
+    # Whole samples, the context learnt at a quarter weight: passes over the replies alone would learn them
+    # by heart.
+    assert few["context_weight"] == 0.25 and "context_gradient" not in few
     many = training_settings(settings(export=Path("x.zip")), 120, "smollm2-135m", cores=2, bf16=True)
-    assert many["max_steps"] == 33  # 11 steps a pass at least, three passes
+    assert many["max_steps"] == 27 and many["context_weight"] == 0.25
     # Steps the user asked for are theirs.
     asked = training_settings(settings(export=Path("x.zip"), max_steps=12), 26, "smollm2-135m", cores=2)
     assert asked["max_steps"] == 12

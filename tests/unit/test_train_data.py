@@ -222,9 +222,10 @@ def test_micro_batches_split_the_steps_without_changing_them():
         assert [row for micro in step for row in rows(micro)] == rows(batch)
 
 
-def test_without_the_contexts_gradient_steps_group_samples_by_reply_length():
-    """Split where the replies start: every sample of the epoch once, contexts left-padded to end together,
-    replies right-padded after them, and little of the replies' part (what a step pays for) is padding."""
+def test_without_the_contexts_gradient_a_step_holds_the_same_samples_split_where_replies_start():
+    """Split where the replies start: a step holds the samples it holds with the context's gradient
+    (the same mix of long and short replies), its micro-batches made of replies of similar length;
+    contexts left-padded to end together, replies right-padded after them."""
     rng = random.Random(0)
     ignore = data.IGNORE_INDEX
     items = []
@@ -232,23 +233,30 @@ def test_without_the_contexts_gradient_steps_group_samples_by_reply_length():
         context, reply = rng.randint(20, 300), rng.choice([rng.randint(3, 30), rng.randint(60, 200)])
         ids = [rng.randint(5, 900) for _ in range(context + reply)]
         items.append(data.Encoded(ids, [ignore] * context + ids[context:], f"t{i}"))
+    whole = data.epoch_steps(items, 4, 2, random.Random(1))
     steps = data.epoch_steps(items, 4, 2, random.Random(1), context_gradient=False)
-    micro = [batch for step in steps for batch in step]
-    assert all(isinstance(b, data.ReplyBatch) and len(b.reply_ids) <= 4 for b in micro)
-    assert sum(b.tokens for b in micro) == sum(len(i.input_ids) for i in items)
-    assert sum(b.label_tokens for b in micro) == sum(data.reply_tokens(i) for i in items)
-    seen = []
-    for b in micro:
+    assert len(steps) == len(whole) == 25
+
+    def rows(batch: data.ReplyBatch) -> list[tuple[int, ...]]:
+        out = []
         for context, cmask, reply, rmask in zip(
-            b.context_ids, b.context_mask, b.reply_ids, b.reply_mask, strict=True
+            batch.context_ids, batch.context_mask, batch.reply_ids, batch.reply_mask, strict=True
         ):
             assert cmask[-1] == 1 and rmask[0] == 1  # left-padded contexts, right-padded replies
-            seen.append(tuple(t for t, m in zip(context + reply, cmask + rmask, strict=True) if m))
-    assert sorted(seen) == sorted(tuple(i.input_ids) for i in items)
-    reply_padding = sum(
-        len(r) - sum(m) for b in micro for r, m in zip(b.reply_ids, b.reply_mask, strict=True)
-    )
-    assert reply_padding / sum(sum(m) for b in micro for m in b.reply_mask) < 0.1
+            out.append(tuple(t for t, m in zip(context + reply, cmask + rmask, strict=True) if m))
+        return out
+
+    for step, same in zip(steps, whole, strict=True):
+        assert all(isinstance(b, data.ReplyBatch) and len(b.reply_ids) <= 4 for b in step)
+        held = [row for batch in step for row in rows(batch)]
+        assert sorted(held) == sorted(
+            tuple(r[: sum(m)]) for b in same for r, m in zip(b.input_ids, b.attention_mask, strict=True)
+        )
+        widths = [len(b.reply_ids[0]) for b in step]
+        assert widths == sorted(widths)  # the shorter replies together, the longer together
+    micro = [batch for step in steps for batch in step]
+    assert sum(b.tokens for b in micro) == sum(len(i.input_ids) for i in items)
+    assert sum(b.label_tokens for b in micro) == sum(data.reply_tokens(i) for i in items)
     # Each target is the token after its position, the reply's first predicted from the context's last.
     one = data.collate_replies([items[0]])
     start = data.reply_start(items[0])

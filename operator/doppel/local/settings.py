@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,17 @@ CPU_STEP_SCALE_MAX = 4
 # not the whole 1.3x: the memory in every sample (all the person's messages, memory.jsonl) makes samples
 # longer, and hyperledger's jyellick, the slowest of the real exports' people, took 8:31 at 24 steps.
 CPU_BF16_STEP_SCALE = 1.25
-# A real workspace's budget runs each sample's context once without gradient and backpropagates its reply
-# alone (TrainConfig.context_gradient): the replies are a tenth of a sample's tokens, so the same minutes
-# train about twice the samples (ghaskins, 216 samples learnt with their context at a quarter weight:
-# held-out loss -18.8%; his 425, replies alone: -19.9%). In micro-batches of this many samples of
-# similar reply length: as fast as 8 at once, 1.4 GB less at the peak for hyperledger's jyellick.
+# A real workspace's budget whose steps cannot take each of the person's samples once runs each sample's
+# context once without gradient and backpropagates its reply alone (TrainConfig.context_gradient): the
+# replies are a tenth of a sample's tokens, so the same minutes train about twice the samples (ghaskins, 216
+# of his 425 learnt whole, the context at a quarter weight: held-out loss -18.8%; all 425, replies alone:
+# -20.0%). Where they can (a person of few samples), more passes over the replies alone would learn them by
+# heart, and the context is learnt at this weight instead (haskell-jp's igrep, 78 samples in 25 steps:
+# -25.0% and 0.33 distinct replies, against -23.4% and 0.00 with the replies alone; ghaskins, 16 steps:
+# -11.7% at weight 0, -12.5% at 0.25).
+EXPORT_CONTEXT_WEIGHT = 0.25
+# The replies alone in micro-batches of this many samples of similar reply length: as fast as 8 at once,
+# 1.4 GB less at the peak for hyperledger's jyellick.
 CPU_REPLY_MICRO_BATCH = 4
 # A real workspace's budget passes over a person's few samples at most this many times: the steps a large
 # export needs would learn a small one by heart (haskell-jp's fumieval, 22 training samples: held-out loss
@@ -83,8 +90,10 @@ CPU_TOKENS_PER_SAMPLE = 400
 # threads) takes no longer. ghaskins, about 63,000 tokens each: 192 samples of up to 512 tokens -18.2%; 216
 # of up to 320, -19.3%; 256 of up to 256, -19.0% (their memory and the message answered crowd the rest out).
 CPU_TRAIN_MAX_LENGTH = 320
-# What samples clipped to CPU_TRAIN_MAX_LENGTH cost on average, their context without gradient, in tokens
-# trained whole (`data.train_cost`; hyperledger's five most active 111 to 183): the steps the budget holds.
+# What samples clipped to CPU_TRAIN_MAX_LENGTH average (ghaskins 293): the steps the budget's tokens hold...
+CPU_CLIPPED_SAMPLE_TOKENS = 290
+# ...and what they cost with their context without gradient, in tokens trained whole (`data.train_cost`;
+# hyperledger's five most active 111 to 183).
 CPU_CLIPPED_SAMPLE_COST = 140
 # The newest samples `doppel local` keeps (the operator and `doppel scrape`: api.MAX_SAMPLES). Its CPU budget
 # trains at most 216, chosen among the newest 648 (data.CHOICE_POOL), and the held-out cut is a share of
@@ -188,6 +197,7 @@ def training_settings(
     chosen: dict[str, Any] = dict(DEMO_TRAINING[base_name]) if budgeted else {}
     steps = settings.max_steps
     budget_tokens = None  # the tokens (time) of the budget's own steps
+    replies_alone = False  # the context without gradient: steps the user asks for train whole samples
     if budgeted:
         bf16 = cpu_has_bf16() if bf16 is None else bf16
         chosen["cpu_bf16"] = bf16  # named, so that the fingerprint tells the two kinds of CPU apart
@@ -201,18 +211,27 @@ def training_settings(
                 # The tokens of the budget's steps, in as many steps of clipped samples as they hold.
                 batch = chosen["batch_size"] * chosen["grad_accum"]
                 budget_tokens = steps * batch * CPU_TOKENS_PER_SAMPLE
-                steps = budget_tokens // (batch * CPU_CLIPPED_SAMPLE_COST)
                 per_epoch = _steps_per_epoch_at_least(n_samples, chosen["eval_fraction"], batch)
+                steps = budget_tokens // (batch * CPU_CLIPPED_SAMPLE_TOKENS)
+                replies_alone = steps < per_epoch
+                if replies_alone:
+                    steps = budget_tokens // (batch * CPU_CLIPPED_SAMPLE_COST)
                 steps = min(steps, CPU_MAX_EPOCHS * per_epoch)
         if not settings.demo:
             chosen["eval_steps"] = max(1, steps // CPU_EVALS)
-            chosen["context_gradient"] = False
             chosen["train_max_length"] = CPU_TRAIN_MAX_LENGTH
             batch = chosen["batch_size"] * chosen["grad_accum"]
-            chosen["batch_size"] = min(batch, CPU_REPLY_MICRO_BATCH)
-            chosen["grad_accum"] = batch // chosen["batch_size"]
-            if budget_tokens is not None:
-                chosen["max_train_tokens"] = budget_tokens
+            if replies_alone:
+                chosen["context_gradient"] = False
+                chosen["batch_size"] = min(batch, CPU_REPLY_MICRO_BATCH)
+                chosen["grad_accum"] = batch // chosen["batch_size"]
+                if budget_tokens is not None:
+                    chosen["max_train_tokens"] = budget_tokens
+            else:
+                chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
+                chosen["max_train_tokens"] = min(
+                    steps * batch * CPU_TRAIN_MAX_LENGTH, budget_tokens or math.inf
+                )
     if base_name in BUILTIN_MODELS and not settings.demo:
         # A real workspace, on a CPU budget or a GPU, learns at the built-in model's own rate, as
         # `doppel train` does; faster than the demo's: its samples are many and varied, each seen once, so a

@@ -17,8 +17,8 @@ Pure logic apart from the tokenizer: no torch here, so every rule is cheap to te
   attention kernels; with a dense block-diagonal mask, as on CPU, attention cost grows with the square of
   the packed row and packing loses.)
 - Where the context is run without gradient (`ReplyBatch`), a sample is split where its reply starts: the
-  contexts left-padded so that they end together, the replies right-padded after them, and the batches
-  grouped by the replies' length, which is what the trained part costs.
+  contexts left-padded so that they end together, the replies right-padded after them, and a step's
+  micro-batches made of replies of similar length, which is what the trained part costs.
 """
 
 from __future__ import annotations
@@ -546,31 +546,31 @@ def epoch_steps(
     """The optimizer steps of an epoch: the batches `epoch_batches` makes of `batch_size` x `grad_accum`
     samples, each split into `grad_accum` micro-batches. Accumulating gradients is then only a way to save
     memory: a step sees the same samples, and learns the same, whatever the micro-batch size. Without the
-    context's gradient, the samples are grouped by their replies' length and split where the replies start."""
-    if not context_gradient:
-        chunks = _epoch_chunks(items, batch_size * grad_accum, rng, LENGTH_GROUP, key=reply_tokens)
-        return [
-            [collate_replies(c[i : i + batch_size]) for i in range(0, len(c), batch_size)] for c in chunks
-        ]
+    context's gradient, a step's samples are split where their replies start, its micro-batches made of
+    replies of similar length."""
     steps = []
     for chunk in _epoch_chunks(items, batch_size * grad_accum, rng, LENGTH_GROUP):
-        steps.append([collate(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)])
+        if context_gradient:
+            steps.append([collate(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)])
+        else:
+            # Steps still mix long replies and short ones, as whole samples' steps do (a step's loss is the
+            # mean over its tokens: steps of short replies alone would weigh each of theirs more).
+            chunk = sorted(chunk, key=reply_tokens)
+            steps.append(
+                [collate_replies(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)]
+            )
     return steps
 
 
 def _epoch_chunks(
-    items: Sequence[Encoded],
-    batch_size: int,
-    rng: random.Random,
-    group: int,
-    key: Callable[[Encoded], int] = lambda item: len(item.input_ids),
+    items: Sequence[Encoded], batch_size: int, rng: random.Random, group: int
 ) -> list[list[Encoded]]:
     order = list(items)
     rng.shuffle(order)
     window = batch_size * group
     chunks: list[list[Encoded]] = []
     for start in range(0, len(order), window):
-        ordered = sorted(order[start : start + window], key=key)
+        ordered = sorted(order[start : start + window], key=lambda item: len(item.input_ids))
         chunks += [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     rng.shuffle(chunks)
     return chunks
