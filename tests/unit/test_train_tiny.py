@@ -178,3 +178,21 @@ def test_training_without_the_contexts_gradient_refuses_a_context_weight(tmp_pat
     )
     with pytest.raises(BadInput, match="--context-weight learns the context"):
         train_adapter(config)
+
+
+def test_the_replies_alone_refuse_a_model_whose_checkpointing_would_drop_the_contexts_cache(tiny_model: Path):
+    """Checkpointed layers drop a key-value cache when training: the replies would attend to no context.
+    The trainer never checkpoints in that mode (GPU training checkpoints otherwise), and says so if asked."""
+    from peft import LoraConfig, get_peft_model
+
+    from doppel.train import data
+    from doppel.train.trainer import reply_loss_sum
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    ignore = data.IGNORE_INDEX
+    batch = data.collate_replies([data.Encoded([5, 9, 14, 3, 7], [ignore, ignore, ignore, 3, 7], "t")])
+    with pytest.raises(ValueError, match="drops the contexts' cache"):
+        reply_loss_sum(model, batch, torch.device("cpu"))

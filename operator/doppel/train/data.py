@@ -45,8 +45,9 @@ COLLEAGUES_FILE = "colleagues.jsonl"  # beside samples.jsonl: doppel.slack.sampl
 # A budget's samples: the most characteristic of the newest this many times as many as it uses.
 CHOICE_POOL = 3
 # With the context run without gradient, what a token costs against one trained with its context's gradient
-# (bfloat16 on 2 cores, SmolLM2-135M; tests/bench/bench_train.py --replies): a context token its forward
-# pass alone; a token of the replies' part more than a whole sample's, for their small batches.
+# (bfloat16 on 2 cores, SmolLM2-135M; fitted on hyperledger's ghaskins and jyellick, whose replies are 10%
+# and 21% of the tokens; tests/bench/bench_train.py --replies compares): a context token its forward pass
+# alone; a token of the replies' part more than a whole sample's, for their small batches.
 CACHED_CONTEXT_TOKEN_COST = 0.3
 REPLY_PART_TOKEN_COST = 2.0
 
@@ -517,8 +518,7 @@ def collate_replies(items: Sequence[Encoded]) -> ReplyBatch:
 def train_cost(item: Encoded, context_gradient: bool = True) -> float:
     """What training on `item` costs, in tokens trained with their context's gradient (a budget's unit).
     Run without gradient, a context token costs its forward pass alone; the replies' part, in small
-    batches that use the CPU less well than whole samples, costs more a token (measured on 2 cores:
-    tests/bench/bench_train.py --replies)."""
+    batches that use the CPU less well than whole samples, costs more a token."""
     if context_gradient:
         return float(len(item.input_ids))
     reply = reply_tokens(item)

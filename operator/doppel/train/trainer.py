@@ -227,7 +227,9 @@ def _load_model(config: TrainConfig, device: torch.device) -> PeftModel:
         raise _load_failure(config.base_model, exc) from None
     model.config.use_cache = False  # training never reuses a KV cache
     model.to(device)
-    if on_gpu:
+    # Checkpointed layers drop a key-value cache when they recompute, so the replies alone would attend to
+    # no context; and without the context's gradient there are few activations to spare anyway.
+    if on_gpu and config.context_gradient:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(
@@ -432,6 +434,14 @@ def reply_loss_sum(model: torch.nn.Module, batch: data.ReplyBatch, device: torch
     """The summed cross-entropy of every reply token of `batch`, backpropagated through the replies alone:
     the contexts run first without gradient, their keys and values cached, and the replies attend to them."""
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    # transformers 5 calls it activation checkpointing, earlier versions gradient checkpointing.
+    checkpointing = getattr(causal_lm, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(causal_lm, "is_gradient_checkpointing", False)
+    if checkpointing and causal_lm.training:
+        raise ValueError(
+            "gradient checkpointing drops the contexts' cache: train the replies alone without it"
+        )
     plain_head = getattr(causal_lm.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
     network = causal_lm.get_decoder() if plain_head else causal_lm
     context_mask = torch.tensor(batch.context_mask, device=device)
