@@ -96,8 +96,8 @@ CPU_CLIPPED_SAMPLE_TOKENS = 290
 # hyperledger's five most active 111 to 183).
 CPU_CLIPPED_SAMPLE_COST = 140
 # The newest samples `doppel local` keeps (the operator and `doppel scrape`: api.MAX_SAMPLES). Its CPU budget
-# trains at most 216, chosen among the newest 648 (data.CHOICE_POOL), and the held-out cut is a share of
-# them all: more would move the cut back without training on more.
+# trains about 450 with the replies alone (hyperledger's five most active: every one of the 425 before the
+# held-out cut), and the held-out cut is a share of them all: more would move the cut back.
 LOCAL_MAX_SAMPLES = 500
 DEMO_BASE_MODEL = "smollm2-135m"
 # Replies are short: Slack messages, and generation on CPU is not free.
