@@ -8,6 +8,7 @@ in memory, which is what small datasets need (they overfit within an epoch).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -456,8 +457,7 @@ def reply_loss_sum(model: torch.nn.Module, batch: data.ReplyBatch, device: torch
             position_ids=context_positions,
             use_cache=True,
         )
-    # transformers 5 calls the key-value cache `cache`; earlier versions `past_key_values`.
-    name = "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
+    name = _cache_argument(type(network))
     cache = {name: getattr(context, name)}
     out = network(
         input_ids=torch.tensor(batch.reply_ids, device=device),
@@ -473,6 +473,12 @@ def reply_loss_sum(model: torch.nn.Module, batch: data.ReplyBatch, device: torch
         return _weighted_loss(out.logits[learned], targets[learned], weights)
     head = causal_lm.get_output_embeddings()
     return _chunked_head_loss(head, out.last_hidden_state[learned], targets[learned], weights)
+
+
+@functools.cache
+def _cache_argument(network: type[torch.nn.Module]) -> str:
+    """What `network.forward` calls its key-value cache: `cache` in transformers 5, `past_key_values` in 4."""
+    return "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
 
 
 def _chunked_head_loss(
