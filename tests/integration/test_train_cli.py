@@ -186,6 +186,36 @@ def test_a_token_budget_takes_fewer_steps_of_longer_samples(tmp_path, tiny_model
     assert budgeted.eval_loss[-1]["step"] == 3  # evaluated at its own last step
 
 
+def test_a_token_budget_that_cannot_take_every_sample_once_trains_the_newest_it_can(
+    tmp_path, tiny_model, style_samples: StyleData
+):
+    """A budget whose tokens hold about 24 of the samples: those are chosen (the newest distinct), each is
+    trained once, the count reported is the count trained, and the fidelity report recomputes the choice."""
+    from doppel.train.fidelity import split_samples
+
+    def run(name: str, budget: int | None) -> trainer.Metrics:
+        config = trainer.TrainConfig(
+            data=style_samples.samples, base_model=str(tiny_model), out=tmp_path / name, rank=4, epochs=1,
+            batch_size=4, grad_accum=1, max_train_tokens=budget, progress_bar=False,
+        )  # fmt: skip
+        return trainer.train_adapter(config)
+
+    free = run("free", None)
+    per_sample = free.tokens / free.train_samples
+    budgeted = run("budgeted", int(per_sample * 24))
+    chosen = budgeted.heldout["train"]
+    assert 20 <= chosen <= 28 < budgeted.heldout["train_available"] == free.train_samples
+    assert budgeted.train_samples == chosen and budgeted.steps in (chosen // 4, chosen // 4 - 1)
+    assert budgeted.tokens >= 0.8 * chosen * per_sample  # nearly every chosen sample trained, none twice
+    samples = data.load_samples(style_samples.samples)
+    config = json.loads((tmp_path / "budgeted" / "metrics.json").read_text())["config"]
+    recomputed = split_samples(samples, AutoTokenizer.from_pretrained(tiny_model), config)
+    assert len(recomputed.train) == chosen
+    # The newest distinct replies (the person repeats some replies word for word: each is learnt once).
+    assert max(s.ts for s in recomputed.train) == max(s.ts for s in recomputed.before_cut)
+    assert len({s.reply for s in recomputed.train}) == chosen
+
+
 def test_the_reply_alone_can_be_trained_with_its_context_run_without_gradient(
     tmp_path, tiny_model, style_samples: StyleData
 ):

@@ -95,3 +95,14 @@ def test_on_a_gpu_a_real_export_has_no_budget_but_the_built_in_model_s_rate(monk
     chosen = training_settings(settings(export=Path("x.zip")), 14_000, "smollm2-135m", cores=2)
     assert chosen == {"lr": 3e-3}
     assert "lr" not in training_settings(settings(export=Path("x.zip")), 14_000, "/models/qwen", cores=2)
+
+
+def test_the_replies_alone_are_learnt_once_at_most():
+    # 324 samples (hyperledger's thojest): the budget's 57 steps of replies alone would pass over his 273 or
+    # so training samples nearly twice; one pass at most (the trainer stops at its end), time left unspent.
+    mid = training_settings(settings(export=Path("x.zip")), 324, "smollm2-135m", cores=2, bf16=True)
+    assert mid["context_gradient"] is False
+    assert (mid["epochs"], mid["max_steps_per_epoch"]) == (1, 57) and "max_steps" not in mid
+    # Whole samples, the context learnt too, may still pass over a person's few samples again.
+    few = training_settings(settings(export=Path("x.zip")), 120, "smollm2-135m", cores=2, bf16=True)
+    assert few["max_steps"] == 27 and "context_gradient" not in few

@@ -307,6 +307,26 @@ def test_a_budget_uses_the_newest_distinct_replies_and_a_spread_of_held_out_ones
     assert len(chosen) == 6 and sum(s.reply == "ok then" for s in chosen) == 1
 
 
+def test_a_budget_of_tokens_trains_the_samples_it_prefers_once_rather_than_part_of_them_all():
+    """Where the training samples cost more than the budget's tokens, the newest that fit are chosen (the
+    trainer would otherwise stop its one pass over them all part way, at random); where they all fit, all
+    are kept (more passes than one are the steps' business)."""
+    samples = [timed(t, t, reply=f"reply {t}") for t in range(100)]
+    cost = {id(s): 10.0 + (s.ts % 3) for s in samples}  # 10 to 12 tokens each
+    split = data.budget_split(samples, 0.2, None, None, cost=lambda s: cost[id(s)], max_cost=300)
+    spent = sum(cost[id(s)] for s in split.train)
+    assert 300 - 12 < spent <= 300 and split.available == 80
+    assert [s.ts for s in split.train] == list(range(80 - len(split.train), 80))
+    # A sample count that binds first still binds.
+    fewer = data.budget_split(samples, 0.2, 20, None, cost=lambda s: cost[id(s)], max_cost=300)
+    assert [s.ts for s in fewer.train] == list(range(60, 80))
+    everything = data.budget_split(samples, 0.2, None, None, cost=lambda s: cost[id(s)], max_cost=10_000)
+    assert len(everything.train) == 80
+    # Never fewer than training needs.
+    floor = data.budget_split(samples, 0.2, None, None, cost=lambda s: cost[id(s)], max_cost=50, at_least=20)
+    assert len(floor.train) == 20
+
+
 def test_a_budget_prefers_the_replies_most_like_the_person_among_the_recent_ones():
     """Against colleagues' messages from before the cut, the person's characteristic replies (here their
     habit of 'yarr' and lower case) are chosen over generic ones of the same period."""

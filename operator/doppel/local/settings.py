@@ -72,7 +72,10 @@ CPU_BF16_STEP_SCALE = 1.25
 # -20.0%). Where they can (a person of few samples), more passes over the replies alone would learn them by
 # heart, and the context is learnt at this weight instead (haskell-jp's igrep, 78 samples in 25 steps:
 # -25.0% and 0.33 distinct replies, against -23.4% and 0.00 with the replies alone; ghaskins, 16 steps:
-# -11.7% at weight 0, -12.5% at 0.25).
+# -11.7% at weight 0, -12.5% at 0.25). The replies alone are learnt once at most, the time left over after
+# one pass not spent: a person of 250 to 400 samples would otherwise get one and a half or two passes
+# (hyperledger's thojest, 273 training samples: -10.0% in 57 steps, -12.3% in one pass of 35; tuand, 329:
+# -21.5% in 57, -21.2% in one of 42, a minute sooner; ghaskins' 425 take 54 steps instead of 57).
 EXPORT_CONTEXT_WEIGHT = 0.25
 # The replies alone in micro-batches of this many samples of similar reply length: as fast as 8 at once,
 # 1.4 GB less at the peak for hyperledger's jyellick.
@@ -241,7 +244,8 @@ def training_settings(
     if steps is not None:
         view = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | chosen
         batch = view["batch_size"] * view["grad_accum"]
-        if steps <= _steps_per_epoch_at_least(n_samples, view["eval_fraction"], batch):
+        if replies_alone or steps <= _steps_per_epoch_at_least(n_samples, view["eval_fraction"], batch):
+            # The replies alone: one pass at most (EXPORT_CONTEXT_WEIGHT's comment).
             chosen.update(epochs=1, max_steps_per_epoch=steps)
         else:
             # More steps than the bound: whole passes over every sample, the last cut short, so that each of

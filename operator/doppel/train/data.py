@@ -397,21 +397,47 @@ def budget_split(
     *,
     fits: Callable[[Sample], bool] | None = None,
     colleagues: Sequence[tuple[float, str]] = (),
+    cost: Callable[[Sample], float] | None = None,
+    max_cost: float | None = None,
+    at_least: int = 1,
 ) -> SampleSplit:
     """`split_by_time`, then the training samples a budget uses (`choose` among those that `fits` the
     sequence length: the most characteristic of the person against `colleagues`' messages (ts, text) from
-    before the cut) and the held-out samples its loss is taken on (`spread`): the trainer's split, which the
-    fidelity report recomputes."""
+    before the cut; no more than `max_train`, and no more than their `cost` holds in `max_cost`, but at
+    least `at_least`) and the held-out samples its loss is taken on (`spread`): the trainer's split, which
+    the fidelity report recomputes."""
     split = split_by_time(samples, eval_fraction)
     split.available = len(split.train)
     train = [s for s in split.train if fits is None or fits(s)]
+    costly = cost is not None and max_cost is not None and sum(map(cost, train)) > max_cost
     score = None
-    if max_train is not None and len(train) > max_train and colleagues:
+    if (costly or (max_train is not None and len(train) > max_train)) and colleagues:
         before = [text for ts, text in colleagues if split.cut_ts is None or ts < split.cut_ts]
         score = characteristic(train, before)
     split.train = choose(train, max_train, score)
+    if costly and cost is not None and max_cost is not None:
+        split.train = _choose_within(train, split.train, score, cost, max_cost, at_least)
     split.eval = spread(split.eval, max_eval)
     return split
+
+
+def _choose_within(
+    samples: Sequence[Sample],
+    chosen: list[Sample],
+    score: Mapping[int, float] | None,
+    cost: Callable[[Sample], float],
+    max_cost: float,
+    at_least: int,
+) -> list[Sample]:
+    """`choose` of fewer of `samples` than `chosen` until their cost fits `max_cost`: a budget of tokens
+    whose steps cannot take them all trains the ones it prefers once, not a random part of them."""
+    while len(chosen) > at_least:
+        spent = sum(map(cost, chosen))
+        if spent <= max_cost:
+            break
+        fewer = max(at_least, min(len(chosen) - 1, int(len(chosen) * max_cost / spent)))
+        chosen = choose(samples, fewer, score)
+    return chosen
 
 
 def read_colleagues(folder: Path) -> list[tuple[float, str]]:

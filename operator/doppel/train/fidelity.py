@@ -124,10 +124,17 @@ def split_samples(
     messages it chose samples against, from `folder` or beside the recorded data), then the held-out samples
     it could encode."""
     max_length = int(config.get("max_length", 1024))
+    train_length = min(int(config.get("train_max_length") or max_length), max_length)
     stats = data.EncodeStats()
+    costs: dict[int, float] = {}
 
     def fits(sample: data.Sample) -> bool:
-        return data.encode(sample, tokenizer, max_length, stats) is not None
+        item = data.encode_for_training(
+            sample, tokenizer, train_length, max_length, stats, float(config.get("context_weight", 0.0))
+        )
+        if item is not None:
+            costs[id(sample)] = data.train_cost(item, bool(config.get("context_gradient", True)))
+        return item is not None
 
     recorded = Path(str(config["data"])).parent if config.get("data") else None
     held = data.budget_split(
@@ -137,9 +144,13 @@ def split_samples(
         config.get("max_eval_samples"),
         fits=fits,
         colleagues=data.read_colleagues(folder or recorded) if (folder or recorded) else (),
+        cost=lambda sample: costs[id(sample)],
+        max_cost=config.get("max_train_tokens"),
+        at_least=int(config.get("min_samples", 1)),
     )
     everything = data.split_by_time(samples, float(config.get("eval_fraction", 0.15))).train
-    return SplitSamples(held.train, [s for s in held.eval if fits(s)], held.summary(), everything)
+    held_out = [s for s in held.eval if data.encode(s, tokenizer, max_length, stats) is not None]
+    return SplitSamples(held.train, held_out, held.summary(), everything)
 
 
 def persona_prompt(person: str, examples: Sequence[str]) -> str:

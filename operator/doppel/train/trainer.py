@@ -84,7 +84,8 @@ class TrainConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = 64
     # The budget's limit on the tokens trained: a step costs its tokens, so samples longer on average (a
-    # language the tokenizer cuts finely, long threads) take fewer steps in the same time; None: no limit.
+    # language the tokenizer cuts finely, long threads) take fewer steps in the same time; where the tokens
+    # cannot take each sample once, the budget chooses (`data.budget_split`) which it trains; None: no limit.
     max_train_tokens: int | None = None
     # Loss weight of the context's tokens (the reply's weigh 1; 0: the reply alone is learnt).
     context_weight: float = 0.0
@@ -128,6 +129,9 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         config.max_eval_samples,
         fits=fits,
         colleagues=data.read_colleagues(Path(config.data).parent),
+        cost=lambda sample: data.train_cost(encoded[id(sample)], config.context_gradient),
+        max_cost=config.max_train_tokens,
+        at_least=config.min_samples,
     )
     split = data.Split(
         [encoded[id(s)] for s in held.train],
