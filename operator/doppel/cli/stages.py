@@ -273,7 +273,10 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
 @click.option(
     "--max-train-tokens",
     type=click.IntRange(min=1),
-    help="Stop after about this many tokens trained (fewer steps for longer samples) [default: no limit].",
+    help=(
+        "Train about this many tokens: fewer steps for longer samples; where a pass costs more, the "
+        "newest, most characteristic samples it holds [default: no limit]."
+    ),
 )
 @click.option(
     "--context-weight",
