@@ -325,6 +325,9 @@ def test_a_budget_of_tokens_trains_the_samples_it_prefers_once_rather_than_part_
     # Never fewer than training needs.
     floor = data.budget_split(samples, 0.2, None, None, cost=lambda s: cost[id(s)], max_cost=50, at_least=20)
     assert len(floor.train) == 20
+    # Samples too long to train were never the budget's to choose: not counted as available to it.
+    fitting = data.budget_split(samples, 0.2, None, None, fits=lambda s: s.ts % 10 != 0)
+    assert fitting.available == len(fitting.train) == 72
 
 
 def test_a_budget_prefers_the_replies_most_like_the_person_among_the_recent_ones():

@@ -167,7 +167,8 @@ class SampleSplit:
     cut_ts: float | None = None  # held out: conversations starting at or after this
     straddling: int = 0  # replies before the cut in conversations that began before it and go on after it
     leaking: int = 0  # training samples holding the text of a held-out reply (a message written twice)
-    available: int | None = None  # training samples before a budget chose among them (`budget_split`)
+    # Training samples that fit the sequence length, before a budget chose among them (`budget_split`).
+    available: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """What metrics.json records of the split."""
@@ -407,8 +408,8 @@ def budget_split(
     least `at_least`) and the held-out samples its loss is taken on (`spread`): the trainer's split, which
     the fidelity report recomputes."""
     split = split_by_time(samples, eval_fraction)
-    split.available = len(split.train)
     train = [s for s in split.train if fits is None or fits(s)]
+    split.available = len(train)
     costly = cost is not None and max_cost is not None and sum(map(cost, train)) > max_cost
     score = None
     if (costly or (max_train is not None and len(train) > max_train)) and colleagues:
