@@ -228,8 +228,7 @@ def training_settings(
                 chosen["context_gradient"] = False
                 chosen["batch_size"] = min(batch, CPU_REPLY_MICRO_BATCH)
                 chosen["grad_accum"] = batch // chosen["batch_size"]
-                if budget_tokens is not None:
-                    chosen["max_train_tokens"] = budget_tokens
+                chosen["max_train_tokens"] = budget_tokens  # only the budget's own steps train replies alone
             else:
                 chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
                 chosen["max_train_tokens"] = min(
