@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -196,3 +197,47 @@ def test_the_replies_alone_refuse_a_model_whose_checkpointing_would_drop_the_con
     batch = data.collate_replies([data.Encoded([5, 9, 14, 3, 7], [ignore, ignore, ignore, 3, 7], "t")])
     with pytest.raises(ValueError, match="drops the contexts' cache"):
         reply_loss_sum(model, batch, torch.device("cpu"))
+
+
+def test_bfloat16_steps_cast_the_frozen_weights_once_and_learn_as_autocast_does(tiny_model: Path):
+    """A training step with the frozen weights cast to bfloat16 beforehand takes the loss and gradient that
+    autocast takes casting them at each forward; outside the step (evaluation) the model is float32 again."""
+    from peft import LoraConfig, get_peft_model
+
+    from doppel.cpu import Bf16Autocast
+    from doppel.train import data
+    from doppel.train.trainer import reply_loss_sum, token_loss_sum
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    ignore = data.IGNORE_INDEX
+    items = [
+        data.Encoded([5, 9, 14, 3, 7, 8, 2], [ignore, ignore, ignore, 3, 7, 8, 2], "t1"),
+        data.Encoded([4, 6, 10, 11, 13, 15, 12, 7, 9], [ignore] * 7 + [7, 9], "t3"),
+    ]
+    device = torch.device("cpu")
+    batch = data.collate_replies(items)
+
+    def step(context: Any) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        with context:
+            loss = reply_loss_sum(model, batch, device)
+            loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    float32_loss = token_loss_sum(model, data.collate(items), device).item()
+    autocast_loss, autocast_grads = step(torch.autocast("cpu", dtype=torch.bfloat16))
+    bf16_autocast = Bf16Autocast(model, enabled=True)
+    cast_loss, cast_grads = step(bf16_autocast())
+    assert cast_loss == autocast_loss != float32_loss  # bfloat16 arithmetic, exactly autocast's
+    assert all(torch.equal(a, b) for a, b in zip(cast_grads, autocast_grads, strict=True))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert token_loss_sum(model, data.collate(items), device).item() == float32_loss
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    with bf16_autocast():  # inside a step: the frozen projections (and the head) are bfloat16
+        assert model.get_base_model().lm_head.weight.dtype == torch.bfloat16
+        assert model.get_base_model().get_input_embeddings().weight.dtype == torch.float32
