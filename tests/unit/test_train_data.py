@@ -350,3 +350,84 @@ def test_a_budget_prefers_the_replies_most_like_the_person_among_the_recent_ones
     assert [s.ts for s in data.budget_split(samples, 0.2, max_train=8, max_eval=None).train] == list(
         range(27, 35)
     )
+
+
+def _memory_world(folder: Path) -> list[data.Sample]:
+    """Ten samples of Pat's, a day apart (the last two held out at a 0.2 fraction), and memory.jsonl with
+    her other messages: some before the cut, one after it, one that is a sample's reply, one of a held-out
+    thread, one quoting a held-out reply."""
+    day = 86_400.0
+    records = []
+    for i in range(10):
+        messages = build_conversation(
+            "Pat", "U0PAT", [ThreadMessage("U1", "Bob", f"question {i}?")], f"answer {i}"
+        )
+        meta = {"ts": str(i * day), "context_ts": str(i * day), "thread_ts": str(i * day), "channel_id": "C1"}
+        records.append({"messages": messages, "meta": {**meta, "person": "Pat", "channel": "general"}})
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+    def entry(text: str, ts: float, thread: float | None = None, answered: str = "Bob: hm?") -> dict:
+        thread_ts = str(thread if thread is not None else ts)
+        return {"text": text, "channel": "general", "channel_id": "C1", "ts": str(ts), "thread_ts": thread_ts,
+                "answered": answered}  # fmt: skip
+
+    memory = [
+        entry("older note one", 0.5 * day),
+        entry("opening a topic", 1.5 * day, answered=""),
+        entry("older note two", 2.5 * day),
+        entry("answer 3", 3.0 * day),  # a sample's reply: trained already
+        entry("newest before the cut", 7.5 * day),
+        entry("in a held-out thread", 7.9 * day, thread=8 * day),
+        entry("as I said: answer 9", 7.95 * day),  # quotes a held-out reply
+        entry("after the cut", 8.5 * day),
+    ]
+    (folder / "memory.jsonl").write_text("".join(json.dumps(m) + "\n" for m in memory), encoding="utf-8")
+    return data.load_samples(folder / "samples.jsonl")
+
+
+def test_the_persons_other_messages_become_samples_never_a_trained_or_held_out_one(tmp_path):
+    samples = _memory_world(tmp_path)
+    split = data.split_by_time(samples, 0.2)
+    assert split.cut_ts == 8 * 86_400.0
+    found = data.memory_samples(samples, split.cut_ts, tmp_path)
+    assert [s.reply for s in found] == [
+        "newest before the cut",
+        "older note two",
+        "opening a topic",
+        "older note one",
+    ]
+    newest = found[0]
+    assert newest.messages[1] == {"role": "user", "content": "Bob: hm?"}  # what it answered, its context
+    assert newest.messages[0]["content"].startswith("You are Pat,") and newest.person == "Pat"
+    assert found[2].kind == "opener" and found[2].messages[1]["content"] == "(a new thread in #general)"
+    assert data.memory_samples(samples, None, tmp_path) == []  # no cut, nothing to keep them out of
+    assert data.memory_samples(samples, split.cut_ts, tmp_path / "elsewhere") == []
+
+
+def test_a_budgets_leftover_trains_the_newest_other_messages_it_can_pay_for(tmp_path):
+    samples = _memory_world(tmp_path)
+
+    def encode(sample: data.Sample) -> data.Encoded | None:
+        text = sample.reply
+        return (
+            None
+            if text == "older note two"
+            else data.Encoded([1] * len(text), [1] * len(text), sample.thread)
+        )
+
+    def fill(left: float) -> list[str]:
+        chosen = data.fill_from_memory(
+            samples, 8 * 86_400.0, tmp_path, encode, lambda i: len(i.input_ids), left
+        )
+        return [s.reply for s, _ in chosen]
+
+    assert fill(1000) == [
+        "newest before the cut",
+        "opening a topic",
+        "older note one",
+    ]  # "older note two": untrainable
+    assert fill(len("newest before the cut") + len("opening a topic")) == [
+        "newest before the cut",
+        "opening a topic",
+    ]
+    assert fill(len("newest before the cut") - 1) == []  # the newest first: never an older one in its place

@@ -441,6 +441,70 @@ def _choose_within(
     return chosen
 
 
+def memory_samples(samples: Sequence[Sample], cut_ts: float | None, folder: Path) -> list[Sample]:
+    """The person's other messages before the held-out cut, newest first, as samples of their own: the
+    message each answered as its only context (or the channel's opening line), the plain system prompt.
+
+    From their memory (memory.jsonl beside the samples: all of the person's messages of the period, short
+    ones too, where the samples are the newest that pass the scrape's filters). Never a message that is
+    (part of) any sample's reply, so each message is a training target at most once; never one of a thread
+    with a held-out sample or holding a held-out reply's text, so nothing held out is trained; none at all
+    without a cut or a person."""
+    from doppel.memory.index import person_entries
+    from doppel.slack.conversation import opening_line, system_prompt
+    from doppel.slack.samples import MEMORY_FILE
+
+    person = next((s.person for s in samples if s.person), None)
+    memory = Path(folder) / MEMORY_FILE
+    if cut_ts is None or person is None or not memory.is_file():
+        return []
+    held = [s for s in samples if s.ts >= cut_ts or s.context_ts >= cut_ts]
+    held_threads = {s.thread for s in held}
+    held_replies = [s.reply.strip() for s in held if s.reply.strip()]
+    replies = "\x00".join(s.reply for s in samples)
+    prompt = system_prompt(person)
+    found: list[Sample] = []
+    for entry in reversed(person_entries([], memory)):
+        text, ts = entry.text.strip(), float(entry.ts)
+        if ts >= cut_ts or not text or entry.thread in held_threads or text in replies:
+            continue
+        context = entry.answered or opening_line(entry.channel)
+        if any(reply in text or reply in context for reply in held_replies):
+            continue
+        messages = [
+            {"role": "system", "content": prompt},
+            {"role": "user", "content": context},
+            {"role": "assistant", "content": text},
+        ]
+        kind = "reply" if entry.answered else "opener"
+        found.append(Sample(messages, entry.thread, person, ts=ts, context_ts=ts, kind=kind))
+    return found
+
+
+def fill_from_memory(
+    samples: Sequence[Sample],
+    cut_ts: float | None,
+    folder: Path,
+    encode: Callable[[Sample], Encoded | None],
+    cost: Callable[[Encoded], float],
+    left: float,
+) -> list[tuple[Sample, Encoded]]:
+    """The newest of the person's other messages (`memory_samples`) whose `cost` fits in `left`, stopping at
+    the first that does not (those `encode` cannot train skipped): what a budget's tokens left over after
+    one pass over its samples still train. The trainer and the fidelity report choose them alike."""
+    chosen: list[tuple[Sample, Encoded]] = []
+    for sample in memory_samples(samples, cut_ts, folder):
+        item = encode(sample)
+        if item is None:
+            continue
+        spent = cost(item)
+        if spent > left:
+            break
+        chosen.append((sample, item))
+        left -= spent
+    return chosen
+
+
 def read_colleagues(folder: Path) -> list[tuple[float, str]]:
     """(ts, text) of the colleagues' messages the scrape wrote beside the samples (`COLLEAGUES_FILE`)."""
     path = Path(folder) / COLLEAGUES_FILE
