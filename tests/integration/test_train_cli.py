@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -351,49 +350,3 @@ def test_out_of_range_budget_flags_are_refused(tmp_path, tiny_model, style_sampl
         result = _train(*base, flag, value)
         assert result.exit_code == 2 and flag in result.output
         assert not out.exists()
-
-
-def test_a_budgets_leftover_tokens_train_the_persons_other_messages(tmp_path, tiny_model):
-    """`--memory-fill`: where one pass over the samples leaves the budget's tokens unspent, the person's
-    other messages before the held-out cut (memory.jsonl beside the data) are trained too, in steps of
-    their own; never one after the cut; the fidelity report recomputes the same ones (its copy rate)."""
-    from doppel.slack.conversation import ThreadMessage, build_conversation
-    from doppel.train.fidelity import split_samples
-
-    day = 86_400.0
-    records = []
-    for i in range(40):
-        context = [ThreadMessage("U1", "Bob", f"how is the {i}th build?")]
-        messages = build_conversation("Pat", "U0PAT", context, f"build {i} is green, shipping it")
-        meta = {"ts": str(i * day), "context_ts": str(i * day), "thread_ts": str(i * day), "channel_id": "C1"}
-        records.append({"messages": messages, "meta": {**meta, "person": "Pat", "channel": "general"}})
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    memory = [
-        {"text": f"side note {i}: the cache is warm", "channel": "general", "channel_id": "C1",
-         "ts": str((i + 0.5) * day), "thread_ts": str((i + 0.5) * day), "answered": "Ana: anything else?"}
-        for i in range(40)
-    ]  # fmt: skip
-    (folder / "memory.jsonl").write_text("".join(json.dumps(m) + "\n" for m in memory), encoding="utf-8")
-
-    def run(name: str, fill: bool) -> trainer.Metrics:
-        config = trainer.TrainConfig(
-            data=folder / "samples.jsonl", base_model=str(tiny_model), out=tmp_path / name, rank=4, epochs=1,
-            batch_size=4, grad_accum=1, max_train_tokens=10**6, context_gradient=False, memory_fill=fill,
-            progress_bar=False,
-        )  # fmt: skip
-        return trainer.train_adapter(config)
-
-    plain, filled = run("plain", False), run("filled", True)
-    cut = plain.heldout["cut_ts"]
-    before_cut = sum(1 for m in memory if float(m["ts"]) < cut)
-    assert plain.memory_samples == 0 and filled.memory_samples == before_cut < len(memory)
-    assert filled.train_samples == plain.train_samples + before_cut
-    assert filled.steps == math.ceil(filled.train_samples / 4)  # one pass over both, each once
-    assert filled.heldout == plain.heldout and filled.base_eval_loss == plain.base_eval_loss
-    config = json.loads((tmp_path / "filled" / "metrics.json").read_text())["config"]
-    recomputed = split_samples(
-        data.load_samples(folder / "samples.jsonl"), AutoTokenizer.from_pretrained(tiny_model), config
-    )
-    assert len(recomputed.memory) == before_cut and all(s.ts < cut for s in recomputed.memory)

@@ -293,13 +293,6 @@ def make_tiny_model_command(out: Path, seed: int) -> dict[str, Any]:
     "the reply alone is trained (about twice the samples a second on CPU; no --context-weight).",
 )
 @click.option(
-    "--memory-fill/--no-memory-fill",
-    default=False,
-    show_default=True,
-    help="Spend the --max-train-tokens one pass leaves over on the person's other messages before the "
-    "held-out cut (memory.jsonl beside the data), newest first, each with the message it answered.",
-)
-@click.option(
     "--cpu-bf16/--no-cpu-bf16",
     default=None,
     help="Train in bfloat16 autocast on CPU [default: when the CPU computes bfloat16 natively].",

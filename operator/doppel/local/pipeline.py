@@ -309,22 +309,15 @@ def _enough(manifest: Manifest) -> Manifest:
 
 
 def _used(metrics: dict[str, Any]) -> str:
-    """`, on 128 of 1,706 training samples (...)` when the budget could not use them all; `, and 212 of
-    their other messages (...)` when its leftover tokens trained some."""
+    """`, on 128 of 1,706 training samples (...)` when the budget could not use them all."""
     held = metrics.get("heldout") or {}
     used, available = held.get("train"), held.get("train_available")
-    note = ""
-    if used is not None and available is not None and used < available:
-        note = (
-            f", on {used:,} of {available:,} training samples (the budget takes no more: the most like the "
-            "person of the newest)"
-        )
-    if metrics.get("memory_samples"):
-        note += (
-            f", and {metrics['memory_samples']:,} of their other messages (the newest before the held-out "
-            "ones, each with the message it answered: what the budget had left)"
-        )
-    return note
+    if used is None or available is None or used >= available:
+        return ""
+    return (
+        f", on {used:,} of {available:,} training samples (the budget takes no more: the most like the "
+        "person of the newest)"
+    )
 
 
 def _train(

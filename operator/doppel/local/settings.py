@@ -229,7 +229,6 @@ def training_settings(
                 chosen["batch_size"] = min(batch, CPU_REPLY_MICRO_BATCH)
                 chosen["grad_accum"] = batch // chosen["batch_size"]
                 chosen["max_train_tokens"] = budget_tokens  # only the budget's own steps train replies alone
-                chosen["memory_fill"] = True
             else:
                 chosen["context_weight"] = EXPORT_CONTEXT_WEIGHT
                 chosen["max_train_tokens"] = min(

@@ -115,8 +115,6 @@ class SplitSamples:
     # the classifier knows them (a budget chooses the most characteristic; the classifier must not learn
     # the person from the very replies the adapter imitates).
     before_cut: list[data.Sample] = field(default_factory=list)
-    # The person's other messages trained on the budget's leftover tokens (`TrainConfig.memory_fill`).
-    memory: list[data.Sample] = field(default_factory=list)
 
 
 def split_samples(
@@ -152,22 +150,7 @@ def split_samples(
     )
     everything = data.split_by_time(samples, float(config.get("eval_fraction", 0.15))).train
     held_out = [s for s in held.eval if data.encode(s, tokenizer, max_length, stats) is not None]
-    memory: list[data.Sample] = []
-    where = folder or recorded
-    if config.get("memory_fill") and config.get("max_train_tokens") is not None and where is not None:
-        context_gradient = bool(config.get("context_gradient", True))
-        memory = [
-            sample
-            for sample, _ in data.fill_from_memory(
-                samples,
-                held.cut_ts,
-                where,
-                lambda s: data.encode_for_training(s, tokenizer, train_length, max_length, stats),
-                lambda item: data.train_cost(item, context_gradient),
-                float(config["max_train_tokens"]) - sum(costs[id(s)] for s in held.train),
-            )
-        ]
-    return SplitSamples(held.train, held_out, held.summary(), everything, memory)
+    return SplitSamples(held.train, held_out, held.summary(), everything)
 
 
 def persona_prompt(person: str, examples: Sequence[str]) -> str:
@@ -296,8 +279,7 @@ def evaluate_adapter(
         "prompted_base": distinct(prompted, contexts),
         "real": distinct(real, contexts),
     }
-    trained = [*split.train, *split.memory]
-    spans = word_spans(m["content"] for s in trained for m in s.messages if m["role"] != "system")
+    spans = word_spans(m["content"] for s in split.train for m in s.messages if m["role"] != "system")
     report["copy_rate"] = {"adapter": copy_rate(tuned, spans), "prompted_base": copy_rate(prompted, spans)}
     report["length"] = {
         "adapter": _mean_words(tuned),

@@ -17,8 +17,6 @@ class Metrics:
     person: str | None = None  # whose doppel this is, from the samples (doppel chat's default --person)
     samples: int = 0
     train_samples: int = 0
-    # The person's other messages trained besides, on the budget's leftover tokens (TrainConfig.memory_fill).
-    memory_samples: int = 0
     eval_samples: int = 0
     heldout: dict[str, Any] = field(default_factory=dict)  # the split by time (data.SampleSplit.summary)
     # Samples whose oldest context was clipped to fit --max-length, those whose reply was too (its

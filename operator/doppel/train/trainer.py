@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,6 @@ class TrainConfig:
     # backpropagated. The adapter still reads the context, but learns nothing from how it does: on 2 cores
     # about twice the samples a second where replies are a tenth of the tokens (the CPU budget's choice).
     context_gradient: bool = True
-    # Where one pass over the training samples leaves part of `max_train_tokens` unspent, spend it on the
-    # person's other messages before the held-out cut (`data.memory_samples`: memory.jsonl beside the data),
-    # newest first, each once, in steps of their own. False: the time is left over.
-    memory_fill: bool = False
     # Training steps in bfloat16 autocast on a CPU that computes it natively (AVX512-BF16 or AMX: about 1.5x
     # the float32 speed on 2 cores); None: whenever it does. The weights and evaluation stay float32.
     cpu_bf16: bool | None = None
@@ -148,12 +144,6 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
             f"{held.straddling + held.leaking} next to them left out, {stats.dropped_too_long} longer than "
             f"--max-length {config.max_length}"
         )
-    filled = _memory_fill(config, samples, held, split, tokenizer, train_length, stats)
-    if filled:
-        split.train += filled
-        # The pass takes the steps of the messages too (the budget's tokens bound them: `_fit`).
-        more = math.ceil(len(filled) / (config.batch_size * config.grad_accum))
-        config = replace(config, max_steps_per_epoch=config.max_steps_per_epoch + more)
     split.train = data.weighted(split.train)
 
     if os.environ.get(REQUIRE_GPU_ENV) == "1" and not torch.cuda.is_available():
@@ -170,7 +160,6 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
     except torch.OutOfMemoryError:
         raise BadInput(OOM_HINT) from None
     metrics.samples = len(samples)
-    metrics.memory_samples = len(filled)
     metrics.person = _person(samples)
     metrics.heldout = held.summary()
     metrics.wall_time_s = time.perf_counter() - started
@@ -182,33 +171,6 @@ def train_adapter(config: TrainConfig, on_progress: ProgressCallback | None = No
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
         (tmp / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
     return metrics
-
-
-def _memory_fill(
-    config: TrainConfig,
-    samples: list[data.Sample],
-    held: data.SampleSplit,
-    split: data.Split,
-    tokenizer: Any,
-    train_length: int,
-    stats: data.EncodeStats,
-) -> list[data.Encoded]:
-    """The person's other messages a budget's leftover tokens train (`TrainConfig.memory_fill`), encoded."""
-    if not config.memory_fill or config.max_train_tokens is None:
-        return []
-
-    def cost(item: data.Encoded) -> float:
-        return data.train_cost(item, config.context_gradient)
-
-    chosen = data.fill_from_memory(
-        samples,
-        held.cut_ts,
-        Path(config.data).parent,
-        lambda s: data.encode_for_training(s, tokenizer, train_length, config.max_length, stats),
-        cost,
-        config.max_train_tokens - sum(map(cost, split.train)),
-    )
-    return [item for _, item in chosen]
 
 
 def _person(samples: list[data.Sample]) -> str | None:
