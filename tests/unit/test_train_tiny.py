@@ -121,14 +121,9 @@ def test_weighted_labels_weigh_their_token_losses(tiny_model: Path):
     assert batch.label_weight == sum(weights)
 
 
-def test_training_the_reply_without_the_contexts_gradient_takes_the_same_loss(tiny_model: Path):
-    """With the context run once without gradient (left-padded, its keys and values cached), the replies'
-    loss is the model's own on the whole samples, padded or not; the adapter learns only through the
-    replies' positions, and a step learns the same whatever the micro-batch size."""
+def _lora_with_a_voice(tiny_model: Path) -> Any:
+    """The tiny model under a LoRA adapter whose B matrices are not zero (so it changes the outputs)."""
     from peft import LoraConfig, get_peft_model
-
-    from doppel.train import data
-    from doppel.train.trainer import reply_loss_sum, token_loss_sum
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -136,6 +131,17 @@ def test_training_the_reply_without_the_contexts_gradient_takes_the_same_loss(ti
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def test_training_the_reply_without_the_contexts_gradient_takes_the_same_loss(tiny_model: Path):
+    """With the context run once without gradient (left-padded, its keys and values cached), the replies'
+    loss is the model's own on the whole samples, padded or not; the adapter learns only through the
+    replies' positions, and a step learns the same whatever the micro-batch size."""
+    from doppel.train import data
+    from doppel.train.trainer import reply_loss_sum, token_loss_sum
+
+    model = _lora_with_a_voice(tiny_model)
     ignore = data.IGNORE_INDEX
     items = [
         data.Encoded([5, 9, 14, 3, 7, 8, 2], [ignore, ignore, ignore, 3, 7, 8, 2], "t1"),
@@ -202,18 +208,11 @@ def test_the_replies_alone_refuse_a_model_whose_checkpointing_would_drop_the_con
 def test_bfloat16_steps_cast_the_frozen_weights_once_and_learn_as_autocast_does(tiny_model: Path):
     """A training step with the frozen weights cast to bfloat16 beforehand takes the loss and gradient that
     autocast takes casting them at each forward; outside the step (evaluation) the model is float32 again."""
-    from peft import LoraConfig, get_peft_model
-
     from doppel.cpu import Bf16Autocast
     from doppel.train import data
     from doppel.train.trainer import reply_loss_sum, token_loss_sum
 
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
+    model = _lora_with_a_voice(tiny_model)
     ignore = data.IGNORE_INDEX
     items = [
         data.Encoded([5, 9, 14, 3, 7, 8, 2], [ignore, ignore, ignore, 3, 7, 8, 2], "t1"),
