@@ -20,7 +20,7 @@ def bf16_autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-class Bf16Autocast:
+class Bf16Steps:
     """bfloat16 autocast for a model's training steps, its frozen `Linear` weights cast once.
 
     Autocast keeps the casts only of weights that need a gradient: a frozen base model's (all of them under
@@ -36,10 +36,9 @@ class Bf16Autocast:
         self._swaps: list[tuple[torch.nn.Linear, torch.nn.Parameter, torch.nn.Parameter]] = []
         if enabled:
             for module in model.modules():
-                weight = getattr(module, "weight", None)
-                if isinstance(module, torch.nn.Linear) and weight is not None and not weight.requires_grad:
-                    low = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
-                    self._swaps.append((module, weight, low))
+                if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+                    low = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+                    self._swaps.append((module, module.weight, low))
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -49,7 +48,7 @@ class Bf16Autocast:
         for module, _, low in self._swaps:
             module.weight = low
         try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with bf16_autocast(True):
                 yield
         finally:
             for module, high, _ in self._swaps:

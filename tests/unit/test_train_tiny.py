@@ -208,7 +208,7 @@ def test_the_replies_alone_refuse_a_model_whose_checkpointing_would_drop_the_con
 def test_bfloat16_steps_cast_the_frozen_weights_once_and_learn_as_autocast_does(tiny_model: Path):
     """A training step with the frozen weights cast to bfloat16 beforehand takes the loss and gradient that
     autocast takes casting them at each forward; outside the step (evaluation) the model is float32 again."""
-    from doppel.cpu import Bf16Autocast
+    from doppel.cpu import Bf16Steps
     from doppel.train import data
     from doppel.train.trainer import reply_loss_sum, token_loss_sum
 
@@ -230,13 +230,13 @@ def test_bfloat16_steps_cast_the_frozen_weights_once_and_learn_as_autocast_does(
 
     float32_loss = token_loss_sum(model, data.collate(items), device).item()
     autocast_loss, autocast_grads = step(torch.autocast("cpu", dtype=torch.bfloat16))
-    bf16_autocast = Bf16Autocast(model, enabled=True)
-    cast_loss, cast_grads = step(bf16_autocast())
+    bf16_steps = Bf16Steps(model, enabled=True)
+    cast_loss, cast_grads = step(bf16_steps())
     assert cast_loss == autocast_loss != float32_loss  # bfloat16 arithmetic, exactly autocast's
     assert all(torch.equal(a, b) for a, b in zip(cast_grads, autocast_grads, strict=True))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert token_loss_sum(model, data.collate(items), device).item() == float32_loss
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    with bf16_autocast():  # inside a step: the frozen projections (and the head) are bfloat16
+    with bf16_steps():  # inside a step: the frozen projections (and the head) are bfloat16
         assert model.get_base_model().lm_head.weight.dtype == torch.bfloat16
         assert model.get_base_model().get_input_embeddings().weight.dtype == torch.float32

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from doppel.cpu import Bf16Autocast, cpu_has_bf16
+from doppel.cpu import Bf16Steps, cpu_has_bf16
 from doppel.errors import BadInput
 from doppel.fsutil import atomic_directory
 from doppel.train import data
@@ -276,7 +276,7 @@ def _fit(
 
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = device.type == "cpu" and (cpu_has_bf16() if config.cpu_bf16 is None else config.cpu_bf16)
-    bf16 = Bf16Autocast(model, autocast)
+    bf16_step = Bf16Steps(model, autocast)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = max(1, math.ceil(WARMUP_FRACTION * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
@@ -310,7 +310,7 @@ def _fit(
         )
         for group in steps[:steps_per_epoch]:
             tick = time.perf_counter()
-            with bf16():
+            with bf16_step():
                 loss = _train_step(model, group, device)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
