@@ -168,3 +168,52 @@ def test_the_workspace_region_is_a_scrape_option_and_a_bad_one_is_refused(slack_
     refused = scrape(tmp_path / "bad", "--export", str(export), "--phone-region", "UK")
     assert refused.exit_code == 2 and "unknown phone region 'UK'" in refused.output
     assert not (tmp_path / "bad").exists()
+
+
+# What people paste that detect-secrets alone lets through, as (text, what it becomes, what must not
+# survive): database URLs whose password holds `$ & !` or has no user name, a browser session's Slack
+# token and its cookie, an encrypted PKCS#8 key.
+MORE_SECRETS = [
+    ("postgres://app:Pa$$w0rd2024@db:5432/app", "postgres://app:<secret>@db:5432/app", "Pa$$w0rd2024"),
+    ("redis://:p4ss@redis:6379/0", "redis://:<secret>@redis:6379/0", "p4ss"),
+    ("mysql://root:Tr0ub4dor&3@mysql/app", "mysql://root:<secret>@mysql/app", "Tr0ub4dor"),
+    ("postgresql://app:S3cret!@host/app", "postgresql://app:<secret>@host/app", "S3cret"),
+    ("xoxc-1234567890123-1234567890123-1234567890123-" + "0123456789abcdef" * 4, "<secret>", "xoxc-"),
+    ("xoxd-AbCdEf%2FgHiJkLmNoPqRsTuVwXyZ0123456789%2Bab%3D%3D", "<secret>", "HiJkLmNo"),
+    (
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIFHDBOBgkqhkiG9w0BBQ0wQTApBgkqhkiG9w0BBQwwHAQI\n"
+        "-----END ENCRYPTED PRIVATE KEY-----",
+        "<secret>",
+        "MIIFHDBOBgkqhkiG9w0",
+    ),
+]
+
+
+def test_url_passwords_session_tokens_and_encrypted_keys_stay_out_of_samples_and_memory(
+    slack_workspace, tmp_path
+):
+    newest = int(max(float(m["ts"]) for msgs in slack_workspace["messages"].values() for m in msgs))
+    for i, (secret, _, _) in enumerate(MORE_SECRETS):
+        slack_workspace["messages"]["general"] += [
+            {
+                "type": "message",
+                "ts": f"{newest + 60 * i + 1}.000100",
+                "user": "U02BOB",
+                "text": "which one?",
+            },
+            {
+                "type": "message",
+                "ts": f"{newest + 60 * i + 2}.000100",
+                "user": "U01ALICE",
+                "text": f"use {secret} ok",
+            },
+        ]
+    export = write_export_zip(slack_workspace, tmp_path / "export.zip")
+    result = scrape(tmp_path / "out", "--export", str(export), "--min-length", "5")
+    assert result.exit_code == 0, result.output
+    samples = (tmp_path / "out" / "samples.jsonl").read_text()
+    memory = (tmp_path / "out" / "memory.jsonl").read_text()
+    remembered = [json.loads(line)["text"] for line in memory.splitlines()]
+    for _, scrubbed, leak in MORE_SECRETS:
+        assert leak not in samples and leak not in memory, leak
+        assert f"use {scrubbed} ok" in remembered  # only the credential goes: scheme, user and host stay

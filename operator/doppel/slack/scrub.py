@@ -4,9 +4,11 @@ workspace's setting and the people's time zones; `phone_regions` checks a settin
 
 What is found, and by what:
 - credentials: detect-secrets' detectors (AWS keys, private keys, Slack/GitHub/GitLab/Stripe/... tokens,
-  JWTs, passwords in URLs, keyword `key=value` secrets, high-entropy quoted strings) plus a detector of
-  the same kind for the Slack tokens it does not know (app-level `xapp-`, refresh `xoxe-`), and passwords
-  said in words ("my password is hunter2"): `<secret>`;
+  JWTs, passwords in URLs, keyword `key=value` secrets, high-entropy quoted strings) plus detectors of
+  the same kind for what it misses (Slack's other `xox?-` tokens: app-level `xapp-`, browser session
+  `xoxc-` and cookie `xoxd-`, refresh `xoxe-`; a URL's password holding `$ & !` or `@`, or with no user
+  name; PEM private keys it does not list, `ENCRYPTED PRIVATE KEY`), and passwords said in words ("my
+  password is hunter2"): `<secret>`;
 - emails, by a plain address pattern: `<email>`;
 - IBANs, validated by python-stdnum (country length, BBAN structure, mod-97): `<iban>`;
 - payment card numbers: a card network's prefix and length, and a valid Luhn digit (python-stdnum):
@@ -173,13 +175,37 @@ def _zone_countries() -> dict[str, str]:
 
 
 class SlackAppTokenDetector(RegexBasedDetector):
-    """Slack tokens detect-secrets 1.5 does not know: app-level (`xapp-`) and refresh (`xoxe-`) tokens."""
+    """Slack tokens detect-secrets 1.5 does not know: app-level (`xapp-`), and any `xox?-` token besides
+    its `xox[abposr]-` ones: a browser session's `xoxc-`, its `d` cookie `xoxd-` (URL-encoded), a refresh
+    `xoxe-`. A digit is required, so that "xoxo-hugs" stays a word."""
 
-    secret_type = "Slack App-Level or Refresh Token"
+    secret_type = "Slack App-Level, Session or Refresh Token"
     denylist = (
         re.compile(r"\bxapp-\d+-[A-Za-z0-9]+-\d+-[A-Za-z0-9]+"),
-        re.compile(r"\bxoxe-\d+-[A-Za-z0-9-]+"),
+        re.compile(r"\bxox[a-z]-(?=[A-Za-z0-9%-]*\d)[A-Za-z0-9%-]{8,}"),
     )
+
+
+class UrlPasswordDetector(RegexBasedDetector):
+    """A URL's password where detect-secrets' BasicAuthDetector, keeping to RFC 3986, finds none: with
+    sub-delimiters in it (`Pa$$w0rd`, `Tr0ub4dor&3`, `S3cret!`), a raw `@` or `:` (`pa:ss`, `P@ss`), or no
+    user name (`redis://:p4ss@redis`). The userinfo ends at the authority's last `@`; only the password
+    (group `password`) is a secret, so the scheme, user and host stay readable."""
+
+    secret_type = "URL Password"
+    denylist = (
+        re.compile(
+            r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:(?P<password>[^\s/?#]{1,200})@(?=[\w\[])",
+        ),
+    )
+
+
+class PemPrivateKeyDetector(PrivateKeyDetector):
+    """Every PEM private key block, also those detect-secrets' list leaves out (`ENCRYPTED PRIVATE KEY`,
+    PKCS#8's password-protected form, which `openssl genpkey -aes256` writes)."""
+
+    secret_type = "PEM Private Key"
+    denylist = (re.compile(r"BEGIN [A-Z0-9 ]*PRIVATE KEY"),)
 
 
 @cache
@@ -189,7 +215,7 @@ def _detectors() -> tuple[BasePlugin, ...]:
         for cls in get_mapping_from_secret_type_to_class().values()
         if cls.__name__ not in _SKIPPED_DETECTORS
     )
-    return (*found, SlackAppTokenDetector())
+    return (*found, SlackAppTokenDetector(), UrlPasswordDetector(), PemPrivateKeyDetector())
 
 
 def _secret_spans(text: str) -> list[tuple[int, int]]:
@@ -201,6 +227,9 @@ def _secret_spans(text: str) -> list[tuple[int, int]]:
                     start = text.rfind("-----", 0, match.start())
                     start = start if start >= 0 and match.start() - start <= 5 else match.start()
                     spans.append((start, _KEY_END.search(text, match.end()).end()))  # type: ignore[union-attr]
+        elif isinstance(detector, UrlPasswordDetector):
+            # Not widened: the password may end in a character a token does not (`S3cret!`).
+            spans += [m.span("password") for regex in detector.denylist for m in regex.finditer(text)]
         elif isinstance(detector, RegexBasedDetector):
             for regex in detector.denylist:
                 for match in regex.finditer(text):
