@@ -117,6 +117,23 @@ def test_channel_lists_and_cutoff(slack_emulator, tmp_path):
     assert {s["meta"]["channel"] for s in read_samples(other)} == {"engineering", "design"}
 
 
+def test_include_private_alone_takes_the_private_channels_the_bot_is_in(slack_emulator, tmp_path):
+    """`--include-private` without `--channel`: the private channel the bot was invited to is listed and
+    scraped; the shared one still is not."""
+    out = tmp_path / "out"
+    result = scrape(slack_emulator, out, "--include-private", "--cutoff-days", "1000")
+    assert result.exit_code == 0, result.output
+    assert "secret-plans" in {s["meta"]["channel"] for s in read_samples(out)}
+    assert any(r.startswith("Private channel:") for r in replies(out))
+    listed = json.loads((out / "manifest.json").read_text())["channels"]
+    assert "skipped" not in listed["secret-plans"] and "skipped" in listed["partners"]
+    types = {c.params.get("types") for c in slack_emulator.calls_to("conversations.list")}
+    assert types == {"public_channel,private_channel"}
+    default = tmp_path / "default"  # not asked for: not even listed (no groups:read scope needed)
+    assert scrape(slack_emulator, default, "--cutoff-days", "1000").exit_code == 0
+    assert "secret-plans" not in {s["meta"]["channel"] for s in read_samples(default)}
+
+
 def test_second_run_fetches_only_newer_messages(slack_emulator, tmp_path):
     out = tmp_path / "out"
     assert scrape(slack_emulator, out).exit_code == 0

@@ -148,7 +148,9 @@ class _Scraper:
         users = await self.api.pages("users.list", "members")
         person = resolve_person(users, user)
         self.person_id = person.id
-        types = "public_channel,private_channel" if options.channels else "public_channel"
+        # Private channels are listed only when they may be taken: listing them needs `groups:read`.
+        private = bool(options.channels) or options.include_private
+        types = "public_channel,private_channel" if private else "public_channel"
         channels = await self.api.pages(
             "conversations.list", "channels", types=types, exclude_archived=not options.channels
         )
