@@ -217,3 +217,27 @@ def test_url_passwords_session_tokens_and_encrypted_keys_stay_out_of_samples_and
     for _, scrubbed, leak in MORE_SECRETS:
         assert leak not in samples and leak not in memory, leak
         assert f"use {scrubbed} ok" in remembered  # only the credential goes: scheme, user and host stay
+
+
+def test_a_cut_paste_is_scrubbed_whole_before_it_is_cut(slack_workspace, tmp_path):
+    """`--paste-action cut` through a database URL's password: cut first, the password's first half would
+    no longer look like one and go into the sample."""
+    line = "export DATABASE_URL=postgres://svc:Hx7qP2mZ9vLw4tKe@db.prod.example.com/app\n"
+    head = "```\n" + "x = compute(1)\n" * 28
+    head += "#" * (500 - len(head) - line.index("Hx7q") - 8)  # the 500-character cut inside the password
+    paste = head + line + "y = 2\n" * 40 + "```"
+    assert paste.index("Hx7q") == 492
+    newest = int(max(float(m["ts"]) for msgs in slack_workspace["messages"].values() for m in msgs))
+    slack_workspace["messages"]["general"] += [
+        {"type": "message", "ts": f"{newest + 1}.000100", "user": "U02BOB", "text": "what does the job run?"},
+        {"type": "message", "ts": f"{newest + 2}.000100", "user": "U01ALICE", "text": paste},
+    ]
+    export = write_export_zip(slack_workspace, tmp_path / "export.zip")
+    result = scrape(tmp_path / "out", "--export", str(export), "--paste-action", "cut")
+    assert result.exit_code == 0, result.output
+    samples, manifest = written(tmp_path / "out")
+    assert manifest["cut"] == {"paste": 1} and "Hx7q" not in samples
+    (cut,) = [
+        json.loads(line)["messages"][-1]["content"] for line in samples.splitlines() if "compute" in line
+    ]
+    assert cut.endswith("#export DATABASE_URL=postgres://svc:<secret>\n…```")

@@ -2,7 +2,7 @@
 
 - `display_names`: user ID -> the name Slack shows, from the user list or the profile embedded in messages;
 - `handles`: casefolded handles and display names -> user ID, to read "handle: …" addressees;
-- `read_text`: a message's text as it goes into samples: normalised, pastes cut or dropped, scrubbed,
+- `read_text`: a message's text as it goes into samples: normalised, pastes dropped, scrubbed, pastes cut,
   each counted.
 """
 
@@ -13,10 +13,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from doppel.slack.normalize import UNKNOWN_USER, message_text, user_display_name
-from doppel.slack.scrub import scrub_text
+from doppel.slack.scrub import PLACEHOLDERS, scrub_text
 
 if TYPE_CHECKING:
     from doppel.slack.samples import ScrapeOptions, Thread
+
+_PLACEHOLDER_CHARS = max(map(len, PLACEHOLDERS))
 
 
 def display_names(users: Sequence[Mapping[str, Any]], threads: Sequence[Thread]) -> dict[str, str]:
@@ -51,17 +53,20 @@ def read_text(
     counts: Mapping[str, Counter[str]],
     regions: Sequence[str] = (),
 ) -> str | None:
-    """A message's text as it goes into samples: read, pastes cut (or None: dropped), scrubbed."""
+    """A message's text as it goes into samples: read, scrubbed, pastes cut (or None: dropped)."""
     text = message_text(message, names, channel_names, options.bot_user_id)
-    if is_paste(text, options.paste_chars):
-        if options.paste_action == "drop":
-            counts["dropped"]["paste"] += 1
-            return None
-        text = cut_paste(text, options.paste_chars)
-        counts["cut"]["paste"] += 1
+    paste = is_paste(text, options.paste_chars)
+    if paste and options.paste_action == "drop":
+        counts["dropped"]["paste"] += 1
+        return None
+    # Scrubbed whole before a paste is cut: cut first, a secret straddling the cut would keep its first
+    # characters, too few to be found as one.
     if options.scrub:
         text, found = scrub_text(text, regions)
         counts["scrubbed"].update(found)
+    if paste:
+        text = cut_paste(text, options.paste_chars)
+        counts["cut"]["paste"] += 1
     return text
 
 
@@ -74,6 +79,10 @@ def is_paste(text: str, limit: int) -> bool:
 
 
 def cut_paste(text: str, limit: int) -> str:
-    """The first `limit` characters of a paste, its code block closed."""
+    """The first `limit` characters of a paste, its code block closed; a placeholder the cut goes through
+    is left out whole (`<sec` is no word to learn)."""
+    start = text.rfind("<", max(0, limit - _PLACEHOLDER_CHARS), limit)
+    if start >= 0 and text.startswith(PLACEHOLDERS, start) and text.find(">", start) >= limit:
+        limit = start
     kept = text[:limit].rstrip()
     return kept + ("\n…```" if kept.count("```") % 2 else "\n…")

@@ -44,6 +44,7 @@ from stdnum import iban, luhn
 from stdnum.us import ssn
 
 SECRET, EMAIL, PHONE, CARD, IBAN, SSN = "<secret>", "<email>", "<phone>", "<card>", "<iban>", "<ssn>"
+PLACEHOLDERS = (SECRET, EMAIL, PHONE, CARD, IBAN, SSN)
 # Numbers written without a country code are read as North American ones when nothing tells otherwise.
 DEFAULT_PHONE_REGIONS = ("US",)
 # Public IP addresses are not credentials, and a log paste is full of them.
