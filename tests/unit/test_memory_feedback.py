@@ -126,3 +126,30 @@ def test_the_corrections_come_with_the_context_they_corrected(tmp_path):
             "text": "Yes, ship it.",
         }
     ]
+
+
+def test_what_training_reads_of_a_correction_is_scrubbed_unless_the_doppel_is_not(tmp_path):
+    """Alice corrects her doppel with a connection string, her email and her phone number, as people do in
+    the "Correct this" modal: the sample and the preference pair the next training reads hold placeholders
+    (the scrape's scrubber), a doppel made with `--no-scrub` gets her words as she wrote them."""
+    words = (
+        "use postgres://admin:Hunter2Staging@db.staging.example.com/app "
+        "or mail me at alice.martin@example.com, cell 415-555-0132"
+    )
+    clean = "use postgres://admin:<secret>@db.staging.example.com/app or mail me at <email>, cell <phone>"
+    asked = [*PROMPT[:1], {"role": "user", "content": "Bob: how do I reach staging? I am bob@example.com"}]
+    store = FeedbackStore(tmp_path / "alice")
+    store.record_reply("1700000000.000100", messages=asked, reply="ask ops, token xoxc-1234567890-abcdef12")
+    store.correct("1700000000.000100", "U0ALICE001", words)
+    [sample] = store.training_samples(person="Alice")
+    assert sample["messages"][-1] == {"role": "assistant", "content": clean}
+    assert sample["messages"][1]["content"] == "Bob: how do I reach staging? I am <email>"
+    [pair] = store.preference_pairs()
+    assert (
+        pair["chosen"][0]["content"] == clean and pair["rejected"][0]["content"] == "ask ops, token <secret>"
+    )
+    trained = json.dumps([store.training_samples(), store.preference_pairs(), store.corrections()])
+    for secret in ("Hunter2Staging", "alice.martin@", "555-0132", "bob@example.com", "xoxc-"):
+        assert secret not in trained
+    raw = FeedbackStore(tmp_path / "alice", scrub=False)
+    assert raw.training_samples()[0]["messages"][-1]["content"] == words

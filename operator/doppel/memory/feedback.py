@@ -13,7 +13,9 @@ One small file per event, each written atomically (temporary file and rename): s
 write at once on a ReadWriteMany volume without locks, and a reader never sees half a record.
 
 The next training reads it (`training_samples`, `preference_pairs`): a correction becomes a training
-sample weighted above ordinary messages, and the reply it corrected its rejected alternative.
+sample weighted above ordinary messages, and the reply it corrected its rejected alternative. What is read
+back for training is scrubbed (`doppel.slack.scrub.scrub_text`, as the samples are): the person writes
+their correction freely, a connection string or a phone number included. The records stay as written.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from doppel.fsutil import atomic_write_text
+from doppel.slack.scrub import scrub_text
 
 FEEDBACK_DIR = "feedback"
 CORRECTION_WEIGHT = 3  # a correction counts as this many ordinary messages in training
@@ -45,8 +48,9 @@ class Counts:
 class FeedbackStore:
     """The feedback of one doppel, rooted at its data directory."""
 
-    def __init__(self, user_dir: Path) -> None:
+    def __init__(self, user_dir: Path, *, scrub: bool = True) -> None:
         self.root = Path(user_dir) / FEEDBACK_DIR
+        self.scrub = scrub  # the doppel's scrub setting (`--no-scrub`: False), for what training reads
 
     def record_reply(
         self,
@@ -134,12 +138,30 @@ class FeedbackStore:
         ]
 
     def _corrected(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Each correction with the reply it corrected, their texts scrubbed unless the doppel is not."""
         pairs = []
         for correction in self._all("corrections"):
             reply = self.reply(correction["reply_ts"])
             if reply and correction.get("text", "").strip():
-                pairs.append((correction, reply))
+                pairs.append((self._scrubbed(correction), self._scrubbed(reply)))
         return pairs
+
+    def _scrubbed(self, record: dict[str, Any]) -> dict[str, Any]:
+        """`record` with its text, reply and prompt messages scrubbed (a copy; the file stays as written).
+        The prompt was scrubbed when the bot built it, the reply before it was posted: scrubbed again, they
+        come out the same, and a record from before either or written by another tool is covered too."""
+        if not self.scrub:
+            return record
+        clean = dict(record)
+        for key in ("text", "reply"):
+            if isinstance(record.get(key), str):
+                clean[key] = scrub_text(record[key]).text
+        if isinstance(record.get("messages"), list):
+            clean["messages"] = [
+                {**m, "content": scrub_text(m["content"]).text} if isinstance(m.get("content"), str) else m
+                for m in record["messages"]
+            ]
+        return clean
 
     def _path(self, kind: str, key: str | tuple[str, ...]) -> Path:
         parts = (key,) if isinstance(key, str) else key
