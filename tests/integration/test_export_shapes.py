@@ -158,6 +158,34 @@ def test_exports_doppel_cannot_read_are_refused_with_the_way_out(plain, slack_wo
     assert_refused(two, out, "holds 2 exports (2023/, 2024/)")
 
 
+def declare_unpacked_size(path: Path, entry: str, size: int) -> Path:
+    """Rewrite the unpacked size `entry` declares in both headers: a ZIP whose file is bigger than the
+    test should write."""
+    data = bytearray(path.read_bytes())
+    name = entry.encode()
+    for signature, size_at, name_at in ((LOCAL_HEADER, 22, 30), (CENTRAL_HEADER, 24, 46)):
+        start = data.find(signature)
+        while start != -1:
+            if data[start + name_at : start + name_at + len(name)] == name:
+                struct.pack_into("<I", data, start + size_at, size)
+            start = data.find(signature, start + 4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_zip_bomb_or_a_file_too_large_to_read_is_refused_unread(plain, tmp_path):
+    """A day file of spaces packs 1,000 to 1 (300 KB unpacked to 300 MB once took 650 MB and a kill): the
+    entry is named and nothing is written, whatever its declared size; one declared over the cap too."""
+    export, _ = plain
+    out = tmp_path / "out"
+    day = "general/2020-01-01.json"
+    bomb = rezip(export, tmp_path / "bomb.zip", extra={day: b"[" + b" " * (4 * 1024 * 1024) + b"]"})
+    assert_refused(bomb, out, day, "times its packed size", "ZIP bomb")
+    huge = rezip(export, tmp_path / "huge.zip", extra={day: json.dumps([]).encode()})
+    huge = declare_unpacked_size(huge, day, 300 * 1024 * 1024)
+    assert_refused(huge, out, day, "unpacks to 300 MiB, more than doppel reads of one file (256 MiB)")
+
+
 def test_a_malformed_record_is_named(plain, tmp_path):
     export, _ = plain
     out = tmp_path / "out"

@@ -12,7 +12,8 @@ An export is often re-zipped before it reaches doppel: inside a top folder, with
 with Windows' backslashes, or with UTF-8 names the ZIP does not flag as such (macOS's Archive Utility), which
 Python would read as cp437. Entry names are taken back to the export's own ('/'-separated, UTF-8, NFC), so a
 channel named in another script keeps its messages. What cannot be read (a password, Deflate64, two exports
-in one ZIP, a timestamp that is not one) is refused with the reason, before anything is written.
+in one ZIP, a timestamp that is not one, a file too large to read or packed like a ZIP bomb) is refused
+with the reason, before anything is written.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ _READABLE = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZI
 _METHOD_NAMES = {9: "Deflate64", 98: "PPMd", 95: "XZ", 93: "Zstandard"}
 _ENCRYPTED = 0x1  # general purpose flag bits of a ZIP entry
 _UTF8_NAME = 0x800
+# An entry is read whole into memory (JSON), and parsed it takes several times its size: one larger than
+# this, or packed tighter than JSON ever packs (Slack's exports: at most ~25 to 1), is refused unread, so a
+# ZIP bomb (300 KB unpacking to 300 MB) is bad input rather than an out-of-memory kill.
+MAX_ENTRY_BYTES = 256 * 1024 * 1024
+MAX_RATIO = 200
+_RATIO_FROM_BYTES = 1024 * 1024  # a small file may pack tightly ("[]" and little else): too little to harm
 _USER_ID = re.compile(r"^[UW][A-Z0-9]{6,}$")
 _SLACK_TS = re.compile(r"^\d+(?:\.\d+)?$")
 
@@ -152,8 +159,9 @@ def _writes_here(export: _Export, user_id: str) -> bool:
 
 
 def _check_readable(archive: zipfile.ZipFile, zip_path: Path) -> None:
-    """Refuse, with the way out, a ZIP whose entries Python cannot open."""
+    """Refuse, with the way out, a ZIP whose entries Python cannot open or that would not fit in memory."""
     for info in archive.infolist():
+        _check_size(info, zip_path)
         if info.flag_bits & _ENCRYPTED:
             raise BadInput(
                 f"{zip_path}: the ZIP is password-protected; unzip it and zip the folder again without one"
@@ -164,6 +172,23 @@ def _check_readable(archive: zipfile.ZipFile, zip_path: Path) -> None:
                 f"{zip_path}: {info.filename} is compressed with {method}, which doppel cannot read; "
                 "unzip the export and zip the folder again (zip -r, or Python's zipfile)"
             )
+
+
+def _check_size(info: zipfile.ZipInfo, zip_path: Path) -> None:
+    """Refuse a JSON entry over `MAX_ENTRY_BYTES` unpacked, or any entry packed over `MAX_RATIO` to 1. The
+    sizes are the ZIP's own: zipfile never unpacks more than an entry declares (more fails its CRC)."""
+    mib = 1024 * 1024
+    if info.filename.endswith(".json") and info.file_size > MAX_ENTRY_BYTES:
+        raise BadInput(
+            f"{zip_path}: {info.filename} unpacks to {info.file_size / mib:,.0f} MiB, more than doppel reads "
+            f"of one file ({MAX_ENTRY_BYTES // mib} MiB)"
+        )
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > _RATIO_FROM_BYTES and ratio > MAX_RATIO:
+        raise BadInput(
+            f"{zip_path}: {info.filename} unpacks to {ratio:,.0f} times its packed size "
+            f"(an export packs at most {MAX_RATIO} to 1): a ZIP bomb, not a Slack export"
+        )
 
 
 def _entry_name(info: zipfile.ZipInfo) -> str:
