@@ -528,3 +528,45 @@ def test_a_person_of_one_liners_is_learnt_from_their_own_length(tmp_path):
     assert manifest["dropped"]["too_short"] > 0  # "ok", "on it": not samples
     chosen, out = run("margaret")
     assert json.loads((out / "manifest.json").read_text())["options"]["min_length"] == 100
+
+
+def test_memory_remembers_the_message_a_reply_names_not_the_latest_one(slack_workspace, tmp_path):
+    """Bob asks, Carol talks lunch in between, Alice answers Bob by mention and then by "bob:": each of her
+    memory entries answers Bob's question, as her samples do (answered_message), not Carol's lunch."""
+    newest = int(max(float(m["ts"]) for msgs in slack_workspace["messages"].values() for m in msgs))
+    question = "why did the billing migration fail on staging last night?"
+    named = "bob: also the billing migration needs the new flag, I will add it to the runbook"
+    nobody = "great, and the taco place takes cards now so no cash needed"
+    said = [
+        ("U02BOB", question),
+        ("U03CAROL", "anyone up for lunch at the taco place today?"),
+        ("U01ALICE", "<@U02BOB> the billing migration failed because the index build ran out of disk"),
+        ("U03CAROL", "ok lunch at noon then"),
+        ("U01ALICE", named),
+        ("U03CAROL", "see you all at the taco place"),
+        ("U01ALICE", nobody),
+    ]
+    slack_workspace["messages"]["general"] += [
+        {"type": "message", "ts": f"{newest + 30 * i + 30}.000100", "user": user, "text": text}
+        for i, (user, text) in enumerate(said)
+    ]
+    export = write_export_zip(slack_workspace, tmp_path / "export.zip")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["scrape", "--export", str(export), "--user", "alice", "--out", str(out), "--min-length", "20"]
+    )
+    assert result.exit_code == 0, result.output
+    remembered = {
+        m["text"]: m["answered"]
+        for m in map(json.loads, (out / "memory.jsonl").read_text().splitlines())
+        if "taco" in m["text"] or "billing" in m["text"]
+    }
+    assert remembered == {
+        "@bobby the billing migration failed because the index build ran out of disk": f"bobby: {question}",
+        named: f"bobby: {question}",
+        # Naming nobody: the latest message of someone else, as before.
+        nobody: "Carol Diaz: see you all at the taco place",
+    }
+    # The samples' contexts hold what memory says they answer.
+    contexts = {s["messages"][-1]["content"]: json.dumps(s["messages"][1:-1]) for s in read_samples(out)}
+    assert all(answered.split(": ", 1)[1] in contexts[text] for text, answered in remembered.items())

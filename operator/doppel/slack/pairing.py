@@ -167,7 +167,8 @@ def build_samples(
                         person_id=person.id,
                         budget_chars=options.budget_chars,
                     )
-                    remembered.append(_memory_entry(thread, item, said, context, person.id, team))
+                    answered = answered_message([*before, *(earlier if in_thread else [])], said)
+                    remembered.append(_memory_entry(thread, item, said, answered, context, person.id, team))
                     if len(item.text) >= min_length:
                         samples.append(_sample(thread, item, said, context, person, team, options))
                         _count_pairing(counts["pairing"], samples[-1], said, before, earlier, in_thread, item)
@@ -295,14 +296,16 @@ def _memory_entry(
     thread: Thread,
     item: _Read,
     said: ThreadMessage,
+    answered: ThreadMessage | None,
     context: Sequence[ThreadMessage],
     person_id: str,
     team: str,
 ) -> dict[str, Any]:
     """The person's message as their memory keeps it (`doppel.memory.index.Entry`'s fields): what they
-    wrote, where, and the message it answered (the latest of someone else in its context, as its training
-    sample's last user line reads)."""
-    answered = next((m for m in reversed(context) if m.author_id != person_id), None)
+    wrote, where, and the message it answered: the one it explicitly answers (`answered_message`, the rule
+    its sample's context and the manifest's `pairing` use: "<@bob> ..." or "bob: ..." answers Bob's latest),
+    else the latest of someone else in its context, as its training sample's last user line reads."""
+    answered = answered or next((m for m in reversed(context) if m.author_id != person_id), None)
     return {
         "text": said.text,
         "channel": thread.channel_name,
