@@ -111,3 +111,18 @@ def test_settings_from_the_environment():
         MemorySettings.from_env({"DOPPEL_MEMORY_MIN_COVERAGE": "2"})
     with pytest.raises(BadInput, match="DOPPEL_MEMORY_"):
         MemorySettings.from_env({"DOPPEL_MEMORY_K": "many"})
+
+
+def test_a_coverage_floor_of_0_never_brings_newer_or_unrelated_messages(index):
+    """`DOPPEL_MEMORY_MIN_COVERAGE=0` takes every message that matches at all, never one that does not:
+    a training sample still sees nothing newer than itself (the held-out side stays unseen), and a served
+    prompt nothing that shares no word with the question."""
+    settings = MemorySettings.from_env({"DOPPEL_MEMORY_MIN_COVERAGE": "0", "DOPPEL_MEMORY_ABSTAIN": "off"})
+    early = sample("We ship on Thursdays for now.", "Carol: when do deploys go out?", "ops", T0 + 100)
+    [record], _ = remember_samples([early], index, settings, heldout_from=T0 + 100)
+    system = record["messages"][0]["content"]
+    assert "Jenkins" not in system and "ramen" not in system, system  # newer; no word in common
+    context = [ThreadMessage("U2", "Bob", "which database is billing on these days?", T0 + 99_999)]
+    recall = recall_for(index, context, settings)
+    assert "Postgres 16" in "\n".join(recall.lines())
+    assert recall.hits and all(hit.coverage > 0 for hit in recall.hits)

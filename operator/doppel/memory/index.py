@@ -474,8 +474,12 @@ class MemoryIndex:
         used = 0
         for index in best:
             share = float(scores[index]) / ceiling
-            if share < min_coverage or len(hits) >= k:
+            # A score of 0 shares no word with the query, or is masked out (newer, held out, the sample's
+            # own conversation): never a hit, even with `min_coverage` 0. Best first: none follow.
+            if share <= 0 or share < min_coverage or len(hits) >= k:
                 break
+            if mask is not None and not mask[index]:
+                continue
             entry = self.entries[int(index)]
             cost = tokens(entry.line())
             if used + cost > budget_tokens:
