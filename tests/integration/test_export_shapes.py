@@ -207,6 +207,33 @@ def test_a_malformed_record_is_named(plain, tmp_path):
     assert_refused(bad_ts, out, f"{days[0]}: message 1 has ts 'yesterday', not a Slack timestamp")
 
 
+def test_a_channel_without_a_name_or_a_profile_that_is_not_an_object_is_named(plain, tmp_path):
+    """Records a converter or a hand edit got wrong: exit 2 naming the record, not a KeyError (exit 1)."""
+    export, _ = plain
+    out = tmp_path / "out"
+
+    def add_a_nameless_channel(name: str, content: Any) -> None:
+        if name == "channels.json":
+            content.append({"id": "C0NONAME01", "is_archived": False})
+
+    nameless = rezip(export, tmp_path / "nameless.zip", edit=add_a_nameless_channel)
+    assert_refused(nameless, out, "channels.json: channel 6 (C0NONAME01) has no name")
+
+    def drop_a_group_id(name: str, content: Any) -> None:
+        if name == "groups.json":
+            del content[0]["id"]
+
+    no_id = rezip(export, tmp_path / "no_group_id.zip", edit=drop_a_group_id)
+    assert_refused(no_id, out, "groups.json: channel 1 has no id")
+
+    def a_word_for_a_profile(name: str, content: Any) -> None:
+        if name == "users.json":
+            content[1]["profile"] = "bob"
+
+    bad_profile = rezip(export, tmp_path / "profile.zip", edit=a_word_for_a_profile)
+    assert_refused(bad_profile, out, "users.json: user 2 (U02BOB) has a profile that is not an object")
+
+
 def test_a_person_is_found_however_their_name_is_composed_and_a_bot_is_not_one(plain, tmp_path):
     export, _ = plain
 

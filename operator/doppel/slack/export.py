@@ -78,10 +78,10 @@ def scrape_export(zip_path: Path, user: str, out: Path, options: ScrapeOptions |
 
 def _scrape(export: _Export, user: str, out: Path, options: ScrapeOptions) -> Manifest:
     users = export.users()
-    channels = export.read_list("channels.json")
+    channels = export.channels("channels.json")
     for listing, kind in (("groups.json", "is_private"), ("mpims.json", "is_mpim"), ("dms.json", "is_im")):
         if export.has(listing):
-            channels += [_conversation(c, kind, users) for c in export.read_list(listing)]
+            channels += export.channels(listing, kind, users)
     try:
         person = resolve_person(users, user)
     except BadInput:
@@ -227,8 +227,28 @@ class _Export:
             for number, user in enumerate(self.read_list(listing), 1):
                 if not isinstance(user.get("id"), str) or not user["id"]:
                     raise BadInput(f"{self.path}: {listing}: user {number} has no id")
+                if not isinstance(user.get("profile") or {}, dict):
+                    where = f"{self.path}: {listing}: user {number} ({user['id']})"
+                    raise BadInput(f"{where} has a profile that is not an object")
                 found.setdefault(user["id"], user)
         return list(found.values())
+
+    def channels(
+        self, listing: str, kind: str | None = None, users: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """The channels of `listing`: channels.json, or with `kind` a list of other conversations (a DM is
+        named after its `users`). One without an ID or a name is refused by its number: a channel's name is
+        its folder, and the channel lists and the manifest are keyed by both."""
+        found = []
+        for number, entry in enumerate(self.read_list(listing), 1):
+            where = f"{self.path}: {listing}: channel {number}"
+            if not isinstance(entry.get("id"), str) or not entry["id"]:
+                raise BadInput(f"{where} has no id")
+            channel = _conversation(entry, kind, users or []) if kind else entry
+            if not isinstance(channel.get("name"), str) or not channel["name"]:
+                raise BadInput(f"{where} ({entry['id']}) has no name")
+            found.append(channel)
+        return found
 
     def day_files(self) -> dict[str, list[str]]:
         """Each channel folder's day files."""
