@@ -252,7 +252,8 @@ async def test_a_workspace_reaches_only_its_own_doppels(
         mention_payload("<@U0DOPPEL> as alice hi", ts, event_id="EvOther", team="T0OTHER01")
     )
     posts = await other_bot.wait_posts(CHANNEL, 1, team=other_team)
-    assert "no `alice` doppel" in posts[0]["text"]
+    # Its workspace has no doppel alice: "as alice" selects nothing there, and none answers.
+    assert "There is no active doppel in this workspace" in posts[0]["text"]
     assert slack_emulator.posted(CHANNEL) == []
 
 
@@ -455,3 +456,89 @@ async def test_no_token_in_the_logs_of_a_mention_and_a_train(bot_harness, bot_ku
     await bot.wait_posts(CHANNEL, 1)
     assert "chat.postMessage" in caplog.text  # slack_sdk's DEBUG logs of the calls were captured
     assert ACME_TOKEN not in caplog.text and SIGNING_SECRET not in caplog.text
+
+
+async def test_people_whose_handles_make_the_same_name_keep_their_own_doppels(
+    bot_harness, bot_kube, slack_emulator
+):
+    """`sam-lee` and `sam.lee` are two people whose handles rewrite alike: neither reaches the other's
+    doppel with status, train, switch or forget, and each gets an object of their own."""
+    slack_emulator.team.users.append(
+        {"id": "U09SAMDASH", "team_id": TEAM_ID, "name": "sam-lee", "real_name": "Sam Dash", "profile": {}}
+    )
+    bot = await bot_harness(bot_config(require_consent=True))
+    kube = kube_for(bot_kube[1])
+
+    async def run(text: str, user: str) -> str:
+        return (await bot.form(command_form(text, user=user))).text
+
+    async def targets() -> dict[str, str]:
+        return {
+            d["metadata"]["name"]: d["spec"]["target"]["userId"]
+            for d in await kube.list_doppels(NAMESPACE, TEAM_ID)
+        }
+
+    assert "Training a doppel of sam-lee" in await run("train <@U09SAMDASH|sam-lee>", "U09SAMDASH")
+    # Sam Lee (sam.lee) asks about, switches to and forgets "their" doppel: there is none of them.
+    for verb in ("status", "switch", "forget"):
+        assert "There is no doppel of sam.lee" in await run(f"{verb} <@U05SAML|sam.lee>", "U05SAML")
+    assert await targets() == {name_of("sam-lee"): "U09SAMDASH"}
+    # Sam Lee trains their own: a second object, its name unique to them (the handle was rewritten).
+    assert "Training a doppel of sam.lee" in await run("train @sam.lee", "U05SAML")
+    mine = name_of("sam.lee", TEAM_ID, "U05SAML")
+    assert mine != name_of("sam-lee")
+    assert await targets() == {name_of("sam-lee"): "U09SAMDASH", mine: "U05SAML"}
+    assert "Forgot sam.lee's doppel" in await run("forget @sam.lee", "U05SAML")
+    assert await targets() == {name_of("sam-lee"): "U09SAMDASH"}
+
+    # An object of sam.lee named before names carried a hash (`sam-lee-…`) is still found by its person,
+    # and sam-lee, wanting that plain name, gets one with the hash of theirs.
+    await run("forget @sam-lee", "U09SAMDASH")
+    await kube.create_doppel(NAMESPACE, doppel_body("sam.lee", "U05SAML", phase="Training"))
+    assert "*sam.lee*: Training" in await run("status @sam.lee", "U05SAML")
+    assert "There is no doppel of sam-lee" in await run("status <@U09SAMDASH|sam-lee>", "U09SAMDASH")
+    assert "already has a doppel" in await run("train @sam.lee", "U05SAML")
+    assert "Training a doppel of sam-lee" in await run("train @sam-lee", "U09SAMDASH")
+    found = await targets()
+    assert found[name_of("sam.lee")] == "U05SAML" and sorted(found.values()) == ["U05SAML", "U09SAMDASH"]
+
+
+async def test_a_command_that_slack_fails_gets_an_apology_fast_or_late(bot_harness, bot_kube, slack_emulator):
+    """Slack (or Kubernetes) raising under a command: an apology, as the acknowledgement when it fails fast,
+    through the command's response_url when it fails late; never no answer at all."""
+    received: list[dict] = []
+
+    async def response_url(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/response", response_url)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/response"
+    try:
+        bot = await bot_harness()
+        await bot.form(command_form("help", user="U02BOB"))  # Bolt checks its token once, at the start
+        slack_emulator.fail_with("users.list", "internal_error")
+        fast = await bot.form(command_form("train @bob", user="U02BOB"))
+        assert fast.status_code == 200 and "Sorry, I couldn't do that" in fast.text
+
+        slack_emulator.latency = 2.0  # and slow today: the answer comes later
+        slack_emulator.fail_with("users.list", "internal_error")
+        form = command_form("train @bob", user="U02BOB").replace(
+            "response_url=http%3A%2F%2F127.0.0.1%3A9%2Funused", f"response_url={quote(url, safe='')}"
+        )
+        late = await bot.form(form)
+        assert late.status_code == 200 and "Working on it" in late.text
+        for _ in range(400):
+            if received:
+                break
+            await asyncio.sleep(0.05)
+        assert received and "Sorry, I couldn't do that" in received[0]["text"]
+        assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is None
+    finally:
+        slack_emulator.latency = 0.0
+        await runner.cleanup()

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import kmock as kmock_lib
 import yaml
 from click.testing import CliRunner
 from tests.support.bot_fixtures import (
@@ -539,3 +540,76 @@ async def test_doppels_from_slack_are_scheduled_like_ones_applied_with_kubectl(
         main, ["operator", "--train-defaults", '{"tolerations": [{"operator": "Maybe"}]}']
     )
     assert bad.exit_code == 2 and "--train-defaults: tolerations.0.operator" in bad.output
+
+
+async def test_a_long_thread_is_answered_from_its_root_and_latest_messages(
+    bot_harness, bot_kube, slack_emulator
+):
+    """A thread longer than a page of conversations.replies (200): the bot pages up to the mention, and the
+    prompt holds the root and the replies just before the mention, not the thread's oldest."""
+    asked, chat = recording_chat("ship it")
+    bot = await bot_harness(chat=chat)
+    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
+    root = say(slack_emulator, "U02BOB", "release plan for the quarter")
+    for i in range(1, 251):
+        say(slack_emulator, "U03CAROL" if i % 2 else "U02BOB", f"reply number {i}", thread_ts=root)
+    text = f"<@{BOT_USER_ID}> what do you think?"
+    ts = say(slack_emulator, "U02BOB", text, thread_ts=root)
+    say(slack_emulator, "U03CAROL", "written after the mention", thread_ts=root)
+    await bot.event(mention_payload(text, ts, event_id="EvLong", thread_ts=root))
+    await bot.wait_posts(CHANNEL, 1)
+    prompt = "\n".join(m["content"] for m in asked[0][1][1:])
+    assert "release plan for the quarter" in prompt
+    assert "reply number 250" in prompt and "reply number 249" in prompt
+    assert "reply number 1\n" not in prompt and "reply number 50\n" not in prompt
+    assert "written after the mention" not in prompt
+    assert prompt.endswith("what do you think?")
+    pages = [c for c in slack_emulator.calls_to("conversations.replies") if c.params.get("ts") == root]
+    assert len(pages) == 2 and all(p.params.get("latest") == ts for p in pages)
+
+
+async def test_a_question_starting_with_as_goes_to_the_active_doppel(bot_harness, bot_kube, slack_emulator):
+    """ "as discussed yesterday" names no doppel: the active one answers the whole question. `as <handle>`
+    of an existing doppel, and `as <@U…>`, still pick one."""
+    asked, chat = recording_chat("friday")
+    bot = await bot_harness(chat=chat)
+    kube = kube_for(bot_kube[1])
+    await kube.create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
+    await kube.create_doppel(NAMESPACE, doppel_body("carol", "U03CAROL", served_name="c-v1"))
+    await kube.set_state(NAMESPACE, TEAM_ID, {"active": name_of("alice")})
+    cases = [
+        ("as discussed yesterday, when do we ship?", "a-v1", "as discussed yesterday, when do we ship?"),
+        ("As a PM, what would you cut?", "a-v1", "As a PM, what would you cut?"),
+        ("as carol: when do we ship?", "c-v1", "when do we ship?"),
+        ("as <@U03CAROL|carol> when do we ship?", "c-v1", "when do we ship?"),
+    ]
+    for i, (question, model, read) in enumerate(cases):
+        text = f"<@{BOT_USER_ID}> {question}"
+        ts = say(slack_emulator, "U02BOB", text)
+        await bot.event(mention_payload(text, ts, event_id=f"EvAs{i}"))
+        posts = await bot.wait_posts(CHANNEL, i + 1)
+        assert posts[i]["text"] == "friday" and posts[i]["thread_ts"] == ts
+        assert asked[i][0] == model and asked[i][1][-1]["content"].endswith(read), (question, asked[i])
+
+
+async def test_a_mention_whose_admission_fails_gets_an_apology(bot_harness, bot_kube, slack_emulator):
+    """Kubernetes failing while a mention of an Enterprise Grid workspace is admitted (its doppels adopted
+    by the org): the author is told, privately, rather than the claimed mention being left in silence."""
+    kmock, _ = bot_kube
+    _, chat = recording_chat("hi")
+    bot = await bot_harness(chat=chat)
+    kmock[kmock_lib.action.LIST, kmock_lib.resource("doppel.dev", "v1alpha1", "doppelusers")] << 503
+    text = f"<@{BOT_USER_ID}> are we shipping?"
+    ts = say(slack_emulator, "U02BOB", text)
+    payload = mention_payload(text, ts, event_id="EvAdmit")
+    payload["enterprise_id"] = payload["authorizations"][0]["enterprise_id"] = "E0ACMEGRID"
+    await bot.event(payload)
+    for _ in range(200):
+        if slack_emulator.ephemeral_posts(CHANNEL):
+            break
+        await asyncio.sleep(0.05)
+    [apology] = slack_emulator.ephemeral_posts(CHANNEL)
+    assert apology["user"] == "U02BOB" and apology["thread_ts"] == ts
+    assert "Sorry, I couldn't answer this one" in apology["text"]
+    await settle()
+    assert slack_emulator.posted(CHANNEL) == []

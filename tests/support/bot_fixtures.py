@@ -264,9 +264,10 @@ async def bot_kube(kmock: Any) -> tuple[Any, str]:
     return kmock, str(kmock.url).rstrip("/")
 
 
-def name_of(handle: str, team: str = TEAM_ID) -> str:
-    """The DoppelUser name `/doppel train @handle` gives in workspace `team`."""
-    return object_name(handle, team)
+def name_of(handle: str, team: str = TEAM_ID, user_id: str | None = None) -> str:
+    """The DoppelUser name `/doppel train @handle` gives in workspace `team` (person `user_id`: a handle
+    that is no name as it is gets a hash of it)."""
+    return object_name(handle, team, user_id)
 
 
 def doppel_body(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -54,10 +55,14 @@ def test_bad_commands_say_what_is_wrong(text, message):
 
 def test_mention_selector_and_bot_mention():
     text = logic.strip_bot_mention("<@U0DOPPEL> as <@U01ALICE|alice>, when is the deploy?", "U0DOPPEL")
-    ref, rest = logic.pick_doppel(text)
+    ref, rest = logic.pick_doppel(text, [])
     assert ref == logic.UserRef("U01ALICE", "alice") and rest == "when is the deploy?"
-    assert logic.pick_doppel("As bob: hi") == (logic.UserRef(None, "bob"), "hi")
-    assert logic.pick_doppel("ask bob about it") == (None, "ask bob about it")
+    doppels = [_doppel("bob", "U2")]
+    assert logic.pick_doppel("As bob: hi", doppels) == (logic.UserRef(None, "bob"), "hi")
+    assert logic.pick_doppel("ask bob about it", doppels) == (None, "ask bob about it")
+    # "as" before a word that is no doppel's handle is English, not a selector.
+    assert logic.pick_doppel("as discussed, ship?", doppels) == (None, "as discussed, ship?")
+    assert logic.pick_doppel("As bob: hi", []) == (None, "As bob: hi")
     assert logic.strip_bot_mention("<@U0OTHER> hi", "U0DOPPEL") == "<@U0OTHER> hi"
 
 
@@ -237,6 +242,15 @@ def test_names_carry_the_team_so_two_workspaces_may_each_have_an_alice():
     assert logic.object_name("alice", "T0123ABCD") == "alice-t0123abcd"
     assert logic.object_name("alice", "T0123ABCD") != logic.object_name("alice", "T0456EFGH")
     assert len(logic.object_name("x" * 80, "T0123ABCD")) == 63
+    # Handles rewritten or cut alike stay apart given their people; a handle that is a name keeps it.
+    rewritten = [
+        logic.object_name(handle, "T0123ABCD", user)
+        for handle, user in (("alice.b", "U1"), ("alice_b", "U2"), ("alice-b", "U3"), ("x" * 79 + "a", "U4"))
+    ]
+    rewritten.append(logic.object_name("x" * 79 + "b", "T0123ABCD", "U5"))
+    assert len(set(rewritten)) == 5 and rewritten[2] == "alice-b-t0123abcd"
+    assert all(len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) for name in rewritten)
+    assert logic.object_name("alice.b", "T0123ABCD", "U1") == logic.object_name("alice_b", "T0123ABCD", "U1")
     with pytest.raises(logic.CommandError):
         logic.object_name("alice", "T0/../x")
 

@@ -8,6 +8,7 @@ still be forgotten.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from slack_bolt.context.async_context import AsyncBoltContext
@@ -22,8 +23,12 @@ from doppel.bot.feedback import status_line
 from doppel.bot.kube import ANNOTATION_REQUESTER
 from doppel.bot.logic import Tenant
 
+LOG = logging.getLogger(__name__)
 # A command's answer is the acknowledgement itself when it is ready this fast; Slack allows 3 s.
 COMMAND_ACK_S = 1.5
+SORRY_COMMAND = (
+    "Sorry, I couldn't do that (Slack or the cluster had a problem). Please try again in a minute."
+)
 
 
 async def on_command(
@@ -32,15 +37,23 @@ async def on_command(
     tenant = tenant_of(context, command)
     deps.metrics.event_received("command", tenant.team_id)
 
-    async def result() -> str:
+    async def answer() -> str:
         # A command's answer is only ever seen by whoever ran it (ephemeral): refusals too.
         if not await admitted(deps, context.client, tenant, command, command.get("user_id") or ""):
             return logic.REFUSAL
         await adopt_org(deps, tenant)
+        return await run_command(deps, context, tenant, command)
+
+    async def result() -> str:
         try:
-            return await run_command(deps, context, tenant, command)
+            return await answer()
         except logic.CommandError as exc:
             return str(exc)
+        except Exception:
+            # Kubernetes or Slack failed: the person still gets an answer, the operator the traceback.
+            LOG.exception("/doppel %s of team %s failed", _verb(command), tenant.team_id)
+            deps.metrics.error("command_failed")
+            return SORRY_COMMAND
 
     task = asyncio.ensure_future(result())
     done, _ = await asyncio.wait({task}, timeout=COMMAND_ACK_S)
@@ -50,6 +63,12 @@ async def on_command(
     # Kubernetes or Slack is slow today: acknowledge now, answer through the command's response_url.
     await ack(text="Working on it…")
     await respond(text=await task, response_type="ephemeral")
+
+
+def _verb(command: dict[str, Any]) -> str:
+    """The command's first word, for the log (never its argument: a person's name)."""
+    words = str(command.get("text") or "").split()
+    return words[0].lower()[:20] if words else "help"
 
 
 async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, command: dict[str, Any]) -> str:
@@ -78,13 +97,9 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
     assert parsed.user is not None
     # A deactivated person has no doppel to train, but one to look at and to forget.
     user_id, handle = await _resolve(deps, client, tenant, parsed.user, deactivated=parsed.verb != "train")
-    name = logic.object_name(handle, team_id)
     if parsed.verb == "train":
         return await _train(deps, context, tenant, user_id, handle, command)
-    doppel = await kube.get_doppel(namespace, team_id, name)
-    if doppel is None:  # one applied by hand may be named otherwise: find it by its person
-        listed = await kube.list_doppels(namespace, team_id)
-        doppel = next((d for d in listed if logic.target_of(d) == user_id), None)
+    doppel = await doppel_of(deps, namespace, team_id, user_id, handle)
     if doppel is None:
         return f"There is no doppel of {handle}: `/doppel train @{handle}`."
     name = doppel["metadata"]["name"]
@@ -92,7 +107,7 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
         return logic.describe(doppel) + await status_line(deps, namespace, doppel)
     actor = await deps.lookups.user(client, team_id, command["user_id"])
     requester = (doppel["metadata"].get("annotations") or {}).get(ANNOTATION_REQUESTER)
-    if not logic.may_manage(actor, user_id, requester):
+    if not logic.may_manage(actor, logic.target_of(doppel) or "", requester):
         what = "switch to" if parsed.verb == "switch" else "make me forget"
         return f"Only {handle}, whoever asked for this doppel, or a workspace admin can {what} it."
     if parsed.verb == "switch":
@@ -104,6 +119,19 @@ async def run_command(deps: Deps, context: AsyncBoltContext, tenant: Tenant, com
     if (await kube.get_state(namespace, team_id)).get("active") == name:
         await kube.set_state(namespace, team_id, {"active": ""})
     return f"Forgot {handle}'s doppel: its adapter and data are being deleted."
+
+
+async def doppel_of(
+    deps: Deps, namespace: str, team_id: str, user_id: str, handle: str
+) -> dict[str, Any] | None:
+    """The doppel of person `user_id`, or None: the object of its name if it is theirs, else whichever
+    is theirs (one applied by hand, or named before names carried a hash). Never one that merely has the
+    name: `alice.b` and `alice-b` are two people."""
+    found = await deps.kube.get_doppel(namespace, team_id, logic.object_name(handle, team_id, user_id))
+    if found is not None and logic.target_of(found) == user_id:
+        return found
+    listed = await deps.kube.list_doppels(namespace, team_id)
+    return next((d for d in listed if logic.target_of(d) == user_id), None)
 
 
 async def _resolve(
@@ -149,8 +177,7 @@ async def _train(
 ) -> str:
     team_id = tenant.team_id
     namespace = deps.config.namespace_for(team_id)
-    name = logic.object_name(handle, team_id)
-    existing = await deps.kube.get_doppel(namespace, team_id, name)
+    existing = await doppel_of(deps, namespace, team_id, user_id, handle)
     if existing is not None:
         return f"{handle} already has a doppel: {logic.describe(existing)}"
     if await at_limit(deps, namespace, team_id):

@@ -33,7 +33,7 @@ async def create_doppel(
     config = deps.config
     team_id = tenant.team_id
     namespace = config.namespace_for(team_id)
-    name = logic.object_name(handle, team_id)
+    name = await _free_name(deps, namespace, team_id, user_id, handle)
     if await at_limit(deps, namespace, team_id):  # checked again: approvals arrive later
         return limit_text(deps)
     # Each workspace's token in a Secret of its own: the scrape Job reads only its own team's.
@@ -75,6 +75,17 @@ async def create_doppel(
         f"Training a doppel of {handle}: I will tell you its progress in a direct message "
         f"(`/doppel status @{handle}`)."
     )
+
+
+async def _free_name(deps: Deps, namespace: str, team_id: str, user_id: str, handle: str) -> str:
+    """The DoppelUser name of person `user_id`: `logic.object_name`, or, where an object made before names
+    carried a hash holds it for someone else (`alice.b`'s `alice-b-…` when `alice-b` trains), the same
+    name with the hash of the person."""
+    name = logic.object_name(handle, team_id, user_id)
+    holder = await deps.kube.get_doppel(namespace, team_id, name)
+    if holder is None or logic.target_of(holder) == user_id:
+        return name
+    return logic.object_name(handle, team_id, user_id, hashed=True)
 
 
 async def adopt_org(deps: Deps, tenant: Tenant) -> None:

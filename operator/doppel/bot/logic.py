@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ MAX_REPLY_MESSAGES = 5
 MAX_MESSAGE_CHARS = 3000
 # The model may separate its messages with a blank line or with this marker.
 MESSAGE_SEPARATOR = "<|msg|>"
+# Hex digits of the person's user id hash in a DoppelUser name whose handle had to be rewritten or cut.
+NAME_HASH_CHARS = 8
 
 
 @dataclass(frozen=True)
@@ -174,27 +177,36 @@ def strip_bot_mention(text: str, bot_user_id: str | None) -> str:
     return text.strip()
 
 
-def pick_doppel(text: str) -> tuple[UserRef | None, str]:
-    """(`as <user>` target if the message starts with one, the rest of the message)."""
+def pick_doppel(text: str, doppels: Sequence[dict[str, Any]]) -> tuple[UserRef | None, str]:
+    """(`as <user>` target if the message starts with one, the rest of the message). "as" selects only
+    before a mention (`as <@U…>`) or the handle of one of the workspace's `doppels`: "as discussed
+    yesterday, ..." is a question for the active doppel, whole."""
     match = _AS.match(text)
     if not match:
         return None, text
-    return parse_user(match.group(1)), text[match.end() :]
+    ref = parse_user(match.group(1))
+    if ref.user_id is None and not any(is_of(d, ref) for d in doppels):
+        return None, text
+    return ref, text[match.end() :]
 
 
 def pick(snapshot: Snapshot, ref: UserRef | None) -> dict[str, Any] | None:
-    """The doppel a mention talks to: the one named (`as <user>`, by handle or user id), else the active
+    """The doppel a mention talks to: the one named (`as <user>`, by user id or handle), else the active
     one, else the only one."""
-    by_name = {d["metadata"]["name"]: d for d in snapshot.doppels}
     if ref is not None:
-        wanted = object_name_or_none(ref.handle) if ref.handle else None
-        by_handle = {object_name_or_none(handle_of(d)): d for d in snapshot.doppels}
-        if wanted and wanted in by_handle:
-            return by_handle[wanted]
-        return next((d for d in snapshot.doppels if ref.user_id and target_of(d) == ref.user_id), None)
+        return next((d for d in snapshot.doppels if is_of(d, ref)), None)
+    by_name = {d["metadata"]["name"]: d for d in snapshot.doppels}
     if snapshot.active in by_name:
         return by_name[snapshot.active or ""]
     return snapshot.doppels[0] if len(snapshot.doppels) == 1 else None
+
+
+def is_of(doppel: dict[str, Any], ref: UserRef) -> bool:
+    """Whether `doppel` is of the person `ref` names: by user id when known, else by their exact handle
+    (never by object name: `alice.b` and `alice-b` are two people whose handles rewrite alike)."""
+    if ref.user_id:
+        return target_of(doppel) == ref.user_id
+    return bool(ref.handle) and handle_of(doppel).lower() == (ref.handle or "").lower()
 
 
 def target_of(doppel: dict[str, Any]) -> str | None:
@@ -235,23 +247,26 @@ def _cut(text: str, limit: int) -> str:
     return cut.rstrip() + "…"
 
 
-def object_name(handle: str, team_id: str = "") -> str:
-    """A DNS-1123 name for a DoppelUser from a Slack handle and its workspace (`Alice.B` of T0ACME ->
-    `alice-b-t0acme`): several workspaces share a namespace, and each may have its own alice."""
+def object_name(handle: str, team_id: str = "", user_id: str | None = None, *, hashed: bool = False) -> str:
+    """A DNS-1123 name for a DoppelUser from a Slack handle and its workspace (`alice` of T0ACME ->
+    `alice-t0acme`): several workspaces share a namespace, and each may have its own alice. A handle that is
+    no name as it is (`alice.b`, `alice_b`, one too long) is rewritten, which can make two people's names
+    alike: given the person's `user_id`, such a name carries a short hash of it (`alice-b-1f2e3d4c-t0acme`).
+    A handle that is a name already keeps it, so the objects of existing installations keep theirs (unless
+    `hashed`: its plain name is someone else's object)."""
     suffix = f"-{team_id.lower()}" if team_id else ""
     if not re.fullmatch(r"[-a-z0-9]*", suffix):
         raise CommandError(f"`{team_id}` is not a Slack team id")
-    name = re.sub(r"[^a-z0-9-]+", "-", handle.lower()).strip("-")[: 63 - len(suffix)].strip("-")
+    room = 63 - len(suffix)
+    lowered = handle.lower()
+    name = re.sub(r"[^a-z0-9-]+", "-", lowered).strip("-")
+    if user_id and (hashed or name != lowered or len(name) > room):
+        tag = hashlib.sha256(user_id.encode()).hexdigest()[:NAME_HASH_CHARS]
+        name = f"{name[: room - len(tag) - 1].strip('-')}-{tag}".lstrip("-")
+    name = name[:room].strip("-")
     if not name:
         raise CommandError(f"cannot make a doppel name from `{handle}`")
     return name + suffix
-
-
-def object_name_or_none(handle: str) -> str | None:
-    try:
-        return object_name(handle)
-    except CommandError:
-        return None
 
 
 def event_key(team_id: str, event_id: str) -> str:

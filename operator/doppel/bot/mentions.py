@@ -38,6 +38,7 @@ from doppel.memory.prompt import recall_for
 from doppel.memory.voice import abstention
 from doppel.serve.errors import ServeError
 from doppel.slack.conversation import (
+    DEFAULT_BUDGET_CHARS,
     DEFAULT_WINDOW,
     PACE_MESSAGES,
     ThreadMessage,
@@ -59,6 +60,8 @@ SORRY_RATE_LIMITED = (
     "Sorry, Slack is limiting how fast I may read this conversation right now, so I couldn't answer in "
     "time. Please try again in a minute."
 )
+# conversations.replies pages at most this many (Slack caps it at 15 for a non-Marketplace app).
+REPLIES_PAGE = 200
 # Slack's rate limits are waited out (`Retry-After`) until this long after the mention arrived; then the
 # person gets an apology that says why rather than a late answer.
 MENTION_DEADLINE_S = 90.0
@@ -81,23 +84,18 @@ def on_mention(deps: Deps, body: dict[str, Any], event: dict[str, Any], context:
             LOG.info("mention %s (%s) of team %s already answered", key, event_id, tenant.team_id)
             return
         client = _worker_client(deps, context)
-        refusal = None
-        if not await admitted(deps, client, tenant, body, event.get("user") or ""):
-            refusal = logic.REFUSAL
-        elif not deps.config.allow_shared_channels and await _shared(deps, client, tenant, body, event):
-            refusal = logic.SHARED_CHANNEL
-        if refusal is None:
+
+        async def admit() -> str | None:
+            """Why this mention is refused, or None (then the tenant's Grid org is adopted)."""
+            if not await admitted(deps, client, tenant, body, event.get("user") or ""):
+                return logic.REFUSAL
+            if not deps.config.allow_shared_channels and await _shared(deps, client, tenant, body, event):
+                return logic.SHARED_CHANNEL
             await adopt_org(deps, tenant)
-        if refusal:
-            if event.get("user"):  # else no person to tell
-                await client.chat_postEphemeral(
-                    channel=event["channel"],
-                    user=event["user"],
-                    thread_ts=event.get("thread_ts") or event["ts"],
-                    text=refusal,
-                )
-            return
-        await answer_mention(deps, client, tenant, (context.bot_user_id, context.bot_id), event)
+            return None
+
+        bot = (context.bot_user_id, context.bot_id)
+        await answer_mention(deps, client, tenant, bot, event, admit=admit)
 
     deps.worker.submit(work(), f"mention {event_id} of team {tenant.team_id}")
 
@@ -163,6 +161,21 @@ def post_in_thread(
     return post
 
 
+def post_to_author(client: AsyncWebClient, event: dict[str, Any]) -> Callable[..., Awaitable[str | None]]:
+    """`post(text)`: an ephemeral message in the mention's thread that only its author sees."""
+
+    async def post(text: str, **_: Any) -> str | None:
+        await client.chat_postEphemeral(
+            channel=event["channel"],
+            user=event["user"],
+            thread_ts=event.get("thread_ts") or event["ts"],
+            text=text,
+        )
+        return None
+
+    return post
+
+
 async def answer_mention(
     deps: Deps,
     client: AsyncWebClient,
@@ -171,23 +184,32 @@ async def answer_mention(
     event: dict[str, Any],
     *,
     hold: bool = True,
+    admit: Callable[[], Awaitable[str | None]] | None = None,
 ) -> None:
     """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence.
-    `bot`: this app's bot user ID and bot ID. With `hold`, a mention that finds the model pool cold is
+    `bot`: this app's bot user ID and bot ID. `admit`: the admission of a new mention (why it is refused,
+    or None); until it has passed, a refusal or an apology goes to the author alone (ephemeral: in a shared
+    channel the other company sees nothing). With `hold`, a mention that finds the model pool cold is
     held for it instead (`doppel.bot.coldpool`); a held mention, answered later, is not held again."""
     channel = event["channel"]
     post = post_in_thread(deps, client, tenant, event)
+    speak = post if admit is None else post_to_author(client, event)
 
     deadline = DEADLINE.set(time.monotonic() + MENTION_DEADLINE_S)
     try:
-        await _answer(deps, client, tenant, bot, event, post, hold)
+        refusal = await admit() if admit is not None else None
+        if refusal is None:
+            speak = post
+            await _answer(deps, client, tenant, bot, event, post, hold)
+        elif event.get("user"):  # else no person to tell
+            await speak(refusal)
     except Exception as exc:
         limited = isinstance(exc, SlackApiError) and exc.response.status_code == 429
         LOG.exception("mention in %s of team %s could not be answered", channel, tenant.team_id)
         deps.metrics.error("slack_rate_limited" if limited else "mention_failed")
         DEADLINE.reset(deadline)  # the apology may wait for its turn to post
         try:
-            await post(SORRY_RATE_LIMITED if limited else SORRY_SLACK)
+            await speak(SORRY_RATE_LIMITED if limited else SORRY_SLACK)
         except Exception as lost:
             # Nobody told: counted (by kind too), so a lost mention never goes unnoticed.
             LOG.exception(
@@ -213,12 +235,13 @@ async def _answer(
     team_id = tenant.team_id
     namespace = deps.config.namespace_for(team_id)
     text = logic.strip_bot_mention(event.get("text", ""), bot_user_id)
+    snapshot = await deps.snapshots.get(namespace, team_id)
     try:
-        ref, rest = logic.pick_doppel(text)
+        ref, rest = logic.pick_doppel(text, snapshot.doppels)
     except logic.CommandError as exc:
         await post(str(exc))
         return
-    doppel = logic.pick(await deps.snapshots.get(namespace, team_id), ref)
+    doppel = logic.pick(snapshot, ref)
     if doppel is None:
         wanted = f"`{ref.handle or ref.user_id}`" if ref else "active"
         await post(f"There is no {wanted} doppel in this workspace yet: try `/doppel train @someone`.")
@@ -252,8 +275,7 @@ async def _answer(
     )
     try:
         if event.get("thread_ts"):
-            replies = await client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
-            thread = replies.get("messages", [])
+            thread = await read_thread(client, channel, thread_ts, event["ts"])
         else:
             # Outside a thread, the channel's recent messages cut by the window rule the samples were (enough
             # of them to read the channel's pace).
@@ -307,6 +329,48 @@ async def _answer(
     if store is not None and reply_ts:
         record = {"messages": messages, "reply": safe, "adapter": model, "sources": sources}
         await asyncio.to_thread(store.record_reply, reply_ts, **record, abstained=recall.abstain)
+
+
+async def read_thread(
+    client: AsyncWebClient, channel: str, thread_ts: str, mention_ts: str
+) -> list[dict[str, Any]]:
+    """The thread up to the mention, root first: every page of conversations.replies up to it (`latest`,
+    inclusive; Slack pages oldest first, so the messages just before the mention come last), of which the
+    root and the newest that the prompt's budget can hold are kept: a long thread is answered from its
+    latest messages, in the memory of a page."""
+    root: dict[str, Any] | None = None
+    tail: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        page = await client.conversations_replies(
+            channel=channel,
+            ts=thread_ts,
+            latest=mention_ts,
+            inclusive=True,
+            limit=REPLIES_PAGE,
+            cursor=cursor,
+        )
+        for message in page.get("messages", []):
+            if message.get("ts") == thread_ts:
+                root = root or message  # Slack may repeat it on every page
+            else:
+                tail.append(message)
+        tail = _newest_within(tail, DEFAULT_BUDGET_CHARS)
+        cursor = (page.get("response_metadata") or {}).get("next_cursor") or None
+        if cursor is None:
+            return ([root] if root else []) + tail
+
+
+def _newest_within(messages: list[dict[str, Any]], budget_chars: int) -> list[dict[str, Any]]:
+    """The newest of `messages` (oldest first) whose texts fit `budget_chars` together, the newest always:
+    what `serving_context` could keep of them, at most."""
+    used, start = 0, len(messages)
+    while start > 0 and (
+        start == len(messages) or used + len(messages[start - 1].get("text") or "") <= budget_chars
+    ):
+        start -= 1
+        used += len(messages[start].get("text") or "")
+    return messages[start:]
 
 
 async def _mark_deactivated(deps: Deps, doppel: dict[str, Any]) -> None:
