@@ -197,15 +197,19 @@ async def test_switch_and_forget_follow_the_permission_table_and_consent_request
         assert "alice's doppel now answers" in (await run("switch @alice", user)).text
     assert "make me forget it" in (await run("forget @alice", "U03CAROL")).text
 
-    # Bob asks carol twice (the second is refused: already asked this hour), then three more people; the
-    # sixth request in the hour is refused whoever it is for.
+    # Bob asks carol twice (the second is refused: already asked this hour, which takes none of the hour's
+    # five requests), then four more people; the sixth request in the hour is refused whoever it is for.
+    slack_emulator.team.users += [
+        {"id": "U08ERIN", "team_id": TEAM_ID, "name": "erin", "profile": {}},
+        {"id": "U09FRANK", "team_id": TEAM_ID, "name": "frank", "profile": {}},
+    ]
     assert "Asked <@U03CAROL>" in (await run("train @carol", "U02BOB")).text
     assert "already asked <@U03CAROL>" in (await run("train @carol", "U02BOB")).text
-    for handle in ("dave", "sam.lee", "sam.park"):
+    for handle in ("dave", "sam.lee", "sam.park", "erin"):
         assert "Asked <@" in (await run(f"train @{handle}", "U02BOB")).text
-    assert "enough consent requests" in (await run("train @carol", "U02BOB")).text
+    assert "enough consent requests" in (await run("train @frank", "U02BOB")).text
     dms = [c for c in slack_emulator.calls if c.method == "chat.postMessage" and "blocks" in c.params]
-    assert len(dms) == 4
+    assert len(dms) == 5
     # Carol's own requests are hers to make.
     assert "Asked <@U02BOB>" in (await run("train @bob", "U03CAROL")).text
 
@@ -218,7 +222,7 @@ async def test_the_consent_request_limit_holds_across_replicas(bot_harness, slac
         assert "Asked <@" in (await bot.form(command_form(f"train @{handle}", user="U02BOB"))).text
     assert "Asked <@" in (await second.form(command_form("train @sam.park", user="U02BOB"))).text
     for bot in (first, second):
-        refused = await bot.form(command_form("train @carol", user="U02BOB"))
+        refused = await bot.form(command_form("train @deploybot", user="U02BOB"))
         assert "enough consent requests" in refused.text
 
 
@@ -408,3 +412,23 @@ async def test_no_mention_of_a_40_mention_burst_is_lost(bot_harness, bot_kube, s
     posts = await bot.wait_posts(CHANNEL, 40, timeout=120)
     assert sorted(p["thread_ts"] for p in posts) == sorted(p["event"]["ts"] for p in payloads)
     assert {p["text"] for p in posts} == {"sure"}
+
+
+async def test_a_consent_request_whose_direct_message_failed_can_be_sent_again(bot_harness, slack_emulator):
+    """Slack failing to open the direct message: nobody was asked, so asking again asks (no "already
+    asked"), and neither that failure nor an "already asked" takes one of the hour's five requests."""
+    bot = await bot_harness()
+
+    async def run(text: str) -> str:
+        return (await bot.form(command_form(text, user="U02BOB"))).text
+
+    slack_emulator.fail_with("conversations.open", "internal_error")
+    assert "could not ask <@U01ALICE> in a direct message (internal_error)" in await run("train @alice")
+    assert "Asked <@U01ALICE>" in await run("train @alice")
+    for _ in range(3):
+        assert "already asked <@U01ALICE>" in await run("train @alice")
+    for handle in ("carol", "dave", "sam.lee", "sam.park"):
+        assert "Asked <@" in await run(f"train @{handle}")
+    dms = [c for c in slack_emulator.calls if c.method == "chat.postMessage" and "blocks" in c.params]
+    assert len(dms) == 5
+    assert "enough consent requests" in await run("train @deploybot")  # the sixth person in the hour

@@ -39,19 +39,26 @@ async def ask_consent(
     deps: Deps, client: AsyncWebClient, tenant: Tenant, user_id: str, handle: str, requester: str
 ) -> str:
     """Ask `user_id` whether `requester` may train a doppel of them; the requester's answer for now."""
-    if not await _request_slot(deps, tenant.team_id, requester):
-        raise logic.CommandError("You have sent enough consent requests for this hour: try again later.")
-    # Claimed in the shared ledger (its claims last `event_ttl_s`, an hour by default): any replica.
-    if not await deps.ledger.claim(tenant.team_id, f"consent/{requester}/{user_id}"):
+    # Claimed in the shared ledger (its claims last `event_ttl_s`, an hour by default): any replica. The
+    # person first: asking again for the same person takes none of the hour's slots.
+    asked = f"consent/{requester}/{user_id}"
+    if not await deps.ledger.claim(tenant.team_id, asked):
         raise logic.CommandError(
             f"I already asked <@{user_id}> for you within the hour: wait for their answer."
         )
+    slot = await _request_slot(deps, tenant.team_id, requester)
+    if slot is None:
+        await deps.ledger.release(tenant.team_id, asked)
+        raise logic.CommandError("You have sent enough consent requests for this hour: try again later.")
     request = {"team": tenant.team_id, "target": user_id, "handle": handle, "requester": requester}
     value = json.dumps(request, separators=(",", ":"))
     # Asked privately, in a direct message: the command may come from a DM (no channel the bot can post
     # in) or a channel the bot is not in, and whether someone agrees is nobody else's business.
     try:
-        await tell(
+        await _tell_or_release(
+            deps,
+            tenant.team_id,
+            (asked, slot),
             client,
             user_id,
             text=f"<@{user_id}>, <@{requester}> would like to train a doppel of you. Do you agree?",
@@ -91,13 +98,30 @@ async def ask_consent(
     return f"Asked <@{user_id}> for their approval; I will tell you in a direct message when they answer."
 
 
-async def _request_slot(deps: Deps, team_id: str, requester: str) -> bool:
+async def _request_slot(deps: Deps, team_id: str, requester: str) -> str | None:
     """Take one of the requester's `REQUESTS_PER_HOUR` slots in the shared ledger (a slot frees itself when
-    its claim expires, an hour after it was taken); False when every one is taken."""
+    its claim expires, an hour after it was taken): its key, or None when every one is taken."""
     for slot in range(REQUESTS_PER_HOUR):
-        if await deps.ledger.claim(team_id, f"consent-slot/{requester}/{slot}"):
-            return True
-    return False
+        key = f"consent-slot/{requester}/{slot}"
+        if await deps.ledger.claim(team_id, key):
+            return key
+    return None
+
+
+async def _tell_or_release(
+    deps: Deps, team_id: str, claims: tuple[str, ...], client: AsyncWebClient, user_id: str, **message: Any
+) -> None:
+    """`tell`, giving the consent request's `claims` back when it fails: nobody was asked, so neither a
+    retry nor the hour's count may act as if someone had been."""
+    try:
+        await tell(client, user_id, **message)
+    except Exception:
+        for key in claims:
+            try:
+                await deps.ledger.release(team_id, key)
+            except Exception:
+                LOG.exception("consent claim %s of team %s not released", key, team_id)
+        raise
 
 
 async def answer_consent(

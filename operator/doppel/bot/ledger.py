@@ -24,6 +24,10 @@ class EventLedger(Protocol):
         """True the first time `event_id` of `team_id` is claimed, by anyone; False afterwards."""
         ...
 
+    async def release(self, team_id: str, event_id: str) -> None:
+        """Give a claim back (what it stood for did not happen): the next claim of it wins."""
+        ...
+
     async def sweep(self) -> int:
         """Forget the claims past their expiry; returns how many went."""
         ...
@@ -85,6 +89,19 @@ class KubeEventLedger:
                         waiting.set_result(result)
         return await decided
 
+    async def release(self, team_id: str, event_id: str) -> None:
+        key = event_key(team_id, event_id)
+        name = ledger_configmap(key)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            for _ in range(ATTEMPTS):
+                found = await self.kube.read_configmap(self.namespace, name)
+                if found is None or key not in found[0]:
+                    return
+                if await self.kube.change_configmap(self.namespace, name, {key: None}, found[1]):
+                    return
+                await asyncio.sleep(random.uniform(0.0, 0.05))  # another replica wrote first: read it again
+        raise RuntimeError(f"event ledger {name}: {ATTEMPTS} writes in a row lost to other replicas")
+
     async def _write(self, name: str, keys: list[str]) -> list[bool]:
         """Claim `keys` in ConfigMap `name`: for each, whether this call claimed it."""
         for _ in range(ATTEMPTS):
@@ -137,8 +154,15 @@ class SqlEventLedger:
     async def claim(self, team_id: str, event_id: str) -> bool:
         return await asyncio.to_thread(self._claim, event_key(team_id, event_id))
 
+    async def release(self, team_id: str, event_id: str) -> None:
+        await asyncio.to_thread(self._release, event_key(team_id, event_id))
+
     async def sweep(self) -> int:
         return await asyncio.to_thread(self._sweep)
+
+    def _release(self, key: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(self.table).where(self.table.c.key == key))
 
     def _sweep(self) -> int:
         with self.engine.begin() as conn:
@@ -171,6 +195,9 @@ class MemoryEventLedger:
             return False
         self._seen[key] = time.time() + self.ttl_s
         return True
+
+    async def release(self, team_id: str, event_id: str) -> None:
+        self._seen.pop(event_key(team_id, event_id), None)
 
     async def sweep(self) -> int:
         now = time.time()
