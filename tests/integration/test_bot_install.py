@@ -19,6 +19,7 @@ from tests.support.bot_fixtures import (
     TEAM_ID,
     OAuthSlackEmulator,
     as_team,
+    bot_config,
     command_form,
     doppel_body,
     kube_for,
@@ -145,3 +146,55 @@ async def test_uninstall_deletes_the_tokens_and_stops_the_doppels_until_installe
         assert ANNOTATION_STOPPED not in bob["metadata"].get("annotations", {})
         assert await asyncio.to_thread(secret_token, url, NAMESPACE, secret_name) == token
         assert (await doppel_of("carol"))["spec"]["suspend"] is True
+
+
+async def test_a_single_token_bot_restarted_with_a_valid_token_resumes_what_a_revocation_stopped(
+    bot_harness, bot_kube, slack_emulator, slack_workspace
+):
+    """One bot token, no OAuth: `tokens_revoked` stops the doppels and deletes the token Secret; a restart
+    with the same, revoked token resumes nothing; a restart with a new token Slack accepts writes it to the
+    Secret and resumes the doppels the revocation stopped (docs/security.md), not those a person stopped."""
+    _, url = bot_kube
+    kube = kube_for(url)
+    first = await bot_harness()
+    assert (
+        "Training a doppel of bob"
+        in (await first.form(command_form("train <@U02BOB|bob>", user="U02BOB"))).text
+    )
+    carol = doppel_body("carol", "U03CAROL")
+    carol["spec"]["suspend"] = True
+    await kube.create_doppel(NAMESPACE, carol)
+
+    def doppel_of(handle: str) -> Any:
+        return kube.get_doppel(NAMESPACE, TEAM_ID, name_of(handle))
+
+    secret_name = (await doppel_of("bob"))["spec"]["slack"]["tokenSecretRef"]["name"]
+    revoked = {
+        "token": "legacy",
+        "team_id": TEAM_ID,
+        "api_app_id": "A0DOPPEL",
+        "event": {"type": "tokens_revoked", "tokens": {"oauth": [], "bot": [BOT_USER_ID]}, "event_ts": "1.0"},
+        "type": "event_callback",
+        "event_id": "EvRevokedSingle",
+        "event_time": int(time.time()),
+    }
+    assert (await first.event(revoked)).status_code == 200
+    await until_async(lambda: doppel_of("bob"), lambda d: d["spec"].get("suspend") is True)
+    await until_async(
+        lambda: asyncio.to_thread(secret_token, url, NAMESPACE, secret_name), lambda t: t is None
+    )
+    slack_emulator.revoke_token()
+
+    # Restarted with the revoked token: auth.test refuses it, nothing resumes.
+    await bot_harness()
+    await asyncio.sleep(1.0)
+    assert (await doppel_of("bob"))["spec"]["suspend"] is True
+
+    # Restarted with a new token of the workspace: the Secret holds it and Bob's doppel resumes.
+    new_token = "xoxb-acme-0002-new"
+    slack_emulator.add_team(slack_workspace, token=new_token, bot_user_id=BOT_USER_ID)
+    await bot_harness(bot_config(bot_token=new_token))
+    bob = await until_async(lambda: doppel_of("bob"), lambda d: d["spec"]["suspend"] is False)
+    assert ANNOTATION_STOPPED not in (bob["metadata"].get("annotations") or {})
+    assert await asyncio.to_thread(secret_token, url, NAMESPACE, secret_name) == new_token
+    assert (await doppel_of("carol"))["spec"]["suspend"] is True

@@ -103,7 +103,7 @@ class Bot:
         @contextlib.asynccontextmanager
         async def lifespan(_: Starlette) -> AsyncIterator[None]:
             self.serve_metrics()
-            async with self.notifier(), self.sweeper(), in_background(wake_held(self)):
+            async with self.notifier(), self.sweeper(), in_background(wake_held(self)), self.restorer():
                 yield
             await asyncio.to_thread(self.deps.worker.close)
             self.deps.metrics.close()
@@ -142,6 +142,13 @@ class Bot:
         mention."""
         return in_background(sweep_claims(self.deps.ledger, self.config.sweep_interval_s))
 
+    def restorer(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """With one bot token (no OAuth, so no install to tell), resume at startup the doppels a revocation
+        stopped, once Slack accepts the token (`revocation.on_start`), in the background."""
+        if self.installation_store is not None:
+            return contextlib.nullcontext()
+        return in_background(revocation.on_start(self.deps, self.app.client))
+
     def server_config(self, host: str, port: int, **overrides: Any) -> uvicorn.Config:
         """uvicorn's configuration of the bot's HTTP server (`serve`; the tests serve the same)."""
         options: dict[str, Any] = {
@@ -169,7 +176,7 @@ class Bot:
         _freeze_startup_objects()
         self.serve_metrics()
         try:
-            async with self.notifier(), self.sweeper(), in_background(wake_held(self)):
+            async with self.notifier(), self.sweeper(), in_background(wake_held(self)), self.restorer():
                 await handler.start_async()
         finally:
             await handler.close_async()
