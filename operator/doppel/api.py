@@ -369,6 +369,15 @@ class ScrapeProgress(_Model):
     updated_at: datetime | None = Field(default=None, description="When these figures last changed.")
 
 
+class JobRecord(_Model):
+    """The current step's latest Job as the operator last saw it: what it goes on from once it is gone."""
+
+    step: Literal["scrape", "train", "purge"]
+    attempt: int = Field(default=1, ge=1)
+    outcome: Literal["Running", "Succeeded", "Failed"]
+    reason: str | None = Field(default=None, description="Why it failed.")
+
+
 class Adapter(_Model):
     served_name: str = Field(min_length=1)
     path: str = Field(min_length=1, description="Adapter directory as the vLLM pods see it.")
@@ -399,4 +408,19 @@ class DoppelUserStatus(_Model):
     last_trained_at: datetime | None = None
     next_schedule_time: datetime | None = Field(
         default=None, description="When retrainSchedule next retrains (as a CronJob's next run would start)."
+    )
+    last_job: JobRecord | None = None
+    spec_generation: int | None = Field(
+        default=None,
+        ge=1,
+        description="The generation the Jobs and the adapter version belong to: the last spec change other "
+        "than spec.suspend.",
+    )
+    spec_digest: str | None = Field(
+        default=None, description="Digest of that generation's spec, suspend left out."
+    )
+    pruned_generation: int | None = Field(
+        default=None,
+        ge=1,
+        description="Generation whose older adapter versions were pruned (not pruned again).",
     )

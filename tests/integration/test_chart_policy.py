@@ -69,7 +69,7 @@ ADMIN_VALUES: dict[str, Any] = {
         "podSecurityContext": {"supplementalGroups": [4242]},
     },
     "jobs": {
-        "ttlSecondsAfterFinished": 120,
+        "ttlSecondsAfterFinished": 900,
         "priorityClassName": "doppel-batch",
         "podSecurityContext": {"supplementalGroups": [4242]},
         "extraEnv": [{"name": "PIP_INDEX_URL", "value": "https://pypi.corp/simple"}],
@@ -156,7 +156,7 @@ def test_every_job_pod_the_operator_creates_is_restricted_and_valid(
             expected = "4Gi" if which == "kind" else "16Gi"
             assert resources["limits"]["memory"] == resources["requests"]["memory"] == expected
         ttl = job["spec"].get("ttlSecondsAfterFinished")
-        assert ttl == {"admin": 120, "scaled": 600}.get(which, 3600)
+        assert ttl == {"admin": 900, "scaled": 600}.get(which, 3600)
         image = container["image"]
         if step == "train":
             gpus = resources["limits"].get("nvidia.com/gpu")
@@ -214,6 +214,17 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 
 def test_pdbs_exist_for_multi_replica_components_and_select_only_them() -> None:
     assert not find_manifests(render_chart(), "PodDisruptionBudget"), "one replica: a budget blocks drains"
+    # KEDA or an HPA own the vLLM pods' number (vllm.replicas unused): up to maxReplicas of them to drain.
+    for scaler in ("keda", "hpa"):
+        scaled = {"minReplicas": 1, "maxReplicas": 3, scaler: {"enabled": True, "assumeInstalled": True}}
+        if scaler == "hpa":
+            del scaled[scaler]["assumeInstalled"]
+        manifests = render_chart(set_values={"vllm": {"replicas": 1, "autoscaling": scaled}})
+        (pdb,) = find_manifests(manifests, "PodDisruptionBudget")
+        assert pdb["metadata"]["name"].endswith("-vllm") and pdb["spec"]["maxUnavailable"] == 1
+        scaled["maxReplicas"] = 1
+        manifests = render_chart(set_values={"vllm": {"replicas": 3, "autoscaling": scaled}})
+        assert not find_manifests(manifests, "PodDisruptionBudget"), f"{scaler}: at most one vLLM pod"
     manifests = render_chart([SCALED_VALUES], OAUTH)
     pdbs = find_manifests(manifests, "PodDisruptionBudget")
     deployments = {d["metadata"]["name"]: d for d in find_manifests(manifests, "Deployment")}
@@ -315,6 +326,8 @@ def test_proxy_and_extra_env_reach_the_components_that_call_out() -> None:
     [
         ({"images": {"app": {"digest": "latest"}}}, "/images/app/digest"),
         ({"jobs": {"ttlSecondsAfterFinished": -1}}, "/jobs/ttlSecondsAfterFinished"),
+        # Gone before the operator saw how it ended: a failed attempt would not count, a success would rerun.
+        ({"jobs": {"ttlSecondsAfterFinished": 0}}, "/jobs/ttlSecondsAfterFinished"),
         ({"bot": {"podSecurityContext": {"runAsUsr": 1}}}, "/bot/podSecurityContext"),
         ({"vllm": {"extraEnv": [{"value": "x"}]}}, "/vllm/extraEnv/0"),
         ({"jobs": {"cpu": {"resources": {"limits": {"memory": None}}}}}, "/jobs/cpu/resources/limits"),

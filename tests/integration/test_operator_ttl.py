@@ -54,3 +54,42 @@ async def test_finished_jobs_go_after_their_ttl_and_nothing_starts_again(
         assert len(runs(kube, "first", "scrape")) == 1
     finally:
         await operator.stop()
+
+
+async def test_a_purge_job_seen_finished_is_not_started_again_once_it_went(
+    kube, operator_config, slack_emulator
+):
+    """Deleting a DoppelUser: the purge Job is written into the status as it is seen; one that was seen
+    finished and has since gone (its TTL, while the finalizer was not yet released) is not run again."""
+    kube.jobs.hold("purge")
+    operator = await started(kube, operator_config, slack_emulator)
+    try:
+        await kube.kubectl.create(doppeluser("leaving", suspend=True))
+        await kube.wait_for("leaving", lambda o: reason(o) == "Suspended", 30, "suspended")
+        await kube.kubectl.delete("DoppelUser", "leaving")
+        obj = await kube.wait_for(
+            "leaving", lambda o: (o["status"].get("lastJob") or {}).get("step") == "purge", 30, "purge seen"
+        )
+        assert obj["status"]["lastJob"]["outcome"] == "Running"
+        kube.jobs.release("purge")
+        for _ in range(300):
+            if await kube.kubectl.get("DoppelUser", "leaving") is None:
+                break
+            await asyncio.sleep(0.1)
+        assert await kube.kubectl.get("DoppelUser", "leaving") is None
+        assert len(runs(kube, "leaving", "purge")) == 1
+
+        # Its purge Job seen Succeeded and gone (an operator restarted before releasing the finalizer).
+        gone = doppeluser("purged", suspend=True)
+        gone["status"] = {"observedGeneration": 1, "lastJob": {"step": "purge", "outcome": "Succeeded"}}
+        await kube.kubectl.create(gone)
+        await kube.wait_for("purged", lambda o: reason(o) == "Suspended", 30, "suspended")
+        await kube.kubectl.delete("DoppelUser", "purged")
+        for _ in range(300):
+            if await kube.kubectl.get("DoppelUser", "purged") is None:
+                break
+            await asyncio.sleep(0.1)
+        assert await kube.kubectl.get("DoppelUser", "purged") is None
+        assert runs(kube, "purged", "purge") == []
+    finally:
+        await operator.stop()

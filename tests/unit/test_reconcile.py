@@ -394,3 +394,111 @@ def test_the_train_job_leaves_the_learning_rate_to_the_base_model_unless_the_spe
     given = SPEC.model_copy(update={"training": SPEC.training.model_copy(update={"learning_rate": 0.002})})
     command = jobs.train_command(given, CONFIG, owner())
     assert command[command.index("--lr") + 1] == "0.002"
+
+
+def _gone(plan_status: DoppelUserStatus, step: str, attempt: int, ok: bool, result: dict[str, Any], now):
+    """The Job of `step` and `attempt` ends as `ok` says, is seen once, then goes (its TTL): the status
+    the operator has left to go on from."""
+    job = finished(jobs.job_manifest(owner(), step, attempt, [], SPEC, CONFIG), ok, result)
+    return reconcile(observed([job], plan_status, now=now), CONFIG).status
+
+
+def test_failed_attempts_count_after_their_jobs_went():
+    """ttlSecondsAfterFinished deletes a failed Job during its backoff: the next attempt is the next one,
+    not the first again, and the last one fails the object for good."""
+    scrape = finished(jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG), True, {"ok": True})
+    status, now = reconcile(observed([scrape]), CONFIG).status, NOW
+    started = []
+    for attempt in (1, 2, 3):  # CONFIG.max_attempts
+        assert status.last_job is not None and status.last_job.attempt == attempt
+        status = _gone(status, "train", attempt, False, {"ok": False, "reason": "CUDA error"}, now)
+        assert status.last_job.outcome == "Failed" and status.last_job.reason == "CUDA error"
+        now = (status.retry_at or now) + timedelta(seconds=1)
+        plan = reconcile(observed([], status, now=now), CONFIG)
+        started += [j["metadata"]["name"] for j in plan.create]
+        status = plan.status
+    assert started == [jobs.job_name(owner(), "train", 2), jobs.job_name(owner(), "train", 3)]
+    assert (status.phase, status.reason) == ("Failed", "RetriesExhausted") and "CUDA error" in status.message
+    later = reconcile(observed([], status, now=now + timedelta(hours=5)), CONFIG)
+    assert later.create == [] and later.status.phase == "Failed"
+    # Within the backoff, the Job gone: still waiting for the same retry time.
+    fresh = reconcile(observed([scrape]), CONFIG).status
+    waiting = _gone(fresh, "train", 1, False, {"ok": False, "reason": "CUDA error"}, NOW)
+    plan = reconcile(observed([], waiting, now=NOW + timedelta(seconds=2)), CONFIG)
+    assert plan.create == [] and plan.status.reason == "Retrying" and plan.status.retry_at == waiting.retry_at
+
+
+def test_a_train_whose_outcome_was_seen_never_runs_again_once_its_job_went():
+    """A retrain kept out by the fidelity gate (its Job succeeded, the serving adapter stays) is not
+    retrained when its Job goes; a Job that went before anyone saw how it ended runs again as the same
+    attempt, not as the first."""
+    v1 = Adapter(served_name="team.alice.v1", path="/data/team/alice/adapters/v1", version=1)
+    ready = DoppelUserStatus(phase="Ready", observed_generation=2, adapter=v1, served_by=["vllm-0"])
+    scrape = jobs.job_manifest(owner(2), "scrape", 1, [], SPEC, CONFIG)
+    done = finished(scrape, True, {"ok": True, "samples": 9})
+    status = reconcile(observed([done], ready, generation=2), CONFIG).status
+    train = jobs.job_manifest(owner(2), "train", 1, [], SPEC, CONFIG)
+    serving = {"heldout_loss_adapter": 2.1, "likeness_adapter": 0.62}
+    worse = {
+        "ok": True,
+        "eval": {"heldout_loss_adapter": 2.9, "likeness_adapter": 0.2},
+        "eval_serving": serving,
+    }
+    kept = reconcile(observed([done, finished(train, True, worse)], status, generation=2), CONFIG).status
+    assert (kept.phase, kept.reason) == ("Ready", "FidelityRegressed")
+    later = reconcile(observed([], kept, generation=2, now=NOW + timedelta(hours=2)), CONFIG)
+    assert later.create == [] and (later.status.phase, later.status.reason) == ("Ready", "FidelityRegressed")
+
+    # Attempt 2 ran while no operator looked, and went: attempt 2 again (the count is not reset).
+    fresh = reconcile(observed([done]), CONFIG).status
+    failed = _gone(fresh, "train", 1, False, {"ok": False, "reason": "CUDA error"}, NOW)
+    second = reconcile(observed([], failed, now=failed.retry_at), CONFIG)
+    assert [j["metadata"]["name"] for j in second.create] == [jobs.job_name(owner(), "train", 2)]
+    again = reconcile(observed([], second.status, now=NOW + timedelta(hours=3)), CONFIG)
+    assert [j["metadata"]["name"] for j in again.create] == [jobs.job_name(owner(), "train", 2)]
+    assert "went before its outcome was seen" in again.status.message
+
+
+def test_suspend_and_resume_leave_a_ready_doppel_as_it_was():
+    """`spec.suspend` bumps metadata.generation but is no new work: a Ready doppel keeps serving, its
+    status says Suspended, and resuming starts nothing (the bot suspends and resumes a workspace's doppels
+    when the app is uninstalled and installed again)."""
+    v1 = Adapter(served_name="team.alice.v1", path="/data/team/alice/adapters/v1", version=1)
+    ready = reconcile(
+        observed([], DoppelUserStatus(phase="Ready", observed_generation=1, adapter=v1)), CONFIG
+    )
+    assert ready.status.spec_generation == 1 and ready.status.reason is None
+    suspended = SPEC.model_copy(update={"suspend": True})
+    plan = reconcile(observed([], ready.status, generation=2, spec=suspended), CONFIG)
+    assert plan.create == [] and plan.delete == [] and plan.status.adapter == v1
+    assert (plan.status.phase, plan.status.reason) == ("Ready", "Suspended")
+    assert plan.status.observed_generation == 2 and plan.status.spec_generation == 1
+    resumed = reconcile(observed([], plan.status, generation=3), CONFIG)
+    assert resumed.create == [] and (resumed.status.phase, resumed.status.reason) == ("Ready", None)
+    assert condition(resumed.status, "Trained") == condition(ready.status, "Trained")
+    # A real change (suspended or not) is a new generation: it scrapes and trains again.
+    changed = SPEC.model_copy(update={"training": SPEC.training.model_copy(update={"rank": 4})})
+    plan = reconcile(observed([], resumed.status, generation=4, spec=changed), CONFIG)
+    assert [j["metadata"]["name"] for j in plan.create] == [jobs.job_name(owner(4), "scrape", 1)]
+
+
+def test_suspend_lets_a_running_training_finish_and_starts_nothing_new():
+    scrape = finished(jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG), True, {"ok": True})
+    status = reconcile(observed([scrape]), CONFIG).status
+    train = jobs.job_manifest(owner(), "train", 1, [], SPEC, CONFIG)  # running
+    suspended = SPEC.model_copy(update={"suspend": True})
+    plan = reconcile(observed([scrape, train], status, generation=2, spec=suspended), CONFIG)
+    assert plan.delete == [] and plan.create == [] and plan.status.phase == "Training"
+    # It fails while suspended: no retry starts until resumed, then attempt 2.
+    failed = finished(train, False, {"ok": False, "reason": "CUDA error"})
+    later = NOW + timedelta(hours=1)
+    plan = reconcile(observed([scrape, failed], plan.status, generation=2, spec=suspended, now=later), CONFIG)
+    later = plan.status.retry_at
+    plan = reconcile(observed([scrape, failed], plan.status, generation=2, spec=suspended, now=later), CONFIG)
+    assert plan.create == [] and plan.status.reason == "Suspended"
+    plan = reconcile(observed([scrape, failed], plan.status, generation=3, now=later), CONFIG)
+    assert [j["metadata"]["name"] for j in plan.create] == [jobs.job_name(owner(), "train", 2)]
+    # It succeeds while suspended: registered as usual (no Job needed), version 1.
+    done = finished(train, True, {"ok": True})
+    plan = reconcile(observed([scrape, done], status, generation=2, spec=suspended), CONFIG)
+    assert plan.register is not None and plan.register.version == 1 and plan.status.phase == "Registering"

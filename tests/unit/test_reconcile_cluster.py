@@ -112,3 +112,25 @@ def test_cleanup_removes_what_killed_runs_left(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in adapters.iterdir()) == ["v3"]
     assert sorted(p.name for p in lora.iterdir()) == ["team.alice.v3"]
+
+
+def test_a_generation_is_pruned_once_not_after_every_ttl():
+    """The prune Job of a Ready version runs once: once it finished, the status records the generation, and
+    the Job going after its ttlSecondsAfterFinished starts no other (nor does suspending and resuming)."""
+    adapter = Adapter(served_name="team.alice.v2", path="/data/team/alice/adapters/v2", version=2)
+    status = DoppelUserStatus(phase="Ready", observed_generation=2, adapter=adapter)
+    (prune,) = reconcile(observed([], status, generation=2), CONFIG).create
+    job = json.loads(json.dumps(prune))
+    job["status"] = {"succeeded": 1}
+    plan = reconcile(observed([job], status, generation=2, now=NOW + timedelta(minutes=1)), CONFIG)
+    assert plan.create == [] and plan.status.pruned_generation == 2
+    now, status = NOW, plan.status
+    for hour in range(1, 4):  # the Job went after its TTL: nothing comes back, hour after hour
+        now += timedelta(hours=hour)
+        plan = reconcile(observed([], status, generation=2, now=now), CONFIG)
+        assert plan.create == [] and plan.status.phase == "Ready"
+        status = plan.status
+    suspended = SPEC.model_copy(update={"suspend": True})
+    plan = reconcile(observed([], status, generation=3, spec=suspended, now=now), CONFIG)
+    plan = reconcile(observed([], plan.status, generation=4, now=now), CONFIG)
+    assert plan.create == [] and plan.status.phase == "Ready"

@@ -25,7 +25,7 @@ from doppel.operator.config import OperatorConfig
 from doppel.operator.kube import ApiRefused, KubeApi
 from doppel.operator.metrics import OperatorMetrics
 from doppel.operator.pipeline import State, step
-from doppel.operator.reconcile import backoff, deactivation_unseen
+from doppel.operator.reconcile import backoff, deactivation_unseen, purge_ran, purge_record
 from doppel.operator.registration import matches, pod_url, unload, vllm_pods
 
 MANAGED = dict(jobs.MANAGED_BY)
@@ -157,6 +157,18 @@ def ready_pods(body: kopf.Body, namespace: str, **_: Any) -> dict[str, dict[str,
     return {namespace: dict(body)}
 
 
+def _pool_candidate(body: kopf.Body, labels: kopf.Labels, **_: Any) -> bool:
+    """Any pod, ready or not, that is not one of our Job pods nor on its way out."""
+    ours = labels.get("app.kubernetes.io/managed-by") == jobs.MANAGED_BY["app.kubernetes.io/managed-by"]
+    return not ours and not body.get("metadata", {}).get("deletionTimestamp")
+
+
+@kopf.index("", "v1", "pods", when=_pool_candidate)
+def pool_pods(labels: kopf.Labels, namespace: str, **_: Any) -> dict[str, dict[str, str]]:
+    """The labels of every such pod: a vLLM selector matching none says the pool is scaled to zero."""
+    return {namespace: dict(labels)}
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def doppelusers(body: kopf.Body, namespace: str, name: str, uid: str, **_: Any) -> dict[str, Any]:
     """What the queue and the pod watcher need of every object."""
@@ -254,6 +266,7 @@ async def pipeline(
     doppel_jobs: kopf.Index,
     job_pods: kopf.Index,
     ready_pods: kopf.Index,
+    pool_pods: kopf.Index,
     doppelusers: kopf.Index,
     **_: Any,
 ) -> None:
@@ -264,6 +277,7 @@ async def pipeline(
         "doppel_jobs": doppel_jobs,
         "job_pods": job_pods,
         "ready_pods": ready_pods,
+        "pool_pods": pool_pods,
         "doppelusers": doppelusers,
     }
     failures = 0
@@ -303,6 +317,7 @@ async def finalize(
     job_pods: kopf.Index,
     ready_pods: kopf.Index,
     retry: int,
+    patch: kopf.Patch,
     **_: Any,
 ) -> None:
     """Unload the adapter from every pod, stop its Jobs, then remove its files with a cleanup Job unless
@@ -340,6 +355,10 @@ async def finalize(
     manifest = jobs.job_manifest(owner, "purge", 1, command, spec, config)
     job_name = manifest["metadata"]["name"]
     job = next((j for j in doppel_jobs.get(uid, []) if j["metadata"]["name"] == job_name), None)
+    if job is None and purge_ran(status):
+        # Seen finished, then deleted after its ttlSecondsAfterFinished: it ran, do not start it again.
+        logger.info(f"cleanup Job {job_name} finished and is gone")
+        return
     if job is None:
         try:
             await api.create_job(manifest)
@@ -358,6 +377,7 @@ async def finalize(
             raise kopf.TemporaryError(message, delay=backoff(config, retry + 1)) from exc
         raise kopf.TemporaryError("waiting for the cleanup Job", delay=1)
     result = jobs.outcome(job, list(job_pods.get(job_name, [])))
+    patch.status["lastJob"] = purge_record(result).model_dump(mode="json", by_alias=True, exclude_none=True)
     if result.state == "running":
         raise kopf.TemporaryError("waiting for the cleanup Job", delay=1)
     if result.state == "failed":

@@ -39,8 +39,9 @@ from doppel.operator.reconcile import (
     queue_admits,
     reconcile,
     refused,
+    spec_generation,
 )
-from doppel.operator.registration import register, repair_drift, unload, vllm_pods
+from doppel.operator.registration import pool_asleep, register, repair_drift, unload, vllm_pods
 from doppel.operator.schedule import retrain_due, with_next_time
 
 # The answer of `_carry_out` for a plan made from a Job index that is behind, and when to look again.
@@ -162,11 +163,9 @@ async def step(
     owner = jobs.Owner(namespace, name, uid, int(body.get("metadata", {}).get("generation") or 1))
     owned = list(indexes["doppel_jobs"].get(uid, []))
     pods = {j["metadata"]["name"]: list(indexes["job_pods"].get(j["metadata"]["name"], [])) for j in owned}
+    work = str(spec_generation(current, spec, owner.generation))  # unchanged by spec.suspend alone
     seen = await _events(
-        api,
-        namespace,
-        [j for j in owned if j["metadata"]["labels"].get(jobs.L_GENERATION) == str(owner.generation)],
-        pods,
+        api, namespace, [j for j in owned if j["metadata"]["labels"].get(jobs.L_GENERATION) == work], pods
     )
     observed = Observed(
         owner=owner,
@@ -211,9 +210,9 @@ async def step(
             new = record_scrape_progress(new, latest_scrape_progress(log), now)
         elif log is not None:
             new = record_progress(new, latest_progress(log), now)
-    vllm = vllm_pods(
-        with_vllm_selector(spec, config.vllm_selector), list(indexes["ready_pods"].get(namespace, []))
-    )
+    selected = with_vllm_selector(spec, config.vllm_selector)
+    vllm = vllm_pods(selected, list(indexes["ready_pods"].get(namespace, [])))
+    asleep = pool_asleep(selected, list(indexes["pool_pods"].get(namespace, [])), config.lora_dir)
     if plan.unload is not None:
         await unload(state.models, plan.unload, vllm, logger)
         logger.info(f"unloaded {plan.unload.served_name}: the person was deactivated")
@@ -221,7 +220,7 @@ async def step(
         # Say Registering while the loads run (they can take a while on busy pods).
         await _publish(state, body, current, new)
         current = new
-        new, old = await register(state.models, new, vllm, state.metrics, now)
+        new, old = await register(state.models, new, vllm, state.metrics, now, asleep)
         if old is not None:
             # Only now that every pod serves the new version and the status points at it.
             await _publish(state, body, current, new)
@@ -230,12 +229,13 @@ async def step(
         if new.pending_adapter is not None:
             delay = config.resync_s
     elif plan.active and new.phase == "Ready" and new.adapter is not None:
-        new = await repair_drift(state.models, new, vllm, state.metrics, body["metadata"], now)
+        new = await repair_drift(state.models, new, vllm, state.metrics, body["metadata"], now, asleep)
     new = with_next_time(new, spec, now)
     await _publish(state, body, current, new)
     requested = state.retrain_requested
     if (
         spec.retrain_schedule
+        and not spec.suspend  # a suspended doppel keeps serving what it has
         and plan.active
         and new.phase == "Ready"
         and requested.get(uid) != owner.generation

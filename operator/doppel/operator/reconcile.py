@@ -9,13 +9,22 @@ serving switch in promotion.py, progress figures in progress.py.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from doppel.api import ANNOTATION_DEACTIVATED, Adapter, ConditionType, DoppelUserSpec, DoppelUserStatus
+from doppel.api import (
+    ANNOTATION_DEACTIVATED,
+    Adapter,
+    ConditionType,
+    DoppelUserSpec,
+    DoppelUserStatus,
+    JobRecord,
+)
 from doppel.operator import events, jobs
 from doppel.operator.conditions import condition, set_condition
 from doppel.operator.config import OperatorConfig
@@ -95,6 +104,23 @@ def _outcome(observed: Observed, job: dict[str, Any]) -> Outcome:
     return jobs.outcome(job, observed.pods.get(job["metadata"]["name"], []))
 
 
+def spec_digest(spec: DoppelUserSpec) -> str:
+    """What a generation trains, as a short digest: the spec without `suspend`, which only says whether
+    Jobs may start (defaults left out, so an operator upgrade adding a field changes nothing)."""
+    kept = spec.model_dump(mode="json", by_alias=True, exclude={"suspend"}, exclude_defaults=True)
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_generation(status: DoppelUserStatus, spec: DoppelUserSpec, generation: int) -> int:
+    """The generation the pipeline works on (Job names, dataset, adapter version): `generation`
+    (metadata.generation) unless only spec.suspend changed since the generation the status records."""
+    if status.spec_generation is None:
+        return generation
+    if status.observed_generation == generation or status.spec_digest == spec_digest(spec):
+        return status.spec_generation
+    return generation
+
+
 def _new_generation(status: DoppelUserStatus, generation: int, now: datetime) -> DoppelUserStatus:
     """Start over for a new spec, keeping the adapter that serves meanwhile (and its conditions)."""
     fresh = DoppelUserStatus(
@@ -104,6 +130,7 @@ def _new_generation(status: DoppelUserStatus, generation: int, now: datetime) ->
         served_by=status.served_by,
         conditions=[c for c in status.conditions if c.type in ("Registered", "Ready")],
         last_trained_at=status.last_trained_at,
+        spec_generation=generation,
     )
     set_condition(fresh, "Scraped", False, "NewGeneration", f"generation {generation} not scraped yet", now)
     set_condition(fresh, "Trained", False, "NewGeneration", f"generation {generation} not trained yet", now)
@@ -112,10 +139,16 @@ def _new_generation(status: DoppelUserStatus, generation: int, now: datetime) ->
 
 def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     """Decide the next action and the new status. Deterministic for the same observations."""
-    owner, spec, now = observed.owner, observed.spec, observed.now
+    spec, now = observed.spec, observed.now
     status = observed.status.model_copy(deep=True)
-    if status.observed_generation != owner.generation:
-        status = _new_generation(status, owner.generation, now)
+    work = spec_generation(status, spec, observed.owner.generation)
+    if work != status.spec_generation and status.observed_generation != observed.owner.generation:
+        status = _new_generation(status, work, now)
+    # Only spec.suspend changed (the bot suspends and resumes a workspace's doppels): the same work goes on.
+    status.observed_generation, status.spec_generation = observed.owner.generation, work
+    status.spec_digest = spec_digest(spec)
+    owner = replace(observed.owner, generation=work)
+    observed = replace(observed, owner=owner)
     plan = Plan(status)
     status.reason = status.message = None
     plan.delete = _superseded(observed)
@@ -127,14 +160,13 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     if status.adapter and status.adapter.version == owner.generation and status.pending_adapter is None:
         status.phase = "Ready"
         plan.requeue_after = config.resync_s
+        if spec.suspend:  # it serves as before; only a retrain would wait
+            status.reason, status.message = "Suspended", SUSPENDED
         _prune(observed, config, plan, status.adapter.version)
         return plan
     if status.pending_adapter and status.pending_adapter.version == owner.generation:
         status.phase = "Registering"
         plan.register = status.pending_adapter
-        return plan
-    if spec.suspend:
-        status.reason, status.message = "Suspended", "spec.suspend is set: no new Jobs start"
         return plan
     if config.max_lora_rank is not None and spec.training.rank > config.max_lora_rank:
         # vLLM would refuse the adapter hours later; say so before anything runs.
@@ -151,19 +183,7 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         return _after_train(observed, config, plan, *train)
     scrape = _latest(observed, "scrape")
     if scrape is None:
-        # Finished Jobs go after ttlSecondsAfterFinished; the status remembers what they came to.
-        if status.phase == "Failed":  # a verdict on this generation: its Jobs are gone, it stands
-            status.reason, status.message = observed.status.reason, observed.status.message
-            return plan
-        scraped = condition(status, "Scraped")
-        if scraped is not None and scraped.status == "True":  # its dataset is on the volume: train it
-            return _start(observed, config, plan, "train", 1)
-        if observed.secret_problem:
-            status.phase, status.reason, status.message = "Pending", "SecretMissing", observed.secret_problem
-            set_condition(status, "Scraped", False, "SecretMissing", observed.secret_problem, now)
-            plan.requeue_after = config.resync_s
-            return plan
-        return _start(observed, config, plan, "scrape", 1)
+        return _from_record(observed, config, plan)
     attempt, job = scrape
     result = _outcome(observed, job)
     if result.state == "running":
@@ -172,6 +192,7 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
         plan.progress_from = _train_pod(observed, job)
         plan.requeue_after = config.progress_s
         result = _stuck(observed, config, plan, "scrape", job) or result
+    _record(status, "scrape", attempt, result)
     if result.state == "running":
         return plan
     if result.state == "failed":
@@ -185,6 +206,71 @@ def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     if any(c.type == "StorageWritable" for c in status.conditions):  # it was not, and now is
         set_condition(status, "StorageWritable", True, "Written", "the scrape Job wrote its dataset", now)
     return _start(observed, config, plan, "train", 1)
+
+
+SUSPENDED = "spec.suspend is set: no new scrape or train Job starts"
+OUTCOMES = {"running": "Running", "succeeded": "Succeeded", "failed": "Failed"}
+
+
+def _record(status: DoppelUserStatus, step: Step, attempt: int, result: Outcome) -> None:
+    """Write down what the step's Job came to as soon as it is seen: ttlSecondsAfterFinished deletes
+    finished Jobs, and the status is then all there is to go on."""
+    reason = result.reason or None if result.state == "failed" else None
+    status.last_job = JobRecord(
+        step=step,  # type: ignore[arg-type]
+        attempt=attempt,
+        outcome=OUTCOMES[result.state],  # type: ignore[arg-type]
+        reason=reason,
+    )
+
+
+def purge_record(result: Outcome) -> JobRecord:
+    """The purge Job (deletion) as seen, for the status: kept there once the Job itself is gone."""
+    reason = result.reason or None if result.state == "failed" else None
+    return JobRecord(step="purge", outcome=OUTCOMES[result.state], reason=reason)  # type: ignore[arg-type]
+
+
+def purge_ran(status: DoppelUserStatus) -> bool:
+    """Whether the status saw the purge Job finish (a missing one then went after its TTL)."""
+    record = status.last_job
+    return record is not None and record.step == "purge" and record.outcome != "Running"
+
+
+def _from_record(observed: Observed, config: OperatorConfig, plan: Plan) -> Plan:
+    """No scrape or train Job of this generation exists (never started, or deleted after
+    ttlSecondsAfterFinished): go on from what the status recorded of the last one."""
+    status, now, record = plan.status, observed.now, plan.status.last_job
+    if status.phase == "Failed":  # a verdict on this generation: its Jobs are gone, it stands
+        status.reason, status.message = observed.status.reason, observed.status.message
+        return plan
+    if record is not None and record.step in ("scrape", "train"):
+        step: Step = record.step  # type: ignore[assignment]
+        if record.outcome == "Failed":  # the backoff and the attempts left go on from where they were
+            return _failed(
+                observed, config, plan, step, record.attempt, Outcome("failed", {}, record.reason or "")
+            )
+        if record.outcome == "Running":
+            # It ended and went before anyone looked (the operator was away longer than the TTL): its
+            # outcome is lost, so the same attempt runs again. (A Job index still behind the Job just
+            # created finds it exists: pipeline.py then only looks again.)
+            name = jobs.job_name(observed.owner, step, record.attempt)
+            plan = _start(observed, config, plan, step, record.attempt)
+            if plan.create:
+                status.message = f"Job {name} went before its outcome was seen: running it again"
+            return plan
+        if step == "train":  # its verdict stands: Registering (pending_adapter) or kept serving
+            status.reason, status.message = observed.status.reason, observed.status.message
+            return plan
+        return _start(observed, config, plan, "train", 1)  # scraped: its dataset is on the volume
+    scraped = condition(status, "Scraped")
+    if scraped is not None and scraped.status == "True":  # a status from before lastJob: its dataset is there
+        return _start(observed, config, plan, "train", 1)
+    if observed.secret_problem:
+        status.phase, status.reason, status.message = "Pending", "SecretMissing", observed.secret_problem
+        set_condition(status, "Scraped", False, "SecretMissing", observed.secret_problem, now)
+        plan.requeue_after = config.resync_s
+        return plan
+    return _start(observed, config, plan, "scrape", 1)
 
 
 def _deactivated(observed: Observed, plan: Plan) -> Plan:
@@ -204,6 +290,9 @@ def _deactivated(observed: Observed, plan: Plan) -> Plan:
 def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, attempt: int) -> Plan:
     """Create the Job for `step` (train Jobs only when the cluster-wide queue lets this object in)."""
     status, now = plan.status, observed.now
+    if observed.spec.suspend:  # Jobs already running finish; nothing new starts
+        status.reason, status.message = "Suspended", SUSPENDED
+        return plan
     if step == "train" and not observed.may_train():
         status.phase, status.reason = "Pending", "Queued"
         status.message = "waiting for a free training slot (first come, first served)"
@@ -218,6 +307,7 @@ def _start(observed: Observed, config: OperatorConfig, plan: Plan, step: Step, a
         command = jobs.train_command(observed.spec, config, observed.owner, serving)
     plan.create.append(jobs.job_manifest(observed.owner, step, attempt, command, observed.spec, config))
     status.attempt, status.retry_at, status.queued_at = attempt, None, None
+    status.last_job = JobRecord(step=step, attempt=attempt, outcome="Running")  # type: ignore[arg-type]
     status.phase = "Scraping" if step == "scrape" else "Training"
     if step == "train":
         status.training = None  # a new run: no figures from an earlier attempt
@@ -268,6 +358,7 @@ def _after_train(
         plan.progress_from = _train_pod(observed, job)
         plan.requeue_after = config.progress_s
         result = _stuck(observed, config, plan, "train", job) or result
+    _record(status, "train", attempt, result)
     if result.state == "running":
         return plan
     if result.state == "failed":
@@ -377,12 +468,14 @@ def _stuck(
 def _prune(observed: Observed, config: OperatorConfig, plan: Plan, served: int) -> None:
     """Once a version serves, remove adapter versions more than `keep_adapters` below it (and what killed
     runs of those generations left behind), with one cleanup Job per generation."""
-    owner = observed.owner
-    if any(
-        (job["metadata"].get("labels") or {}).get(jobs.L_STEP) == "prune"
-        and (job["metadata"].get("labels") or {}).get(jobs.L_GENERATION) == str(owner.generation)
-        for job in observed.jobs
-    ):
+    owner, status = observed.owner, plan.status
+    if status.pruned_generation == owner.generation:
+        return  # its prune Job ran: once per generation, not after every ttlSecondsAfterFinished
+    prune = _latest(observed, "prune")
+    if prune is not None:
+        if _outcome(observed, prune[1]).state != "running":
+            # Done; what a failed one could not remove, the next generation's prune Job looks at again.
+            status.pruned_generation = owner.generation
         return
     oldest = served - config.keep_adapters  # versions from here up are kept
     paths = [

@@ -42,6 +42,14 @@ def vllm_pods(spec: DoppelUserSpec, ready: list[dict[str, Any]]) -> dict[str, st
     }
 
 
+def pool_asleep(spec: DoppelUserSpec, pool: list[Mapping[str, str]], lora_dir: str | None) -> bool:
+    """Whether the object's vLLM pool is scaled to zero: no pod matching its selector exists at all (a
+    Deployment of one or more replicas always has a pod, ready or not, while its scaler may take it to
+    none), and vLLM's filesystem resolver can load an adapter by name from `lora_dir` when one starts.
+    `pool` holds the labels of every pod of the namespace that is not a Job's."""
+    return lora_dir is not None and not any(matches(spec.vllm.selector, labels) for labels in pool)
+
+
 async def ensure_loaded(
     models: PodModels, adapter: Adapter, pods: dict[str, str], loaded_now: list[str] | None = None
 ) -> tuple[list[str], dict[str, str]]:
@@ -85,14 +93,15 @@ async def register(
     pods: dict[str, str],
     metrics: OperatorMetrics,
     now: datetime,
+    asleep: bool = False,
 ) -> tuple[DoppelUserStatus, Adapter | None]:
     """Load `status.pending_adapter` on every pod, then `promote`: the new status and the old adapter to
-    unload once that status is published."""
+    unload once that status is published. `asleep`: the pool has no pod at all (`pool_asleep`)."""
     assert status.pending_adapter is not None
     started = time.monotonic()
     loaded, errors = await ensure_loaded(models, status.pending_adapter, pods)
     metrics.registered(started, loaded, errors)
-    return promote(status, loaded, errors, now)
+    return promote(status, loaded, errors, now, asleep=asleep)
 
 
 async def repair_drift(
@@ -102,6 +111,7 @@ async def repair_drift(
     metrics: OperatorMetrics,
     meta: Any,
     now: datetime,
+    asleep: bool = False,
 ) -> DoppelUserStatus:
     """Every ready pod must hold the current adapter (a restarted pod loses runtime-loaded ones): load it
     where missing and record which pods serve it."""
@@ -109,4 +119,4 @@ async def repair_drift(
     repaired: list[str] = []
     loaded, errors = await ensure_loaded(models, status.adapter, pods, repaired)
     metrics.drift(meta, repaired, errors)
-    return observe_serving(status, loaded, errors, now)
+    return observe_serving(status, loaded, errors, now, asleep=asleep)
