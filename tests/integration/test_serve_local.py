@@ -8,7 +8,7 @@ from tests.support.vllm_fixtures import ROBOT_MARKER
 
 from doppel.cpu import cpu_has_bf16
 from doppel.serve import errors
-from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+from doppel.serve.backend import BASE_ADAPTER, OPENING_TEMPERATURE, GenerationParams
 from doppel.serve.local import LocalBackend
 
 GREEDY = GenerationParams(temperature=0.0, max_tokens=40)
@@ -40,6 +40,26 @@ def test_sampling_with_a_seed_repeats(backend, heldout_messages):
     assert backend.complete(BASE_ADAPTER, heldout_messages, params) == backend.complete(
         BASE_ADAPTER, heldout_messages, params
     )
+
+
+def test_a_sampled_opening_varies_the_first_token_alone_and_repeats_with_its_seed(backend, heldout_messages):
+    def opened(seed: int) -> GenerationParams:
+        return GenerationParams(
+            temperature=0.0, max_tokens=12, seed=seed, opening_temperature=OPENING_TEMPERATURE
+        )
+
+    greedy = GenerationParams(temperature=0.0, max_tokens=12)
+    plain = backend.complete(BASE_ADAPTER, heldout_messages, greedy)
+    tokens = backend.tokenizer
+    replies = [backend.complete(BASE_ADAPTER, heldout_messages, opened(seed)) for seed in range(8)]
+    openings = {tokens(r, add_special_tokens=False)["input_ids"][0] for r in replies}
+    assert len(openings) > 1, replies  # greedy opens every reply the same way; sampled, they differ
+    assert backend.complete(BASE_ADAPTER, heldout_messages, opened(5)) == replies[5]
+    assert "".join(backend.stream(BASE_ADAPTER, heldout_messages, opened(5))) == replies[5]
+    # After the opening the reply is greedy: a reply that opens as the greedy one does goes on as it does.
+    first = tokens(plain, add_special_tokens=False)["input_ids"][0]
+    same = [r for r in replies if tokens(r, add_special_tokens=False)["input_ids"][0] == first]
+    assert all(r == plain for r in same)
 
 
 def test_unknown_and_bad_adapters_are_refused(backend, heldout_messages, foreign_adapter, tmp_path):

@@ -11,7 +11,7 @@ from tests.support.reply_cut import ReplyCutProxy
 from tests.support.vllm_fixtures import ROBOT_MARKER
 
 from doppel.serve import errors
-from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+from doppel.serve.backend import BASE_ADAPTER, OPENING_TEMPERATURE, GenerationParams
 from doppel.serve.local import LocalBackend
 from doppel.serve.vllm import AsyncVllmClient, VllmBackend, VllmClient
 from doppel.serve.vllm_protocol import LoadOutcome, RetryPolicy
@@ -56,6 +56,35 @@ def test_two_adapters_and_the_base_answer_in_their_own_styles(
     client.unload_adapter("pat-v1")
     client.unload_adapter("robot-v1")
     assert "pat-v1" not in _served(client)
+
+
+def _opened(seed: int) -> GenerationParams:
+    return GenerationParams(
+        temperature=0.0, max_tokens=12, seed=seed, opening_temperature=OPENING_TEMPERATURE
+    )
+
+
+async def test_a_sampled_opening_varies_the_first_token_alone_and_repeats_with_its_seed(
+    client, vllm_server, heldout_messages
+):
+    backend = VllmBackend(client)
+    plain = backend.complete(BASE_ADAPTER, heldout_messages, GenerationParams(temperature=0.0, max_tokens=12))
+    replies = [backend.complete(BASE_ADAPTER, heldout_messages, _opened(seed)) for seed in range(8)]
+    model = backend.model_name(BASE_ADAPTER)
+    first = [
+        client.tokenize_chat(model, [*heldout_messages, {"role": "assistant", "content": r}]) for r in replies
+    ]
+    prompt = len(client.tokenize_chat(model, heldout_messages))
+    assert len({ids[prompt] for ids in first}) > 1, replies  # greedy opens every reply alike; sampled, not
+    assert backend.complete(BASE_ADAPTER, heldout_messages, _opened(5)) == replies[5]
+    assert "".join(backend.stream(BASE_ADAPTER, heldout_messages, _opened(5))) == replies[5]
+    # After its opening the reply is greedy: one that opens as the greedy reply does goes on as it does.
+    assert all(r == plain for r in replies if r.split()[:1] == plain.split()[:1])
+    async with AsyncVllmClient(vllm_server.base_url) as aclient:
+        assert await aclient.chat(model, heldout_messages, _opened(5)) == replies[5]
+        assert (
+            "".join([p async for p in aclient.stream_chat(model, heldout_messages, _opened(5))]) == replies[5]
+        )
 
 
 async def test_async_client_streams_and_loads_idempotently(vllm_server, robot_adapter, heldout_messages):

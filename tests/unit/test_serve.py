@@ -11,13 +11,16 @@ import pytest
 
 from doppel.errors import BadInput
 from doppel.serve import errors
-from doppel.serve.backend import DEFAULT_PARAMS, GenerationParams
+from doppel.serve.backend import DEFAULT_PARAMS, OPENING_TEMPERATURE, GenerationParams
 from doppel.serve.vllm import VllmClient
 from doppel.serve.vllm_protocol import (
     ModelCard,
     RetryPolicy,
     chat_body,
     error_from_body,
+    opening_body,
+    parse_chat,
+    parse_opening,
     parse_sse_line,
     served_from,
 )
@@ -112,11 +115,42 @@ def test_chat_body_carries_doppelbot_defaults():
 
 def test_params_override_and_context_cap():
     params = DEFAULT_PARAMS.override(temperature=0.0, seed=7, max_tokens=None)
-    assert params == GenerationParams(temperature=0.0, seed=7)
+    assert params == GenerationParams(temperature=0.0, seed=7, opening_temperature=OPENING_TEMPERATURE)
     body = chat_body("m", [], params, stream=False, context=512)
     # vLLM rejects max_tokens above its context length; it stops by itself where the context is full.
     assert body["max_tokens"] == 512
     assert body["seed"] == 7
+
+
+def test_a_sampled_opening_is_a_request_of_its_own_that_the_reply_continues():
+    messages = [
+        {"role": "system", "content": "You are Pat Doe, chatting."},
+        {"role": "user", "content": "Bo: hi"},
+    ]
+    opening = opening_body("pat-v1", messages, DEFAULT_PARAMS, context=512)
+    assert opening is not None
+    assert (opening["temperature"], opening["max_tokens"]) == (OPENING_TEMPERATURE, 1)
+    assert opening["stream"] is False and opening["messages"] == messages
+    assert opening["bad_words"] == ["@Pat Doe", "Pat Doe:", "@Pat", "Pat:"]
+    # Without a sampled opening (one temperature throughout, or an opening no hotter than the rest): none.
+    assert opening_body("pat-v1", messages, GenerationParams(temperature=0.0)) is None
+    assert opening_body("pat-v1", messages, DEFAULT_PARAMS.override(opening_temperature=0.1)) is None
+
+    body = chat_body("pat-v1", messages, DEFAULT_PARAMS, stream=True, context=512, opening="Sure")
+    assert body["messages"] == [*messages, {"role": "assistant", "content": "Sure"}]
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert (body["temperature"], body["max_tokens"]) == (0.2, 511)
+    reply = {"choices": [{"message": {"content": ", on it."}, "finish_reason": "stop"}]}
+    assert parse_chat(reply, messages, "Sure") == "Sure, on it."
+
+
+def test_an_opening_that_ended_the_reply_or_cut_a_character_is_not_continued():
+    def first(text: str, reason: str) -> dict:
+        return {"choices": [{"message": {"content": text}, "finish_reason": reason}]}
+
+    assert parse_opening(first("Sure", "length")) == "Sure"
+    assert parse_opening(first("", "stop")) == ""  # the reply ended at once: it is asked for whole
+    assert parse_opening(first("\ufffd", "length")) == ""  # a byte of a character: text cannot carry it
 
 
 def test_sse_lines():

@@ -399,7 +399,7 @@ def answer(
     whom to be and shown a few of the person's messages from `samples`), all in one generation batch."""
     from doppel.memory.prompt import recall_for
     from doppel.memory.voice import abstention
-    from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+    from doppel.serve.backend import BASE_ADAPTER, DEFAULT_PARAMS
     from doppel.serve.local import LocalBackend
     from doppel.slack.conversation import ThreadMessage, build_conversation
     from doppel.train.data import load_samples
@@ -420,7 +420,7 @@ def answer(
     requests = [
         (r, c if r == name else with_system(c, persona)) for c in conversations for r in (name, BASE_ADAPTER)
     ]
-    texts = backend.complete_batch(requests, GenerationParams(max_tokens=max_tokens, seed=0))
+    texts = backend.complete_batch(requests, DEFAULT_PARAMS.override(max_tokens=max_tokens, seed=0))
     replies = []
     for i, (question, recall) in enumerate(zip(asked, recalls, strict=True)):
         mine = texts[2 * i].strip()

@@ -16,7 +16,17 @@ from typing import Any
 import torch
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextIteratorStreamer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TextIteratorStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from doppel.cpu import bf16_autocast, cpu_has_bf16
 from doppel.serve.addressing import Addressing, banned_token_ids, banned_words
@@ -171,12 +181,40 @@ class LocalBackend:
         }
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if params.samples_opening:
+            opening = OpeningSampler(inputs["input_ids"].shape[1], params)
+            kwargs["logits_processor"] = LogitsProcessorList([opening])
         banned = banned_token_ids(self.tokenizer, banned_words(conversations))
         if banned:  # the person never addresses themself (doppel.serve.addressing)
             kwargs["bad_words_ids"] = banned
         if isinstance(self.model, PeftModel):
             kwargs["adapter_names"] = list(adapters)
         return kwargs
+
+
+class OpeningSampler(LogitsProcessor):
+    """Samples each reply's first token at `params.opening_temperature` (within its top-k and top-p, as vLLM
+    samples) and masks every other token of that position, so that the request's own decoding, greedy or
+    not, then takes it; later positions are left alone. transformers runs it after the repetition penalty
+    and the banned words, and before the request's own temperature, as vLLM does (`opening_body`)."""
+
+    def __init__(self, prompt_length: int, params: GenerationParams) -> None:
+        assert params.opening_temperature is not None
+        self.prompt_length = prompt_length
+        self.warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(params.opening_temperature)]
+        if params.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(params.top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.prompt_length:
+            return scores
+        warped = scores.float()
+        for warper in self.warpers:
+            warped = warper(input_ids, warped)
+        chosen = torch.multinomial(torch.softmax(warped, dim=-1), 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
 
 
 def _check_fits(base: torch.nn.Module, path: Path) -> None:

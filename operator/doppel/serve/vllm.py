@@ -40,8 +40,10 @@ from doppel.serve.vllm_protocol import (
     error_from_body,
     load_body,
     naming_adapter,
+    opening_body,
     parse_chat,
     parse_models,
+    parse_opening,
     parse_sse_line,
     retryable,
     served_from,
@@ -138,17 +140,19 @@ class VllmClient:
         return True
 
     def chat(self, model: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS) -> str:
-        return parse_chat(
-            self._send("POST", CHAT_PATH, self._chat_body(model, messages, params, stream=False)).json(),
-            messages,
-        )
+        opening = self._opening(model, messages, params)
+        body = self._chat_body(model, messages, params, stream=False, opening=opening)
+        return parse_chat(self._send("POST", CHAT_PATH, body).json(), messages, opening)
 
     def stream_chat(
         self, model: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS
     ) -> Iterator[str]:
-        body = self._chat_body(model, messages, params, stream=True)
+        opening = self._opening(model, messages, params)
+        body = self._chat_body(model, messages, params, stream=True, opening=opening)
         response = self._send("POST", CHAT_PATH, body, stream=True)
         try:
+            if opening:
+                yield opening
             for line in response.iter_lines():
                 piece = parse_sse_line(line)
                 if piece is None:
@@ -162,10 +166,15 @@ class VllmClient:
         raise ServerUnavailable(f"vLLM at {self.base_url} ended the reply stream early")
 
     def _chat_body(
-        self, model: str, messages: Messages, params: GenerationParams, *, stream: bool
+        self, model: str, messages: Messages, params: GenerationParams, *, stream: bool, opening: str = ""
     ) -> dict[str, Any]:
         context = self.base_model().max_model_len
-        return chat_body(model, messages, params, stream=stream, context=context)
+        return chat_body(model, messages, params, stream=stream, context=context, opening=opening)
+
+    def _opening(self, model: str, messages: Messages, params: GenerationParams) -> str:
+        """The reply's sampled first token ("" when it is not sampled apart: `opening_body`)."""
+        body = opening_body(model, messages, params, context=self.base_model().max_model_len)
+        return parse_opening(self._send("POST", CHAT_PATH, body).json()) if body else ""
 
     def tokenize_chat(self, model: str, messages: Messages) -> list[int]:
         """The token ids of the prompt vLLM renders for `messages` (chat template + generation prompt)."""
@@ -250,10 +259,15 @@ class AsyncVllmClient:
         return self._base
 
     async def _chat_body(
-        self, model: str, messages: Messages, params: GenerationParams, *, stream: bool
+        self, model: str, messages: Messages, params: GenerationParams, *, stream: bool, opening: str = ""
     ) -> dict[str, Any]:
         context = (await self.base_model()).max_model_len
-        return chat_body(model, messages, params, stream=stream, context=context)
+        return chat_body(model, messages, params, stream=stream, context=context, opening=opening)
+
+    async def _opening(self, model: str, messages: Messages, params: GenerationParams) -> str:
+        """See `VllmClient._opening`."""
+        body = opening_body(model, messages, params, context=(await self.base_model()).max_model_len)
+        return parse_opening((await self._send("POST", CHAT_PATH, body)).json()) if body else ""
 
     async def load_adapter(self, name: str, path: str) -> LoadOutcome:
         """See `VllmClient.load_adapter`."""
@@ -278,16 +292,20 @@ class AsyncVllmClient:
         return True
 
     async def chat(self, model: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS) -> str:
-        body = await self._chat_body(model, messages, params, stream=False)
+        opening = await self._opening(model, messages, params)
+        body = await self._chat_body(model, messages, params, stream=False, opening=opening)
         response = await self._send("POST", CHAT_PATH, body)
-        return parse_chat(response.json(), messages)
+        return parse_chat(response.json(), messages, opening)
 
     async def stream_chat(
         self, model: str, messages: Messages, params: GenerationParams = DEFAULT_PARAMS
     ) -> AsyncIterator[str]:
-        body = await self._chat_body(model, messages, params, stream=True)
+        opening = await self._opening(model, messages, params)
+        body = await self._chat_body(model, messages, params, stream=True, opening=opening)
         response = await self._send("POST", CHAT_PATH, body, stream=True)
         try:
+            if opening:
+                yield opening
             async for line in response.aiter_lines():
                 piece = parse_sse_line(line)
                 if piece is None:

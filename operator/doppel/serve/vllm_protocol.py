@@ -5,6 +5,7 @@ an error body, and the retry policy. Pure, no I/O; the sync and async clients in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -126,10 +127,18 @@ def load_body(name: str, path: str, *, inplace: bool = False) -> dict[str, Any]:
 
 
 def chat_body(
-    model: str, messages: Messages, params: GenerationParams, *, stream: bool, context: int | None = None
+    model: str,
+    messages: Messages,
+    params: GenerationParams,
+    *,
+    stream: bool,
+    context: int | None = None,
+    opening: str = "",
 ) -> dict[str, Any]:
     """The chat completion request; `max_tokens` is capped at the server's context length `context`,
-    which vLLM otherwise rejects (it stops by itself where prompt + reply fill the context)."""
+    which vLLM otherwise rejects (it stops by itself where prompt + reply fill the context). With an
+    `opening` (see `opening_body`), the request continues a reply that starts with it."""
+    max_tokens = min(params.max_tokens, context) if context else params.max_tokens
     body: dict[str, Any] = {
         "model": model,
         "messages": [dict(m) for m in messages],
@@ -138,15 +147,43 @@ def chat_body(
         # top_k and repetition_penalty are vLLM's extensions of the OpenAI request.
         "top_k": params.top_k,
         "repetition_penalty": params.repetition_penalty,
-        "max_tokens": min(params.max_tokens, context) if context else params.max_tokens,
+        "max_tokens": max_tokens,
         "stream": stream,
     }
+    if opening:
+        # vLLM's extension: the last (assistant) message is the start of the reply, continued, not closed.
+        body["messages"].append({"role": "assistant", "content": opening})
+        body.update(continue_final_message=True, add_generation_prompt=False)
+        body["max_tokens"] = max(1, max_tokens - 1)
     if params.seed is not None:
         body["seed"] = params.seed
     banned = Addressing.of(messages).banned_words()
     if banned:  # vLLM's extension: never generated (it tries them with and without a leading space)
         body["bad_words"] = banned
     return body
+
+
+def opening_body(
+    model: str, messages: Messages, params: GenerationParams, *, context: int | None = None
+) -> dict[str, Any] | None:
+    """The request for the reply's first token alone, at `params.opening_temperature`; None when the
+    opening is not sampled apart. vLLM's OpenAI API has one temperature a request, so a sampled opening is
+    its own request, and the reply continues it (`chat_body(opening=...)`; the prefix cache makes the second
+    prompt's prefill nearly free)."""
+    if not params.samples_opening:
+        return None
+    first = dataclasses.replace(params, temperature=params.opening_temperature, max_tokens=1)
+    return chat_body(model, messages, first, stream=False, context=context)
+
+
+def parse_opening(data: dict[str, Any]) -> str:
+    """The sampled first token's text; "" when the reply should be generated whole instead: it ended at
+    once, or its first token is part of a character (a byte of UTF-8 that text cannot carry back)."""
+    choice = data["choices"][0]
+    text = str(choice["message"].get("content") or "")
+    if choice.get("finish_reason") != "length" or "\ufffd" in text:
+        return ""
+    return text
 
 
 def parse_models(data: dict[str, Any]) -> list[ModelCard]:
@@ -158,9 +195,10 @@ def parse_models(data: dict[str, Any]) -> list[ModelCard]:
     ]
 
 
-def parse_chat(data: dict[str, Any], messages: Messages = ()) -> str:
-    """The reply's text, its opening addressee repaired for `messages` (`Addressing.repair`)."""
-    return Addressing.of(messages).repair(str(data["choices"][0]["message"].get("content") or ""))
+def parse_chat(data: dict[str, Any], messages: Messages = (), opening: str = "") -> str:
+    """The reply's text (after `opening`, when it continued one), its opening addressee repaired for
+    `messages` (`Addressing.repair`)."""
+    return Addressing.of(messages).repair(opening + str(data["choices"][0]["message"].get("content") or ""))
 
 
 def parse_sse_line(line: str) -> str | None:

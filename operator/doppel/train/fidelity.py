@@ -2,7 +2,8 @@
 
 On the replies the training held out (`doppel.train.data.split_by_time`, recomputed from the adapter's
 recorded settings: the person's latest replies, whole conversations, none of their text in any training
-sample), for an adapter and its base model. Replies are generated greedily (temperature 0) for up to
+sample), for an adapter and its base model. Replies are generated as the doppel is served, their first token
+sampled (`doppel.serve.backend.OPENING_TEMPERATURE`), then greedily (temperature 0) and seeded, for up to
 `EvalSettings.heldout_contexts` held-out contexts of kind `reply`, by the adapter, by the **persona-prompted**
 base model (the same base with a system prompt naming the person and quoting a few of their training
 messages: what a user would try without doppel); the plain base model replies to a few training contexts
@@ -75,6 +76,7 @@ from doppel.train.likeness import (
     relevance_scores,
     word_spans,
 )
+from doppel.train.report_sections import report_params
 from doppel.train.uncertainty import describe, report_section
 
 EVAL_FILE = "eval.json"
@@ -196,7 +198,7 @@ def evaluate_adapter(
     `split_config` (another training's config) measures the adapter on that training's held-out set, as the
     fidelity gate compares a serving adapter with its successor; `baseline`, that training's report, then
     gives the replies and loss that do not depend on the adapter, when they are of the same contexts."""
-    from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+    from doppel.serve.backend import BASE_ADAPTER
     from doppel.serve.local import LocalBackend
 
     settings = settings or EvalSettings()
@@ -225,7 +227,8 @@ def evaluate_adapter(
     heldout = _pick(replies, settings.heldout_contexts, rng)
     base_train = _pick(split.train, settings.base_train_replies, rng)
     persona = persona_prompt(person or "the person", persona_examples(split.train))
-    reused = _reusable(baseline, heldout, len(base_train), persona)
+    params = report_params(settings.reply_tokens, settings.seed)
+    reused = _reusable(baseline, heldout, len(base_train), persona, params.opening_temperature)
     base_loss = ((baseline or {}).get("heldout_loss") or {}).get("base") if reused else None
     report["heldout_loss"] = _heldout_loss(backend, split, metrics, config, base_loss)
     if not split.eval or not split.train:
@@ -239,7 +242,6 @@ def evaluate_adapter(
             requests.append((BASE_ADAPTER, with_system(context, persona)))
     if reused is None:
         requests += [(BASE_ADAPTER, s.messages[:-1]) for s in base_train]
-    params = GenerationParams(temperature=0.0, max_tokens=settings.reply_tokens, seed=settings.seed)
     # Prompted as the adapter was trained: a context longer than the training's sequence loses its oldest
     # messages (a Japanese thread of 4,000 characters is about 4,400 tokens: generating from 16 of them at
     # once took minutes and 7 GB).
@@ -289,7 +291,12 @@ def evaluate_adapter(
     prompts = [sample.messages[:-1] for sample in heldout]
     report["memory_use"] = memory_use(prompts, {"adapter": tuned, "real": real}, person or "")
     report["persona_prompt"] = persona
-    report["baseline"] = {"contexts": _keys(heldout), "prompted_base": prompted, "base": base_replies}
+    report["baseline"] = {
+        "contexts": _keys(heldout),
+        "prompted_base": prompted,
+        "base": base_replies,
+        "opening_temperature": params.opening_temperature,
+    }
     report["examples"] = [
         {
             "context": _render_context(sample),
@@ -337,12 +344,19 @@ def _keys(samples: Sequence[data.Sample]) -> list[str]:
 
 
 def _reusable(
-    baseline: dict[str, Any] | None, heldout: Sequence[data.Sample], base_count: int, persona: str
+    baseline: dict[str, Any] | None,
+    heldout: Sequence[data.Sample],
+    base_count: int,
+    persona: str,
+    opening_temperature: float | None,
 ) -> dict[str, list[str]] | None:
     """`baseline`'s replies that do not depend on the adapter, when they are of exactly these contexts,
-    this persona prompt and as many base-model replies; None otherwise (an older eval.json, another split)."""
+    this persona prompt, this decoding and as many base-model replies; None otherwise (an older eval.json,
+    another split)."""
     kept = (baseline or {}).get("baseline")
     if not isinstance(kept, dict) or (baseline or {}).get("persona_prompt") != persona:
+        return None
+    if kept.get("opening_temperature") != opening_temperature:
         return None
     if kept.get("contexts") != _keys(heldout):
         return None

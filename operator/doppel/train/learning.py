@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.memory.feedback import FeedbackStore
-from doppel.train.report_sections import add_section, greedy_replies
+from doppel.train.report_sections import add_section, report_replies
 
 REPORT_KEY = "corrected_contexts"
 EXAMPLES = 3
@@ -55,7 +55,7 @@ def corrected_contexts(
     from doppel.serve.local import LocalBackend
 
     backend = LocalBackend(Path(base_model), {"adapter": Path(adapter)}, bf16=False)  # as the report
-    after = greedy_replies(backend, [c["messages"] for c in corrected], reply_tokens, batch_size)
+    after = report_replies(backend, [c["messages"] for c in corrected], reply_tokens, batch_size)
     texts, before = [c["text"] for c in corrected], [c["reply"] for c in corrected]
     figures = closer_share(texts, before, after)
     figures["examples"] = [

@@ -49,7 +49,7 @@ from doppel.slack.conversation import system_prompt
 from doppel.slack.samples import MEMORY_FILE
 from doppel.train import data
 from doppel.train.fidelity import clipped
-from doppel.train.report_sections import add_section, greedy_replies
+from doppel.train.report_sections import add_section, report_replies
 
 REPORT_KEY = "memory"
 QUESTIONS = 16  # answered twice each: a bounded cost on CPU
@@ -125,7 +125,7 @@ def memory_figures(
     # Prompted as the report prompts a held-out context: clipped of its oldest lines, as training clips.
     with_memory = [clipped(m, backend.prompt_token_ids, limit) for m, _ in chosen]
     plain = [[{"role": "system", "content": system_prompt(person)}, *m[1:]] for m in with_memory]
-    texts = greedy_replies(backend, [*with_memory, *plain], reply_tokens)
+    texts = report_replies(backend, [*with_memory, *plain], reply_tokens)
     helped, alone = texts[: len(chosen)], texts[len(chosen) :]
     answers = [b for _, b in chosen]
 
