@@ -98,6 +98,7 @@ def test_interactive_chat_in_process_keeps_the_thread(tiny_model, trained_adapte
         (["--adapter", "{adapter}", "--base-model", "{empty}"], "base model"),
         (["--adapter", "{adapter}", "--vllm-url", "{url}"], "no vLLM server answers"),
         (["--adapter", "{anonymous}", "--base-model", "{model}"], "--person"),
+        (["--adapter", "{adapter}", "--base-model", "{model}", "--opening-temperature", "-1"], "0 or more"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, reason, tmp_path, tiny_model, trained_adapter):
@@ -119,6 +120,22 @@ def test_bad_input_exits_2_with_one_line(args, reason, tmp_path, tiny_model, tra
     assert result.exit_code == 2, result.output
     assert reason in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_opening_is_sampled_unless_asked_otherwise(tiny_model, trained_adapter):
+    def reply(seed: int, *sampling: str) -> str:
+        argv = ["--adapter", str(trained_adapter), "--base-model", str(tiny_model), "--person", STYLE_PERSON]
+        argv += ["--temperature", "0", "--max-tokens", "6", "--seed", str(seed), *sampling, "--once", "hi"]
+        result = CliRunner().invoke(main, ["chat", *argv, "--json"])
+        assert result.exit_code == 0, result.output
+        return str(json.loads(result.stdout.strip().splitlines()[-1])["reply"])
+
+    # The tiny adapter is sure to open with "Yarr!": at 1.0 (the default) its opening stays; hotter, the
+    # opening varies with the seed, the rest greedy; at 0 every reply is the greedy one.
+    greedy = reply(0, "--opening-temperature", "0")
+    assert {reply(seed) for seed in range(3)} == {greedy}
+    assert len({reply(seed, "--opening-temperature", "8") for seed in range(6)}) > 1
+    assert {reply(seed, "--opening-temperature", "0") for seed in range(3)} == {greedy}
 
 
 def test_person_defaults_to_the_one_recorded_at_training(tiny_model, trained_adapter):

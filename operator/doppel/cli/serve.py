@@ -23,6 +23,12 @@ from doppel.errors import BadInput
 )
 @click.option("--once", "message", help="Send one message, print the reply and exit.")
 @click.option("--temperature", type=float, help="Sampling temperature (default 0.2).")
+@click.option(
+    "--opening-temperature",
+    type=float,
+    help="Temperature of each reply's first token, for the person's own mix of openings (default 1.0; "
+    "0: the same as --temperature).",
+)
 @click.option("--max-tokens", type=int, help="Longest reply in tokens (default 1024).")
 @click.option("--seed", type=int, help="Sampling seed, for repeatable replies.")
 @click.option(
@@ -45,6 +51,7 @@ def chat(
     person: str | None,
     message: str | None,
     temperature: float | None,
+    opening_temperature: float | None,
     max_tokens: int | None,
     seed: int | None,
     as_json: bool,
@@ -71,7 +78,12 @@ def chat(
     person = person or adapter_person(adapter)
     if not person:
         raise BadInput("--person NAME is required: the adapter does not say whose doppel it is")
-    params = DEFAULT_PARAMS.override(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    for flag, value in (("--temperature", temperature), ("--opening-temperature", opening_temperature)):
+        if value is not None and value < 0:
+            raise BadInput(f"{flag} must be 0 or more, got {value}")
+    params = DEFAULT_PARAMS.override(
+        temperature=temperature, opening_temperature=opening_temperature, max_tokens=max_tokens, seed=seed
+    )
     index = adapter_memory(adapter) if memory else None
     if vllm_url:
         opened = vllm_chat_backend(vllm_url, adapter)
