@@ -7,6 +7,9 @@ speed does not depend on what they learned). Prints:
   adapters, each as a ratio to the same 16 requests on the base model alone (the baseline, same run); with
   --max-loras 4, the 8-adapter case also pays for swapping adapters in and out of the active slots;
 - the latency of registering one adapter (POST /v1/load_lora_adapter), p50/p95 over 20 loads;
+- what a sampled opening costs through vLLM (two requests a reply: the first token alone, then the rest,
+  `GenerationParams.opening_temperature`): the time to the first piece of a streamed reply and the time
+  per piece of the whole reply, p50 over 12 replies of an adapter each way, as a ratio to one request;
 - the in-process backend (transformers + peft, one mixed batch) on the same 16 requests: its tokens/s, its
   ratio to its own base-model baseline, and to vLLM's throughput in the same case. Its tokens are counted
   by re-tokenizing the replies (a row that stops at EOS counts fewer), vLLM's from its usage report;
@@ -18,13 +21,15 @@ Why adapters cost so much on vLLM's CPU build: its LoRA path (`vllm/lora/ops/tor
 every layer; the GPU build runs fused punica (SGMV/BGMV) kernels that never materialise them. Measured here
 on 2 cores with SmolLM2: 1/4/8 adapters at 0.25/0.23/0.19 of the base; the >= 0.8 goal needs those kernels.
 
-Run: .venv/bin/python tests/bench/bench_serve.py [--tiny]    (SmolLM2: about 9 minutes on 2 cores)
+Run: .venv/bin/python tests/bench/bench_serve.py [--tiny] [--only-opening]  (SmolLM2: about 9 minutes on 2
+cores; --only-opening: the sampled opening's cost alone, about 2)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import sys
@@ -39,7 +44,7 @@ from peft import LoraConfig, get_peft_model
 from tests.support.vllm_fixtures import VllmServer
 from transformers import AutoModelForCausalLM
 
-from doppel.serve.backend import BASE_ADAPTER, GenerationParams
+from doppel.serve.backend import BASE_ADAPTER, OPENING_TEMPERATURE, GenerationParams
 from doppel.serve.local import LocalBackend
 from doppel.serve.vllm import VllmClient
 from doppel.serve.vllm_protocol import CHAT_PATH, chat_body
@@ -100,6 +105,25 @@ async def vllm_throughput(base_url: str, models: list[str]) -> float:
         return sum(tokens) / (time.perf_counter() - started)
 
 
+def opening_cost(client: VllmClient, model: str, replies: int = 12) -> tuple[float, float]:
+    """p50 ratios, a sampled opening to one request, of the time to a streamed reply's first piece and of
+    the time per piece of the whole reply (replies differ in length once their openings differ)."""
+    opened = dataclasses.replace(PARAMS, opening_temperature=OPENING_TEMPERATURE)
+    first: dict[bool, list[float]] = {False: [], True: []}
+    per_piece: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(replies):
+        for sampled in (i % 2 == 0, i % 2 == 1):  # alternate which goes first
+            params = dataclasses.replace(opened, seed=i) if sampled else dataclasses.replace(PARAMS, seed=i)
+            started, pieces, first_at = time.perf_counter(), 0, 0.0
+            for _ in client.stream_chat(model, conversation(i), params):
+                pieces += 1
+                first_at = first_at or time.perf_counter() - started
+            first[sampled].append(first_at)
+            per_piece[sampled].append((time.perf_counter() - started) / max(pieces, 1))
+    ttft = statistics.median(first[True]) / statistics.median(first[False])
+    return ttft, statistics.median(per_piece[True]) / statistics.median(per_piece[False])
+
+
 def local_throughput(backend: LocalBackend, models: list[str]) -> float:
     requests = [(m, conversation(i)) for i, m in enumerate(models)]
     started = time.perf_counter()
@@ -112,6 +136,7 @@ def local_throughput(backend: LocalBackend, models: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="The tiny random model instead of SmolLM2.")
+    parser.add_argument("--only-opening", action="store_true", help="Measure the sampled opening alone.")
     args = parser.parse_args()
     if not Path(VLLM_PYTHON).is_file():
         sys.exit(f"bench_serve: no vLLM virtualenv at {VLLM_PYTHON} (run `make vllm-venv`)")
@@ -130,6 +155,16 @@ def main() -> None:
         print(f"vLLM CPU server up in {time.perf_counter() - started:.1f} s")
         try:
             with VllmClient(server.base_url) as client:
+                client.load_adapter(names[0], str(adapters[0]))
+                opening_cost(client, names[0], replies=2)  # warm-up
+                ttft, per_piece = opening_cost(client, names[0])
+                print(
+                    f"sampled opening through vLLM (two requests a reply), p50 against one request: time to "
+                    f"the first piece {ttft:.2f}x, time per piece of the reply {per_piece:.2f}x"
+                )
+                client.unload_adapter(names[0])
+                if args.only_opening:
+                    return
                 base = client.base_model().id
                 latencies = []
                 for i in range(LOADS):

@@ -143,6 +143,9 @@ def test_config_from_env():
     assert policy.may_install("T0OTHER01", "E0GRID001") and not policy.may_install("T0OTHER01", None)
     anyone = BotConfig.from_env({**ENV, "DOPPEL_INSTALL_ALLOWLIST": "any"})
     assert anyone.may_install("T0OTHER01", None)
+    # Replies open at temperature 1.0 unless told otherwise; 0 generates them at one temperature throughout.
+    assert config.generation().samples_opening and config.generation().max_tokens == config.max_tokens
+    assert not BotConfig.from_env({**ENV, "DOPPEL_OPENING_TEMPERATURE": "0"}).generation().samples_opening
 
 
 @pytest.mark.parametrize(
@@ -157,6 +160,7 @@ def test_config_from_env():
         ({**ENV, "DOPPEL_REQUIRE_CONSENT": "maybe"}, "true or false"),
         ({**ENV, "DOPPEL_MAX_DOPPELS": "many"}, "must be a number"),
         ({**ENV, "VLLM_TIMEOUT_S": "-1"}, "must be positive"),
+        ({**ENV, "DOPPEL_OPENING_TEMPERATURE": "-0.5"}, "must be 0 or more"),
         ({**ENV, "SLACK_API_URL": "slack.example"}, "http"),
         ({**ENV, "DOPPEL_RATE_PROFILE": "gold"}, "DOPPEL_RATE_PROFILE must be one of"),
         ({**ENV, "DOPPEL_INSTALL_ALLOWLIST": "any,T0ACME001"}, "either 'any' or a list of ids"),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from doppel.errors import BadInput
 from doppel.memory.prompt import MemorySettings
 from doppel.metrics import port_from_env
+from doppel.serve.backend import DEFAULT_PARAMS, OPENING_TEMPERATURE, GenerationParams
 from doppel.slack.ratelimit import PROFILES as RATE_PROFILES
 from doppel.slack.scrub import phone_regions
 
@@ -47,6 +48,8 @@ class BotConfig:
     vllm_url: str = "http://127.0.0.1:8000"
     vllm_timeout_s: float = 60.0
     max_tokens: int = 512  # per reply; prompt + reply must fit the server's --max-model-len
+    # The temperature of a reply's first token (GenerationParams.opening_temperature); 0: as the rest.
+    opening_temperature: float = OPENING_TEMPERATURE
     # Where each workspace's doppels live: explicit TEAM=namespace pairs, else the template.
     team_namespaces: Mapping[str, str] = field(default_factory=dict)
     namespace_template: str = "doppel-{team}"
@@ -110,6 +113,12 @@ class BotConfig:
         allowed = self.install_allowlist
         return ANY_WORKSPACE in allowed or bool({team_id, enterprise_id} & allowed - {None})
 
+    def generation(self) -> GenerationParams:
+        """How the bot's replies are generated: the serving defaults, at this reply length and opening."""
+        return DEFAULT_PARAMS.override(
+            max_tokens=self.max_tokens, opening_temperature=self.opening_temperature
+        )
+
     def namespace_for(self, team_id: str) -> str:
         """The namespace holding `team_id`'s doppels; the team id comes from a verified request."""
         if team_id in self.team_namespaces:
@@ -148,6 +157,9 @@ class BotConfig:
             vllm_url=get("VLLM_URL") or cls.vllm_url,
             vllm_timeout_s=_number(get("VLLM_TIMEOUT_S"), "VLLM_TIMEOUT_S", cls.vllm_timeout_s),
             max_tokens=int(_number(get("DOPPEL_MAX_TOKENS"), "DOPPEL_MAX_TOKENS", cls.max_tokens)),
+            opening_temperature=_non_negative(
+                get("DOPPEL_OPENING_TEMPERATURE"), "DOPPEL_OPENING_TEMPERATURE", cls.opening_temperature
+            ),
             team_namespaces=_pairs(get("DOPPEL_TEAM_NAMESPACES")),
             namespace_template=_template(get("DOPPEL_NAMESPACE_TEMPLATE") or cls.namespace_template),
             watch_namespaces=tuple(_names(get("DOPPEL_WATCH_NAMESPACES"), "DOPPEL_WATCH_NAMESPACES")),
@@ -221,6 +233,18 @@ def _number(value: str | None, name: str, default: float) -> float:
         raise BadInput(f"{name} must be a number, got {value!r}") from None
     if number <= 0:
         raise BadInput(f"{name} must be positive, got {value!r}")
+    return number
+
+
+def _non_negative(value: str | None, name: str, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadInput(f"{name} must be a number, got {value!r}") from None
+    if number < 0:
+        raise BadInput(f"{name} must be 0 or more, got {value!r}")
     return number
 
 

@@ -54,7 +54,6 @@ from doppel.bot.oauth import INSTALL_PATH, REDIRECT_PATH, oauth_wiring
 from doppel.bot.redact import install_token_redaction
 from doppel.bot.stores import AsyncInstallationStoreAdapter
 from doppel.bot.worker import slack_retry_handlers
-from doppel.serve.backend import DEFAULT_PARAMS
 from doppel.serve.vllm import AsyncVllmClient, RetryPolicy
 
 LOG = logging.getLogger(__name__)
@@ -244,7 +243,7 @@ def create_bot(
         timeout = httpx.Timeout(connect=5.0, read=config.vllm_timeout_s, write=30.0, pool=30.0)
         # Few retries: a person is waiting in the thread, and Slack shows nothing until we post.
         vllm = AsyncVllmClient(config.vllm_url, timeout=timeout, retry=RetryPolicy(attempts=2))
-        chat = vllm_chat(vllm, DEFAULT_PARAMS.override(max_tokens=config.max_tokens))
+        chat = vllm_chat(vllm, config.generation())
         # A pool of vLLM pods may be scaled to zero: mentions are then held for it, durably.
         cold = ColdPool(
             PoolProbe(config.vllm_url),

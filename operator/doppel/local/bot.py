@@ -43,7 +43,6 @@ def local_bot(outcome: Outcome, config: BotConfig) -> Bot:
     from doppel.bot.directory import MemoryDirectory
     from doppel.bot.logic import object_name
     from doppel.bot.server import create_bot
-    from doppel.serve.backend import DEFAULT_PARAMS
     from doppel.serve.local import LocalBackend
 
     served = slug(outcome.person_id)
@@ -59,7 +58,7 @@ def local_bot(outcome: Outcome, config: BotConfig) -> Bot:
             "status": _status(outcome, served),
         }
     )
-    chat = backend_chat(backend, DEFAULT_PARAMS.override(max_tokens=config.max_tokens))
+    chat = backend_chat(backend, config.generation())
     data_dir = outcome.data_dir
     # Feedback and the person's corrections go to their data directory, where the next run trains on them.
     return create_bot(config, chat=chat, kube=directory, feedback_dir=lambda _ns, _doppel: data_dir)
