@@ -37,10 +37,16 @@ async def held_records(url: str) -> list[dict[str, str]]:
     return await kube_for(url).list_configmaps(BOT_NAMESPACE, f"{LABEL_HELD}=true")
 
 
+# A reply is two chat completions: its sampled first token, then the rest (opening_temperature).
+REQUESTS_PER_REPLY = 2
+
+
 async def vllm_replies(port: int) -> float:
-    """Chat completions the vLLM server finished since it started (its own Prometheus counter)."""
+    """Replies the vLLM server generated since it started (its own Prometheus counter of finished chat
+    completions, REQUESTS_PER_REPLY a reply)."""
     samples = await scrape(port)
-    return sum(v for (name, _), v in samples.items() if name == "vllm:request_success_total")
+    finished = sum(v for (name, _), v in samples.items() if name == "vllm:request_success_total")
+    return finished / REQUESTS_PER_REPLY
 
 
 def notes(posts: list[dict[str, Any]]) -> list[dict[str, Any]]:
