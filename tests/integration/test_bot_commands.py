@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from urllib.parse import quote
 
@@ -326,42 +327,49 @@ async def test_the_thread_becomes_the_prompt_and_a_split_reply_several_posts(
     ]
 
 
-async def test_a_slow_command_is_acknowledged_in_time_and_answered_later(
-    bot_harness, bot_kube, slack_emulator
-):
+@contextlib.asynccontextmanager
+async def response_url() -> AsyncIterator[tuple[str, list[dict]]]:
+    """A command's response_url on loopback: its address, and what was posted to it."""
     received: list[dict] = []
 
-    async def response_url(request: web.Request) -> web.Response:
+    async def answer(request: web.Request) -> web.Response:
         received.append(await request.json())
         return web.Response(text="ok")
 
     app = web.Application()
-    app.router.add_post("/response", response_url)
+    app.router.add_post("/response", answer)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/response"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        bot = await bot_harness()
-        await bot.form(command_form("help", user="U02BOB"))  # Bolt checks its token once, at the start
-        slack_emulator.latency = 2.5  # every Slack API answer takes 2.5 s today
-        form = command_form("train @bob", user="U02BOB").replace(
-            "response_url=http%3A%2F%2F127.0.0.1%3A9%2Funused", f"response_url={quote(url, safe='')}"
-        )
-        started = time.monotonic()
-        response = await bot.form(form)
-        assert time.monotonic() - started < 3.0
-        assert response.status_code == 200 and "Working on it" in response.text
-        for _ in range(200):
-            if received:
-                break
-            await asyncio.sleep(0.05)
-        assert "Training a doppel of bob" in received[0]["text"]
-        assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is not None
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/response", received
     finally:
-        slack_emulator.latency = 0.0
         await runner.cleanup()
+
+
+async def test_a_slow_command_is_acknowledged_in_time_and_answered_later(
+    bot_harness, bot_kube, slack_emulator
+):
+    async with response_url() as (url, received):
+        try:
+            bot = await bot_harness()
+            await bot.form(command_form("help", user="U02BOB"))  # Bolt checks its token once, at the start
+            slack_emulator.latency = 2.5  # every Slack API answer takes 2.5 s today
+            form = command_form("train @bob", user="U02BOB").replace(
+                "response_url=http%3A%2F%2F127.0.0.1%3A9%2Funused", f"response_url={quote(url, safe='')}"
+            )
+            started = time.monotonic()
+            response = await bot.form(form)
+            assert time.monotonic() - started < 3.0
+            assert response.status_code == 200 and "Working on it" in response.text
+            for _ in range(200):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+            assert "Training a doppel of bob" in received[0]["text"]
+            assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is not None
+        finally:
+            slack_emulator.latency = 0.0
 
 
 async def test_socket_mode_answers_mentions_and_commands(bot_kube, slack_emulator):
@@ -506,39 +514,26 @@ async def test_people_whose_handles_make_the_same_name_keep_their_own_doppels(
 async def test_a_command_that_slack_fails_gets_an_apology_fast_or_late(bot_harness, bot_kube, slack_emulator):
     """Slack (or Kubernetes) raising under a command: an apology, as the acknowledgement when it fails fast,
     through the command's response_url when it fails late; never no answer at all."""
-    received: list[dict] = []
+    async with response_url() as (url, received):
+        try:
+            bot = await bot_harness()
+            await bot.form(command_form("help", user="U02BOB"))  # Bolt checks its token once, at the start
+            slack_emulator.fail_with("users.list", "internal_error")
+            fast = await bot.form(command_form("train @bob", user="U02BOB"))
+            assert fast.status_code == 200 and "Sorry, I couldn't do that" in fast.text
 
-    async def response_url(request: web.Request) -> web.Response:
-        received.append(await request.json())
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/response", response_url)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/response"
-    try:
-        bot = await bot_harness()
-        await bot.form(command_form("help", user="U02BOB"))  # Bolt checks its token once, at the start
-        slack_emulator.fail_with("users.list", "internal_error")
-        fast = await bot.form(command_form("train @bob", user="U02BOB"))
-        assert fast.status_code == 200 and "Sorry, I couldn't do that" in fast.text
-
-        slack_emulator.latency = 2.0  # and slow today: the answer comes later
-        slack_emulator.fail_with("users.list", "internal_error")
-        form = command_form("train @bob", user="U02BOB").replace(
-            "response_url=http%3A%2F%2F127.0.0.1%3A9%2Funused", f"response_url={quote(url, safe='')}"
-        )
-        late = await bot.form(form)
-        assert late.status_code == 200 and "Working on it" in late.text
-        for _ in range(400):
-            if received:
-                break
-            await asyncio.sleep(0.05)
-        assert received and "Sorry, I couldn't do that" in received[0]["text"]
-        assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is None
-    finally:
-        slack_emulator.latency = 0.0
-        await runner.cleanup()
+            slack_emulator.latency = 2.0  # and slow today: the answer comes later
+            slack_emulator.fail_with("users.list", "internal_error")
+            form = command_form("train @bob", user="U02BOB").replace(
+                "response_url=http%3A%2F%2F127.0.0.1%3A9%2Funused", f"response_url={quote(url, safe='')}"
+            )
+            late = await bot.form(form)
+            assert late.status_code == 200 and "Working on it" in late.text
+            for _ in range(400):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+            assert received and "Sorry, I couldn't do that" in received[0]["text"]
+            assert await kube_for(bot_kube[1]).get_doppel(NAMESPACE, TEAM_ID, name_of("bob")) is None
+        finally:
+            slack_emulator.latency = 0.0

@@ -157,8 +157,11 @@ class BotConfig:
             vllm_url=get("VLLM_URL") or cls.vllm_url,
             vllm_timeout_s=_number(get("VLLM_TIMEOUT_S"), "VLLM_TIMEOUT_S", cls.vllm_timeout_s),
             max_tokens=int(_number(get("DOPPEL_MAX_TOKENS"), "DOPPEL_MAX_TOKENS", cls.max_tokens)),
-            opening_temperature=_non_negative(
-                get("DOPPEL_OPENING_TEMPERATURE"), "DOPPEL_OPENING_TEMPERATURE", cls.opening_temperature
+            opening_temperature=_number(
+                get("DOPPEL_OPENING_TEMPERATURE"),
+                "DOPPEL_OPENING_TEMPERATURE",
+                cls.opening_temperature,
+                zero_ok=True,
             ),
             team_namespaces=_pairs(get("DOPPEL_TEAM_NAMESPACES")),
             namespace_template=_template(get("DOPPEL_NAMESPACE_TEMPLATE") or cls.namespace_template),
@@ -224,27 +227,15 @@ def _slack_api_url(value: str | None) -> str | None:
     return value.rstrip("/") + "/"
 
 
-def _number(value: str | None, name: str, default: float) -> float:
+def _number(value: str | None, name: str, default: float, *, zero_ok: bool = False) -> float:
     if value is None:
         return default
     try:
         number = float(value)
     except ValueError:
         raise BadInput(f"{name} must be a number, got {value!r}") from None
-    if number <= 0:
-        raise BadInput(f"{name} must be positive, got {value!r}")
-    return number
-
-
-def _non_negative(value: str | None, name: str, default: float) -> float:
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise BadInput(f"{name} must be a number, got {value!r}") from None
-    if number < 0:
-        raise BadInput(f"{name} must be 0 or more, got {value!r}")
+    if number < 0 or (number == 0 and not zero_ok):
+        raise BadInput(f"{name} must be {'0 or more' if zero_ok else 'positive'}, got {value!r}")
     return number
 
 
