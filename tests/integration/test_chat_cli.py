@@ -99,6 +99,7 @@ def test_interactive_chat_in_process_keeps_the_thread(tiny_model, trained_adapte
         (["--adapter", "{adapter}", "--vllm-url", "{url}"], "no vLLM server answers"),
         (["--adapter", "{anonymous}", "--base-model", "{model}"], "--person"),
         (["--adapter", "{adapter}", "--base-model", "{model}", "--opening-temperature", "-1"], "0 or more"),
+        (["--adapter", "{adapter}", "--base-model", "{model}", "--temperature", "-0.2"], "0 or more"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, reason, tmp_path, tiny_model, trained_adapter):
