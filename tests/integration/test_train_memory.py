@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from doppel.cli import main
@@ -18,6 +19,7 @@ from doppel.slack.export import scrape_export
 from doppel.slack.samples import ScrapeOptions
 from doppel.train.data import load_samples, split_by_time
 
+EMAIL = "margaret.hale@example.org"
 QUICK = ["--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--max-length", "384", "--no-eval"]
 
 
@@ -134,3 +136,27 @@ def test_memory_holds_the_persons_messages_too_short_to_train_on(tmp_path, tiny_
     # A short message is retrieved like any other, with the message it answered.
     hits = index.search(short[-1].text, budget_tokens=10_000, min_coverage=0.0).hits
     assert any(h.entry.ts not in trained and h.entry.answered for h in hits)
+
+
+@pytest.mark.parametrize(("scrape_args", "trained_as"), [([], "<email>"), (["--no-scrub"], EMAIL)])
+def test_corrections_are_trained_scrubbed_as_the_samples_were(tmp_path, tiny_model, scrape_args, trained_as):
+    """A doppel scraped with --no-scrub learns its person's corrections as written, an email included; one
+    scraped as by default learns them scrubbed."""
+    export = write_export(tmp_path / "workspace.zip")
+    data = tmp_path / "data"
+    scrape = ["scrape", "--export", str(export), "--user", MARGARET.name, "--out", str(data)]
+    result = CliRunner().invoke(main, [*scrape, "--cutoff-days", "3650", "--min-length", "20", *scrape_args])
+    assert result.exit_code == 0, result.output
+    samples = data / "samples.jsonl"
+    record = json.loads(samples.read_text().splitlines()[0])
+    store = FeedbackStore(data)  # as the bot records a "Correct this"
+    store.record_reply("1700000000.000100", messages=record["messages"][:-1], reply="Kind regards, Margaret")
+    store.correct("1700000000.000100", MARGARET.id, f"Write to {EMAIL} about it.")
+
+    out = tmp_path / "adapters" / "v1"
+    args = ["train", "--data", str(samples), "--base-model", str(tiny_model), "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--feedback-from", str(data), "--no-memory", *QUICK])
+    assert result.exit_code == 0, result.output
+    trained = [json.loads(line) for line in (data / "samples.remembered.jsonl").read_text().splitlines()]
+    corrections = [r for r in trained if r["meta"].get("source") == "correction"]
+    assert [r["messages"][-1]["content"] for r in corrections] == [f"Write to {trained_as} about it."]

@@ -386,7 +386,7 @@ def train_command(
         if memory:
             summary["memory_eval"] = _memory(Path(config.base_model), out, trained_on, metrics.to_dict())
         if feedback_from is not None:
-            summary["corrected_contexts"] = _corrected(Path(config.base_model), out, feedback_from)
+            summary["corrected_contexts"] = _corrected(Path(config.base_model), out, feedback_from, data_path)
         if compare_with is not None and (compare_with / "adapter_config.json").is_file():
             summary["eval_serving"], summary["gate_regressions"] = _compare(
                 Path(config.base_model), compare_with, out, trained_on, report
@@ -426,12 +426,13 @@ def _memory(
     return {k: figures[k] for k in ("contains_answer", "retrieved_answer", "abstain")} if figures else None
 
 
-def _corrected(base_model: Path, adapter: Path, feedback_from: Path) -> float | None:
+def _corrected(base_model: Path, adapter: Path, feedback_from: Path, data: Path) -> float | None:
     """eval.json's corrected-contexts figure (`doppel.train.learning`), printed; the share closer."""
-    from doppel.memory.feedback import FeedbackStore
     from doppel.train.learning import add_to_report, corrected_contexts, table_line
+    from doppel.train.stage import feedback_store
 
-    figures = corrected_contexts(base_model, adapter, FeedbackStore(feedback_from))
+    # The corrections as they were trained: scrubbed as the samples at `data` were.
+    figures = corrected_contexts(base_model, adapter, feedback_store(feedback_from, data))
     add_to_report(adapter, figures)
     if line := table_line(figures):
         click.echo(line, err=True)

@@ -326,10 +326,11 @@ def _train(
     n_samples = sum(1 for line in samples.read_text(encoding="utf-8").splitlines() if line.strip())
     train = training_settings(settings, n_samples, base_name)
     adapters = layout.adapters(user)
-    from doppel.memory.feedback import FeedbackStore
+    from doppel.train.stage import feedback_store
 
-    # The person's corrections (kept by the local bot) are inputs too: new ones make a new adapter.
-    feedback = FeedbackStore(layout.data(user))
+    # The person's corrections (kept by the local bot) are inputs too, as training reads them (scrubbed
+    # unless the scrape was not): new ones make a new adapter.
+    feedback = feedback_store(layout.data(user), samples)
     learnt = hashlib.sha256(json.dumps(feedback.training_samples(), sort_keys=True).encode()).hexdigest()
     inputs = {"base_model_name": base_name, **train, "corrections": learnt}
     adapter = adapters / fingerprint(samples, base_path, inputs)

@@ -6,7 +6,8 @@
    held-out sample only from the training split) and the person's corrections are added, weighted
    (`doppel.memory.feedback`), timed just before the held-out cut: always on the training side, and the
    newest a budget takes. They are written beside the samples as `samples.remembered.jsonl`, which the
-   adapter trains and is evaluated on (the same prompt shape as serving).
+   adapter trains and is evaluated on (the same prompt shape as serving). The corrections are scrubbed as
+   the samples were (`corrections_scrubbed`: unless the scrape beside them says it kept everything).
 3. The LoRA adapter is trained (`doppel.train.trainer`).
 4. With enough corrections, preference tuning (`doppel.train.preference`) refines that adapter.
 5. The index goes into the adapter directory (`ADAPTER/memory`), so it is versioned and removed with it.
@@ -26,7 +27,7 @@ from doppel.fsutil import atomic_write_text
 from doppel.memory.feedback import FeedbackStore
 from doppel.memory.index import MEMORY_DIR, MemoryIndex, person_entries, write_index
 from doppel.memory.prompt import MemorySettings, remember_samples
-from doppel.slack.samples import MEMORY_FILE
+from doppel.slack.samples import MANIFEST_FILE, MEMORY_FILE
 from doppel.train.preference import PreferenceConfig, prefer
 from doppel.train.trainer import ProgressCallback, TrainConfig, train_adapter
 
@@ -50,7 +51,7 @@ def train_stage(
         raise BadInput(f"output directory already exists: {out}")
     records = _read(Path(config.data))
     person = _person(records)
-    store = FeedbackStore(options.feedback_dir) if options.feedback_dir else None
+    store = feedback_store(options.feedback_dir, config.data) if options.feedback_dir else None
     corrections = store.training_samples(person=person) if store else []
     staging = out.with_name(f".{out.name}.memory")
     shutil.rmtree(staging, ignore_errors=True)
@@ -91,6 +92,23 @@ def train_stage(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def corrections_scrubbed(data: Path) -> bool:
+    """Whether the person's corrections are scrubbed for training on the samples at `data`: as the scrape
+    that wrote them (its manifest.json beside them) was. Only a scrape that says it kept everything
+    (`--no-scrub`) keeps them as written; no manifest, or one that cannot be read, scrubs."""
+    try:
+        manifest = json.loads((Path(data).parent / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    options = manifest.get("options") if isinstance(manifest, dict) else None
+    return not (isinstance(options, dict) and options.get("scrub") is False)
+
+
+def feedback_store(feedback_dir: Path, data: Path) -> FeedbackStore:
+    """The doppel's feedback in `feedback_dir`, read back for training on the samples at `data`."""
+    return FeedbackStore(feedback_dir, scrub=corrections_scrubbed(data))
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
