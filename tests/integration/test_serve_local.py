@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tests.support.model_fixtures import STYLE_MARKER
 from tests.support.vllm_fixtures import ROBOT_MARKER
@@ -99,3 +101,36 @@ def test_each_adapter_keeps_its_voice_in_bfloat16_autocast_and_in_float32(
 
 def test_bfloat16_autocast_is_on_where_the_cpu_computes_it(tiny_model):
     assert LocalBackend(tiny_model).bf16 is cpu_has_bf16()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GenerationParams(temperature=0.0, max_tokens=16, seed=5, opening_temperature=OPENING_TEMPERATURE),
+        GenerationParams(temperature=1.0, max_tokens=16, seed=3),
+    ],
+    ids=["sampled-opening", "sampled-throughout"],
+)
+def test_a_seeded_reply_is_the_same_alone_and_whatever_its_batch_mates(
+    tiny_model, trained_adapter, robot_adapter, style_samples, heldout_messages, params
+):
+    # float32: bfloat16 autocast rounds a padded row's logits otherwise than an unpadded one's, and this is
+    # about the draws, not the floats.
+    backend = LocalBackend(tiny_model, {"pat": trained_adapter, "robot": robot_adapter}, bf16=False)
+    lines = style_samples.heldout.read_text(encoding="utf-8").splitlines()
+    others = [json.loads(line)["messages"][:-1] for line in lines[1:5]]
+    assert len(others) == 4 and heldout_messages not in others
+    alone = backend.complete(BASE_ADAPTER, heldout_messages, params)
+    first = backend.complete_batch(
+        [("robot", others[0]), (BASE_ADAPTER, heldout_messages), (BASE_ADAPTER, others[1])], params
+    )
+    second = backend.complete_batch(
+        [(BASE_ADAPTER, others[2]), ("pat", others[3]), (BASE_ADAPTER, heldout_messages)], params
+    )
+    assert first[1] == second[2] == alone
+    assert "".join(backend.stream(BASE_ADAPTER, heldout_messages, params)) == alone
+    # The batch-mates' own replies are their own too: each as it is alone.
+    assert first[0] == backend.complete("robot", others[0], params)
+    assert second[0] == backend.complete(BASE_ADAPTER, others[2], params)
+    # Another seed draws otherwise (the seed still counts).
+    assert backend.complete(BASE_ADAPTER, heldout_messages, params.override(seed=params.seed + 1)) != alone

@@ -4,10 +4,16 @@ Several LoRA adapters stay loaded on one base model; a batch mixes them row by r
 with `BASE_ADAPTER` for rows on the bare base model). The prompt is the base tokenizer's chat template with a
 generation prompt, which is what vLLM renders for the same messages, so a conversation built by
 `build_conversation` reads the same to both backends.
+
+Sampling (a sampled opening, a temperature) is `RowSampler`'s: each row draws from its own generator, seeded
+from the request's seed and the row's prompt, as vLLM seeds each request. A seeded reply is then the same
+whether it was asked alone or in a batch, whatever else the batch asked and in whichever order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -123,8 +129,6 @@ class LocalBackend:
         """Replies to several (adapter, messages) pairs, generated together in one batch."""
         kwargs = self._generate_kwargs([a for a, _ in requests], [m for _, m in requests], params)
         with self._lock, torch.inference_mode(), bf16_autocast(self.bf16):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
             output = self.model.generate(**kwargs)
         prompt_len = kwargs["input_ids"].shape[1]
         texts = self.tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
@@ -140,8 +144,6 @@ class LocalBackend:
         def generate() -> None:
             try:
                 with self._lock, torch.inference_mode(), bf16_autocast(self.bf16):
-                    if params.seed is not None:
-                        torch.manual_seed(params.seed)
                     self.model.generate(**kwargs, streamer=streamer)
             except BaseException as exc:  # surfaced in the consuming thread below
                 failure.append(exc)
@@ -171,19 +173,21 @@ class LocalBackend:
         room = self.model.config.max_position_embeddings - inputs["input_ids"].shape[1]
         if room <= 0:
             raise UnknownModel(f"the prompt ({inputs['input_ids'].shape[1]} tokens) fills the whole context")
-        sampling = params.temperature > 0
         kwargs: dict[str, Any] = {
             **inputs,
             "max_new_tokens": min(params.max_tokens, room),
-            "do_sample": sampling,
+            # Greedy for transformers: a sampled token is `RowSampler`'s, the only one it leaves.
+            "do_sample": False,
             "repetition_penalty": params.repetition_penalty,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
-        if sampling:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        if params.samples_opening:
-            opening = OpeningSampler(inputs["input_ids"].shape[1], params)
-            kwargs["logits_processor"] = LogitsProcessorList([opening])
+        if params.temperature > 0 or params.samples_opening:
+            prompt_ids = [
+                row[mask.bool()].tolist()
+                for row, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+            ]
+            sampler = RowSampler(inputs["input_ids"].shape[1], params, prompt_ids)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         banned = banned_token_ids(self.tokenizer, banned_words(conversations))
         if banned:  # the person never addresses themself (doppel.serve.addressing)
             kwargs["bad_words_ids"] = banned
@@ -192,29 +196,62 @@ class LocalBackend:
         return kwargs
 
 
-class OpeningSampler(LogitsProcessor):
-    """Samples each reply's first token at `params.opening_temperature` (within its top-k and top-p, as vLLM
-    samples) and masks every other token of that position, so that the request's own decoding, greedy or
-    not, then takes it; later positions are left alone. transformers runs it after the repetition penalty
-    and the banned words, and before the request's own temperature, as vLLM does (`opening_body`)."""
+class RowSampler(LogitsProcessor):
+    """Samples each row's next token and masks every other token of that position, so that transformers'
+    greedy decoding then takes it. The reply's first token is sampled at `params.opening_temperature` when
+    the opening is sampled (`GenerationParams.samples_opening`), the others at `params.temperature` (at
+    0: left to greedy decoding), within top-k and top-p, as vLLM samples. transformers runs it after the
+    repetition penalty and the banned words, as vLLM does (`opening_body`).
 
-    def __init__(self, prompt_length: int, params: GenerationParams) -> None:
-        assert params.opening_temperature is not None
+    Each row draws from its own generator, seeded from `params.seed` and the row's prompt (`row_seed`): one
+    generator for the batch would give a row the draws its place in the batch left it, so that a reply would
+    depend on what else was asked with it. Without a seed, the rows draw from torch's global generator."""
+
+    def __init__(
+        self, prompt_length: int, params: GenerationParams, prompt_ids: Sequence[Sequence[int]]
+    ) -> None:
         self.prompt_length = prompt_length
-        self.warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(params.opening_temperature)]
-        if params.top_k > 0:
-            self.warpers.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(params.top_p))
+        self.opening = _warpers(params.opening_temperature, params) if params.samples_opening else None
+        self.rest = _warpers(params.temperature, params) if params.temperature > 0 else None
+        self.seeds = [None if params.seed is None else row_seed(params.seed, ids) for ids in prompt_ids]
+        self.generators: list[torch.Generator | None] | None = None  # made on the logits' device
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] != self.prompt_length:
+        opening = input_ids.shape[1] == self.prompt_length
+        warpers = self.opening if opening and self.opening is not None else self.rest
+        if warpers is None:
             return scores
+        if self.generators is None:
+            self.generators = [
+                None if seed is None else torch.Generator(device=scores.device).manual_seed(seed)
+                for seed in self.seeds
+            ]
         warped = scores.float()
-        for warper in self.warpers:
+        for warper in warpers:
             warped = warper(input_ids, warped)
-        chosen = torch.multinomial(torch.softmax(warped, dim=-1), 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+        probs = torch.softmax(warped, dim=-1)
+        # One draw per row and step, finished rows included: a row's draws never hang on another's length.
+        chosen = torch.cat(
+            [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators, strict=True)]
+        )
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
+
+
+def row_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """A row's generator seed: the request's seed and the row's prompt token ids, hashed (stable across
+    processes, unlike `hash`)."""
+    digest = hashlib.blake2b(json.dumps([seed, list(prompt_ids)]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _warpers(temperature: float | None, params: GenerationParams) -> list[LogitsProcessor]:
+    assert temperature is not None and temperature > 0
+    warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)]
+    if params.top_k > 0:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    return warpers
 
 
 def _check_fits(base: torch.nn.Module, path: Path) -> None:
