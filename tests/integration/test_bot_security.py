@@ -21,6 +21,7 @@ from tests.support.bot_fixtures import (
     CHANNEL,
     NAMESPACE,
     TEAM_ID,
+    action_form,
     as_team,
     bot_config,
     command_form,
@@ -35,7 +36,7 @@ from tests.support.bot_steps import until, until_async
 from tests.support.slack_fixtures import BOT_USER_ID
 from tests.support.vllm_fixtures import free_port
 
-from doppel.bot import guard, intake, mentions, worker
+from doppel.bot import commands, consent, guard, intake, mentions, worker
 from doppel.bot.kube import ANNOTATION_DEACTIVATED, ANNOTATION_REQUESTER
 from doppel.bot.logic import MAX_MESSAGE_CHARS, MAX_REPLY_MESSAGES, REFUSAL, SHARED_CHANNEL
 
@@ -432,3 +433,51 @@ async def test_a_consent_request_whose_direct_message_failed_can_be_sent_again(b
     dms = [c for c in slack_emulator.calls if c.method == "chat.postMessage" and "blocks" in c.params]
     assert len(dms) == 5
     assert "enough consent requests" in await run("train @deploybot")  # the sixth person in the hour
+
+
+async def test_slack_failing_to_say_who_someone_is_gets_an_apology_never_a_refusal(
+    bot_harness, bot_kube, slack_emulator
+):
+    """users.info failing (internal_error, or 5xx beyond the client's retries) is Slack's problem, not
+    the person's: an apology, nothing kept of it, and once Slack is back the same person is answered. A
+    person Slack does not know (user_not_found) is still refused."""
+    asked: list[Any] = []
+    bot = await bot_harness(chat=recording_chat(asked))
+    await ready_alice(bot_kube)
+
+    def ephemeral(user: str) -> list[str]:
+        return [p["text"] for p in slack_emulator.ephemeral_posts(CHANNEL) if p["user"] == user]
+
+    # The command and a consent click: an apology, never a refusal; the command works once Slack is back.
+    slack_emulator.fail_with("users.info", "internal_error")
+    assert (await bot.form(command_form("list", user="U03CAROL"))).text == commands.SORRY_COMMAND
+    assert "alice" in (await bot.form(command_form("list", user="U03CAROL"))).text
+    slack_emulator.fail("users.info", 3, 500)  # the first try and both of slack_sdk's retries
+    request = {"team": TEAM_ID, "target": "U04DAVE", "handle": "dave", "requester": "U02BOB"}
+    await bot.form(action_form("doppel_consent_approve", json.dumps(request), user="U04DAVE"))
+    assert await until(lambda: ephemeral("U04DAVE")) == [consent.SORRY_CLICK]
+
+    # A mention: the apology, privately, in its thread.
+    slack_emulator.fail_with("users.info", "internal_error")  # Bob's admission
+    ts = await mention(bot, slack_emulator, "U02BOB", "as alice is the deploy at 5?", "EvInfo1")
+    assert await until(lambda: ephemeral("U02BOB")) == [mentions.SORRY_SLACK]
+    assert slack_emulator.ephemeral_posts(CHANNEL)[-1]["thread_ts"] == ts
+    assert slack_emulator.posted(CHANNEL) == [] and asked == []
+
+    # Slack is back. Bob asks again by editing his mention (a new event of the same message) and anew.
+    edited = mention_payload(f"<@{BOT_USER_ID}> as alice is the deploy at 5pm?", ts, event_id="EvInfo2")
+    edited["event"]["edited"] = {"user": "U02BOB", "ts": str(time.time())}
+    await bot.event(edited)
+    [answer] = await bot.wait_posts(CHANNEL, 1)
+    assert (answer["text"], answer["thread_ts"]) == ("sure", ts)
+    again = await mention(bot, slack_emulator, "U02BOB", "as alice and tomorrow?", "EvInfo3")
+    answers = await bot.wait_posts(CHANNEL, 2)
+    assert (answers[1]["text"], answers[1]["thread_ts"]) == ("sure", again)
+
+    # Someone Slack says it does not know is refused, as before.
+    assert (await bot.form(command_form("list", user="U09GHOST"))).text == REFUSAL
+    slack_emulator.fail_with("users.info", "user_not_found")
+    await mention(bot, slack_emulator, "U06SAMP", "as alice hi", "EvInfo4")
+    assert await until(lambda: ephemeral("U06SAMP")) == [REFUSAL]
+    await asyncio.sleep(0.3)
+    assert len(slack_emulator.posted(CHANNEL)) == 2 and len(asked) == 2

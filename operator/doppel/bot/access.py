@@ -57,7 +57,7 @@ async def admitted(
 ) -> bool:
     """Whether `user_id` may use the tenant's doppels: a member of its workspace (or, for an org-wide
     install, of its org), by the payload's own team fields and by `users.info`; a guest only when the
-    chart allows guests."""
+    chart allows guests. Raises when Slack fails to say who the user is: that is no refusal."""
     foreign = logic.foreign_teams(body, tenant)
     user = await deps.lookups.user(client, tenant.team_id, user_id) if user_id and not foreign else {}
     if foreign or not logic.is_member(user, tenant, guests=deps.config.allow_guests):

@@ -27,6 +27,7 @@ LOG = logging.getLogger(__name__)
 CONSENT_ACTION = re.compile(r"^doppel_consent_(approve|decline)$")
 # Consent requests one person may send in the ledger's claim lifetime (`event_ttl_s`, an hour by default).
 REQUESTS_PER_HOUR = 5
+SORRY_CLICK = "Sorry, I couldn't take your answer (Slack had a problem). Please click again in a minute."
 
 
 async def tell(client: AsyncWebClient, user_id: str, text: str, **extra: Any) -> None:
@@ -134,7 +135,14 @@ async def answer_consent(
     # it. Refusals go to the clicker alone (ephemeral, where they clicked): a shared channel's other
     # company sees nothing.
     clicked_in = (body.get("channel") or {}).get("id") or ""
-    if not await admitted(deps, client, tenant, body, clicker):
+    try:
+        allowed = await admitted(deps, client, tenant, body, clicker)
+    except Exception:
+        # Slack could not say who clicked: no refusal, and the buttons are still there to click again.
+        LOG.exception("consent answer by %s of team %s: not admitted yet", clicker, tenant.team_id)
+        await client.chat_postEphemeral(channel=clicked_in, user=clicker, text=SORRY_CLICK)
+        return
+    if not allowed:
         await client.chat_postEphemeral(channel=clicked_in, user=clicker, text=logic.REFUSAL)
         return
     if request["team"] != tenant.team_id or clicker != request["target"]:

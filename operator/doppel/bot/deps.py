@@ -26,20 +26,27 @@ from doppel.bot.snapshot import Snapshots
 from doppel.bot.worker import Worker
 
 MODEL_REQUESTS = 64
+# The errors by which Slack says it does not know the user or channel asked about: an answer ({}, kept like
+# any other). Any other error (internal_error, ratelimited, a 5xx, a revoked token) is Slack failing to
+# answer, never "not a member": it is raised, and nothing is kept.
+UNKNOWN = {
+    "user": frozenset({"user_not_found", "users_not_found", "user_not_visible"}),
+    "channel": frozenset({"channel_not_found"}),
+}
 
 
 class Lookups:
     """users.info and conversations.info answers, kept a few minutes per workspace: names and channels
     rarely change, and a burst of mentions would otherwise ask the same questions for every event. Single
     flight: the question is cached as soon as it is asked, so simultaneous mentions wait for one answer
-    instead of each asking (and meeting Slack's rate limit)."""
+    instead of each asking (and meeting Slack's rate limit). Slack failing to answer raises (`UNKNOWN`)."""
 
     def __init__(self, ttl_s: float = 300.0) -> None:
         self.ttl_s = ttl_s
         self._cache: dict[tuple[str, str, str], tuple[float, asyncio.Future[dict[str, Any]]]] = {}
 
     async def user(self, client: AsyncWebClient, team_id: str, user_id: str) -> dict[str, Any]:
-        """The user object, or {} when Slack does not know it."""
+        """The user object, or {} when Slack does not know it; raises when Slack fails to answer."""
         return await self._get(("user", team_id, user_id), lambda: client.users_info(user=user_id), "user")
 
     async def channel(self, client: AsyncWebClient, team_id: str, channel_id: str) -> dict[str, Any]:
@@ -83,9 +90,7 @@ class Lookups:
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._cache[key] = (now, answer)
         try:
-            answer.set_result(dict((await fetch())[field_name]))
-        except SlackApiError:
-            answer.set_result({})  # Slack does not know it (or refuses): the same for a few minutes
+            answer.set_result(await _ask(fetch, field_name))
         except BaseException as exc:  # the next asker (and any waiting) tries again
             if self._cache.get(key, (0, None))[1] is answer:
                 del self._cache[key]
@@ -96,6 +101,16 @@ class Lookups:
                 answer.exception()  # retrieved: no "never retrieved" warning when nobody waited
             raise
         return dict(answer.result())
+
+
+async def _ask(fetch: Callable[[], Awaitable[Any]], field_name: str) -> dict[str, Any]:
+    try:
+        return dict((await fetch())[field_name])
+    except SlackApiError as exc:
+        data = exc.response.data if exc.response is not None else None
+        if isinstance(data, dict) and data.get("error") in UNKNOWN[field_name]:
+            return {}  # Slack does not know it: the same for a few minutes
+        raise
 
 
 @dataclass

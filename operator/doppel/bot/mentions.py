@@ -95,7 +95,8 @@ def on_mention(deps: Deps, body: dict[str, Any], event: dict[str, Any], context:
             return None
 
         bot = (context.bot_user_id, context.bot_id)
-        await answer_mention(deps, client, tenant, bot, event, admit=admit)
+        if not await answer_mention(deps, client, tenant, bot, event, admit=admit):
+            await release(deps.ledger, tenant.team_id, key)
 
     deps.worker.submit(work(), f"mention {event_id} of team {tenant.team_id}")
 
@@ -121,6 +122,15 @@ async def claim(ledger: EventLedger, team_id: str, key: str, attempts: int = 3) 
             if attempt + 1 < attempts:
                 await asyncio.sleep(0.5 * 2**attempt)
     return True
+
+
+async def release(ledger: EventLedger, team_id: str, key: str) -> None:
+    """Give back the claim of a mention that was not answered, so that asking again (its edit, Slack's
+    redelivery) is answered rather than taken for a duplicate."""
+    try:
+        await ledger.release(team_id, key)
+    except Exception as exc:
+        LOG.warning("claim of %s not released: %s: %s", key, type(exc).__name__, exc)
 
 
 def _worker_client(deps: Deps, context: AsyncBoltContext) -> AsyncWebClient:
@@ -185,14 +195,23 @@ async def answer_mention(
     *,
     hold: bool = True,
     admit: Callable[[], Awaitable[str | None]] | None = None,
-) -> None:
+) -> bool:
     """Answer a mention in its thread, or apologise there: a claimed mention is never left in silence.
     `bot`: this app's bot user ID and bot ID. `admit`: the admission of a new mention (why it is refused,
     or None); until it has passed, a refusal or an apology goes to the author alone (ephemeral: in a shared
     channel the other company sees nothing). With `hold`, a mention that finds the model pool cold is
-    held for it instead (`doppel.bot.coldpool`); a held mention, answered later, is not held again."""
+    held for it instead (`doppel.bot.coldpool`); a held mention, answered later, is not held again.
+    Returns False when it failed before posting anything but an apology: the mention may be asked again."""
     channel = event["channel"]
-    post = post_in_thread(deps, client, tenant, event)
+    thread_post = post_in_thread(deps, client, tenant, event)
+    posted = False
+
+    async def post(text: str, **extra: Any) -> str | None:
+        nonlocal posted
+        ts = await thread_post(text, **extra)
+        posted = True
+        return ts
+
     speak = post if admit is None else post_to_author(client, event)
 
     deadline = DEADLINE.set(time.monotonic() + MENTION_DEADLINE_S)
@@ -204,6 +223,7 @@ async def answer_mention(
         elif event.get("user"):  # else no person to tell
             await speak(refusal)
     except Exception as exc:
+        partly = posted  # part of an answer went out: asking again would repeat it
         limited = isinstance(exc, SlackApiError) and exc.response.status_code == 429
         LOG.exception("mention in %s of team %s could not be answered", channel, tenant.team_id)
         deps.metrics.error("slack_rate_limited" if limited else "mention_failed")
@@ -217,8 +237,9 @@ async def answer_mention(
             )
             deps.metrics.error("mention_lost")
             deps.metrics.failed(lost)
-    else:
-        DEADLINE.reset(deadline)
+        return partly
+    DEADLINE.reset(deadline)
+    return True
 
 
 async def _answer(
