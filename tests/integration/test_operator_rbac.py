@@ -22,8 +22,8 @@ SITUATIONAL = {
     # Not a call: API servers that enforce blockOwnerDeletion (OpenShift) check it when a Job is created
     # with its DoppelUser as owner.
     ("doppel.dev", "doppelusers/finalizers", "update"): "ownerReferences.blockOwnerDeletion",
-    # A Job whose pod never starts is suspended (stop_job), a superseded one deleted.
-    ("batch", "jobs", "patch"): "pending timeout",
+    # A superseded Job is deleted. (Patching Jobs, for their TTL once their outcome is recorded, every run
+    # does.)
     ("batch", "jobs", "delete"): "a newer generation",
     # Whether its namespace is being deleted (then it releases the finalizers it would otherwise keep).
     ("", "namespaces", "get"): "namespace deletion",

@@ -22,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Any
 import httpx
 import pytest
 
-from doppel.api import GROUP
+from doppel.api import GROUP, PLURAL
 from doppel.operator.config import OperatorConfig
 from tests.support.kube_emulator import API_VERSIONS as API_VERSIONS
 from tests.support.kube_emulator import INVALID_MESSAGE as INVALID_MESSAGE
@@ -56,6 +58,7 @@ class JobRun:
     started: float | None = None  # loop time the Job started
     deadline: float | None = None  # its activeDeadlineSeconds
     finished: bool = False
+    ended: float | None = None  # wall-clock time its status said Complete or Failed
     namespace: str = NAMESPACE
     pods: list[str] = field(default_factory=list)  # every pod it had
     collected: bool = False  # its Job is gone, and with it (the garbage collector's part) its pods
@@ -128,9 +131,11 @@ class JobController:
       drain leave it); the Job's podFailurePolicy decides between a new pod and a failed Job;
     - `oom(step)`: the step's next container is killed by the kernel (OOMKilled, exit code 137);
     - `activeDeadlineSeconds`: a Job running longer fails with DeadlineExceeded, its pod deleted;
-    - `ttlSecondsAfterFinished`: a finished Job is deleted that long after it ended, its pods with it;
-    - a suspended Job loses its pod (condition Suspended); a deleted Job's pod is deleted (the garbage
-      collector's part).
+    - `ttlSecondsAfterFinished`: a finished Job (condition Complete or Failed) is deleted that long after it
+      ended, its pods with it; as the TTL-after-finished controller, it reads the Job as it is now, so a
+      TTL set after the Job finished counts too (from when it ended: at once if that is past);
+    - a suspended Job loses its pod (condition Suspended); a deleted Job's pod is deleted, and a Job whose
+      owning DoppelUser is gone is deleted (the garbage collector's part).
     """
 
     cluster: KubeCluster
@@ -142,6 +147,7 @@ class JobController:
     _stuck: dict[str, Stuck] = field(default_factory=dict)
     _refused: dict[str, Stuck] = field(default_factory=dict)
     ttl_deleted: list[str] = field(default_factory=list)  # Jobs the TTL-after-finished controller deleted
+    collected: list[str] = field(default_factory=list)  # Jobs the garbage collector deleted (owner gone)
     _oom: set[str] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _loop: asyncio.Task[None] | None = None
@@ -251,6 +257,7 @@ class JobController:
                 if name not in self.runs and not job.get("status") and not job["spec"].get("suspend"):
                     self.runs[name] = JobRun(name)
                     self._tasks.append(asyncio.create_task(self._run(job)))
+            await self._ttl_and_owners(present)
             for name, run in self.runs.items():
                 job = present.get(name)
                 if job is None and run.started and not run.collected:
@@ -265,6 +272,41 @@ class JobController:
                 elif run.deadline is not None and run.started and loop.time() - run.started > run.deadline:
                     run.interrupt("deadline")
             await asyncio.sleep(0.1)
+
+    async def _ttl_and_owners(self, present: dict[str, dict[str, Any]]) -> None:
+        """The TTL-after-finished controller and the garbage collector's part for Jobs: a finished Job whose
+        ttlSecondsAfterFinished has run out since it ended goes; so does one whose DoppelUser is gone."""
+        objects = self.cluster.emulator.objects
+        owners = {
+            (objects[key].raw.get("metadata") or {}).get("uid")
+            for key in list(objects)
+            if key[0] is not None and key[0].plural == PLURAL and not objects[key].deleted
+        }
+        for name, job in present.items():
+            meta = job["metadata"]
+            refs = [r for r in meta.get("ownerReferences") or [] if r.get("kind") == "DoppelUser"]
+            if refs and not any(r.get("uid") in owners for r in refs):
+                with contextlib.suppress(httpx.HTTPStatusError):
+                    await self.cluster.kubectl.delete("Job", name, meta["namespace"])
+                self.collected.append(name)
+                continue
+            ttl = job["spec"].get("ttlSecondsAfterFinished")
+            ended = self._ended(job)
+            if ttl is not None and ended is not None and time.time() >= ended + ttl:
+                with contextlib.suppress(httpx.HTTPStatusError):
+                    await self.cluster.kubectl.delete("Job", name, meta["namespace"])
+                self.ttl_deleted.append(name)
+
+    def _ended(self, job: dict[str, Any]) -> float | None:
+        """When the Job finished (wall clock), None while it has not (a suspended one never has)."""
+        for cond in (job.get("status") or {}).get("conditions") or []:
+            if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
+                run = self.runs.get(job["metadata"]["name"])
+                if run is not None and run.ended is not None:
+                    return run.ended
+                at = dt.datetime.fromisoformat(str(cond.get("lastTransitionTime")).replace("Z", "+00:00"))
+                return at.timestamp()
+        return None
 
     async def _collect(self, namespace: str, run: JobRun) -> None:
         """The garbage collector: a deleted Job's pods go too (propagationPolicy Background)."""
@@ -336,6 +378,7 @@ class JobController:
             await kubectl.patch_status("Job", name, {"active": None, "conditions": [suspended]}, namespace)
             return
         ok = end == "exited" and run.returncode == 0
+        run.ended = time.time()  # its TTL, if it has or gets one, counts from here (`_ttl_and_owners`)
         condition = {"type": "Complete" if ok else "Failed", "status": "True", "lastTransitionTime": now}
         if end == "deadline":
             condition |= {
@@ -358,14 +401,6 @@ class JobController:
             },
             namespace,
         )
-        # The TTL-after-finished controller: a finished Job (and, by the garbage collector, its pods) goes
-        # ttlSecondsAfterFinished after it ended.
-        ttl = job["spec"].get("ttlSecondsAfterFinished")
-        if ttl is not None:
-            await asyncio.sleep(ttl)
-            with contextlib.suppress(httpx.HTTPStatusError):
-                await kubectl.delete("Job", name, namespace)
-            self.ttl_deleted.append(name)
 
     async def _run_pod(self, job: dict[str, Any], run: JobRun) -> str:
         """One pod of the Job, from creation to its end: "exited" (see run.returncode) or why it was

@@ -502,3 +502,38 @@ def test_suspend_lets_a_running_training_finish_and_starts_nothing_new():
     done = finished(train, True, {"ok": True})
     plan = reconcile(observed([scrape, done], status, generation=2, spec=suspended), CONFIG)
     assert plan.register is not None and plan.register.version == 1 and plan.status.phase == "Registering"
+
+
+def test_a_finished_job_gets_its_ttl_only_once_the_status_holds_its_outcome():
+    """Jobs start without ttlSecondsAfterFinished; the plan names a finished one for its TTL only when the
+    status it publishes holds that outcome (or nothing reads it any more). A Job of an earlier operator
+    version, TTL set at creation, is left as it is; a purge Job goes with its DoppelUser."""
+    scrape = jobs.job_manifest(owner(), "scrape", 1, [], SPEC, CONFIG)
+    assert "ttlSecondsAfterFinished" not in scrape["spec"]
+    started = reconcile(observed([json.loads(json.dumps(scrape))]), CONFIG)
+    assert started.expire == []  # still running
+    done = finished(scrape, True, {"ok": True, "samples": 9})
+    plan = reconcile(observed([done]), CONFIG)  # scraped, and the train Job starts: lastJob says so
+    assert (plan.status.last_job.step, plan.status.samples) == ("train", 9)
+    assert plan.expire == [scrape["metadata"]["name"]]
+    queued = reconcile(observed([finished(scrape, True)], may_train=lambda: False), CONFIG)
+    assert queued.status.last_job.outcome == "Succeeded" and queued.expire == [scrape["metadata"]["name"]]
+
+    # The person is deactivated: the status is not brought up to date, so the Job stays the only witness.
+    away = reconcile(observed([finished(scrape, True)], started.status, person_deactivated=True), CONFIG)
+    assert away.status.last_job.outcome == "Running" and away.expire == []
+
+    # Created by an earlier version with its TTL: the status records it, nothing is patched.
+    old = finished({**scrape, "spec": {**scrape["spec"], "ttlSecondsAfterFinished": 3600}}, True)
+    plan = reconcile(observed([old]), CONFIG)
+    assert plan.expire == [] and [j["metadata"]["labels"][jobs.L_STEP] for j in plan.create] == ["train"]
+
+    # Superseded attempts and steps, and any Job of an earlier generation, go; purge Jobs never do.
+    train = jobs.job_manifest(owner(2), "train", 1, [], SPEC, CONFIG)
+    purge = finished(jobs.job_manifest(owner(2), "purge", 1, [], SPEC, CONFIG), True)
+    failed = finished(jobs.job_manifest(owner(2), "scrape", 1, [], SPEC, CONFIG), False, {"ok": False})
+    retried = finished(jobs.job_manifest(owner(2), "scrape", 2, [], SPEC, CONFIG), True, {"ok": True})
+    plan = reconcile(observed([finished(scrape, True), failed, retried, train, purge], generation=2), CONFIG)
+    assert plan.status.phase == "Training"
+    names = [j["metadata"]["name"] for j in (scrape, failed, retried)]
+    assert plan.expire == names

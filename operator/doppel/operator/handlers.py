@@ -356,7 +356,8 @@ async def finalize(
     job_name = manifest["metadata"]["name"]
     job = next((j for j in doppel_jobs.get(uid, []) if j["metadata"]["name"] == job_name), None)
     if job is None and purge_ran(status):
-        # Seen finished, then deleted after its ttlSecondsAfterFinished: it ran, do not start it again.
+        # Seen finished, then gone (by hand, or the TTL an earlier operator version gave it at creation;
+        # this one gives purge Jobs none: they go with their DoppelUser): it ran, do not start it again.
         logger.info(f"cleanup Job {job_name} finished and is gone")
         return
     if job is None:

@@ -244,8 +244,8 @@ def job_manifest(
                 t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
             ]
     job_labels = labels(owner, step, attempt)
-    # Finished Jobs and pods go once the operator has read them (they would pile up otherwise).
-    ttl = config.jobs.ttl_seconds_after_finished
+    # No ttlSecondsAfterFinished yet: a Job that ended while no operator ran would go with its outcome
+    # unseen. The operator sets it once the status holds the outcome (reconcile.Plan.expire).
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -265,7 +265,6 @@ def job_manifest(
                 "rules": [{"action": "Ignore", "onPodConditions": [{"type": DISRUPTED, "status": "True"}]}]
             },
             "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
-            **({"ttlSecondsAfterFinished": ttl} if ttl is not None else {}),
         },
     }
 

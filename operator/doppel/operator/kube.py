@@ -147,6 +147,17 @@ class KubeApi:
         if response.status_code != 404:
             _check(response)
 
+    async def expire_job(self, namespace: str, name: str, ttl_s: int) -> None:
+        """Set a finished Job's ttlSecondsAfterFinished (mutable): the TTL-after-finished controller
+        deletes it, and its pods, that long after it ended (at once if that time is past); gone is fine."""
+        response = await self._http.patch(
+            f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+            content=json.dumps({"spec": {"ttlSecondsAfterFinished": ttl_s}}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        if response.status_code != 404:
+            _check(response)
+
     async def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and, in the background, its pods; gone already is fine."""
         response = await self._http.request(

@@ -232,6 +232,8 @@ async def step(
         new = await repair_drift(state.models, new, vllm, state.metrics, body["metadata"], now, asleep)
     new = with_next_time(new, spec, now)
     await _publish(state, body, current, new)
+    # Only now that the status holds their outcome may the TTL-after-finished controller take them.
+    await _expire(api, namespace, plan.expire, config.jobs.ttl_seconds_after_finished, logger)
     requested = state.retrain_requested
     if (
         spec.retrain_schedule
@@ -294,6 +296,20 @@ async def _carry_out(
         )
         return step, name, exc
     return None
+
+
+async def _expire(
+    api: KubeApi, namespace: str, names: list[str], ttl_s: int | None, logger: logging.Logger | Any
+) -> None:
+    """Give finished Jobs the cluster's ttlSecondsAfterFinished (None keeps them until their DoppelUser
+    goes). A refusal is logged, not fatal: the Job stays, and the next pass asks again."""
+    if ttl_s is None:
+        return
+    for name in names:
+        try:
+            await api.expire_job(namespace, name, ttl_s)
+        except ApiRefused as exc:
+            logger.warning(f"could not set ttlSecondsAfterFinished on Job {name}: {exc}")
 
 
 async def _read_log(

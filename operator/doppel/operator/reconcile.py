@@ -64,6 +64,9 @@ class Plan:
     # False while the person is deactivated: no registration, drift repair or scheduled retrain.
     active: bool = True
     unload: Adapter | None = None  # unload this from every vLLM pod (the person was deactivated)
+    # Finished Jobs created without ttlSecondsAfterFinished whose outcome `status` holds (or that nothing
+    # reads any more): given the cluster's TTL once the status is published, not before.
+    expire: list[str] = field(default_factory=list)
 
 
 DEACTIVATED = "Slack says the person was deactivated: no Job starts and the adapter is not served"
@@ -139,6 +142,53 @@ def _new_generation(status: DoppelUserStatus, generation: int, now: datetime) ->
 
 def reconcile(observed: Observed, config: OperatorConfig) -> Plan:
     """Decide the next action and the new status. Deterministic for the same observations."""
+    plan = _decide(observed, config)
+    plan.expire = _recorded(observed, plan)
+    return plan
+
+
+def _recorded(observed: Observed, plan: Plan) -> list[str]:
+    """The finished Jobs without a TTL that the new status makes unneeded: the scrape or train Job the
+    pipeline goes on from once `status.lastJob` holds its outcome (or a later attempt or step), earlier
+    attempts and steps (a later Job exists, started on their outcome), the prune Job once
+    `prunedGeneration` says it ran, cleanup Jobs (nothing reads their outcome) and any Job of an earlier
+    generation. Never a purge Job: it goes with its DoppelUser (owner reference), after the finalizer
+    has read it."""
+    status = plan.status
+    work = str(status.spec_generation or observed.owner.generation)
+    ours = replace(observed, owner=replace(observed.owner, generation=int(work)))
+    deciding = _latest(ours, "train") or _latest(ours, "scrape")
+    record = status.last_job
+    expire = []
+    for job in observed.jobs:
+        meta, spec = job.get("metadata") or {}, job.get("spec") or {}
+        lab = meta.get("labels") or {}
+        step, attempt = lab.get(jobs.L_STEP), int(lab.get(jobs.L_ATTEMPT, "1"))
+        if (
+            # A Job of an earlier operator version has its TTL from creation: nothing to add.
+            spec.get("ttlSecondsAfterFinished") is not None
+            or meta.get("deletionTimestamp")
+            or step == "purge"
+            or _outcome(observed, job).state == "running"
+        ):
+            continue
+        if lab.get(jobs.L_GENERATION) != work or step == "cleanup":
+            done = True
+        elif step == "prune":
+            done = status.pruned_generation == int(work)
+        elif deciding is not None and deciding[1] is job:
+            # Recorded finished, or the status has moved on to a later attempt or step started from it.
+            order = (step == "train", attempt)
+            seen = None if record is None else (record.step == "train", record.attempt)
+            done = seen is not None and (seen > order or (seen == order and record.outcome != "Running"))
+        else:
+            done = True
+        if done:
+            expire.append(meta["name"])
+    return expire
+
+
+def _decide(observed: Observed, config: OperatorConfig) -> Plan:
     spec, now = observed.spec, observed.now
     status = observed.status.model_copy(deep=True)
     work = spec_generation(status, spec, observed.owner.generation)
@@ -213,8 +263,8 @@ OUTCOMES = {"running": "Running", "succeeded": "Succeeded", "failed": "Failed"}
 
 
 def _record(status: DoppelUserStatus, step: Step, attempt: int, result: Outcome) -> None:
-    """Write down what the step's Job came to as soon as it is seen: ttlSecondsAfterFinished deletes
-    finished Jobs, and the status is then all there is to go on."""
+    """Write down what the step's Job came to as soon as it is seen: once that is published the Job gets
+    its ttlSecondsAfterFinished (`_recorded`), and after the TTL the status is all there is to go on."""
     reason = result.reason or None if result.state == "failed" else None
     status.last_job = JobRecord(
         step=step,  # type: ignore[arg-type]
@@ -250,9 +300,9 @@ def _from_record(observed: Observed, config: OperatorConfig, plan: Plan) -> Plan
                 observed, config, plan, step, record.attempt, Outcome("failed", {}, record.reason or "")
             )
         if record.outcome == "Running":
-            # It ended and went before anyone looked (the operator was away longer than the TTL): its
-            # outcome is lost, so the same attempt runs again. (A Job index still behind the Job just
-            # created finds it exists: pipeline.py then only looks again.)
+            # It went before anyone saw how it ended (deleted by hand, or given its TTL at creation by an
+            # earlier operator version that was away longer than that): the same attempt runs again. (A
+            # Job index still behind the Job just created finds it exists: pipeline.py then only looks again.)
             name = jobs.job_name(observed.owner, step, record.attempt)
             plan = _start(observed, config, plan, step, record.attempt)
             if plan.create:
