@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import kmock as kmock_lib
+import pytest
 import yaml
 from click.testing import CliRunner
 from tests.support.bot_fixtures import (
@@ -54,6 +55,7 @@ from doppel.bot.logic import event_key
 from doppel.cli import main
 from doppel.operator.config import OperatorConfig
 from doppel.operator.jobs import Owner, job_manifest
+from doppel.slack.conversation import DEFAULT_BUDGET_CHARS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -566,6 +568,47 @@ async def test_a_long_thread_is_answered_from_its_root_and_latest_messages(
     assert prompt.endswith("what do you think?")
     pages = [c for c in slack_emulator.calls_to("conversations.replies") if c.params.get("ts") == root]
     assert len(pages) == 2 and all(p.params.get("latest") == ts for p in pages)
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "is this still the plan?\n&gt; the staging database moves to Postgres 16 on Friday",
+        "\n&gt; the staging database moves to Postgres 16 on Friday\nis this still the plan?",
+    ],
+    ids=["quote-after-the-question", "quote-first"],
+)
+async def test_a_long_threads_message_quoted_by_the_mention_reaches_the_model(
+    bot_harness, bot_kube, slack_emulator, question
+):
+    """A thread far longer than the prompt's budget whose mention quotes (`> …`) one of its first replies:
+    that reply is pinned into the prompt whole, however far back, with the root and the latest replies."""
+    asked, chat = recording_chat("still friday")
+    bot = await bot_harness(chat=chat)
+    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
+    root = say(slack_emulator, "U02BOB", "release plan for the quarter")
+    say(
+        slack_emulator,
+        "U03CAROL",
+        "the staging database moves to Postgres 16 on Friday; the old replica is retired a week later",
+        thread_ts=root,
+    )
+    for i in range(2, 251):
+        say(
+            slack_emulator,
+            "U03CAROL" if i % 2 else "U04DAVE",
+            f"reply number {i}, on another topic",
+            thread_ts=root,
+        )
+    text = f"<@{BOT_USER_ID}> {question}"
+    ts = say(slack_emulator, "U02BOB", text, thread_ts=root)
+    await bot.event(mention_payload(text, ts, event_id="EvQuote", thread_ts=root))
+    assert (await bot.wait_posts(CHANNEL, 1))[0]["text"] == "still friday"
+    prompt = "\n".join(m["content"] for m in asked[0][1][1:])
+    assert "the old replica is retired a week later" in prompt  # the quoted reply, not just the quote
+    assert "release plan for the quarter" in prompt and "reply number 250, on another topic" in prompt
+    assert "reply number 2, on another topic" not in prompt  # the rest of the thread's start is not
+    assert len(prompt) <= DEFAULT_BUDGET_CHARS  # within the budget all the same
 
 
 async def test_a_question_starting_with_as_goes_to_the_active_doppel(bot_harness, bot_kube, slack_emulator):

@@ -42,7 +42,10 @@ from doppel.slack.conversation import (
     DEFAULT_WINDOW,
     PACE_MESSAGES,
     ThreadMessage,
+    answered_message,
     build_conversation,
+    fit_context,
+    quoted_text,
     serving_context,
 )
 from doppel.slack.normalize import UNKNOWN_USER, normalize_text, user_display_name
@@ -296,7 +299,7 @@ async def _answer(
     )
     try:
         if event.get("thread_ts"):
-            thread = await read_thread(client, channel, thread_ts, event["ts"])
+            thread = await read_thread(client, channel, thread_ts, event)
         else:
             # Outside a thread, the channel's recent messages cut by the window rule the samples were (enough
             # of them to read the channel's pace).
@@ -311,7 +314,9 @@ async def _answer(
         if not any(m.get("ts") == event["ts"] for m in thread):
             thread.append(event)  # replies can lag behind the event: the question must be there
         said = await _thread(user, tenant, thread, event, rest, name, person_id, bot, deps.config)
-        context = serving_context(said, person_id, in_thread=bool(event.get("thread_ts")), rule=WINDOW)
+        in_thread = bool(event.get("thread_ts"))
+        context = serving_context(said, person_id, in_thread=in_thread, rule=WINDOW)
+        context = _pin_quoted(context, said, person_id, mention_ts=float(event["ts"]), in_thread=in_thread)
         channel_name = (await lookups.channel(client, team_id, channel)).get("name")
         index = await deps.memories.index_for(doppel, team_id)
         # In a thread: a question's relatedness embeds it and scores every message (milliseconds at 100,000)
@@ -353,33 +358,74 @@ async def _answer(
 
 
 async def read_thread(
-    client: AsyncWebClient, channel: str, thread_ts: str, mention_ts: str
+    client: AsyncWebClient, channel: str, thread_ts: str, mention: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The thread up to the mention, root first: every page of conversations.replies up to it (`latest`,
     inclusive; Slack pages oldest first, so the messages just before the mention come last), of which the
-    root and the newest that the prompt's budget can hold are kept: a long thread is answered from its
-    latest messages, in the memory of a page."""
+    root, the message the mention quotes (`_quoted`) and the newest that the prompt's budget can hold are
+    kept: a long thread is answered from its latest messages, in the memory of a page."""
     root: dict[str, Any] | None = None
+    quoted: dict[str, Any] | None = None
     tail: list[dict[str, Any]] = []
     cursor: str | None = None
     while True:
         page = await client.conversations_replies(
             channel=channel,
             ts=thread_ts,
-            latest=mention_ts,
+            latest=mention["ts"],
             inclusive=True,
             limit=REPLIES_PAGE,
             cursor=cursor,
         )
+        replies: list[dict[str, Any]] = []
         for message in page.get("messages", []):
             if message.get("ts") == thread_ts:
                 root = root or message  # Slack may repeat it on every page
             else:
-                tail.append(message)
-        tail = _newest_within(tail, DEFAULT_BUDGET_CHARS)
+                replies.append(message)
+        # Searched before the budget drops anything: the quoted message may be the thread's oldest reply.
+        quoted = _quoted([*([quoted] if quoted else []), *replies], mention) or quoted
+        tail = _newest_within(tail + replies, DEFAULT_BUDGET_CHARS)
         cursor = (page.get("response_metadata") or {}).get("next_cursor") or None
         if cursor is None:
-            return ([root] if root else []) + tail
+            pinned = [root] if root else []
+            if quoted is not None and all(m is not quoted for m in tail):
+                pinned.append(quoted)  # older than every message of the tail
+            return pinned + tail
+
+
+def _quoted(messages: list[dict[str, Any]], mention: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest of `messages` (oldest first) holding the text `mention` quotes, found as the conversation
+    rule finds it (`answered_message`), on texts read plain; None when it quotes none of them."""
+    if not quoted_text(_plain(mention)):
+        return None
+    said = [ThreadMessage(str(m.get("user") or ""), "", _plain(m)) for m in messages]
+    found = answered_message(said, ThreadMessage(str(mention.get("user") or ""), "", _plain(mention)))
+    return next((m for m, s in zip(messages, said, strict=True) if s is found), None)
+
+
+def _pin_quoted(
+    context: list[ThreadMessage],
+    said: Sequence[ThreadMessage],
+    person_id: str,
+    *,
+    mention_ts: float,
+    in_thread: bool,
+) -> list[ThreadMessage]:
+    """`context` with the message the mention (the last of `said`) quotes pinned in, however far back:
+    `serving_context` pins what the reply itself would answer, and the reply answers the mention, whose
+    quote says what it is about."""
+    if not said or said[-1].ts != mention_ts:
+        return context  # the mention itself said nothing that is kept
+    quoted = answered_message(said[:-1], said[-1])
+    if quoted is None or any(m.ts == quoted.ts for m in context):
+        return context
+    keep = 1 if in_thread and context else 0  # the thread's root stays pinned too
+    return fit_context([*context[:keep], quoted], context[keep:], person_id, DEFAULT_BUDGET_CHARS)
+
+
+def _plain(message: dict[str, Any]) -> str:
+    return normalize_text(message.get("text") or "", {})
 
 
 def _newest_within(messages: list[dict[str, Any]], budget_chars: int) -> list[dict[str, Any]]:
@@ -446,7 +492,9 @@ async def _thread(
             author_id = message.get("user", "")
             if message.get("user_team") not in (None, tenant.team_id) and not tenant.enterprise_id:
                 continue  # Slack Connect: the message says its author's team
-        raw = f"<@{bot_user_id}> {text}" if message["ts"] == mention["ts"] else message.get("text", "")
+        # A quote right after the mention keeps its own line, as in the message: only so is it a quote.
+        sep = "\n" if text.startswith("&gt;") else " "
+        raw = f"<@{bot_user_id}>{sep}{text}" if message["ts"] == mention["ts"] else message.get("text", "")
         for user_id in {author_id, *_MENTIONED.findall(raw)} - users.keys():
             found = await lookup(user_id)
             if found:
