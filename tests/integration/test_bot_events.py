@@ -570,6 +570,32 @@ async def test_a_long_thread_is_answered_from_its_root_and_latest_messages(
     assert len(pages) == 2 and all(p.params.get("latest") == ts for p in pages)
 
 
+async def test_a_long_thread_is_answered_at_once_under_the_non_marketplace_limit(
+    bot_harness, bot_kube, slack_emulator
+):
+    """A distributed app outside the Marketplace reads one page of 15 thread messages a minute: a thread of
+    40 replies is answered at once from its root, its first page and the mention, not after minutes of
+    waiting (or an apology once the mention's deadline has passed)."""
+    slack_emulator.rate_profile = "non-marketplace"
+    asked, chat = recording_chat("ship it")
+    bot = await bot_harness(chat=chat)
+    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
+    root = say(slack_emulator, "U02BOB", "release plan for the quarter")
+    for i in range(1, 41):
+        say(slack_emulator, "U03CAROL" if i % 2 else "U02BOB", f"reply number {i}", thread_ts=root)
+    text = f"<@{BOT_USER_ID}> what do you think?"
+    ts = say(slack_emulator, "U02BOB", text, thread_ts=root)
+    started = time.monotonic()
+    await bot.event(mention_payload(text, ts, event_id="EvSlowPages", thread_ts=root))
+    posts = await bot.wait_posts(CHANNEL, 1, timeout=30)
+    assert posts[0]["text"] == "ship it" and time.monotonic() - started < 30
+    prompt = "\n".join(m["content"] for m in asked[0][1][1:])
+    assert "release plan for the quarter" in prompt and "reply number 1\n" in prompt
+    assert prompt.endswith("what do you think?")
+    pages = [c for c in slack_emulator.calls_to("conversations.replies") if c.params.get("ts") == root]
+    assert [p.status for p in pages][:1] == [200] and any(p.status == 429 for p in pages)
+
+
 @pytest.mark.parametrize(
     "question",
     [

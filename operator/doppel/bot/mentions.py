@@ -68,6 +68,11 @@ REPLIES_PAGE = 200
 # Slack's rate limits are waited out (`Retry-After`) until this long after the mention arrived; then the
 # person gets an apology that says why rather than a late answer.
 MENTION_DEADLINE_S = 90.0
+# A thread's later pages (conversations.replies) are waited for at most this long each: past it, the
+# mention is answered from the pages read and the mention itself. A distributed app outside the Marketplace
+# may read one page of 15 a minute, so a thread of 31 replies or more would otherwise always end in an
+# apology, and one of 16 in a minute's silence.
+LATER_PAGE_WAIT_S = 20.0
 
 
 def on_mention(deps: Deps, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
@@ -363,20 +368,22 @@ async def read_thread(
     """The thread up to the mention, root first: every page of conversations.replies up to it (`latest`,
     inclusive; Slack pages oldest first, so the messages just before the mention come last), of which the
     root, the message the mention quotes (`_quoted`) and the newest that the prompt's budget can hold are
-    kept: a long thread is answered from its latest messages, in the memory of a page."""
+    kept: a long thread is answered from its latest messages, in the memory of a page. A later page that
+    Slack's rate limit holds back longer than LATER_PAGE_WAIT_S is not read: the pages before it are kept."""
     root: dict[str, Any] | None = None
     quoted: dict[str, Any] | None = None
     tail: list[dict[str, Any]] = []
     cursor: str | None = None
     while True:
-        page = await client.conversations_replies(
-            channel=channel,
-            ts=thread_ts,
-            latest=mention["ts"],
-            inclusive=True,
-            limit=REPLIES_PAGE,
-            cursor=cursor,
-        )
+        try:
+            page = await _replies_page(client, channel, thread_ts, mention["ts"], cursor)
+        except SlackApiError as exc:
+            if cursor is None or exc.response.status_code != 429:
+                raise
+            # Rate limited past LATER_PAGE_WAIT_S: the root and the first pages, then the mention (the
+            # caller adds it), rather than an apology.
+            LOG.info("thread %s of %s answered from its first pages: %s", thread_ts, channel, exc)
+            page = {}
         replies: list[dict[str, Any]] = []
         for message in page.get("messages", []):
             if message.get("ts") == thread_ts:
@@ -392,6 +399,25 @@ async def read_thread(
             if quoted is not None and all(m is not quoted for m in tail):
                 pinned.append(quoted)  # older than every message of the tail
             return pinned + tail
+
+
+async def _replies_page(
+    client: AsyncWebClient, channel: str, thread_ts: str, latest: str, cursor: str | None
+) -> dict[str, Any]:
+    """One page of the thread up to `latest`; a later page (`cursor`) waits out rate limits for
+    LATER_PAGE_WAIT_S at most, within the mention's own deadline."""
+    bound = DEADLINE.get()
+    if cursor is not None:
+        later = time.monotonic() + LATER_PAGE_WAIT_S
+        bound = later if bound is None else min(bound, later)
+    token = DEADLINE.set(bound)
+    try:
+        page = await client.conversations_replies(
+            channel=channel, ts=thread_ts, latest=latest, inclusive=True, limit=REPLIES_PAGE, cursor=cursor
+        )
+    finally:
+        DEADLINE.reset(token)
+    return dict(page.data) if isinstance(page.data, dict) else {}
 
 
 def _quoted(messages: list[dict[str, Any]], mention: dict[str, Any]) -> dict[str, Any] | None:
