@@ -159,6 +159,32 @@ def test_split_leaves_out_training_samples_that_hold_a_held_out_reply():
     assert split.leaking == 1 and 2 not in [s.ts for s in split.train]
 
 
+def test_samples_without_a_conversation_start_split_by_their_own_times(tmp_path):
+    """samples.jsonl of an earlier scrape has Slack times (meta.ts) but no meta.context_ts: a conversation
+    then starts at its thread's first reply, in Slack time too, not at a line number of the file (which
+    put every conversation before any cut and left nothing to train on)."""
+    rows = []
+    for thread in range(30):
+        start = 1_700_000_000 + thread * 1000
+        for k in range(2):
+            messages = [
+                {"role": "system", "content": "You are Pat."},
+                {"role": "user", "content": f"Bob: question {thread}.{k}"},
+                {"role": "assistant", "content": f"answer {thread}.{k}"},
+            ]
+            meta = {"channel_id": "C1", "thread_ts": f"{start}.000100", "ts": f"{start + 10 * k}.000100"}
+            rows.append({"messages": messages, "meta": meta})
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = data.load_samples(path)
+    assert [s.context_ts for s in samples[:2]] == [1_700_000_000.0001] * 2
+    split = data.split_by_time(samples, 0.15)
+    assert split.cut_ts is not None and split.cut_ts > 1e9
+    # The latest 9 replies (15%) begin with a thread's second: the threads after it held out, it neither.
+    assert (len(split.train), len(split.eval), split.straddling) == (51, 8, 1)
+    assert {s.thread for s in split.train}.isdisjoint(s.thread for s in split.eval)
+
+
 def test_thread_key_comes_from_slack_metadata(tmp_path):
     path = tmp_path / "s.jsonl"
     reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]

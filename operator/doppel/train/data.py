@@ -27,7 +27,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,10 @@ def load_samples(path: Path) -> list[Sample]:
     if not path.is_file():
         raise BadInput(f"data file not found: {path}")
     samples: list[Sample] = []
-    first_line: dict[str, float] = {}  # thread -> its first sample's line, for samples without meta
+    # Without meta.context_ts, a conversation starts at its thread's first reply: in the same time as the
+    # replies' (meta.ts, else line numbers), never a line number against Slack times.
+    started: dict[str, float] = {}  # thread -> its earliest reply's ts
+    unstarted: set[int] = set()  # samples without meta.context_ts
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
@@ -206,20 +209,24 @@ def load_samples(path: Path) -> list[Sample]:
             if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 10:
                 raise BadInput(f"{path}:{lineno}: meta.weight must be a whole number from 1 to 10")
             thread = _thread_key(meta, messages)
-            first = first_line.setdefault(thread, float(lineno))
             ts = _float(meta.get("ts"), lineno)
+            started[thread] = min(started.get(thread, ts), ts)
+            if math.isnan(_float(meta.get("context_ts"), math.nan)):
+                unstarted.add(len(samples))
             samples.append(
                 Sample(
                     messages,
                     thread,
                     meta.get("person"),
                     ts=ts,
-                    context_ts=min(_float(meta.get("context_ts"), first), ts),
+                    context_ts=min(_float(meta.get("context_ts"), ts), ts),
                     kind=str(meta.get("kind") or "reply"),
                     reply_offset=_reply_offset(meta, messages),
                     weight=weight,
                 )
             )
+    for i in unstarted:
+        samples[i] = replace(samples[i], context_ts=started[samples[i].thread])
     return samples
 
 
