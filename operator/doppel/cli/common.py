@@ -101,14 +101,13 @@ def run_stage(func: F) -> F:
             sys.exit(130)
         except click.exceptions.Exit:
             raise
-        except OSError as exc:
-            storage = storage_problem(exc)
-            if storage is None:
-                raise
-            write_result({"ok": False, "kind": "storage", "reason": storage})
-            click.echo(f"doppel: failed: {storage}", err=True)
-            sys.exit(1)
         except Exception as exc:
+            # A volume that refuses writes says which path and as whom; any other error is one line too.
+            storage = storage_problem(exc) if isinstance(exc, OSError) else None
+            if storage is not None:
+                write_result({"ok": False, "kind": "storage", "reason": storage})
+                click.echo(f"doppel: failed: {storage}", err=True)
+                sys.exit(1)
             write_result({"ok": False, "kind": "error", "reason": f"{type(exc).__name__}: {exc}"})
             if debug:
                 traceback.print_exc()
