@@ -278,3 +278,10 @@ def test_wrong_slack_token_writes_nothing(tmp_path, tiny_model):
     assert_bad_input(result, "Slack rejected the token (invalid_auth)", after_stages=True)
     assert "xoxb-wrong" not in result.stderr
     assert not (workdir / "data").exists()
+
+
+def test_a_workdir_that_is_a_file_is_bad_input_and_left_alone(tmp_path):
+    workdir = tmp_path / "data"
+    workdir.write_text("someone's notes")
+    assert_bad_input(local(workdir, "--demo", "--base-model", "doppel-tiny"), "is not a directory")
+    assert workdir.read_text() == "someone's notes"

@@ -135,6 +135,8 @@ class Settings:
             raise BadInput("give exactly one of --demo, --export ZIP or --slack-token TOKEN")
         if not self.demo and not self.user:
             raise BadInput("--user is required with --export or --slack-token")
+        if Path(self.workdir).exists() and not Path(self.workdir).is_dir():
+            raise BadInput(f"--workdir {self.workdir} is not a directory")
         if self.export is not None and not self.export.is_file():
             raise BadInput(f"export not found: {self.export}")
         if self.base_model and self.base_model not in local_models() and looks_like_path(self.base_model):
