@@ -100,6 +100,8 @@ def test_interactive_chat_in_process_keeps_the_thread(tiny_model, trained_adapte
         (["--adapter", "{anonymous}", "--base-model", "{model}"], "--person"),
         (["--adapter", "{adapter}", "--base-model", "{model}", "--opening-temperature", "-1"], "0 or more"),
         (["--adapter", "{adapter}", "--base-model", "{model}", "--temperature", "-0.2"], "0 or more"),
+        (["--adapter", "{adapter}", "--base-model", "{model}", "--max-tokens", "0"], "at least 1"),
+        (["--adapter", "{adapter}", "--vllm-url", "{url}", "--max-tokens", "-5"], "at least 1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, reason, tmp_path, tiny_model, trained_adapter):

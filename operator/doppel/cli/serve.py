@@ -81,6 +81,8 @@ def chat(
     for flag, value in (("--temperature", temperature), ("--opening-temperature", opening_temperature)):
         if value is not None and value < 0:
             raise BadInput(f"{flag} must be 0 or more, got {value}")
+    if max_tokens is not None and max_tokens < 1:
+        raise BadInput(f"--max-tokens must be at least 1, got {max_tokens}")
     params = DEFAULT_PARAMS.override(
         temperature=temperature, opening_temperature=opening_temperature, max_tokens=max_tokens, seed=seed
     )
