@@ -59,6 +59,19 @@ def test_a_stream_holds_back_only_what_could_be_an_addressee():
     assert list(addressing.repair_stream(["Be", "ep", " boop"])) == ["Be", "ep", " boop"]
 
 
+def test_a_stream_cut_inside_a_long_invented_addressee_is_repaired_as_the_whole_reply_is():
+    # vLLM streams tokens: a name longer than anyone's in the conversation arrives in pieces.
+    addressing = Addressing.of(
+        build_conversation("Pat", "U1", [ThreadMessage("U2", "Jo", "news?")], "general")
+    )
+    for pieces in (["@", "Christ", "opher", ", the deploy", " is fine"], ["@", "Pat", ", ", "thanks"]):
+        whole = addressing.repair("".join(pieces))
+        assert "".join(addressing.repair_stream(pieces)) == whole, pieces
+    assert "".join(addressing.repair_stream(["@", "Christ", "opher", ", fine"])) == "@Jo, fine"
+    # A reply that is nothing but a long mention still comes out, repaired, when the stream ends.
+    assert "".join(addressing.repair_stream(["@", "Christ", "opher"])) == "@Jo"
+
+
 def test_the_vllm_request_bans_the_self_address_and_its_answer_is_repaired():
     body = chat_body("m", conversation(), GenerationParams(), stream=False)
     assert body["bad_words"] == ["@ghaskins", "ghaskins:"]

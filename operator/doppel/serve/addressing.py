@@ -29,6 +29,8 @@ _SPEAKER = re.compile(r"^(?P<name>[^:\n]{1,60}): ", re.M)
 _MENTION = re.compile(r"^(?P<lead>\s*)@(?P<word>[\w.\-]+)")
 _HANDLE = re.compile(r"^(?P<lead>\s*)(?P<word>[\w.\- ]{1,60}):\s*")
 _SEPARATOR = re.compile(r"^[\s,:;.\-–]*")
+# A stream holds back an opening mention this long at most while it is being written.
+_LONGEST_MENTION = 80
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,16 @@ class Addressing:
             return False
         if start.startswith("@"):
             longest = max(len(n) for n in (*self.speakers, *self._names()))
-            return len(start) <= longest + 2  # the @, the name and what follows it
+            if len(start) <= longest + 2:  # the @, the name and what follows it
+                return True
+            # A mention still being written (`@Christ` of `@Christopher`), or followed so far by its
+            # separator alone: what `repair` makes of it depends on the rest.
+            mention = _MENTION.match(start)
+            return (
+                mention is not None
+                and len(start) <= _LONGEST_MENTION
+                and _SEPARATOR.fullmatch(start[mention.end() :]) is not None
+            )
         return any(f"{n}: ".casefold().startswith(start.casefold()) for n in self._names())
 
 
