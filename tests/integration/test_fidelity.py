@@ -209,3 +209,41 @@ def test_eval_bad_input(tmp_path, trained_adapter):
     no_data = run("eval", "--adapter", str(adapter), "--data", str(tmp_path / "none.jsonl"))
     assert no_data.exit_code == 2 and "samples not found" in no_data.output
     assert not (adapter / "eval.json").exists()
+
+
+def _measured_loss(base_model: Path, adapter: Path, samples: Path, config: dict) -> float:
+    """The adapter's held-out loss on `samples`' held-out set, measured (nothing reused from training)."""
+    return fidelity.evaluate_adapter(
+        base_model, adapter, samples, split_config=config, settings=fidelity.EvalSettings(heldout_contexts=2)
+    )["heldout_loss"]["adapter"]
+
+
+def test_the_held_out_loss_is_of_the_samples_measured_on_after_a_new_scrape(
+    tmp_path, tiny_model, style_samples
+):
+    """A scrape rewrites the person's samples.jsonl with their newer messages; `doppel eval` of an earlier
+    adapter (its samples: as recorded) is then on the new held-out set, and so must be its held-out loss:
+    not the training's loss on the old one, because a budget's held-out set has as many samples either way."""
+    from doppel.train.trainer import TrainConfig, train_adapter
+
+    data = tmp_path / "data" / "samples.jsonl"
+    data.parent.mkdir()
+    shutil.copy(style_samples.samples, data)
+    shutil.copy(style_samples.samples.with_name("colleagues.jsonl"), data.with_name("colleagues.jsonl"))
+    adapter = tmp_path / "v1"
+    config = TrainConfig(
+        data=data, base_model=str(tiny_model), out=adapter, rank=4, alpha=8, epochs=1, max_steps_per_epoch=2,
+        batch_size=8, grad_accum=1, max_length=256, max_eval_samples=4, progress_bar=False,
+    )  # fmt: skip
+    metrics = train_adapter(config)
+    # The next scrape: the person has answered more threads since (the held-out samples are as many).
+    with data.open("a", encoding="utf-8") as handle:
+        handle.write(style_samples.heldout.read_text(encoding="utf-8"))
+    result = run("eval", "--adapter", str(adapter))
+    assert result.exit_code == 0, result.output
+    report = json.loads((adapter / "eval.json").read_text())
+    assert report["heldout_samples"] == metrics.eval_samples == 4
+    assert report["split"]["cut_ts"] != metrics.heldout["cut_ts"]
+    measured = _measured_loss(tiny_model, adapter, data, metrics.config)
+    assert report["heldout_loss"]["adapter"] == pytest.approx(measured, rel=1e-4)
+    assert report["heldout_loss"]["adapter"] != pytest.approx(metrics.adapter_eval_loss, rel=1e-4)

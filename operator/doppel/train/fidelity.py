@@ -475,9 +475,14 @@ def _heldout_loss(
     config: dict[str, Any],
     base_loss: float | None = None,
 ) -> dict[str, float | None]:
-    """The held-out losses: the training's own when they are of this split; else computed (the base
-    model's only when not known: `base_loss`)."""
-    if metrics.get("base_eval_loss") is not None and metrics.get("eval_samples") == len(split.eval):
+    """The held-out losses: the training's own when they are of this split (the same cut and counts: a
+    scrape since then moved the cut, while a budget's held-out set has as many samples); else computed (the
+    base model's only when not known: `base_loss`)."""
+    if (
+        metrics.get("base_eval_loss") is not None
+        and metrics.get("eval_samples") == len(split.eval)
+        and metrics.get("heldout") == split.summary
+    ):
         return {"base": metrics["base_eval_loss"], "adapter": metrics.get("adapter_eval_loss")}
     if not split.eval:
         return {"base": None, "adapter": None}
