@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from peft import PeftConfig
 
 from doppel.memory.feedback import FeedbackStore
@@ -47,3 +48,32 @@ def test_too_few_pairs_leave_the_adapter_as_it_is(tmp_path, tiny_model, trained_
     config = PreferenceConfig(adapter=trained_adapter, base_model=str(tiny_model), out=out)
     result = prefer(config, store.preference_pairs())
     assert result.skipped == "3 preference pairs < 8" and not out.exists()
+
+
+def test_the_report_of_a_tuned_adapter_measures_its_held_out_loss(
+    tmp_path, tiny_model, trained_adapter, style_samples
+):
+    """Preference tuning changes the adapter after its training measured it: the fidelity report (and the
+    fidelity gate, which compares it with the serving adapter's) gives the tuned adapter's held-out loss,
+    not the one of the adapter it was tuned from that metrics.json still records."""
+    from click.testing import CliRunner
+
+    from doppel.cli import main
+    from doppel.train import fidelity
+
+    store = FeedbackStore(tmp_path / "pat")
+    corrections(store, style_samples.samples, 12)
+    out = tmp_path / "tuned"
+    config = PreferenceConfig(adapter=trained_adapter, base_model=str(tiny_model), out=out, lr=5e-4)
+    assert prefer(config, store.preference_pairs()).steps > 0
+    result = CliRunner().invoke(main, ["eval", "--adapter", str(out)])
+    assert result.exit_code == 0, result.output
+    loss = json.loads((out / "eval.json").read_text())["heldout_loss"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    measured = fidelity.evaluate_adapter(
+        tiny_model, out, style_samples.samples, split_config=metrics["config"],
+        settings=fidelity.EvalSettings(heldout_contexts=2),
+    )["heldout_loss"]  # fmt: skip
+    assert loss["adapter"] == pytest.approx(measured["adapter"], rel=1e-4)
+    assert loss["adapter"] != pytest.approx(metrics["adapter_eval_loss"], rel=1e-4)
+    assert loss["base"] == pytest.approx(metrics["base_eval_loss"], rel=1e-4)  # the base model is the same

@@ -230,7 +230,9 @@ def evaluate_adapter(
     params = report_params(settings.reply_tokens, settings.seed)
     reused = _reusable(baseline, heldout, len(base_train), persona, params.opening_temperature)
     base_loss = ((baseline or {}).get("heldout_loss") or {}).get("base") if reused else None
-    report["heldout_loss"] = _heldout_loss(backend, split, metrics, config, base_loss)
+    # Preference tuning (`doppel.train.preference`) changed the adapter after its training measured it.
+    tuned = bool((_read_metrics(adapter).get("preference") or {}).get("steps"))
+    report["heldout_loss"] = _heldout_loss(backend, split, metrics, config, base_loss, tuned=tuned)
     if not split.eval or not split.train:
         return report
 
@@ -474,16 +476,21 @@ def _heldout_loss(
     metrics: dict[str, Any],
     config: dict[str, Any],
     base_loss: float | None = None,
+    *,
+    tuned: bool = False,
 ) -> dict[str, float | None]:
     """The held-out losses: the training's own when they are of this split (the same cut and counts: a
     scrape since then moved the cut, while a budget's held-out set has as many samples); else computed (the
-    base model's only when not known: `base_loss`)."""
+    base model's only when not known: `base_loss`). The adapter's is computed when it was `tuned` after its
+    training (preference tuning): the training's is of the adapter before."""
     if (
         metrics.get("base_eval_loss") is not None
         and metrics.get("eval_samples") == len(split.eval)
         and metrics.get("heldout") == split.summary
     ):
-        return {"base": metrics["base_eval_loss"], "adapter": metrics.get("adapter_eval_loss")}
+        if not tuned:
+            return {"base": metrics["base_eval_loss"], "adapter": metrics.get("adapter_eval_loss")}
+        base_loss = metrics["base_eval_loss"] if base_loss is None else base_loss
     if not split.eval:
         return {"base": None, "adapter": None}
     from doppel.train.trainer import evaluate
