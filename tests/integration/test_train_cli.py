@@ -296,6 +296,18 @@ def test_malformed_jsonl_names_the_line(tmp_path, tiny_model, style_samples: Sty
     _assert_bad_input(result, "bad.jsonl:31: not valid JSON", out)
 
 
+def test_a_reply_with_nothing_before_it_names_the_line(tmp_path, tiny_model, style_samples: StyleData):
+    """A line of the person's reply alone (no system prompt, nothing it answers): the chat template has no
+    prompt to render before it. Bad input, named by its line, rather than a crash part way."""
+    lines = style_samples.samples.read_text().splitlines(keepends=True)
+    alone = json.dumps({"messages": [{"role": "assistant", "content": "Yarr! all be shipshape, matey"}]})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines[:30]) + alone + "\n" + "".join(lines[30:]))
+    out = tmp_path / "out"
+    result = _train("--data", str(bad), "--base-model", str(tiny_model), "--out", str(out), *QUICK)
+    _assert_bad_input(result, "bad.jsonl:31: the person's reply needs a message before it", out)
+
+
 def test_missing_inputs(tmp_path, tiny_model, style_samples: StyleData):
     out = tmp_path / "out"
     result = _train(

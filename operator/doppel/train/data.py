@@ -259,6 +259,8 @@ def _sample_problem(record: Any) -> str | None:
             return f"message {index} has no string 'content'"
     if messages[-1]["role"] != "assistant":
         return "the last message must be the person's (role 'assistant')"
+    if len(messages) < 2:  # a chat template renders no prompt of nothing; the doppel is never asked so
+        return "the person's reply needs a message before it (a system prompt or what it answers)"
     if "meta" in record and not isinstance(record["meta"], dict):
         return "'meta' must be an object"
     return None
