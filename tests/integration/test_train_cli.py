@@ -287,6 +287,17 @@ def test_too_few_samples(tmp_path, tiny_model, style_samples: StyleData):
     _assert_bad_input(result, "not enough data (0 < 3)", out)
 
 
+def test_no_minimum_of_samples_is_refused(tmp_path, tiny_model):
+    """--min-samples 0 would let a run with nothing to train on go on to divide by its zero samples."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "out"
+    result = _train(
+        "--data", str(empty), "--base-model", str(tiny_model), "--out", str(out), "--min-samples", "0"
+    )
+    _assert_bad_input(result, "--min-samples must be at least 1", out)
+
+
 def test_malformed_jsonl_names_the_line(tmp_path, tiny_model, style_samples: StyleData):
     lines = style_samples.samples.read_text().splitlines(keepends=True)
     bad = tmp_path / "bad.jsonl"

@@ -182,7 +182,8 @@ def _person(samples: list[data.Sample]) -> str | None:
 def _check_config(config: TrainConfig) -> None:
     if Path(config.out).exists():
         raise BadInput(f"output directory already exists: {config.out}")
-    for name in ("rank", "alpha", "epochs", "max_steps_per_epoch", "batch_size", "grad_accum", "max_length"):
+    positive = ("rank", "alpha", "epochs", "max_steps_per_epoch", "batch_size", "grad_accum", "max_length")
+    for name in (*positive, "min_samples"):
         if getattr(config, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
     if config.max_steps is not None and config.max_steps < 1:
