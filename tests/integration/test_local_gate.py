@@ -46,6 +46,18 @@ def test_a_worse_adapter_keeps_the_old_one_serving_until_forced(tmp_path, tiny_m
     assert "NOT PROMOTED" in report and "--force-promotion" in report
     assert f"adapter {good}" in report.splitlines()[0]
 
+    # Interrupted between the adapter's rename into place and its fingerprint (Ctrl-C): the rerun reuses the
+    # complete adapter, and the gate still weighs it against the one serving.
+    from doppel.local.settings import FINGERPRINT_FILE
+    from doppel.train.fidelity import EVAL_FILE
+
+    for left in (FINGERPRINT_FILE, EVAL_FILE, SERVING_REPORT):
+        (worse / left).unlink()
+    again, _ = local(workdir, result, "--max-steps", "2")
+    assert not again["trained"] and again["gate"]["candidate"] == str(worse)
+    assert not again["gate"]["promoted"] and again["adapter"] == str(good)
+    assert (worse / FINGERPRINT_FILE).is_file()
+
     forced, report = local(workdir, result, "--max-steps", "2", "--force-promotion")
     assert not forced["trained"]  # the refused adapter, kept on disk, is served as it is
     assert forced["adapter"] == str(worse) and forced["gate"]["promoted"] and forced["gate"]["forced"]

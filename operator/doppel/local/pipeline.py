@@ -335,11 +335,17 @@ def _train(
     inputs = {"base_model_name": base_name, **train, "corrections": learnt}
     adapter = adapters / fingerprint(samples, base_path, inputs)
     metrics_file = adapter / "metrics.json"
+    record = {"base_model": base_name, "samples_sha256": _sha256(samples), "train": train}
+    from doppel.fsutil import atomic_write_text
+
     # train_adapter writes the directory atomically: if it exists, it is complete.
     if (adapter / "adapter_config.json").is_file() and metrics_file.is_file():
+        if not (adapter / FINGERPRINT_FILE).is_file():
+            # Interrupted before its record was written: without it the fidelity gate could not weigh
+            # this adapter against the one serving, and would serve it unweighed.
+            atomic_write_text(adapter / FINGERPRINT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return adapter, json.loads(metrics_file.read_text(encoding="utf-8")), False
 
-    from doppel.fsutil import atomic_write_text
     from doppel.train.stage import StageOptions, train_stage
     from doppel.train.trainer import TrainConfig
 
@@ -348,7 +354,6 @@ def _train(
     )
     # With the person's memory beside the adapter, and their corrections learnt.
     metrics = train_stage(config, StageOptions(feedback_dir=layout.data(user)))["metrics"].to_dict()
-    record = {"base_model": base_name, "samples_sha256": _sha256(samples), "train": train}
     atomic_write_text(adapter / FINGERPRINT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     # The older adapters go once the fidelity gate has chosen which one is served (`_gate`).
     return adapter, metrics, True
