@@ -36,10 +36,12 @@ def _greedy(adapter, person: str, *backend: str) -> list[str]:
 
 
 @pytest.mark.vllm
-def test_once_through_vllm_replies_in_style_and_leaves_the_server_as_found(vllm_server, trained_adapter):
+@pytest.mark.parametrize("api", ["", "/v1/"], ids=["server", "openai-base-url"])
+def test_once_through_vllm_replies_in_style_and_leaves_the_server_as_found(vllm_server, trained_adapter, api):
+    # The server's address, or the OpenAI API base that OpenAI clients are given (`.../v1`): the same server.
     result = doppel(
         "chat",
-        *_greedy(trained_adapter, STYLE_PERSON, "--vllm-url", vllm_server.base_url),
+        *_greedy(trained_adapter, STYLE_PERSON, "--vllm-url", vllm_server.base_url + api),
         "--once",
         QUESTION,
     )

@@ -52,6 +52,13 @@ from doppel.serve.vllm_protocol import (
 # --- sync client -----------------------------------------------------------------------------------------
 
 
+def server_root(url: str) -> str:
+    """The server's own address from what a person may give: OpenAI clients are configured with the API's
+    base, `http://host:8000/v1`, which would make every path here `/v1/v1/...`."""
+    root = url.strip().rstrip("/")
+    return root.removesuffix("/v1").rstrip("/")
+
+
 class VllmClient:
     """Blocking client of one vLLM server."""
 
@@ -62,7 +69,7 @@ class VllmClient:
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = server_root(base_url)
         self.retry = retry
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._base: ModelCard | None = None
@@ -203,7 +210,7 @@ class AsyncVllmClient:
     ) -> None:
         """`http`: a pooled client shared with other servers' clients (the operator talks to every pod
         through one: connections are kept, not set up again per call); it stays open on `aclose`."""
-        self.base_url = base_url.rstrip("/")
+        self.base_url = server_root(base_url)
         self.retry = retry
         self._owned = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=timeout)
