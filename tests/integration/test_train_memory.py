@@ -160,3 +160,34 @@ def test_corrections_are_trained_scrubbed_as_the_samples_were(tmp_path, tiny_mod
     trained = [json.loads(line) for line in (data / "samples.remembered.jsonl").read_text().splitlines()]
     corrections = [r for r in trained if r["meta"].get("source") == "correction"]
     assert [r["messages"][-1]["content"] for r in corrections] == [f"Write to {trained_as} about it."]
+
+
+def test_a_failure_after_the_adapter_is_written_leaves_no_output_and_the_rerun_trains(
+    tmp_path, tiny_model, monkeypatch
+):
+    """Preference tuning failing (a GPU out of memory, an interrupt) once the adapter is trained: no adapter
+    without its memory or tuning is left at --out, and the same command run again (a Job's retry) trains."""
+    import doppel.train.stage as stage
+
+    samples = demo_samples(tmp_path)
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    store = FeedbackStore(tmp_path / "doppel")
+    for i, record in enumerate(records[:8]):
+        ts = f"17000000{i:02d}.000100"
+        store.record_reply(ts, messages=record["messages"][:-1], reply="Kind regards, Margaret")
+        store.correct(ts, MARGARET.id, "Ship it, no sign-off needed.")
+    out = tmp_path / "adapters" / "v1"
+    args = ["train", "--data", str(samples), "--base-model", str(tiny_model), "--out", str(out)]
+    args += ["--feedback-from", str(tmp_path / "doppel"), *QUICK]
+
+    def out_of_memory(*_: object, **__: object) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(stage, "prefer", out_of_memory)
+        failed = CliRunner().invoke(main, args)
+    assert failed.exit_code != 0 and "CUDA out of memory" in failed.output
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert (out / "adapter_config.json").is_file() and (out / "memory").is_dir()

@@ -56,6 +56,7 @@ def train_stage(
     staging = out.with_name(f".{out.name}.memory")
     shutil.rmtree(staging, ignore_errors=True)
     summary: dict[str, Any] = {"corrections": len(corrections)}
+    trained = False
     try:
         cut = _heldout_cut(records, corrections, config.eval_fraction, staging.with_suffix(".cut"))
         if corrections and cut is not None:
@@ -71,6 +72,7 @@ def train_stage(
             lines = [json.dumps(r, ensure_ascii=False) for r in [*records, *corrections]]
             atomic_write_text(data, "\n".join(lines) + "\n")
         summary["metrics"] = train_adapter(replace(config, data=data), on_progress)
+        trained = True
         summary["data"] = str(data)
         pairs = store.preference_pairs() if store else []
         if pairs:
@@ -89,6 +91,12 @@ def train_stage(
             summary["preference"] = tuned.to_dict()
         if index is not None:
             os.replace(staging, out / MEMORY_DIR)
+    except BaseException:
+        # Preference tuning or the index failed (or the run was interrupted) after the adapter was written:
+        # no adapter without its memory or its tuning, and the rerun (a Job's retry) may write `out` again.
+        if trained:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
