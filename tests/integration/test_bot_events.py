@@ -544,6 +544,16 @@ async def test_doppels_from_slack_are_scheduled_like_ones_applied_with_kubectl(
     assert bad.exit_code == 2 and "--train-defaults: tolerations.0.operator" in bad.output
 
 
+async def long_thread(bot_kube, slack_emulator, replies: int) -> tuple[str, str, str]:
+    """alice's doppel, and a thread of `replies` replies then a mention of it: (root, mention ts, text)."""
+    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
+    root = say(slack_emulator, "U02BOB", "release plan for the quarter")
+    for i in range(1, replies + 1):
+        say(slack_emulator, "U03CAROL" if i % 2 else "U02BOB", f"reply number {i}", thread_ts=root)
+    text = f"<@{BOT_USER_ID}> what do you think?"
+    return root, say(slack_emulator, "U02BOB", text, thread_ts=root), text
+
+
 async def test_a_long_thread_is_answered_from_its_root_and_latest_messages(
     bot_harness, bot_kube, slack_emulator
 ):
@@ -551,12 +561,7 @@ async def test_a_long_thread_is_answered_from_its_root_and_latest_messages(
     prompt holds the root and the replies just before the mention, not the thread's oldest."""
     asked, chat = recording_chat("ship it")
     bot = await bot_harness(chat=chat)
-    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
-    root = say(slack_emulator, "U02BOB", "release plan for the quarter")
-    for i in range(1, 251):
-        say(slack_emulator, "U03CAROL" if i % 2 else "U02BOB", f"reply number {i}", thread_ts=root)
-    text = f"<@{BOT_USER_ID}> what do you think?"
-    ts = say(slack_emulator, "U02BOB", text, thread_ts=root)
+    root, ts, text = await long_thread(bot_kube, slack_emulator, 250)
     say(slack_emulator, "U03CAROL", "written after the mention", thread_ts=root)
     await bot.event(mention_payload(text, ts, event_id="EvLong", thread_ts=root))
     await bot.wait_posts(CHANNEL, 1)
@@ -579,12 +584,7 @@ async def test_a_long_thread_is_answered_at_once_under_the_non_marketplace_limit
     slack_emulator.rate_profile = "non-marketplace"
     asked, chat = recording_chat("ship it")
     bot = await bot_harness(chat=chat)
-    await kube_for(bot_kube[1]).create_doppel(NAMESPACE, doppel_body("alice", "U01ALICE", served_name="a-v1"))
-    root = say(slack_emulator, "U02BOB", "release plan for the quarter")
-    for i in range(1, 41):
-        say(slack_emulator, "U03CAROL" if i % 2 else "U02BOB", f"reply number {i}", thread_ts=root)
-    text = f"<@{BOT_USER_ID}> what do you think?"
-    ts = say(slack_emulator, "U02BOB", text, thread_ts=root)
+    root, ts, text = await long_thread(bot_kube, slack_emulator, 40)
     started = time.monotonic()
     await bot.event(mention_payload(text, ts, event_id="EvSlowPages", thread_ts=root))
     posts = await bot.wait_posts(CHANNEL, 1, timeout=30)

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
+from tests.support.http_stub import JsonHandler, serving
 
 from doppel.cli import main
 
 
-class _ScriptedVllm(BaseHTTPRequestHandler):
+class _ScriptedVllm(JsonHandler):
     """/health, /v1/models, adapter loading and chat completions; a streamed reply is `pieces`, one SSE
     event each (after the sampled opening, the first piece, when the request continues it)."""
 
@@ -67,28 +66,13 @@ class _ScriptedVllm(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def _json(self, status: int, body: dict) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def scripted_vllm() -> Iterator[type[_ScriptedVllm]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedVllm)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     _ScriptedVllm.adapters, _ScriptedVllm.drop_after = {}, None
-    _ScriptedVllm.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield _ScriptedVllm
-    server.shutdown()
-    server.server_close()
+    with serving(_ScriptedVllm) as url:
+        _ScriptedVllm.url = url
+        yield _ScriptedVllm
 
 
 @pytest.fixture

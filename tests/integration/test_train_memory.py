@@ -31,15 +31,19 @@ def demo_samples(tmp_path: Path) -> Path:
     return out / "samples.jsonl"
 
 
+def no_sign_off(store: FeedbackStore, records: list[dict]) -> None:
+    """Margaret corrects the doppel's reply to each of `records`: no sign-off, as the bot records it."""
+    for i, record in enumerate(records):
+        ts = f"17000000{i:02d}.000100"
+        store.record_reply(ts, messages=record["messages"][:-1], reply="Kind regards, Margaret")
+        store.correct(ts, MARGARET.id, "Ship it, no sign-off needed.")
+
+
 def test_train_writes_memory_beside_the_adapter_and_learns_the_corrections(tmp_path, tiny_model):
     samples = demo_samples(tmp_path)
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     doppel_dir = tmp_path / "doppel"
-    store = FeedbackStore(doppel_dir)
-    for i, record in enumerate(records[:2]):
-        ts = f"17000000{i:02d}.000100"
-        store.record_reply(ts, messages=record["messages"][:-1], reply="Kind regards, Margaret")
-        store.correct(ts, MARGARET.id, "Ship it, no sign-off needed.")
+    no_sign_off(FeedbackStore(doppel_dir), records[:2])
     out = tmp_path / "adapters" / "v1"
 
     args = ["train", "--data", str(samples), "--base-model", str(tiny_model), "--out", str(out)]
@@ -171,11 +175,7 @@ def test_a_failure_after_the_adapter_is_written_leaves_no_output_and_the_rerun_t
 
     samples = demo_samples(tmp_path)
     records = [json.loads(line) for line in samples.read_text().splitlines()]
-    store = FeedbackStore(tmp_path / "doppel")
-    for i, record in enumerate(records[:8]):
-        ts = f"17000000{i:02d}.000100"
-        store.record_reply(ts, messages=record["messages"][:-1], reply="Kind regards, Margaret")
-        store.correct(ts, MARGARET.id, "Ship it, no sign-off needed.")
+    no_sign_off(FeedbackStore(tmp_path / "doppel"), records[:8])
     out = tmp_path / "adapters" / "v1"
     args = ["train", "--data", str(samples), "--base-model", str(tiny_model), "--out", str(out)]
     args += ["--feedback-from", str(tmp_path / "doppel"), *QUICK]

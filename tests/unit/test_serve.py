@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from tests.support.http_stub import JsonHandler, serving
 
 from doppel.errors import BadInput
 from doppel.serve import errors
@@ -178,7 +177,7 @@ def test_backoff_grows_and_is_capped():
     assert [policy.delay(i) for i in range(4)] == [0.5, 1.0, 2.0, 2.0]
 
 
-class _Flaky(BaseHTTPRequestHandler):
+class _Flaky(JsonHandler):
     """Answers /v1/models with 503 a set number of times, then with a model list."""
 
     failures_left = 0
@@ -188,31 +187,16 @@ class _Flaky(BaseHTTPRequestHandler):
         type(self).calls += 1
         if type(self).failures_left > 0:
             type(self).failures_left -= 1
-            self._send(503, {"error": {"message": "overloaded", "type": "ServiceUnavailable", "code": 503}})
+            self._json(503, {"error": {"message": "overloaded", "type": "ServiceUnavailable", "code": 503}})
         else:
-            self._send(200, {"object": "list", "data": [{"id": "doppel-tiny", "root": "/m", "parent": None}]})
-
-    def _send(self, status: int, body: dict) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args: object) -> None:
-        pass
+            self._json(200, {"object": "list", "data": [{"id": "doppel-tiny", "root": "/m", "parent": None}]})
 
 
 @pytest.fixture
 def flaky_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     _Flaky.calls = 0
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_Flaky) as url:
+        yield url
 
 
 def test_5xx_is_retried_until_it_succeeds(flaky_server):
