@@ -66,6 +66,13 @@ def test_an_export_full_of_secrets_gives_clean_samples(slack_workspace, tmp_path
     assert scrape(tmp_path / "raw", "--export", str(export), "--no-scrub").exit_code == 0
     raw = written(tmp_path / "raw")[0]
     assert len(leaked(raw)) == 16 and NATIONAL_PHONES["GB"] in raw
+    # Scraped again into the same directory with the other setting: every sample is of the new one (merged,
+    # the earlier samples would win and keep their secrets), memory.jsonl too.
+    assert scrape(tmp_path / "raw", "--export", str(export)).exit_code == 0
+    assert written(tmp_path / "raw")[0] == samples
+    assert not leaked((tmp_path / "raw" / "memory.jsonl").read_text())
+    assert scrape(tmp_path / "out", "--export", str(export), "--no-scrub").exit_code == 0
+    assert written(tmp_path / "out")[0] == raw
 
 
 def test_an_emulated_workspace_full_of_secrets_gives_clean_samples_and_batches(
@@ -74,10 +81,16 @@ def test_an_emulated_workspace_full_of_secrets_gives_clean_samples_and_batches(
     in_london(slack_emulator.team.users)
     for message in pasted_messages(time.time()):
         slack_emulator.add_message(GENERAL, message)
+    # First scraped with --no-scrub, then scrubbed: the second reads every thread again (its incremental
+    # state would otherwise skip them all) and keeps nothing of the first.
+    result = scrape(tmp_path / "out", "--no-scrub", emulator=slack_emulator)
+    assert result.exit_code == 0, result.output
+    assert leaked(written(tmp_path / "out")[0])
     result = scrape(tmp_path / "out", emulator=slack_emulator)
     assert result.exit_code == 0, result.output
     samples, manifest = written(tmp_path / "out")
     assert "thanks! ok here is everything" in samples and not leaked(samples)
+    assert not leaked((tmp_path / "out" / "memory.jsonl").read_text())
     assert NATIONAL_PHONES["GB"] not in samples and "call me on <phone>" in samples
     assert manifest["scrubbed"]["secret"] == 18 and manifest["scrubbed"]["card"] == 2
 

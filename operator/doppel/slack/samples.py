@@ -233,7 +233,9 @@ def write_output(
                 f"{out} holds samples of {who[1]} in team {who[0]}, not {manifest.person['id']}; "
                 "use another --out"
             )
-    merged = {_sample_key(s): s for s in read_samples(out / SAMPLES_FILE)}
+    # Scrubbed otherwise than before: nothing earlier is carried over (`scrub_changed`).
+    fresh = scrub_changed(out, manifest.options.get("scrub", True) is not False)
+    merged = {} if fresh else {_sample_key(s): s for s in read_samples(out / SAMPLES_FILE)}
     before = len(merged)
     for sample in samples:
         merged.setdefault(_sample_key(sample), sample)
@@ -262,7 +264,7 @@ def write_output(
             json.dumps(m, ensure_ascii=False, sort_keys=True) + "\n" for m in manifest.colleague_messages
         )
         atomic_write_text(out / COLLEAGUES_FILE, others)
-    remembered = _merge_memory(out / MEMORY_FILE, manifest.memory_entries)
+    remembered = _merge_memory(None if fresh else out / MEMORY_FILE, manifest.memory_entries)
     if remembered:
         atomic_write_text(
             out / MEMORY_FILE,
@@ -273,10 +275,22 @@ def write_output(
     return manifest
 
 
-def _merge_memory(path: Path, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """memory.jsonl's earlier entries with `entries` (no duplicates, a message's newest reading wins),
-    oldest first, the newest `MEMORY_MAX_MESSAGES`."""
-    merged = {(e["team"], e["channel_id"], e["ts"]): e for e in read_samples(path)}
+def scrub_changed(out: Path, scrub: bool) -> bool:
+    """Whether OUT's earlier scrape scrubbed otherwise than `scrub` asks. Its samples, memory and
+    incremental state are then not carried over: merged, the earlier samples win, so scrubbed ones would stay
+    scrubbed under --no-scrub and unscrubbed ones would keep their secrets once scrubbing is back on."""
+    try:
+        earlier = json.loads((Path(out) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    options = earlier.get("options") if isinstance(earlier, dict) else None
+    return (not (isinstance(options, dict) and options.get("scrub") is False)) != scrub
+
+
+def _merge_memory(path: Path | None, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """memory.jsonl's earlier entries (at `path`, if any) with `entries` (no duplicates, a message's newest
+    reading wins), oldest first, the newest `MEMORY_MAX_MESSAGES`."""
+    merged = {(e["team"], e["channel_id"], e["ts"]): e for e in (read_samples(path) if path else [])}
     merged.update({(e["team"], e["channel_id"], e["ts"]): e for e in entries})
     ordered = sorted(merged.values(), key=lambda e: (ts_key(e["ts"]), e["channel_id"]))
     return ordered[-MEMORY_MAX_MESSAGES:]

@@ -52,6 +52,7 @@ from doppel.slack.samples import (
     list_channels,
     read_samples,
     resolve_person,
+    scrub_changed,
     select_channels,
     threads_from_messages,
     ts_key,
@@ -156,7 +157,9 @@ class _Scraper:
         )
         chosen = select_channels(channels, options)
         state_path = self.settings.state_path or out / "state.json"
-        state = load_state(state_path, team, person.id)
+        # Scrubbed otherwise than before: every thread is read again (`scrub_changed`).
+        fresh = scrub_changed(out, options.scrub)
+        state = {} if fresh else load_state(state_path, team, person.id)
         if state and options.min_length is None:
             options = replace(options, earlier_min_length=chosen_min_length(out))
         output = _Output(out, person, users, channels, options, team)
@@ -354,7 +357,8 @@ class _Output:
         self.threads: dict[str, list[Thread]] = {}  # channel name -> its threads
         self.finished: dict[str, str] = {}  # name -> id
         self.skipped: dict[str, str] = {}  # name -> reason
-        self._before = {_key(s) for s in read_samples(out / SAMPLES_FILE)}
+        earlier = [] if scrub_changed(out, options.scrub) else read_samples(out / SAMPLES_FILE)
+        self._before = {_key(s) for s in earlier}
         self._pending: dict[str, dict[str, Any]] = {}  # channel id -> state entry, once its samples are out
         self._next_write = 0.0
 
