@@ -275,16 +275,23 @@ def write_output(
     return manifest
 
 
+def scraped_scrubbed(out: Path) -> bool | None:
+    """Whether the scrape that wrote OUT scrubbed (its manifest.json: only `options.scrub` false says it
+    did not); None when OUT has no manifest that can be read."""
+    try:
+        manifest = json.loads((Path(out) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    options = manifest.get("options") if isinstance(manifest, dict) else None
+    return not (isinstance(options, dict) and options.get("scrub") is False)
+
+
 def scrub_changed(out: Path, scrub: bool) -> bool:
     """Whether OUT's earlier scrape scrubbed otherwise than `scrub` asks. Its samples, memory and
     incremental state are then not carried over: merged, the earlier samples win, so scrubbed ones would stay
     scrubbed under --no-scrub and unscrubbed ones would keep their secrets once scrubbing is back on."""
-    try:
-        earlier = json.loads((Path(out) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    options = earlier.get("options") if isinstance(earlier, dict) else None
-    return (not (isinstance(options, dict) and options.get("scrub") is False)) != scrub
+    earlier = scraped_scrubbed(out)
+    return earlier is not None and earlier != scrub
 
 
 def _merge_memory(path: Path | None, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from doppel.fsutil import atomic_write_text
 from doppel.memory.feedback import FeedbackStore
 from doppel.memory.index import MEMORY_DIR, MemoryIndex, person_entries, write_index
 from doppel.memory.prompt import MemorySettings, remember_samples
-from doppel.slack.samples import MANIFEST_FILE, MEMORY_FILE
+from doppel.slack.samples import MEMORY_FILE, scraped_scrubbed
 from doppel.train.preference import PreferenceConfig, prefer
 from doppel.train.trainer import ProgressCallback, TrainConfig, train_adapter
 
@@ -106,12 +106,7 @@ def corrections_scrubbed(data: Path) -> bool:
     """Whether the person's corrections are scrubbed for training on the samples at `data`: as the scrape
     that wrote them (its manifest.json beside them) was. Only a scrape that says it kept everything
     (`--no-scrub`) keeps them as written; no manifest, or one that cannot be read, scrubs."""
-    try:
-        manifest = json.loads((Path(data).parent / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return True
-    options = manifest.get("options") if isinstance(manifest, dict) else None
-    return not (isinstance(options, dict) and options.get("scrub") is False)
+    return scraped_scrubbed(Path(data).parent) is not False
 
 
 def feedback_store(feedback_dir: Path, data: Path) -> FeedbackStore:
